@@ -1,0 +1,364 @@
+//! Typed, layered configuration: defaults, then a TOML file, then `NATTER_…`
+//! environment variables, then command-line flags (applied by the binary).
+//! Everything is validated before any port is bound.
+//!
+//! An environment variable names a key by its path in upper case with `__`
+//! between sections: `NATTER_LISTEN`, `NATTER_COMET__HEARTBEAT_TIMEOUT_MS`.
+//! Its value is read as a TOML value when it parses as one (`5000`, `true`),
+//! as a string otherwise.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {var} does not name a config key")]
+    BadEnv { var: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("secret file {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+}
+
+/// The whole configuration of a natter process.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the one listener: WebSocket `/sub`, HTTP API, `/metrics`, health.
+    pub listen: SocketAddr,
+    /// Directory holding the SQLite database and the token secret.
+    pub data_dir: PathBuf,
+    pub auth: AuthConfig,
+    pub comet: CometConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3102)),
+            data_dir: PathBuf::from("./natter-data"),
+            auth: AuthConfig::default(),
+            comet: CometConfig::default(),
+            store: StoreConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Token verification.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret. Empty: read `secret` in the data dir, creating it if absent.
+    pub secret: String,
+    /// Life of tokens minted by `natter token`, in seconds.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { secret: String::new(), token_ttl_secs: 7 * 24 * 3600 }
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    // The secret is never logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("secret", &if self.secret.is_empty() { "<data dir>" } else { "<set>" })
+            .field("token_ttl_secs", &self.token_ttl_secs)
+            .finish()
+    }
+}
+
+/// The WebSocket gateway.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CometConfig {
+    /// Largest frame body accepted, in bytes.
+    pub max_body: usize,
+    /// Time allowed between connecting and a valid `Auth` frame.
+    pub auth_timeout_ms: u64,
+    /// Heartbeat interval the server tells clients to keep.
+    pub heartbeat_interval_ms: u64,
+    /// A connection with no frame for this long is closed.
+    pub heartbeat_timeout_ms: u64,
+    /// Frames queued for one connection before it counts as a slow consumer.
+    pub send_queue: usize,
+    /// Pushes awaiting a push-ack on one connection before it counts as a slow consumer.
+    pub max_inflight: usize,
+    /// Resend an unacknowledged push after this long.
+    pub push_rto_ms: u64,
+    /// Resends of one push before the connection is closed (the client then syncs).
+    pub push_retries: u32,
+    /// Open connections accepted at most.
+    pub max_connections: usize,
+    /// Shards of the connection map.
+    pub buckets: usize,
+    /// Malformed frames tolerated on one connection before it is closed.
+    pub max_errors: u32,
+    /// Time allowed for open connections to close on shutdown.
+    pub drain_ms: u64,
+}
+
+impl Default for CometConfig {
+    fn default() -> Self {
+        CometConfig {
+            max_body: 64 * 1024,
+            auth_timeout_ms: 10_000,
+            heartbeat_interval_ms: 30_000,
+            heartbeat_timeout_ms: 90_000,
+            send_queue: 1024,
+            max_inflight: 2048,
+            push_rto_ms: 5_000,
+            push_retries: 3,
+            max_connections: 100_000,
+            buckets: 32,
+            max_errors: 16,
+            drain_ms: 5_000,
+        }
+    }
+}
+
+/// Message storage.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// fsync every commit (SQLite `synchronous=FULL`); off survives a process
+    /// crash but not a power loss.
+    pub synchronous: bool,
+    /// Largest number of writes committed in one transaction.
+    pub batch_max: usize,
+    /// Writes waiting for the committer before senders are pushed back.
+    pub queue: usize,
+    /// Reader connections in the pool.
+    pub readers: u32,
+    /// Time a request waits for a pooled connection.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            synchronous: true,
+            batch_max: 512,
+            queue: 8192,
+            readers: 4,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// `info`, or targets like `info,natter_comet=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: "text".into(), filter: "info".into() }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `NATTER_…` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.into(), source })?
+            }
+            None => toml::Table::new(),
+        };
+        for (var, value) in env {
+            let Some(key) = var.strip_prefix("NATTER_") else { continue };
+            let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError::BadEnv { var });
+            }
+            set_path(&mut table, &path, parse_env_value(&value)).map_err(|()| ConfigError::BadEnv { var })?;
+        }
+        let config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.comet;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if c.max_body == 0 || c.max_body > 16 * 1024 * 1024 {
+            return bad("comet.max_body must be between 1 and 16777216");
+        }
+        if c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            return bad("comet.heartbeat_timeout_ms must exceed comet.heartbeat_interval_ms");
+        }
+        if c.send_queue == 0 || c.max_inflight == 0 || c.buckets == 0 || c.max_connections == 0 {
+            return bad("comet.send_queue, max_inflight, buckets and max_connections must be positive");
+        }
+        if c.push_rto_ms == 0 || c.auth_timeout_ms == 0 || u32::try_from(c.heartbeat_interval_ms).is_err() {
+            return bad("comet time-outs must be positive and fit in 32 bits");
+        }
+        if self.store.batch_max == 0 || self.store.queue == 0 || self.store.readers == 0 {
+            return bad("store.batch_max, store.queue and store.readers must be positive");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format must be text or json");
+        }
+        if !self.auth.secret.is_empty() && self.auth.secret.len() < 16 {
+            return bad("auth.secret must be at least 16 bytes");
+        }
+        Ok(())
+    }
+
+    /// The HS256 secret: the configured one, or the data dir's `secret` file,
+    /// created with a fresh random value when absent.
+    pub fn secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if !self.auth.secret.is_empty() {
+            return Ok(self.auth.secret.as_bytes().to_vec());
+        }
+        load_or_create_secret(&self.data_dir)
+    }
+}
+
+/// Reads `DIR/secret`, creating it (and `DIR`) with 32 random bytes in hex if absent.
+pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
+    let path = data_dir.join("secret");
+    let err = |source| ConfigError::Secret { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return Ok(text.trim().as_bytes().to_vec()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(err)?;
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = data_dir.join("secret.tmp");
+    write_private(&tmp, hex.as_bytes()).map_err(err)?;
+    // Two processes racing to create it: the first rename wins for both.
+    match std::fs::hard_link(&tmp, &path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(e)),
+    }
+    let _ = std::fs::remove_file(&tmp);
+    Ok(std::fs::read_to_string(&path).map_err(err)?.trim().as_bytes().to_vec())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), ()> {
+    match path {
+        [] => Err(()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(inner) => set_path(inner, rest, value),
+                _ => Err(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(None, vec![]).expect("defaults");
+        config.validate().expect("valid");
+        assert_eq!(config.listen.port(), 3102);
+    }
+
+    #[test]
+    fn file_then_env_layers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("natter.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n[comet]\npush_rto_ms = 100\nmax_body = 10\n")
+            .expect("write");
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("NATTER_COMET__MAX_BODY", "2048"),
+                ("NATTER_LOG__FORMAT", "json"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.comet.push_rto_ms, 100);
+        assert_eq!(config.comet.max_body, 2048);
+        assert_eq!(config.log.format, "json");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(Config::load(None, env(&[("NATTER_NOPE", "1")])).is_err());
+        assert!(Config::load(None, env(&[("NATTER_COMET__MAX_BODY", "lots")])).is_err());
+        assert!(Config::load(None, env(&[("NATTER_LISTEN__X", "1")])).is_err());
+        let mut config = Config::default();
+        config.comet.heartbeat_timeout_ms = 1;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.auth.secret = "short".into();
+        assert!(config.validate().is_err());
+        assert!(!format!("{config:?}").contains("short"), "secret must not be printed");
+    }
+
+    #[test]
+    fn secret_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let first = load_or_create_secret(&data).expect("create");
+        assert_eq!(first.len(), 64);
+        assert_eq!(load_or_create_secret(&data).expect("read"), first);
+    }
+}

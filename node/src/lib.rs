@@ -1,0 +1,11 @@
+//! What every natter role needs at run time: configuration ([`config`]),
+//! message ids ([`ids`]), telemetry ([`telemetry`]) and shutdown
+//! ([`shutdown`]). It knows nothing of frames, storage or sockets.
+
+pub mod config;
+pub mod ids;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::Config;
+pub use shutdown::Shutdown;

@@ -1,0 +1,13 @@
+//! natter's wire protocol: the frame codec ([`frame`]), the error and close
+//! codes ([`code`]) and the protobuf bodies ([`msg`]).
+//!
+//! This crate is the only place that knows frame bytes. It does no IO: the
+//! gateway and the client SDK move whole frames over WebSocket messages and
+//! call into here to encode and decode them.
+
+pub mod code;
+pub mod frame;
+pub mod msg;
+
+pub use code::ErrorCode;
+pub use frame::{BodyError, Frame, FrameError, Op, DEFAULT_MAX_BODY, HEADER_LEN, VERSION};

@@ -1,0 +1,489 @@
+//! The protobuf bodies of frames. `proto/natter.proto` is the same schema in
+//! `.proto` form for clients in other languages; the field numbers here and
+//! there must agree (a test in this module checks the file names each of them).
+
+use serde::{Deserialize, Serialize};
+
+/// `Auth` body: the first frame of every connection.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuthRequest {
+    /// The HS256 token that names the user and the device.
+    #[prost(string, tag = "1")]
+    pub token: String,
+    /// Free-form client name and version, for logs.
+    #[prost(string, tag = "2")]
+    pub client: String,
+}
+
+/// `AuthReply` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuthReply {
+    #[prost(uint64, tag = "1")]
+    pub uid: u64,
+    #[prost(string, tag = "2")]
+    pub device: String,
+    /// How often the client must send a frame (a heartbeat if nothing else).
+    #[prost(uint32, tag = "3")]
+    pub heartbeat_interval_ms: u32,
+    #[prost(int64, tag = "4")]
+    pub server_time_ms: i64,
+    /// The largest frame body the server accepts.
+    #[prost(uint32, tag = "5")]
+    pub max_body: u32,
+    /// The server's record of this device's sync cursor (highest `user_seq` acknowledged).
+    #[prost(uint64, tag = "6")]
+    pub cursor: u64,
+}
+
+/// `HeartbeatReply` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeartbeatReply {
+    #[prost(int64, tag = "1")]
+    pub server_time_ms: i64,
+}
+
+/// `Message` body: a message from this device to a user.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SendMessage {
+    /// Unique per sending device for the device's lifetime; a resend reuses it.
+    #[prost(uint64, tag = "1")]
+    pub client_seq: u64,
+    /// The receiving user.
+    #[prost(uint64, tag = "2")]
+    pub receiver: u64,
+    #[prost(message, optional, tag = "3")]
+    pub body: Option<MessageBody>,
+}
+
+/// `MessageReply` body: the message is durably stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MessageReply {
+    #[prost(uint64, tag = "1")]
+    pub mid: u64,
+    #[prost(int64, tag = "2")]
+    pub time_ms: i64,
+    /// Position of the message in its conversation, contiguous from 1.
+    #[prost(uint64, tag = "3")]
+    pub conv_seq: u64,
+    /// Position of the message in the sender's own stream, contiguous from 1.
+    #[prost(uint64, tag = "4")]
+    pub user_seq: u64,
+    /// True when this (sender, device, client_seq) had been stored before.
+    #[prost(bool, tag = "5")]
+    pub repeat: bool,
+    #[prost(string, tag = "6")]
+    pub conversation: String,
+}
+
+/// A stored message as delivered to one user: the `Push` body and the items
+/// of `SyncReply`.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Message {
+    #[prost(uint64, tag = "1")]
+    pub mid: u64,
+    /// `p:{smaller uid}:{larger uid}` for one-to-one conversations.
+    #[prost(string, tag = "2")]
+    pub conversation: String,
+    #[prost(uint64, tag = "3")]
+    pub conv_seq: u64,
+    /// Position in the receiving user's own stream, contiguous from 1 (the sync cursor).
+    #[prost(uint64, tag = "4")]
+    pub user_seq: u64,
+    #[prost(uint64, tag = "5")]
+    pub sender: u64,
+    #[prost(string, tag = "6")]
+    pub sender_device: String,
+    #[prost(uint64, tag = "7")]
+    pub receiver: u64,
+    #[prost(uint64, tag = "8")]
+    pub client_seq: u64,
+    #[prost(int64, tag = "9")]
+    pub time_ms: i64,
+    #[prost(message, optional, tag = "10")]
+    pub body: Option<MessageBody>,
+}
+
+/// `PushAck` has an empty body; `ack` in the header carries the push's `seq`.
+/// `Sync` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SyncRequest {
+    /// Return messages with `user_seq` greater than this; absent means the
+    /// server's stored cursor for this device.
+    #[prost(uint64, optional, tag = "1")]
+    pub after: Option<u64>,
+    /// At most this many (1–500; 0 means 100).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+
+/// `SyncReply` body.
+#[derive(Clone, PartialEq, Serialize, prost::Message)]
+pub struct SyncReply {
+    #[prost(message, repeated, tag = "1")]
+    pub messages: Vec<Message>,
+    /// More messages follow; sync again after `cursor`.
+    #[prost(bool, tag = "2")]
+    pub has_more: bool,
+    /// The highest `user_seq` covered by this reply.
+    #[prost(uint64, tag = "3")]
+    pub cursor: u64,
+}
+
+/// `Notify` body: an event that is not a chat message.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Notify {
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub payload: Vec<u8>,
+    #[prost(int64, tag = "3")]
+    pub time_ms: i64,
+}
+
+/// `Disconnect` body: the server is about to close, and why.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Disconnect {
+    /// An [`crate::ErrorCode`].
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+/// `Error` body: a request failed; the connection stays open.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ErrorReply {
+    /// An [`crate::ErrorCode`].
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// The content of a chat message: exactly one of the typed bodies. The
+/// message type is the number of the field that is set.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct MessageBody {
+    #[prost(oneof = "Content", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    pub content: Option<Content>,
+}
+
+/// The typed bodies; the tag is the message type.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Oneof)]
+#[serde(rename_all = "snake_case")]
+pub enum Content {
+    #[prost(message, tag = "1")]
+    Text(Text),
+    #[prost(message, tag = "2")]
+    Image(Image),
+    #[prost(message, tag = "3")]
+    Audio(Audio),
+    #[prost(message, tag = "4")]
+    Video(Video),
+    #[prost(message, tag = "5")]
+    File(File),
+    #[prost(message, tag = "6")]
+    Location(Location),
+    #[prost(message, tag = "7")]
+    Card(Card),
+    #[prost(message, tag = "8")]
+    Notice(Notice),
+    #[prost(message, tag = "9")]
+    Forward(Forward),
+    #[prost(message, tag = "10")]
+    Custom(Custom),
+}
+
+/// Message types, numbered as the fields of [`MessageBody`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u32)]
+pub enum MessageType {
+    Text = 1,
+    Image = 2,
+    Audio = 3,
+    Video = 4,
+    File = 5,
+    Location = 6,
+    Card = 7,
+    Notice = 8,
+    Forward = 9,
+    Custom = 10,
+}
+
+impl MessageType {
+    pub const ALL: &'static [MessageType] = &[
+        MessageType::Text,
+        MessageType::Image,
+        MessageType::Audio,
+        MessageType::Video,
+        MessageType::File,
+        MessageType::Location,
+        MessageType::Card,
+        MessageType::Notice,
+        MessageType::Forward,
+        MessageType::Custom,
+    ];
+
+    pub fn from_u32(value: u32) -> Option<MessageType> {
+        MessageType::ALL.iter().copied().find(|t| *t as u32 == value)
+    }
+
+    /// The snake_case name used in the HTTP API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Text => "text",
+            MessageType::Image => "image",
+            MessageType::Audio => "audio",
+            MessageType::Video => "video",
+            MessageType::File => "file",
+            MessageType::Location => "location",
+            MessageType::Card => "card",
+            MessageType::Notice => "notice",
+            MessageType::Forward => "forward",
+            MessageType::Custom => "custom",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<MessageType> {
+        MessageType::ALL.iter().copied().find(|t| t.as_str() == name)
+    }
+}
+
+impl Content {
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Content::Text(_) => MessageType::Text,
+            Content::Image(_) => MessageType::Image,
+            Content::Audio(_) => MessageType::Audio,
+            Content::Video(_) => MessageType::Video,
+            Content::File(_) => MessageType::File,
+            Content::Location(_) => MessageType::Location,
+            Content::Card(_) => MessageType::Card,
+            Content::Notice(_) => MessageType::Notice,
+            Content::Forward(_) => MessageType::Forward,
+            Content::Custom(_) => MessageType::Custom,
+        }
+    }
+}
+
+impl MessageBody {
+    pub fn text(text: impl Into<String>) -> MessageBody {
+        MessageBody { content: Some(Content::Text(Text { text: text.into(), mentions: vec![] })) }
+    }
+
+    pub fn custom(kind: impl Into<String>, data: Vec<u8>) -> MessageBody {
+        MessageBody { content: Some(Content::Custom(Custom { kind: kind.into(), data })) }
+    }
+
+    pub fn message_type(&self) -> Option<MessageType> {
+        self.content.as_ref().map(Content::message_type)
+    }
+
+    /// Checks the envelope: a body is present and its required fields are set.
+    /// The media behind URLs is not inspected.
+    pub fn validate(&self) -> Result<MessageType, &'static str> {
+        let content = self.content.as_ref().ok_or("message body has no content")?;
+        let ok = match content {
+            Content::Text(t) => !t.text.is_empty(),
+            Content::Image(m) => !m.url.is_empty(),
+            Content::Audio(m) => !m.url.is_empty(),
+            Content::Video(m) => !m.url.is_empty(),
+            Content::File(m) => !m.url.is_empty() && !m.name.is_empty(),
+            Content::Location(l) => {
+                (-90.0..=90.0).contains(&l.latitude) && (-180.0..=180.0).contains(&l.longitude)
+            }
+            Content::Card(c) => !c.kind.is_empty() && c.id != 0,
+            Content::Notice(n) => !n.text.is_empty(),
+            Content::Forward(f) => !f.items.is_empty(),
+            Content::Custom(c) => !c.kind.is_empty(),
+        };
+        if ok {
+            Ok(content.message_type())
+        } else {
+            Err(match content {
+                Content::Text(_) => "text message is empty",
+                Content::Image(_) | Content::Audio(_) | Content::Video(_) => "media message has no url",
+                Content::File(_) => "file message needs a url and a name",
+                Content::Location(_) => "location is out of range",
+                Content::Card(_) => "card needs a kind and an id",
+                Content::Notice(_) => "notice text is empty",
+                Content::Forward(_) => "forward has no items",
+                Content::Custom(_) => "custom message needs a kind",
+            })
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Text {
+    #[prost(string, tag = "1")]
+    pub text: String,
+    /// Users mentioned in the text.
+    #[prost(uint64, repeated, tag = "2")]
+    pub mentions: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Image {
+    #[prost(string, tag = "1")]
+    pub url: String,
+    #[prost(uint32, tag = "2")]
+    pub width: u32,
+    #[prost(uint32, tag = "3")]
+    pub height: u32,
+    #[prost(uint64, tag = "4")]
+    pub size: u64,
+    #[prost(string, tag = "5")]
+    pub thumbnail_url: String,
+    #[prost(string, tag = "6")]
+    pub format: String,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Audio {
+    #[prost(string, tag = "1")]
+    pub url: String,
+    #[prost(uint32, tag = "2")]
+    pub duration_ms: u32,
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    #[prost(string, tag = "4")]
+    pub format: String,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Video {
+    #[prost(string, tag = "1")]
+    pub url: String,
+    #[prost(uint32, tag = "2")]
+    pub duration_ms: u32,
+    #[prost(uint32, tag = "3")]
+    pub width: u32,
+    #[prost(uint32, tag = "4")]
+    pub height: u32,
+    #[prost(uint64, tag = "5")]
+    pub size: u64,
+    #[prost(string, tag = "6")]
+    pub cover_url: String,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct File {
+    #[prost(string, tag = "1")]
+    pub url: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    #[prost(string, tag = "4")]
+    pub mime: String,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Location {
+    #[prost(double, tag = "1")]
+    pub latitude: f64,
+    #[prost(double, tag = "2")]
+    pub longitude: f64,
+    #[prost(string, tag = "3")]
+    pub title: String,
+    #[prost(string, tag = "4")]
+    pub address: String,
+}
+
+/// A shared contact or group card.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Card {
+    /// `user` or `group`.
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    #[prost(uint64, tag = "2")]
+    pub id: u64,
+    #[prost(string, tag = "3")]
+    pub name: String,
+    #[prost(string, tag = "4")]
+    pub avatar_url: String,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Notice {
+    #[prost(string, tag = "1")]
+    pub title: String,
+    #[prost(string, tag = "2")]
+    pub text: String,
+}
+
+/// Several messages forwarded as one ("merged forward").
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Forward {
+    #[prost(string, tag = "1")]
+    pub title: String,
+    #[prost(message, repeated, tag = "2")]
+    pub items: Vec<ForwardItem>,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct ForwardItem {
+    #[prost(uint64, tag = "1")]
+    pub mid: u64,
+    #[prost(uint64, tag = "2")]
+    pub sender: u64,
+    #[prost(int64, tag = "3")]
+    pub time_ms: i64,
+    #[prost(string, tag = "4")]
+    pub summary: String,
+}
+
+/// An application-defined message; `data` is opaque to the server.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct Custom {
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub data: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_checks_the_envelope() {
+        assert_eq!(MessageBody::text("hi").validate(), Ok(MessageType::Text));
+        assert!(MessageBody::text("").validate().is_err());
+        assert!(MessageBody::default().validate().is_err());
+        let file = MessageBody {
+            content: Some(Content::File(File { url: "u".into(), ..Default::default() })),
+        };
+        assert_eq!(file.validate(), Err("file message needs a url and a name"));
+        assert_eq!(MessageBody::custom("k", vec![]).validate(), Ok(MessageType::Custom));
+    }
+
+    #[test]
+    fn message_types_round_trip() {
+        for &t in MessageType::ALL {
+            assert_eq!(MessageType::from_u32(t as u32), Some(t));
+            assert_eq!(MessageType::parse(t.as_str()), Some(t));
+        }
+    }
+
+    #[test]
+    fn proto_file_matches_the_structs() {
+        // The .proto file is the contract for other languages: every message
+        // defined here must be there too.
+        let schema = include_str!("../natter.proto");
+        for name in [
+            "AuthRequest", "AuthReply", "HeartbeatReply", "SendMessage", "MessageReply",
+            "Message", "SyncRequest", "SyncReply", "Notify", "Disconnect", "ErrorReply",
+            "MessageBody", "Text", "Image", "Audio", "Video", "File", "Location", "Card",
+            "Notice", "Forward", "ForwardItem", "Custom",
+        ] {
+            assert!(schema.contains(&format!("message {name} {{")), "{name} missing from natter.proto");
+        }
+        let body = MessageBody::text("x").encode_to_vec();
+        assert_eq!(body, vec![0x0a, 0x03, 0x0a, 0x01, b'x']);
+    }
+
+    use prost::Message as _;
+}
