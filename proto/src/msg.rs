@@ -77,7 +77,7 @@ pub struct MessageReply {
 
 /// A stored message as delivered to one user: the `Push` body and the items
 /// of `SyncReply`.
-#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct Message {
     #[prost(uint64, tag = "1")]
     pub mid: u64,
@@ -117,7 +117,7 @@ pub struct SyncRequest {
 }
 
 /// `SyncReply` body.
-#[derive(Clone, PartialEq, Serialize, prost::Message)]
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct SyncReply {
     #[prost(message, repeated, tag = "1")]
     pub messages: Vec<Message>,

@@ -1,0 +1,235 @@
+//! The history and sync HTTP API. Every call carries the same token as the
+//! WebSocket (`Authorization: Bearer …`), and a user reads only their own
+//! conversations. Errors are JSON `{"code": "...", "message": "..."}` with the
+//! status of the code, built in one place ([`ApiError`]).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use natter_proto::msg::{Content, MessageType};
+use natter_proto::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{parse_p2p_conversation, HistoryQuery, MessageStore, StoredMessage};
+
+/// Routes served by this module, as written in the OpenAPI document.
+pub const ROUTES: &[(&str, &str)] =
+    &[("get", "/v1/conversations/{conversation}/messages"), ("get", "/v1/sync")];
+
+/// Who a token names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u64,
+    pub device: String,
+}
+
+/// Checks tokens; implemented by `logic`.
+pub trait Authenticate: Send + Sync + 'static {
+    fn authenticate(&self, token: &str) -> Result<Identity, ErrorCode>;
+}
+
+/// An error answer of the HTTP API.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { code, message: message.into() }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: ErrorCode,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorBody { code: self.code, message: &self.message })).into_response()
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::new(ErrorCode::BadRequest, rejection.body_text())
+    }
+}
+
+impl From<crate::StoreError> for ApiError {
+    fn from(e: crate::StoreError) -> ApiError {
+        tracing::error!(error = %e, "store failed in HTTP API");
+        ApiError::new(ErrorCode::Internal, "storage is unavailable")
+    }
+}
+
+/// The authenticated caller of an HTTP request.
+pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::new(ErrorCode::AuthRequired, "missing Authorization: Bearer <token>"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(ErrorCode::AuthRequired, "Authorization must be Bearer <token>"))?;
+    auth.authenticate(token.trim()).map_err(|code| ApiError::new(code, "token rejected"))
+}
+
+/// A message in JSON. `mid` is a string because it does not fit a JSON number exactly.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct MessageView {
+    pub mid: String,
+    pub conversation: String,
+    pub conv_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_seq: Option<u64>,
+    pub sender: u64,
+    pub sender_device: String,
+    pub receiver: u64,
+    pub client_seq: u64,
+    pub time_ms: i64,
+    #[serde(rename = "type")]
+    pub msg_type: Option<MessageType>,
+    pub body: Option<Content>,
+}
+
+impl MessageView {
+    fn new(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
+        MessageView {
+            mid: m.mid.to_string(),
+            conversation: m.conversation.clone(),
+            conv_seq: m.conv_seq,
+            user_seq,
+            sender: m.sender,
+            sender_device: m.sender_device.clone(),
+            receiver: m.receiver,
+            client_seq: m.client_seq,
+            time_ms: m.time_ms,
+            msg_type: MessageType::from_u32(m.msg_type),
+            body: m.body().and_then(|b| b.content),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    store: Arc<dyn MessageStore>,
+    auth: Arc<dyn Authenticate>,
+}
+
+/// The record routes.
+pub fn router(store: Arc<dyn MessageStore>, auth: Arc<dyn Authenticate>) -> Router {
+    Router::new()
+        .route("/v1/conversations/{conversation}/messages", get(history))
+        .route("/v1/sync", get(sync))
+        .with_state(HttpState { store, auth })
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    before: Option<String>,
+    limit: Option<u32>,
+    types: Option<String>,
+}
+
+/// One page of history.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryPage {
+    pub messages: Vec<MessageView>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    pub next_before: Option<String>,
+}
+
+fn parse_types(spec: &str) -> Result<Vec<u32>, ApiError> {
+    spec.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let s = s.trim();
+            MessageType::parse(s)
+                .or_else(|| s.parse().ok().and_then(MessageType::from_u32))
+                .map(|t| t as u32)
+                .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, format!("unknown message type {s:?}")))
+        })
+        .collect()
+}
+
+async fn history(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(conversation): Path<String>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let me = caller(&headers, state.auth.as_ref())?;
+    let Query(params) = params?;
+    let (a, b) = parse_p2p_conversation(&conversation)
+        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, format!("{conversation:?} is not a conversation id")))?;
+    let other = match me.uid {
+        uid if uid == a => b,
+        uid if uid == b => a,
+        _ => return Err(ApiError::new(ErrorCode::Forbidden, "not a member of this conversation")),
+    };
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be between 1 and 100"));
+    }
+    let before = match params.before.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<u64>().map_err(|_| ApiError::new(ErrorCode::BadRequest, "before must be a message id"))?,
+        ),
+    };
+    let types = parse_types(params.types.as_deref().unwrap_or(""))?;
+    let query = HistoryQuery { owner: me.uid, other, before, limit, types };
+    let rows = state.store.history(&query).await?;
+    let next_before = (rows.len() == limit as usize).then(|| rows.last().map(|m| m.mid.to_string())).flatten();
+    Ok(Json(HistoryPage { messages: rows.iter().map(|m| MessageView::new(m, None)).collect(), next_before }))
+}
+
+#[derive(Deserialize)]
+struct SyncParams {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// What a device has not received.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SyncPage {
+    pub messages: Vec<MessageView>,
+    pub has_more: bool,
+    /// The highest `user_seq` covered; pass as `after` next time.
+    pub cursor: u64,
+}
+
+async fn sync(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    params: Result<Query<SyncParams>, QueryRejection>,
+) -> Result<Json<SyncPage>, ApiError> {
+    let me = caller(&headers, state.auth.as_ref())?;
+    let Query(params) = params?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be between 1 and 500"));
+    }
+    let after = match params.after {
+        Some(after) => after,
+        None => state.store.cursor(me.uid, &me.device).await?,
+    };
+    let items = state.store.sync(me.uid, after, limit).await?;
+    let cursor = items.last().map(|i| i.user_seq).unwrap_or(after);
+    Ok(Json(SyncPage {
+        has_more: items.len() == limit as usize,
+        messages: items.iter().map(|i| MessageView::new(&i.message, Some(i.user_seq))).collect(),
+        cursor,
+    }))
+}
