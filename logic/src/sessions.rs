@@ -1,0 +1,113 @@
+//! The sessions directory: which gateway node and connection each online
+//! device of a user is on. Embedded: [`MemoryDirectory`]; distributed: Redis
+//! (entries with a TTL renewed by heartbeats).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+
+/// One online device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub uid: u64,
+    pub device: String,
+    /// The gateway node holding the connection.
+    pub node: Arc<str>,
+    /// The connection's id on that node.
+    pub conn: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("sessions directory unavailable: {0}")]
+pub struct DirectoryError(pub String);
+
+#[async_trait]
+pub trait SessionDirectory: Send + Sync + 'static {
+    /// Records `session`; returns the session it replaced for the same
+    /// (uid, device) on another connection, which the caller closes.
+    async fn register(&self, session: Session) -> Result<Option<Session>, DirectoryError>;
+    /// Forgets `session`, if it is still the registered one for its device.
+    async fn unregister(&self, session: &Session) -> Result<(), DirectoryError>;
+    /// Every online device of `uid`.
+    async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError>;
+}
+
+const SHARDS: usize = 64;
+
+/// The in-process directory, sharded by user so lookups rarely contend.
+pub struct MemoryDirectory {
+    shards: Vec<RwLock<HashMap<u64, Vec<Session>>>>,
+}
+
+impl Default for MemoryDirectory {
+    fn default() -> Self {
+        MemoryDirectory { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
+    }
+}
+
+impl MemoryDirectory {
+    fn shard(&self, uid: u64) -> &RwLock<HashMap<u64, Vec<Session>>> {
+        &self.shards[(uid as usize) % SHARDS]
+    }
+}
+
+#[async_trait]
+impl SessionDirectory for MemoryDirectory {
+    async fn register(&self, session: Session) -> Result<Option<Session>, DirectoryError> {
+        let mut map = self.shard(session.uid).write().unwrap_or_else(|e| e.into_inner());
+        let devices = map.entry(session.uid).or_default();
+        let replaced = match devices.iter().position(|s| s.device == session.device) {
+            Some(i) => Some(std::mem::replace(&mut devices[i], session)),
+            None => {
+                devices.push(session);
+                None
+            }
+        };
+        Ok(replaced)
+    }
+
+    async fn unregister(&self, session: &Session) -> Result<(), DirectoryError> {
+        let mut map = self.shard(session.uid).write().unwrap_or_else(|e| e.into_inner());
+        if let Some(devices) = map.get_mut(&session.uid) {
+            devices.retain(|s| !(s.device == session.device && s.node == session.node && s.conn == session.conn));
+            if devices.is_empty() {
+                map.remove(&session.uid);
+            }
+        }
+        Ok(())
+    }
+
+    async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError> {
+        let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
+        Ok(map.get(&uid).cloned().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(uid: u64, device: &str, conn: u64) -> Session {
+        Session { uid, device: device.into(), node: Arc::from("n1"), conn }
+    }
+
+    #[tokio::test]
+    async fn register_replace_and_unregister() {
+        let dir = MemoryDirectory::default();
+        assert_eq!(dir.register(s(1, "phone", 1)).await.expect("ok"), None);
+        assert_eq!(dir.register(s(1, "laptop", 2)).await.expect("ok"), None);
+        assert_eq!(dir.lookup(1).await.expect("ok").len(), 2);
+        // The same device again replaces the older connection.
+        assert_eq!(dir.register(s(1, "phone", 3)).await.expect("ok"), Some(s(1, "phone", 1)));
+        // The replaced connection's late unregister does not remove the new one.
+        dir.unregister(&s(1, "phone", 1)).await.expect("ok");
+        let mut conns: Vec<u64> = dir.lookup(1).await.expect("ok").iter().map(|s| s.conn).collect();
+        conns.sort();
+        assert_eq!(conns, vec![2, 3]);
+        dir.unregister(&s(1, "phone", 3)).await.expect("ok");
+        dir.unregister(&s(1, "laptop", 2)).await.expect("ok");
+        assert!(dir.lookup(1).await.expect("ok").is_empty());
+        assert!(dir.lookup(2).await.expect("ok").is_empty());
+    }
+}
