@@ -1,1 +1,179 @@
+//! The comet role: the WebSocket gateway at `/sub`.
+//!
+//! Each connection goes through named phases — upgrade → authenticate →
+//! register → work → clean up — in [`conn`]. The connection map is sharded
+//! into buckets so pushes for many connections do not contend on one lock.
+//! Everything is bounded: connections (a semaphore), each connection's
+//! outbound queue and un-acked pushes (overflow closes the connection as a
+//! slow consumer), frame sizes, malformed frames per connection.
+//!
+//! Comet is the only crate that holds sockets. It knows frames (through
+//! `proto`) but not storage: every decision about messages is logic's.
 
+mod conn;
+mod metrics;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use natter_logic::{Delivery, Gateway, LogicService};
+use natter_node::config::CometConfig;
+use natter_node::Shutdown;
+use natter_proto::ErrorCode;
+use prometheus::Registry;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use metrics::Metrics;
+
+/// What the connection task is asked to do by others.
+enum Control {
+    Push(Delivery),
+}
+
+/// How other tasks reach one connection.
+#[derive(Clone)]
+struct ConnHandle {
+    control: mpsc::Sender<Control>,
+    kill: CancellationToken,
+    reason: Arc<Mutex<Option<(ErrorCode, String)>>>,
+}
+
+impl ConnHandle {
+    fn kick(&self, code: ErrorCode, reason: &str) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((code, reason.to_string()));
+        }
+        self.kill.cancel();
+    }
+}
+
+type Bucket = RwLock<HashMap<u64, ConnHandle>>;
+
+struct Inner {
+    node: Arc<str>,
+    config: CometConfig,
+    logic: Arc<dyn LogicService>,
+    buckets: Vec<Bucket>,
+    next_conn: AtomicU64,
+    slots: Arc<Semaphore>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    tasks: TaskTracker,
+}
+
+/// The gateway. Clone it freely; all clones are the same node.
+#[derive(Clone)]
+pub struct Comet {
+    inner: Arc<Inner>,
+}
+
+impl Comet {
+    pub fn new(
+        node: &str,
+        config: CometConfig,
+        logic: Arc<dyn LogicService>,
+        registry: &Registry,
+        shutdown: Shutdown,
+    ) -> Comet {
+        let buckets = (0..config.buckets).map(|_| RwLock::new(HashMap::new())).collect();
+        Comet {
+            inner: Arc::new(Inner {
+                node: Arc::from(node),
+                slots: Arc::new(Semaphore::new(config.max_connections)),
+                config,
+                logic,
+                buckets,
+                next_conn: AtomicU64::new(1),
+                metrics: Metrics::new(registry),
+                shutdown,
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The node id this gateway registers sessions under.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// The `/sub` route.
+    pub fn router(&self) -> Router {
+        Router::new().route("/sub", get(upgrade)).with_state(self.clone())
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.inner.buckets.iter().map(|b| b.read().unwrap_or_else(|e| e.into_inner()).len()).sum()
+    }
+
+    /// Waits for every connection to close (they close themselves once
+    /// shutdown is signalled), up to the configured drain time.
+    pub async fn drain(&self) {
+        self.inner.tasks.close();
+        let grace = Duration::from_millis(self.inner.config.drain_ms);
+        if tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_err() {
+            tracing::warn!(open = self.connections(), "drain time-out; connections left open");
+        }
+    }
+
+    fn bucket(&self, conn: u64) -> &Bucket {
+        &self.inner.buckets[(conn as usize) % self.inner.buckets.len()]
+    }
+
+    fn handle(&self, conn: u64) -> Option<ConnHandle> {
+        self.bucket(conn).read().unwrap_or_else(|e| e.into_inner()).get(&conn).cloned()
+    }
+}
+
+impl Gateway for Comet {
+    fn push(&self, deliveries: Vec<Delivery>) {
+        for delivery in deliveries {
+            let conn = delivery.conn;
+            let Some(handle) = self.handle(conn) else {
+                // Gone since the lookup; the device syncs when it reconnects.
+                self.inner.metrics.pushes.with_label_values(&["no_connection"]).inc();
+                continue;
+            };
+            if handle.control.try_send(Control::Push(delivery)).is_err() {
+                handle.kick(ErrorCode::SlowConsumer, "push queue full");
+            }
+        }
+    }
+
+    fn kick(&self, conn: u64, code: ErrorCode, reason: &str) {
+        if let Some(handle) = self.handle(conn) {
+            handle.kick(code, reason);
+        }
+    }
+}
+
+async fn upgrade(State(comet): State<Comet>, ws: WebSocketUpgrade) -> Response {
+    if comet.inner.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let Ok(permit) = comet.inner.slots.clone().try_acquire_owned() else {
+        comet.inner.metrics.disconnects.with_label_values(&[ErrorCode::Overloaded.as_str()]).inc();
+        return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
+    };
+    // Bodies up to a few times the limit are read and answered with
+    // `frame_too_large`; beyond that the WebSocket layer closes with 1009.
+    let max_message = comet.inner.config.max_body.saturating_mul(4).max(64 * 1024) + natter_proto::HEADER_LEN;
+    let tasks = comet.inner.tasks.clone();
+    ws.max_message_size(max_message).max_frame_size(max_message).on_upgrade(move |socket| {
+        tasks.track_future(async move {
+            conn::run(comet, socket).await;
+            drop(permit);
+        })
+    })
+}

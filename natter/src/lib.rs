@@ -1,1 +1,135 @@
+//! The one natter binary's library half: assembling roles into a running
+//! process. [`Server`] is the embedded shape — every role in one process,
+//! SQLite under the data dir, sessions in memory — used by `natter serve`
+//! and by the end-to-end tests.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Router;
+use natter_comet::Comet;
+use natter_logic::{Logic, LogicService, MemoryDirectory, Tokens};
+use natter_node::ids::MidGenerator;
+use natter_node::telemetry::{health_router, Readiness};
+use natter_node::{Config, Shutdown};
+use natter_record::sqlite::{SqliteOptions, SqliteStore};
+use natter_record::{Committer, MessageStore};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Routes of the HTTP API, for checking the OpenAPI document against.
+pub fn http_routes() -> Vec<(&'static str, &'static str)> {
+    natter_record::http::ROUTES.to_vec()
+}
+
+/// A running embedded natter.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: Shutdown,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Validates `config`, opens the store, binds the listener and serves.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        config.validate()?;
+        let secret = config.secret().context("loading the token secret")?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let db = config.data_dir.join("natter.db");
+        let options = SqliteOptions {
+            synchronous: config.store.synchronous,
+            readers: config.store.readers,
+            acquire_timeout: std::time::Duration::from_millis(config.store.acquire_timeout_ms),
+        };
+        let store: Arc<dyn MessageStore> =
+            Arc::new(SqliteStore::open(&db, &options).await.with_context(|| format!("opening {}", db.display()))?);
+
+        let registry = Registry::new();
+        let shutdown = Shutdown::new();
+        // The committer outlives the connections: it stops only after they drained.
+        let committer_stop = Shutdown::new();
+        let (committer, committer_task) =
+            Committer::start(store.clone(), config.store.batch_max, config.store.queue, &registry, committer_stop.clone());
+        let tokens = Tokens::new(secret);
+        let logic = Arc::new(Logic::new(
+            tokens.clone(),
+            Arc::new(MemoryDirectory::default()),
+            store.clone(),
+            committer,
+            MidGenerator::new(0).map_err(anyhow::Error::msg)?,
+            &registry,
+        ));
+        let node = "local";
+        let comet = Comet::new(node, config.comet.clone(), logic.clone() as Arc<dyn LogicService>, &registry, shutdown.clone());
+        logic.attach_gateway(node, Arc::new(comet.clone()));
+
+        let ready = Readiness::default();
+        let app = Router::new()
+            .merge(comet.router())
+            .merge(natter_record::http::router(store.clone(), Arc::new(tokens)))
+            .merge(health_router(registry, ready.clone()))
+            .fallback(|| async {
+                (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"code": "not_found", "message": "no such route"})))
+                    .into_response()
+            });
+
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "natter serving");
+        ready.set(true);
+
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
+            ready.set(false);
+            // Connections see the same token and say goodbye; wait for them.
+            comet.drain().await;
+            drop(logic);
+            committer_stop.cancel();
+            committer_task.await.context("committer task")?;
+            store.close().await;
+            tracing::info!("natter stopped");
+            served.context("HTTP server")
+        });
+        Ok(Server { addr, shutdown, task })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Begins a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down gracefully and waits until everything is flushed and closed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Serves until `signal` resolves (then shuts down gracefully) or the
+    /// server fails on its own.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let Server { shutdown, mut task, .. } = self;
+        tokio::select! {
+            _ = signal => {
+                shutdown.cancel();
+                task.await.context("server task panicked")?
+            }
+            result = &mut task => result.context("server task panicked")?,
+        }
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}

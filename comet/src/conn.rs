@@ -1,0 +1,410 @@
+//! One connection, in phases: authenticate → register → work → clean up.
+//!
+//! Three tasks serve a connection. The control task (this module's `run`)
+//! owns the read half of the socket and all of the connection's state; the
+//! writer task owns the write half and drains a bounded queue; the request
+//! task runs messages and syncs through logic one at a time, in the order
+//! the client sent them, so a slow store never stalls heartbeats or pushes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use natter_logic::{Delivery, LogicService, Session};
+use natter_proto::msg::{AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest};
+use natter_proto::{ErrorCode, Frame, Op};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Comet, ConnHandle, Control};
+
+/// Requests (messages, syncs) a client may have in flight on one connection.
+const MAX_PENDING_REQUESTS: usize = 128;
+/// Time the writer gets to flush a goodbye before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the writer sends.
+enum Out {
+    Frame(Bytes),
+    Close(u16, String),
+}
+
+/// Why the work phase ended.
+enum Exit {
+    /// The peer closed or the socket failed.
+    Peer,
+    /// The server closes, with a reason.
+    Close(ErrorCode, String),
+}
+
+fn close(code: ErrorCode, reason: impl Into<String>) -> Exit {
+    Exit::Close(code, reason.into())
+}
+
+struct Inflight {
+    user_seq: u64,
+    frame: Bytes,
+    attempts: u32,
+    deadline: Instant,
+}
+
+enum Job {
+    Send { seq: u32, message: SendMessage },
+    Sync { seq: u32, request: SyncRequest },
+}
+
+struct Conn {
+    comet: Comet,
+    session: Session,
+    handle: ConnHandle,
+    out: mpsc::Sender<Out>,
+    writer_kill: CancellationToken,
+    jobs: mpsc::Sender<Job>,
+    inflight: BTreeMap<u32, Inflight>,
+    next_seq: u32,
+    errors: u32,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub(crate) async fn run(comet: Comet, socket: WebSocket) {
+    let config = comet.inner.config.clone();
+    let (sink, mut stream) = socket.split();
+    let (out, out_rx) = mpsc::channel(config.send_queue);
+    let writer_kill = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(sink, out_rx, writer_kill.clone()));
+
+    // Phase: register a handle first, so pushes that race the auth reply
+    // find the connection.
+    let conn_id = comet.inner.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (control_tx, mut control_rx) = mpsc::channel(config.send_queue);
+    let handle = ConnHandle { control: control_tx, kill: CancellationToken::new(), reason: Arc::new(Mutex::new(None)) };
+    comet.bucket(conn_id).write().unwrap_or_else(|e| e.into_inner()).insert(conn_id, handle.clone());
+
+    // Phase: authenticate.
+    let auth = tokio::time::timeout(
+        Duration::from_millis(config.auth_timeout_ms),
+        authenticate(&comet, &mut stream, conn_id),
+    )
+    .await
+    .unwrap_or_else(|_| Err(close(ErrorCode::AuthTimeout, "no auth frame in time")));
+    let (session, cursor, auth_seq) = match auth {
+        Ok(ok) => ok,
+        Err(exit) => {
+            comet.bucket(conn_id).write().unwrap_or_else(|e| e.into_inner()).remove(&conn_id);
+            goodbye(&comet, &out, &writer_kill, exit);
+            drop(out);
+            finish_writer(writer, &writer_kill).await;
+            return;
+        }
+    };
+    let reply = AuthReply {
+        uid: session.uid,
+        device: session.device.clone(),
+        heartbeat_interval_ms: config.heartbeat_interval_ms as u32,
+        server_time_ms: natter_node::ids::now_ms(),
+        max_body: config.max_body as u32,
+        cursor,
+    };
+    let _ = out.try_send(Out::Frame(Frame::new(Op::AuthReply, auth_seq, 0, &reply).encode()));
+    comet.inner.metrics.connections.inc();
+    tracing::debug!(conn = conn_id, uid = session.uid, device = %session.device, "connection authenticated");
+
+    // Phase: work.
+    let (jobs, jobs_rx) = mpsc::channel(MAX_PENDING_REQUESTS);
+    let requests = tokio::spawn(request_loop(
+        comet.inner.logic.clone(),
+        session.clone(),
+        jobs_rx,
+        out.clone(),
+        handle.clone(),
+    ));
+    let mut conn = Conn {
+        comet: comet.clone(),
+        session,
+        handle,
+        out,
+        writer_kill,
+        jobs,
+        inflight: BTreeMap::new(),
+        next_seq: 0,
+        errors: 0,
+    };
+    let exit = conn.work(&mut stream, &mut control_rx).await;
+
+    // Phase: clean up.
+    comet.bucket(conn_id).write().unwrap_or_else(|e| e.into_inner()).remove(&conn_id);
+    comet.inner.logic.disconnect(&conn.session).await;
+    if let Some(first_unacked) = conn.inflight.values().map(|i| i.user_seq).min() {
+        comet.inner.logic.push_unacked(conn.session.uid, &conn.session.device, first_unacked).await;
+    }
+    comet.inner.metrics.connections.dec();
+    match exit {
+        Exit::Peer => comet.inner.metrics.disconnects.with_label_values(&["peer"]).inc(),
+        exit => goodbye(&comet, &conn.out, &conn.writer_kill, exit),
+    }
+    let Conn { out, jobs, writer_kill, .. } = conn;
+    drop(jobs);
+    drop(out);
+    // The request task ends after its current request; its reply is dropped
+    // with the socket, and the client's resend is deduplicated.
+    let _ = tokio::time::timeout(CLOSE_GRACE, requests).await;
+    finish_writer(writer, &writer_kill).await;
+}
+
+/// Queues the `Disconnect` frame and the close; drops the socket when the
+/// queue has no room for them (a slow consumer).
+fn goodbye(comet: &Comet, out: &mpsc::Sender<Out>, writer_kill: &CancellationToken, exit: Exit) {
+    let Exit::Close(code, reason) = exit else { return };
+    comet.inner.metrics.disconnects.with_label_values(&[code.as_str()]).inc();
+    tracing::debug!(%code, %reason, "closing connection");
+    let frame = Frame::new(Op::Disconnect, 0, 0, &Disconnect { code: code as u32, reason: reason.clone() });
+    let sent = out.try_send(Out::Frame(frame.encode())).is_ok() && out.try_send(Out::Close(code.close_code(), reason)).is_ok();
+    if !sent {
+        writer_kill.cancel();
+    }
+}
+
+async fn finish_writer(mut writer: tokio::task::JoinHandle<()>, writer_kill: &CancellationToken) {
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
+        writer_kill.cancel();
+        let _ = writer.await;
+    }
+}
+
+async fn write_loop(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<Out>, kill: CancellationToken) {
+    loop {
+        let out = tokio::select! {
+            biased;
+            _ = kill.cancelled() => break,
+            out = rx.recv() => out,
+        };
+        let Some(out) = out else { break };
+        let (message, last) = match out {
+            Out::Frame(bytes) => (WsMessage::Binary(bytes), false),
+            Out::Close(code, reason) => (WsMessage::Close(Some(CloseFrame { code, reason: reason.into() })), true),
+        };
+        let sent = tokio::select! {
+            biased;
+            _ = kill.cancelled() => break,
+            sent = sink.send(message) => sent,
+        };
+        if sent.is_err() || last {
+            break;
+        }
+    }
+    // Dropping the sink closes the TCP connection once both halves are gone.
+}
+
+/// The next data message; pings and pongs are answered by the WebSocket layer.
+async fn next_message(stream: &mut SplitStream<WebSocket>) -> Option<WsMessage> {
+    loop {
+        match stream.next().await {
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(message)) => return Some(message),
+        }
+    }
+}
+
+async fn authenticate(
+    comet: &Comet,
+    stream: &mut SplitStream<WebSocket>,
+    conn_id: u64,
+) -> Result<(Session, u64, u32), Exit> {
+    let max_body = comet.inner.config.max_body;
+    let bytes = match next_message(stream).await {
+        None => return Err(Exit::Peer),
+        Some(WsMessage::Binary(bytes)) => bytes,
+        Some(_) => return Err(close(ErrorCode::AuthRequired, "frames are binary WebSocket messages; the first must be auth")),
+    };
+    let frame = Frame::decode(&bytes, max_body).map_err(|e| close(e.code(), e.to_string()))?;
+    if frame.op != Op::Auth {
+        return Err(close(ErrorCode::AuthRequired, format!("first frame must be auth, not {}", frame.op.name())));
+    }
+    let request: AuthRequest = frame.message().map_err(|e| close(ErrorCode::BadBody, e.to_string()))?;
+    let connected = comet
+        .inner
+        .logic
+        .connect(&request.token, comet.node(), conn_id)
+        .await
+        .map_err(|r| close(r.code, r.message))?;
+    let session = Session {
+        uid: connected.identity.uid,
+        device: connected.identity.device,
+        node: comet.inner.node.clone(),
+        conn: conn_id,
+    };
+    Ok((session, connected.cursor, frame.seq))
+}
+
+impl Conn {
+    async fn work(
+        &mut self,
+        stream: &mut SplitStream<WebSocket>,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Exit {
+        let config = self.comet.inner.config.clone();
+        let idle = Duration::from_millis(config.heartbeat_timeout_ms);
+        let rto = Duration::from_millis(config.push_rto_ms);
+        let mut resend = tokio::time::interval((rto / 4).max(Duration::from_millis(10)));
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline = Instant::now() + idle;
+        let shutdown = self.comet.inner.shutdown.clone();
+        let kill = self.handle.kill.clone();
+        loop {
+            let step = tokio::select! {
+                message = stream.next() => match message {
+                    None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => Err(Exit::Peer),
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
+                        deadline = Instant::now() + idle;
+                        Ok(())
+                    }
+                    Some(Ok(WsMessage::Text(_))) => {
+                        deadline = Instant::now() + idle;
+                        self.error(0, ErrorCode::BadFrame, "frames are binary WebSocket messages")
+                    }
+                    Some(Ok(WsMessage::Binary(bytes))) => {
+                        deadline = Instant::now() + idle;
+                        self.frame(&bytes).await
+                    }
+                },
+                Some(Control::Push(delivery)) = control.recv() => self.push(delivery),
+                _ = resend.tick() => self.resend(rto, config.push_retries),
+                _ = sleep_until(deadline) => Err(close(ErrorCode::HeartbeatTimeout, "no frame within the heartbeat time-out")),
+                _ = kill.cancelled() => {
+                    let reason = self.handle.reason.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let (code, reason) = reason.unwrap_or((ErrorCode::Internal, "closed".into()));
+                    Err(Exit::Close(code, reason))
+                }
+                _ = shutdown.cancelled() => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
+            };
+            if let Err(exit) = step {
+                return exit;
+            }
+        }
+    }
+
+    fn send_out(&self, bytes: Bytes) -> Result<(), Exit> {
+        self.out.try_send(Out::Frame(bytes)).map_err(|_| close(ErrorCode::SlowConsumer, "send queue full"))
+    }
+
+    fn error(&mut self, seq: u32, code: ErrorCode, message: impl Into<String>) -> Result<(), Exit> {
+        self.errors += 1;
+        self.comet.inner.metrics.errors.with_label_values(&[code.as_str()]).inc();
+        let reply = ErrorReply { code: code as u32, message: message.into() };
+        self.send_out(Frame::new(Op::Error, seq, 0, &reply).encode())?;
+        if self.errors > self.comet.inner.config.max_errors {
+            return Err(close(ErrorCode::TooManyErrors, "too many malformed frames"));
+        }
+        Ok(())
+    }
+
+    async fn frame(&mut self, bytes: &[u8]) -> Result<(), Exit> {
+        let frame = match Frame::decode(bytes, self.comet.inner.config.max_body) {
+            Ok(frame) => frame,
+            Err(e) => return self.error(e.seq(), e.code(), e.to_string()),
+        };
+        self.comet.inner.metrics.frames_in.with_label_values(&[frame.op.name()]).inc();
+        match frame.op {
+            Op::Heartbeat => {
+                let reply = HeartbeatReply { server_time_ms: natter_node::ids::now_ms() };
+                self.send_out(Frame::new(Op::HeartbeatReply, frame.seq, 0, &reply).encode())
+            }
+            Op::Message => match frame.message::<SendMessage>() {
+                Ok(message) => self.request(frame.seq, Job::Send { seq: frame.seq, message }),
+                Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
+            },
+            Op::Sync => match frame.message::<SyncRequest>() {
+                Ok(request) => self.request(frame.seq, Job::Sync { seq: frame.seq, request }),
+                Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
+            },
+            Op::PushAck => {
+                // An ack for a seq no longer in flight is a duplicate ack of a resent push.
+                if let Some(acked) = self.inflight.remove(&frame.ack) {
+                    self.comet.inner.metrics.pushes.with_label_values(&["acked"]).inc();
+                    let logic = &self.comet.inner.logic;
+                    logic.push_acked(self.session.uid, &self.session.device, acked.user_seq).await;
+                }
+                Ok(())
+            }
+            Op::Auth => self.error(frame.seq, ErrorCode::BadRequest, "already authenticated"),
+            op => self.error(frame.seq, ErrorCode::UnknownOperation, format!("{} is not a client operation", op.name())),
+        }
+    }
+
+    fn request(&mut self, seq: u32, job: Job) -> Result<(), Exit> {
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(_) => self.error(seq, ErrorCode::RateLimited, "too many requests in flight; wait for replies"),
+        }
+    }
+
+    fn push(&mut self, delivery: Delivery) -> Result<(), Exit> {
+        let config = &self.comet.inner.config;
+        if self.inflight.len() >= config.max_inflight {
+            return Err(close(ErrorCode::SlowConsumer, "too many unacknowledged pushes"));
+        }
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        let seq = self.next_seq;
+        let frame = Frame::raw(Op::Push, seq, 0, delivery.body).encode();
+        self.send_out(frame.clone())?;
+        let metrics = &self.comet.inner.metrics;
+        metrics.ack_to_push.observe(delivery.acked_at.elapsed().as_secs_f64());
+        metrics.pushes.with_label_values(&["first"]).inc();
+        let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
+        self.inflight.insert(seq, Inflight { user_seq: delivery.user_seq, frame, attempts: 0, deadline });
+        Ok(())
+    }
+
+    fn resend(&mut self, rto: Duration, retries: u32) -> Result<(), Exit> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (seq, inflight) in &self.inflight {
+            if inflight.deadline <= now {
+                if inflight.attempts >= retries {
+                    return Err(close(ErrorCode::PushAckTimeout, format!("push {seq} was not acknowledged")));
+                }
+                due.push(*seq);
+            }
+        }
+        for seq in due {
+            if let Some(inflight) = self.inflight.get_mut(&seq) {
+                inflight.attempts += 1;
+                inflight.deadline = now + rto;
+                let frame = inflight.frame.clone();
+                self.comet.inner.metrics.pushes.with_label_values(&["resend"]).inc();
+                self.send_out(frame)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn request_loop(
+    logic: Arc<dyn LogicService>,
+    session: Session,
+    mut jobs: mpsc::Receiver<Job>,
+    out: mpsc::Sender<Out>,
+    handle: ConnHandle,
+) {
+    while let Some(job) = jobs.recv().await {
+        let frame = match job {
+            Job::Send { seq, message } => match logic.send(&session, message).await {
+                Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),
+                Err(r) => Frame::new(Op::Error, seq, 0, &ErrorReply { code: r.code as u32, message: r.message }),
+            },
+            Job::Sync { seq, request } => match logic.sync(session.uid, &session.device, request).await {
+                Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
+                Err(r) => Frame::new(Op::Error, seq, 0, &ErrorReply { code: r.code as u32, message: r.message }),
+            },
+        };
+        if out.try_send(Out::Frame(frame.encode())).is_err() {
+            handle.kick(ErrorCode::SlowConsumer, "send queue full");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Gateway metrics. Labels are operation names, outcomes and error codes:
+//! bounded sets, never user ids.
+
+use natter_node::telemetry::register;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub connections: IntGauge,
+    pub frames_in: IntCounterVec,
+    pub pushes: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub disconnects: IntCounterVec,
+    pub ack_to_push: Histogram,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Metrics {
+        let counter = |name: &str, help: &str, label: &str| {
+            register(registry, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter"))
+        };
+        Metrics {
+            connections: register(
+                registry,
+                IntGauge::new("natter_connections", "Open authenticated connections.").expect("valid gauge"),
+            ),
+            frames_in: counter("natter_frames_in_total", "Frames received, by operation.", "op"),
+            pushes: counter("natter_pushes_total", "Pushes, by kind (first, resend, acked, no_connection).", "kind"),
+            errors: counter("natter_frame_errors_total", "Error frames sent, by reason.", "reason"),
+            disconnects: counter("natter_disconnects_total", "Connections closed, by reason.", "reason"),
+            ack_to_push: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "natter_ack_to_push_seconds",
+                        "Time from the sender's ack to the push being written to a receiver's socket queue.",
+                    )
+                    .buckets(vec![0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+                )
+                .expect("valid histogram"),
+            ),
+        }
+    }
+}

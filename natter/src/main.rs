@@ -1,0 +1,99 @@
+//! `natter`: parses the command line and configuration, builds the roles and
+//! waits for shutdown. Everything else lives in the role crates.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use natter::Server;
+use natter_logic::Tokens;
+use natter_node::Config;
+
+#[derive(Parser)]
+#[command(name = "natter", version, about = "An instant-messaging backend and its load-testing harness.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process: WebSocket /sub, HTTP API, /metrics and health checks on one address.
+    Serve(ServeArgs),
+    /// Print a token for a user and device, signed with the server's secret.
+    Token(TokenArgs),
+    /// Drive a running natter with simulated users and measure it.
+    #[command(subcommand)]
+    Pressure(natter_pressure::cli::PressureCommand),
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML configuration file; NATTER_… environment variables override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for the database and the token secret [default: ./natter-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on [default: 127.0.0.1:3102].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The user id (a positive integer).
+    #[arg(long)]
+    uid: u64,
+    /// The device id (1-64 printable characters, no spaces).
+    #[arg(long)]
+    device: String,
+    /// Lifetime in seconds [default: auth.token_ttl_secs, 7 days].
+    #[arg(long, value_name = "SECS")]
+    ttl: Option<u64>,
+}
+
+fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let mut config = load(&args.config)?;
+            if let Some(listen) = args.listen {
+                config.listen = listen;
+            }
+            config.validate()?;
+            natter_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let server = Server::start(config).await?;
+                server.run_until(natter_node::shutdown::signal()).await
+            })
+        }
+        Command::Token(args) => {
+            let config = load(&args.config)?;
+            config.validate()?;
+            let secret = config.secret().context("loading the token secret")?;
+            let ttl = args.ttl.unwrap_or(config.auth.token_ttl_secs);
+            let token = Tokens::new(secret).mint(args.uid, &args.device, ttl).map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Pressure(command) => natter_pressure::cli::main(command),
+    }
+}
