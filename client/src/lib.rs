@@ -1,1 +1,422 @@
+//! The natter client SDK.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), natter_client::ClientError> {
+//! use natter_client::{Client, ClientConfig, Event};
+//! use natter_proto::msg::MessageBody;
+//!
+//! let (client, mut events) = Client::connect(ClientConfig::new("127.0.0.1:3102", "TOKEN")).await?;
+//! let ack = client.send(2, MessageBody::text("hello")).await?;
+//! println!("stored as {}", ack.mid);
+//! while let Some(event) = events.next().await {
+//!     if let Event::Message(m) = event {
+//!         println!("{} says {:?}", m.sender, m.body);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What the SDK does for you:
+//! - sends resend the same `client_seq` after a time-out or reconnect, so a
+//!   lost ack never duplicates a message;
+//! - pushes are acknowledged once handed to your event stream, and messages
+//!   are de-duplicated by `mid` (the wire is at-least-once);
+//! - on every (re)connect it syncs what it missed from its cursor (the highest
+//!   contiguous `user_seq` it has seen), so nothing acked goes missing;
+//! - heartbeats, and reconnects with back-off unless the server said the
+//!   session is over (bad token, replaced by the same device).
 
+mod driver;
+pub mod raw;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use natter_proto::msg::{ErrorReply, Message, MessageBody, MessageReply, Notify, SendMessage};
+use natter_proto::{ErrorCode, Frame, Op};
+use prost::Message as _;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+
+/// What can go wrong for a client.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    #[error("connection refused: {0}")]
+    Refused(String),
+    #[error("connection reset: {0}")]
+    Reset(String),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("server closed the connection: {code}: {reason}")]
+    Closed { code: ErrorCode, reason: String },
+    #[error("server closed the connection with WebSocket code {code}: {reason}")]
+    ClosedRaw { code: u16, reason: String },
+    #[error("request rejected: {code}: {message}")]
+    Rejected { code: ErrorCode, message: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("HTTP error: {0}")]
+    Http(String),
+    #[error("the client is closed")]
+    Shut,
+    #[error("disconnected; the request may be retried")]
+    Disconnected,
+}
+
+impl ClientError {
+    fn from_io(e: std::io::Error) -> ClientError {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => ClientError::Refused(e.to_string()),
+            std::io::ErrorKind::ConnectionReset => ClientError::Reset(e.to_string()),
+            std::io::ErrorKind::TimedOut => ClientError::Timeout,
+            _ => ClientError::Connect(e.to_string()),
+        }
+    }
+
+    /// A WebSocket close, with natter's reason code when the close carries one.
+    pub fn closed(code: u16, reason: String) -> ClientError {
+        match code.checked_sub(4000).and_then(|c| ErrorCode::from_u32(u32::from(c))) {
+            Some(code) => ClientError::Closed { code, reason },
+            None => ClientError::ClosedRaw { code, reason },
+        }
+    }
+
+    /// A short class name for reports and metrics.
+    pub fn class(&self) -> String {
+        match self {
+            ClientError::Refused(_) => "refused".into(),
+            ClientError::Reset(_) => "reset".into(),
+            ClientError::Connect(_) => "connect".into(),
+            ClientError::Handshake(_) => "handshake".into(),
+            ClientError::Io(_) => "io".into(),
+            ClientError::Timeout => "timeout".into(),
+            ClientError::Closed { code, .. } => format!("closed:{code}"),
+            ClientError::ClosedRaw { code, .. } => format!("closed:{code}"),
+            ClientError::Rejected { code, .. } => format!("rejected:{code}"),
+            ClientError::Protocol(_) => "protocol".into(),
+            ClientError::Http(_) => "http".into(),
+            ClientError::Shut => "shut".into(),
+            ClientError::Disconnected => "disconnected".into(),
+        }
+    }
+
+    /// Whether the same request may succeed if sent again.
+    fn retryable(&self) -> bool {
+        match self {
+            ClientError::Timeout | ClientError::Disconnected => true,
+            ClientError::Rejected { code, .. } => {
+                matches!(code, ErrorCode::Internal | ErrorCode::RateLimited | ErrorCode::ServerShutdown)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How to reach the server and how patient to be.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port` of a gateway; WebSocket at `/sub`, HTTP API at `/v1`.
+    pub server: String,
+    pub token: String,
+    /// Time to wait for a reply before resending.
+    pub ack_timeout: Duration,
+    /// Attempts per send before giving up.
+    pub send_attempts: u32,
+    /// Reconnect after a disconnect (not after a fatal close such as a bad token).
+    pub reconnect: bool,
+    /// Sync what was missed after each (re)connect.
+    pub auto_sync: bool,
+    /// The sync cursor this device had; `None` uses the server's record.
+    pub cursor: Option<u64>,
+    /// Source address for the TCP connection.
+    pub local_addr: Option<IpAddr>,
+    /// Overrides the heartbeat interval the server asks for.
+    pub heartbeat: Option<Duration>,
+    /// Events buffered before the SDK stops reading the socket.
+    pub event_buffer: usize,
+    /// Free-form client name sent with auth.
+    pub client_name: String,
+}
+
+impl ClientConfig {
+    pub fn new(server: impl Into<String>, token: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            server: server.into(),
+            token: token.into(),
+            ack_timeout: Duration::from_secs(5),
+            send_attempts: 6,
+            reconnect: true,
+            auto_sync: true,
+            cursor: None,
+            local_addr: None,
+            heartbeat: None,
+            event_buffer: 1024,
+            client_name: format!("natter-client/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// What the client tells the application.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A message for this device (pushed or synced), once per `mid`.
+    Message(Message),
+    Notify(Notify),
+    /// Authenticated (first connect and every reconnect).
+    Connected { uid: u64, device: String },
+    /// The connection ended; the client reconnects unless `fatal`.
+    Disconnected { error: ClientError, fatal: bool },
+    /// A frame the server sent that the client could not use.
+    ProtocolError(String),
+}
+
+/// The application's end of the event stream.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client has stopped.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// An event if one is ready.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// Counters kept by the client.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub pushes: AtomicU64,
+    /// Messages received again (same `mid`) and dropped.
+    pub duplicates: AtomicU64,
+    pub resends: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub synced: AtomicU64,
+}
+
+struct Shared {
+    uid: u64,
+    device: String,
+    next_client_seq: AtomicU64,
+    stats: Stats,
+    http: Mutex<Option<reqwest::Client>>,
+}
+
+enum Command {
+    Request { op: Op, body: Bytes, reply: oneshot::Sender<Result<Frame, ClientError>> },
+    Close,
+}
+
+/// A connected client. Clones share one connection.
+#[derive(Clone)]
+pub struct Client {
+    config: Arc<ClientConfig>,
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Client {
+    /// Connects and authenticates; fails if the first attempt does.
+    pub async fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
+        let (conn, auth) = driver::open(&config).await?;
+        // Unique per device over its lifetime: microseconds at start, counting up.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        let shared = Arc::new(Shared {
+            uid: auth.uid,
+            device: auth.device.clone(),
+            next_client_seq: AtomicU64::new(start),
+            stats: Stats::default(),
+            http: Mutex::new(None),
+        });
+        let (commands, commands_rx) = mpsc::channel(256);
+        let (events_tx, events_rx) = mpsc::channel(config.event_buffer.max(1));
+        let config = Arc::new(config);
+        tokio::spawn(driver::Driver::new(config.clone(), shared.clone(), commands_rx, events_tx).run(conn, auth));
+        Ok((Client { config, shared, commands }, Events { rx: events_rx }))
+    }
+
+    pub fn uid(&self) -> u64 {
+        self.shared.uid
+    }
+
+    pub fn device(&self) -> &str {
+        &self.shared.device
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// A fresh client sequence number for [`Client::send_with_seq`].
+    pub fn next_client_seq(&self) -> u64 {
+        self.shared.next_client_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a message and waits for the durable ack, resending on time-outs.
+    pub async fn send(&self, receiver: u64, body: MessageBody) -> Result<MessageReply, ClientError> {
+        self.send_with_seq(self.next_client_seq(), receiver, body).await
+    }
+
+    /// Sends with a given `client_seq`: the same seq is the same message.
+    pub async fn send_with_seq(&self, client_seq: u64, receiver: u64, body: MessageBody) -> Result<MessageReply, ClientError> {
+        let body = Bytes::from(SendMessage { client_seq, receiver, body: Some(body) }.encode_to_vec());
+        let mut backoff = Duration::from_millis(50);
+        let mut last = ClientError::Timeout;
+        for attempt in 0..self.config.send_attempts.max(1) {
+            if attempt > 0 {
+                self.shared.stats.resends.fetch_add(1, Ordering::Relaxed);
+            }
+            match self.request(Op::Message, body.clone()).await {
+                Ok(frame) => return decode_reply(&frame),
+                Err(e) if e.retryable() => {
+                    if e != ClientError::Timeout {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// One request/reply exchange; an `Error` reply becomes `Rejected`.
+    async fn request(&self, op: Op, body: Bytes) -> Result<Frame, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Request { op, body, reply }).await.map_err(|_| ClientError::Shut)?;
+        let frame = match tokio::time::timeout(self.config.ack_timeout, answer).await {
+            Err(_) => return Err(ClientError::Timeout),
+            Ok(Err(_)) => return Err(ClientError::Disconnected),
+            Ok(Ok(result)) => result?,
+        };
+        if frame.op == Op::Error {
+            let error: ErrorReply = frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let code = ErrorCode::from_u32(error.code).unwrap_or(ErrorCode::Internal);
+            return Err(ClientError::Rejected { code, message: error.message });
+        }
+        Ok(frame)
+    }
+
+    /// Sends a heartbeat and waits for the reply; returns the server time.
+    pub async fn ping(&self) -> Result<i64, ClientError> {
+        let frame = self.request(Op::Heartbeat, Bytes::new()).await?;
+        let reply: natter_proto::msg::HeartbeatReply =
+            frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(reply.server_time_ms)
+    }
+
+    /// Asks the driver to sync now; missed messages arrive as events.
+    pub async fn sync(&self) -> Result<(), ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request { op: Op::Sync, body: Bytes::new(), reply })
+            .await
+            .map_err(|_| ClientError::Shut)?;
+        match tokio::time::timeout(self.config.ack_timeout, answer).await {
+            Err(_) => Err(ClientError::Timeout),
+            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok(frame))) if frame.op == Op::Error => {
+                let error: ErrorReply = frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let code = ErrorCode::from_u32(error.code).unwrap_or(ErrorCode::Internal);
+                Err(ClientError::Rejected { code, message: error.message })
+            }
+            Ok(Ok(Ok(_))) => Ok(()),
+        }
+    }
+
+    /// A page of a conversation's history over HTTP, newest first.
+    pub async fn history(&self, conversation: &str, before: Option<u64>, limit: u32, types: &[&str]) -> Result<HistoryPage, ClientError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(before) = before {
+            query.push(("before", before.to_string()));
+        }
+        if !types.is_empty() {
+            query.push(("types", types.join(",")));
+        }
+        self.get_json(&format!("/v1/conversations/{conversation}/messages"), &query).await
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, ClientError> {
+        let http = {
+            let mut slot = self.shared.http.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert_with(reqwest::Client::new).clone()
+        };
+        let response = http
+            .get(format!("http://{}{}", self.config.server, path))
+            .query(query)
+            .bearer_auth(&self.config.token)
+            .send()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| ClientError::Http(e.to_string()))?;
+        if !status.is_success() {
+            #[derive(serde::Deserialize)]
+            struct ApiError {
+                code: String,
+                message: String,
+            }
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => match ErrorCode::ALL.iter().find(|c| c.as_str() == e.code) {
+                    Some(code) => ClientError::Rejected { code: *code, message: e.message },
+                    None => ClientError::Http(format!("{status}: {}", e.message)),
+                },
+                Err(_) => ClientError::Http(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Closes the connection; the event stream ends.
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+}
+
+fn decode_reply(frame: &Frame) -> Result<MessageReply, ClientError> {
+    if frame.op != Op::MessageReply {
+        return Err(ClientError::Protocol(format!("expected MessageReply, got {}", frame.op.name())));
+    }
+    frame.message().map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// A message in the HTTP API's JSON.
+#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
+pub struct HistoryMessage {
+    pub mid: String,
+    pub conversation: String,
+    pub conv_seq: u64,
+    pub sender: u64,
+    pub sender_device: String,
+    pub receiver: u64,
+    pub client_seq: u64,
+    pub time_ms: i64,
+    #[serde(rename = "type")]
+    pub msg_type: Option<String>,
+    pub body: Option<serde_json::Value>,
+}
+
+/// A page of history.
+#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
+pub struct HistoryPage {
+    pub messages: Vec<HistoryMessage>,
+    pub next_before: Option<String>,
+}

@@ -1,1 +1,180 @@
+//! Helpers for natter's end-to-end tests: a real embedded server on port 0
+//! with a fresh data dir, and clients that talk to it as applications do.
+//! Set `TEST_LOG=debug` to see the server's logs.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter::Server;
+use natter_client::raw::{Connection, Incoming};
+use natter_client::{Client, ClientConfig, Event, Events};
+use natter_logic::Tokens;
+use natter_node::Config;
+use natter_proto::msg::{AuthRequest, Message};
+use natter_proto::{Frame, Op};
+use tempfile::TempDir;
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+fn init_logging() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = natter_node::telemetry::init_logging(&natter_node::config::LogConfig {
+            format: "text".into(),
+            filter,
+        });
+    }
+}
+
+/// A running server and its data dir.
+pub struct TestServer {
+    server: Option<Server>,
+    config: Config,
+    pub addr: SocketAddr,
+    tokens: Tokens,
+    // Dropped last: removes the data dir.
+    _dir: TempDir,
+}
+
+impl TestServer {
+    /// Starts a server on 127.0.0.1:0 with a fresh data dir; `tune` adjusts the config.
+    pub async fn start(tune: impl FnOnce(&mut Config)) -> TestServer {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.data_dir = dir.path().join("data");
+        // fsync is not what these tests are about; the crash test turns it on.
+        config.store.synchronous = false;
+        tune(&mut config);
+        let server = Server::start(config.clone()).await.expect("server starts");
+        let addr = server.addr();
+        let tokens = Tokens::new(config.secret().expect("secret"));
+        TestServer { server: Some(server), config, addr, tokens, _dir: dir }
+    }
+
+    pub fn token(&self, uid: u64, device: &str) -> String {
+        self.tokens.mint(uid, device, 3600).expect("token")
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    pub fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn client_config(&self, uid: u64, device: &str) -> ClientConfig {
+        ClientConfig::new(self.server(), self.token(uid, device))
+    }
+
+    /// A connected SDK client.
+    pub async fn client(&self, uid: u64, device: &str) -> (Client, Events) {
+        let (client, mut events) = Client::connect(self.client_config(uid, device)).await.expect("client connects");
+        // Wait for the connect-time sync to finish so tests start from a quiet state.
+        client.sync().await.expect("initial sync");
+        assert!(matches!(events.next().await, Some(Event::Connected { .. })));
+        (client, events)
+    }
+
+    /// A raw frame connection, authenticated as `uid`/`device`.
+    pub async fn raw(&self, uid: u64, device: &str) -> Connection {
+        let mut conn = Connection::connect(&self.server(), None).await.expect("connects");
+        let auth = AuthRequest { token: self.token(uid, device), client: "raw".into() };
+        conn.send(&Frame::new(Op::Auth, 1, 0, &auth)).await.expect("auth sent");
+        let frame = next_frame(&mut conn).await;
+        assert_eq!(frame.op, Op::AuthReply, "auth accepted");
+        conn
+    }
+
+    /// Stops gracefully and starts again on the same data dir and port 0.
+    pub async fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.expect("clean stop");
+        }
+        let server = Server::start(self.config.clone()).await.expect("restarts");
+        self.addr = server.addr();
+        self.server = Some(server);
+    }
+
+    /// Stops gracefully.
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.expect("clean stop");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// The next frame from a raw connection, failing the test on anything else.
+pub async fn next_frame(conn: &mut Connection) -> Frame {
+    match tokio::time::timeout(PATIENCE, conn.recv()).await {
+        Ok(Ok(Some(Incoming::Frame(frame)))) => frame,
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+/// The next frame that is not a heartbeat reply or push.
+pub async fn next_reply(conn: &mut Connection) -> Frame {
+    loop {
+        let frame = next_frame(conn).await;
+        if !matches!(frame.op, Op::HeartbeatReply | Op::Push) {
+            return frame;
+        }
+    }
+}
+
+/// Reads until the server closes; returns the `Disconnect` code seen (if
+/// any) and the WebSocket close code.
+pub async fn expect_close(conn: &mut Connection) -> (Option<u32>, u16) {
+    let mut disconnect = None;
+    loop {
+        match tokio::time::timeout(PATIENCE, conn.recv()).await {
+            Ok(Ok(Some(Incoming::Frame(frame)))) if frame.op == Op::Disconnect => {
+                let d: natter_proto::msg::Disconnect = frame.message().expect("disconnect body");
+                disconnect = Some(d.code);
+            }
+            Ok(Ok(Some(Incoming::Frame(_)))) | Ok(Ok(Some(Incoming::BadFrame(_)))) => continue,
+            Ok(Ok(Some(Incoming::Close { code, .. }))) => return (disconnect, code),
+            Ok(Ok(None)) | Ok(Err(_)) => return (disconnect, 1006),
+            Err(_) => panic!("server did not close in time"),
+        }
+    }
+}
+
+/// The next chat message event.
+pub async fn next_message(events: &mut Events) -> Message {
+    loop {
+        match tokio::time::timeout(PATIENCE, events.next()).await {
+            Ok(Some(Event::Message(m))) => return m,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("event stream ended"),
+            Err(_) => panic!("no message within {PATIENCE:?}"),
+        }
+    }
+}
+
+/// Asserts no chat message arrives within `wait`.
+pub async fn no_message(events: &mut Events, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return,
+            Ok(Some(Event::Message(m))) => panic!("unexpected message {m:?}"),
+            Ok(Some(_)) => continue,
+            Ok(None) => return,
+        }
+    }
+}
+
+/// The text of a text message.
+pub fn text_of(m: &Message) -> &str {
+    match m.body.as_ref().and_then(|b| b.content.as_ref()) {
+        Some(natter_proto::msg::Content::Text(t)) => &t.text,
+        _ => "",
+    }
+}

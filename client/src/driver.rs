@@ -1,0 +1,397 @@
+//! The task that owns the client's socket: one `select!` loop over the
+//! socket, the command queue and the heartbeat timer, and a reconnect loop
+//! around it.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_proto::msg::{AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, SyncReply, SyncRequest};
+use natter_proto::{ErrorCode, Frame, Op};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::raw::{Connection, Incoming};
+use crate::{ClientConfig, ClientError, Command, Event, Shared};
+
+/// Mids remembered for de-duplication.
+const SEEN_CAPACITY: usize = 100_000;
+const SYNC_PAGE: u32 = 200;
+
+/// Connects and authenticates once.
+pub(crate) async fn open(config: &ClientConfig) -> Result<(Connection, AuthReply), ClientError> {
+    let mut conn = Connection::connect(&config.server, config.local_addr).await?;
+    let auth = AuthRequest { token: config.token.clone(), client: config.client_name.clone() };
+    conn.send(&Frame::new(Op::Auth, 1, 0, &auth)).await?;
+    let reply = tokio::time::timeout(config.ack_timeout, async {
+        loop {
+            match conn.recv().await? {
+                None => return Err(ClientError::Disconnected),
+                Some(Incoming::Close { code, reason }) => return Err(ClientError::closed(code, reason)),
+                Some(Incoming::BadFrame(e)) => return Err(ClientError::Protocol(e.to_string())),
+                Some(Incoming::Frame(frame)) => match frame.op {
+                    Op::AuthReply => {
+                        return frame.message::<AuthReply>().map_err(|e| ClientError::Protocol(e.to_string()))
+                    }
+                    Op::Disconnect => {
+                        let d: Disconnect = frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        let code = ErrorCode::from_u32(d.code).unwrap_or(ErrorCode::Internal);
+                        return Err(ClientError::Closed { code, reason: d.reason });
+                    }
+                    _ => continue,
+                },
+            }
+        }
+    })
+    .await
+    .map_err(|_| ClientError::Timeout)??;
+    Ok((conn, reply))
+}
+
+/// The highest `user_seq` below which this device has seen everything.
+#[derive(Default)]
+struct Cursor {
+    contiguous: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Cursor {
+    fn mark(&mut self, seq: u64) {
+        if seq <= self.contiguous {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+    }
+
+    /// Jumps forward: everything up to `seq` is held.
+    fn advance_to(&mut self, seq: u64) {
+        if seq > self.contiguous {
+            self.contiguous = seq;
+            self.above = self.above.split_off(&(seq + 1));
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl Seen {
+    /// True if `mid` is new.
+    fn insert(&mut self, mid: u64) -> bool {
+        if !self.set.insert(mid) {
+            return false;
+        }
+        self.order.push_back(mid);
+        if self.order.len() > SEEN_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+enum Waiter {
+    App(oneshot::Sender<Result<Frame, ClientError>>),
+    /// The driver's own sync; `report` answers an application's `sync()` when done.
+    Sync { report: Option<oneshot::Sender<Result<Frame, ClientError>>> },
+}
+
+/// Why one connection ended.
+enum End {
+    Closed(ClientError),
+    /// The application closed the client.
+    Shut,
+}
+
+pub(crate) struct Driver {
+    config: Arc<ClientConfig>,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    pending: HashMap<u32, Waiter>,
+    next_seq: u32,
+    cursor: Cursor,
+    seen: Seen,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        config: Arc<ClientConfig>,
+        shared: Arc<Shared>,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<Event>,
+    ) -> Driver {
+        Driver {
+            config,
+            shared,
+            commands,
+            events,
+            pending: HashMap::new(),
+            next_seq: 1,
+            cursor: Cursor::default(),
+            seen: Seen::default(),
+        }
+    }
+
+    fn seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1).max(2);
+        self.next_seq
+    }
+
+    pub(crate) async fn run(mut self, mut conn: Connection, mut auth: AuthReply) {
+        self.cursor.contiguous = self.config.cursor.unwrap_or(auth.cursor);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let _ = self.events.send(Event::Connected { uid: auth.uid, device: auth.device.clone() }).await;
+            let heartbeat = self
+                .config
+                .heartbeat
+                .unwrap_or(Duration::from_millis(u64::from(auth.heartbeat_interval_ms.max(1000))));
+            let end = self.serve(&mut conn, heartbeat).await;
+            conn.close().await;
+            // Whatever was waiting on this connection may be retried by its owner.
+            for (_, waiter) in self.pending.drain() {
+                if let Waiter::App(reply) | Waiter::Sync { report: Some(reply) } = waiter {
+                    let _ = reply.send(Err(ClientError::Disconnected));
+                }
+            }
+            let error = match end {
+                End::Shut => return,
+                End::Closed(error) => error,
+            };
+            let fatal = !self.config.reconnect
+                || matches!(
+                    error,
+                    ClientError::Closed { code: ErrorCode::AuthFailed | ErrorCode::TokenExpired | ErrorCode::Replaced, .. }
+                );
+            let _ = self.events.send(Event::Disconnected { error, fatal }).await;
+            if fatal {
+                return;
+            }
+            // Reconnect with back-off; commands wait in their queue meanwhile.
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                match open(&self.config).await {
+                    Ok((c, a)) => {
+                        conn = c;
+                        auth = a;
+                        backoff = Duration::from_millis(100);
+                        self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(error @ ClientError::Closed { code: ErrorCode::AuthFailed | ErrorCode::TokenExpired, .. }) => {
+                        let _ = self.events.send(Event::Disconnected { error, fatal: true }).await;
+                        return;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+                }
+                if self.events.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn send_sync(&mut self, conn: &mut Connection, report: Option<oneshot::Sender<Result<Frame, ClientError>>>) -> Result<(), ClientError> {
+        let seq = self.seq();
+        let request = SyncRequest { after: Some(self.cursor.contiguous), limit: SYNC_PAGE };
+        conn.send(&Frame::new(Op::Sync, seq, 0, &request)).await?;
+        self.pending.insert(seq, Waiter::Sync { report });
+        Ok(())
+    }
+
+    async fn serve(&mut self, conn: &mut Connection, heartbeat: Duration) -> End {
+        if self.config.auto_sync {
+            if let Err(e) = self.send_sync(conn, None).await {
+                return End::Closed(e);
+            }
+        }
+        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let silence = heartbeat * 3;
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                incoming = conn.recv() => {
+                    last_heard = Instant::now();
+                    let result = match incoming {
+                        Err(e) => Err(End::Closed(e)),
+                        Ok(None) => Err(End::Closed(ClientError::Disconnected)),
+                        Ok(Some(Incoming::Close { code, reason })) => Err(End::Closed(ClientError::closed(code, reason))),
+                        Ok(Some(Incoming::BadFrame(e))) => {
+                            let _ = self.events.send(Event::ProtocolError(e.to_string())).await;
+                            Ok(())
+                        }
+                        Ok(Some(Incoming::Frame(frame))) => self.frame(conn, frame).await,
+                    };
+                    if let Err(end) = result {
+                        return end;
+                    }
+                }
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Close) => return End::Shut,
+                    Some(Command::Request { op, body, reply }) => {
+                        if reply.is_closed() {
+                            continue; // Its sender gave up waiting; a resend follows.
+                        }
+                        let sent = if op == Op::Sync {
+                            self.send_sync(conn, Some(reply)).await
+                        } else {
+                            let seq = self.seq();
+                            self.pending.insert(seq, Waiter::App(reply));
+                            conn.send(&Frame::raw(op, seq, 0, body)).await
+                        };
+                        if let Err(e) = sent {
+                            return End::Closed(e);
+                        }
+                    }
+                },
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence {
+                        return End::Closed(ClientError::Timeout);
+                    }
+                    let seq = self.seq();
+                    if let Err(e) = conn.send(&Frame::empty(Op::Heartbeat, seq, 0)).await {
+                        return End::Closed(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a message to the application unless it was seen before.
+    async fn deliver(&mut self, message: Message) -> Result<(), End> {
+        self.cursor.mark(message.user_seq);
+        if !self.seen.insert(message.mid) {
+            self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.events.send(Event::Message(message)).await.map_err(|_| End::Shut)
+    }
+
+    async fn frame(&mut self, conn: &mut Connection, frame: Frame) -> Result<(), End> {
+        let protocol = |e: natter_proto::BodyError| End::Closed(ClientError::Protocol(e.to_string()));
+        match frame.op {
+            Op::Push => {
+                let message: Message = frame.message().map_err(protocol)?;
+                self.shared.stats.pushes.fetch_add(1, Ordering::Relaxed);
+                self.deliver(message).await?;
+                // Acknowledged only once the application has it.
+                conn.send(&Frame::empty(Op::PushAck, 0, frame.seq)).await.map_err(End::Closed)
+            }
+            Op::Notify => {
+                let notify: Notify = frame.message().map_err(protocol)?;
+                self.events.send(Event::Notify(notify)).await.map_err(|_| End::Shut)
+            }
+            Op::Disconnect => {
+                let d: Disconnect = frame.message().map_err(protocol)?;
+                let code = ErrorCode::from_u32(d.code).unwrap_or(ErrorCode::Internal);
+                Err(End::Closed(ClientError::Closed { code, reason: d.reason }))
+            }
+            Op::SyncReply => {
+                let Some(waiter) = self.pending.remove(&frame.seq) else { return Ok(()) };
+                let reply: SyncReply = frame.message().map_err(protocol)?;
+                let (has_more, cursor) = (reply.has_more, reply.cursor);
+                for message in reply.messages {
+                    self.shared.stats.synced.fetch_add(1, Ordering::Relaxed);
+                    self.deliver(message).await?;
+                }
+                // The reply covers everything up to its cursor.
+                self.cursor.advance_to(cursor);
+                match waiter {
+                    Waiter::Sync { report } if has_more => self.send_sync(conn, report).await.map_err(End::Closed),
+                    Waiter::Sync { report: Some(report) } | Waiter::App(report) => {
+                        let _ = report.send(Ok(Frame::empty(Op::SyncReply, frame.seq, 0)));
+                        Ok(())
+                    }
+                    Waiter::Sync { report: None } => Ok(()),
+                }
+            }
+            Op::MessageReply | Op::HeartbeatReply | Op::Error => {
+                if frame.op == Op::MessageReply {
+                    if let Ok(reply) = frame.message::<MessageReply>() {
+                        // The sender's own message is part of its stream.
+                        self.cursor.mark(reply.user_seq);
+                        self.seen.insert(reply.mid);
+                    }
+                }
+                match self.pending.remove(&frame.seq) {
+                    Some(Waiter::App(reply)) => {
+                        let _ = reply.send(Ok(frame));
+                    }
+                    Some(Waiter::Sync { report }) => {
+                        // A sync that failed: report it; the next connect syncs again.
+                        if let Some(report) = report {
+                            let _ = report.send(Ok(frame));
+                        }
+                    }
+                    None if frame.op == Op::Error => {
+                        let text = frame
+                            .message::<natter_proto::msg::ErrorReply>()
+                            .map(|e| e.message)
+                            .unwrap_or_else(|e| e.to_string());
+                        let _ = self.events.send(Event::ProtocolError(text)).await;
+                    }
+                    None => {}
+                }
+                Ok(())
+            }
+            op => {
+                let _ = self.events.send(Event::ProtocolError(format!("unexpected {} from server", op.name()))).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_advances_only_over_contiguous_runs() {
+        let mut c = Cursor::default();
+        c.mark(2);
+        assert_eq!(c.contiguous, 0);
+        c.mark(1);
+        assert_eq!(c.contiguous, 2);
+        c.mark(4);
+        c.mark(5);
+        assert_eq!(c.contiguous, 2);
+        c.advance_to(3);
+        assert_eq!(c.contiguous, 5);
+        c.mark(5);
+        assert_eq!(c.contiguous, 5);
+    }
+
+    #[test]
+    fn seen_forgets_the_oldest() {
+        let mut s = Seen::default();
+        assert!(s.insert(1));
+        assert!(!s.insert(1));
+        for mid in 2..(SEEN_CAPACITY as u64 + 2) {
+            s.insert(mid);
+        }
+        assert!(s.insert(1), "evicted and so new again");
+    }
+
+    #[test]
+    fn close_codes_map_to_error_codes() {
+        assert_eq!(
+            ClientError::closed(4011, "slow".into()),
+            ClientError::Closed { code: ErrorCode::SlowConsumer, reason: "slow".into() }
+        );
+        assert_eq!(ClientError::closed(1000, String::new()), ClientError::ClosedRaw { code: 1000, reason: String::new() });
+    }
+}
