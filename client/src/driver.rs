@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use natter_proto::msg::{AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, SyncReply, SyncRequest};
+use natter_proto::msg::{
+    AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, SyncReply, SyncRequest,
+};
 use natter_proto::{ErrorCode, Frame, Op};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -22,22 +24,34 @@ const SYNC_PAGE: u32 = 200;
 /// Connects and authenticates once.
 pub(crate) async fn open(config: &ClientConfig) -> Result<(Connection, AuthReply), ClientError> {
     let mut conn = Connection::connect(&config.server, config.local_addr).await?;
-    let auth = AuthRequest { token: config.token.clone(), client: config.client_name.clone() };
+    let auth = AuthRequest {
+        token: config.token.clone(),
+        client: config.client_name.clone(),
+    };
     conn.send(&Frame::new(Op::Auth, 1, 0, &auth)).await?;
     let reply = tokio::time::timeout(config.ack_timeout, async {
         loop {
             match conn.recv().await? {
                 None => return Err(ClientError::Disconnected),
-                Some(Incoming::Close { code, reason }) => return Err(ClientError::closed(code, reason)),
+                Some(Incoming::Close { code, reason }) => {
+                    return Err(ClientError::closed(code, reason))
+                }
                 Some(Incoming::BadFrame(e)) => return Err(ClientError::Protocol(e.to_string())),
                 Some(Incoming::Frame(frame)) => match frame.op {
                     Op::AuthReply => {
-                        return frame.message::<AuthReply>().map_err(|e| ClientError::Protocol(e.to_string()))
+                        return frame
+                            .message::<AuthReply>()
+                            .map_err(|e| ClientError::Protocol(e.to_string()))
                     }
                     Op::Disconnect => {
-                        let d: Disconnect = frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        let d: Disconnect = frame
+                            .message()
+                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
                         let code = ErrorCode::from_u32(d.code).unwrap_or(ErrorCode::Internal);
-                        return Err(ClientError::Closed { code, reason: d.reason });
+                        return Err(ClientError::Closed {
+                            code,
+                            reason: d.reason,
+                        });
                     }
                     _ => continue,
                 },
@@ -104,7 +118,9 @@ impl Seen {
 enum Waiter {
     App(oneshot::Sender<Result<Frame, ClientError>>),
     /// The driver's own sync; `report` answers an application's `sync()` when done.
-    Sync { report: Option<oneshot::Sender<Result<Frame, ClientError>>> },
+    Sync {
+        report: Option<oneshot::Sender<Result<Frame, ClientError>>>,
+    },
 }
 
 /// Why one connection ended.
@@ -153,16 +169,28 @@ impl Driver {
         self.cursor.contiguous = self.config.cursor.unwrap_or(auth.cursor);
         let mut backoff = Duration::from_millis(100);
         loop {
-            let _ = self.events.send(Event::Connected { uid: auth.uid, device: auth.device.clone() }).await;
+            let _ = self
+                .events
+                .send(Event::Connected {
+                    uid: auth.uid,
+                    device: auth.device.clone(),
+                })
+                .await;
             let heartbeat = self
                 .config
                 .heartbeat
-                .unwrap_or(Duration::from_millis(u64::from(auth.heartbeat_interval_ms.max(1000))));
+                .unwrap_or(Duration::from_millis(u64::from(
+                    auth.heartbeat_interval_ms.max(1000),
+                )));
             let end = self.serve(&mut conn, heartbeat).await;
             conn.close().await;
             // Whatever was waiting on this connection may be retried by its owner.
             for (_, waiter) in self.pending.drain() {
-                if let Waiter::App(reply) | Waiter::Sync { report: Some(reply) } = waiter {
+                if let Waiter::App(reply)
+                | Waiter::Sync {
+                    report: Some(reply),
+                } = waiter
+                {
                     let _ = reply.send(Err(ClientError::Disconnected));
                 }
             }
@@ -173,7 +201,10 @@ impl Driver {
             let fatal = !self.config.reconnect
                 || matches!(
                     error,
-                    ClientError::Closed { code: ErrorCode::AuthFailed | ErrorCode::TokenExpired | ErrorCode::Replaced, .. }
+                    ClientError::Closed {
+                        code: ErrorCode::AuthFailed | ErrorCode::TokenExpired | ErrorCode::Replaced,
+                        ..
+                    }
                 );
             let _ = self.events.send(Event::Disconnected { error, fatal }).await;
             if fatal {
@@ -191,8 +222,16 @@ impl Driver {
                         self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    Err(error @ ClientError::Closed { code: ErrorCode::AuthFailed | ErrorCode::TokenExpired, .. }) => {
-                        let _ = self.events.send(Event::Disconnected { error, fatal: true }).await;
+                    Err(
+                        error @ ClientError::Closed {
+                            code: ErrorCode::AuthFailed | ErrorCode::TokenExpired,
+                            ..
+                        },
+                    ) => {
+                        let _ = self
+                            .events
+                            .send(Event::Disconnected { error, fatal: true })
+                            .await;
                         return;
                     }
                     Err(e) => tracing::debug!(error = %e, "reconnect failed"),
@@ -204,9 +243,16 @@ impl Driver {
         }
     }
 
-    async fn send_sync(&mut self, conn: &mut Connection, report: Option<oneshot::Sender<Result<Frame, ClientError>>>) -> Result<(), ClientError> {
+    async fn send_sync(
+        &mut self,
+        conn: &mut Connection,
+        report: Option<oneshot::Sender<Result<Frame, ClientError>>>,
+    ) -> Result<(), ClientError> {
         let seq = self.seq();
-        let request = SyncRequest { after: Some(self.cursor.contiguous), limit: SYNC_PAGE };
+        let request = SyncRequest {
+            after: Some(self.cursor.contiguous),
+            limit: SYNC_PAGE,
+        };
         conn.send(&Frame::new(Op::Sync, seq, 0, &request)).await?;
         self.pending.insert(seq, Waiter::Sync { report });
         Ok(())
@@ -277,30 +323,44 @@ impl Driver {
             self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.events.send(Event::Message(message)).await.map_err(|_| End::Shut)
+        self.events
+            .send(Event::Message(message))
+            .await
+            .map_err(|_| End::Shut)
     }
 
     async fn frame(&mut self, conn: &mut Connection, frame: Frame) -> Result<(), End> {
-        let protocol = |e: natter_proto::BodyError| End::Closed(ClientError::Protocol(e.to_string()));
+        let protocol =
+            |e: natter_proto::BodyError| End::Closed(ClientError::Protocol(e.to_string()));
         match frame.op {
             Op::Push => {
                 let message: Message = frame.message().map_err(protocol)?;
                 self.shared.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 self.deliver(message).await?;
                 // Acknowledged only once the application has it.
-                conn.send(&Frame::empty(Op::PushAck, 0, frame.seq)).await.map_err(End::Closed)
+                conn.send(&Frame::empty(Op::PushAck, 0, frame.seq))
+                    .await
+                    .map_err(End::Closed)
             }
             Op::Notify => {
                 let notify: Notify = frame.message().map_err(protocol)?;
-                self.events.send(Event::Notify(notify)).await.map_err(|_| End::Shut)
+                self.events
+                    .send(Event::Notify(notify))
+                    .await
+                    .map_err(|_| End::Shut)
             }
             Op::Disconnect => {
                 let d: Disconnect = frame.message().map_err(protocol)?;
                 let code = ErrorCode::from_u32(d.code).unwrap_or(ErrorCode::Internal);
-                Err(End::Closed(ClientError::Closed { code, reason: d.reason }))
+                Err(End::Closed(ClientError::Closed {
+                    code,
+                    reason: d.reason,
+                }))
             }
             Op::SyncReply => {
-                let Some(waiter) = self.pending.remove(&frame.seq) else { return Ok(()) };
+                let Some(waiter) = self.pending.remove(&frame.seq) else {
+                    return Ok(());
+                };
                 let reply: SyncReply = frame.message().map_err(protocol)?;
                 let (has_more, cursor) = (reply.has_more, reply.cursor);
                 for message in reply.messages {
@@ -310,8 +370,13 @@ impl Driver {
                 // The reply covers everything up to its cursor.
                 self.cursor.advance_to(cursor);
                 match waiter {
-                    Waiter::Sync { report } if has_more => self.send_sync(conn, report).await.map_err(End::Closed),
-                    Waiter::Sync { report: Some(report) } | Waiter::App(report) => {
+                    Waiter::Sync { report } if has_more => {
+                        self.send_sync(conn, report).await.map_err(End::Closed)
+                    }
+                    Waiter::Sync {
+                        report: Some(report),
+                    }
+                    | Waiter::App(report) => {
                         let _ = report.send(Ok(Frame::empty(Op::SyncReply, frame.seq, 0)));
                         Ok(())
                     }
@@ -348,7 +413,13 @@ impl Driver {
                 Ok(())
             }
             op => {
-                let _ = self.events.send(Event::ProtocolError(format!("unexpected {} from server", op.name()))).await;
+                let _ = self
+                    .events
+                    .send(Event::ProtocolError(format!(
+                        "unexpected {} from server",
+                        op.name()
+                    )))
+                    .await;
                 Ok(())
             }
         }
@@ -390,8 +461,17 @@ mod tests {
     fn close_codes_map_to_error_codes() {
         assert_eq!(
             ClientError::closed(4011, "slow".into()),
-            ClientError::Closed { code: ErrorCode::SlowConsumer, reason: "slow".into() }
+            ClientError::Closed {
+                code: ErrorCode::SlowConsumer,
+                reason: "slow".into()
+            }
         );
-        assert_eq!(ClientError::closed(1000, String::new()), ClientError::ClosedRaw { code: 1000, reason: String::new() });
+        assert_eq!(
+            ClientError::closed(1000, String::new()),
+            ClientError::ClosedRaw {
+                code: 1000,
+                reason: String::new()
+            }
+        );
     }
 }

@@ -84,7 +84,10 @@ impl ClientError {
 
     /// A WebSocket close, with natter's reason code when the close carries one.
     pub fn closed(code: u16, reason: String) -> ClientError {
-        match code.checked_sub(4000).and_then(|c| ErrorCode::from_u32(u32::from(c))) {
+        match code
+            .checked_sub(4000)
+            .and_then(|c| ErrorCode::from_u32(u32::from(c)))
+        {
             Some(code) => ClientError::Closed { code, reason },
             None => ClientError::ClosedRaw { code, reason },
         }
@@ -114,7 +117,10 @@ impl ClientError {
         match self {
             ClientError::Timeout | ClientError::Disconnected => true,
             ClientError::Rejected { code, .. } => {
-                matches!(code, ErrorCode::Internal | ErrorCode::RateLimited | ErrorCode::ServerShutdown)
+                matches!(
+                    code,
+                    ErrorCode::Internal | ErrorCode::RateLimited | ErrorCode::ServerShutdown
+                )
             }
             _ => false,
         }
@@ -172,9 +178,15 @@ pub enum Event {
     Message(Message),
     Notify(Notify),
     /// Authenticated (first connect and every reconnect).
-    Connected { uid: u64, device: String },
+    Connected {
+        uid: u64,
+        device: String,
+    },
     /// The connection ended; the client reconnects unless `fatal`.
-    Disconnected { error: ClientError, fatal: bool },
+    Disconnected {
+        error: ClientError,
+        fatal: bool,
+    },
     /// A frame the server sent that the client could not use.
     ProtocolError(String),
 }
@@ -216,7 +228,11 @@ struct Shared {
 }
 
 enum Command {
-    Request { op: Op, body: Bytes, reply: oneshot::Sender<Result<Frame, ClientError>> },
+    Request {
+        op: Op,
+        body: Bytes,
+        reply: oneshot::Sender<Result<Frame, ClientError>>,
+    },
     Close,
 }
 
@@ -247,8 +263,18 @@ impl Client {
         let (commands, commands_rx) = mpsc::channel(256);
         let (events_tx, events_rx) = mpsc::channel(config.event_buffer.max(1));
         let config = Arc::new(config);
-        tokio::spawn(driver::Driver::new(config.clone(), shared.clone(), commands_rx, events_tx).run(conn, auth));
-        Ok((Client { config, shared, commands }, Events { rx: events_rx }))
+        tokio::spawn(
+            driver::Driver::new(config.clone(), shared.clone(), commands_rx, events_tx)
+                .run(conn, auth),
+        );
+        Ok((
+            Client {
+                config,
+                shared,
+                commands,
+            },
+            Events { rx: events_rx },
+        ))
     }
 
     pub fn uid(&self) -> u64 {
@@ -269,13 +295,30 @@ impl Client {
     }
 
     /// Sends a message and waits for the durable ack, resending on time-outs.
-    pub async fn send(&self, receiver: u64, body: MessageBody) -> Result<MessageReply, ClientError> {
-        self.send_with_seq(self.next_client_seq(), receiver, body).await
+    pub async fn send(
+        &self,
+        receiver: u64,
+        body: MessageBody,
+    ) -> Result<MessageReply, ClientError> {
+        self.send_with_seq(self.next_client_seq(), receiver, body)
+            .await
     }
 
     /// Sends with a given `client_seq`: the same seq is the same message.
-    pub async fn send_with_seq(&self, client_seq: u64, receiver: u64, body: MessageBody) -> Result<MessageReply, ClientError> {
-        let body = Bytes::from(SendMessage { client_seq, receiver, body: Some(body) }.encode_to_vec());
+    pub async fn send_with_seq(
+        &self,
+        client_seq: u64,
+        receiver: u64,
+        body: MessageBody,
+    ) -> Result<MessageReply, ClientError> {
+        let body = Bytes::from(
+            SendMessage {
+                client_seq,
+                receiver,
+                body: Some(body),
+            }
+            .encode_to_vec(),
+        );
         let mut backoff = Duration::from_millis(50);
         let mut last = ClientError::Timeout;
         for attempt in 0..self.config.send_attempts.max(1) {
@@ -300,16 +343,24 @@ impl Client {
     /// One request/reply exchange; an `Error` reply becomes `Rejected`.
     async fn request(&self, op: Op, body: Bytes) -> Result<Frame, ClientError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Request { op, body, reply }).await.map_err(|_| ClientError::Shut)?;
+        self.commands
+            .send(Command::Request { op, body, reply })
+            .await
+            .map_err(|_| ClientError::Shut)?;
         let frame = match tokio::time::timeout(self.config.ack_timeout, answer).await {
             Err(_) => return Err(ClientError::Timeout),
             Ok(Err(_)) => return Err(ClientError::Disconnected),
             Ok(Ok(result)) => result?,
         };
         if frame.op == Op::Error {
-            let error: ErrorReply = frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let error: ErrorReply = frame
+                .message()
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
             let code = ErrorCode::from_u32(error.code).unwrap_or(ErrorCode::Internal);
-            return Err(ClientError::Rejected { code, message: error.message });
+            return Err(ClientError::Rejected {
+                code,
+                message: error.message,
+            });
         }
         Ok(frame)
     }
@@ -317,8 +368,9 @@ impl Client {
     /// Sends a heartbeat and waits for the reply; returns the server time.
     pub async fn ping(&self) -> Result<i64, ClientError> {
         let frame = self.request(Op::Heartbeat, Bytes::new()).await?;
-        let reply: natter_proto::msg::HeartbeatReply =
-            frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let reply: natter_proto::msg::HeartbeatReply = frame
+            .message()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(reply.server_time_ms)
     }
 
@@ -326,7 +378,11 @@ impl Client {
     pub async fn sync(&self) -> Result<(), ClientError> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Request { op: Op::Sync, body: Bytes::new(), reply })
+            .send(Command::Request {
+                op: Op::Sync,
+                body: Bytes::new(),
+                reply,
+            })
             .await
             .map_err(|_| ClientError::Shut)?;
         match tokio::time::timeout(self.config.ack_timeout, answer).await {
@@ -334,16 +390,27 @@ impl Client {
             Ok(Err(_)) => Err(ClientError::Disconnected),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Ok(Ok(frame))) if frame.op == Op::Error => {
-                let error: ErrorReply = frame.message().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let error: ErrorReply = frame
+                    .message()
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
                 let code = ErrorCode::from_u32(error.code).unwrap_or(ErrorCode::Internal);
-                Err(ClientError::Rejected { code, message: error.message })
+                Err(ClientError::Rejected {
+                    code,
+                    message: error.message,
+                })
             }
             Ok(Ok(Ok(_))) => Ok(()),
         }
     }
 
     /// A page of a conversation's history over HTTP, newest first.
-    pub async fn history(&self, conversation: &str, before: Option<u64>, limit: u32, types: &[&str]) -> Result<HistoryPage, ClientError> {
+    pub async fn history(
+        &self,
+        conversation: &str,
+        before: Option<u64>,
+        limit: u32,
+        types: &[&str],
+    ) -> Result<HistoryPage, ClientError> {
         let mut query = vec![("limit", limit.to_string())];
         if let Some(before) = before {
             query.push(("before", before.to_string()));
@@ -351,10 +418,18 @@ impl Client {
         if !types.is_empty() {
             query.push(("types", types.join(",")));
         }
-        self.get_json(&format!("/v1/conversations/{conversation}/messages"), &query).await
+        self.get_json(
+            &format!("/v1/conversations/{conversation}/messages"),
+            &query,
+        )
+        .await
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, ClientError> {
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
         let http = {
             let mut slot = self.shared.http.lock().unwrap_or_else(|e| e.into_inner());
             slot.get_or_insert_with(reqwest::Client::new).clone()
@@ -367,7 +442,10 @@ impl Client {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| ClientError::Http(e.to_string()))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
         if !status.is_success() {
             #[derive(serde::Deserialize)]
             struct ApiError {
@@ -376,10 +454,15 @@ impl Client {
             }
             return Err(match serde_json::from_slice::<ApiError>(&bytes) {
                 Ok(e) => match ErrorCode::ALL.iter().find(|c| c.as_str() == e.code) {
-                    Some(code) => ClientError::Rejected { code: *code, message: e.message },
+                    Some(code) => ClientError::Rejected {
+                        code: *code,
+                        message: e.message,
+                    },
                     None => ClientError::Http(format!("{status}: {}", e.message)),
                 },
-                Err(_) => ClientError::Http(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
+                Err(_) => {
+                    ClientError::Http(format!("{status}: {}", String::from_utf8_lossy(&bytes)))
+                }
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
@@ -393,9 +476,14 @@ impl Client {
 
 fn decode_reply(frame: &Frame) -> Result<MessageReply, ClientError> {
     if frame.op != Op::MessageReply {
-        return Err(ClientError::Protocol(format!("expected MessageReply, got {}", frame.op.name())));
+        return Err(ClientError::Protocol(format!(
+            "expected MessageReply, got {}",
+            frame.op.name()
+        )));
     }
-    frame.message().map_err(|e| ClientError::Protocol(e.to_string()))
+    frame
+        .message()
+        .map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 /// A message in the HTTP API's JSON.

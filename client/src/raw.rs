@@ -22,7 +22,10 @@ const MAX_INCOMING: usize = 16 * 1024 * 1024;
 pub enum Incoming {
     Frame(Frame),
     /// The server closed the WebSocket with this code and reason.
-    Close { code: u16, reason: String },
+    Close {
+        code: u16,
+        reason: String,
+    },
     /// A binary message that is not a frame.
     BadFrame(FrameError),
 }
@@ -43,18 +46,29 @@ impl Connection {
                 .next()
                 .ok_or_else(|| ClientError::Connect(format!("{server} resolves to nothing")))?,
         };
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
         if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0)).map_err(|e| ClientError::Connect(format!("bind {ip}: {e}")))?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| ClientError::Connect(format!("bind {ip}: {e}")))?;
         }
         let stream = socket.connect(addr).await.map_err(ClientError::from_io)?;
-        stream.set_nodelay(true).map_err(|e| ClientError::Connect(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
         let url = format!("ws://{server}/sub");
-        let config = WebSocketConfig::default().max_message_size(Some(MAX_INCOMING)).max_frame_size(Some(MAX_INCOMING));
-        let (ws, _response) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-            .await
-            .map_err(|e| ClientError::Handshake(e.to_string()))?;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_INCOMING))
+            .max_frame_size(Some(MAX_INCOMING));
+        let (ws, _response) =
+            tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+                .await
+                .map_err(|e| ClientError::Handshake(e.to_string()))?;
         Ok(Connection { ws })
     }
 
@@ -65,12 +79,18 @@ impl Connection {
 
     /// Sends arbitrary bytes as one binary WebSocket message.
     pub async fn send_bytes(&mut self, bytes: impl Into<Bytes>) -> Result<(), ClientError> {
-        self.ws.send(WsMessage::Binary(bytes.into())).await.map_err(|e| ClientError::Io(e.to_string()))
+        self.ws
+            .send(WsMessage::Binary(bytes.into()))
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))
     }
 
     /// Sends a text WebSocket message (which natter does not accept).
     pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
-        self.ws.send(WsMessage::Text(text.into())).await.map_err(|e| ClientError::Io(e.to_string()))
+        self.ws
+            .send(WsMessage::Text(text.into()))
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))
     }
 
     /// The next frame or close; `None` when the connection ended without a close.
@@ -86,7 +106,9 @@ impl Connection {
                     }))
                 }
                 Some(Ok(WsMessage::Close(frame))) => {
-                    let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
                     return Ok(Some(Incoming::Close { code, reason }));
                 }
                 Some(Ok(_)) => continue,

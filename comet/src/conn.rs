@@ -15,7 +15,9 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use natter_logic::{Delivery, LogicService, Session};
-use natter_proto::msg::{AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest};
+use natter_proto::msg::{
+    AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest,
+};
 use natter_proto::{ErrorCode, Frame, Op};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -80,10 +82,21 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
 
     // Phase: register a handle first, so pushes that race the auth reply
     // find the connection.
-    let conn_id = comet.inner.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn_id = comet
+        .inner
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (control_tx, mut control_rx) = mpsc::channel(config.send_queue);
-    let handle = ConnHandle { control: control_tx, kill: CancellationToken::new(), reason: Arc::new(Mutex::new(None)) };
-    comet.bucket(conn_id).write().unwrap_or_else(|e| e.into_inner()).insert(conn_id, handle.clone());
+    let handle = ConnHandle {
+        control: control_tx,
+        kill: CancellationToken::new(),
+        reason: Arc::new(Mutex::new(None)),
+    };
+    comet
+        .bucket(conn_id)
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(conn_id, handle.clone());
 
     // Phase: authenticate.
     let auth = tokio::time::timeout(
@@ -95,7 +108,11 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
     let (session, cursor, auth_seq) = match auth {
         Ok(ok) => ok,
         Err(exit) => {
-            comet.bucket(conn_id).write().unwrap_or_else(|e| e.into_inner()).remove(&conn_id);
+            comet
+                .bucket(conn_id)
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&conn_id);
             goodbye(&comet, &out, &writer_kill, exit);
             drop(out);
             finish_writer(writer, &writer_kill).await;
@@ -110,7 +127,9 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         max_body: config.max_body as u32,
         cursor,
     };
-    let _ = out.try_send(Out::Frame(Frame::new(Op::AuthReply, auth_seq, 0, &reply).encode()));
+    let _ = out.try_send(Out::Frame(
+        Frame::new(Op::AuthReply, auth_seq, 0, &reply).encode(),
+    ));
     comet.inner.metrics.connections.inc();
     tracing::debug!(conn = conn_id, uid = session.uid, device = %session.device, "connection authenticated");
 
@@ -137,17 +156,35 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
     let exit = conn.work(&mut stream, &mut control_rx).await;
 
     // Phase: clean up.
-    comet.bucket(conn_id).write().unwrap_or_else(|e| e.into_inner()).remove(&conn_id);
+    comet
+        .bucket(conn_id)
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&conn_id);
     comet.inner.logic.disconnect(&conn.session).await;
     if let Some(first_unacked) = conn.inflight.values().map(|i| i.user_seq).min() {
-        comet.inner.logic.push_unacked(conn.session.uid, &conn.session.device, first_unacked).await;
+        comet
+            .inner
+            .logic
+            .push_unacked(conn.session.uid, &conn.session.device, first_unacked)
+            .await;
     }
     comet.inner.metrics.connections.dec();
     match exit {
-        Exit::Peer => comet.inner.metrics.disconnects.with_label_values(&["peer"]).inc(),
+        Exit::Peer => comet
+            .inner
+            .metrics
+            .disconnects
+            .with_label_values(&["peer"])
+            .inc(),
         exit => goodbye(&comet, &conn.out, &conn.writer_kill, exit),
     }
-    let Conn { out, jobs, writer_kill, .. } = conn;
+    let Conn {
+        out,
+        jobs,
+        writer_kill,
+        ..
+    } = conn;
     drop(jobs);
     drop(out);
     // The request task ends after its current request; its reply is dropped
@@ -159,24 +196,47 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
 /// Queues the `Disconnect` frame and the close; drops the socket when the
 /// queue has no room for them (a slow consumer).
 fn goodbye(comet: &Comet, out: &mpsc::Sender<Out>, writer_kill: &CancellationToken, exit: Exit) {
-    let Exit::Close(code, reason) = exit else { return };
-    comet.inner.metrics.disconnects.with_label_values(&[code.as_str()]).inc();
+    let Exit::Close(code, reason) = exit else {
+        return;
+    };
+    comet
+        .inner
+        .metrics
+        .disconnects
+        .with_label_values(&[code.as_str()])
+        .inc();
     tracing::debug!(%code, %reason, "closing connection");
-    let frame = Frame::new(Op::Disconnect, 0, 0, &Disconnect { code: code as u32, reason: reason.clone() });
-    let sent = out.try_send(Out::Frame(frame.encode())).is_ok() && out.try_send(Out::Close(code.close_code(), reason)).is_ok();
+    let frame = Frame::new(
+        Op::Disconnect,
+        0,
+        0,
+        &Disconnect {
+            code: code as u32,
+            reason: reason.clone(),
+        },
+    );
+    let sent = out.try_send(Out::Frame(frame.encode())).is_ok()
+        && out.try_send(Out::Close(code.close_code(), reason)).is_ok();
     if !sent {
         writer_kill.cancel();
     }
 }
 
 async fn finish_writer(mut writer: tokio::task::JoinHandle<()>, writer_kill: &CancellationToken) {
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
         writer_kill.cancel();
         let _ = writer.await;
     }
 }
 
-async fn write_loop(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<Out>, kill: CancellationToken) {
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut rx: mpsc::Receiver<Out>,
+    kill: CancellationToken,
+) {
     loop {
         let out = tokio::select! {
             biased;
@@ -186,7 +246,13 @@ async fn write_loop(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Rec
         let Some(out) = out else { break };
         let (message, last) = match out {
             Out::Frame(bytes) => (WsMessage::Binary(bytes), false),
-            Out::Close(code, reason) => (WsMessage::Close(Some(CloseFrame { code, reason: reason.into() })), true),
+            Out::Close(code, reason) => (
+                WsMessage::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })),
+                true,
+            ),
         };
         let sent = tokio::select! {
             biased;
@@ -220,13 +286,23 @@ async fn authenticate(
     let bytes = match next_message(stream).await {
         None => return Err(Exit::Peer),
         Some(WsMessage::Binary(bytes)) => bytes,
-        Some(_) => return Err(close(ErrorCode::AuthRequired, "frames are binary WebSocket messages; the first must be auth")),
+        Some(_) => {
+            return Err(close(
+                ErrorCode::AuthRequired,
+                "frames are binary WebSocket messages; the first must be auth",
+            ))
+        }
     };
     let frame = Frame::decode(&bytes, max_body).map_err(|e| close(e.code(), e.to_string()))?;
     if frame.op != Op::Auth {
-        return Err(close(ErrorCode::AuthRequired, format!("first frame must be auth, not {}", frame.op.name())));
+        return Err(close(
+            ErrorCode::AuthRequired,
+            format!("first frame must be auth, not {}", frame.op.name()),
+        ));
     }
-    let request: AuthRequest = frame.message().map_err(|e| close(ErrorCode::BadBody, e.to_string()))?;
+    let request: AuthRequest = frame
+        .message()
+        .map_err(|e| close(ErrorCode::BadBody, e.to_string()))?;
     let connected = comet
         .inner
         .logic
@@ -290,13 +366,23 @@ impl Conn {
     }
 
     fn send_out(&self, bytes: Bytes) -> Result<(), Exit> {
-        self.out.try_send(Out::Frame(bytes)).map_err(|_| close(ErrorCode::SlowConsumer, "send queue full"))
+        self.out
+            .try_send(Out::Frame(bytes))
+            .map_err(|_| close(ErrorCode::SlowConsumer, "send queue full"))
     }
 
     fn error(&mut self, seq: u32, code: ErrorCode, message: impl Into<String>) -> Result<(), Exit> {
         self.errors += 1;
-        self.comet.inner.metrics.errors.with_label_values(&[code.as_str()]).inc();
-        let reply = ErrorReply { code: code as u32, message: message.into() };
+        self.comet
+            .inner
+            .metrics
+            .errors
+            .with_label_values(&[code.as_str()])
+            .inc();
+        let reply = ErrorReply {
+            code: code as u32,
+            message: message.into(),
+        };
         self.send_out(Frame::new(Op::Error, seq, 0, &reply).encode())?;
         if self.errors > self.comet.inner.config.max_errors {
             return Err(close(ErrorCode::TooManyErrors, "too many malformed frames"));
@@ -309,55 +395,102 @@ impl Conn {
             Ok(frame) => frame,
             Err(e) => return self.error(e.seq(), e.code(), e.to_string()),
         };
-        self.comet.inner.metrics.frames_in.with_label_values(&[frame.op.name()]).inc();
+        self.comet
+            .inner
+            .metrics
+            .frames_in
+            .with_label_values(&[frame.op.name()])
+            .inc();
         match frame.op {
             Op::Heartbeat => {
-                let reply = HeartbeatReply { server_time_ms: natter_node::ids::now_ms() };
+                let reply = HeartbeatReply {
+                    server_time_ms: natter_node::ids::now_ms(),
+                };
                 self.send_out(Frame::new(Op::HeartbeatReply, frame.seq, 0, &reply).encode())
             }
             Op::Message => match frame.message::<SendMessage>() {
-                Ok(message) => self.request(frame.seq, Job::Send { seq: frame.seq, message }),
+                Ok(message) => self.request(
+                    frame.seq,
+                    Job::Send {
+                        seq: frame.seq,
+                        message,
+                    },
+                ),
                 Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
             },
             Op::Sync => match frame.message::<SyncRequest>() {
-                Ok(request) => self.request(frame.seq, Job::Sync { seq: frame.seq, request }),
+                Ok(request) => self.request(
+                    frame.seq,
+                    Job::Sync {
+                        seq: frame.seq,
+                        request,
+                    },
+                ),
                 Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
             },
             Op::PushAck => {
                 // An ack for a seq no longer in flight is a duplicate ack of a resent push.
                 if let Some(acked) = self.inflight.remove(&frame.ack) {
-                    self.comet.inner.metrics.pushes.with_label_values(&["acked"]).inc();
+                    self.comet
+                        .inner
+                        .metrics
+                        .pushes
+                        .with_label_values(&["acked"])
+                        .inc();
                     let logic = &self.comet.inner.logic;
-                    logic.push_acked(self.session.uid, &self.session.device, acked.user_seq).await;
+                    logic
+                        .push_acked(self.session.uid, &self.session.device, acked.user_seq)
+                        .await;
                 }
                 Ok(())
             }
             Op::Auth => self.error(frame.seq, ErrorCode::BadRequest, "already authenticated"),
-            op => self.error(frame.seq, ErrorCode::UnknownOperation, format!("{} is not a client operation", op.name())),
+            op => self.error(
+                frame.seq,
+                ErrorCode::UnknownOperation,
+                format!("{} is not a client operation", op.name()),
+            ),
         }
     }
 
     fn request(&mut self, seq: u32, job: Job) -> Result<(), Exit> {
         match self.jobs.try_send(job) {
             Ok(()) => Ok(()),
-            Err(_) => self.error(seq, ErrorCode::RateLimited, "too many requests in flight; wait for replies"),
+            Err(_) => self.error(
+                seq,
+                ErrorCode::RateLimited,
+                "too many requests in flight; wait for replies",
+            ),
         }
     }
 
     fn push(&mut self, delivery: Delivery) -> Result<(), Exit> {
         let config = &self.comet.inner.config;
         if self.inflight.len() >= config.max_inflight {
-            return Err(close(ErrorCode::SlowConsumer, "too many unacknowledged pushes"));
+            return Err(close(
+                ErrorCode::SlowConsumer,
+                "too many unacknowledged pushes",
+            ));
         }
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         let seq = self.next_seq;
         let frame = Frame::raw(Op::Push, seq, 0, delivery.body).encode();
         self.send_out(frame.clone())?;
         let metrics = &self.comet.inner.metrics;
-        metrics.ack_to_push.observe(delivery.acked_at.elapsed().as_secs_f64());
+        metrics
+            .ack_to_push
+            .observe(delivery.acked_at.elapsed().as_secs_f64());
         metrics.pushes.with_label_values(&["first"]).inc();
         let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
-        self.inflight.insert(seq, Inflight { user_seq: delivery.user_seq, frame, attempts: 0, deadline });
+        self.inflight.insert(
+            seq,
+            Inflight {
+                user_seq: delivery.user_seq,
+                frame,
+                attempts: 0,
+                deadline,
+            },
+        );
         Ok(())
     }
 
@@ -367,7 +500,10 @@ impl Conn {
         for (seq, inflight) in &self.inflight {
             if inflight.deadline <= now {
                 if inflight.attempts >= retries {
-                    return Err(close(ErrorCode::PushAckTimeout, format!("push {seq} was not acknowledged")));
+                    return Err(close(
+                        ErrorCode::PushAckTimeout,
+                        format!("push {seq} was not acknowledged"),
+                    ));
                 }
                 due.push(*seq);
             }
@@ -377,7 +513,12 @@ impl Conn {
                 inflight.attempts += 1;
                 inflight.deadline = now + rto;
                 let frame = inflight.frame.clone();
-                self.comet.inner.metrics.pushes.with_label_values(&["resend"]).inc();
+                self.comet
+                    .inner
+                    .metrics
+                    .pushes
+                    .with_label_values(&["resend"])
+                    .inc();
                 self.send_out(frame)?;
             }
         }
@@ -396,12 +537,30 @@ async fn request_loop(
         let frame = match job {
             Job::Send { seq, message } => match logic.send(&session, message).await {
                 Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),
-                Err(r) => Frame::new(Op::Error, seq, 0, &ErrorReply { code: r.code as u32, message: r.message }),
+                Err(r) => Frame::new(
+                    Op::Error,
+                    seq,
+                    0,
+                    &ErrorReply {
+                        code: r.code as u32,
+                        message: r.message,
+                    },
+                ),
             },
-            Job::Sync { seq, request } => match logic.sync(session.uid, &session.device, request).await {
-                Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
-                Err(r) => Frame::new(Op::Error, seq, 0, &ErrorReply { code: r.code as u32, message: r.message }),
-            },
+            Job::Sync { seq, request } => {
+                match logic.sync(session.uid, &session.device, request).await {
+                    Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
+                    Err(r) => Frame::new(
+                        Op::Error,
+                        seq,
+                        0,
+                        &ErrorReply {
+                            code: r.code as u32,
+                            message: r.message,
+                        },
+                    ),
+                }
+            }
         };
         if out.try_send(Out::Frame(frame.encode())).is_err() {
             handle.kick(ErrorCode::SlowConsumer, "send queue full");

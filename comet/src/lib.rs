@@ -86,7 +86,9 @@ impl Comet {
         registry: &Registry,
         shutdown: Shutdown,
     ) -> Comet {
-        let buckets = (0..config.buckets).map(|_| RwLock::new(HashMap::new())).collect();
+        let buckets = (0..config.buckets)
+            .map(|_| RwLock::new(HashMap::new()))
+            .collect();
         Comet {
             inner: Arc::new(Inner {
                 node: Arc::from(node),
@@ -109,12 +111,18 @@ impl Comet {
 
     /// The `/sub` route.
     pub fn router(&self) -> Router {
-        Router::new().route("/sub", get(upgrade)).with_state(self.clone())
+        Router::new()
+            .route("/sub", get(upgrade))
+            .with_state(self.clone())
     }
 
     /// Open connections.
     pub fn connections(&self) -> usize {
-        self.inner.buckets.iter().map(|b| b.read().unwrap_or_else(|e| e.into_inner()).len()).sum()
+        self.inner
+            .buckets
+            .iter()
+            .map(|b| b.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 
     /// Waits for every connection to close (they close themselves once
@@ -122,8 +130,14 @@ impl Comet {
     pub async fn drain(&self) {
         self.inner.tasks.close();
         let grace = Duration::from_millis(self.inner.config.drain_ms);
-        if tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_err() {
-            tracing::warn!(open = self.connections(), "drain time-out; connections left open");
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.connections(),
+                "drain time-out; connections left open"
+            );
         }
     }
 
@@ -132,7 +146,11 @@ impl Comet {
     }
 
     fn handle(&self, conn: u64) -> Option<ConnHandle> {
-        self.bucket(conn).read().unwrap_or_else(|e| e.into_inner()).get(&conn).cloned()
+        self.bucket(conn)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&conn)
+            .cloned()
     }
 }
 
@@ -142,7 +160,11 @@ impl Gateway for Comet {
             let conn = delivery.conn;
             let Some(handle) = self.handle(conn) else {
                 // Gone since the lookup; the device syncs when it reconnects.
-                self.inner.metrics.pushes.with_label_values(&["no_connection"]).inc();
+                self.inner
+                    .metrics
+                    .pushes
+                    .with_label_values(&["no_connection"])
+                    .inc();
                 continue;
             };
             if handle.control.try_send(Control::Push(delivery)).is_err() {
@@ -163,17 +185,25 @@ async fn upgrade(State(comet): State<Comet>, ws: WebSocketUpgrade) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     let Ok(permit) = comet.inner.slots.clone().try_acquire_owned() else {
-        comet.inner.metrics.disconnects.with_label_values(&[ErrorCode::Overloaded.as_str()]).inc();
+        comet
+            .inner
+            .metrics
+            .disconnects
+            .with_label_values(&[ErrorCode::Overloaded.as_str()])
+            .inc();
         return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
     };
     // Bodies up to a few times the limit are read and answered with
     // `frame_too_large`; beyond that the WebSocket layer closes with 1009.
-    let max_message = comet.inner.config.max_body.saturating_mul(4).max(64 * 1024) + natter_proto::HEADER_LEN;
+    let max_message =
+        comet.inner.config.max_body.saturating_mul(4).max(64 * 1024) + natter_proto::HEADER_LEN;
     let tasks = comet.inner.tasks.clone();
-    ws.max_message_size(max_message).max_frame_size(max_message).on_upgrade(move |socket| {
-        tasks.track_future(async move {
-            conn::run(comet, socket).await;
-            drop(permit);
+    ws.max_message_size(max_message)
+        .max_frame_size(max_message)
+        .on_upgrade(move |socket| {
+            tasks.track_future(async move {
+                conn::run(comet, socket).await;
+                drop(permit);
+            })
         })
-    })
 }

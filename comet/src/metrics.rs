@@ -17,7 +17,10 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &Registry) -> Metrics {
         let counter = |name: &str, help: &str, label: &str| {
-            register(registry, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter"))
+            register(
+                registry,
+                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter"),
+            )
         };
         Metrics {
             connections: register(

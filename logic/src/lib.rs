@@ -38,14 +38,19 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
-        Rejection { code, message: message.into() }
+        Rejection {
+            code,
+            message: message.into(),
+        }
     }
 }
 
 impl From<CommitError> for Rejection {
     fn from(e: CommitError) -> Rejection {
         match e {
-            CommitError::Closed => Rejection::new(ErrorCode::ServerShutdown, "server is shutting down"),
+            CommitError::Closed => {
+                Rejection::new(ErrorCode::ServerShutdown, "server is shutting down")
+            }
             CommitError::Failed(_) => Rejection::new(ErrorCode::Internal, "storage failed; retry"),
         }
     }
@@ -93,7 +98,12 @@ pub trait LogicService: Send + Sync + 'static {
     /// The device's connection closed with pushes from `user_seq` on unacknowledged.
     async fn push_unacked(&self, uid: u64, device: &str, user_seq: u64);
     /// What the device has not received.
-    async fn sync(&self, uid: u64, device: &str, request: SyncRequest) -> Result<SyncReply, Rejection>;
+    async fn sync(
+        &self,
+        uid: u64,
+        device: &str,
+        request: SyncRequest,
+    ) -> Result<SyncReply, Rejection>;
 }
 
 struct Metrics {
@@ -124,25 +134,46 @@ impl Logic {
         let metrics = Metrics {
             messages: register(
                 registry,
-                IntCounterVec::new(Opts::new("natter_messages_total", "Messages received, by outcome."), &["outcome"])
-                    .expect("valid counter"),
+                IntCounterVec::new(
+                    Opts::new("natter_messages_total", "Messages received, by outcome."),
+                    &["outcome"],
+                )
+                .expect("valid counter"),
             ),
             auths: register(
                 registry,
-                IntCounterVec::new(Opts::new("natter_auth_total", "Authentications, by outcome."), &["outcome"])
-                    .expect("valid counter"),
+                IntCounterVec::new(
+                    Opts::new("natter_auth_total", "Authentications, by outcome."),
+                    &["outcome"],
+                )
+                .expect("valid counter"),
             ),
         };
-        Logic { tokens, sessions, store, committer, ids, gateways: RwLock::new(HashMap::new()), metrics }
+        Logic {
+            tokens,
+            sessions,
+            store,
+            committer,
+            ids,
+            gateways: RwLock::new(HashMap::new()),
+            metrics,
+        }
     }
 
     /// Makes a gateway node reachable for pushes.
     pub fn attach_gateway(&self, node: &str, gateway: Arc<dyn Gateway>) {
-        self.gateways.write().unwrap_or_else(|e| e.into_inner()).insert(Arc::from(node), gateway);
+        self.gateways
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Arc::from(node), gateway);
     }
 
     fn gateway(&self, node: &str) -> Option<Arc<dyn Gateway>> {
-        self.gateways.read().unwrap_or_else(|e| e.into_inner()).get(node).cloned()
+        self.gateways
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
     }
 
     fn directory_failed(&self, e: sessions::DirectoryError) -> Rejection {
@@ -155,7 +186,10 @@ impl Logic {
     async fn route(&self, stored: &Stored, from: &Session, acked_at: Instant) {
         let m = &stored.message;
         let mut targets = match self.sessions.lookup(m.receiver).await {
-            Ok(sessions) => sessions.into_iter().map(|s| (s, stored.receiver_seq)).collect::<Vec<_>>(),
+            Ok(sessions) => sessions
+                .into_iter()
+                .map(|s| (s, stored.receiver_seq))
+                .collect::<Vec<_>>(),
             Err(e) => {
                 // The receiver syncs on reconnect; nothing acked is lost.
                 tracing::warn!(error = %e, mid = m.mid, "receiver lookup failed; relying on sync");
@@ -164,22 +198,32 @@ impl Logic {
         };
         if m.receiver != m.sender {
             match self.sessions.lookup(m.sender).await {
-                Ok(sessions) => targets.extend(sessions.into_iter().map(|s| (s, stored.sender_seq))),
-                Err(e) => tracing::warn!(error = %e, mid = m.mid, "sender lookup failed; relying on sync"),
+                Ok(sessions) => {
+                    targets.extend(sessions.into_iter().map(|s| (s, stored.sender_seq)))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, mid = m.mid, "sender lookup failed; relying on sync")
+                }
             }
         }
         targets.retain(|(s, _)| !(s.node == from.node && s.conn == from.conn));
         let mut bodies: HashMap<u64, Bytes> = HashMap::new();
         let mut by_node: HashMap<Arc<str>, Vec<Delivery>> = HashMap::new();
         for (session, user_seq) in targets {
-            let body = bodies.entry(user_seq).or_insert_with(|| Bytes::from(m.to_proto(user_seq).encode_to_vec())).clone();
-            by_node.entry(session.node.clone()).or_default().push(Delivery {
-                conn: session.conn,
-                mid: m.mid,
-                user_seq,
-                body,
-                acked_at,
-            });
+            let body = bodies
+                .entry(user_seq)
+                .or_insert_with(|| Bytes::from(m.to_proto(user_seq).encode_to_vec()))
+                .clone();
+            by_node
+                .entry(session.node.clone())
+                .or_default()
+                .push(Delivery {
+                    conn: session.conn,
+                    mid: m.mid,
+                    user_seq,
+                    body,
+                    acked_at,
+                });
         }
         for (node, deliveries) in by_node {
             match self.gateway(&node) {
@@ -204,18 +248,42 @@ impl LogicService for Logic {
             Ok(identity) => identity,
             Err(code) => {
                 self.metrics.auths.with_label_values(&[code.as_str()]).inc();
-                return Err(Rejection::new(code, if code == ErrorCode::TokenExpired { "token expired" } else { "invalid token" }));
+                return Err(Rejection::new(
+                    code,
+                    if code == ErrorCode::TokenExpired {
+                        "token expired"
+                    } else {
+                        "invalid token"
+                    },
+                ));
             }
         };
-        let cursor = self.store.cursor(identity.uid, &identity.device).await.map_err(|e| {
-            tracing::error!(error = %e, "cursor lookup failed");
-            Rejection::new(ErrorCode::Internal, "storage unavailable")
-        })?;
-        let session = Session { uid: identity.uid, device: identity.device.clone(), node: Arc::from(node), conn };
-        let replaced = self.sessions.register(session).await.map_err(|e| self.directory_failed(e))?;
+        let cursor = self
+            .store
+            .cursor(identity.uid, &identity.device)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cursor lookup failed");
+                Rejection::new(ErrorCode::Internal, "storage unavailable")
+            })?;
+        let session = Session {
+            uid: identity.uid,
+            device: identity.device.clone(),
+            node: Arc::from(node),
+            conn,
+        };
+        let replaced = self
+            .sessions
+            .register(session)
+            .await
+            .map_err(|e| self.directory_failed(e))?;
         if let Some(old) = replaced.filter(|old| !(&*old.node == node && old.conn == conn)) {
             if let Some(gateway) = self.gateway(&old.node) {
-                gateway.kick(old.conn, ErrorCode::Replaced, "the same device connected again");
+                gateway.kick(
+                    old.conn,
+                    ErrorCode::Replaced,
+                    "the same device connected again",
+                );
             }
         }
         self.metrics.auths.with_label_values(&["ok"]).inc();
@@ -232,11 +300,17 @@ impl LogicService for Logic {
         let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
         if message.receiver == 0 {
             count("invalid");
-            return Err(Rejection::new(ErrorCode::InvalidMessage, "receiver must be a user id"));
+            return Err(Rejection::new(
+                ErrorCode::InvalidMessage,
+                "receiver must be a user id",
+            ));
         }
         if message.client_seq == 0 {
             count("invalid");
-            return Err(Rejection::new(ErrorCode::InvalidMessage, "client_seq must be positive"));
+            return Err(Rejection::new(
+                ErrorCode::InvalidMessage,
+                "client_seq must be positive",
+            ));
         }
         let body = message.body.unwrap_or_default();
         let msg_type = body.validate().map_err(|reason| {
@@ -258,7 +332,10 @@ impl LogicService for Logic {
             Ok(Outcome::Stored(stored)) => stored,
             Ok(Outcome::Done) => {
                 count("error");
-                return Err(Rejection::new(ErrorCode::Internal, "store answered without a message"));
+                return Err(Rejection::new(
+                    ErrorCode::Internal,
+                    "store answered without a message",
+                ));
             }
             Err(e) => {
                 count("error");
@@ -271,7 +348,13 @@ impl LogicService for Logic {
         // store and push, and receivers drop duplicates by mid.
         self.route(&stored, from, acked_at).await;
         let m = &stored.message;
-        tracing::debug!(mid = m.mid, sender = m.sender, receiver = m.receiver, repeat = stored.repeat, "message stored");
+        tracing::debug!(
+            mid = m.mid,
+            sender = m.sender,
+            receiver = m.receiver,
+            repeat = stored.repeat,
+            "message stored"
+        );
         Ok(MessageReply {
             mid: m.mid,
             time_ms: m.time_ms,
@@ -283,20 +366,33 @@ impl LogicService for Logic {
     }
 
     async fn push_acked(&self, uid: u64, device: &str, user_seq: u64) {
-        let write = Write::Received { owner: uid, device: device.into(), user_seq };
+        let write = Write::Received {
+            owner: uid,
+            device: device.into(),
+            user_seq,
+        };
         if let Err(e) = self.committer.enqueue(write).await {
             tracing::debug!(error = %e, "push ack not recorded");
         }
     }
 
     async fn push_unacked(&self, uid: u64, device: &str, user_seq: u64) {
-        let write = Write::Rewind { owner: uid, device: device.into(), user_seq };
+        let write = Write::Rewind {
+            owner: uid,
+            device: device.into(),
+            user_seq,
+        };
         if let Err(e) = self.committer.enqueue(write).await {
             tracing::warn!(error = %e, uid, "cursor rewind not recorded");
         }
     }
 
-    async fn sync(&self, uid: u64, device: &str, request: SyncRequest) -> Result<SyncReply, Rejection> {
+    async fn sync(
+        &self,
+        uid: u64,
+        device: &str,
+        request: SyncRequest,
+    ) -> Result<SyncReply, Rejection> {
         let storage = |e: natter_record::StoreError| {
             tracing::error!(error = %e, "sync failed");
             Rejection::new(ErrorCode::Internal, "storage unavailable")
@@ -304,7 +400,11 @@ impl LogicService for Logic {
         let after = match request.after {
             Some(after) => {
                 // The device vouches for everything up to `after`.
-                let write = Write::SetCursor { owner: uid, device: device.into(), cursor: after };
+                let write = Write::SetCursor {
+                    owner: uid,
+                    device: device.into(),
+                    cursor: after,
+                };
                 self.committer.enqueue(write).await?;
                 after
             }
@@ -315,7 +415,10 @@ impl LogicService for Logic {
         Ok(SyncReply {
             has_more: items.len() == limit as usize,
             cursor: items.last().map(|i| i.user_seq).unwrap_or(after),
-            messages: items.iter().map(|i| i.message.to_proto(i.user_seq)).collect(),
+            messages: items
+                .iter()
+                .map(|i| i.message.to_proto(i.user_seq))
+                .collect(),
         })
     }
 }

@@ -42,7 +42,9 @@ pub struct MemoryDirectory {
 
 impl Default for MemoryDirectory {
     fn default() -> Self {
-        MemoryDirectory { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
+        MemoryDirectory {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
     }
 }
 
@@ -55,7 +57,10 @@ impl MemoryDirectory {
 #[async_trait]
 impl SessionDirectory for MemoryDirectory {
     async fn register(&self, session: Session) -> Result<Option<Session>, DirectoryError> {
-        let mut map = self.shard(session.uid).write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .shard(session.uid)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let devices = map.entry(session.uid).or_default();
         let replaced = match devices.iter().position(|s| s.device == session.device) {
             Some(i) => Some(std::mem::replace(&mut devices[i], session)),
@@ -68,9 +73,14 @@ impl SessionDirectory for MemoryDirectory {
     }
 
     async fn unregister(&self, session: &Session) -> Result<(), DirectoryError> {
-        let mut map = self.shard(session.uid).write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .shard(session.uid)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(devices) = map.get_mut(&session.uid) {
-            devices.retain(|s| !(s.device == session.device && s.node == session.node && s.conn == session.conn));
+            devices.retain(|s| {
+                !(s.device == session.device && s.node == session.node && s.conn == session.conn)
+            });
             if devices.is_empty() {
                 map.remove(&session.uid);
             }
@@ -89,7 +99,12 @@ mod tests {
     use super::*;
 
     fn s(uid: u64, device: &str, conn: u64) -> Session {
-        Session { uid, device: device.into(), node: Arc::from("n1"), conn }
+        Session {
+            uid,
+            device: device.into(),
+            node: Arc::from("n1"),
+            conn,
+        }
     }
 
     #[tokio::test]
@@ -99,10 +114,19 @@ mod tests {
         assert_eq!(dir.register(s(1, "laptop", 2)).await.expect("ok"), None);
         assert_eq!(dir.lookup(1).await.expect("ok").len(), 2);
         // The same device again replaces the older connection.
-        assert_eq!(dir.register(s(1, "phone", 3)).await.expect("ok"), Some(s(1, "phone", 1)));
+        assert_eq!(
+            dir.register(s(1, "phone", 3)).await.expect("ok"),
+            Some(s(1, "phone", 1))
+        );
         // The replaced connection's late unregister does not remove the new one.
         dir.unregister(&s(1, "phone", 1)).await.expect("ok");
-        let mut conns: Vec<u64> = dir.lookup(1).await.expect("ok").iter().map(|s| s.conn).collect();
+        let mut conns: Vec<u64> = dir
+            .lookup(1)
+            .await
+            .expect("ok")
+            .iter()
+            .map(|s| s.conn)
+            .collect();
         conns.sort();
         assert_eq!(conns, vec![2, 3]);
         dir.unregister(&s(1, "phone", 3)).await.expect("ok");

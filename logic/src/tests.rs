@@ -1,8 +1,8 @@
 use std::sync::Mutex;
 
+use natter_node::Shutdown;
 use natter_proto::msg::{Message, MessageBody};
 use natter_record::sqlite::SqliteStore;
-use natter_node::Shutdown;
 
 use super::*;
 
@@ -41,13 +41,24 @@ async fn logic() -> (Arc<Logic>, Arc<FakeGateway>, Arc<dyn MessageStore>) {
 }
 
 async fn connect(logic: &Logic, uid: u64, device: &str, conn: u64) -> Session {
-    let token = Tokens::new(SECRET.to_vec()).mint(uid, device, 60).expect("token");
+    let token = Tokens::new(SECRET.to_vec())
+        .mint(uid, device, 60)
+        .expect("token");
     let connected = logic.connect(&token, "n1", conn).await.expect("connect");
-    Session { uid: connected.identity.uid, device: connected.identity.device, node: Arc::from("n1"), conn }
+    Session {
+        uid: connected.identity.uid,
+        device: connected.identity.device,
+        node: Arc::from("n1"),
+        conn,
+    }
 }
 
 fn text(client_seq: u64, receiver: u64, text: &str) -> SendMessage {
-    SendMessage { client_seq, receiver, body: Some(MessageBody::text(text)) }
+    SendMessage {
+        client_seq,
+        receiver,
+        body: Some(MessageBody::text(text)),
+    }
 }
 
 #[tokio::test]
@@ -58,7 +69,10 @@ async fn send_acks_then_pushes_to_every_other_device() {
     let _bob_phone = connect(&logic, 2, "phone", 20).await;
     let _bob_tablet = connect(&logic, 2, "tablet", 21).await;
 
-    let reply = logic.send(&alice_phone, text(1, 2, "hello")).await.expect("sent");
+    let reply = logic
+        .send(&alice_phone, text(1, 2, "hello"))
+        .await
+        .expect("sent");
     assert!(!reply.repeat);
     assert_eq!((reply.conv_seq, reply.user_seq), (1, 1));
     assert_eq!(reply.conversation, "p:1:2");
@@ -84,14 +98,26 @@ async fn a_resend_gets_the_same_mid() {
     assert!(again.repeat);
     assert_eq!(again.mid, first.mid);
     assert_eq!(store.sync(2, 0, 10).await.expect("sync").len(), 1);
-    assert!(gateway.pushed.lock().expect("lock").is_empty(), "receiver offline: nothing pushed");
+    assert!(
+        gateway.pushed.lock().expect("lock").is_empty(),
+        "receiver offline: nothing pushed"
+    );
 }
 
 #[tokio::test]
 async fn invalid_envelopes_are_rejected_with_a_reason() {
     let (logic, _, store) = logic().await;
     let alice = connect(&logic, 1, "phone", 10).await;
-    for bad in [text(1, 0, "x"), text(0, 2, "x"), text(1, 2, ""), SendMessage { client_seq: 1, receiver: 2, body: None }] {
+    for bad in [
+        text(1, 0, "x"),
+        text(0, 2, "x"),
+        text(1, 2, ""),
+        SendMessage {
+            client_seq: 1,
+            receiver: 2,
+            body: None,
+        },
+    ] {
         let err = logic.send(&alice, bad).await.expect_err("rejected");
         assert_eq!(err.code, ErrorCode::InvalidMessage);
     }
@@ -101,14 +127,29 @@ async fn invalid_envelopes_are_rejected_with_a_reason() {
 #[tokio::test]
 async fn bad_tokens_and_device_replacement() {
     let (logic, gateway, _) = logic().await;
-    let err = logic.connect("nonsense", "n1", 1).await.expect_err("bad token");
+    let err = logic
+        .connect("nonsense", "n1", 1)
+        .await
+        .expect_err("bad token");
     assert_eq!(err.code, ErrorCode::AuthFailed);
-    let expired = Tokens::new(SECRET.to_vec()).mint_at(1, "phone", 0, 1).expect("token");
-    assert_eq!(logic.connect(&expired, "n1", 1).await.expect_err("expired").code, ErrorCode::TokenExpired);
+    let expired = Tokens::new(SECRET.to_vec())
+        .mint_at(1, "phone", 0, 1)
+        .expect("token");
+    assert_eq!(
+        logic
+            .connect(&expired, "n1", 1)
+            .await
+            .expect_err("expired")
+            .code,
+        ErrorCode::TokenExpired
+    );
 
     connect(&logic, 1, "phone", 1).await;
     connect(&logic, 1, "phone", 2).await;
-    assert_eq!(*gateway.kicked.lock().expect("lock"), vec![(1, ErrorCode::Replaced)]);
+    assert_eq!(
+        *gateway.kicked.lock().expect("lock"),
+        vec![(1, ErrorCode::Replaced)]
+    );
 }
 
 #[tokio::test]
@@ -118,16 +159,49 @@ async fn sync_follows_the_device_cursor() {
     for i in 1..=3 {
         logic.send(&alice, text(i, 2, "m")).await.expect("sent");
     }
-    let all = logic.sync(2, "phone", SyncRequest { after: None, limit: 0 }).await.expect("sync");
+    let all = logic
+        .sync(
+            2,
+            "phone",
+            SyncRequest {
+                after: None,
+                limit: 0,
+            },
+        )
+        .await
+        .expect("sync");
     assert_eq!(all.messages.len(), 3);
     assert_eq!(all.cursor, 3);
     assert!(!all.has_more);
     logic.push_acked(2, "phone", 2).await;
     // Acks are committed asynchronously; a write through the same queue orders after it.
     logic.send(&alice, text(4, 3, "flush")).await.expect("sent");
-    let rest = logic.sync(2, "phone", SyncRequest { after: None, limit: 0 }).await.expect("sync");
-    assert_eq!(rest.messages.iter().map(|m| m.user_seq).collect::<Vec<_>>(), vec![3]);
-    let page = logic.sync(2, "phone", SyncRequest { after: Some(0), limit: 2 }).await.expect("sync");
+    let rest = logic
+        .sync(
+            2,
+            "phone",
+            SyncRequest {
+                after: None,
+                limit: 0,
+            },
+        )
+        .await
+        .expect("sync");
+    assert_eq!(
+        rest.messages.iter().map(|m| m.user_seq).collect::<Vec<_>>(),
+        vec![3]
+    );
+    let page = logic
+        .sync(
+            2,
+            "phone",
+            SyncRequest {
+                after: Some(0),
+                limit: 2,
+            },
+        )
+        .await
+        .expect("sync");
     assert!(page.has_more);
     assert_eq!(page.cursor, 2);
 }

@@ -47,30 +47,52 @@ impl std::fmt::Debug for Tokens {
 /// Whether `device` is an acceptable device id: 1–64 printable ASCII
 /// characters without spaces.
 pub fn valid_device(device: &str) -> bool {
-    !device.is_empty() && device.len() <= MAX_DEVICE_LEN && device.bytes().all(|b| b.is_ascii_graphic())
+    !device.is_empty()
+        && device.len() <= MAX_DEVICE_LEN
+        && device.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl Tokens {
     pub fn new(secret: impl Into<Vec<u8>>) -> Tokens {
-        Tokens { secret: secret.into() }
+        Tokens {
+            secret: secret.into(),
+        }
     }
 
     fn mac(&self) -> Hmac<Sha256> {
         // HMAC accepts keys of any length.
-        Hmac::<Sha256>::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+        Hmac::<Sha256>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
     }
 
     /// A token for `uid` on `device`, valid from `now` (Unix seconds) for `ttl_secs`.
-    pub fn mint_at(&self, uid: u64, device: &str, now: i64, ttl_secs: u64) -> Result<String, String> {
+    pub fn mint_at(
+        &self,
+        uid: u64,
+        device: &str,
+        now: i64,
+        ttl_secs: u64,
+    ) -> Result<String, String> {
         if uid == 0 {
             return Err("uid must be positive".into());
         }
         if !valid_device(device) {
-            return Err(format!("device must be 1-{MAX_DEVICE_LEN} printable characters without spaces"));
+            return Err(format!(
+                "device must be 1-{MAX_DEVICE_LEN} printable characters without spaces"
+            ));
         }
-        let claims = Claims { uid, dev: device.into(), iat: now, exp: now.saturating_add(ttl_secs as i64) };
+        let claims = Claims {
+            uid,
+            dev: device.into(),
+            iat: now,
+            exp: now.saturating_add(ttl_secs as i64),
+        };
         let payload = serde_json::to_vec(&claims).map_err(|e| e.to_string())?;
-        let signing_input = format!("{}.{}", URL_SAFE_NO_PAD.encode(HEADER), URL_SAFE_NO_PAD.encode(payload));
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(HEADER),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
         let mut mac = self.mac();
         mac.update(signing_input.as_bytes());
         let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
@@ -85,16 +107,20 @@ impl Tokens {
     /// The identity a token names, checked against the time `now` (Unix seconds).
     pub fn verify_at(&self, token: &str, now: i64) -> Result<Identity, ErrorCode> {
         let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(ErrorCode::AuthFailed);
         };
-        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| ErrorCode::AuthFailed)?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| ErrorCode::AuthFailed)?;
         let mut mac = self.mac();
         mac.update(header.as_bytes());
         mac.update(b".");
         mac.update(payload.as_bytes());
-        mac.verify_slice(&signature).map_err(|_| ErrorCode::AuthFailed)?;
+        mac.verify_slice(&signature)
+            .map_err(|_| ErrorCode::AuthFailed)?;
         let header: Header = URL_SAFE_NO_PAD
             .decode(header)
             .ok()
@@ -114,7 +140,10 @@ impl Tokens {
         if claims.exp <= now {
             return Err(ErrorCode::TokenExpired);
         }
-        Ok(Identity { uid: claims.uid, device: claims.dev })
+        Ok(Identity {
+            uid: claims.uid,
+            device: claims.dev,
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, ErrorCode> {
@@ -137,8 +166,17 @@ mod tests {
         let tokens = Tokens::new(b"0123456789abcdef".to_vec());
         let token = tokens.mint_at(42, "phone", 1_000, 60).expect("mint");
         let id = tokens.verify_at(&token, 1_030).expect("valid");
-        assert_eq!(id, Identity { uid: 42, device: "phone".into() });
-        assert_eq!(tokens.verify_at(&token, 1_060), Err(ErrorCode::TokenExpired));
+        assert_eq!(
+            id,
+            Identity {
+                uid: 42,
+                device: "phone".into()
+            }
+        );
+        assert_eq!(
+            tokens.verify_at(&token, 1_060),
+            Err(ErrorCode::TokenExpired)
+        );
     }
 
     #[test]
@@ -159,12 +197,17 @@ mod tests {
         let other = Tokens::new(b"fedcba9876543210".to_vec());
         let token = tokens.mint_at(42, "phone", 1_000, 60).expect("mint");
         assert_eq!(other.verify_at(&token, 1_000), Err(ErrorCode::AuthFailed));
-        let forged_payload = URL_SAFE_NO_PAD.encode(r#"{"uid":1,"dev":"phone","iat":0,"exp":99999999999}"#);
+        let forged_payload =
+            URL_SAFE_NO_PAD.encode(r#"{"uid":1,"dev":"phone","iat":0,"exp":99999999999}"#);
         let parts: Vec<&str> = token.split('.').collect();
         let forged = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
         assert_eq!(tokens.verify_at(&forged, 1_000), Err(ErrorCode::AuthFailed));
         for junk in ["", "a.b", "a.b.c", "a.b.c.d", "...", "ü.ü.ü"] {
-            assert_eq!(tokens.verify_at(junk, 1_000), Err(ErrorCode::AuthFailed), "{junk:?}");
+            assert_eq!(
+                tokens.verify_at(junk, 1_000),
+                Err(ErrorCode::AuthFailed),
+                "{junk:?}"
+            );
         }
         assert!(tokens.mint_at(0, "phone", 0, 1).is_err());
         assert!(tokens.mint_at(1, "has space", 0, 1).is_err());

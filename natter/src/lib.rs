@@ -46,15 +46,23 @@ impl Server {
             readers: config.store.readers,
             acquire_timeout: std::time::Duration::from_millis(config.store.acquire_timeout_ms),
         };
-        let store: Arc<dyn MessageStore> =
-            Arc::new(SqliteStore::open(&db, &options).await.with_context(|| format!("opening {}", db.display()))?);
+        let store: Arc<dyn MessageStore> = Arc::new(
+            SqliteStore::open(&db, &options)
+                .await
+                .with_context(|| format!("opening {}", db.display()))?,
+        );
 
         let registry = Registry::new();
         let shutdown = Shutdown::new();
         // The committer outlives the connections: it stops only after they drained.
         let committer_stop = Shutdown::new();
-        let (committer, committer_task) =
-            Committer::start(store.clone(), config.store.batch_max, config.store.queue, &registry, committer_stop.clone());
+        let (committer, committer_task) = Committer::start(
+            store.clone(),
+            config.store.batch_max,
+            config.store.queue,
+            &registry,
+            committer_stop.clone(),
+        );
         let tokens = Tokens::new(secret);
         let logic = Arc::new(Logic::new(
             tokens.clone(),
@@ -65,7 +73,13 @@ impl Server {
             &registry,
         ));
         let node = "local";
-        let comet = Comet::new(node, config.comet.clone(), logic.clone() as Arc<dyn LogicService>, &registry, shutdown.clone());
+        let comet = Comet::new(
+            node,
+            config.comet.clone(),
+            logic.clone() as Arc<dyn LogicService>,
+            &registry,
+            shutdown.clone(),
+        );
         logic.attach_gateway(node, Arc::new(comet.clone()));
 
         let ready = Readiness::default();
@@ -74,18 +88,27 @@ impl Server {
             .merge(natter_record::http::router(store.clone(), Arc::new(tokens)))
             .merge(health_router(registry, ready.clone()))
             .fallback(|| async {
-                (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"code": "not_found", "message": "no such route"})))
+                (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(
+                        serde_json::json!({"code": "not_found", "message": "no such route"}),
+                    ),
+                )
                     .into_response()
             });
 
-        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "natter serving");
         ready.set(true);
 
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .await;
             ready.set(false);
             // Connections see the same token and say goodbye; wait for them.
             comet.drain().await;
@@ -96,7 +119,11 @@ impl Server {
             tracing::info!("natter stopped");
             served.context("HTTP server")
         });
-        Ok(Server { addr, shutdown, task })
+        Ok(Server {
+            addr,
+            shutdown,
+            task,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -117,8 +144,13 @@ impl Server {
 
     /// Serves until `signal` resolves (then shuts down gracefully) or the
     /// server fails on its own.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        let Server { shutdown, mut task, .. } = self;
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Server {
+            shutdown, mut task, ..
+        } = self;
         tokio::select! {
             _ = signal => {
                 shutdown.cancel();

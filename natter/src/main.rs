@@ -10,7 +10,11 @@ use natter_logic::Tokens;
 use natter_node::Config;
 
 #[derive(Parser)]
-#[command(name = "natter", version, about = "An instant-messaging backend and its load-testing harness.")]
+#[command(
+    name = "natter",
+    version,
+    about = "An instant-messaging backend and its load-testing harness."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,7 +83,9 @@ fn main() -> anyhow::Result<()> {
             }
             config.validate()?;
             natter_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
                 let server = Server::start(config).await?;
                 server.run_until(natter_node::shutdown::signal()).await
@@ -90,7 +96,9 @@ fn main() -> anyhow::Result<()> {
             config.validate()?;
             let secret = config.secret().context("loading the token secret")?;
             let ttl = args.ttl.unwrap_or(config.auth.token_ttl_secs);
-            let token = Tokens::new(secret).mint(args.uid, &args.device, ttl).map_err(anyhow::Error::msg)?;
+            let token = Tokens::new(secret)
+                .mint(args.uid, &args.device, ttl)
+                .map_err(anyhow::Error::msg)?;
             println!("{token}");
             Ok(())
         }

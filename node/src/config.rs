@@ -16,15 +16,24 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("environment variable {var} does not name a config key")]
     BadEnv { var: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
     #[error("secret file {path}: {source}")]
-    Secret { path: PathBuf, source: std::io::Error },
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The whole configuration of a natter process.
@@ -66,7 +75,10 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { secret: String::new(), token_ttl_secs: 7 * 24 * 3600 }
+        AuthConfig {
+            secret: String::new(),
+            token_ttl_secs: 7 * 24 * 3600,
+        }
     }
 }
 
@@ -74,7 +86,14 @@ impl std::fmt::Debug for AuthConfig {
     // The secret is never logged.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field("secret", &if self.secret.is_empty() { "<data dir>" } else { "<set>" })
+            .field(
+                "secret",
+                &if self.secret.is_empty() {
+                    "<data dir>"
+                } else {
+                    "<set>"
+                },
+            )
             .field("token_ttl_secs", &self.token_ttl_secs)
             .finish()
     }
@@ -170,7 +189,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: "text".into(), filter: "info".into() }
+        LogConfig {
+            format: "text".into(),
+            filter: "info".into(),
+        }
     }
 }
 
@@ -182,20 +204,27 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-                toml::from_str::<toml::Table>(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.into(), source })?
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                })?
             }
             None => toml::Table::new(),
         };
         for (var, value) in env {
-            let Some(key) = var.strip_prefix("NATTER_") else { continue };
+            let Some(key) = var.strip_prefix("NATTER_") else {
+                continue;
+            };
             let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
             if path.iter().any(String::is_empty) {
                 return Err(ConfigError::BadEnv { var });
             }
-            set_path(&mut table, &path, parse_env_value(&value)).map_err(|()| ConfigError::BadEnv { var })?;
+            set_path(&mut table, &path, parse_env_value(&value))
+                .map_err(|()| ConfigError::BadEnv { var })?;
         }
         let config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -213,9 +242,14 @@ impl Config {
             return bad("comet.heartbeat_timeout_ms must exceed comet.heartbeat_interval_ms");
         }
         if c.send_queue == 0 || c.max_inflight == 0 || c.buckets == 0 || c.max_connections == 0 {
-            return bad("comet.send_queue, max_inflight, buckets and max_connections must be positive");
+            return bad(
+                "comet.send_queue, max_inflight, buckets and max_connections must be positive",
+            );
         }
-        if c.push_rto_ms == 0 || c.auth_timeout_ms == 0 || u32::try_from(c.heartbeat_interval_ms).is_err() {
+        if c.push_rto_ms == 0
+            || c.auth_timeout_ms == 0
+            || u32::try_from(c.heartbeat_interval_ms).is_err()
+        {
             return bad("comet time-outs must be positive and fit in 32 bits");
         }
         if self.store.batch_max == 0 || self.store.queue == 0 || self.store.readers == 0 {
@@ -243,7 +277,10 @@ impl Config {
 /// Reads `DIR/secret`, creating it (and `DIR`) with 32 random bytes in hex if absent.
 pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     let path = data_dir.join("secret");
-    let err = |source| ConfigError::Secret { path: path.clone(), source };
+    let err = |source| ConfigError::Secret {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => return Ok(text.trim().as_bytes().to_vec()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -262,7 +299,11 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
         Err(e) => return Err(err(e)),
     }
     let _ = std::fs::remove_file(&tmp);
-    Ok(std::fs::read_to_string(&path).map_err(err)?.trim().as_bytes().to_vec())
+    Ok(std::fs::read_to_string(&path)
+        .map_err(err)?
+        .trim()
+        .as_bytes()
+        .to_vec())
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -294,7 +335,9 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
             Ok(())
         }
         [first, rest @ ..] => {
-            let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             match entry {
                 toml::Value::Table(inner) => set_path(inner, rest, value),
                 _ => Err(()),
@@ -308,7 +351,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -322,8 +368,11 @@ mod tests {
     fn file_then_env_layers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("natter.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n[comet]\npush_rto_ms = 100\nmax_body = 10\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\n[comet]\npush_rto_ms = 100\nmax_body = 10\n",
+        )
+        .expect("write");
         let config = Config::load(
             Some(&file),
             env(&[
@@ -350,7 +399,10 @@ mod tests {
         config = Config::default();
         config.auth.secret = "short".into();
         assert!(config.validate().is_err());
-        assert!(!format!("{config:?}").contains("short"), "secret must not be printed");
+        assert!(
+            !format!("{config:?}").contains("short"),
+            "secret must not be printed"
+        );
     }
 
     #[test]

@@ -18,7 +18,10 @@ pub const MAX_WORKER: u16 = (1 << WORKER_BITS) - 1;
 
 /// Unix time now in milliseconds.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Unix milliseconds at which `mid` was made.
@@ -39,7 +42,10 @@ impl MidGenerator {
         if worker > MAX_WORKER {
             return Err(format!("worker id {worker} exceeds {MAX_WORKER}"));
         }
-        Ok(MidGenerator { worker: u64::from(worker), state: Mutex::new((0, 0)) })
+        Ok(MidGenerator {
+            worker: u64::from(worker),
+            state: Mutex::new((0, 0)),
+        })
     }
 
     /// The next id, using the wall clock.

@@ -18,12 +18,22 @@ use crate::config::LogConfig;
 /// filtered by `RUST_LOG` when set, else by the configured filter.
 pub fn init_logging(config: &LogConfig) -> Result<(), String> {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.filter.clone());
-    let filter: Targets = spec.parse().map_err(|e| format!("bad log filter {spec:?}: {e}"))?;
+    let filter: Targets = spec
+        .parse()
+        .map_err(|e| format!("bad log filter {spec:?}: {e}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     let result = if config.format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()
     };
     result.map_err(|e| e.to_string())
 }
@@ -76,7 +86,10 @@ async fn metrics(State(state): State<HealthState>) -> Response {
 
 /// Registers `collector` and returns it; a name clash is a programming error
 /// that shows up in the first test that builds the role.
-pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> C {
     if let Err(e) = registry.register(Box::new(collector.clone())) {
         tracing::error!(error = %e, "metric registration failed");
     }

@@ -157,7 +157,12 @@ fn be_u32(b: &[u8], at: usize) -> u32 {
 impl Frame {
     /// A frame with an already-encoded body.
     pub fn raw(op: Op, seq: u32, ack: u32, body: impl Into<Bytes>) -> Frame {
-        Frame { op, seq, ack, body: body.into() }
+        Frame {
+            op,
+            seq,
+            ack,
+            body: body.into(),
+        }
     }
 
     /// A frame whose body is the given protobuf message.
@@ -186,17 +191,29 @@ impl Frame {
             return Err(FrameError::BadHeaderLength(header_len));
         }
         if packet_len as usize != buf.len() {
-            return Err(FrameError::LengthMismatch { declared: packet_len, actual: buf.len() });
+            return Err(FrameError::LengthMismatch {
+                declared: packet_len,
+                actual: buf.len(),
+            });
         }
         if version != VERSION {
             return Err(FrameError::UnsupportedVersion { version, seq });
         }
         let body_len = buf.len() - HEADER_LEN;
         if body_len > max_body {
-            return Err(FrameError::TooLarge { len: body_len, max: max_body, seq });
+            return Err(FrameError::TooLarge {
+                len: body_len,
+                max: max_body,
+                seq,
+            });
         }
         let op = Op::from_u32(op).ok_or(FrameError::UnknownOp { op, seq })?;
-        Ok(Frame { op, seq, ack, body: Bytes::copy_from_slice(&buf[HEADER_LEN..]) })
+        Ok(Frame {
+            op,
+            seq,
+            ack,
+            body: Bytes::copy_from_slice(&buf[HEADER_LEN..]),
+        })
     }
 
     /// The frame's length on the wire.
@@ -227,7 +244,10 @@ impl Frame {
     pub fn message<M: prost::Message + Default>(&self) -> Result<M, BodyError> {
         M::decode(self.body.as_ref()).map_err(|source| BodyError {
             op: self.op,
-            expected: std::any::type_name::<M>().rsplit("::").next().unwrap_or("message"),
+            expected: std::any::type_name::<M>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message"),
             source,
         })
     }
@@ -246,12 +266,18 @@ mod tests {
     #[test]
     fn golden_heartbeat() {
         let frame = Frame::empty(Op::Heartbeat, 7, 0);
-        assert_eq!(hex(&frame.encode()), "0000001400140001000000030000000700000000");
+        assert_eq!(
+            hex(&frame.encode()),
+            "0000001400140001000000030000000700000000"
+        );
     }
 
     #[test]
     fn golden_auth() {
-        let body = AuthRequest { token: "abc".into(), client: String::new() };
+        let body = AuthRequest {
+            token: "abc".into(),
+            client: String::new(),
+        };
         let frame = Frame::new(Op::Auth, 1, 0, &body);
         // body: field 1 (token), wire type 2, length 3, "abc"
         assert_eq!(
@@ -265,30 +291,50 @@ mod tests {
     #[test]
     fn golden_push_ack_carries_ack() {
         let frame = Frame::empty(Op::PushAck, 0, 0x0102_0304);
-        assert_eq!(hex(&frame.encode()), "0000001400140001000000080000000001020304");
+        assert_eq!(
+            hex(&frame.encode()),
+            "0000001400140001000000080000000001020304"
+        );
     }
 
     #[test]
     fn rejects_short_frames() {
-        assert_eq!(Frame::decode(&[0; 19], 100), Err(FrameError::TooShort { len: 19 }));
-        assert_eq!(Frame::decode(&[], 100), Err(FrameError::TooShort { len: 0 }));
+        assert_eq!(
+            Frame::decode(&[0; 19], 100),
+            Err(FrameError::TooShort { len: 19 })
+        );
+        assert_eq!(
+            Frame::decode(&[], 100),
+            Err(FrameError::TooShort { len: 0 })
+        );
     }
 
     #[test]
     fn rejects_wrong_header_length() {
         let mut bytes = Frame::empty(Op::Heartbeat, 1, 0).encode().to_vec();
         bytes[5] = 16;
-        assert_eq!(Frame::decode(&bytes, 100), Err(FrameError::BadHeaderLength(16)));
-        assert_eq!(Frame::decode(&bytes, 100).unwrap_err().code(), ErrorCode::BadFrame);
+        assert_eq!(
+            Frame::decode(&bytes, 100),
+            Err(FrameError::BadHeaderLength(16))
+        );
+        assert_eq!(
+            Frame::decode(&bytes, 100).unwrap_err().code(),
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]
     fn rejects_length_mismatch() {
-        let mut bytes = Frame::raw(Op::Heartbeat, 1, 0, vec![1, 2, 3]).encode().to_vec();
+        let mut bytes = Frame::raw(Op::Heartbeat, 1, 0, vec![1, 2, 3])
+            .encode()
+            .to_vec();
         bytes.pop();
         assert_eq!(
             Frame::decode(&bytes, 100),
-            Err(FrameError::LengthMismatch { declared: 23, actual: 22 })
+            Err(FrameError::LengthMismatch {
+                declared: 23,
+                actual: 22
+            })
         );
     }
 
@@ -312,7 +358,14 @@ mod tests {
     fn rejects_oversized_body() {
         let bytes = Frame::raw(Op::Message, 3, 0, vec![0u8; 101]).encode();
         let err = Frame::decode(&bytes, 100).unwrap_err();
-        assert_eq!(err, FrameError::TooLarge { len: 101, max: 100, seq: 3 });
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: 101,
+                max: 100,
+                seq: 3
+            }
+        );
         assert_eq!(err.code(), ErrorCode::FrameTooLarge);
         assert!(Frame::decode(&bytes, 101).is_ok());
     }

@@ -226,7 +226,10 @@ impl MessageType {
     ];
 
     pub fn from_u32(value: u32) -> Option<MessageType> {
-        MessageType::ALL.iter().copied().find(|t| *t as u32 == value)
+        MessageType::ALL
+            .iter()
+            .copied()
+            .find(|t| *t as u32 == value)
     }
 
     /// The snake_case name used in the HTTP API.
@@ -246,7 +249,10 @@ impl MessageType {
     }
 
     pub fn parse(name: &str) -> Option<MessageType> {
-        MessageType::ALL.iter().copied().find(|t| t.as_str() == name)
+        MessageType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.as_str() == name)
     }
 }
 
@@ -269,11 +275,21 @@ impl Content {
 
 impl MessageBody {
     pub fn text(text: impl Into<String>) -> MessageBody {
-        MessageBody { content: Some(Content::Text(Text { text: text.into(), mentions: vec![] })) }
+        MessageBody {
+            content: Some(Content::Text(Text {
+                text: text.into(),
+                mentions: vec![],
+            })),
+        }
     }
 
     pub fn custom(kind: impl Into<String>, data: Vec<u8>) -> MessageBody {
-        MessageBody { content: Some(Content::Custom(Custom { kind: kind.into(), data })) }
+        MessageBody {
+            content: Some(Content::Custom(Custom {
+                kind: kind.into(),
+                data,
+            })),
+        }
     }
 
     pub fn message_type(&self) -> Option<MessageType> {
@@ -303,7 +319,9 @@ impl MessageBody {
         } else {
             Err(match content {
                 Content::Text(_) => "text message is empty",
-                Content::Image(_) | Content::Audio(_) | Content::Video(_) => "media message has no url",
+                Content::Image(_) | Content::Audio(_) | Content::Video(_) => {
+                    "media message has no url"
+                }
                 Content::File(_) => "file message needs a url and a name",
                 Content::Location(_) => "location is out of range",
                 Content::Card(_) => "card needs a kind and an id",
@@ -454,10 +472,16 @@ mod tests {
         assert!(MessageBody::text("").validate().is_err());
         assert!(MessageBody::default().validate().is_err());
         let file = MessageBody {
-            content: Some(Content::File(File { url: "u".into(), ..Default::default() })),
+            content: Some(Content::File(File {
+                url: "u".into(),
+                ..Default::default()
+            })),
         };
         assert_eq!(file.validate(), Err("file message needs a url and a name"));
-        assert_eq!(MessageBody::custom("k", vec![]).validate(), Ok(MessageType::Custom));
+        assert_eq!(
+            MessageBody::custom("k", vec![]).validate(),
+            Ok(MessageType::Custom)
+        );
     }
 
     #[test]
@@ -474,12 +498,34 @@ mod tests {
         // defined here must be there too.
         let schema = include_str!("../natter.proto");
         for name in [
-            "AuthRequest", "AuthReply", "HeartbeatReply", "SendMessage", "MessageReply",
-            "Message", "SyncRequest", "SyncReply", "Notify", "Disconnect", "ErrorReply",
-            "MessageBody", "Text", "Image", "Audio", "Video", "File", "Location", "Card",
-            "Notice", "Forward", "ForwardItem", "Custom",
+            "AuthRequest",
+            "AuthReply",
+            "HeartbeatReply",
+            "SendMessage",
+            "MessageReply",
+            "Message",
+            "SyncRequest",
+            "SyncReply",
+            "Notify",
+            "Disconnect",
+            "ErrorReply",
+            "MessageBody",
+            "Text",
+            "Image",
+            "Audio",
+            "Video",
+            "File",
+            "Location",
+            "Card",
+            "Notice",
+            "Forward",
+            "ForwardItem",
+            "Custom",
         ] {
-            assert!(schema.contains(&format!("message {name} {{")), "{name} missing from natter.proto");
+            assert!(
+                schema.contains(&format!("message {name} {{")),
+                "{name} missing from natter.proto"
+            );
         }
         let body = MessageBody::text("x").encode_to_vec();
         assert_eq!(body, vec![0x0a, 0x03, 0x0a, 0x01, b'x']);

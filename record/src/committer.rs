@@ -44,8 +44,13 @@ impl Metrics {
             commit_seconds: register(
                 registry,
                 Histogram::with_opts(
-                    HistogramOpts::new("natter_store_commit_seconds", "Time to write and commit one batch.")
-                        .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                    HistogramOpts::new(
+                        "natter_store_commit_seconds",
+                        "Time to write and commit one batch.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
                 )
                 .expect("valid histogram"),
             ),
@@ -53,18 +58,27 @@ impl Metrics {
                 registry,
                 Histogram::with_opts(
                     HistogramOpts::new("natter_store_batch_size", "Writes per committed batch.")
-                        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+                        .buckets(vec![
+                            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+                        ]),
                 )
                 .expect("valid histogram"),
             ),
             queue_depth: register(
                 registry,
-                IntGauge::new("natter_store_queue_depth", "Writes waiting for the committer.").expect("valid gauge"),
+                IntGauge::new(
+                    "natter_store_queue_depth",
+                    "Writes waiting for the committer.",
+                )
+                .expect("valid gauge"),
             ),
             batches: register(
                 registry,
-                IntCounterVec::new(Opts::new("natter_store_batches_total", "Batches by outcome."), &["outcome"])
-                    .expect("valid counter"),
+                IntCounterVec::new(
+                    Opts::new("natter_store_batches_total", "Batches by outcome."),
+                    &["outcome"],
+                )
+                .expect("valid counter"),
             ),
         }
     }
@@ -96,7 +110,15 @@ impl Committer {
     pub async fn write(&self, write: Write) -> Result<Outcome, CommitError> {
         let (reply, answer) = oneshot::channel();
         self.metrics.queue_depth.inc();
-        if self.tx.send(Job { write, reply: Some(reply) }).await.is_err() {
+        if self
+            .tx
+            .send(Job {
+                write,
+                reply: Some(reply),
+            })
+            .await
+            .is_err()
+        {
             self.metrics.queue_depth.dec();
             return Err(CommitError::Closed);
         }
@@ -114,7 +136,13 @@ impl Committer {
     }
 }
 
-async fn run(store: Arc<dyn MessageStore>, mut rx: mpsc::Receiver<Job>, batch_max: usize, metrics: Metrics, shutdown: Shutdown) {
+async fn run(
+    store: Arc<dyn MessageStore>,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch_max);
     loop {
         let first = tokio::select! {
@@ -138,7 +166,9 @@ async fn run(store: Arc<dyn MessageStore>, mut rx: mpsc::Receiver<Job>, batch_ma
         let writes: Vec<Write> = jobs.iter().map(|j| j.write.clone()).collect();
         let started = Instant::now();
         let result = store.write_batch(&writes).await;
-        metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         metrics.batch_size.observe(jobs.len() as f64);
         match result {
             Ok(outcomes) => {
@@ -175,11 +205,14 @@ mod tests {
         let store: Arc<dyn MessageStore> = Arc::new(SqliteStore::memory().await.expect("store"));
         let registry = Registry::new();
         let shutdown = Shutdown::new();
-        let (committer, task) = Committer::start(store.clone(), 64, 1024, &registry, shutdown.clone());
+        let (committer, task) =
+            Committer::start(store.clone(), 64, 1024, &registry, shutdown.clone());
         let mut handles = Vec::new();
         for i in 0..200u64 {
             let c = committer.clone();
-            handles.push(tokio::spawn(async move { c.write(Write::Message(text(1, 2, i))).await }));
+            handles.push(tokio::spawn(async move {
+                c.write(Write::Message(text(1, 2, i))).await
+            }));
         }
         for h in handles {
             assert!(matches!(h.await.expect("join"), Ok(Outcome::Stored(_))));
@@ -188,12 +221,22 @@ mod tests {
         let batches = metrics_count(&registry, "natter_store_batch_size");
         assert!(batches < 200, "writes were batched ({batches} batches)");
 
-        committer.enqueue(Write::Received { owner: 2, device: "d".into(), user_seq: 5 }).await.expect("queued");
+        committer
+            .enqueue(Write::Received {
+                owner: 2,
+                device: "d".into(),
+                user_seq: 5,
+            })
+            .await
+            .expect("queued");
         shutdown.cancel();
         task.await.expect("committer stops");
         // What was queued before shutdown committed; new writes are refused.
         assert_eq!(store.cursor(2, "d").await.expect("cursor"), 5);
-        assert_eq!(committer.write(Write::Message(text(1, 2, 999))).await, Err(CommitError::Closed));
+        assert_eq!(
+            committer.write(Write::Message(text(1, 2, 999))).await,
+            Err(CommitError::Closed)
+        );
     }
 
     #[tokio::test]
@@ -201,7 +244,10 @@ mod tests {
         let store = Arc::new(SqliteStore::memory().await.expect("store"));
         store.close().await;
         let (committer, _task) = Committer::start(store, 8, 8, &Registry::new(), Shutdown::new());
-        let err = committer.write(Write::Message(text(1, 2, 1))).await.expect_err("store is closed");
+        let err = committer
+            .write(Write::Message(text(1, 2, 1)))
+            .await
+            .expect_err("store is closed");
         assert!(matches!(err, CommitError::Failed(_)));
     }
 

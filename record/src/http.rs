@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::store::{parse_p2p_conversation, HistoryQuery, MessageStore, StoredMessage};
 
 /// Routes served by this module, as written in the OpenAPI document.
-pub const ROUTES: &[(&str, &str)] =
-    &[("get", "/v1/conversations/{conversation}/messages"), ("get", "/v1/sync")];
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/conversations/{conversation}/messages"),
+    ("get", "/v1/sync"),
+];
 
 /// Who a token names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +44,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -54,8 +59,16 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody { code: self.code, message: &self.message })).into_response()
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            Json(ErrorBody {
+                code: self.code,
+                message: &self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -74,15 +87,24 @@ impl From<crate::StoreError> for ApiError {
 
 /// The authenticated caller of an HTTP request.
 pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::new(ErrorCode::AuthRequired, "missing Authorization: Bearer <token>"))?;
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::AuthRequired,
+            "missing Authorization: Bearer <token>",
+        )
+    })?;
     let token = value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::new(ErrorCode::AuthRequired, "Authorization must be Bearer <token>"))?;
-    auth.authenticate(token.trim()).map_err(|code| ApiError::new(code, "token rejected"))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::AuthRequired,
+                "Authorization must be Bearer <token>",
+            )
+        })?;
+    auth.authenticate(token.trim())
+        .map_err(|code| ApiError::new(code, "token rejected"))
 }
 
 /// A message in JSON. `mid` is a string because it does not fit a JSON number exactly.
@@ -158,7 +180,9 @@ fn parse_types(spec: &str) -> Result<Vec<u32>, ApiError> {
             MessageType::parse(s)
                 .or_else(|| s.parse().ok().and_then(MessageType::from_u32))
                 .map(|t| t as u32)
-                .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, format!("unknown message type {s:?}")))
+                .ok_or_else(|| {
+                    ApiError::new(ErrorCode::BadRequest, format!("unknown message type {s:?}"))
+                })
         })
         .collect()
 }
@@ -171,28 +195,52 @@ async fn history(
 ) -> Result<Json<HistoryPage>, ApiError> {
     let me = caller(&headers, state.auth.as_ref())?;
     let Query(params) = params?;
-    let (a, b) = parse_p2p_conversation(&conversation)
-        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, format!("{conversation:?} is not a conversation id")))?;
+    let (a, b) = parse_p2p_conversation(&conversation).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("{conversation:?} is not a conversation id"),
+        )
+    })?;
     let other = match me.uid {
         uid if uid == a => b,
         uid if uid == b => a,
-        _ => return Err(ApiError::new(ErrorCode::Forbidden, "not a member of this conversation")),
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "not a member of this conversation",
+            ))
+        }
     };
     let limit = params.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be between 1 and 100"));
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "limit must be between 1 and 100",
+        ));
     }
     let before = match params.before.as_deref() {
         None | Some("") => None,
         Some(s) => Some(
-            s.parse::<u64>().map_err(|_| ApiError::new(ErrorCode::BadRequest, "before must be a message id"))?,
+            s.parse::<u64>()
+                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "before must be a message id"))?,
         ),
     };
     let types = parse_types(params.types.as_deref().unwrap_or(""))?;
-    let query = HistoryQuery { owner: me.uid, other, before, limit, types };
+    let query = HistoryQuery {
+        owner: me.uid,
+        other,
+        before,
+        limit,
+        types,
+    };
     let rows = state.store.history(&query).await?;
-    let next_before = (rows.len() == limit as usize).then(|| rows.last().map(|m| m.mid.to_string())).flatten();
-    Ok(Json(HistoryPage { messages: rows.iter().map(|m| MessageView::new(m, None)).collect(), next_before }))
+    let next_before = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|m| m.mid.to_string()))
+        .flatten();
+    Ok(Json(HistoryPage {
+        messages: rows.iter().map(|m| MessageView::new(m, None)).collect(),
+        next_before,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -219,7 +267,10 @@ async fn sync(
     let Query(params) = params?;
     let limit = params.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be between 1 and 500"));
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "limit must be between 1 and 500",
+        ));
     }
     let after = match params.after {
         Some(after) => after,
@@ -229,7 +280,10 @@ async fn sync(
     let cursor = items.last().map(|i| i.user_seq).unwrap_or(after);
     Ok(Json(SyncPage {
         has_more: items.len() == limit as usize,
-        messages: items.iter().map(|i| MessageView::new(&i.message, Some(i.user_seq))).collect(),
+        messages: items
+            .iter()
+            .map(|i| MessageView::new(&i.message, Some(i.user_seq)))
+            .collect(),
         cursor,
     }))
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
@@ -46,7 +48,11 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { synchronous: true, readers: 4, acquire_timeout: Duration::from_secs(5) }
+        SqliteOptions {
+            synchronous: true,
+            readers: 4,
+            acquire_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -69,7 +75,11 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(if options.synchronous { SqliteSynchronous::Full } else { SqliteSynchronous::Normal })
+            .synchronous(if options.synchronous {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(false);
         let pool = SqlitePoolOptions::new()
@@ -78,16 +88,25 @@ impl SqliteStore {
             .connect_with(connect)
             .await?;
         migrator().run(&pool).await?;
-        Ok(SqliteStore { pool, writer: Mutex::new(Counters::default()) })
+        Ok(SqliteStore {
+            pool,
+            writer: Mutex::new(Counters::default()),
+        })
     }
 
     /// An in-memory database, for tests.
     pub async fn memory() -> Result<SqliteStore, StoreError> {
         let connect = SqliteConnectOptions::from_str("sqlite::memory:")?;
         // One connection: every connection to :memory: is a database of its own.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(connect).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect)
+            .await?;
         migrator().run(&pool).await?;
-        Ok(SqliteStore { pool, writer: Mutex::new(Counters::default()) })
+        Ok(SqliteStore {
+            pool,
+            writer: Mutex::new(Counters::default()),
+        })
     }
 
     fn closed(&self) -> Result<(), StoreError> {
@@ -114,7 +133,11 @@ fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     })
 }
 
-async fn next_conv_seq(conn: &mut SqliteConnection, counters: &mut Counters, conv: &str) -> Result<u64, sqlx::Error> {
+async fn next_conv_seq(
+    conn: &mut SqliteConnection,
+    counters: &mut Counters,
+    conv: &str,
+) -> Result<u64, sqlx::Error> {
     let last = match counters.conv.get(conv) {
         Some(v) => *v,
         None => sqlx::query_scalar::<_, i64>("SELECT last_seq FROM conversation WHERE conv_id = ?")
@@ -127,7 +150,11 @@ async fn next_conv_seq(conn: &mut SqliteConnection, counters: &mut Counters, con
     Ok(last + 1)
 }
 
-async fn next_user_seq(conn: &mut SqliteConnection, counters: &mut Counters, owner: u64) -> Result<u64, sqlx::Error> {
+async fn next_user_seq(
+    conn: &mut SqliteConnection,
+    counters: &mut Counters,
+    owner: u64,
+) -> Result<u64, sqlx::Error> {
     let last = match counters.user.get(&owner) {
         Some(v) => *v,
         None => sqlx::query_scalar::<_, i64>("SELECT last_seq FROM user_sequence WHERE owner = ?")
@@ -140,7 +167,10 @@ async fn next_user_seq(conn: &mut SqliteConnection, counters: &mut Counters, own
     Ok(last + 1)
 }
 
-async fn find_existing(conn: &mut SqliteConnection, m: &NewMessage) -> Result<Option<Stored>, sqlx::Error> {
+async fn find_existing(
+    conn: &mut SqliteConnection,
+    m: &NewMessage,
+) -> Result<Option<Stored>, sqlx::Error> {
     let row = sqlx::query(&format!(
         "SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.sender = ? AND m.sender_device = ? AND m.client_seq = ?"
     ))
@@ -158,7 +188,12 @@ async fn find_existing(conn: &mut SqliteConnection, m: &NewMessage) -> Result<Op
     };
     let sender_seq = seq_of(message.sender).fetch_one(&mut *conn).await? as u64;
     let receiver_seq = seq_of(message.receiver).fetch_one(&mut *conn).await? as u64;
-    Ok(Some(Stored { message, sender_seq, receiver_seq, repeat: true }))
+    Ok(Some(Stored {
+        message,
+        sender_seq,
+        receiver_seq,
+        repeat: true,
+    }))
 }
 
 async fn insert_relation(
@@ -183,7 +218,12 @@ async fn insert_relation(
     Ok(())
 }
 
-async fn raise_cursor(conn: &mut SqliteConnection, owner: u64, device: &str, to: u64) -> Result<(), sqlx::Error> {
+async fn raise_cursor(
+    conn: &mut SqliteConnection,
+    owner: u64,
+    device: &str,
+    to: u64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO device (owner, device, cursor, updated_at) VALUES (?, ?, ?, ?)
          ON CONFLICT (owner, device) DO UPDATE SET cursor = MAX(cursor, excluded.cursor), updated_at = excluded.updated_at",
@@ -197,7 +237,11 @@ async fn raise_cursor(conn: &mut SqliteConnection, owner: u64, device: &str, to:
     Ok(())
 }
 
-async fn apply(conn: &mut SqliteConnection, counters: &mut Counters, writes: &[Write]) -> Result<Vec<Outcome>, sqlx::Error> {
+async fn apply(
+    conn: &mut SqliteConnection,
+    counters: &mut Counters,
+    writes: &[Write],
+) -> Result<Vec<Outcome>, sqlx::Error> {
     let mut outcomes = Vec::with_capacity(writes.len());
     // Duplicates within one batch: the key of each message stored so far.
     let mut in_batch: HashMap<(u64, &str, u64), usize> = HashMap::new();
@@ -206,9 +250,15 @@ async fn apply(conn: &mut SqliteConnection, counters: &mut Counters, writes: &[W
     for write in writes {
         match write {
             Write::Message(m) => {
-                if let Some(&i) = in_batch.get(&(m.sender, m.sender_device.as_str(), m.client_seq)) {
-                    let Outcome::Stored(earlier) = &outcomes[i] else { unreachable!("index of a message") };
-                    outcomes.push(Outcome::Stored(Stored { repeat: true, ..earlier.clone() }));
+                if let Some(&i) = in_batch.get(&(m.sender, m.sender_device.as_str(), m.client_seq))
+                {
+                    let Outcome::Stored(earlier) = &outcomes[i] else {
+                        unreachable!("index of a message")
+                    };
+                    outcomes.push(Outcome::Stored(Stored {
+                        repeat: true,
+                        ..earlier.clone()
+                    }));
                     continue;
                 }
                 if let Some(existing) = find_existing(conn, m).await? {
@@ -259,10 +309,22 @@ async fn apply(conn: &mut SqliteConnection, counters: &mut Counters, writes: &[W
                 // The sending device holds its own message once it has the ack.
                 raise_cursor(conn, m.sender, &m.sender_device, sender_seq).await?;
                 touched_convs.push(conversation);
-                in_batch.insert((m.sender, m.sender_device.as_str(), m.client_seq), outcomes.len());
-                outcomes.push(Outcome::Stored(Stored { message: stored, sender_seq, receiver_seq, repeat: false }));
+                in_batch.insert(
+                    (m.sender, m.sender_device.as_str(), m.client_seq),
+                    outcomes.len(),
+                );
+                outcomes.push(Outcome::Stored(Stored {
+                    message: stored,
+                    sender_seq,
+                    receiver_seq,
+                    repeat: false,
+                }));
             }
-            Write::Received { owner, device, user_seq } => {
+            Write::Received {
+                owner,
+                device,
+                user_seq,
+            } => {
                 sqlx::query("UPDATE relation SET received = 1 WHERE owner = ? AND user_seq = ?")
                     .bind(*owner as i64)
                     .bind(*user_seq as i64)
@@ -271,7 +333,11 @@ async fn apply(conn: &mut SqliteConnection, counters: &mut Counters, writes: &[W
                 raise_cursor(conn, *owner, device, *user_seq).await?;
                 outcomes.push(Outcome::Done);
             }
-            Write::SetCursor { owner, device, cursor } => {
+            Write::SetCursor {
+                owner,
+                device,
+                cursor,
+            } => {
                 sqlx::query(
                     "INSERT INTO device (owner, device, cursor, updated_at) VALUES (?, ?, ?, ?)
                      ON CONFLICT (owner, device) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
@@ -284,7 +350,11 @@ async fn apply(conn: &mut SqliteConnection, counters: &mut Counters, writes: &[W
                 .await?;
                 outcomes.push(Outcome::Done);
             }
-            Write::Rewind { owner, device, user_seq } => {
+            Write::Rewind {
+                owner,
+                device,
+                user_seq,
+            } => {
                 sqlx::query("UPDATE device SET cursor = MIN(cursor, ?), updated_at = ? WHERE owner = ? AND device = ?")
                     .bind(user_seq.saturating_sub(1) as i64)
                     .bind(natter_node::ids::now_ms())
@@ -360,12 +430,19 @@ impl MessageStore for SqliteStore {
         let mut query = sqlx::query(&sql)
             .bind(q.owner as i64)
             .bind(q.other as i64)
-            .bind(q.before.map(|b| b.min(i64::MAX as u64) as i64).unwrap_or(i64::MAX));
+            .bind(
+                q.before
+                    .map(|b| b.min(i64::MAX as u64) as i64)
+                    .unwrap_or(i64::MAX),
+            );
         for t in &q.types {
             query = query.bind(i64::from(*t));
         }
         let rows = query.bind(i64::from(q.limit)).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(message_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn sync(&self, owner: u64, after: u64, limit: u32) -> Result<Vec<SyncItem>, StoreError> {
@@ -382,7 +459,10 @@ impl MessageStore for SqliteStore {
         let items = rows
             .iter()
             .map(|row| {
-                Ok(SyncItem { user_seq: row.try_get::<i64, _>("user_seq")? as u64, message: message_from_row(row)? })
+                Ok(SyncItem {
+                    user_seq: row.try_get::<i64, _>("user_seq")? as u64,
+                    message: message_from_row(row)?,
+                })
             })
             .collect::<Result<_, sqlx::Error>>()?;
         Ok(items)
@@ -390,11 +470,13 @@ impl MessageStore for SqliteStore {
 
     async fn cursor(&self, owner: u64, device: &str) -> Result<u64, StoreError> {
         self.closed()?;
-        let cursor = sqlx::query_scalar::<_, i64>("SELECT cursor FROM device WHERE owner = ? AND device = ?")
-            .bind(owner as i64)
-            .bind(device)
-            .fetch_optional(&self.pool)
-            .await?;
+        let cursor = sqlx::query_scalar::<_, i64>(
+            "SELECT cursor FROM device WHERE owner = ? AND device = ?",
+        )
+        .bind(owner as i64)
+        .bind(device)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(cursor.unwrap_or(0) as u64)
     }
 
@@ -418,18 +500,23 @@ mod tests {
 
     #[tokio::test]
     async fn sqlite_passes_the_store_suite() {
-        crate::suite::run_all(|| async { SqliteStore::memory().await.expect("memory store") }).await;
+        crate::suite::run_all(|| async { SqliteStore::memory().await.expect("memory store") })
+            .await;
     }
 
     #[tokio::test]
     async fn data_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("natter.db");
-        let store = SqliteStore::open(&path, &SqliteOptions::default()).await.expect("open");
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("open");
         crate::suite::store_one(&store, 1, 2, 1).await;
         store.close().await;
         assert!(matches!(store.ping().await, Err(StoreError::Closed)));
-        let store = SqliteStore::open(&path, &SqliteOptions::default()).await.expect("reopen");
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("reopen");
         let again = crate::suite::store_one(&store, 1, 2, 2).await;
         // Counters continue from the file after a restart.
         assert_eq!(again.message.conv_seq, 2);

@@ -12,7 +12,12 @@ static NEXT_MID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 
 /// A text message from `sender` ("phone") to `receiver` with `client_seq`.
 pub fn text(sender: u64, receiver: u64, client_seq: u64) -> NewMessage {
-    typed(sender, receiver, client_seq, MessageBody::text(format!("{sender}->{receiver} #{client_seq}")))
+    typed(
+        sender,
+        receiver,
+        client_seq,
+        MessageBody::text(format!("{sender}->{receiver} #{client_seq}")),
+    )
 }
 
 fn typed(sender: u64, receiver: u64, client_seq: u64, body: MessageBody) -> NewMessage {
@@ -30,8 +35,16 @@ fn typed(sender: u64, receiver: u64, client_seq: u64, body: MessageBody) -> NewM
 }
 
 /// Stores one text message and returns what the store says.
-pub async fn store_one(store: &dyn MessageStore, sender: u64, receiver: u64, client_seq: u64) -> Stored {
-    let outcomes = store.write_batch(&[Write::Message(text(sender, receiver, client_seq))]).await.expect("write");
+pub async fn store_one(
+    store: &dyn MessageStore,
+    sender: u64,
+    receiver: u64,
+    client_seq: u64,
+) -> Stored {
+    let outcomes = store
+        .write_batch(&[Write::Message(text(sender, receiver, client_seq))])
+        .await
+        .expect("write");
     match outcomes.into_iter().next() {
         Some(Outcome::Stored(stored)) => stored,
         other => panic!("expected a stored message, got {other:?}"),
@@ -58,7 +71,10 @@ async fn sequences_are_contiguous(store: &dyn MessageStore) {
     let b = store_one(store, 2, 1, 1).await;
     let c = store_one(store, 1, 3, 2).await;
     assert_eq!(a.message.conversation, "p:1:2");
-    assert_eq!((a.message.conv_seq, b.message.conv_seq, c.message.conv_seq), (1, 2, 1));
+    assert_eq!(
+        (a.message.conv_seq, b.message.conv_seq, c.message.conv_seq),
+        (1, 2, 1)
+    );
     assert_eq!((a.sender_seq, a.receiver_seq), (1, 1));
     assert_eq!((b.sender_seq, b.receiver_seq), (2, 2));
     assert_eq!((c.sender_seq, c.receiver_seq), (3, 1));
@@ -70,12 +86,19 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
     let again = store_one(store, 1, 2, 7).await;
     assert!(again.repeat);
     assert_eq!(again.message, first.message);
-    assert_eq!((again.sender_seq, again.receiver_seq), (first.sender_seq, first.receiver_seq));
+    assert_eq!(
+        (again.sender_seq, again.receiver_seq),
+        (first.sender_seq, first.receiver_seq)
+    );
     // Within one batch too, and another device's seq 7 is another message.
     let mut other_device = text(1, 2, 7);
     other_device.sender_device = "laptop".into();
     let out = store
-        .write_batch(&[Write::Message(text(1, 2, 8)), Write::Message(text(1, 2, 8)), Write::Message(other_device)])
+        .write_batch(&[
+            Write::Message(text(1, 2, 8)),
+            Write::Message(text(1, 2, 8)),
+            Write::Message(other_device),
+        ])
         .await
         .expect("batch");
     let stored: Vec<&Stored> = out
@@ -99,27 +122,69 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
     }
     store_one(store, 1, 3, 100).await;
     let image = MessageBody {
-        content: Some(natter_proto::msg::Content::Image(natter_proto::msg::Image {
-            url: "https://x/1.png".into(),
-            ..Default::default()
-        })),
+        content: Some(natter_proto::msg::Content::Image(
+            natter_proto::msg::Image {
+                url: "https://x/1.png".into(),
+                ..Default::default()
+            },
+        )),
     };
-    let Outcome::Stored(img) = store.write_batch(&[Write::Message(typed(2, 1, 1, image))]).await.expect("image")[0].clone()
+    let Outcome::Stored(img) = store
+        .write_batch(&[Write::Message(typed(2, 1, 1, image))])
+        .await
+        .expect("image")[0]
+        .clone()
     else {
         panic!("not stored")
     };
-    let query = |before, limit, types: Vec<u32>| HistoryQuery { owner: 1, other: 2, before, limit, types };
-    let page = store.history(&query(None, 3, vec![])).await.expect("history");
-    assert_eq!(page.iter().map(|m| m.mid).collect::<Vec<_>>(), vec![img.message.mid, mids[4], mids[3]]);
-    let next = store.history(&query(Some(mids[3]), 10, vec![])).await.expect("history");
-    assert_eq!(next.iter().map(|m| m.mid).collect::<Vec<_>>(), vec![mids[2], mids[1], mids[0]]);
-    let images = store.history(&query(None, 10, vec![MessageType::Image as u32])).await.expect("history");
+    let query = |before, limit, types: Vec<u32>| HistoryQuery {
+        owner: 1,
+        other: 2,
+        before,
+        limit,
+        types,
+    };
+    let page = store
+        .history(&query(None, 3, vec![]))
+        .await
+        .expect("history");
+    assert_eq!(
+        page.iter().map(|m| m.mid).collect::<Vec<_>>(),
+        vec![img.message.mid, mids[4], mids[3]]
+    );
+    let next = store
+        .history(&query(Some(mids[3]), 10, vec![]))
+        .await
+        .expect("history");
+    assert_eq!(
+        next.iter().map(|m| m.mid).collect::<Vec<_>>(),
+        vec![mids[2], mids[1], mids[0]]
+    );
+    let images = store
+        .history(&query(None, 10, vec![MessageType::Image as u32]))
+        .await
+        .expect("history");
     assert_eq!(images.len(), 1);
-    assert_eq!(images[0].body().and_then(|b| b.message_type()), Some(MessageType::Image));
+    assert_eq!(
+        images[0].body().and_then(|b| b.message_type()),
+        Some(MessageType::Image)
+    );
     // The receiver sees the same conversation from the other side.
-    let theirs = HistoryQuery { owner: 2, other: 1, before: None, limit: 100, types: vec![] };
+    let theirs = HistoryQuery {
+        owner: 2,
+        other: 1,
+        before: None,
+        limit: 100,
+        types: vec![],
+    };
     assert_eq!(store.history(&theirs).await.expect("history").len(), 6);
-    let nobody = HistoryQuery { owner: 3, other: 2, before: None, limit: 100, types: vec![] };
+    let nobody = HistoryQuery {
+        owner: 3,
+        other: 2,
+        before: None,
+        limit: 100,
+        types: vec![],
+    };
     assert!(store.history(&nobody).await.expect("history").is_empty());
 }
 
@@ -129,9 +194,15 @@ async fn sync_returns_the_stream_in_order(store: &dyn MessageStore) {
         store_one(store, 3, 2, i).await;
     }
     let all = store.sync(2, 0, 100).await.expect("sync");
-    assert_eq!(all.iter().map(|i| i.user_seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(|i| i.user_seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
     let page = store.sync(2, 5, 2).await.expect("sync");
-    assert_eq!(page.iter().map(|i| i.user_seq).collect::<Vec<_>>(), vec![6, 7]);
+    assert_eq!(
+        page.iter().map(|i| i.user_seq).collect::<Vec<_>>(),
+        vec![6, 7]
+    );
     // The sender's own stream holds its outbox.
     let outbox = store.sync(1, 0, 100).await.expect("sync");
     assert_eq!(outbox.len(), 4);
@@ -149,13 +220,31 @@ async fn cursors_follow_acks(store: &dyn MessageStore) {
     // Sending moves the sending device's cursor, not another device's.
     assert_eq!(store.cursor(1, "phone").await.expect("cursor"), 3);
     assert_eq!(store.cursor(1, "laptop").await.expect("cursor"), 0);
-    let ack = |seq| Write::Received { owner: 2, device: "phone".into(), user_seq: seq };
-    store.write_batch(&[ack(1), ack(3), ack(2)]).await.expect("acks");
+    let ack = |seq| Write::Received {
+        owner: 2,
+        device: "phone".into(),
+        user_seq: seq,
+    };
+    store
+        .write_batch(&[ack(1), ack(3), ack(2)])
+        .await
+        .expect("acks");
     assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 3);
-    store.write_batch(&[Write::Rewind { owner: 2, device: "phone".into(), user_seq: 2 }]).await.expect("rewind");
+    store
+        .write_batch(&[Write::Rewind {
+            owner: 2,
+            device: "phone".into(),
+            user_seq: 2,
+        }])
+        .await
+        .expect("rewind");
     assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 1);
     store
-        .write_batch(&[Write::SetCursor { owner: 2, device: "phone".into(), cursor: 2 }])
+        .write_batch(&[Write::SetCursor {
+            owner: 2,
+            device: "phone".into(),
+            cursor: 2,
+        }])
         .await
         .expect("set");
     assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 2);

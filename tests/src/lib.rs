@@ -50,7 +50,13 @@ impl TestServer {
         let server = Server::start(config.clone()).await.expect("server starts");
         let addr = server.addr();
         let tokens = Tokens::new(config.secret().expect("secret"));
-        TestServer { server: Some(server), config, addr, tokens, _dir: dir }
+        TestServer {
+            server: Some(server),
+            config,
+            addr,
+            tokens,
+            _dir: dir,
+        }
     }
 
     pub fn token(&self, uid: u64, device: &str) -> String {
@@ -71,7 +77,9 @@ impl TestServer {
 
     /// A connected SDK client.
     pub async fn client(&self, uid: u64, device: &str) -> (Client, Events) {
-        let (client, mut events) = Client::connect(self.client_config(uid, device)).await.expect("client connects");
+        let (client, mut events) = Client::connect(self.client_config(uid, device))
+            .await
+            .expect("client connects");
         // Wait for the connect-time sync to finish so tests start from a quiet state.
         client.sync().await.expect("initial sync");
         assert!(matches!(events.next().await, Some(Event::Connected { .. })));
@@ -80,9 +88,16 @@ impl TestServer {
 
     /// A raw frame connection, authenticated as `uid`/`device`.
     pub async fn raw(&self, uid: u64, device: &str) -> Connection {
-        let mut conn = Connection::connect(&self.server(), None).await.expect("connects");
-        let auth = AuthRequest { token: self.token(uid, device), client: "raw".into() };
-        conn.send(&Frame::new(Op::Auth, 1, 0, &auth)).await.expect("auth sent");
+        let mut conn = Connection::connect(&self.server(), None)
+            .await
+            .expect("connects");
+        let auth = AuthRequest {
+            token: self.token(uid, device),
+            client: "raw".into(),
+        };
+        conn.send(&Frame::new(Op::Auth, 1, 0, &auth))
+            .await
+            .expect("auth sent");
         let frame = next_frame(&mut conn).await;
         assert_eq!(frame.op, Op::AuthReply, "auth accepted");
         conn

@@ -14,21 +14,38 @@ async fn two_users_chat_both_ways_across_devices() {
     let (bob_phone, mut bob_phone_events) = server.client(2, "phone").await;
     let (_bob_tablet, mut bob_tablet_events) = server.client(2, "tablet").await;
 
-    let ack = alice_phone.send(2, MessageBody::text("hi bob")).await.expect("sent");
+    let ack = alice_phone
+        .send(2, MessageBody::text("hi bob"))
+        .await
+        .expect("sent");
     assert!(!ack.repeat);
     assert_eq!(ack.conversation, "p:1:2");
-    for events in [&mut bob_phone_events, &mut bob_tablet_events, &mut alice_laptop_events] {
+    for events in [
+        &mut bob_phone_events,
+        &mut bob_tablet_events,
+        &mut alice_laptop_events,
+    ] {
         let m = next_message(events).await;
-        assert_eq!((m.mid, m.sender, m.receiver, text_of(&m)), (ack.mid, 1, 2, "hi bob"));
+        assert_eq!(
+            (m.mid, m.sender, m.receiver, text_of(&m)),
+            (ack.mid, 1, 2, "hi bob")
+        );
         assert_eq!(m.conv_seq, 1);
     }
     // The sending device does not get its own message back.
     no_message(&mut alice_phone_events, Duration::from_millis(200)).await;
 
-    let reply = bob_phone.send(1, MessageBody::text("hi alice")).await.expect("sent");
+    let reply = bob_phone
+        .send(1, MessageBody::text("hi alice"))
+        .await
+        .expect("sent");
     assert!(reply.mid > ack.mid, "mids are time-ordered");
     assert_eq!(reply.conv_seq, 2, "conversation numbering is contiguous");
-    for events in [&mut alice_phone_events, &mut alice_laptop_events, &mut bob_tablet_events] {
+    for events in [
+        &mut alice_phone_events,
+        &mut alice_laptop_events,
+        &mut bob_tablet_events,
+    ] {
         let m = next_message(events).await;
         assert_eq!((m.mid, text_of(&m)), (reply.mid, "hi alice"));
     }
@@ -41,14 +58,23 @@ async fn offline_receiver_gets_everything_in_order_on_reconnect() {
     let server = TestServer::start(|_| {}).await;
     let (alice, _alice_events) = server.client(1, "phone").await;
     let (bob, mut bob_events) = server.client(2, "phone").await;
-    let first = alice.send(2, MessageBody::text("while online")).await.expect("sent");
+    let first = alice
+        .send(2, MessageBody::text("while online"))
+        .await
+        .expect("sent");
     assert_eq!(next_message(&mut bob_events).await.mid, first.mid);
     bob.close().await;
     drop(bob_events);
 
     let mut mids = Vec::new();
     for i in 0..30 {
-        mids.push(alice.send(2, MessageBody::text(format!("offline {i}"))).await.expect("sent").mid);
+        mids.push(
+            alice
+                .send(2, MessageBody::text(format!("offline {i}")))
+                .await
+                .expect("sent")
+                .mid,
+        );
     }
     // Bob comes back as a new process: no local state, the server's cursor.
     let (_bob, mut bob_events) = server.client(2, "phone").await;
@@ -56,10 +82,18 @@ async fn offline_receiver_gets_everything_in_order_on_reconnect() {
     for _ in 0..30 {
         got.push(next_message(&mut bob_events).await);
     }
-    assert_eq!(got.iter().map(|m| m.mid).collect::<Vec<_>>(), mids, "all of them, in order");
+    assert_eq!(
+        got.iter().map(|m| m.mid).collect::<Vec<_>>(),
+        mids,
+        "all of them, in order"
+    );
     assert_eq!(text_of(&got[29]), "offline 29");
     let seqs: Vec<u64> = got.iter().map(|m| m.conv_seq).collect();
-    assert_eq!(seqs, (2..=31).collect::<Vec<_>>(), "no gap in the conversation");
+    assert_eq!(
+        seqs,
+        (2..=31).collect::<Vec<_>>(),
+        "no gap in the conversation"
+    );
     no_message(&mut bob_events, Duration::from_millis(300)).await;
     server.stop().await;
 }
@@ -70,15 +104,24 @@ async fn same_client_seq_twice_is_one_message() {
     let (alice, _events) = server.client(1, "phone").await;
     let (_bob, mut bob_events) = server.client(2, "phone").await;
     let seq = alice.next_client_seq();
-    let first = alice.send_with_seq(seq, 2, MessageBody::text("once")).await.expect("sent");
-    let again = alice.send_with_seq(seq, 2, MessageBody::text("once")).await.expect("sent");
+    let first = alice
+        .send_with_seq(seq, 2, MessageBody::text("once"))
+        .await
+        .expect("sent");
+    let again = alice
+        .send_with_seq(seq, 2, MessageBody::text("once"))
+        .await
+        .expect("sent");
     assert!(!first.repeat);
     assert!(again.repeat);
     assert_eq!((again.mid, again.conv_seq), (first.mid, first.conv_seq));
     // Bob's SDK sees it once even though the repeat is pushed again.
     assert_eq!(next_message(&mut bob_events).await.mid, first.mid);
     no_message(&mut bob_events, Duration::from_millis(300)).await;
-    let page = alice.history("p:1:2", None, 100, &[]).await.expect("history");
+    let page = alice
+        .history("p:1:2", None, 100, &[])
+        .await
+        .expect("history");
     assert_eq!(page.messages.len(), 1, "one stored row");
     server.stop().await;
 }
@@ -89,7 +132,13 @@ async fn nothing_acked_is_lost_across_a_restart() {
     let (alice, _events) = server.client(1, "phone").await;
     let mut acked = Vec::new();
     for i in 0..50 {
-        acked.push(alice.send(2, MessageBody::text(format!("m{i}"))).await.expect("acked").mid);
+        acked.push(
+            alice
+                .send(2, MessageBody::text(format!("m{i}")))
+                .await
+                .expect("acked")
+                .mid,
+        );
     }
     drop(alice);
     server.restart().await;
@@ -101,7 +150,10 @@ async fn nothing_acked_is_lost_across_a_restart() {
     assert_eq!(got, acked);
     // The sequence counters continue after the restart.
     let (alice, _events) = server.client(1, "phone").await;
-    let after = alice.send(2, MessageBody::text("after restart")).await.expect("acked");
+    let after = alice
+        .send(2, MessageBody::text("after restart"))
+        .await
+        .expect("acked");
     assert_eq!(after.conv_seq, 51);
     server.stop().await;
 }
@@ -112,7 +164,10 @@ async fn a_device_logging_in_again_replaces_the_old_connection() {
     let (_old, mut old_events) = server.client(1, "phone").await;
     let (_new, _new_events) = server.client(1, "phone").await;
     loop {
-        match tokio::time::timeout(PATIENCE, old_events.next()).await.expect("event") {
+        match tokio::time::timeout(PATIENCE, old_events.next())
+            .await
+            .expect("event")
+        {
             Some(Event::Disconnected { error, fatal }) => {
                 assert!(fatal);
                 assert_eq!(error.class(), "closed:replaced");
@@ -140,7 +195,10 @@ async fn many_clients_send_concurrently_and_every_message_arrives_once() {
         let to = (i as u64 + 1) % users + 1;
         sends.push(tokio::spawn(async move {
             for n in 0..per_user {
-                client.send(to, MessageBody::text(format!("{n}"))).await.expect("acked");
+                client
+                    .send(to, MessageBody::text(format!("{n}")))
+                    .await
+                    .expect("acked");
             }
         }));
     }
@@ -155,7 +213,13 @@ async fn many_clients_send_concurrently_and_every_message_arrives_once() {
             last_seq = m.conv_seq;
         }
         no_message(events, Duration::from_millis(50)).await;
-        assert_eq!(client.stats().duplicates.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(
+            client
+                .stats()
+                .duplicates
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
     server.stop().await;
 }

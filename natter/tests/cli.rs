@@ -1,0 +1,181 @@
+//! The command-line contract, against the real binary: help text, `natter
+//! token`, `natter serve` with its defaults, and durability across kill -9.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use natter_client::{Client, ClientConfig, Event};
+use natter_proto::msg::MessageBody;
+
+fn natter() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_natter"))
+}
+
+/// A `natter serve` child on port 0; its address is read from its JSON log.
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+fn serve(data_dir: &std::path::Path) -> Served {
+    let mut child = natter()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("NATTER_LOG__FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("natter serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server logged its address")
+            .expect("log line");
+        let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        if let Some(addr) = entry["fields"]["addr"].as_str() {
+            break addr.to_string();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, addr }
+}
+
+fn token(data_dir: &std::path::Path, uid: u64, device: &str) -> String {
+    let out = natter()
+        .args([
+            "token",
+            "--uid",
+            &uid.to_string(),
+            "--device",
+            device,
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .output()
+        .expect("natter token runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn help_describes_every_subcommand_and_flag() {
+    let out = natter().arg("--help").output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "token", "pressure"] {
+        assert!(text.contains(word), "{word} missing from --help:\n{text}");
+    }
+    let out = natter().args(["serve", "--help"]).output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--config",
+        "127.0.0.1:3102",
+        "./natter-data",
+    ] {
+        assert!(
+            text.contains(flag),
+            "{flag} missing from serve --help:\n{text}"
+        );
+    }
+    let out = natter().args(["token", "--help"]).output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--uid", "--device", "--data-dir", "--ttl"] {
+        assert!(
+            text.contains(flag),
+            "{flag} missing from token --help:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn bad_flags_and_bad_config_fail_before_binding() {
+    let out = natter()
+        .args([
+            "token",
+            "--uid",
+            "0",
+            "--device",
+            "d",
+            "--data-dir",
+            "/nonexistent/x",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = natter()
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("NATTER_COMET__HEARTBEAT_TIMEOUT_MS", "1")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat_timeout_ms"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_the_cli_work_and_kill_9_loses_nothing_acked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut served = serve(&data);
+    let alice_token = token(&data, 1, "phone");
+    let (alice, _events) = Client::connect(ClientConfig::new(served.addr.clone(), alice_token))
+        .await
+        .expect("alice connects");
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        acked.push(
+            alice
+                .send(2, MessageBody::text(format!("durable {i}")))
+                .await
+                .expect("acked")
+                .mid,
+        );
+    }
+    // No goodbye, no flush: SIGKILL right after the last ack.
+    served.child.kill().expect("kill -9");
+    served.child.wait().expect("reaped");
+    drop(alice);
+
+    let mut served = serve(&data);
+    let bob = ClientConfig::new(served.addr.clone(), token(&data, 2, "phone"));
+    let (_bob, mut events) = Client::connect(bob).await.expect("bob connects");
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        match tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("in time")
+        {
+            Some(Event::Message(m)) => got.push(m.mid),
+            Some(_) => {}
+            None => panic!("event stream ended"),
+        }
+    }
+    assert_eq!(got, acked);
+
+    // SIGTERM drains and exits cleanly.
+    sigterm(served.child.id());
+    let status = served.child.wait().expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
+fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
