@@ -35,6 +35,9 @@ use tokio_util::task::TaskTracker;
 
 pub use metrics::Metrics;
 
+/// Routes served by [`Comet::router`].
+pub const ROUTES: &[(&str, &str)] = &[("get", "/sub")];
+
 /// What the connection task is asked to do by others.
 enum Control {
     Push(Delivery),

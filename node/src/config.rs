@@ -406,6 +406,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/natter.toml");
+        let example = Config::load(Some(&path), vec![]).expect("example parses");
+        assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
     fn secret_is_created_once_and_reused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");

@@ -58,6 +58,9 @@ struct HealthState {
     ready: Readiness,
 }
 
+/// Routes served by [`health_router`].
+pub const ROUTES: &[(&str, &str)] = &[("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")];
+
 /// `/healthz` (the process answers), `/readyz` (it takes traffic) and
 /// `/metrics` (Prometheus text format).
 pub fn health_router(registry: Registry, ready: Readiness) -> Router {
