@@ -274,6 +274,15 @@ impl Config {
     }
 }
 
+/// Reads `DIR/secret`; an error if it does not exist.
+pub fn read_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
+    let path = data_dir.join("secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.trim().as_bytes().to_vec()),
+        Err(source) => Err(ConfigError::Secret { path, source }),
+    }
+}
+
 /// Reads `DIR/secret`, creating it (and `DIR`) with 32 random bytes in hex if absent.
 pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     let path = data_dir.join("secret");

@@ -1,0 +1,286 @@
+//! Reconciliation: what the server acked against what each device received.
+//!
+//! Every acked message must reach every intended device exactly once: each
+//! device of the receiver, and each device of the sender other than the one
+//! it was sent from. Deliveries are what the SDK handed to the application
+//! (after its de-duplication by mid); duplicates here are real defects and
+//! are counted one by one, never collapsed.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The outcome of one message send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRecord {
+    pub sender: u64,
+    pub device: u16,
+    pub client_seq: u64,
+    pub receiver: u64,
+    /// The acked mid, or `None` when the send failed.
+    pub mid: Option<u64>,
+    /// The error class of a failed send.
+    pub error: Option<String>,
+}
+
+/// One message handed to the application on one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub uid: u64,
+    pub device: u16,
+    pub mid: u64,
+    /// From the payload; `None` if the message was not a pressure message.
+    pub origin: Option<Origin>,
+}
+
+/// Who sent a pressure message, from its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub run: u64,
+    pub sender: u64,
+    pub device: u16,
+    pub client_seq: u64,
+}
+
+/// Everything a run records, mergeable across worker processes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Ledger {
+    pub sends: Vec<SendRecord>,
+    /// In arrival order per device.
+    pub deliveries: Vec<DeliveryRecord>,
+}
+
+impl Ledger {
+    pub fn merge(&mut self, other: Ledger) {
+        self.sends.extend(other.sends);
+        self.deliveries.extend(other.deliveries);
+    }
+}
+
+/// One acked message that a device never got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Missing {
+    pub mid: u64,
+    pub sender: u64,
+    pub client_seq: u64,
+    pub uid: u64,
+    pub device: u16,
+}
+
+/// The verdict.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconciliation {
+    pub sent: u64,
+    pub acked: u64,
+    /// Sends that never got an ack, by error class.
+    pub unacked: HashMap<String, u64>,
+    /// (acked message, intended device) pairs.
+    pub expected: u64,
+    pub delivered: u64,
+    /// Acked, never received by an intended device.
+    pub lost: u64,
+    /// Extra deliveries of a mid to a device that already had it.
+    pub duplicates: u64,
+    /// Deliveries that arrived after a later message from the same sender.
+    pub reordered: u64,
+    /// Deliveries of messages this run never sent (or under another mid than acked).
+    pub unexpected: u64,
+    /// Deliveries of messages whose send failed but which the server had stored
+    /// (the ack was lost): not an error; the sender would resend the same seq.
+    pub unacked_delivered: u64,
+    /// Messages from earlier runs to the same users.
+    pub stale: u64,
+    /// The first few losses, to look up in the server's logs.
+    pub lost_examples: Vec<Missing>,
+}
+
+impl Reconciliation {
+    /// Whether the run kept every promise: nothing acked lost or duplicated,
+    /// nothing unexpected received.
+    pub fn clean(&self) -> bool {
+        self.lost == 0 && self.duplicates == 0 && self.unexpected == 0
+    }
+}
+
+/// The devices that took part, by user: only they are expected to receive.
+pub type Topology = HashMap<u64, Vec<u16>>;
+
+/// Reconciles `ledger` for run `run` over the connected devices in `topology`.
+pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliation {
+    let mut r = Reconciliation { sent: ledger.sends.len() as u64, ..Default::default() };
+    // How often each (uid, device, mid) was delivered.
+    let mut counts: HashMap<(u64, u16, u64), u64> = HashMap::new();
+    for d in &ledger.deliveries {
+        *counts.entry((d.uid, d.device, d.mid)).or_default() += 1;
+    }
+    r.delivered = ledger.deliveries.len() as u64;
+    let mut acked_by_origin: HashMap<(u64, u16, u64), u64> = HashMap::new();
+    let mut failed_origins: HashMap<(u64, u16, u64), ()> = HashMap::new();
+    let mut expected_keys: HashMap<(u64, u16, u64), ()> = HashMap::new();
+    for send in &ledger.sends {
+        let Some(mid) = send.mid else {
+            *r.unacked.entry(send.error.clone().unwrap_or_else(|| "unknown".into())).or_default() += 1;
+            failed_origins.insert((send.sender, send.device, send.client_seq), ());
+            continue;
+        };
+        r.acked += 1;
+        acked_by_origin.insert((send.sender, send.device, send.client_seq), mid);
+        let none = Vec::new();
+        let receiver_devices = topology.get(&send.receiver).unwrap_or(&none).iter().map(|d| (send.receiver, *d));
+        let sender_devices =
+            topology.get(&send.sender).unwrap_or(&none).iter().filter(|d| **d != send.device).map(|d| (send.sender, *d));
+        for (uid, device) in receiver_devices.chain(sender_devices) {
+            r.expected += 1;
+            expected_keys.insert((uid, device, mid), ());
+            match counts.get(&(uid, device, mid)).copied().unwrap_or(0) {
+                0 => {
+                    r.lost += 1;
+                    if r.lost_examples.len() < 10 {
+                        r.lost_examples.push(Missing { mid, sender: send.sender, client_seq: send.client_seq, uid, device });
+                    }
+                }
+                n => r.duplicates += n - 1,
+            }
+        }
+    }
+    // Deliveries nobody expected, and order per (device, sender device).
+    let mut highest: HashMap<(u64, u16, u64, u16), u64> = HashMap::new();
+    let mut unexpected_seen: HashMap<(u64, u16, u64), u64> = HashMap::new();
+    for d in &ledger.deliveries {
+        let key = (d.uid, d.device, d.mid);
+        if !expected_keys.contains_key(&key) {
+            match d.origin {
+                Some(o) if o.run != run => r.stale += 1,
+                Some(o) if failed_origins.contains_key(&(o.sender, o.device, o.client_seq))
+                    && !acked_by_origin.contains_key(&(o.sender, o.device, o.client_seq)) =>
+                {
+                    // Count each such delivery once per device; repeats are duplicates.
+                    let seen = unexpected_seen.entry(key).or_default();
+                    *seen += 1;
+                    if *seen == 1 {
+                        r.unacked_delivered += 1;
+                    } else {
+                        r.duplicates += 1;
+                    }
+                }
+                _ => r.unexpected += 1,
+            }
+            continue;
+        }
+        if let Some(o) = d.origin {
+            let order = highest.entry((d.uid, d.device, o.sender, o.device)).or_default();
+            if o.client_seq < *order {
+                r.reordered += 1;
+            } else {
+                *order = o.client_seq;
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN: u64 = 9;
+
+    /// Users 1..=5, each with devices 0..devices.
+    fn topo(devices: u16) -> Topology {
+        (1..=5).map(|uid| (uid, (0..devices).collect())).collect()
+    }
+
+    fn send(sender: u64, seq: u64, receiver: u64, mid: u64) -> SendRecord {
+        SendRecord { sender, device: 0, client_seq: seq, receiver, mid: Some(mid), error: None }
+    }
+
+    fn got(uid: u64, device: u16, mid: u64, sender: u64, seq: u64) -> DeliveryRecord {
+        DeliveryRecord { uid, device, mid, origin: Some(Origin { run: RUN, sender, device: 0, client_seq: seq }) }
+    }
+
+    /// Three messages 1→2, delivered perfectly to user 2's single device.
+    fn perfect() -> Ledger {
+        Ledger {
+            sends: vec![send(1, 1, 2, 100), send(1, 2, 2, 101), send(1, 3, 2, 102)],
+            deliveries: vec![got(2, 0, 100, 1, 1), got(2, 0, 101, 1, 2), got(2, 0, 102, 1, 3)],
+        }
+    }
+
+    #[test]
+    fn a_perfect_run_is_clean() {
+        let r = reconcile(&perfect(), RUN, &topo(1));
+        assert_eq!((r.sent, r.acked, r.expected, r.delivered), (3, 3, 3, 3));
+        assert_eq!((r.lost, r.duplicates, r.reordered, r.unexpected), (0, 0, 0, 0));
+        assert!(r.clean());
+    }
+
+    #[test]
+    fn loss_is_counted_exactly_with_examples() {
+        let mut ledger = perfect();
+        ledger.deliveries.remove(1);
+        let r = reconcile(&ledger, RUN, &topo(1));
+        assert_eq!(r.lost, 1);
+        assert_eq!(r.lost_examples, vec![Missing { mid: 101, sender: 1, client_seq: 2, uid: 2, device: 0 }]);
+        assert!(!r.clean());
+    }
+
+    #[test]
+    fn duplicates_are_counted_not_collapsed() {
+        let mut ledger = perfect();
+        ledger.deliveries.push(got(2, 0, 100, 1, 1));
+        ledger.deliveries.push(got(2, 0, 100, 1, 1));
+        ledger.deliveries.push(got(2, 0, 102, 1, 3));
+        let r = reconcile(&ledger, RUN, &topo(1));
+        assert_eq!(r.duplicates, 3);
+        assert_eq!(r.lost, 0);
+        assert!(!r.clean());
+    }
+
+    #[test]
+    fn reordering_is_counted_per_sender_and_device() {
+        let mut ledger = perfect();
+        ledger.deliveries.swap(0, 2); // 102, 101, 100
+        let r = reconcile(&ledger, RUN, &topo(1));
+        assert_eq!(r.reordered, 2);
+        assert!(r.clean(), "reordering is reported, not a broken promise");
+    }
+
+    #[test]
+    fn every_device_of_the_receiver_and_the_senders_other_devices_count() {
+        let ledger = Ledger {
+            sends: vec![send(1, 1, 2, 100)],
+            deliveries: vec![got(2, 0, 100, 1, 1), got(2, 1, 100, 1, 1), got(1, 1, 100, 1, 1)],
+        };
+        let r = reconcile(&ledger, RUN, &topo(2));
+        assert_eq!((r.expected, r.lost), (3, 0));
+        let mut missing_copy = ledger.clone();
+        missing_copy.deliveries.pop();
+        let r = reconcile(&missing_copy, RUN, &topo(2));
+        assert_eq!(r.lost, 1);
+        assert_eq!(r.lost_examples[0].uid, 1, "the sender's second device missed its copy");
+        // A device that never connected is not expected to receive.
+        let mut partial = topo(2);
+        partial.insert(1, vec![0]);
+        assert_eq!(reconcile(&missing_copy, RUN, &partial).lost, 0);
+    }
+
+    #[test]
+    fn unacked_unexpected_and_stale_are_told_apart() {
+        let mut ledger = perfect();
+        ledger.sends.push(SendRecord { sender: 1, device: 0, client_seq: 4, receiver: 2, mid: None, error: Some("timeout".into()) });
+        ledger.deliveries.push(got(2, 0, 103, 1, 4)); // stored though the ack was lost
+        ledger.deliveries.push(got(2, 0, 555, 1, 77)); // never sent
+        ledger.deliveries.push(got(2, 0, 104, 1, 2)); // seq 2 under another mid than acked
+        let mut stale = got(2, 0, 9, 1, 1);
+        stale.origin = Some(Origin { run: RUN + 1, sender: 1, device: 0, client_seq: 1 });
+        ledger.deliveries.push(stale);
+        ledger.deliveries.push(DeliveryRecord { uid: 2, device: 0, mid: 777, origin: None });
+        let r = reconcile(&ledger, RUN, &topo(1));
+        assert_eq!(r.unacked.get("timeout"), Some(&1));
+        assert_eq!(r.unacked_delivered, 1);
+        assert_eq!(r.unexpected, 3);
+        assert_eq!(r.stale, 1);
+        assert_eq!(r.lost, 0);
+        assert!(!r.clean());
+    }
+}

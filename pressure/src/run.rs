@@ -1,0 +1,354 @@
+//! Orchestrates a run: plans it, runs the workers (in this process or as
+//! child processes), shows live progress, samples the machine and the
+//! server, reconciles and writes the report.
+
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::io::AsyncBufReadExt;
+
+use crate::reconcile::{reconcile, Topology};
+use crate::report::*;
+use crate::scenario::Scenario;
+use crate::system;
+use crate::worker::{self, Plan, Progress, WorkerResult};
+
+/// Environment variable carrying the secret to worker processes.
+pub const SECRET_ENV: &str = "NATTER_PRESSURE_SECRET";
+
+/// Where and how to run.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub server: String,
+    pub secret: Vec<u8>,
+    pub report_dir: PathBuf,
+    pub server_pid: Option<u32>,
+    pub quiet: bool,
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// `run` (traffic and reconciliation) or `keep` (idle connections).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Keep,
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn is_loopback(server: &str) -> bool {
+    let host = server.rsplit_once(':').map(|(h, _)| h).unwrap_or(server).trim_matches(['[', ']']);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Live totals across workers.
+#[derive(Default)]
+struct Live {
+    per_worker: Vec<Progress>,
+}
+
+impl Live {
+    fn total(&self) -> Progress {
+        let mut t = Progress::default();
+        for p in &self.per_worker {
+            t.connected += p.connected;
+            t.sent += p.sent;
+            t.acked += p.acked;
+            t.received += p.received;
+            t.errors += p.errors;
+            t.window_p99_us = t.window_p99_us.max(p.window_p99_us);
+        }
+        t
+    }
+}
+
+/// Runs the scenario and returns the report.
+pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::Result<Report> {
+    scenario.validate().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&target.report_dir)
+        .with_context(|| format!("creating report dir {}", target.report_dir.display()))?;
+    let workers = scenario.worker_count();
+    let sources = scenario.sources(is_loopback(&target.server));
+    let run = random_u64();
+    let uid_base = scenario.uid_base.unwrap_or(1_000_000_000 + random_u64() % 1_000_000_000_000);
+    let connections = scenario.connections();
+    let connect_secs = if scenario.connect_rate > 0 { connections as f64 / f64::from(scenario.connect_rate) } else { 0.0 };
+    let now_ms = natter_node::ids::now_ms();
+    let connect_at_ms = now_ms + 300;
+    let send_at_ms = connect_at_ms + (connect_secs * 1000.0) as i64 + 1000;
+    let total_ms = (send_at_ms - now_ms) as u64 + scenario.warmup_ms + scenario.duration_ms + scenario.drain_ms;
+    let plan = Plan {
+        run,
+        server: target.server.clone(),
+        scenario: scenario.clone(),
+        uid_base,
+        connect_at_ms,
+        send_at_ms,
+        index: 0,
+        workers,
+        sources: sources.clone(),
+        seed: random_u64(),
+        heartbeat_ms: target.heartbeat_ms,
+    };
+
+    let machine_start = system::machine_cpu();
+    let load_start = system::loadavg().unwrap_or(0.0);
+    let server_cpu_start = target.server_pid.and_then(|p| system::cpu_seconds(Some(p)));
+    let rss_start = target.server_pid.and_then(system::rss_bytes);
+    let own_cpu_start = system::cpu_seconds(None).unwrap_or(0.0);
+    let wall = Instant::now();
+
+    let live = Arc::new(Mutex::new(Live { per_worker: vec![Progress::default(); workers as usize] }));
+    let printer = tokio::spawn(print_progress(live.clone(), total_ms, target.quiet, connections));
+    // Server memory once everyone is connected, just before sending.
+    let rss_connected = {
+        let pid = target.server_pid;
+        let at = Duration::from_millis((send_at_ms - natter_node::ids::now_ms()).max(0) as u64);
+        tokio::spawn(async move {
+            tokio::time::sleep(at).await;
+            pid.and_then(system::rss_bytes)
+        })
+    };
+
+    let mut merged = WorkerResult::default();
+    if workers == 1 {
+        let live = live.clone();
+        merged = worker::run(plan, target.secret.clone(), move |p| {
+            live.lock().unwrap_or_else(|e| e.into_inner()).per_worker[0] = p;
+        })
+        .await;
+    } else {
+        for result in run_processes(&plan, &target, live.clone()).await? {
+            merged.merge(result);
+        }
+    }
+    printer.abort();
+    if !target.quiet && std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+
+    let wall_seconds = wall.elapsed().as_secs_f64();
+    let harness_cpu = if workers == 1 {
+        system::cpu_seconds(None).unwrap_or(0.0) - own_cpu_start
+    } else {
+        merged.cpu_seconds + system::cpu_seconds(None).unwrap_or(0.0) - own_cpu_start
+    };
+    let machine_busy = match (machine_start, system::machine_cpu()) {
+        (Some(a), Some(b)) => (b.busy - a.busy) / wall_seconds.max(1e-9),
+        _ => 0.0,
+    };
+    let server_cost = target.server_pid.map(|pid| {
+        let cpu = match (server_cpu_start, system::cpu_seconds(Some(pid))) {
+            (Some(a), Some(b)) => b - a,
+            _ => 0.0,
+        };
+        ServerCost { pid, cpu_seconds: cpu, rss_start_bytes: rss_start.unwrap_or(0), ..Default::default() }
+    });
+    let rss_connected = rss_connected.await.ok().flatten();
+
+    let topology: Topology = merged.devices.iter().map(|(uid, d)| (*uid, d.clone())).collect();
+    let reconciliation = reconcile(&merged.ledger, run, &topology);
+    let measured = scenario.duration_ms as f64 / 1000.0;
+    let measured_acked: u64 = merged.ack.len();
+    let measured_delivered: u64 = merged.e2e.len();
+    let mut problems = Vec::new();
+    if reconciliation.lost > 0 {
+        problems.push(format!("{} acked deliveries lost", reconciliation.lost));
+    }
+    if reconciliation.duplicates > 0 {
+        problems.push(format!("{} duplicate deliveries", reconciliation.duplicates));
+    }
+    if reconciliation.unexpected > 0 {
+        problems.push(format!("{} deliveries of messages never sent", reconciliation.unexpected));
+    }
+    if mode == Mode::Run && scenario.rate > 0.0 && reconciliation.acked == 0 {
+        problems.push("no message was acked".into());
+    }
+    if merged.devices.is_empty() {
+        problems.push("no connection succeeded".into());
+    }
+    let connected: u64 = merged.devices.values().map(|d| d.len() as u64).sum();
+    let server_cost = server_cost.map(|mut sc| {
+        sc.rss_connected_bytes = rss_connected.unwrap_or(0);
+        sc.rss_end_bytes = system::rss_bytes(sc.pid).unwrap_or(0);
+        if reconciliation.delivered > 0 {
+            sc.cpu_us_per_delivered = Some(sc.cpu_seconds * 1e6 / reconciliation.delivered as f64);
+        }
+        if connected > 0 && sc.rss_connected_bytes > 0 {
+            sc.rss_per_connection_bytes =
+                Some((sc.rss_connected_bytes as f64 - sc.rss_start_bytes as f64) / connected as f64);
+        }
+        sc
+    });
+    let harness_cores = harness_cpu / wall_seconds.max(1e-9);
+    let server_cores = server_cost.as_ref().map(|s| s.cpu_seconds / wall_seconds.max(1e-9)).unwrap_or(0.0);
+    let report = Report {
+        kind: match mode {
+            Mode::Run => "run".into(),
+            Mode::Keep => "keep".into(),
+        },
+        run: format!("{run:016x}"),
+        started_unix_ms: now_ms,
+        server: target.server.clone(),
+        scenario: scenario.clone(),
+        uid_base,
+        connections: Connections {
+            target: connections,
+            connected,
+            errors: merged.connect_errors.clone(),
+            disconnects: merged.disconnects.clone(),
+            connect_time: merged.connect.summary(),
+        },
+        throughput: Throughput {
+            sent: reconciliation.sent,
+            acked: reconciliation.acked,
+            delivered: reconciliation.delivered,
+            seconds: measured,
+            acked_per_s: measured_acked as f64 / measured,
+            delivered_per_s: measured_delivered as f64 / measured,
+        },
+        latency: Latency { ack: merged.ack.summary(), end_to_end: merged.e2e.summary() },
+        conditions: Conditions {
+            cpus: system::cpus(),
+            workers,
+            source_addresses: sources.len(),
+            harness_cpu_seconds: harness_cpu,
+            harness_cores,
+            machine_busy_cores: machine_busy,
+            other_load_cores: (machine_busy - harness_cores - server_cores).max(0.0),
+            loadavg_start: load_start,
+            loadavg_end: system::loadavg().unwrap_or(0.0),
+            client_lag: merged.lag.summary(),
+            late_sends: merged.late_sends,
+            late_threshold_ms: scenario.late_ms,
+            wall_seconds,
+        },
+        server_cost,
+        sdk: Sdk {
+            wire_duplicates_dropped: merged.wire_duplicates,
+            resends: merged.resends,
+            reconnects: merged.reconnects,
+            final_sync_errors: merged.final_sync_errors,
+        },
+        timeline: points(&merged.timeline),
+        clean: problems.is_empty(),
+        problems,
+        reconciliation,
+    };
+    report.write(&target.report_dir).with_context(|| format!("writing the report to {}", target.report_dir.display()))?;
+    Ok(report)
+}
+
+async fn run_processes(plan: &Plan, target: &Target, live: Arc<Mutex<Live>>) -> anyhow::Result<Vec<WorkerResult>> {
+    let exe = std::env::current_exe().context("locating the natter binary")?;
+    let secret = String::from_utf8(target.secret.clone()).context("the secret must be text to pass to workers")?;
+    let mut children = Vec::new();
+    for index in 0..plan.workers {
+        let plan = Plan { index, ..plan.clone() };
+        let plan_path = target.report_dir.join(format!("worker-{index}.plan.json"));
+        let out_path = target.report_dir.join(format!("worker-{index}.json"));
+        std::fs::write(&plan_path, serde_json::to_vec(&plan)?)?;
+        let mut child = tokio::process::Command::new(&exe)
+            .args(["pressure", "worker", "--plan"])
+            .arg(&plan_path)
+            .arg("--out")
+            .arg(&out_path)
+            .env(SECRET_ENV, &secret)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a worker process")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let live = live.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(p) = serde_json::from_str::<Progress>(&line) {
+                    live.lock().unwrap_or_else(|e| e.into_inner()).per_worker[index as usize] = p;
+                }
+            }
+        });
+        children.push((child, reader, out_path));
+    }
+    let mut results = Vec::new();
+    for (mut child, reader, out_path) in children {
+        let status = child.wait().await?;
+        let _ = reader.await;
+        anyhow::ensure!(status.success(), "worker process failed: {status}");
+        let bytes = std::fs::read(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+        results.push(serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", out_path.display()))?);
+    }
+    Ok(results)
+}
+
+/// The body of `natter pressure worker`: runs one share and writes its result.
+pub async fn worker_process(plan_path: &Path, out_path: &Path) -> anyhow::Result<()> {
+    let plan: Plan = serde_json::from_slice(&std::fs::read(plan_path)?).context("parsing the plan")?;
+    let secret = std::env::var(SECRET_ENV).context("the secret is passed in the environment")?;
+    let result = worker::run(plan, secret.into_bytes(), |p| {
+        if let Ok(line) = serde_json::to_string(&p) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    })
+    .await;
+    std::fs::write(out_path, serde_json::to_vec(&result)?)?;
+    Ok(())
+}
+
+async fn print_progress(live: Arc<Mutex<Live>>, total_ms: u64, quiet: bool, target: u64) {
+    if quiet {
+        return;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last = Progress::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = live.lock().unwrap_or_else(|e| e.into_inner()).total();
+        let elapsed = started.elapsed().as_millis() as u64;
+        let fraction = (elapsed as f64 / total_ms.max(1) as f64).min(1.0);
+        let width = 30;
+        let filled = (fraction * width as f64) as usize;
+        let bar = format!("{}{}", "#".repeat(filled), ".".repeat(width - filled));
+        let line = format!(
+            "[{bar}] {:>4}s  conns {}/{}  sent/s {}  recv/s {}  p99 {:.1}ms  errors {}",
+            elapsed / 1000,
+            now.connected,
+            target,
+            now.sent.saturating_sub(last.sent),
+            now.received.saturating_sub(last.received),
+            now.window_p99_us as f64 / 1000.0,
+            now.errors
+        );
+        if tty {
+            eprint!("\r{line}   ");
+        } else if (elapsed / 1000) % 5 == 0 {
+            eprintln!("{line}");
+        }
+        last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback("127.0.0.1:3102"));
+        assert!(is_loopback("localhost:1"));
+        assert!(is_loopback("[::1]:80"));
+        assert!(!is_loopback("10.0.0.1:3102"));
+    }
+}
