@@ -23,12 +23,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [server, alice_token, bob_token] = args.as_slice() else {
         return Err("usage: chat HOST:PORT ALICE_TOKEN BOB_TOKEN".into());
     };
-    let (alice, mut alice_events) = Client::connect(ClientConfig::new(server.clone(), alice_token.clone())).await?;
-    let (bob, mut bob_events) = Client::connect(ClientConfig::new(server.clone(), bob_token.clone())).await?;
-    println!("alice is user {} on {}, bob is user {} on {}", alice.uid(), alice.device(), bob.uid(), bob.device());
+    let (alice, mut alice_events) =
+        Client::connect(ClientConfig::new(server.clone(), alice_token.clone())).await?;
+    let (bob, mut bob_events) =
+        Client::connect(ClientConfig::new(server.clone(), bob_token.clone())).await?;
+    println!(
+        "alice is user {} on {}, bob is user {} on {}",
+        alice.uid(),
+        alice.device(),
+        bob.uid(),
+        bob.device()
+    );
 
-    let ack = alice.send(bob.uid(), MessageBody::text("hello bob")).await?;
-    println!("alice sent mid {} (conversation {}, #{})", ack.mid, ack.conversation, ack.conv_seq);
+    let ack = alice
+        .send(bob.uid(), MessageBody::text("hello bob"))
+        .await?;
+    println!(
+        "alice sent mid {} (conversation {}, #{})",
+        ack.mid, ack.conversation, ack.conv_seq
+    );
     if let Some((from, text)) = next_text(&mut bob_events).await {
         println!("bob got from {from}: {text}");
     }
@@ -38,7 +51,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("alice got from {from}: {text}");
     }
     let page = bob.history(&ack.conversation, None, 10, &[]).await?;
-    println!("history of {}: {} messages", ack.conversation, page.messages.len());
+    println!(
+        "history of {}: {} messages",
+        ack.conversation,
+        page.messages.len()
+    );
     alice.close().await;
     bob.close().await;
     Ok(())

@@ -392,15 +392,14 @@ impl Driver {
                     }
                 }
                 match self.pending.remove(&frame.seq) {
-                    Some(Waiter::App(reply)) => {
+                    // A sync answered by an error is reported too; the next connect syncs again.
+                    Some(Waiter::App(reply))
+                    | Some(Waiter::Sync {
+                        report: Some(reply),
+                    }) => {
                         let _ = reply.send(Ok(frame));
                     }
-                    Some(Waiter::Sync { report }) => {
-                        // A sync that failed: report it; the next connect syncs again.
-                        if let Some(report) = report {
-                            let _ = report.send(Ok(frame));
-                        }
-                    }
+                    Some(Waiter::Sync { report: None }) => {}
                     None if frame.op == Op::Error => {
                         let text = frame
                             .message::<natter_proto::msg::ErrorReply>()

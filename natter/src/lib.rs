@@ -23,7 +23,12 @@ use tokio::task::JoinHandle;
 
 /// Routes of the HTTP API, for checking the OpenAPI document against.
 pub fn http_routes() -> Vec<(&'static str, &'static str)> {
-    [natter_comet::ROUTES, natter_record::http::ROUTES, natter_node::telemetry::ROUTES].concat()
+    [
+        natter_comet::ROUTES,
+        natter_record::http::ROUTES,
+        natter_node::telemetry::ROUTES,
+    ]
+    .concat()
 }
 
 /// A running embedded natter.

@@ -28,7 +28,7 @@ enum Command {
     Token(TokenArgs),
     /// Drive a running natter with simulated users and measure it.
     #[command(subcommand)]
-    Pressure(natter_pressure::cli::PressureCommand),
+    Pressure(Box<natter_pressure::cli::PressureCommand>),
 }
 
 #[derive(clap::Args)]
@@ -102,6 +102,6 @@ fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Pressure(command) => natter_pressure::cli::main(command),
+        Command::Pressure(command) => natter_pressure::cli::main(*command),
     }
 }

@@ -179,3 +179,84 @@ fn sigterm(pid: u32) {
         .expect("kill runs");
     assert!(status.success());
 }
+
+#[test]
+fn pressure_runs_worker_processes_and_fails_loudly_on_a_wrong_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut served = serve(&data);
+    let out = dir.path().join("report");
+    let status = natter()
+        .args([
+            "pressure",
+            "run",
+            "--server",
+            &served.addr,
+            "--users",
+            "100",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+        ])
+        .args([
+            "--drain",
+            "500ms",
+            "--rate",
+            "3",
+            "--workers",
+            "2",
+            "--quiet",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--report-dir")
+        .arg(&out)
+        .arg("--server-pid")
+        .arg(served.child.id().to_string())
+        .status()
+        .expect("pressure runs");
+    assert!(status.success(), "{status:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
+            .expect("json");
+    assert_eq!(report["clean"], true, "{report}");
+    assert_eq!(report["connections"]["connected"], 100);
+    assert_eq!(report["conditions"]["workers"], 2);
+    assert_eq!(report["reconciliation"]["lost"], 0);
+    assert!(report["reconciliation"]["acked"]
+        .as_u64()
+        .is_some_and(|n| n > 100));
+    assert!(report["server_cost"]["rss_per_connection_bytes"].is_number());
+    assert!(out.join("report.html").exists());
+
+    let status = natter()
+        .args([
+            "pressure",
+            "run",
+            "--server",
+            &served.addr,
+            "--users",
+            "10",
+            "--duration",
+            "1s",
+            "--quiet",
+        ])
+        .args(["--secret", "not the server's secret at all"])
+        .arg("--report-dir")
+        .arg(dir.path().join("bad"))
+        .status()
+        .expect("pressure runs");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a run where nothing connects must fail"
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("bad/report.json")).expect("report.json"),
+    )
+    .expect("json");
+    assert_eq!(report["connections"]["errors"]["closed:auth_failed"], 10);
+    served.child.kill().expect("kill");
+    let _ = served.child.wait();
+}

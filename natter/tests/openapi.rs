@@ -15,11 +15,16 @@ fn every_route_is_documented_and_every_documented_route_exists() {
         .expect("paths")
         .iter()
         .flat_map(|(path, item)| {
-            item.as_object().expect("path item").keys().map(move |method| (method.clone(), path.clone()))
+            item.as_object()
+                .expect("path item")
+                .keys()
+                .map(move |method| (method.clone(), path.clone()))
         })
         .collect();
-    let served: BTreeSet<(String, String)> =
-        natter::http_routes().into_iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    let served: BTreeSet<(String, String)> = natter::http_routes()
+        .into_iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
     assert_eq!(documented, served);
 }
 
@@ -32,7 +37,10 @@ fn documented_error_codes_are_the_real_ones() {
         .iter()
         .map(|v| v.as_str().expect("string"))
         .collect();
-    let real: Vec<&str> = natter_proto::ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    let real: Vec<&str> = natter_proto::ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
     assert_eq!(documented, real);
     let types: Vec<&str> = doc["components"]["schemas"]["MessageType"]["enum"]
         .as_array()
@@ -40,6 +48,9 @@ fn documented_error_codes_are_the_real_ones() {
         .iter()
         .map(|v| v.as_str().expect("string"))
         .collect();
-    let real: Vec<&str> = natter_proto::msg::MessageType::ALL.iter().map(|t| t.as_str()).collect();
+    let real: Vec<&str> = natter_proto::msg::MessageType::ALL
+        .iter()
+        .map(|t| t.as_str())
+        .collect();
     assert_eq!(types, real);
 }

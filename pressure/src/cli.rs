@@ -46,7 +46,9 @@ impl TargetArgs {
         let secret = match (&self.secret, &self.data_dir) {
             (Some(secret), _) => secret.as_bytes().to_vec(),
             (None, Some(dir)) => natter_node::config::read_secret(dir)?,
-            (None, None) => anyhow::bail!("give the server's --data-dir or its --secret to mint tokens"),
+            (None, None) => {
+                anyhow::bail!("give the server's --data-dir or its --secret to mint tokens")
+            }
         };
         Ok(Target {
             server: self.server.clone(),
@@ -114,7 +116,8 @@ impl RunArgs {
     fn scenario(&self) -> anyhow::Result<Scenario> {
         let mut s = match &self.scenario {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => Scenario::default(),
@@ -204,7 +207,9 @@ pub struct WorkerArgs {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Runs a pressure subcommand; the process exit code is 1 when the run was not clean.
@@ -229,7 +234,9 @@ pub fn main(command: PressureCommand) -> anyhow::Result<()> {
                 source_ips: args.source_ips.clone(),
                 ..Scenario::default()
             };
-            let target = args.target.target(args.heartbeat.map(|d| d.as_millis() as u64))?;
+            let target = args
+                .target
+                .target(args.heartbeat.map(|d| d.as_millis() as u64))?;
             let report = runtime()?.block_on(execute(scenario, target.clone(), Mode::Keep))?;
             finish(&report, &target)
         }

@@ -36,7 +36,8 @@ impl Payload {
 
     /// The payload of a pressure message; `None` for any other message.
     pub fn parse(body: Option<&MessageBody>) -> Option<Payload> {
-        let Some(Content::Custom(Custom { kind, data })) = body.and_then(|b| b.content.as_ref()) else {
+        let Some(Content::Custom(Custom { kind, data })) = body.and_then(|b| b.content.as_ref())
+        else {
             return None;
         };
         if kind != KIND || data.len() < MIN_SIZE || data[0] != VERSION {
@@ -59,15 +60,26 @@ mod tests {
 
     #[test]
     fn round_trip_at_any_size() {
-        let p = Payload { run: 7, sender: 1_000_001, device: 3, client_seq: 99, intended_ns: 1_700_000_000_000_000_000 };
+        let p = Payload {
+            run: 7,
+            sender: 1_000_001,
+            device: 3,
+            client_seq: 99,
+            intended_ns: 1_700_000_000_000_000_000,
+        };
         for size in [0, MIN_SIZE, 64, 4096] {
             let body = p.body(size);
-            let Some(Content::Custom(c)) = &body.content else { panic!("custom body") };
+            let Some(Content::Custom(c)) = &body.content else {
+                panic!("custom body")
+            };
             assert_eq!(c.data.len(), size.max(MIN_SIZE));
             assert_eq!(Payload::parse(Some(&body)), Some(p));
         }
         assert_eq!(Payload::parse(Some(&MessageBody::text("hi"))), None);
-        assert_eq!(Payload::parse(Some(&MessageBody::custom(KIND, vec![1, 2]))), None);
+        assert_eq!(
+            Payload::parse(Some(&MessageBody::custom(KIND, vec![1, 2]))),
+            None
+        );
         assert_eq!(Payload::parse(None), None);
     }
 }

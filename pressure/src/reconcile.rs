@@ -107,7 +107,10 @@ pub type Topology = HashMap<u64, Vec<u16>>;
 
 /// Reconciles `ledger` for run `run` over the connected devices in `topology`.
 pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliation {
-    let mut r = Reconciliation { sent: ledger.sends.len() as u64, ..Default::default() };
+    let mut r = Reconciliation {
+        sent: ledger.sends.len() as u64,
+        ..Default::default()
+    };
     // How often each (uid, device, mid) was delivered.
     let mut counts: HashMap<(u64, u16, u64), u64> = HashMap::new();
     for d in &ledger.deliveries {
@@ -119,16 +122,26 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
     let mut expected_keys: HashMap<(u64, u16, u64), ()> = HashMap::new();
     for send in &ledger.sends {
         let Some(mid) = send.mid else {
-            *r.unacked.entry(send.error.clone().unwrap_or_else(|| "unknown".into())).or_default() += 1;
+            *r.unacked
+                .entry(send.error.clone().unwrap_or_else(|| "unknown".into()))
+                .or_default() += 1;
             failed_origins.insert((send.sender, send.device, send.client_seq), ());
             continue;
         };
         r.acked += 1;
         acked_by_origin.insert((send.sender, send.device, send.client_seq), mid);
         let none = Vec::new();
-        let receiver_devices = topology.get(&send.receiver).unwrap_or(&none).iter().map(|d| (send.receiver, *d));
-        let sender_devices =
-            topology.get(&send.sender).unwrap_or(&none).iter().filter(|d| **d != send.device).map(|d| (send.sender, *d));
+        let receiver_devices = topology
+            .get(&send.receiver)
+            .unwrap_or(&none)
+            .iter()
+            .map(|d| (send.receiver, *d));
+        let sender_devices = topology
+            .get(&send.sender)
+            .unwrap_or(&none)
+            .iter()
+            .filter(|d| **d != send.device)
+            .map(|d| (send.sender, *d));
         for (uid, device) in receiver_devices.chain(sender_devices) {
             r.expected += 1;
             expected_keys.insert((uid, device, mid), ());
@@ -136,7 +149,13 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
                 0 => {
                     r.lost += 1;
                     if r.lost_examples.len() < 10 {
-                        r.lost_examples.push(Missing { mid, sender: send.sender, client_seq: send.client_seq, uid, device });
+                        r.lost_examples.push(Missing {
+                            mid,
+                            sender: send.sender,
+                            client_seq: send.client_seq,
+                            uid,
+                            device,
+                        });
                     }
                 }
                 n => r.duplicates += n - 1,
@@ -151,8 +170,9 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
         if !expected_keys.contains_key(&key) {
             match d.origin {
                 Some(o) if o.run != run => r.stale += 1,
-                Some(o) if failed_origins.contains_key(&(o.sender, o.device, o.client_seq))
-                    && !acked_by_origin.contains_key(&(o.sender, o.device, o.client_seq)) =>
+                Some(o)
+                    if failed_origins.contains_key(&(o.sender, o.device, o.client_seq))
+                        && !acked_by_origin.contains_key(&(o.sender, o.device, o.client_seq)) =>
                 {
                     // Count each such delivery once per device; repeats are duplicates.
                     let seen = unexpected_seen.entry(key).or_default();
@@ -168,7 +188,9 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
             continue;
         }
         if let Some(o) = d.origin {
-            let order = highest.entry((d.uid, d.device, o.sender, o.device)).or_default();
+            let order = highest
+                .entry((d.uid, d.device, o.sender, o.device))
+                .or_default();
             if o.client_seq < *order {
                 r.reordered += 1;
             } else {
@@ -191,18 +213,39 @@ mod tests {
     }
 
     fn send(sender: u64, seq: u64, receiver: u64, mid: u64) -> SendRecord {
-        SendRecord { sender, device: 0, client_seq: seq, receiver, mid: Some(mid), error: None }
+        SendRecord {
+            sender,
+            device: 0,
+            client_seq: seq,
+            receiver,
+            mid: Some(mid),
+            error: None,
+        }
     }
 
     fn got(uid: u64, device: u16, mid: u64, sender: u64, seq: u64) -> DeliveryRecord {
-        DeliveryRecord { uid, device, mid, origin: Some(Origin { run: RUN, sender, device: 0, client_seq: seq }) }
+        DeliveryRecord {
+            uid,
+            device,
+            mid,
+            origin: Some(Origin {
+                run: RUN,
+                sender,
+                device: 0,
+                client_seq: seq,
+            }),
+        }
     }
 
     /// Three messages 1→2, delivered perfectly to user 2's single device.
     fn perfect() -> Ledger {
         Ledger {
             sends: vec![send(1, 1, 2, 100), send(1, 2, 2, 101), send(1, 3, 2, 102)],
-            deliveries: vec![got(2, 0, 100, 1, 1), got(2, 0, 101, 1, 2), got(2, 0, 102, 1, 3)],
+            deliveries: vec![
+                got(2, 0, 100, 1, 1),
+                got(2, 0, 101, 1, 2),
+                got(2, 0, 102, 1, 3),
+            ],
         }
     }
 
@@ -210,7 +253,10 @@ mod tests {
     fn a_perfect_run_is_clean() {
         let r = reconcile(&perfect(), RUN, &topo(1));
         assert_eq!((r.sent, r.acked, r.expected, r.delivered), (3, 3, 3, 3));
-        assert_eq!((r.lost, r.duplicates, r.reordered, r.unexpected), (0, 0, 0, 0));
+        assert_eq!(
+            (r.lost, r.duplicates, r.reordered, r.unexpected),
+            (0, 0, 0, 0)
+        );
         assert!(r.clean());
     }
 
@@ -220,7 +266,16 @@ mod tests {
         ledger.deliveries.remove(1);
         let r = reconcile(&ledger, RUN, &topo(1));
         assert_eq!(r.lost, 1);
-        assert_eq!(r.lost_examples, vec![Missing { mid: 101, sender: 1, client_seq: 2, uid: 2, device: 0 }]);
+        assert_eq!(
+            r.lost_examples,
+            vec![Missing {
+                mid: 101,
+                sender: 1,
+                client_seq: 2,
+                uid: 2,
+                device: 0
+            }]
+        );
         assert!(!r.clean());
     }
 
@@ -249,7 +304,11 @@ mod tests {
     fn every_device_of_the_receiver_and_the_senders_other_devices_count() {
         let ledger = Ledger {
             sends: vec![send(1, 1, 2, 100)],
-            deliveries: vec![got(2, 0, 100, 1, 1), got(2, 1, 100, 1, 1), got(1, 1, 100, 1, 1)],
+            deliveries: vec![
+                got(2, 0, 100, 1, 1),
+                got(2, 1, 100, 1, 1),
+                got(1, 1, 100, 1, 1),
+            ],
         };
         let r = reconcile(&ledger, RUN, &topo(2));
         assert_eq!((r.expected, r.lost), (3, 0));
@@ -257,7 +316,10 @@ mod tests {
         missing_copy.deliveries.pop();
         let r = reconcile(&missing_copy, RUN, &topo(2));
         assert_eq!(r.lost, 1);
-        assert_eq!(r.lost_examples[0].uid, 1, "the sender's second device missed its copy");
+        assert_eq!(
+            r.lost_examples[0].uid, 1,
+            "the sender's second device missed its copy"
+        );
         // A device that never connected is not expected to receive.
         let mut partial = topo(2);
         partial.insert(1, vec![0]);
@@ -267,14 +329,31 @@ mod tests {
     #[test]
     fn unacked_unexpected_and_stale_are_told_apart() {
         let mut ledger = perfect();
-        ledger.sends.push(SendRecord { sender: 1, device: 0, client_seq: 4, receiver: 2, mid: None, error: Some("timeout".into()) });
+        ledger.sends.push(SendRecord {
+            sender: 1,
+            device: 0,
+            client_seq: 4,
+            receiver: 2,
+            mid: None,
+            error: Some("timeout".into()),
+        });
         ledger.deliveries.push(got(2, 0, 103, 1, 4)); // stored though the ack was lost
         ledger.deliveries.push(got(2, 0, 555, 1, 77)); // never sent
         ledger.deliveries.push(got(2, 0, 104, 1, 2)); // seq 2 under another mid than acked
         let mut stale = got(2, 0, 9, 1, 1);
-        stale.origin = Some(Origin { run: RUN + 1, sender: 1, device: 0, client_seq: 1 });
+        stale.origin = Some(Origin {
+            run: RUN + 1,
+            sender: 1,
+            device: 0,
+            client_seq: 1,
+        });
         ledger.deliveries.push(stale);
-        ledger.deliveries.push(DeliveryRecord { uid: 2, device: 0, mid: 777, origin: None });
+        ledger.deliveries.push(DeliveryRecord {
+            uid: 2,
+            device: 0,
+            mid: 777,
+            origin: None,
+        });
         let r = reconcile(&ledger, RUN, &topo(1));
         assert_eq!(r.unacked.get("timeout"), Some(&1));
         assert_eq!(r.unacked_delivered, 1);

@@ -170,14 +170,24 @@ impl Report {
     pub fn text(&self) -> String {
         let mut o = String::new();
         let s = &self.scenario;
-        let _ = writeln!(o, "natter pressure {} — run {} against {}", self.kind, self.run, self.server);
+        let _ = writeln!(
+            o,
+            "natter pressure {} — run {} against {}",
+            self.kind, self.run, self.server
+        );
         let _ = writeln!(
             o,
             "scenario: {} users × {} devices, {:?}, {}/s per user, {} B, warm-up {} ms, {} ms measured, drain {} ms",
             s.users, s.devices, s.pattern, s.rate, s.message_size, s.warmup_ms, s.duration_ms, s.drain_ms
         );
         let c = &self.connections;
-        let _ = writeln!(o, "connections: {}/{} up; connect {}", c.connected, c.target, summary_line(&c.connect_time));
+        let _ = writeln!(
+            o,
+            "connections: {}/{} up; connect {}",
+            c.connected,
+            c.target,
+            summary_line(&c.connect_time)
+        );
         if !c.errors.is_empty() {
             let _ = writeln!(o, "  connect errors: {:?}", c.errors);
         }
@@ -191,7 +201,11 @@ impl Report {
             t.sent, t.acked, t.delivered, t.acked_per_s, t.delivered_per_s, t.seconds
         );
         let _ = writeln!(o, "ack latency:        {}", summary_line(&self.latency.ack));
-        let _ = writeln!(o, "end-to-end latency: {}", summary_line(&self.latency.end_to_end));
+        let _ = writeln!(
+            o,
+            "end-to-end latency: {}",
+            summary_line(&self.latency.end_to_end)
+        );
         let r = &self.reconciliation;
         let _ = writeln!(
             o,
@@ -199,7 +213,11 @@ impl Report {
             r.expected, r.lost, r.duplicates, r.reordered, r.unexpected, r.unacked, r.unacked_delivered, r.stale
         );
         for m in &r.lost_examples {
-            let _ = writeln!(o, "  lost: mid {} from {} (seq {}) to {}/p{}", m.mid, m.sender, m.client_seq, m.uid, m.device);
+            let _ = writeln!(
+                o,
+                "  lost: mid {} from {} (seq {}) to {}/p{}",
+                m.mid, m.sender, m.client_seq, m.uid, m.device
+            );
         }
         let k = &self.conditions;
         let _ = writeln!(
@@ -215,9 +233,14 @@ impl Report {
             k.late_threshold_ms
         );
         if let Some(sc) = &self.server_cost {
-            let per_msg = sc.cpu_us_per_delivered.map(|v| format!("{v:.1} µs")).unwrap_or_else(|| "n/a".into());
-            let per_conn =
-                sc.rss_per_connection_bytes.map(|v| format!("{:.1} KiB", v / 1024.0)).unwrap_or_else(|| "n/a".into());
+            let per_msg = sc
+                .cpu_us_per_delivered
+                .map(|v| format!("{v:.1} µs"))
+                .unwrap_or_else(|| "n/a".into());
+            let per_conn = sc
+                .rss_per_connection_bytes
+                .map(|v| format!("{:.1} KiB", v / 1024.0))
+                .unwrap_or_else(|| "n/a".into());
             let _ = writeln!(
                 o,
                 "server (pid {}): {:.2} cpu-s, {} cpu per delivered message; rss {:.1} → {:.1} → {:.1} MiB, {} per connection",
@@ -236,7 +259,15 @@ impl Report {
             "sdk: {} wire duplicates dropped, {} resends, {} reconnects, {} final sync errors",
             d.wire_duplicates_dropped, d.resends, d.reconnects, d.final_sync_errors
         );
-        let _ = writeln!(o, "verdict: {}", if self.clean { "CLEAN".to_string() } else { format!("FAILED: {}", self.problems.join("; ")) });
+        let _ = writeln!(
+            o,
+            "verdict: {}",
+            if self.clean {
+                "CLEAN".to_string()
+            } else {
+                format!("FAILED: {}", self.problems.join("; "))
+            }
+        );
         o
     }
 
@@ -252,7 +283,11 @@ impl Report {
     /// A self-contained page: no scripts, no external assets.
     pub fn html(&self) -> String {
         let mut o = String::new();
-        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
         let _ = write!(
             o,
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>natter pressure run {run}</title><style>\
@@ -264,12 +299,21 @@ impl Report {
              pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>",
             run = esc(&self.run)
         );
-        let _ = write!(o, "<h1>natter pressure {} — run {}</h1>", esc(&self.kind), esc(&self.run));
+        let _ = write!(
+            o,
+            "<h1>natter pressure {} — run {}</h1>",
+            esc(&self.kind),
+            esc(&self.run)
+        );
         let _ = write!(
             o,
             "<p class=\"verdict {}\">{}</p>",
             if self.clean { "ok" } else { "bad" },
-            if self.clean { "Clean: nothing acked was lost or duplicated.".to_string() } else { esc(&self.problems.join("; ")) }
+            if self.clean {
+                "Clean: nothing acked was lost or duplicated.".to_string()
+            } else {
+                esc(&self.problems.join("; "))
+            }
         );
         let t = &self.throughput;
         let r = &self.reconciliation;
@@ -278,12 +322,32 @@ impl Report {
         };
         o.push_str("<h2>Results</h2><table>");
         row(&mut o, "server", self.server.clone());
-        row(&mut o, "connections", format!("{}/{}", self.connections.connected, self.connections.target));
-        row(&mut o, "sent / acked / delivered", format!("{} / {} / {}", t.sent, t.acked, t.delivered));
-        row(&mut o, "acked/s, delivered/s", format!("{:.0}, {:.0}", t.acked_per_s, t.delivered_per_s));
+        row(
+            &mut o,
+            "connections",
+            format!("{}/{}", self.connections.connected, self.connections.target),
+        );
+        row(
+            &mut o,
+            "sent / acked / delivered",
+            format!("{} / {} / {}", t.sent, t.acked, t.delivered),
+        );
+        row(
+            &mut o,
+            "acked/s, delivered/s",
+            format!("{:.0}, {:.0}", t.acked_per_s, t.delivered_per_s),
+        );
         row(&mut o, "ack latency", summary_line(&self.latency.ack));
-        row(&mut o, "end-to-end latency", summary_line(&self.latency.end_to_end));
-        row(&mut o, "connect time", summary_line(&self.connections.connect_time));
+        row(
+            &mut o,
+            "end-to-end latency",
+            summary_line(&self.latency.end_to_end),
+        );
+        row(
+            &mut o,
+            "connect time",
+            summary_line(&self.connections.connect_time),
+        );
         row(&mut o, "lost", r.lost.to_string());
         row(&mut o, "duplicates", r.duplicates.to_string());
         row(&mut o, "reordered", r.reordered.to_string());
@@ -296,9 +360,21 @@ impl Report {
         o.push_str(&chart(
             &xs,
             &[
-                ("sent", "#5470c6", self.timeline.iter().map(|p| p.sent as f64).collect()),
-                ("acked", "#91cc75", self.timeline.iter().map(|p| p.acked as f64).collect()),
-                ("received", "#ee6666", self.timeline.iter().map(|p| p.received as f64).collect()),
+                (
+                    "sent",
+                    "#5470c6",
+                    self.timeline.iter().map(|p| p.sent as f64).collect(),
+                ),
+                (
+                    "acked",
+                    "#91cc75",
+                    self.timeline.iter().map(|p| p.acked as f64).collect(),
+                ),
+                (
+                    "received",
+                    "#ee6666",
+                    self.timeline.iter().map(|p| p.received as f64).collect(),
+                ),
             ],
             "messages/s",
         ));
@@ -306,10 +382,26 @@ impl Report {
         o.push_str(&chart(
             &xs,
             &[
-                ("p50", "#5470c6", self.timeline.iter().map(|p| p.p50_ms).collect()),
-                ("p90", "#fac858", self.timeline.iter().map(|p| p.p90_ms).collect()),
-                ("p99", "#ee6666", self.timeline.iter().map(|p| p.p99_ms).collect()),
-                ("max", "#999999", self.timeline.iter().map(|p| p.max_ms).collect()),
+                (
+                    "p50",
+                    "#5470c6",
+                    self.timeline.iter().map(|p| p.p50_ms).collect(),
+                ),
+                (
+                    "p90",
+                    "#fac858",
+                    self.timeline.iter().map(|p| p.p90_ms).collect(),
+                ),
+                (
+                    "p99",
+                    "#ee6666",
+                    self.timeline.iter().map(|p| p.p99_ms).collect(),
+                ),
+                (
+                    "max",
+                    "#999999",
+                    self.timeline.iter().map(|p| p.max_ms).collect(),
+                ),
             ],
             "ms",
         ));
@@ -329,7 +421,12 @@ impl Report {
 fn chart(xs: &[f64], series: &[(&str, &str, Vec<f64>)], unit: &str) -> String {
     let (w, h, left, bottom, top, right) = (960.0, 280.0, 60.0, 30.0, 20.0, 110.0);
     let max_x = xs.iter().copied().fold(1.0, f64::max);
-    let max_y = series.iter().flat_map(|(_, _, v)| v.iter().copied()).fold(0.0, f64::max).max(1e-9) * 1.1;
+    let max_y = series
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().copied())
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.1;
     let sx = |x: f64| left + x / max_x * (w - left - right);
     let sy = |y: f64| h - bottom - y / max_y * (h - bottom - top);
     let mut o = format!("<svg width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" xmlns=\"http://www.w3.org/2000/svg\">");
@@ -346,10 +443,23 @@ fn chart(xs: &[f64], series: &[(&str, &str, Vec<f64>)], unit: &str) -> String {
         );
     }
     let _ = write!(o, "<text x=\"{}\" y=\"{}\">{unit}</text>", left, top - 6.0);
-    let _ = write!(o, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">seconds</text>", w - right, h - 6.0);
+    let _ = write!(
+        o,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">seconds</text>",
+        w - right,
+        h - 6.0
+    );
     for (i, (name, color, values)) in series.iter().enumerate() {
-        let points: Vec<String> = xs.iter().zip(values).map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
-        let _ = write!(o, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", points.join(" "));
+        let points: Vec<String> = xs
+            .iter()
+            .zip(values)
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        let _ = write!(
+            o,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            points.join(" ")
+        );
         let ly = top + 16.0 * i as f64 + 10.0;
         let _ = write!(
             o,
@@ -388,8 +498,10 @@ mod tests {
         assert!(html.contains("1 lost &lt;x&gt;"), "escaped");
         let dir = tempfile::tempdir().expect("tempdir");
         report.write(dir.path()).expect("written");
-        let back: Report = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("read")).expect("json");
+        let back: Report =
+            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("read"))
+                .expect("json");
         assert_eq!(back.timeline.len(), 2);
-        assert_eq!(back.timeline[1].p50_ms, 2.5);
+        assert!((2.49..2.51).contains(&back.timeline[1].p50_ms), "{}", back.timeline[1].p50_ms);
     }
 }

@@ -44,8 +44,15 @@ fn random_u64() -> u64 {
 }
 
 fn is_loopback(server: &str) -> bool {
-    let host = server.rsplit_once(':').map(|(h, _)| h).unwrap_or(server).trim_matches(['[', ']']);
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    let host = server
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(server)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Live totals across workers.
@@ -77,13 +84,22 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
     let workers = scenario.worker_count();
     let sources = scenario.sources(is_loopback(&target.server));
     let run = random_u64();
-    let uid_base = scenario.uid_base.unwrap_or(1_000_000_000 + random_u64() % 1_000_000_000_000);
+    let uid_base = scenario
+        .uid_base
+        .unwrap_or(1_000_000_000 + random_u64() % 1_000_000_000_000);
     let connections = scenario.connections();
-    let connect_secs = if scenario.connect_rate > 0 { connections as f64 / f64::from(scenario.connect_rate) } else { 0.0 };
+    let connect_secs = if scenario.connect_rate > 0 {
+        connections as f64 / f64::from(scenario.connect_rate)
+    } else {
+        0.0
+    };
     let now_ms = natter_node::ids::now_ms();
     let connect_at_ms = now_ms + 300;
     let send_at_ms = connect_at_ms + (connect_secs * 1000.0) as i64 + 1000;
-    let total_ms = (send_at_ms - now_ms) as u64 + scenario.warmup_ms + scenario.duration_ms + scenario.drain_ms;
+    let total_ms = (send_at_ms - now_ms) as u64
+        + scenario.warmup_ms
+        + scenario.duration_ms
+        + scenario.drain_ms;
     let plan = Plan {
         run,
         server: target.server.clone(),
@@ -105,8 +121,15 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
     let own_cpu_start = system::cpu_seconds(None).unwrap_or(0.0);
     let wall = Instant::now();
 
-    let live = Arc::new(Mutex::new(Live { per_worker: vec![Progress::default(); workers as usize] }));
-    let printer = tokio::spawn(print_progress(live.clone(), total_ms, target.quiet, connections));
+    let live = Arc::new(Mutex::new(Live {
+        per_worker: vec![Progress::default(); workers as usize],
+    }));
+    let printer = tokio::spawn(print_progress(
+        live.clone(),
+        total_ms,
+        target.quiet,
+        connections,
+    ));
     // Server memory once everyone is connected, just before sending.
     let rss_connected = {
         let pid = target.server_pid;
@@ -149,11 +172,20 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
             (Some(a), Some(b)) => b - a,
             _ => 0.0,
         };
-        ServerCost { pid, cpu_seconds: cpu, rss_start_bytes: rss_start.unwrap_or(0), ..Default::default() }
+        ServerCost {
+            pid,
+            cpu_seconds: cpu,
+            rss_start_bytes: rss_start.unwrap_or(0),
+            ..Default::default()
+        }
     });
     let rss_connected = rss_connected.await.ok().flatten();
 
-    let topology: Topology = merged.devices.iter().map(|(uid, d)| (*uid, d.clone())).collect();
+    let topology: Topology = merged
+        .devices
+        .iter()
+        .map(|(uid, d)| (*uid, d.clone()))
+        .collect();
     let reconciliation = reconcile(&merged.ledger, run, &topology);
     let measured = scenario.duration_ms as f64 / 1000.0;
     let measured_acked: u64 = merged.ack.len();
@@ -163,10 +195,16 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         problems.push(format!("{} acked deliveries lost", reconciliation.lost));
     }
     if reconciliation.duplicates > 0 {
-        problems.push(format!("{} duplicate deliveries", reconciliation.duplicates));
+        problems.push(format!(
+            "{} duplicate deliveries",
+            reconciliation.duplicates
+        ));
     }
     if reconciliation.unexpected > 0 {
-        problems.push(format!("{} deliveries of messages never sent", reconciliation.unexpected));
+        problems.push(format!(
+            "{} deliveries of messages never sent",
+            reconciliation.unexpected
+        ));
     }
     if mode == Mode::Run && scenario.rate > 0.0 && reconciliation.acked == 0 {
         problems.push("no message was acked".into());
@@ -182,13 +220,17 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
             sc.cpu_us_per_delivered = Some(sc.cpu_seconds * 1e6 / reconciliation.delivered as f64);
         }
         if connected > 0 && sc.rss_connected_bytes > 0 {
-            sc.rss_per_connection_bytes =
-                Some((sc.rss_connected_bytes as f64 - sc.rss_start_bytes as f64) / connected as f64);
+            sc.rss_per_connection_bytes = Some(
+                (sc.rss_connected_bytes as f64 - sc.rss_start_bytes as f64) / connected as f64,
+            );
         }
         sc
     });
     let harness_cores = harness_cpu / wall_seconds.max(1e-9);
-    let server_cores = server_cost.as_ref().map(|s| s.cpu_seconds / wall_seconds.max(1e-9)).unwrap_or(0.0);
+    let server_cores = server_cost
+        .as_ref()
+        .map(|s| s.cpu_seconds / wall_seconds.max(1e-9))
+        .unwrap_or(0.0);
     let report = Report {
         kind: match mode {
             Mode::Run => "run".into(),
@@ -214,7 +256,10 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
             acked_per_s: measured_acked as f64 / measured,
             delivered_per_s: measured_delivered as f64 / measured,
         },
-        latency: Latency { ack: merged.ack.summary(), end_to_end: merged.e2e.summary() },
+        latency: Latency {
+            ack: merged.ack.summary(),
+            end_to_end: merged.e2e.summary(),
+        },
         conditions: Conditions {
             cpus: system::cpus(),
             workers,
@@ -242,16 +287,26 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         problems,
         reconciliation,
     };
-    report.write(&target.report_dir).with_context(|| format!("writing the report to {}", target.report_dir.display()))?;
+    report
+        .write(&target.report_dir)
+        .with_context(|| format!("writing the report to {}", target.report_dir.display()))?;
     Ok(report)
 }
 
-async fn run_processes(plan: &Plan, target: &Target, live: Arc<Mutex<Live>>) -> anyhow::Result<Vec<WorkerResult>> {
+async fn run_processes(
+    plan: &Plan,
+    target: &Target,
+    live: Arc<Mutex<Live>>,
+) -> anyhow::Result<Vec<WorkerResult>> {
     let exe = std::env::current_exe().context("locating the natter binary")?;
-    let secret = String::from_utf8(target.secret.clone()).context("the secret must be text to pass to workers")?;
+    let secret = String::from_utf8(target.secret.clone())
+        .context("the secret must be text to pass to workers")?;
     let mut children = Vec::new();
     for index in 0..plan.workers {
-        let plan = Plan { index, ..plan.clone() };
+        let plan = Plan {
+            index,
+            ..plan.clone()
+        };
         let plan_path = target.report_dir.join(format!("worker-{index}.plan.json"));
         let out_path = target.report_dir.join(format!("worker-{index}.json"));
         std::fs::write(&plan_path, serde_json::to_vec(&plan)?)?;
@@ -282,15 +337,20 @@ async fn run_processes(plan: &Plan, target: &Target, live: Arc<Mutex<Live>>) -> 
         let status = child.wait().await?;
         let _ = reader.await;
         anyhow::ensure!(status.success(), "worker process failed: {status}");
-        let bytes = std::fs::read(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
-        results.push(serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", out_path.display()))?);
+        let bytes =
+            std::fs::read(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+        results.push(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", out_path.display()))?,
+        );
     }
     Ok(results)
 }
 
 /// The body of `natter pressure worker`: runs one share and writes its result.
 pub async fn worker_process(plan_path: &Path, out_path: &Path) -> anyhow::Result<()> {
-    let plan: Plan = serde_json::from_slice(&std::fs::read(plan_path)?).context("parsing the plan")?;
+    let plan: Plan =
+        serde_json::from_slice(&std::fs::read(plan_path)?).context("parsing the plan")?;
     let secret = std::env::var(SECRET_ENV).context("the secret is passed in the environment")?;
     let result = worker::run(plan, secret.into_bytes(), |p| {
         if let Ok(line) = serde_json::to_string(&p) {
@@ -333,7 +393,7 @@ async fn print_progress(live: Arc<Mutex<Live>>, total_ms: u64, quiet: bool, targ
         );
         if tty {
             eprint!("\r{line}   ");
-        } else if (elapsed / 1000) % 5 == 0 {
+        } else if (elapsed / 1000).is_multiple_of(5) {
             eprintln!("{line}");
         }
         last = now;

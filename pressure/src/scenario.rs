@@ -31,7 +31,10 @@ impl Pattern {
                 }
             }
             Pattern::RandomPairs => {
-                let r = splitmix(seed ^ sender.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k.wrapping_mul(0xbf58_476d_1ce4_e5b9));
+                let r = splitmix(
+                    seed ^ sender.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        ^ k.wrapping_mul(0xbf58_476d_1ce4_e5b9),
+                );
                 let other = r % (users - 1);
                 if other >= sender {
                     other + 1
@@ -127,7 +130,10 @@ impl Scenario {
             return Err("rate must be between 0 and 10000 messages/s per user".into());
         }
         if self.message_size < crate::payload::MIN_SIZE || self.message_size > 1 << 20 {
-            return Err(format!("message size must be between {} and 1048576 bytes", crate::payload::MIN_SIZE));
+            return Err(format!(
+                "message size must be between {} and 1048576 bytes",
+                crate::payload::MIN_SIZE
+            ));
         }
         if self.duration_ms == 0 {
             return Err("duration must be positive".into());
@@ -153,7 +159,9 @@ impl Scenario {
         if needed <= 1 || !server_is_loopback {
             return Vec::new();
         }
-        (1..=needed.min(250)).map(|i| IpAddr::from([127, 0, 0, i as u8])).collect()
+        (1..=needed.min(250))
+            .map(|i| IpAddr::from([127, 0, 0, i as u8]))
+            .collect()
     }
 
     pub fn warmup(&self) -> Duration {
@@ -176,7 +184,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
@@ -231,13 +241,19 @@ mod tests {
     fn scenario_toml_round_trips_and_validates() {
         let text = "users = 10\ndevices = 2\nrate = 2.5\nduration_ms = 3000\n[pattern]\nkind = \"fixed_pairs\"\n";
         let s: Scenario = toml::from_str(text).expect("parses");
-        assert_eq!((s.users, s.devices, s.rate, s.pattern), (10, 2, 2.5, Pattern::FixedPairs));
+        assert_eq!(
+            (s.users, s.devices, s.rate, s.pattern),
+            (10, 2, 2.5, Pattern::FixedPairs)
+        );
         s.validate().expect("valid");
         assert!(toml::from_str::<Scenario>("userz = 1").is_err());
         let mut bad = s.clone();
         bad.users = 1;
         assert!(bad.validate().is_err());
-        let big = Scenario { users: 40_000, ..Scenario::default() };
+        let big = Scenario {
+            users: 40_000,
+            ..Scenario::default()
+        };
         assert_eq!(big.worker_count(), 3);
         assert_eq!(big.sources(true).len(), 2);
         assert!(big.sources(false).is_empty());

@@ -13,7 +13,10 @@ pub struct Hist(Histogram<u64>);
 
 impl Default for Hist {
     fn default() -> Self {
-        Hist(Histogram::new_with_bounds(1, MAX_US, 3).unwrap_or_else(|_| unreachable!("static bounds are valid")))
+        Hist(
+            Histogram::new_with_bounds(1, MAX_US, 3)
+                .unwrap_or_else(|_| unreachable!("static bounds are valid")),
+        )
     }
 }
 
@@ -70,8 +73,11 @@ impl Hist {
 /// Wire form: (value, count) pairs of the recorded buckets.
 impl Serialize for Hist {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<(u64, u64)> =
-            self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+        let pairs: Vec<(u64, u64)> = self
+            .0
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
         pairs.serialize(s)
     }
 }
@@ -125,7 +131,8 @@ impl Timeline {
 
     pub fn merge(&mut self, other: &Timeline) {
         if self.buckets.len() < other.buckets.len() {
-            self.buckets.resize_with(other.buckets.len(), Bucket::default);
+            self.buckets
+                .resize_with(other.buckets.len(), Bucket::default);
         }
         for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
             mine.merge(theirs);
@@ -164,6 +171,9 @@ mod tests {
         other.at(2500).acked += 1;
         t.merge(&other);
         assert_eq!(t.buckets.len(), 3);
-        assert_eq!((t.buckets[0].sent, t.buckets[1].received, t.buckets[2].acked), (1, 2, 1));
+        assert_eq!(
+            (t.buckets[0].sent, t.buckets[1].received, t.buckets[2].acked),
+            (1, 2, 1)
+        );
     }
 }

@@ -40,21 +40,35 @@ pub struct MachineCpu {
 pub fn machine_cpu() -> Option<MachineCpu> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().next()?;
-    let values: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let values: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let total: f64 = values.iter().take(8).sum();
     // idle and iowait are the 4th and 5th values.
     let idle = values.get(3)? + values.get(4).unwrap_or(&0.0);
-    Some(MachineCpu { busy: (total - idle) / TICKS, total: total / TICKS })
+    Some(MachineCpu {
+        busy: (total - idle) / TICKS,
+        total: total / TICKS,
+    })
 }
 
 /// The 1-minute load average.
 pub fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Logical CPUs.
 pub fn cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]

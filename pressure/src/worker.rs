@@ -116,7 +116,10 @@ impl WorkerResult {
 }
 
 pub fn unix_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Default)]
@@ -145,7 +148,9 @@ impl Shared {
         if unix_ns >= self.base_ns {
             self.base + Duration::from_nanos(unix_ns - self.base_ns)
         } else {
-            self.base.checked_sub(Duration::from_nanos(self.base_ns - unix_ns)).unwrap_or(self.base)
+            self.base
+                .checked_sub(Duration::from_nanos(self.base_ns - unix_ns))
+                .unwrap_or(self.base)
         }
     }
 
@@ -168,7 +173,11 @@ impl Shared {
 }
 
 /// Runs this worker's share of the plan and returns what it measured.
-pub async fn run(plan: Plan, secret: Vec<u8>, progress: impl Fn(Progress) + Send + Sync + 'static) -> WorkerResult {
+pub async fn run(
+    plan: Plan,
+    secret: Vec<u8>,
+    progress: impl Fn(Progress) + Send + Sync + 'static,
+) -> WorkerResult {
     let cpu_start = crate::system::cpu_seconds(None).unwrap_or(0.0);
     let shared = Arc::new(Shared {
         base_ns: unix_ns(),
@@ -191,7 +200,11 @@ pub async fn run(plan: Plan, secret: Vec<u8>, progress: impl Fn(Progress) + Send
     if scenario.rate > 0.0 {
         for (user, device, client) in &clients {
             if *device == 0 {
-                senders.push(tokio::spawn(send_loop(shared.clone(), *user, client.clone())));
+                senders.push(tokio::spawn(send_loop(
+                    shared.clone(),
+                    *user,
+                    client.clone(),
+                )));
             }
         }
     }
@@ -295,7 +308,8 @@ async fn connect_all(shared: &Arc<Shared>, secret: &[u8]) -> Vec<(u64, u16, Clie
                             result.connect.record(started.elapsed());
                             result.devices.entry(uid).or_default().push(device);
                         }
-                        let receiver = tokio::spawn(receive_loop(shared.clone(), uid, device, events));
+                        let receiver =
+                            tokio::spawn(receive_loop(shared.clone(), uid, device, events));
                         shared.receivers().push(receiver);
                         Some((user, device, client))
                     }
@@ -324,16 +338,30 @@ async fn receive_loop(shared: Arc<Shared>, uid: u64, device: u16, mut events: Ev
             Event::Message(m) => {
                 let now = unix_ns();
                 let payload = Payload::parse(m.body.as_ref());
-                let origin = payload.map(|p| Origin { run: p.run, sender: p.sender, device: p.device, client_seq: p.client_seq });
+                let origin = payload.map(|p| Origin {
+                    run: p.run,
+                    sender: p.sender,
+                    device: p.device,
+                    client_seq: p.client_seq,
+                });
                 shared.counters.received.fetch_add(1, Ordering::Relaxed);
                 let latency = payload
                     .filter(|p| p.run == run && shared.measuring(p.intended_ns))
                     .map(|p| Duration::from_nanos(now.saturating_sub(p.intended_ns)));
                 if let Some(latency) = latency {
-                    shared.window.lock().unwrap_or_else(|e| e.into_inner()).record(latency);
+                    shared
+                        .window
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(latency);
                 }
                 let mut result = shared.result();
-                result.ledger.deliveries.push(DeliveryRecord { uid, device, mid: m.mid, origin });
+                result.ledger.deliveries.push(DeliveryRecord {
+                    uid,
+                    device,
+                    mid: m.mid,
+                    origin,
+                });
                 let bucket = result.timeline.at(shared.since_start_ms(now));
                 bucket.received += 1;
                 if let Some(latency) = latency {
@@ -342,7 +370,11 @@ async fn receive_loop(shared: Arc<Shared>, uid: u64, device: u16, mut events: Ev
                 }
             }
             Event::Disconnected { error, .. } => {
-                *shared.result().disconnects.entry(error.class()).or_default() += 1;
+                *shared
+                    .result()
+                    .disconnects
+                    .entry(error.class())
+                    .or_default() += 1;
             }
             _ => {}
         }
@@ -365,9 +397,19 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
         }
         tokio::time::sleep_until(shared.instant_at(intended_ns)).await;
         let lag = Duration::from_nanos(unix_ns().saturating_sub(intended_ns));
-        let receiver = plan.uid(scenario.pattern.receiver(user, k, scenario.users, plan.seed));
+        let receiver = plan.uid(
+            scenario
+                .pattern
+                .receiver(user, k, scenario.users, plan.seed),
+        );
         let client_seq = client.next_client_seq();
-        let payload = Payload { run: plan.run, sender: uid, device: 0, client_seq, intended_ns };
+        let payload = Payload {
+            run: plan.run,
+            sender: uid,
+            device: 0,
+            client_seq,
+            intended_ns,
+        };
         {
             let mut result = shared.result();
             result.scheduled_sends += 1;
@@ -378,11 +420,20 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
             result.timeline.at(shared.since_start_ms(intended_ns)).sent += 1;
         }
         shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = client.send_with_seq(client_seq, receiver, payload.body(scenario.message_size)).await;
+        let outcome = client
+            .send_with_seq(client_seq, receiver, payload.body(scenario.message_size))
+            .await;
         // Latency from the intended send time: a stalled server shows up here.
         let latency = Duration::from_nanos(unix_ns().saturating_sub(intended_ns));
         let mut result = shared.result();
-        let record = SendRecord { sender: uid, device: 0, client_seq, receiver, mid: None, error: None };
+        let record = SendRecord {
+            sender: uid,
+            device: 0,
+            client_seq,
+            receiver,
+            mid: None,
+            error: None,
+        };
         match outcome {
             Ok(reply) => {
                 shared.counters.acked.fetch_add(1, Ordering::Relaxed);
@@ -390,12 +441,21 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
                     result.ack.record(latency);
                 }
                 result.timeline.at(shared.since_start_ms(intended_ns)).acked += 1;
-                result.ledger.sends.push(SendRecord { mid: Some(reply.mid), ..record });
+                result.ledger.sends.push(SendRecord {
+                    mid: Some(reply.mid),
+                    ..record
+                });
             }
             Err(e) => {
                 shared.counters.errors.fetch_add(1, Ordering::Relaxed);
-                result.timeline.at(shared.since_start_ms(intended_ns)).errors += 1;
-                result.ledger.sends.push(SendRecord { error: Some(e.class()), ..record });
+                result
+                    .timeline
+                    .at(shared.since_start_ms(intended_ns))
+                    .errors += 1;
+                result.ledger.sends.push(SendRecord {
+                    error: Some(e.class()),
+                    ..record
+                });
             }
         }
     }
@@ -415,7 +475,10 @@ fn snapshot(shared: &Shared, done: bool) -> Progress {
     }
 }
 
-async fn report_progress(shared: Arc<Shared>, progress: Arc<impl Fn(Progress) + Send + Sync + 'static>) {
+async fn report_progress(
+    shared: Arc<Shared>,
+    progress: Arc<impl Fn(Progress) + Send + Sync + 'static>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {

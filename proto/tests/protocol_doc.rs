@@ -5,8 +5,11 @@ use natter_proto::msg::*;
 use natter_proto::{Frame, Op};
 
 fn decode_hex(hex: &str) -> Vec<u8> {
-    assert!(hex.len() % 2 == 0, "odd hex length: {hex}");
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit")).collect()
+    assert!(hex.len().is_multiple_of(2), "odd hex length: {hex}");
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
+        .collect()
 }
 
 fn frames_in_doc() -> Vec<Vec<u8>> {
@@ -29,10 +32,17 @@ fn frames_in_doc() -> Vec<Vec<u8>> {
 #[test]
 fn worked_examples_decode_with_the_real_codec() {
     let frames = frames_in_doc();
-    assert!(frames.len() >= 6, "the worked example is missing from docs/protocol.md");
+    assert!(
+        frames.len() >= 6,
+        "the worked example is missing from docs/protocol.md"
+    );
     for bytes in frames {
         let frame = Frame::decode(&bytes, 1 << 20).unwrap_or_else(|e| panic!("{e}: {bytes:02x?}"));
-        assert_eq!(frame.encode().as_ref(), bytes.as_slice(), "re-encodes to the same bytes");
+        assert_eq!(
+            frame.encode().as_ref(),
+            bytes.as_slice(),
+            "re-encodes to the same bytes"
+        );
         let ok = match frame.op {
             Op::Auth => frame.message::<AuthRequest>().is_ok(),
             Op::AuthReply => frame.message::<AuthReply>().is_ok(),

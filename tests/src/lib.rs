@@ -41,9 +41,11 @@ impl TestServer {
     pub async fn start(tune: impl FnOnce(&mut Config)) -> TestServer {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().expect("addr");
-        config.data_dir = dir.path().join("data");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
         // fsync is not what these tests are about; the crash test turns it on.
         config.store.synchronous = false;
         tune(&mut config);
@@ -65,6 +67,11 @@ impl TestServer {
 
     pub fn tokens(&self) -> &Tokens {
         &self.tokens
+    }
+
+    /// The server's token secret.
+    pub fn tokens_secret(&self) -> Vec<u8> {
+        self.config.secret().expect("secret")
     }
 
     pub fn server(&self) -> String {
