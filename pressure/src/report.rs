@@ -502,6 +502,10 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("read"))
                 .expect("json");
         assert_eq!(back.timeline.len(), 2);
-        assert!((2.49..2.51).contains(&back.timeline[1].p50_ms), "{}", back.timeline[1].p50_ms);
+        assert!(
+            (2.49..2.51).contains(&back.timeline[1].p50_ms),
+            "{}",
+            back.timeline[1].p50_ms
+        );
     }
 }
