@@ -64,7 +64,9 @@ impl Connection {
         let url = format!("ws://{server}/sub");
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_INCOMING))
-            .max_frame_size(Some(MAX_INCOMING));
+            .max_frame_size(Some(MAX_INCOMING))
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
         let (ws, _response) =
             tokio_tungstenite::client_async_with_config(url, stream, Some(config))
                 .await

@@ -201,8 +201,12 @@ async fn upgrade(State(comet): State<Comet>, ws: WebSocketUpgrade) -> Response {
     let max_message =
         comet.inner.config.max_body.saturating_mul(4).max(64 * 1024) + natter_proto::HEADER_LEN;
     let tasks = comet.inner.tasks.clone();
+    // Small buffers that grow on demand: an idle connection should cost
+    // kilobytes, not the 128 KiB read buffer the WebSocket layer defaults to.
     ws.max_message_size(max_message)
         .max_frame_size(max_message)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             tasks.track_future(async move {
                 conn::run(comet, socket).await;

@@ -73,8 +73,8 @@ impl Tokens {
         now: i64,
         ttl_secs: u64,
     ) -> Result<String, String> {
-        if uid == 0 {
-            return Err("uid must be positive".into());
+        if uid == 0 || uid > i64::MAX as u64 {
+            return Err("uid must be between 1 and 2^63-1".into());
         }
         if !valid_device(device) {
             return Err(format!(
@@ -134,7 +134,7 @@ impl Tokens {
             .ok()
             .and_then(|p| serde_json::from_slice(&p).ok())
             .ok_or(ErrorCode::AuthFailed)?;
-        if claims.uid == 0 || !valid_device(&claims.dev) {
+        if claims.uid == 0 || claims.uid > i64::MAX as u64 || !valid_device(&claims.dev) {
             return Err(ErrorCode::AuthFailed);
         }
         if claims.exp <= now {

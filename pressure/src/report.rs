@@ -27,7 +27,8 @@ pub struct Throughput {
     pub sent: u64,
     pub acked: u64,
     pub delivered: u64,
-    /// Measured seconds (after warm-up).
+    /// Seconds from the end of warm-up to the last measured ack or delivery
+    /// (at least the scenario's duration).
     pub seconds: f64,
     pub acked_per_s: f64,
     pub delivered_per_s: f64,

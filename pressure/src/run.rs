@@ -187,7 +187,15 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         .map(|(uid, d)| (*uid, d.clone()))
         .collect();
     let reconciliation = reconcile(&merged.ledger, run, &topology);
-    let measured = scenario.duration_ms as f64 / 1000.0;
+    // Rates over the time the measured work actually took: a server that
+    // falls behind takes longer, and its rate says so.
+    let measure_from_ns = (send_at_ms as u64 + scenario.warmup_ms) * 1_000_000;
+    let window = |last_ns: u64| {
+        (last_ns.saturating_sub(measure_from_ns) as f64 / 1e9)
+            .max(scenario.duration_ms as f64 / 1000.0)
+    };
+    let ack_window = window(merged.last_ack_ns);
+    let delivery_window = window(merged.last_delivery_ns);
     let measured_acked: u64 = merged.ack.len();
     let measured_delivered: u64 = merged.e2e.len();
     let mut problems = Vec::new();
@@ -252,9 +260,9 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
             sent: reconciliation.sent,
             acked: reconciliation.acked,
             delivered: reconciliation.delivered,
-            seconds: measured,
-            acked_per_s: measured_acked as f64 / measured,
-            delivered_per_s: measured_delivered as f64 / measured,
+            seconds: ack_window.max(delivery_window),
+            acked_per_s: measured_acked as f64 / ack_window,
+            delivered_per_s: measured_delivered as f64 / delivery_window,
         },
         latency: Latency {
             ack: merged.ack.summary(),

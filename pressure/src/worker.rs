@@ -86,6 +86,9 @@ pub struct WorkerResult {
     pub resends: u64,
     pub reconnects: u64,
     pub cpu_seconds: f64,
+    /// Unix ns of the last ack and the last delivery of a measured message.
+    pub last_ack_ns: u64,
+    pub last_delivery_ns: u64,
 }
 
 impl WorkerResult {
@@ -112,6 +115,8 @@ impl WorkerResult {
         self.resends += other.resends;
         self.reconnects += other.reconnects;
         self.cpu_seconds += other.cpu_seconds;
+        self.last_ack_ns = self.last_ack_ns.max(other.last_ack_ns);
+        self.last_delivery_ns = self.last_delivery_ns.max(other.last_delivery_ns);
     }
 }
 
@@ -367,6 +372,7 @@ async fn receive_loop(shared: Arc<Shared>, uid: u64, device: u16, mut events: Ev
                 if let Some(latency) = latency {
                     bucket.e2e.record(latency);
                     result.e2e.record(latency);
+                    result.last_delivery_ns = result.last_delivery_ns.max(now);
                 }
             }
             Event::Disconnected { error, .. } => {
@@ -424,7 +430,8 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
             .send_with_seq(client_seq, receiver, payload.body(scenario.message_size))
             .await;
         // Latency from the intended send time: a stalled server shows up here.
-        let latency = Duration::from_nanos(unix_ns().saturating_sub(intended_ns));
+        let acked_at = unix_ns();
+        let latency = Duration::from_nanos(acked_at.saturating_sub(intended_ns));
         let mut result = shared.result();
         let record = SendRecord {
             sender: uid,
@@ -439,8 +446,10 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
                 shared.counters.acked.fetch_add(1, Ordering::Relaxed);
                 if shared.measuring(intended_ns) {
                     result.ack.record(latency);
+                    result.last_ack_ns = result.last_ack_ns.max(acked_at);
                 }
-                result.timeline.at(shared.since_start_ms(intended_ns)).acked += 1;
+                // Sends are charted when they were due, acks when they happened.
+                result.timeline.at(shared.since_start_ms(acked_at)).acked += 1;
                 result.ledger.sends.push(SendRecord {
                     mid: Some(reply.mid),
                     ..record

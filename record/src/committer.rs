@@ -102,7 +102,15 @@ impl Committer {
     ) -> (Committer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue);
         let metrics = Metrics::new(registry);
-        let task = tokio::spawn(run(store, rx, batch_max, metrics.clone(), shutdown));
+        // The committer is a chain of awaits on the database, one batch at a
+        // time. On a runtime busy with thousands of connection tasks each of
+        // those wake-ups would queue behind them; on a thread of its own, the
+        // database's reply resumes it at once.
+        let runtime = tokio::runtime::Handle::current();
+        let worker_metrics = metrics.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            runtime.block_on(run(store, rx, batch_max, worker_metrics, shutdown));
+        });
         (Committer { tx, metrics }, task)
     }
 

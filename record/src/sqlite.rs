@@ -81,13 +81,19 @@ impl SqliteStore {
                 SqliteSynchronous::Normal
             })
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(false);
+            .foreign_keys(false)
+            // The default page cache (2 MiB) makes every batch re-read index
+            // pages through the kernel once the database outgrows it.
+            .pragma("cache_size", "-65536")
+            .pragma("mmap_size", "268435456")
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(options.readers + 1)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
         migrator().run(&pool).await?;
+        tokio::spawn(checkpoint_loop(pool.clone()));
         Ok(SqliteStore {
             pool,
             writer: Mutex::new(Counters::default()),
@@ -103,6 +109,7 @@ impl SqliteStore {
             .connect_with(connect)
             .await?;
         migrator().run(&pool).await?;
+        tokio::spawn(checkpoint_loop(pool.clone()));
         Ok(SqliteStore {
             pool,
             writer: Mutex::new(Counters::default()),
@@ -117,6 +124,33 @@ impl SqliteStore {
         }
     }
 }
+
+/// Copies committed WAL frames into the database file in the background, so
+/// that the checkpoint SQLite runs inside a commit when the WAL passes 1000
+/// pages (which is what keeps the WAL from growing) finds little left to copy
+/// and does not stall that commit's acks. Ends when the pool is closed.
+async fn checkpoint_loop(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+}
+
+/// How often the background checkpoint runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     Ok(StoredMessage {
@@ -133,125 +167,234 @@ fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     })
 }
 
-async fn next_conv_seq(
-    conn: &mut SqliteConnection,
-    counters: &mut Counters,
-    conv: &str,
-) -> Result<u64, sqlx::Error> {
-    let last = match counters.conv.get(conv) {
-        Some(v) => *v,
-        None => sqlx::query_scalar::<_, i64>("SELECT last_seq FROM conversation WHERE conv_id = ?")
-            .bind(conv)
-            .fetch_optional(&mut *conn)
-            .await?
-            .unwrap_or(0) as u64,
-    };
-    counters.conv.insert(conv.to_string(), last + 1);
-    Ok(last + 1)
+type Key<'a> = (u64, &'a str, u64);
+
+// Every batch statement takes its rows as one JSON array parameter, read
+// with `json_each`. The SQL text never changes with the batch size, so each
+// statement is prepared once per connection and cached; and the joins below
+// let SQLite search an index once per row instead of scanning a table (see
+// the plan test at the end of this file).
+
+const DEDUPE_SQL: &str = "SELECT m.mid, m.conv_id, m.conv_seq, m.sender, m.sender_device, m.client_seq, m.receiver, m.msg_type, m.content, m.created_at \
+     FROM json_each(?1) AS k JOIN message m \
+     ON m.sender = k.value->>0 AND m.sender_device = k.value->>1 AND m.client_seq = k.value->>2";
+const RELATION_SEQS_SQL: &str = "SELECT owner, user_seq FROM relation \
+     WHERE (owner = ?1 AND other = ?2 AND mid = ?3) OR (owner = ?2 AND other = ?1 AND mid = ?3)";
+const CONVERSATIONS_SQL: &str =
+    "SELECT c.conv_id, c.last_seq FROM json_each(?1) AS k JOIN conversation c ON c.conv_id = k.value";
+const USERS_SQL: &str =
+    "SELECT u.owner, u.last_seq FROM json_each(?1) AS k JOIN user_sequence u ON u.owner = k.value";
+const CURSORS_SQL: &str =
+    "SELECT d.owner, d.device, d.cursor FROM json_each(?1) AS k JOIN device d \
+     ON d.owner = k.value->>0 AND d.device = k.value->>1";
+const INSERT_MESSAGES_SQL: &str = "INSERT INTO message (mid, conv_id, conv_seq, sender, sender_device, client_seq, receiver, msg_type, content, created_at) \
+     SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, k.value->>4, k.value->>5, k.value->>6, k.value->>7, unhex(k.value->>8), k.value->>9 \
+     FROM json_each(?1) AS k";
+const INSERT_RELATIONS_SQL: &str = "INSERT INTO relation (owner, user_seq, mid, other, direction, received, created_at) \
+     SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, k.value->>4, 0, k.value->>5 FROM json_each(?1) AS k";
+const MARK_RECEIVED_SQL: &str = "UPDATE relation SET received = 1 FROM json_each(?1) AS k \
+     WHERE relation.owner = k.value->>0 AND relation.user_seq = k.value->>1";
+const UPSERT_CURSORS_SQL: &str = "INSERT INTO device (owner, device, cursor, updated_at) \
+     SELECT k.value->>0, k.value->>1, k.value->>2, ?2 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (owner, device) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at";
+const UPSERT_CONVERSATIONS_SQL: &str = "INSERT INTO conversation (conv_id, last_seq) \
+     SELECT k.value->>0, k.value->>1 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq";
+const UPSERT_USERS_SQL: &str = "INSERT INTO user_sequence (owner, last_seq) \
+     SELECT k.value->>0, k.value->>1 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (owner) DO UPDATE SET last_seq = excluded.last_seq";
+
+fn json(rows: impl serde::Serialize) -> String {
+    serde_json::to_string(&rows)
+        .unwrap_or_else(|_| unreachable!("numbers and strings always serialize"))
 }
 
-async fn next_user_seq(
-    conn: &mut SqliteConnection,
-    counters: &mut Counters,
-    owner: u64,
-) -> Result<u64, sqlx::Error> {
-    let last = match counters.user.get(&owner) {
-        Some(v) => *v,
-        None => sqlx::query_scalar::<_, i64>("SELECT last_seq FROM user_sequence WHERE owner = ?")
-            .bind(owner as i64)
-            .fetch_optional(&mut *conn)
-            .await?
-            .unwrap_or(0) as u64,
-    };
-    counters.user.insert(owner, last + 1);
-    Ok(last + 1)
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
 
+/// Messages already stored under any of `keys`, with both parties' stream positions.
 async fn find_existing(
     conn: &mut SqliteConnection,
-    m: &NewMessage,
-) -> Result<Option<Stored>, sqlx::Error> {
-    let row = sqlx::query(&format!(
-        "SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.sender = ? AND m.sender_device = ? AND m.client_seq = ?"
-    ))
-    .bind(m.sender as i64)
-    .bind(&m.sender_device)
-    .bind(m.client_seq as i64)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let message = message_from_row(&row)?;
-    let seq_of = |owner: u64| {
-        sqlx::query_scalar::<_, i64>("SELECT user_seq FROM relation WHERE owner = ? AND mid = ?")
-            .bind(owner as i64)
+    keys: &[Key<'_>],
+) -> Result<HashMap<(u64, String, u64), Stored>, sqlx::Error> {
+    let rows = sqlx::query(DEDUPE_SQL)
+        .bind(json(keys))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut found = HashMap::new();
+    for row in &rows {
+        let message = message_from_row(row)?;
+        let seqs: Vec<(i64, i64)> = sqlx::query_as(RELATION_SEQS_SQL)
+            .bind(message.sender as i64)
+            .bind(message.receiver as i64)
             .bind(message.mid as i64)
-    };
-    let sender_seq = seq_of(message.sender).fetch_one(&mut *conn).await? as u64;
-    let receiver_seq = seq_of(message.receiver).fetch_one(&mut *conn).await? as u64;
-    Ok(Some(Stored {
-        message,
-        sender_seq,
-        receiver_seq,
-        repeat: true,
-    }))
+            .fetch_all(&mut *conn)
+            .await?;
+        let seq_of = |owner: u64| {
+            seqs.iter()
+                .find(|(o, _)| *o as u64 == owner)
+                .map(|(_, s)| *s as u64)
+                .unwrap_or(0)
+        };
+        let (sender_seq, receiver_seq) = (seq_of(message.sender), seq_of(message.receiver));
+        found.insert(
+            (
+                message.sender,
+                message.sender_device.clone(),
+                message.client_seq,
+            ),
+            Stored {
+                message,
+                sender_seq,
+                receiver_seq,
+                repeat: true,
+            },
+        );
+    }
+    Ok(found)
 }
 
-async fn insert_relation(
+/// Loads the last sequence numbers of conversations and users not cached yet.
+async fn load_counters(
     conn: &mut SqliteConnection,
+    counters: &mut Counters,
+    convs: &[String],
+    users: &[u64],
+) -> Result<(), sqlx::Error> {
+    let convs: Vec<&String> = convs
+        .iter()
+        .filter(|c| !counters.conv.contains_key(*c))
+        .collect();
+    if !convs.is_empty() {
+        let rows: Vec<(String, i64)> = sqlx::query_as(CONVERSATIONS_SQL)
+            .bind(json(&convs))
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut known: HashMap<String, u64> =
+            rows.into_iter().map(|(c, s)| (c, s as u64)).collect();
+        for conv in convs {
+            counters
+                .conv
+                .insert(conv.clone(), known.remove(conv).unwrap_or(0));
+        }
+    }
+    let users: Vec<u64> = users
+        .iter()
+        .copied()
+        .filter(|u| !counters.user.contains_key(u))
+        .collect();
+    if !users.is_empty() {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(USERS_SQL)
+            .bind(json(&users))
+            .fetch_all(&mut *conn)
+            .await?;
+        let known: HashMap<u64, u64> = rows
+            .into_iter()
+            .map(|(o, s)| (o as u64, s as u64))
+            .collect();
+        for owner in users {
+            counters
+                .user
+                .insert(owner, known.get(&owner).copied().unwrap_or(0));
+        }
+    }
+    Ok(())
+}
+
+/// The stored cursors of the given devices (absent: 0).
+async fn load_cursors(
+    conn: &mut SqliteConnection,
+    devices: &[(u64, String)],
+) -> Result<HashMap<(u64, String), u64>, sqlx::Error> {
+    if devices.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(CURSORS_SQL)
+        .bind(json(devices))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(owner, device, cursor)| ((owner as u64, device), cursor as u64))
+        .collect())
+}
+
+struct RelationRow {
     owner: u64,
     user_seq: u64,
-    m: &StoredMessage,
+    mid: u64,
     other: u64,
     direction: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO relation (owner, user_seq, mid, other, direction, received, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
-    )
-    .bind(owner as i64)
-    .bind(user_seq as i64)
-    .bind(m.mid as i64)
-    .bind(other as i64)
-    .bind(direction)
-    .bind(m.time_ms)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    time_ms: i64,
 }
 
-async fn raise_cursor(
-    conn: &mut SqliteConnection,
-    owner: u64,
-    device: &str,
-    to: u64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO device (owner, device, cursor, updated_at) VALUES (?, ?, ?, ?)
-         ON CONFLICT (owner, device) DO UPDATE SET cursor = MAX(cursor, excluded.cursor), updated_at = excluded.updated_at",
-    )
-    .bind(owner as i64)
-    .bind(device)
-    .bind(to as i64)
-    .bind(natter_node::ids::now_ms())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
+/// Applies a batch with a handful of multi-row statements, whatever its size:
+/// one round of look-ups (duplicates, counters, cursors), then one insert per
+/// table. Statement count, not rows, is what a batch costs.
 async fn apply(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
     writes: &[Write],
 ) -> Result<Vec<Outcome>, sqlx::Error> {
+    // Look-ups for everything the batch touches.
+    let keys: Vec<Key<'_>> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Message(m) => Some((m.sender, m.sender_device.as_str(), m.client_seq)),
+            _ => None,
+        })
+        .collect();
+    let existing = if keys.is_empty() {
+        HashMap::new()
+    } else {
+        find_existing(conn, &keys).await?
+    };
+    let mut convs = Vec::new();
+    let mut users = Vec::new();
+    let mut devices: Vec<(u64, String)> = Vec::new();
+    for w in writes {
+        match w {
+            Write::Message(m) => {
+                convs.push(p2p_conversation(m.sender, m.receiver));
+                users.extend([m.sender, m.receiver]);
+                devices.push((m.sender, m.sender_device.clone()));
+            }
+            Write::Received { owner, device, .. }
+            | Write::SetCursor { owner, device, .. }
+            | Write::Rewind { owner, device, .. } => {
+                devices.push((*owner, device.clone()));
+            }
+        }
+    }
+    convs.sort_unstable();
+    convs.dedup();
+    users.sort_unstable();
+    users.dedup();
+    devices.sort_unstable();
+    devices.dedup();
+    load_counters(conn, counters, &convs, &users).await?;
+    let mut cursors = load_cursors(conn, &devices).await?;
+
+    // Walk the batch in order, in memory.
     let mut outcomes = Vec::with_capacity(writes.len());
-    // Duplicates within one batch: the key of each message stored so far.
-    let mut in_batch: HashMap<(u64, &str, u64), usize> = HashMap::new();
+    let mut in_batch: HashMap<Key<'_>, usize> = HashMap::new();
+    let mut messages: Vec<StoredMessage> = Vec::new();
+    let mut relations: Vec<RelationRow> = Vec::new();
+    let mut received: Vec<(u64, u64)> = Vec::new();
     let mut touched_convs: Vec<String> = Vec::new();
     let mut touched_users: Vec<u64> = Vec::new();
     for write in writes {
         match write {
             Write::Message(m) => {
-                if let Some(&i) = in_batch.get(&(m.sender, m.sender_device.as_str(), m.client_seq))
-                {
+                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
+                if let Some(&i) = in_batch.get(&key) {
                     let Outcome::Stored(earlier) = &outcomes[i] else {
                         unreachable!("index of a message")
                     };
@@ -261,12 +404,26 @@ async fn apply(
                     }));
                     continue;
                 }
-                if let Some(existing) = find_existing(conn, m).await? {
-                    outcomes.push(Outcome::Stored(existing));
+                if let Some(stored) =
+                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
+                {
+                    outcomes.push(Outcome::Stored(stored.clone()));
                     continue;
                 }
                 let conversation = p2p_conversation(m.sender, m.receiver);
-                let conv_seq = next_conv_seq(conn, counters, &conversation).await?;
+                let conv_seq = counters.conv.get(&conversation).copied().unwrap_or(0) + 1;
+                counters.conv.insert(conversation.clone(), conv_seq);
+                let mut next_user = |owner: u64| {
+                    let seq = counters.user.get(&owner).copied().unwrap_or(0) + 1;
+                    counters.user.insert(owner, seq);
+                    seq
+                };
+                let sender_seq = next_user(m.sender);
+                let receiver_seq = if m.receiver == m.sender {
+                    sender_seq
+                } else {
+                    next_user(m.receiver)
+                };
                 let stored = StoredMessage {
                     mid: m.mid,
                     conversation: conversation.clone(),
@@ -279,40 +436,27 @@ async fn apply(
                     content: m.content.clone(),
                     time_ms: m.time_ms,
                 };
-                sqlx::query(
-                    "INSERT INTO message (mid, conv_id, conv_seq, sender, sender_device, client_seq, receiver, msg_type, content, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(stored.mid as i64)
-                .bind(&stored.conversation)
-                .bind(conv_seq as i64)
-                .bind(stored.sender as i64)
-                .bind(&stored.sender_device)
-                .bind(stored.client_seq as i64)
-                .bind(stored.receiver as i64)
-                .bind(i64::from(stored.msg_type))
-                .bind(&stored.content)
-                .bind(stored.time_ms)
-                .execute(&mut *conn)
-                .await?;
-                let sender_seq = next_user_seq(conn, counters, m.sender).await?;
-                insert_relation(conn, m.sender, sender_seq, &stored, m.receiver, 1).await?;
-                let receiver_seq = if m.receiver == m.sender {
-                    sender_seq
-                } else {
-                    let seq = next_user_seq(conn, counters, m.receiver).await?;
-                    insert_relation(conn, m.receiver, seq, &stored, m.sender, 2).await?;
-                    touched_users.push(m.receiver);
-                    seq
+                let row = |owner, user_seq, other, direction| RelationRow {
+                    owner,
+                    user_seq,
+                    mid: m.mid,
+                    other,
+                    direction,
+                    time_ms: m.time_ms,
                 };
-                touched_users.push(m.sender);
+                relations.push(row(m.sender, sender_seq, m.receiver, 1));
+                if m.receiver != m.sender {
+                    relations.push(row(m.receiver, receiver_seq, m.sender, 2));
+                }
                 // The sending device holds its own message once it has the ack.
-                raise_cursor(conn, m.sender, &m.sender_device, sender_seq).await?;
+                let cursor = cursors
+                    .entry((m.sender, m.sender_device.clone()))
+                    .or_insert(0);
+                *cursor = (*cursor).max(sender_seq);
                 touched_convs.push(conversation);
-                in_batch.insert(
-                    (m.sender, m.sender_device.as_str(), m.client_seq),
-                    outcomes.len(),
-                );
+                touched_users.extend([m.sender, m.receiver]);
+                in_batch.insert(key, outcomes.len());
+                messages.push(stored.clone());
                 outcomes.push(Outcome::Stored(Stored {
                     message: stored,
                     sender_seq,
@@ -325,12 +469,9 @@ async fn apply(
                 device,
                 user_seq,
             } => {
-                sqlx::query("UPDATE relation SET received = 1 WHERE owner = ? AND user_seq = ?")
-                    .bind(*owner as i64)
-                    .bind(*user_seq as i64)
-                    .execute(&mut *conn)
-                    .await?;
-                raise_cursor(conn, *owner, device, *user_seq).await?;
+                received.push((*owner, *user_seq));
+                let cursor = cursors.entry((*owner, device.clone())).or_insert(0);
+                *cursor = (*cursor).max(*user_seq);
                 outcomes.push(Outcome::Done);
             }
             Write::SetCursor {
@@ -338,16 +479,7 @@ async fn apply(
                 device,
                 cursor,
             } => {
-                sqlx::query(
-                    "INSERT INTO device (owner, device, cursor, updated_at) VALUES (?, ?, ?, ?)
-                     ON CONFLICT (owner, device) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
-                )
-                .bind(*owner as i64)
-                .bind(device)
-                .bind(*cursor as i64)
-                .bind(natter_node::ids::now_ms())
-                .execute(&mut *conn)
-                .await?;
+                cursors.insert((*owner, device.clone()), *cursor);
                 outcomes.push(Outcome::Done);
             }
             Write::Rewind {
@@ -355,40 +487,85 @@ async fn apply(
                 device,
                 user_seq,
             } => {
-                sqlx::query("UPDATE device SET cursor = MIN(cursor, ?), updated_at = ? WHERE owner = ? AND device = ?")
-                    .bind(user_seq.saturating_sub(1) as i64)
-                    .bind(natter_node::ids::now_ms())
-                    .bind(*owner as i64)
-                    .bind(device)
-                    .execute(&mut *conn)
-                    .await?;
+                let cursor = cursors.entry((*owner, device.clone())).or_insert(0);
+                *cursor = (*cursor).min(user_seq.saturating_sub(1));
                 outcomes.push(Outcome::Done);
             }
         }
     }
+
+    // Write it out: one statement per table.
+    if !messages.is_empty() {
+        let rows: Vec<_> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m.mid,
+                    &m.conversation,
+                    m.conv_seq,
+                    m.sender,
+                    &m.sender_device,
+                    m.client_seq,
+                    m.receiver,
+                    m.msg_type,
+                    hex(&m.content),
+                    m.time_ms,
+                )
+            })
+            .collect();
+        sqlx::query(INSERT_MESSAGES_SQL)
+            .bind(json(rows))
+            .execute(&mut *conn)
+            .await?;
+        let rows: Vec<_> = relations
+            .iter()
+            .map(|r| (r.owner, r.user_seq, r.mid, r.other, r.direction, r.time_ms))
+            .collect();
+        sqlx::query(INSERT_RELATIONS_SQL)
+            .bind(json(rows))
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !received.is_empty() {
+        sqlx::query(MARK_RECEIVED_SQL)
+            .bind(json(&received))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let cursor_rows: Vec<_> = devices
+        .iter()
+        .filter_map(|(o, d)| cursors.get(&(*o, d.clone())).map(|c| (*o, d, *c)))
+        .collect();
+    if !cursor_rows.is_empty() {
+        sqlx::query(UPSERT_CURSORS_SQL)
+            .bind(json(cursor_rows))
+            .bind(natter_node::ids::now_ms())
+            .execute(&mut *conn)
+            .await?;
+    }
     touched_convs.sort_unstable();
     touched_convs.dedup();
-    for conv in &touched_convs {
-        sqlx::query(
-            "INSERT INTO conversation (conv_id, last_seq) VALUES (?, ?)
-             ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq",
-        )
-        .bind(conv)
-        .bind(counters.conv.get(conv).copied().unwrap_or(0) as i64)
-        .execute(&mut *conn)
-        .await?;
+    if !touched_convs.is_empty() {
+        let rows: Vec<_> = touched_convs
+            .iter()
+            .map(|c| (c, counters.conv.get(c).copied().unwrap_or(0)))
+            .collect();
+        sqlx::query(UPSERT_CONVERSATIONS_SQL)
+            .bind(json(rows))
+            .execute(&mut *conn)
+            .await?;
     }
     touched_users.sort_unstable();
     touched_users.dedup();
-    for owner in &touched_users {
-        sqlx::query(
-            "INSERT INTO user_sequence (owner, last_seq) VALUES (?, ?)
-             ON CONFLICT (owner) DO UPDATE SET last_seq = excluded.last_seq",
-        )
-        .bind(*owner as i64)
-        .bind(counters.user.get(owner).copied().unwrap_or(0) as i64)
-        .execute(&mut *conn)
-        .await?;
+    if !touched_users.is_empty() {
+        let rows: Vec<_> = touched_users
+            .iter()
+            .map(|u| (*u, counters.user.get(u).copied().unwrap_or(0)))
+            .collect();
+        sqlx::query(UPSERT_USERS_SQL)
+            .bind(json(rows))
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(outcomes)
 }
@@ -398,7 +575,9 @@ impl MessageStore for SqliteStore {
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         self.closed()?;
         let mut counters = self.writer.lock().await;
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE takes the write lock up front, through the busy handler: a
+        // deferred transaction that meets a checkpoint restart fails at once.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         match apply(&mut tx, &mut counters, writes).await {
             Ok(outcomes) => match tx.commit().await {
                 Ok(()) => Ok(outcomes),
@@ -502,6 +681,40 @@ mod tests {
     async fn sqlite_passes_the_store_suite() {
         crate::suite::run_all(|| async { SqliteStore::memory().await.expect("memory store") })
             .await;
+    }
+
+    #[tokio::test]
+    async fn batch_statements_search_indexes_instead_of_scanning_tables() {
+        let store = SqliteStore::memory().await.expect("store");
+        let statements = [
+            DEDUPE_SQL.to_string(),
+            RELATION_SEQS_SQL.to_string(),
+            CONVERSATIONS_SQL.to_string(),
+            USERS_SQL.to_string(),
+            CURSORS_SQL.to_string(),
+            MARK_RECEIVED_SQL.to_string(),
+            format!(
+                "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid \
+                 WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
+            ),
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid \
+                 WHERE r.owner = ? AND r.other = ? AND r.mid < ? ORDER BY r.mid DESC LIMIT ?"
+            ),
+        ];
+        for sql in statements {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .fetch_all(&store.pool)
+                    .await
+                    .expect("plan");
+            for (_, _, _, step) in &plan {
+                let table_scan = step.starts_with("SCAN")
+                    && !step.contains("json_each")
+                    && !step.starts_with("SCAN k");
+                assert!(!table_scan, "{sql}\nscans a table: {plan:?}");
+            }
+        }
     }
 
     #[tokio::test]

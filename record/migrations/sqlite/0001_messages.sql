@@ -27,11 +27,11 @@ CREATE TABLE relation (
     created_at INTEGER NOT NULL,
     PRIMARY KEY (owner, user_seq)
 ) WITHOUT ROWID;
--- Conversation history before a mid.
+-- Conversation history before a mid (and a message's row by owner, other, mid).
 CREATE INDEX relation_history ON relation (owner, other, mid);
-CREATE UNIQUE INDEX relation_mid ON relation (owner, mid);
--- What a user has not received yet.
-CREATE INDEX relation_unreceived ON relation (owner, received, user_seq);
+-- What a device has not received yet is the primary key's range
+-- (owner, user_seq > the device's cursor); `received` records push-acks
+-- without an index of its own, so acks cost no index churn.
 
 -- Last sequence numbers handed out, per conversation and per user.
 CREATE TABLE conversation (
