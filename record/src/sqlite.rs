@@ -86,7 +86,12 @@ impl SqliteStore {
             // pages through the kernel once the database outgrows it.
             .pragma("cache_size", "-65536")
             .pragma("mmap_size", "268435456")
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // The commit that finds the WAL past this many pages checkpoints it
+            // (which is what bounds the WAL). The background loop below copies
+            // most frames before then, and a larger WAL holds each hot index
+            // page once per checkpoint rather than once per thousand pages.
+            .pragma("wal_autocheckpoint", "8192");
         let pool = SqlitePoolOptions::new()
             .max_connections(options.readers + 1)
             .acquire_timeout(options.acquire_timeout)
@@ -126,9 +131,9 @@ impl SqliteStore {
 }
 
 /// Copies committed WAL frames into the database file in the background, so
-/// that the checkpoint SQLite runs inside a commit when the WAL passes 1000
-/// pages (which is what keeps the WAL from growing) finds little left to copy
-/// and does not stall that commit's acks. Ends when the pool is closed.
+/// that the checkpoint SQLite runs inside a commit when the WAL passes its
+/// threshold (which is what keeps the WAL from growing) finds little left to
+/// copy and does not stall that commit's acks. Ends when the pool is closed.
 async fn checkpoint_loop(pool: SqlitePool) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
