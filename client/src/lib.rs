@@ -35,6 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use natter_proto::api::ErrorBody;
+pub use natter_proto::api::{HistoryPage, MessageView, SyncPage};
 use natter_proto::msg::{ErrorReply, Message, MessageBody, MessageReply, Notify, SendMessage};
 use natter_proto::{ErrorCode, Frame, Op};
 use prost::Message as _;
@@ -447,15 +449,10 @@ impl Client {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         if !status.is_success() {
-            #[derive(serde::Deserialize)]
-            struct ApiError {
-                code: String,
-                message: String,
-            }
-            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
-                Ok(e) => match ErrorCode::ALL.iter().find(|c| c.as_str() == e.code) {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => match e.error_code() {
                     Some(code) => ClientError::Rejected {
-                        code: *code,
+                        code,
                         message: e.message,
                     },
                     None => ClientError::Http(format!("{status}: {}", e.message)),
@@ -484,27 +481,4 @@ fn decode_reply(frame: &Frame) -> Result<MessageReply, ClientError> {
     frame
         .message()
         .map_err(|e| ClientError::Protocol(e.to_string()))
-}
-
-/// A message in the HTTP API's JSON.
-#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
-pub struct HistoryMessage {
-    pub mid: String,
-    pub conversation: String,
-    pub conv_seq: u64,
-    pub sender: u64,
-    pub sender_device: String,
-    pub receiver: u64,
-    pub client_seq: u64,
-    pub time_ms: i64,
-    #[serde(rename = "type")]
-    pub msg_type: Option<String>,
-    pub body: Option<serde_json::Value>,
-}
-
-/// A page of history.
-#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
-pub struct HistoryPage {
-    pub messages: Vec<HistoryMessage>,
-    pub next_before: Option<String>,
 }

@@ -1,10 +1,12 @@
 //! natter's wire protocol: the frame codec ([`frame`]), the error and close
-//! codes ([`code`]) and the protobuf bodies ([`msg`]).
+//! codes ([`code`]), the protobuf bodies ([`msg`]) and the HTTP API's JSON
+//! bodies ([`api`]).
 //!
 //! This crate is the only place that knows frame bytes. It does no IO: the
 //! gateway and the client SDK move whole frames over WebSocket messages and
 //! call into here to encode and decode them.
 
+pub mod api;
 pub mod code;
 pub mod frame;
 pub mod msg;

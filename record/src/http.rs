@@ -11,9 +11,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use natter_proto::msg::{Content, MessageType};
+use natter_proto::api::{ErrorBody, HistoryPage, MessageView, SyncPage};
+use natter_proto::msg::MessageType;
 use natter_proto::ErrorCode;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::store::{parse_p2p_conversation, HistoryQuery, MessageStore, StoredMessage};
 
@@ -51,24 +52,11 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: ErrorCode,
-    message: &'a str,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
-            status,
-            Json(ErrorBody {
-                code: self.code,
-                message: &self.message,
-            }),
-        )
-            .into_response()
+        (status, Json(ErrorBody::new(self.code, self.message))).into_response()
     }
 }
 
@@ -107,39 +95,20 @@ pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, 
         .map_err(|code| ApiError::new(code, "token rejected"))
 }
 
-/// A message in JSON. `mid` is a string because it does not fit a JSON number exactly.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct MessageView {
-    pub mid: String,
-    pub conversation: String,
-    pub conv_seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_seq: Option<u64>,
-    pub sender: u64,
-    pub sender_device: String,
-    pub receiver: u64,
-    pub client_seq: u64,
-    pub time_ms: i64,
-    #[serde(rename = "type")]
-    pub msg_type: Option<MessageType>,
-    pub body: Option<Content>,
-}
-
-impl MessageView {
-    fn new(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
-        MessageView {
-            mid: m.mid.to_string(),
-            conversation: m.conversation.clone(),
-            conv_seq: m.conv_seq,
-            user_seq,
-            sender: m.sender,
-            sender_device: m.sender_device.clone(),
-            receiver: m.receiver,
-            client_seq: m.client_seq,
-            time_ms: m.time_ms,
-            msg_type: MessageType::from_u32(m.msg_type),
-            body: m.body().and_then(|b| b.content),
-        }
+/// The JSON view of a stored message.
+fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
+    MessageView {
+        mid: m.mid.to_string(),
+        conversation: m.conversation.clone(),
+        conv_seq: m.conv_seq,
+        user_seq,
+        sender: m.sender,
+        sender_device: m.sender_device.clone(),
+        receiver: m.receiver,
+        client_seq: m.client_seq,
+        time_ms: m.time_ms,
+        msg_type: MessageType::from_u32(m.msg_type),
+        body: m.body().and_then(|b| b.content),
     }
 }
 
@@ -162,14 +131,6 @@ struct HistoryParams {
     before: Option<String>,
     limit: Option<u32>,
     types: Option<String>,
-}
-
-/// One page of history.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HistoryPage {
-    pub messages: Vec<MessageView>,
-    /// Pass as `before` for the next (older) page; absent on the last page.
-    pub next_before: Option<String>,
 }
 
 fn parse_types(spec: &str) -> Result<Vec<u32>, ApiError> {
@@ -238,7 +199,7 @@ async fn history(
         .then(|| rows.last().map(|m| m.mid.to_string()))
         .flatten();
     Ok(Json(HistoryPage {
-        messages: rows.iter().map(|m| MessageView::new(m, None)).collect(),
+        messages: rows.iter().map(|m| view(m, None)).collect(),
         next_before,
     }))
 }
@@ -247,15 +208,6 @@ async fn history(
 struct SyncParams {
     after: Option<u64>,
     limit: Option<u32>,
-}
-
-/// What a device has not received.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SyncPage {
-    pub messages: Vec<MessageView>,
-    pub has_more: bool,
-    /// The highest `user_seq` covered; pass as `after` next time.
-    pub cursor: u64,
 }
 
 async fn sync(
@@ -282,7 +234,7 @@ async fn sync(
         has_more: items.len() == limit as usize,
         messages: items
             .iter()
-            .map(|i| MessageView::new(&i.message, Some(i.user_seq)))
+            .map(|i| view(&i.message, Some(i.user_seq)))
             .collect(),
         cursor,
     }))

@@ -130,6 +130,18 @@ impl TestServer {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+
+    /// GETs `path` as `uid`/`device`; the status and the JSON body.
+    pub async fn get_json(&self, path: &str, uid: u64, device: &str) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(self.token(uid, device))
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
 }
 
 /// The next frame from a raw connection, failing the test on anything else.

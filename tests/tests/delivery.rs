@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use natter_proto::msg::{Content, Image, Message, MessageBody};
+use natter_proto::msg::{Content, Image, Message, MessageBody, MessageType};
 use natter_proto::{ErrorCode, Frame, Op};
 use natter_tests::*;
 
@@ -70,16 +70,8 @@ async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The server's cursor for the device now covers the message.
-    let http = reqwest::Client::new();
-    let page: serde_json::Value = http
-        .get(server.url("/v1/sync"))
-        .bearer_auth(server.token(2, "phone"))
-        .send()
-        .await
-        .expect("sync")
-        .json()
-        .await
-        .expect("json");
+    let (status, page) = server.get_json("/v1/sync", 2, "phone").await;
+    assert_eq!(status, 200);
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(0), "{page}");
     assert_eq!(page["cursor"], 1);
     server.stop().await;
@@ -216,23 +208,17 @@ async fn history_pages_and_filters_over_http() {
         .await
         .expect("images");
     assert_eq!(images.messages.len(), 1);
-    assert_eq!(images.messages[0].msg_type.as_deref(), Some("image"));
-    assert_eq!(
-        images.messages[0].body.as_ref().expect("body")["image"]["width"],
-        10
-    );
+    assert_eq!(images.messages[0].msg_type, Some(MessageType::Image));
+    match &images.messages[0].body {
+        Some(Content::Image(image)) => assert_eq!((image.width, image.height), (10, 20)),
+        other => panic!("expected an image body, got {other:?}"),
+    }
 
     // HTTP sync: the stream after a cursor, paged.
-    let http = reqwest::Client::new();
-    let page: serde_json::Value = http
-        .get(server.url("/v1/sync?after=20&limit=3"))
-        .bearer_auth(server.token(2, "tablet"))
-        .send()
-        .await
-        .expect("sync")
-        .json()
-        .await
-        .expect("json");
+    let (status, page) = server
+        .get_json("/v1/sync?after=20&limit=3", 2, "tablet")
+        .await;
+    assert_eq!(status, 200);
     let seqs: Vec<u64> = page["messages"]
         .as_array()
         .expect("messages")
