@@ -23,7 +23,10 @@ const SYNC_PAGE: u32 = 200;
 
 /// Connects and authenticates once.
 pub(crate) async fn open(config: &ClientConfig) -> Result<(Connection, AuthReply), ClientError> {
-    let mut conn = Connection::connect(&config.server, config.local_addr).await?;
+    let connect = Connection::connect(&config.server, config.local_addr);
+    let mut conn = tokio::time::timeout(config.ack_timeout, connect)
+        .await
+        .map_err(|_| ClientError::Timeout)??;
     let auth = AuthRequest {
         token: config.token.clone(),
         client: config.client_name.clone(),
@@ -398,6 +401,18 @@ impl Driver {
                         report: Some(reply),
                     }) => {
                         let _ = reply.send(Ok(frame));
+                    }
+                    // The connect-time sync failed: reconnect (with back-off) and sync again,
+                    // rather than stay connected with messages missing.
+                    Some(Waiter::Sync { report: None }) if frame.op == Op::Error => {
+                        let error = frame
+                            .message::<natter_proto::msg::ErrorReply>()
+                            .map(|e| ClientError::Rejected {
+                                code: ErrorCode::from_u32(e.code).unwrap_or(ErrorCode::Internal),
+                                message: e.message,
+                            })
+                            .unwrap_or_else(|e| ClientError::Protocol(e.to_string()));
+                        return Err(End::Closed(error));
                     }
                     Some(Waiter::Sync { report: None }) => {}
                     None if frame.op == Op::Error => {

@@ -378,6 +378,11 @@ impl Client {
 
     /// Asks the driver to sync now; missed messages arrive as events.
     pub async fn sync(&self) -> Result<(), ClientError> {
+        self.sync_within(self.config.ack_timeout).await
+    }
+
+    /// [`Client::sync`] with its own deadline for all pages.
+    pub async fn sync_within(&self, deadline: Duration) -> Result<(), ClientError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request {
@@ -387,7 +392,7 @@ impl Client {
             })
             .await
             .map_err(|_| ClientError::Shut)?;
-        match tokio::time::timeout(self.config.ack_timeout, answer).await {
+        match tokio::time::timeout(deadline, answer).await {
             Err(_) => Err(ClientError::Timeout),
             Ok(Err(_)) => Err(ClientError::Disconnected),
             Ok(Ok(Err(e))) => Err(e),
@@ -481,4 +486,35 @@ fn decode_reply(frame: &Frame) -> Result<MessageReply, ClientError> {
     frame
         .message()
         .map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connecting_to_a_server_that_never_answers_times_out() {
+        // Accepts TCP connections and never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let mut config = ClientConfig::new(addr.to_string(), "token");
+        config.ack_timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let result = Client::connect(config).await;
+        assert!(
+            matches!(result, Err(ClientError::Timeout)),
+            "{:?}",
+            result.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        held.abort();
+    }
 }

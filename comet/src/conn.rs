@@ -99,12 +99,14 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         .insert(conn_id, handle.clone());
 
     // Phase: authenticate.
-    let auth = tokio::time::timeout(
-        Duration::from_millis(config.auth_timeout_ms),
-        authenticate(&comet, &mut stream, conn_id),
-    )
-    .await
-    .unwrap_or_else(|_| Err(close(ErrorCode::AuthTimeout, "no auth frame in time")));
+    let shutdown = comet.inner.shutdown.clone();
+    let auth = tokio::select! {
+        auth = tokio::time::timeout(
+            Duration::from_millis(config.auth_timeout_ms),
+            authenticate(&comet, &mut stream, conn_id),
+        ) => auth.unwrap_or_else(|_| Err(close(ErrorCode::AuthTimeout, "no auth frame in time"))),
+        _ = shutdown.cancelled() => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
+    };
     let (session, cursor, auth_seq) = match auth {
         Ok(ok) => ok,
         Err(exit) => {
@@ -135,12 +137,14 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
 
     // Phase: work.
     let (jobs, jobs_rx) = mpsc::channel(MAX_PENDING_REQUESTS);
-    let requests = tokio::spawn(request_loop(
+    let closing = CancellationToken::new();
+    let mut requests = tokio::spawn(request_loop(
         comet.inner.logic.clone(),
         session.clone(),
         jobs_rx,
         out.clone(),
         handle.clone(),
+        closing.clone(),
     ));
     let mut conn = Conn {
         comet: comet.clone(),
@@ -162,13 +166,8 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         .unwrap_or_else(|e| e.into_inner())
         .remove(&conn_id);
     comet.inner.logic.disconnect(&conn.session).await;
-    if let Some(first_unacked) = conn.inflight.values().map(|i| i.user_seq).min() {
-        comet
-            .inner
-            .logic
-            .push_unacked(conn.session.uid, &conn.session.device, first_unacked)
-            .await;
-    }
+    // Un-acked pushes need nothing: the device's stored cursor only advances
+    // over acknowledged positions, so its next sync returns them.
     comet.inner.metrics.connections.dec();
     match exit {
         Exit::Peer => comet
@@ -185,11 +184,18 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         writer_kill,
         ..
     } = conn;
+    // Requests still queued are dropped unrun; the one running finishes (or
+    // is stopped after the grace period). Either way the client resends
+    // what it has no ack for, and the resend is deduplicated.
+    closing.cancel();
     drop(jobs);
     drop(out);
-    // The request task ends after its current request; its reply is dropped
-    // with the socket, and the client's resend is deduplicated.
-    let _ = tokio::time::timeout(CLOSE_GRACE, requests).await;
+    if tokio::time::timeout(CLOSE_GRACE, &mut requests)
+        .await
+        .is_err()
+    {
+        requests.abort();
+    }
     finish_writer(writer, &writer_kill).await;
 }
 
@@ -509,6 +515,12 @@ impl Conn {
             }
         }
         for seq in due {
+            // Resend only what the queue has room for now; the rest stays due
+            // for the next tick, so a burst of resends is not taken for a
+            // slow consumer.
+            if self.out.capacity() == 0 {
+                break;
+            }
             if let Some(inflight) = self.inflight.get_mut(&seq) {
                 inflight.attempts += 1;
                 inflight.deadline = now + rto;
@@ -532,8 +544,12 @@ async fn request_loop(
     mut jobs: mpsc::Receiver<Job>,
     out: mpsc::Sender<Out>,
     handle: ConnHandle,
+    closing: CancellationToken,
 ) {
     while let Some(job) = jobs.recv().await {
+        if closing.is_cancelled() {
+            break;
+        }
         let frame = match job {
             Job::Send { seq, message } => match logic.send(&session, message).await {
                 Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),

@@ -52,6 +52,9 @@ impl From<CommitError> for Rejection {
                 Rejection::new(ErrorCode::ServerShutdown, "server is shutting down")
             }
             CommitError::Failed(_) => Rejection::new(ErrorCode::Internal, "storage failed; retry"),
+            CommitError::Full => {
+                Rejection::new(ErrorCode::RateLimited, "the server is busy; retry")
+            }
         }
     }
 }
@@ -93,10 +96,8 @@ pub trait LogicService: Send + Sync + 'static {
     async fn disconnect(&self, session: &Session);
     /// Runs the pipeline for one message; returns the ack once it is durable.
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection>;
-    /// The device acknowledged the push at `user_seq`.
+    /// The device acknowledged the push at `user_seq`; never waits on storage.
     async fn push_acked(&self, uid: u64, device: &str, user_seq: u64);
-    /// The device's connection closed with pushes from `user_seq` on unacknowledged.
-    async fn push_unacked(&self, uid: u64, device: &str, user_seq: u64);
     /// What the device has not received.
     async fn sync(
         &self,
@@ -234,6 +235,9 @@ impl Logic {
     }
 }
 
+/// Ids and sequence numbers are stored as signed 64-bit integers.
+const MAX_ID: u64 = i64::MAX as u64;
+
 fn sync_limit(requested: u32) -> u32 {
     match requested {
         0 => 100,
@@ -298,18 +302,18 @@ impl LogicService for Logic {
 
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection> {
         let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
-        if message.receiver == 0 {
+        if message.receiver == 0 || message.receiver > MAX_ID {
             count("invalid");
             return Err(Rejection::new(
                 ErrorCode::InvalidMessage,
                 "receiver must be a user id",
             ));
         }
-        if message.client_seq == 0 {
+        if message.client_seq == 0 || message.client_seq > MAX_ID {
             count("invalid");
             return Err(Rejection::new(
                 ErrorCode::InvalidMessage,
-                "client_seq must be positive",
+                "client_seq must be between 1 and 2^63-1",
             ));
         }
         let body = message.body.unwrap_or_default();
@@ -371,19 +375,15 @@ impl LogicService for Logic {
             device: device.into(),
             user_seq,
         };
-        if let Err(e) = self.committer.enqueue(write).await {
+        // Never wait on storage here: the caller is a connection's control
+        // loop. A dropped ack costs only a cursor update; the device's next
+        // sync sets its cursor anyway.
+        if let Err(e) = self.committer.try_enqueue(write) {
+            self.metrics
+                .messages
+                .with_label_values(&["ack_dropped"])
+                .inc();
             tracing::debug!(error = %e, "push ack not recorded");
-        }
-    }
-
-    async fn push_unacked(&self, uid: u64, device: &str, user_seq: u64) {
-        let write = Write::Rewind {
-            owner: uid,
-            device: device.into(),
-            user_seq,
-        };
-        if let Err(e) = self.committer.enqueue(write).await {
-            tracing::warn!(error = %e, uid, "cursor rewind not recorded");
         }
     }
 
@@ -398,6 +398,12 @@ impl LogicService for Logic {
             Rejection::new(ErrorCode::Internal, "storage unavailable")
         };
         let after = match request.after {
+            Some(after) if after > MAX_ID => {
+                return Err(Rejection::new(
+                    ErrorCode::BadRequest,
+                    "after must be at most 2^63-1",
+                ));
+            }
             Some(after) => {
                 // The device vouches for everything up to `after`.
                 let write = Write::SetCursor {

@@ -112,6 +112,9 @@ async fn invalid_envelopes_are_rejected_with_a_reason() {
         text(1, 0, "x"),
         text(0, 2, "x"),
         text(1, 2, ""),
+        // Ids are stored as signed 64-bit integers.
+        text(1, u64::MAX, "x"),
+        text(u64::MAX, 2, "x"),
         SendMessage {
             client_seq: 1,
             receiver: 2,
@@ -173,7 +176,25 @@ async fn sync_follows_the_device_cursor() {
     assert_eq!(all.messages.len(), 3);
     assert_eq!(all.cursor, 3);
     assert!(!all.has_more);
+    // An ack past a gap does not move the cursor; closing the gap does.
     logic.push_acked(2, "phone", 2).await;
+    logic
+        .send(&alice, text(10, 3, "flush"))
+        .await
+        .expect("sent");
+    let gap = logic
+        .sync(
+            2,
+            "phone",
+            SyncRequest {
+                after: None,
+                limit: 0,
+            },
+        )
+        .await
+        .expect("sync");
+    assert_eq!(gap.messages.len(), 3, "the cursor waits for 1");
+    logic.push_acked(2, "phone", 1).await;
     // Acks are committed asynchronously; a write through the same queue orders after it.
     logic.send(&alice, text(4, 3, "flush")).await.expect("sent");
     let rest = logic
@@ -204,4 +225,16 @@ async fn sync_follows_the_device_cursor() {
         .expect("sync");
     assert!(page.has_more);
     assert_eq!(page.cursor, 2);
+    let too_far = SyncRequest {
+        after: Some(u64::MAX),
+        limit: 1,
+    };
+    assert_eq!(
+        logic
+            .sync(2, "phone", too_far)
+            .await
+            .expect_err("rejected")
+            .code,
+        ErrorCode::BadRequest
+    );
 }

@@ -114,14 +114,17 @@ impl Server {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .await;
+            // However serving ended, every connection is told to go.
+            stop.cancel();
             ready.set(false);
-            // Connections see the same token and say goodbye; wait for them.
             comet.drain().await;
             drop(logic);
+            // Queued writes commit before the store closes, whatever happens.
             committer_stop.cancel();
-            committer_task.await.context("committer task")?;
+            let committed = committer_task.await;
             store.close().await;
             tracing::info!("natter stopped");
+            committed.context("committer task")?;
             served.context("HTTP server")
         });
         Ok(Server {

@@ -34,7 +34,7 @@ pub struct DeliveryRecord {
 }
 
 /// Who sent a pressure message, from its payload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Origin {
     pub run: u64,
     pub sender: u64,
@@ -164,7 +164,9 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
     }
     // Deliveries nobody expected, and order per (device, sender device).
     let mut highest: HashMap<(u64, u16, u64, u16), u64> = HashMap::new();
-    let mut unexpected_seen: HashMap<(u64, u16, u64), u64> = HashMap::new();
+    // Deliveries of sends that failed but were stored anyway, by device and
+    // origin: the mid each device first got for that origin.
+    let mut unacked_seen: HashMap<(u64, u16, Origin), u64> = HashMap::new();
     for d in &ledger.deliveries {
         let key = (d.uid, d.device, d.mid);
         if !expected_keys.contains_key(&key) {
@@ -174,13 +176,15 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
                     if failed_origins.contains_key(&(o.sender, o.device, o.client_seq))
                         && !acked_by_origin.contains_key(&(o.sender, o.device, o.client_seq)) =>
                 {
-                    // Count each such delivery once per device; repeats are duplicates.
-                    let seen = unexpected_seen.entry(key).or_default();
-                    *seen += 1;
-                    if *seen == 1 {
-                        r.unacked_delivered += 1;
-                    } else {
-                        r.duplicates += 1;
+                    match unacked_seen.get(&(d.uid, d.device, o)) {
+                        None => {
+                            unacked_seen.insert((d.uid, d.device, o), d.mid);
+                            r.unacked_delivered += 1;
+                        }
+                        // The same message again.
+                        Some(mid) if *mid == d.mid => r.duplicates += 1,
+                        // One send stored twice under two ids: a dedupe failure.
+                        Some(_) => r.unexpected += 1,
                     }
                 }
                 _ => r.unexpected += 1,
@@ -354,10 +358,15 @@ mod tests {
             mid: 777,
             origin: None,
         });
+        // The failed send stored twice, under a second mid: a dedupe failure.
+        ledger.deliveries.push(got(2, 0, 106, 1, 4));
+        // And its first copy delivered again: a duplicate.
+        ledger.deliveries.push(got(2, 0, 103, 1, 4));
         let r = reconcile(&ledger, RUN, &topo(1));
+        assert_eq!(r.duplicates, 1);
         assert_eq!(r.unacked.get("timeout"), Some(&1));
         assert_eq!(r.unacked_delivered, 1);
-        assert_eq!(r.unexpected, 3);
+        assert_eq!(r.unexpected, 4);
         assert_eq!(r.stale, 1);
         assert_eq!(r.lost, 0);
         assert!(!r.clean());

@@ -217,6 +217,12 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
     if mode == Mode::Run && scenario.rate > 0.0 && reconciliation.acked == 0 {
         problems.push("no message was acked".into());
     }
+    if merged.final_sync_errors > 0 {
+        problems.push(format!(
+            "{} devices failed their final sync, so their deliveries could not be verified",
+            merged.final_sync_errors
+        ));
+    }
     if merged.devices.is_empty() {
         problems.push("no connection succeeded".into());
     }

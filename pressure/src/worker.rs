@@ -21,6 +21,8 @@ use crate::stats::{Hist, Timeline};
 
 /// Connections being set up at once by one worker.
 const CONNECT_CONCURRENCY: usize = 256;
+/// Time each device gets for its final sync, all pages.
+const FINAL_SYNC_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Everything a worker needs; written to a file for worker processes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -228,7 +230,7 @@ pub async fn run(
         let gate = gate.clone();
         syncs.push(tokio::spawn(async move {
             let _permit = gate.acquire().await;
-            client.sync().await
+            client.sync_within(FINAL_SYNC_DEADLINE).await
         }));
     }
     let mut sync_errors = 0;

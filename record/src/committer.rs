@@ -21,6 +21,8 @@ pub enum CommitError {
     Failed(String),
     #[error("the committer has shut down")]
     Closed,
+    #[error("the write queue is full")]
+    Full,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, CommitError>>;
@@ -133,6 +135,18 @@ impl Committer {
         answer.await.unwrap_or(Err(CommitError::Closed))
     }
 
+    /// Queues `write` if there is room now; never waits.
+    pub fn try_enqueue(&self, write: Write) -> Result<(), CommitError> {
+        match self.tx.try_send(Job { write, reply: None }) {
+            Ok(()) => {
+                self.metrics.queue_depth.inc();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(CommitError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(CommitError::Closed),
+        }
+    }
+
     /// Queues `write` without waiting for the commit (for acknowledgements,
     /// whose loss costs a resend, never a message).
     pub async fn enqueue(&self, write: Write) -> Result<(), CommitError> {
@@ -230,10 +244,10 @@ mod tests {
         assert!(batches < 200, "writes were batched ({batches} batches)");
 
         committer
-            .enqueue(Write::Received {
+            .enqueue(Write::SetCursor {
                 owner: 2,
                 device: "d".into(),
-                user_seq: 5,
+                cursor: 5,
             })
             .await
             .expect("queued");

@@ -7,7 +7,7 @@
 //! while the process is the only writer of the file.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -56,11 +56,58 @@ impl Default for SqliteOptions {
     }
 }
 
-/// Counters cached by the single writer.
+/// Entries each cache of the writer holds before it is emptied (its values
+/// reload from the tables on demand).
+const CACHE_LIMIT: usize = 200_000;
+
+/// A device's sync position, kept gap-free: everything up to `contiguous` is
+/// held by the device; `above` are positions it acknowledged past a gap. Only
+/// `contiguous` is stored, so the stored cursor never passes a message the
+/// device has not had.
+#[derive(Clone, Debug, Default)]
+struct DeviceCursor {
+    contiguous: u64,
+    above: BTreeSet<u64>,
+}
+
+impl DeviceCursor {
+    fn mark(&mut self, seq: u64) {
+        if seq > self.contiguous {
+            self.above.insert(seq);
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+        }
+    }
+
+    /// The device holds exactly up to `seq`, and vouches for nothing after it.
+    fn set(&mut self, seq: u64) {
+        self.contiguous = seq;
+        self.above.clear();
+    }
+}
+
+/// State cached by the single writer.
 #[derive(Default)]
 struct Counters {
     conv: HashMap<String, u64>,
     user: HashMap<u64, u64>,
+    devices: HashMap<(u64, String), DeviceCursor>,
+}
+
+impl Counters {
+    /// Keeps memory bounded on a long-lived server with many users.
+    fn trim(&mut self) {
+        if self.conv.len() > CACHE_LIMIT {
+            self.conv.clear();
+        }
+        if self.user.len() > CACHE_LIMIT {
+            self.user.clear();
+        }
+        if self.devices.len() > CACHE_LIMIT {
+            self.devices.clear();
+        }
+    }
 }
 
 pub struct SqliteStore {
@@ -313,22 +360,38 @@ async fn load_counters(
     Ok(())
 }
 
-/// The stored cursors of the given devices (absent: 0).
+/// Loads the stored cursors of devices not cached yet (absent: 0).
 async fn load_cursors(
     conn: &mut SqliteConnection,
+    counters: &mut Counters,
     devices: &[(u64, String)],
-) -> Result<HashMap<(u64, String), u64>, sqlx::Error> {
-    if devices.is_empty() {
-        return Ok(HashMap::new());
+) -> Result<(), sqlx::Error> {
+    let missing: Vec<&(u64, String)> = devices
+        .iter()
+        .filter(|d| !counters.devices.contains_key(*d))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
     let rows: Vec<(i64, String, i64)> = sqlx::query_as(CURSORS_SQL)
-        .bind(json(devices))
+        .bind(json(&missing))
         .fetch_all(&mut *conn)
         .await?;
-    Ok(rows
+    let mut stored: HashMap<(u64, String), u64> = rows
         .into_iter()
         .map(|(owner, device, cursor)| ((owner as u64, device), cursor as u64))
-        .collect())
+        .collect();
+    for key in missing {
+        let contiguous = stored.remove(key).unwrap_or(0);
+        counters.devices.insert(
+            key.clone(),
+            DeviceCursor {
+                contiguous,
+                above: BTreeSet::new(),
+            },
+        );
+    }
+    Ok(())
 }
 
 struct RelationRow {
@@ -371,9 +434,7 @@ async fn apply(
                 users.extend([m.sender, m.receiver]);
                 devices.push((m.sender, m.sender_device.clone()));
             }
-            Write::Received { owner, device, .. }
-            | Write::SetCursor { owner, device, .. }
-            | Write::Rewind { owner, device, .. } => {
+            Write::Received { owner, device, .. } | Write::SetCursor { owner, device, .. } => {
                 devices.push((*owner, device.clone()));
             }
         }
@@ -384,8 +445,9 @@ async fn apply(
     users.dedup();
     devices.sort_unstable();
     devices.dedup();
+    counters.trim();
     load_counters(conn, counters, &convs, &users).await?;
-    let mut cursors = load_cursors(conn, &devices).await?;
+    load_cursors(conn, counters, &devices).await?;
 
     // Walk the batch in order, in memory.
     let mut outcomes = Vec::with_capacity(writes.len());
@@ -454,10 +516,11 @@ async fn apply(
                     relations.push(row(m.receiver, receiver_seq, m.sender, 2));
                 }
                 // The sending device holds its own message once it has the ack.
-                let cursor = cursors
+                counters
+                    .devices
                     .entry((m.sender, m.sender_device.clone()))
-                    .or_insert(0);
-                *cursor = (*cursor).max(sender_seq);
+                    .or_default()
+                    .mark(sender_seq);
                 touched_convs.push(conversation);
                 touched_users.extend([m.sender, m.receiver]);
                 in_batch.insert(key, outcomes.len());
@@ -475,8 +538,11 @@ async fn apply(
                 user_seq,
             } => {
                 received.push((*owner, *user_seq));
-                let cursor = cursors.entry((*owner, device.clone())).or_insert(0);
-                *cursor = (*cursor).max(*user_seq);
+                counters
+                    .devices
+                    .entry((*owner, device.clone()))
+                    .or_default()
+                    .mark(*user_seq);
                 outcomes.push(Outcome::Done);
             }
             Write::SetCursor {
@@ -484,16 +550,11 @@ async fn apply(
                 device,
                 cursor,
             } => {
-                cursors.insert((*owner, device.clone()), *cursor);
-                outcomes.push(Outcome::Done);
-            }
-            Write::Rewind {
-                owner,
-                device,
-                user_seq,
-            } => {
-                let cursor = cursors.entry((*owner, device.clone())).or_insert(0);
-                *cursor = (*cursor).min(user_seq.saturating_sub(1));
+                counters
+                    .devices
+                    .entry((*owner, device.clone()))
+                    .or_default()
+                    .set(*cursor);
                 outcomes.push(Outcome::Done);
             }
         }
@@ -539,7 +600,12 @@ async fn apply(
     }
     let cursor_rows: Vec<_> = devices
         .iter()
-        .filter_map(|(o, d)| cursors.get(&(*o, d.clone())).map(|c| (*o, d, *c)))
+        .filter_map(|key| {
+            counters
+                .devices
+                .get(key)
+                .map(|c| (key.0, &key.1, c.contiguous))
+        })
         .collect();
     if !cursor_rows.is_empty() {
         sqlx::query(UPSERT_CURSORS_SQL)

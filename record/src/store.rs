@@ -97,24 +97,19 @@ pub enum Write {
     /// Store a message, unless (sender, device, client seq) is stored already.
     Message(NewMessage),
     /// A device acknowledged the message at `user_seq` of its owner's stream.
+    /// The device's stored cursor advances only over positions without a gap,
+    /// so it never passes a message the device has not had.
     Received {
         owner: u64,
         device: String,
         user_seq: u64,
     },
-    /// A device holds everything up to `cursor` and nothing it can vouch for
-    /// after it: the device's cursor is set to exactly this.
+    /// A device holds everything up to `cursor` and vouches for nothing after
+    /// it: the device's cursor is set to exactly this.
     SetCursor {
         owner: u64,
         device: String,
         cursor: u64,
-    },
-    /// Pushes from `user_seq` on were not acknowledged before the device's
-    /// connection closed: its cursor must not be past `user_seq - 1`.
-    Rewind {
-        owner: u64,
-        device: String,
-        user_seq: u64,
     },
 }
 

@@ -214,31 +214,25 @@ async fn sync_returns_the_stream_in_order(store: &dyn MessageStore) {
 
 async fn cursors_follow_acks(store: &dyn MessageStore) {
     assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 0);
-    for i in 1..=3 {
+    for i in 1..=5 {
         store_one(store, 1, 2, i).await;
     }
     // Sending moves the sending device's cursor, not another device's.
-    assert_eq!(store.cursor(1, "phone").await.expect("cursor"), 3);
+    assert_eq!(store.cursor(1, "phone").await.expect("cursor"), 5);
     assert_eq!(store.cursor(1, "laptop").await.expect("cursor"), 0);
     let ack = |seq| Write::Received {
         owner: 2,
         device: "phone".into(),
         user_seq: seq,
     };
-    store
-        .write_batch(&[ack(1), ack(3), ack(2)])
-        .await
-        .expect("acks");
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 3);
-    store
-        .write_batch(&[Write::Rewind {
-            owner: 2,
-            device: "phone".into(),
-            user_seq: 2,
-        }])
-        .await
-        .expect("rewind");
+    store.write_batch(&[ack(1), ack(3)]).await.expect("acks");
+    // 2 is missing: the cursor waits at 1 rather than pass it.
     assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 1);
+    store.write_batch(&[ack(2), ack(5)]).await.expect("acks");
+    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 3);
+    store.write_batch(&[ack(4)]).await.expect("acks");
+    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 5);
+    // An explicit cursor from the device wins, both ways.
     store
         .write_batch(&[Write::SetCursor {
             owner: 2,
@@ -248,6 +242,21 @@ async fn cursors_follow_acks(store: &dyn MessageStore) {
         .await
         .expect("set");
     assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 2);
+    store.write_batch(&[ack(4)]).await.expect("acks");
+    assert_eq!(
+        store.cursor(2, "phone").await.expect("cursor"),
+        2,
+        "3 is not vouched for"
+    );
+    store
+        .write_batch(&[Write::SetCursor {
+            owner: 2,
+            device: "phone".into(),
+            cursor: 5,
+        }])
+        .await
+        .expect("set");
+    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 5);
 }
 
 async fn message_to_oneself(store: &dyn MessageStore) {

@@ -280,3 +280,56 @@ async fn health_readiness_and_metrics() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_own_send_never_moves_its_cursor_past_a_push_it_missed() {
+    let server = TestServer::start(|c| c.comet.push_rto_ms = 60_000).await;
+    let (alice, _alice_events) = server.client(1, "phone").await;
+    let mut bob_raw = server.raw(2, "phone").await;
+    let missed = alice
+        .send(2, MessageBody::text("pushed, never acked"))
+        .await
+        .expect("sent");
+    assert_eq!(next_frame(&mut bob_raw).await.op, Op::Push);
+    // Bob's device sends (user_seq 2 in his stream) without acking push 1, then goes away.
+    let own = natter_proto::msg::SendMessage {
+        client_seq: 7,
+        receiver: 1,
+        body: Some(MessageBody::text("mine")),
+    };
+    bob_raw
+        .send(&Frame::new(Op::Message, 3, 0, &own))
+        .await
+        .expect("sent");
+    assert_eq!(next_reply(&mut bob_raw).await.op, Op::MessageReply);
+    bob_raw.close().await;
+    drop(bob_raw);
+    // A fresh process on the same device, with no cursor of its own, starts
+    // from the server's: it must still get the message it never acked.
+    let (_bob, mut bob_events) = server.client(2, "phone").await;
+    let first = next_message(&mut bob_events).await;
+    assert_eq!(first.mid, missed.mid);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_connections_that_never_authenticated() {
+    let server = TestServer::start(|c| {
+        c.comet.auth_timeout_ms = 60_000;
+        c.comet.drain_ms = 30_000;
+    })
+    .await;
+    let mut idle = natter_client::raw::Connection::connect(&server.server(), None)
+        .await
+        .expect("connects");
+    let started = Instant::now();
+    let stopping = tokio::spawn(server.stop());
+    let (disconnect, close) = expect_close(&mut idle).await;
+    assert_eq!(disconnect, Some(ErrorCode::ServerShutdown as u32));
+    assert_eq!(close, ErrorCode::ServerShutdown.close_code());
+    stopping.await.expect("stopped");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown waited for the idle socket"
+    );
+}
