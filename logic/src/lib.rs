@@ -22,7 +22,7 @@ use natter_proto::ErrorCode;
 use natter_record::http::Identity;
 use natter_record::store::{NewMessage, Outcome, Stored, Write};
 use natter_record::{CommitError, Committer, MessageStore};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 
 pub use sessions::{MemoryDirectory, Session, SessionDirectory};
@@ -110,6 +110,7 @@ pub trait LogicService: Send + Sync + 'static {
 struct Metrics {
     messages: IntCounterVec,
     auths: IntCounterVec,
+    acks_dropped: IntCounter,
 }
 
 /// The logic role.
@@ -146,6 +147,14 @@ impl Logic {
                 IntCounterVec::new(
                     Opts::new("natter_auth_total", "Authentications, by outcome."),
                     &["outcome"],
+                )
+                .expect("valid counter"),
+            ),
+            acks_dropped: register(
+                registry,
+                IntCounter::new(
+                    "natter_push_acks_dropped_total",
+                    "Push-acks not recorded because the write queue was full.",
                 )
                 .expect("valid counter"),
             ),
@@ -379,10 +388,7 @@ impl LogicService for Logic {
         // loop. A dropped ack costs only a cursor update; the device's next
         // sync sets its cursor anyway.
         if let Err(e) = self.committer.try_enqueue(write) {
-            self.metrics
-                .messages
-                .with_label_values(&["ack_dropped"])
-                .inc();
+            self.metrics.acks_dropped.inc();
             tracing::debug!(error = %e, "push ack not recorded");
         }
     }
