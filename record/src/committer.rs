@@ -108,10 +108,23 @@ impl Committer {
         // time. On a runtime busy with thousands of connection tasks each of
         // those wake-ups would queue behind them; on a thread of its own, the
         // database's reply resumes it at once.
+        // A plain thread rather than the runtime's blocking pool: a runtime
+        // being dropped (a test that failed before stopping its server) waits
+        // for blocking-pool work, and this loop ends only on shutdown.
         let runtime = tokio::runtime::Handle::current();
         let worker_metrics = metrics.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            runtime.block_on(run(store, rx, batch_max, worker_metrics, shutdown));
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("natter-committer".into())
+            .spawn(move || {
+                runtime.block_on(run(store, rx, batch_max, worker_metrics, shutdown));
+                let _ = done.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the committer thread");
+        }
+        let task = tokio::spawn(async move {
+            let _ = finished.await;
         });
         (Committer { tx, metrics }, task)
     }

@@ -223,3 +223,61 @@ async fn many_clients_send_concurrently_and_every_message_arrives_once() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_in_the_middle_of_traffic_loses_nothing_that_was_acked() {
+    let mut server = TestServer::start(|c| c.store.synchronous = true).await;
+    let senders = 8u64;
+    let mut tasks = Vec::new();
+    for uid in 1..=senders {
+        // Senders give up quickly once the server is gone.
+        let mut config = server.client_config(uid, "phone");
+        config.ack_timeout = Duration::from_millis(500);
+        config.send_attempts = 2;
+        let (client, _events) = natter_client::Client::connect(config)
+            .await
+            .expect("connects");
+        tasks.push(tokio::spawn(async move {
+            let _events = _events;
+            let mut acked = Vec::new();
+            // Send until the server goes away; keep what was acked.
+            for n in 0..10_000u32 {
+                match client
+                    .send(100, MessageBody::text(format!("{uid}/{n}")))
+                    .await
+                {
+                    Ok(reply) => acked.push(reply.mid),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart().await;
+    let mut acked: Vec<u64> = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("sender"));
+    }
+    assert!(
+        acked.len() > senders as usize,
+        "traffic was flowing when the server stopped"
+    );
+    // Everything acked before the stop is there for the receiver after it
+    // (a backlog too large to wait for before reading events).
+    let (_receiver, mut events) =
+        natter_client::Client::connect(server.client_config(100, "phone"))
+            .await
+            .expect("connects");
+    let mut got = std::collections::HashSet::new();
+    while got.len() < acked.len() {
+        got.insert(next_message(&mut events).await.mid);
+    }
+    for mid in &acked {
+        assert!(
+            got.contains(mid),
+            "acked message {mid} is missing after the restart"
+        );
+    }
+    server.stop().await;
+}
