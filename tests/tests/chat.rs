@@ -269,15 +269,11 @@ async fn a_shutdown_in_the_middle_of_traffic_loses_nothing_that_was_acked() {
         natter_client::Client::connect(server.client_config(100, "phone"))
             .await
             .expect("connects");
+    // Messages stored whose ack never reached the sender arrive too; wait for
+    // every acked one (next_message fails the test if one never comes).
     let mut got = std::collections::HashSet::new();
-    while got.len() < acked.len() {
+    while !acked.iter().all(|mid| got.contains(mid)) {
         got.insert(next_message(&mut events).await.mid);
-    }
-    for mid in &acked {
-        assert!(
-            got.contains(mid),
-            "acked message {mid} is missing after the restart"
-        );
     }
     server.stop().await;
 }

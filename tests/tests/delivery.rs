@@ -112,7 +112,7 @@ async fn a_client_that_stops_reading_is_dropped_and_others_keep_their_latency() 
     }
     flood.await.expect("flood");
     // A generous bound: the point is that nobody waits on the stuck reader.
-    assert!(worst < Duration::from_secs(1), "worst round trip {worst:?}");
+    assert!(worst < Duration::from_secs(2), "worst round trip {worst:?}");
 
     let deadline = Instant::now() + PATIENCE;
     loop {
