@@ -155,6 +155,15 @@ async fn bad_tokens_and_device_replacement() {
     );
 }
 
+/// Bob's phone syncs from the server's record of its cursor.
+async fn from_stored_cursor(logic: &Logic) -> natter_proto::msg::SyncReply {
+    let request = SyncRequest {
+        after: None,
+        limit: 0,
+    };
+    logic.sync(2, "phone", request).await.expect("sync")
+}
+
 #[tokio::test]
 async fn sync_follows_the_device_cursor() {
     let (logic, _, _) = logic().await;
@@ -162,17 +171,7 @@ async fn sync_follows_the_device_cursor() {
     for i in 1..=3 {
         logic.send(&alice, text(i, 2, "m")).await.expect("sent");
     }
-    let all = logic
-        .sync(
-            2,
-            "phone",
-            SyncRequest {
-                after: None,
-                limit: 0,
-            },
-        )
-        .await
-        .expect("sync");
+    let all = from_stored_cursor(&logic).await;
     assert_eq!(all.messages.len(), 3);
     assert_eq!(all.cursor, 3);
     assert!(!all.has_more);
@@ -182,32 +181,12 @@ async fn sync_follows_the_device_cursor() {
         .send(&alice, text(10, 3, "flush"))
         .await
         .expect("sent");
-    let gap = logic
-        .sync(
-            2,
-            "phone",
-            SyncRequest {
-                after: None,
-                limit: 0,
-            },
-        )
-        .await
-        .expect("sync");
+    let gap = from_stored_cursor(&logic).await;
     assert_eq!(gap.messages.len(), 3, "the cursor waits for 1");
     logic.push_acked(2, "phone", 1).await;
     // Acks are committed asynchronously; a write through the same queue orders after it.
     logic.send(&alice, text(4, 3, "flush")).await.expect("sent");
-    let rest = logic
-        .sync(
-            2,
-            "phone",
-            SyncRequest {
-                after: None,
-                limit: 0,
-            },
-        )
-        .await
-        .expect("sync");
+    let rest = from_stored_cursor(&logic).await;
     assert_eq!(
         rest.messages.iter().map(|m| m.user_seq).collect::<Vec<_>>(),
         vec![3]

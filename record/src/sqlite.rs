@@ -261,6 +261,19 @@ fn json(rows: impl serde::Serialize) -> String {
         .unwrap_or_else(|_| unreachable!("numbers and strings always serialize"))
 }
 
+/// Runs one of the batch statements above with its rows.
+async fn write_rows(
+    conn: &mut SqliteConnection,
+    sql: &'static str,
+    rows: impl serde::Serialize,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(sql)
+        .bind(json(rows))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
@@ -579,24 +592,15 @@ async fn apply(
                 )
             })
             .collect();
-        sqlx::query(INSERT_MESSAGES_SQL)
-            .bind(json(rows))
-            .execute(&mut *conn)
-            .await?;
+        write_rows(conn, INSERT_MESSAGES_SQL, rows).await?;
         let rows: Vec<_> = relations
             .iter()
             .map(|r| (r.owner, r.user_seq, r.mid, r.other, r.direction, r.time_ms))
             .collect();
-        sqlx::query(INSERT_RELATIONS_SQL)
-            .bind(json(rows))
-            .execute(&mut *conn)
-            .await?;
+        write_rows(conn, INSERT_RELATIONS_SQL, rows).await?;
     }
     if !received.is_empty() {
-        sqlx::query(MARK_RECEIVED_SQL)
-            .bind(json(&received))
-            .execute(&mut *conn)
-            .await?;
+        write_rows(conn, MARK_RECEIVED_SQL, &received).await?;
     }
     let cursor_rows: Vec<_> = devices
         .iter()
@@ -621,10 +625,7 @@ async fn apply(
             .iter()
             .map(|c| (c, counters.conv.get(c).copied().unwrap_or(0)))
             .collect();
-        sqlx::query(UPSERT_CONVERSATIONS_SQL)
-            .bind(json(rows))
-            .execute(&mut *conn)
-            .await?;
+        write_rows(conn, UPSERT_CONVERSATIONS_SQL, rows).await?;
     }
     touched_users.sort_unstable();
     touched_users.dedup();
@@ -633,10 +634,7 @@ async fn apply(
             .iter()
             .map(|u| (*u, counters.user.get(u).copied().unwrap_or(0)))
             .collect();
-        sqlx::query(UPSERT_USERS_SQL)
-            .bind(json(rows))
-            .execute(&mut *conn)
-            .await?;
+        write_rows(conn, UPSERT_USERS_SQL, rows).await?;
     }
     Ok(outcomes)
 }
