@@ -58,6 +58,10 @@ impl Server {
         );
 
         let registry = Registry::new();
+        natter_node::telemetry::register(
+            &registry,
+            natter_node::process::ProcessCollector::default(),
+        );
         let shutdown = Shutdown::new();
         // The committer outlives the connections: it stops only after they drained.
         let committer_stop = Shutdown::new();

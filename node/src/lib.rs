@@ -1,9 +1,10 @@
 //! What every natter role needs at run time: configuration ([`config`]),
-//! message ids ([`ids`]), telemetry ([`telemetry`]) and shutdown
-//! ([`shutdown`]). It knows nothing of frames, storage or sockets.
+//! message ids ([`ids`]), telemetry ([`telemetry`], [`process`]) and
+//! shutdown ([`shutdown`]). It knows nothing of frames, storage or sockets.
 
 pub mod config;
 pub mod ids;
+pub mod process;
 pub mod shutdown;
 pub mod telemetry;
 

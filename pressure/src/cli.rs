@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::run::{execute, worker_process, Mode, Target};
+use crate::run::{execute, worker_process, Mode, ServerProbe, Target};
 use crate::scenario::{parse_duration, Pattern, Scenario};
 
 #[derive(clap::Subcommand)]
@@ -33,9 +33,12 @@ pub struct TargetArgs {
     /// Where report.json, report.html and summary.txt are written.
     #[arg(long, value_name = "OUT", default_value = "pressure-report")]
     report_dir: PathBuf,
-    /// PID of the server process, to report its CPU per message and memory per connection.
-    #[arg(long, value_name = "PID")]
+    /// PID of the server process (on this machine), to report its CPU per message and memory per connection.
+    #[arg(long, value_name = "PID", conflicts_with = "server_metrics")]
     server_pid: Option<u32>,
+    /// The server's /metrics URL, for the same readings from a server elsewhere.
+    #[arg(long, value_name = "URL")]
+    server_metrics: Option<String>,
     /// No live progress.
     #[arg(long)]
     quiet: bool,
@@ -54,7 +57,11 @@ impl TargetArgs {
             server: self.server.clone(),
             secret,
             report_dir: self.report_dir.clone(),
-            server_pid: self.server_pid,
+            server_probe: match (self.server_pid, &self.server_metrics) {
+                (Some(pid), _) => Some(ServerProbe::Pid(pid)),
+                (None, Some(url)) => Some(ServerProbe::Metrics(url.clone())),
+                (None, None) => None,
+            },
             quiet: self.quiet,
             heartbeat_ms,
         })

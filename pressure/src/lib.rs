@@ -7,8 +7,9 @@
 //! - [`run`]: the orchestration: worker processes, live progress, machine and
 //!   server sampling, merging.
 //! - [`reconcile`]: acked against received — lost, duplicated, reordered, unexpected.
-//! - [`stats`], [`report`], [`system`], [`payload`]: histograms and timeline,
-//!   the report in text/JSON/HTML, /proc readings, the message payload.
+//! - [`stats`], [`report`], [`payload`]: histograms and timeline, the report
+//!   in text/JSON/HTML, the message payload. Machine and process readings
+//!   come from `natter_node::process`.
 //!
 //! Latency is measured from each message's *intended* send time on the
 //! schedule, so a stalled server shows up as latency instead of as a
@@ -21,5 +22,4 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod stats;
-pub mod system;
 pub mod worker;

@@ -67,7 +67,8 @@ pub struct Conditions {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ServerCost {
-    pub pid: u32,
+    /// `pid N` or the `/metrics` URL the readings came from.
+    pub source: String,
     pub cpu_seconds: f64,
     pub cpu_us_per_delivered: Option<f64>,
     pub rss_start_bytes: u64,
@@ -244,8 +245,8 @@ impl Report {
                 .unwrap_or_else(|| "n/a".into());
             let _ = writeln!(
                 o,
-                "server (pid {}): {:.2} cpu-s, {} cpu per delivered message; rss {:.1} → {:.1} → {:.1} MiB, {} per connection",
-                sc.pid,
+                "server ({}): {:.2} cpu-s, {} cpu per delivered message; rss {:.1} → {:.1} → {:.1} MiB, {} per connection",
+                sc.source,
                 sc.cpu_seconds,
                 per_msg,
                 sc.rss_start_bytes as f64 / 1048576.0,

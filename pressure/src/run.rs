@@ -13,8 +13,8 @@ use tokio::io::AsyncBufReadExt;
 use crate::reconcile::{reconcile, Topology};
 use crate::report::*;
 use crate::scenario::Scenario;
-use crate::system;
 use crate::worker::{self, Plan, Progress, WorkerResult};
+use natter_node::process as system;
 
 /// Environment variable carrying the secret to worker processes.
 pub const SECRET_ENV: &str = "NATTER_PRESSURE_SECRET";
@@ -25,9 +25,53 @@ pub struct Target {
     pub server: String,
     pub secret: Vec<u8>,
     pub report_dir: PathBuf,
-    pub server_pid: Option<u32>,
+    /// Where to read the server's CPU and memory from, if anywhere.
+    pub server_probe: Option<ServerProbe>,
     pub quiet: bool,
     pub heartbeat_ms: Option<u64>,
+}
+
+/// A reading of the server's process.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerSample {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+/// Where the server's CPU time and memory come from: its process on this
+/// machine, or its `/metrics` (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`) anywhere.
+#[derive(Clone, Debug)]
+pub enum ServerProbe {
+    Pid(u32),
+    Metrics(String),
+}
+
+impl std::fmt::Display for ServerProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerProbe::Pid(pid) => write!(f, "pid {pid}"),
+            ServerProbe::Metrics(url) => f.write_str(url),
+        }
+    }
+}
+
+impl ServerProbe {
+    pub async fn sample(&self) -> Option<ServerSample> {
+        match self {
+            ServerProbe::Pid(pid) => Some(ServerSample {
+                cpu_seconds: system::cpu_seconds(Some(*pid))?,
+                rss_bytes: system::rss_bytes(*pid)?,
+            }),
+            ServerProbe::Metrics(url) => {
+                let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+                Some(ServerSample {
+                    cpu_seconds: system::metric_value(&text, "process_cpu_seconds_total")?,
+                    rss_bytes: system::metric_value(&text, "process_resident_memory_bytes")? as u64,
+                })
+            }
+        }
+    }
 }
 
 /// `run` (traffic and reconciliation) or `keep` (idle connections).
@@ -116,8 +160,10 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
 
     let machine_start = system::machine_cpu();
     let load_start = system::loadavg().unwrap_or(0.0);
-    let server_cpu_start = target.server_pid.and_then(|p| system::cpu_seconds(Some(p)));
-    let rss_start = target.server_pid.and_then(system::rss_bytes);
+    let server_start = match &target.server_probe {
+        Some(probe) => probe.sample().await,
+        None => None,
+    };
     let own_cpu_start = system::cpu_seconds(None).unwrap_or(0.0);
     let wall = Instant::now();
 
@@ -131,12 +177,15 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         connections,
     ));
     // Server memory once everyone is connected, just before sending.
-    let rss_connected = {
-        let pid = target.server_pid;
+    let server_connected = {
+        let probe = target.server_probe.clone();
         let at = Duration::from_millis((send_at_ms - natter_node::ids::now_ms()).max(0) as u64);
         tokio::spawn(async move {
             tokio::time::sleep(at).await;
-            pid.and_then(system::rss_bytes)
+            match probe {
+                Some(probe) => probe.sample().await,
+                None => None,
+            }
         })
     };
 
@@ -167,19 +216,11 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         (Some(a), Some(b)) => (b.busy - a.busy) / wall_seconds.max(1e-9),
         _ => 0.0,
     };
-    let server_cost = target.server_pid.map(|pid| {
-        let cpu = match (server_cpu_start, system::cpu_seconds(Some(pid))) {
-            (Some(a), Some(b)) => b - a,
-            _ => 0.0,
-        };
-        ServerCost {
-            pid,
-            cpu_seconds: cpu,
-            rss_start_bytes: rss_start.unwrap_or(0),
-            ..Default::default()
-        }
-    });
-    let rss_connected = rss_connected.await.ok().flatten();
+    let server_end = match &target.server_probe {
+        Some(probe) => probe.sample().await,
+        None => None,
+    };
+    let server_connected = server_connected.await.ok().flatten();
 
     let topology: Topology = merged
         .devices
@@ -227,19 +268,28 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         problems.push("no connection succeeded".into());
     }
     let connected: u64 = merged.devices.values().map(|d| d.len() as u64).sum();
-    let server_cost = server_cost.map(|mut sc| {
-        sc.rss_connected_bytes = rss_connected.unwrap_or(0);
-        sc.rss_end_bytes = system::rss_bytes(sc.pid).unwrap_or(0);
-        if reconciliation.delivered > 0 {
-            sc.cpu_us_per_delivered = Some(sc.cpu_seconds * 1e6 / reconciliation.delivered as f64);
+    let server_cost = match (&target.server_probe, server_start, server_end) {
+        (Some(probe), Some(start), Some(end)) => {
+            let connected_rss = server_connected.map(|s| s.rss_bytes).unwrap_or(0);
+            let cpu_seconds = end.cpu_seconds - start.cpu_seconds;
+            Some(ServerCost {
+                source: probe.to_string(),
+                cpu_seconds,
+                cpu_us_per_delivered: (reconciliation.delivered > 0)
+                    .then(|| cpu_seconds * 1e6 / reconciliation.delivered as f64),
+                rss_start_bytes: start.rss_bytes,
+                rss_connected_bytes: connected_rss,
+                rss_end_bytes: end.rss_bytes,
+                rss_per_connection_bytes: (connected > 0 && connected_rss > 0)
+                    .then(|| (connected_rss as f64 - start.rss_bytes as f64) / connected as f64),
+            })
         }
-        if connected > 0 && sc.rss_connected_bytes > 0 {
-            sc.rss_per_connection_bytes = Some(
-                (sc.rss_connected_bytes as f64 - sc.rss_start_bytes as f64) / connected as f64,
-            );
+        (Some(probe), _, _) => {
+            tracing::warn!(%probe, "could not read the server's CPU and memory");
+            None
         }
-        sc
-    });
+        _ => None,
+    };
     let harness_cores = harness_cpu / wall_seconds.max(1e-9);
     let server_cores = server_cost
         .as_ref()

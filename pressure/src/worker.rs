@@ -185,7 +185,7 @@ pub async fn run(
     secret: Vec<u8>,
     progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> WorkerResult {
-    let cpu_start = crate::system::cpu_seconds(None).unwrap_or(0.0);
+    let cpu_start = natter_node::process::cpu_seconds(None).unwrap_or(0.0);
     let shared = Arc::new(Shared {
         base_ns: unix_ns(),
         base: Instant::now(),
@@ -257,7 +257,7 @@ pub async fn run(
     result.wire_duplicates = dups;
     result.resends = resends;
     result.reconnects = reconnects;
-    result.cpu_seconds = crate::system::cpu_seconds(None).unwrap_or(0.0) - cpu_start;
+    result.cpu_seconds = natter_node::process::cpu_seconds(None).unwrap_or(0.0) - cpu_start;
     progress(snapshot(&shared, true));
     result
 }

@@ -275,6 +275,8 @@ async fn health_readiness_and_metrics() {
         "natter_store_commit_seconds_count",
         "natter_ack_to_push_seconds_count 1",
         "natter_auth_total{outcome=\"ok\"} 3",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }

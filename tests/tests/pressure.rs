@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use natter_pressure::run::{execute, Mode, Target};
+use natter_pressure::run::{execute, Mode, ServerProbe, Target};
 use natter_pressure::scenario::Scenario;
 use natter_proto::msg::{Message, SyncReply};
 use natter_proto::{Frame, Op};
@@ -19,7 +19,7 @@ fn target(server: &TestServer, addr: String, dir: &std::path::Path) -> Target {
         server: addr,
         secret: server.tokens_secret(),
         report_dir: dir.join("report"),
-        server_pid: Some(std::process::id()),
+        server_probe: Some(ServerProbe::Metrics(server.url("/metrics"))),
         quiet: true,
         heartbeat_ms: None,
     }

@@ -1,6 +1,11 @@
-//! Readings from /proc: CPU time and memory of a process, and how busy the
-//! machine is, so every result records the conditions it was taken under.
+//! Readings from /proc: CPU time and memory of a process and how busy the
+//! machine is. The server exports its own as Prometheus metrics
+//! ([`ProcessCollector`]); the load harness reads them to record the
+//! conditions of a run.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Gauge, IntGauge};
 use serde::{Deserialize, Serialize};
 
 /// Clock ticks per second of /proc CPU times (USER_HZ, 100 on Linux).
@@ -71,6 +76,59 @@ pub fn cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// `process_cpu_seconds_total` and `process_resident_memory_bytes` of this
+/// process, read from /proc each time metrics are gathered.
+#[derive(Clone)]
+pub struct ProcessCollector {
+    cpu: Gauge,
+    rss: IntGauge,
+}
+
+impl Default for ProcessCollector {
+    fn default() -> Self {
+        ProcessCollector {
+            cpu: Gauge::new(
+                "process_cpu_seconds_total",
+                "User and system CPU time of the process, in seconds.",
+            )
+            .expect("valid gauge"),
+            rss: IntGauge::new(
+                "process_resident_memory_bytes",
+                "Resident memory of the process, in bytes.",
+            )
+            .expect("valid gauge"),
+        }
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.cpu.desc().into_iter().chain(self.rss.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(cpu) = cpu_seconds(None) {
+            self.cpu.set(cpu);
+        }
+        if let Some(rss) = rss_bytes(std::process::id()) {
+            self.rss.set(rss as i64);
+        }
+        self.cpu
+            .collect()
+            .into_iter()
+            .chain(self.rss.collect())
+            .collect()
+    }
+}
+
+/// Reads `name`'s value from Prometheus text exposition (first sample, no labels).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +147,31 @@ mod tests {
         assert!(m.total > 0.0 && m.busy <= m.total);
         assert!(loadavg().is_some());
         assert!(cpu_seconds(Some(u32::MAX)).is_none());
+    }
+
+    #[test]
+    fn the_process_collector_exports_standard_metrics() {
+        let registry = prometheus::Registry::new();
+        registry
+            .register(Box::new(ProcessCollector::default()))
+            .expect("registers");
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .expect("encodes");
+        let text = String::from_utf8(text).expect("utf-8");
+        assert!(
+            metric_value(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0),
+            "{text}"
+        );
+        assert!(
+            metric_value(&text, "process_resident_memory_bytes").is_some_and(|v| v > 1e6),
+            "{text}"
+        );
+        assert_eq!(metric_value("# HELP x y\nx 3\nx_total 4\n", "x"), Some(3.0));
+        assert_eq!(metric_value("x_total 4\n", "x"), None);
     }
 }
