@@ -6,6 +6,7 @@
 //! it runs in one process or across machines. Logic holds no sockets and
 //! knows no frame bytes beyond the protobuf bodies it fills in.
 
+pub mod limit;
 pub mod sessions;
 pub mod token;
 
@@ -15,6 +16,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use natter_node::config::LimitsConfig;
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::register;
 use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
@@ -120,6 +122,7 @@ pub struct Logic {
     store: Arc<dyn MessageStore>,
     committer: Committer,
     ids: MidGenerator,
+    limiter: limit::RateLimiter,
     gateways: RwLock<HashMap<Arc<str>, Arc<dyn Gateway>>>,
     metrics: Metrics,
 }
@@ -131,6 +134,7 @@ impl Logic {
         store: Arc<dyn MessageStore>,
         committer: Committer,
         ids: MidGenerator,
+        limits: &LimitsConfig,
         registry: &Registry,
     ) -> Logic {
         let metrics = Metrics {
@@ -165,6 +169,7 @@ impl Logic {
             store,
             committer,
             ids,
+            limiter: limit::RateLimiter::new(limits.messages_per_sec, limits.message_burst),
             gateways: RwLock::new(HashMap::new()),
             metrics,
         }
@@ -323,6 +328,13 @@ impl LogicService for Logic {
             return Err(Rejection::new(
                 ErrorCode::InvalidMessage,
                 "client_seq must be between 1 and 2^63-1",
+            ));
+        }
+        if !self.limiter.allow(from.uid) {
+            count("rate_limited");
+            return Err(Rejection::new(
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
             ));
         }
         let body = message.body.unwrap_or_default();

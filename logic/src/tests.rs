@@ -24,6 +24,16 @@ impl Gateway for FakeGateway {
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 async fn logic() -> (Arc<Logic>, Arc<FakeGateway>, Arc<dyn MessageStore>) {
+    logic_with(&natter_node::config::LimitsConfig {
+        messages_per_sec: 1000.0,
+        message_burst: 1000,
+    })
+    .await
+}
+
+async fn logic_with(
+    limits: &natter_node::config::LimitsConfig,
+) -> (Arc<Logic>, Arc<FakeGateway>, Arc<dyn MessageStore>) {
     let store: Arc<dyn MessageStore> = Arc::new(SqliteStore::memory().await.expect("store"));
     let registry = Registry::new();
     let (committer, _task) = Committer::start(store.clone(), 64, 64, &registry, Shutdown::new());
@@ -33,6 +43,7 @@ async fn logic() -> (Arc<Logic>, Arc<FakeGateway>, Arc<dyn MessageStore>) {
         store.clone(),
         committer,
         MidGenerator::new(0).expect("worker"),
+        limits,
         &registry,
     ));
     let gateway = Arc::new(FakeGateway::default());
@@ -216,4 +227,31 @@ async fn sync_follows_the_device_cursor() {
             .code,
         ErrorCode::BadRequest
     );
+}
+
+#[tokio::test]
+async fn a_user_over_the_rate_is_refused_until_the_bucket_refills() {
+    let limits = natter_node::config::LimitsConfig {
+        messages_per_sec: 1.0,
+        message_burst: 5,
+    };
+    let (logic, _, store) = logic_with(&limits).await;
+    let alice = connect(&logic, 1, "phone", 10).await;
+    let mut refused = 0;
+    for i in 1..=10 {
+        if let Err(e) = logic.send(&alice, text(i, 2, "spam")).await {
+            assert_eq!(e.code, ErrorCode::RateLimited);
+            refused += 1;
+        }
+    }
+    // A burst of 5 at 1/s: the rest of 10 quick sends is refused (one may refill).
+    assert!((4..=5).contains(&refused), "{refused} refused");
+    let stored = store.sync(2, 0, 100).await.expect("sync").len();
+    assert_eq!(stored, 10 - refused, "refused messages are not stored");
+    // Another user is not affected.
+    let bob = connect(&logic, 3, "phone", 11).await;
+    logic
+        .send(&bob, text(1, 2, "hi"))
+        .await
+        .expect("bob's own bucket");
 }

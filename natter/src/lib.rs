@@ -79,6 +79,7 @@ impl Server {
             store.clone(),
             committer,
             MidGenerator::new(0).map_err(anyhow::Error::msg)?,
+            &config.limits,
             &registry,
         ));
         let node = "local";

@@ -23,6 +23,8 @@ fn serve(data_dir: &std::path::Path) -> Served {
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("NATTER_LOG__FORMAT", "json")
+        // These tests send faster than one user may by default.
+        .env("NATTER_LIMITS__MESSAGES_PER_SEC", "100000")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

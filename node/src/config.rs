@@ -48,6 +48,7 @@ pub struct Config {
     pub comet: CometConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -59,6 +60,7 @@ impl Default for Config {
             comet: CometConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -177,6 +179,25 @@ impl Default for StoreConfig {
     }
 }
 
+/// Per-user limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Messages a user may send per second, sustained, across all devices.
+    pub messages_per_sec: f64,
+    /// Messages a user may send at once before the rate applies.
+    pub message_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            messages_per_sec: 50.0,
+            message_burst: 100,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -254,6 +275,10 @@ impl Config {
         }
         if self.store.batch_max == 0 || self.store.queue == 0 || self.store.readers == 0 {
             return bad("store.batch_max, store.queue and store.readers must be positive");
+        }
+        let rate = self.limits.messages_per_sec;
+        if !rate.is_finite() || rate <= 0.0 || self.limits.message_burst == 0 {
+            return bad("limits.messages_per_sec and limits.message_burst must be positive");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json");

@@ -48,6 +48,9 @@ impl TestServer {
         };
         // fsync is not what these tests are about; the crash test turns it on.
         config.store.synchronous = false;
+        // Nor are rate limits, except where a test sets them.
+        config.limits.messages_per_sec = 1_000_000.0;
+        config.limits.message_burst = 1_000_000;
         tune(&mut config);
         let server = Server::start(config.clone()).await.expect("server starts");
         let addr = server.addr();

@@ -376,3 +376,41 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(0));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_sending_too_fast_is_told_to_slow_down_and_nothing_is_stored() {
+    let server = TestServer::start(|c| {
+        c.limits.messages_per_sec = 0.5;
+        c.limits.message_burst = 2;
+    })
+    .await;
+    let mut conn = server.raw(1, "raw").await;
+    for seq in 1..=3u32 {
+        let m = SendMessage {
+            client_seq: u64::from(seq),
+            receiver: 2,
+            body: Some(MessageBody::text("quick")),
+        };
+        conn.send(&Frame::new(Op::Message, seq, 0, &m))
+            .await
+            .expect("sent");
+    }
+    assert_eq!(
+        next_reply_or_heartbeat(&mut conn).await.op,
+        Op::MessageReply
+    );
+    assert_eq!(
+        next_reply_or_heartbeat(&mut conn).await.op,
+        Op::MessageReply
+    );
+    assert_eq!(
+        error_of(&next_reply_or_heartbeat(&mut conn).await),
+        (3, ErrorCode::RateLimited)
+    );
+    let (status, page) = server
+        .get_json("/v1/conversations/p:1:2/messages", 1, "raw")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"].as_array().map(Vec::len), Some(2));
+    server.stop().await;
+}

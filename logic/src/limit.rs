@@ -1,0 +1,123 @@
+//! Per-user rate limits: a token bucket per user, sharded so senders rarely
+//! contend. Buckets of users who have been quiet long enough to be full again
+//! are dropped when a shard grows, so memory follows the active users.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+const SHARDS: usize = 64;
+/// Buckets a shard keeps before it drops the full ones.
+const SHARD_LIMIT: usize = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Shard {
+    buckets: HashMap<u64, Bucket>,
+    /// Size at which the next sweep runs: doubling keeps sweeps amortized O(1)
+    /// even when many users are active at once.
+    sweep_at: usize,
+}
+
+/// Allows `rate` events per second per key, with bursts of up to `burst`.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    shards: Vec<Mutex<Shard>>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: u32) -> RateLimiter {
+        RateLimiter {
+            rate,
+            burst: f64::from(burst),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        buckets: HashMap::new(),
+                        sweep_at: SHARD_LIMIT,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes one token for `key` at time `now`; false when there is none.
+    pub fn allow_at(&self, key: u64, now: Instant) -> bool {
+        let mut shard = self.shards[(key as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if shard.buckets.len() >= shard.sweep_at {
+            let (rate, burst) = (self.rate, self.burst);
+            shard.buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
+            });
+            shard.sweep_at = (shard.buckets.len() * 2).max(SHARD_LIMIT);
+        }
+        let bucket = shard.buckets.entry(key).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate;
+        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn allow(&self, key: u64) -> bool {
+        self.allow_at(key, Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bursts_then_the_rate() {
+        let limiter = RateLimiter::new(2.0, 3);
+        let t = Instant::now();
+        assert!((0..3).all(|_| limiter.allow_at(1, t)), "the burst");
+        assert!(!limiter.allow_at(1, t), "then nothing");
+        assert!(limiter.allow_at(2, t), "other users are not affected");
+        assert!(!limiter.allow_at(1, t + Duration::from_millis(400)));
+        assert!(
+            limiter.allow_at(1, t + Duration::from_millis(500)),
+            "2/s refills one in 500 ms"
+        );
+        assert!(!limiter.allow_at(1, t + Duration::from_millis(600)));
+        // A long pause refills to the burst, not beyond.
+        let later = t + Duration::from_secs(60);
+        assert!((0..3).all(|_| limiter.allow_at(1, later)));
+        assert!(!limiter.allow_at(1, later));
+    }
+
+    #[test]
+    fn quiet_users_are_forgotten_when_a_shard_fills() {
+        let limiter = RateLimiter::new(1000.0, 1);
+        let t = Instant::now();
+        // Users in shard 0 only: keys that are multiples of the shard count.
+        for n in 0..(SHARD_LIMIT as u64 * 3) {
+            limiter.allow_at(n * SHARDS as u64, t);
+        }
+        let busy = limiter.shards[0].lock().expect("lock").buckets.len();
+        assert_eq!(busy, SHARD_LIMIT * 3, "active users are all kept");
+        // A second later every bucket is full again: the next sweep drops them.
+        let later = t + Duration::from_secs(1);
+        for n in 0..(SHARD_LIMIT as u64 * 4) {
+            limiter.allow_at((1_000_000 + n) * SHARDS as u64, later);
+        }
+        let size = limiter.shards[0].lock().expect("lock").buckets.len();
+        assert!(size < SHARD_LIMIT * 5, "full buckets were dropped ({size})");
+    }
+}
