@@ -92,6 +92,17 @@ impl Server {
         );
         logic.attach_gateway(node, Arc::new(comet.clone()));
 
+        let retention = (config.store.retention_days > 0).then(|| {
+            let age =
+                std::time::Duration::from_secs(u64::from(config.store.retention_days) * 86_400);
+            let every = std::time::Duration::from_secs(600);
+            tokio::spawn(natter_record::retention::run(
+                store.clone(),
+                age,
+                every,
+                committer_stop.clone(),
+            ))
+        });
         let ready = Readiness::default();
         let app = Router::new()
             .merge(comet.router())
@@ -126,6 +137,9 @@ impl Server {
             drop(logic);
             // Queued writes commit before the store closes, whatever happens.
             committer_stop.cancel();
+            if let Some(retention) = retention {
+                let _ = retention.await;
+            }
             let committed = committer_task.await;
             store.close().await;
             tracing::info!("natter stopped");

@@ -165,6 +165,8 @@ pub struct StoreConfig {
     pub readers: u32,
     /// Time a request waits for a pooled connection.
     pub acquire_timeout_ms: u64,
+    /// Messages older than this many days are deleted; 0 keeps them forever.
+    pub retention_days: u32,
 }
 
 impl Default for StoreConfig {
@@ -175,6 +177,7 @@ impl Default for StoreConfig {
             queue: 8192,
             readers: 4,
             acquire_timeout_ms: 5_000,
+            retention_days: 0,
         }
     }
 }

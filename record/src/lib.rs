@@ -4,6 +4,7 @@
 //! - [`sqlite`]: the embedded implementation.
 //! - [`committer`]: group commit in front of any store.
 //! - [`http`]: `GET /v1/conversations/{id}/messages` and `GET /v1/sync`.
+//! - [`retention`]: the job that deletes messages past their age.
 //! - [`suite`]: the behaviour every store implementation must pass.
 //!
 //! This crate knows the tables and its own routes. It does not know sockets,
@@ -12,6 +13,7 @@
 
 pub mod committer;
 pub mod http;
+pub mod retention;
 pub mod sqlite;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]

@@ -261,6 +261,13 @@ fn json(rows: impl serde::Serialize) -> String {
         .unwrap_or_else(|_| unreachable!("numbers and strings always serialize"))
 }
 
+/// The smallest mid made at `time_ms`: every message older than that has a
+/// smaller mid, so the expiry scan walks the primary key, not the table.
+fn expiry_mid_bound(time_ms: i64) -> i64 {
+    let elapsed = (time_ms - natter_node::ids::EPOCH_MS).max(0);
+    elapsed.saturating_mul(1 << 22)
+}
+
 /// Runs one of the batch statements above with its rows.
 async fn write_rows(
     conn: &mut SqliteConnection,
@@ -728,6 +735,38 @@ impl MessageStore for SqliteStore {
         Ok(cursor.unwrap_or(0) as u64)
     }
 
+    async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.closed()?;
+        // Through the writer lock: expiry is a write like any other. Each
+        // row is deleted through its key or index, so a batch costs the same
+        // however large the tables are.
+        let _writer = self.writer.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows: Vec<(i64, i64, i64)> =
+            sqlx::query_as("SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ?")
+                .bind(expiry_mid_bound(before_ms))
+                .bind(before_ms)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+        for (mid, sender, receiver) in &rows {
+            for (owner, other) in [(sender, receiver), (receiver, sender)] {
+                sqlx::query("DELETE FROM relation WHERE owner = ? AND other = ? AND mid = ?")
+                    .bind(owner)
+                    .bind(other)
+                    .bind(mid)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM message WHERE mid = ?")
+                .bind(mid)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.closed()?;
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -758,6 +797,8 @@ mod tests {
         let statements = [
             DEDUPE_SQL.to_string(),
             RELATION_SEQS_SQL.to_string(),
+            "SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ?".to_string(),
+            "DELETE FROM relation WHERE owner = ? AND other = ? AND mid = ?".to_string(),
             CONVERSATIONS_SQL.to_string(),
             USERS_SQL.to_string(),
             CURSORS_SQL.to_string(),

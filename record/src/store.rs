@@ -169,6 +169,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The device's stored cursor (0 for a device never seen).
     async fn cursor(&self, owner: u64, device: &str) -> Result<u64, StoreError>;
 
+    /// Deletes up to `limit` messages stored before `before_ms` (Unix ms),
+    /// with their relation rows; returns how many went. Sequence counters
+    /// are kept, so numbering continues after expired messages.
+    async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -64,6 +64,7 @@ where
     sync_returns_the_stream_in_order(&make().await).await;
     cursors_follow_acks(&make().await).await;
     message_to_oneself(&make().await).await;
+    expiry_deletes_old_messages_only(&make().await).await;
 }
 
 async fn sequences_are_contiguous(store: &dyn MessageStore) {
@@ -266,4 +267,44 @@ async fn message_to_oneself(store: &dyn MessageStore) {
     assert_eq!(store.sync(5, 0, 10).await.expect("sync").len(), 1);
     let again = store_one(store, 5, 5, 1).await;
     assert!(again.repeat);
+}
+
+async fn expiry_deletes_old_messages_only(store: &dyn MessageStore) {
+    // Mids and times from the id generator, so that time order is mid order.
+    let ids = natter_node::ids::MidGenerator::new(0).expect("worker");
+    let at = |t: i64, seq: u64| {
+        let mut m = text(1, 2, seq);
+        m.mid = ids.next_at(t);
+        m.time_ms = t;
+        Write::Message(m)
+    };
+    let t0 = natter_node::ids::EPOCH_MS + 1_000_000;
+    // In time order: the generator never goes back in time.
+    let mut writes: Vec<Write> = (0..5).map(|i| at(t0 + i, i as u64 + 1)).collect();
+    writes.push(at(t0 + 1_000, 9));
+    store.write_batch(&writes).await.expect("write");
+    // Two at a time, until nothing before the cut is left.
+    assert_eq!(store.expire(t0 + 500, 2).await.expect("expire"), 2);
+    assert_eq!(store.expire(t0 + 500, 100).await.expect("expire"), 3);
+    assert_eq!(store.expire(t0 + 500, 100).await.expect("expire"), 0);
+    let left = store.sync(2, 0, 100).await.expect("sync");
+    assert_eq!(left.len(), 1, "the newer message stays");
+    assert_eq!(left[0].message.client_seq, 9);
+    assert_eq!(
+        store.sync(1, 0, 100).await.expect("sync").len(),
+        1,
+        "both sides' relation rows went"
+    );
+    let history = HistoryQuery {
+        owner: 1,
+        other: 2,
+        before: None,
+        limit: 100,
+        types: vec![],
+    };
+    assert_eq!(store.history(&history).await.expect("history").len(), 1);
+    // Numbering continues after expired messages.
+    let next = store_one(store, 1, 2, 10).await;
+    assert_eq!(next.message.conv_seq, 7);
+    assert_eq!(next.receiver_seq, 7);
 }
