@@ -414,24 +414,18 @@ impl Conn {
                 };
                 self.send_out(Frame::new(Op::HeartbeatReply, frame.seq, 0, &reply).encode())
             }
-            Op::Message => match frame.message::<SendMessage>() {
-                Ok(message) => self.request(
-                    frame.seq,
-                    Job::Send {
-                        seq: frame.seq,
-                        message,
-                    },
-                ),
+            Op::Message => match frame.message() {
+                Ok(message) => self.request(Job::Send {
+                    seq: frame.seq,
+                    message,
+                }),
                 Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
             },
-            Op::Sync => match frame.message::<SyncRequest>() {
-                Ok(request) => self.request(
-                    frame.seq,
-                    Job::Sync {
-                        seq: frame.seq,
-                        request,
-                    },
-                ),
+            Op::Sync => match frame.message() {
+                Ok(request) => self.request(Job::Sync {
+                    seq: frame.seq,
+                    request,
+                }),
                 Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
             },
             Op::PushAck => {
@@ -459,7 +453,10 @@ impl Conn {
         }
     }
 
-    fn request(&mut self, seq: u32, job: Job) -> Result<(), Exit> {
+    fn request(&mut self, job: Job) -> Result<(), Exit> {
+        let seq = match &job {
+            Job::Send { seq, .. } | Job::Sync { seq, .. } => *seq,
+        };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(()),
             Err(_) => self.error(

@@ -34,6 +34,13 @@ pub struct HistoryPage {
     pub next_before: Option<String>,
 }
 
+impl HistoryPage {
+    /// `next_before` as a message id, ready to ask for the next page.
+    pub fn next_before_mid(&self) -> Option<u64> {
+        self.next_before.as_deref().and_then(|mid| mid.parse().ok())
+    }
+}
+
 /// What a device has not received.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncPage {

@@ -144,6 +144,11 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
+        SqliteStore::with_pool(pool).await
+    }
+
+    /// Migrates the database behind `pool` and starts its checkpoints.
+    async fn with_pool(pool: SqlitePool) -> Result<SqliteStore, StoreError> {
         migrator().run(&pool).await?;
         tokio::spawn(checkpoint_loop(pool.clone()));
         Ok(SqliteStore {
@@ -160,12 +165,7 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(connect)
             .await?;
-        migrator().run(&pool).await?;
-        tokio::spawn(checkpoint_loop(pool.clone()));
-        Ok(SqliteStore {
-            pool,
-            writer: Mutex::new(Counters::default()),
-        })
+        SqliteStore::with_pool(pool).await
     }
 
     fn closed(&self) -> Result<(), StoreError> {

@@ -171,21 +171,11 @@ async fn history_pages_and_filters_over_http() {
     assert_eq!(first.messages.len(), 10);
     assert_eq!(first.messages[0].mid, img.mid.to_string(), "newest first");
     let second = bob
-        .history(
-            "p:1:2",
-            first.next_before.as_deref().and_then(|s| s.parse().ok()),
-            10,
-            &[],
-        )
+        .history("p:1:2", first.next_before_mid(), 10, &[])
         .await
         .expect("page 2");
     let third = bob
-        .history(
-            "p:1:2",
-            second.next_before.as_deref().and_then(|s| s.parse().ok()),
-            10,
-            &[],
-        )
+        .history("p:1:2", second.next_before_mid(), 10, &[])
         .await
         .expect("page 3");
     assert_eq!(third.messages.len(), 6);
