@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use natter_proto::msg::{
     AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, SyncReply, SyncRequest,
+    NOTIFY_GROUP_EVENT,
 };
 use natter_proto::{ErrorCode, Frame, Op};
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -118,11 +120,18 @@ impl Seen {
     }
 }
 
+type Report = oneshot::Sender<Result<Frame, ClientError>>;
+
 enum Waiter {
-    App(oneshot::Sender<Result<Frame, ClientError>>),
-    /// The driver's own sync; `report` answers an application's `sync()` when done.
+    App(Report),
+    /// The driver's own sync of the user's stream; `report` answers an
+    /// application's `sync()` once the stream and every group it names are done.
     Sync {
-        report: Option<oneshot::Sender<Result<Frame, ClientError>>>,
+        report: Option<Report>,
+    },
+    /// A sync of one group, started by a stream sync.
+    GroupSync {
+        group: u64,
     },
 }
 
@@ -141,6 +150,11 @@ pub(crate) struct Driver {
     pending: HashMap<u32, Waiter>,
     next_seq: u32,
     cursor: Cursor,
+    /// Per group: the highest `conv_seq` below which this device has seen everything.
+    groups: HashMap<u64, Cursor>,
+    /// Group syncs still running, and the `sync()` calls waiting for them.
+    group_syncs: usize,
+    waiting: Vec<Report>,
     seen: Seen,
 }
 
@@ -159,6 +173,9 @@ impl Driver {
             pending: HashMap::new(),
             next_seq: 1,
             cursor: Cursor::default(),
+            groups: HashMap::new(),
+            group_syncs: 0,
+            waiting: Vec::new(),
             seen: Seen::default(),
         }
     }
@@ -196,6 +213,10 @@ impl Driver {
                 {
                     let _ = reply.send(Err(ClientError::Disconnected));
                 }
+            }
+            self.group_syncs = 0;
+            for reply in self.waiting.drain(..) {
+                let _ = reply.send(Err(ClientError::Disconnected));
             }
             let error = match end {
                 End::Shut => return,
@@ -255,10 +276,38 @@ impl Driver {
         let request = SyncRequest {
             after: Some(self.cursor.contiguous),
             limit: SYNC_PAGE,
+            group: 0,
         };
         conn.send(&Frame::new(Op::Sync, seq, 0, &request)).await?;
         self.pending.insert(seq, Waiter::Sync { report });
         Ok(())
+    }
+
+    async fn send_group_sync(
+        &mut self,
+        conn: &mut Connection,
+        group: u64,
+    ) -> Result<(), ClientError> {
+        let seq = self.seq();
+        let request = SyncRequest {
+            after: Some(self.groups.entry(group).or_default().contiguous),
+            limit: SYNC_PAGE,
+            group,
+        };
+        conn.send(&Frame::new(Op::Sync, seq, 0, &request)).await?;
+        self.pending.insert(seq, Waiter::GroupSync { group });
+        Ok(())
+    }
+
+    /// A group sync finished (or failed: the group is skipped, e.g. left
+    /// meanwhile); the last one answers the waiting `sync()` calls.
+    fn group_sync_done(&mut self) {
+        self.group_syncs = self.group_syncs.saturating_sub(1);
+        if self.group_syncs == 0 {
+            for report in self.waiting.drain(..) {
+                let _ = report.send(Ok(Frame::empty(Op::SyncReply, 0, 0)));
+            }
+        }
     }
 
     async fn serve(&mut self, conn: &mut Connection, heartbeat: Duration) -> End {
@@ -321,7 +370,14 @@ impl Driver {
 
     /// Hands a message to the application unless it was seen before.
     async fn deliver(&mut self, message: Message) -> Result<(), End> {
-        self.cursor.mark(message.user_seq);
+        if message.group != 0 {
+            self.groups
+                .entry(message.group)
+                .or_default()
+                .mark(message.conv_seq);
+        } else {
+            self.cursor.mark(message.user_seq);
+        }
         if !self.seen.insert(message.mid) {
             self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -347,10 +403,22 @@ impl Driver {
             }
             Op::Notify => {
                 let notify: Notify = frame.message().map_err(protocol)?;
-                self.events
-                    .send(Event::Notify(notify))
+                if notify.kind == NOTIFY_GROUP_EVENT {
+                    // A group event is a message of the group's history.
+                    let message = Message::decode(notify.payload.as_slice())
+                        .map_err(|e| End::Closed(ClientError::Protocol(e.to_string())))?;
+                    self.shared.stats.pushes.fetch_add(1, Ordering::Relaxed);
+                    self.deliver(message).await?;
+                } else {
+                    self.events
+                        .send(Event::Notify(notify))
+                        .await
+                        .map_err(|_| End::Shut)?;
+                }
+                // Notifies are numbered and resent like pushes.
+                conn.send(&Frame::empty(Op::PushAck, 0, frame.seq))
                     .await
-                    .map_err(|_| End::Shut)
+                    .map_err(End::Closed)
             }
             Op::Disconnect => {
                 let d: Disconnect = frame.message().map_err(protocol)?;
@@ -370,8 +438,44 @@ impl Driver {
                     self.shared.stats.synced.fetch_add(1, Ordering::Relaxed);
                     self.deliver(message).await?;
                 }
+                if let Waiter::GroupSync { group } = waiter {
+                    self.groups.entry(group).or_default().advance_to(cursor);
+                    if has_more {
+                        return self.send_group_sync(conn, group).await.map_err(End::Closed);
+                    }
+                    self.group_sync_done();
+                    return Ok(());
+                }
                 // The reply covers everything up to its cursor.
                 self.cursor.advance_to(cursor);
+                if !has_more && !reply.groups.is_empty() {
+                    // The stream is done; the groups it names follow.
+                    for g in &reply.groups {
+                        self.groups.entry(g.group).or_default().advance_to(g.cursor);
+                        self.send_group_sync(conn, g.group)
+                            .await
+                            .map_err(End::Closed)?;
+                        self.group_syncs += 1;
+                    }
+                    if let Waiter::Sync {
+                        report: Some(report),
+                    }
+                    | Waiter::App(report) = waiter
+                    {
+                        self.waiting.push(report);
+                    }
+                    return Ok(());
+                }
+                if !has_more && self.group_syncs > 0 {
+                    if let Waiter::Sync {
+                        report: Some(report),
+                    }
+                    | Waiter::App(report) = waiter
+                    {
+                        self.waiting.push(report);
+                    }
+                    return Ok(());
+                }
                 match waiter {
                     Waiter::Sync { report } if has_more => {
                         self.send_sync(conn, report).await.map_err(End::Closed)
@@ -384,17 +488,29 @@ impl Driver {
                         Ok(())
                     }
                     Waiter::Sync { report: None } => Ok(()),
+                    Waiter::GroupSync { .. } => Ok(()),
                 }
             }
             Op::MessageReply | Op::HeartbeatReply | Op::Error => {
                 if frame.op == Op::MessageReply {
                     if let Ok(reply) = frame.message::<MessageReply>() {
-                        // The sender's own message is part of its stream.
-                        self.cursor.mark(reply.user_seq);
+                        // The sender's own message is part of its stream (or its group).
+                        match reply
+                            .conversation
+                            .strip_prefix("g:")
+                            .and_then(|g| g.parse().ok())
+                        {
+                            Some(group) => {
+                                self.groups.entry(group).or_default().mark(reply.conv_seq)
+                            }
+                            None => self.cursor.mark(reply.user_seq),
+                        }
                         self.seen.insert(reply.mid);
                     }
                 }
                 match self.pending.remove(&frame.seq) {
+                    // A group that cannot be synced (left meanwhile) is skipped.
+                    Some(Waiter::GroupSync { .. }) => self.group_sync_done(),
                     // A sync answered by an error is reported too; the next connect syncs again.
                     Some(Waiter::App(reply))
                     | Some(Waiter::Sync {
@@ -410,6 +526,7 @@ impl Driver {
                             .map(|e| ClientError::Rejected {
                                 code: ErrorCode::from_u32(e.code).unwrap_or(ErrorCode::Internal),
                                 message: e.message,
+                                until_ms: None,
                             })
                             .unwrap_or_else(|e| ClientError::Protocol(e.to_string()));
                         return Err(End::Closed(error));

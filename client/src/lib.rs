@@ -36,11 +36,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natter_proto::api::ErrorBody;
-pub use natter_proto::api::{HistoryPage, MessageView, SyncPage};
+pub use natter_proto::api::{CreateGroup, GroupView, HistoryPage, MessageView, SyncPage};
 use natter_proto::msg::{ErrorReply, Message, MessageBody, MessageReply, Notify, SendMessage};
 use natter_proto::{ErrorCode, Frame, Op};
 use prost::Message as _;
+pub use reqwest::Method;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 /// What can go wrong for a client.
@@ -63,7 +65,12 @@ pub enum ClientError {
     #[error("server closed the connection with WebSocket code {code}: {reason}")]
     ClosedRaw { code: u16, reason: String },
     #[error("request rejected: {code}: {message}")]
-    Rejected { code: ErrorCode, message: String },
+    Rejected {
+        code: ErrorCode,
+        message: String,
+        /// With `muted`: the end of the mute, Unix ms.
+        until_ms: Option<i64>,
+    },
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("HTTP error: {0}")]
@@ -313,14 +320,44 @@ impl Client {
         receiver: u64,
         body: MessageBody,
     ) -> Result<MessageReply, ClientError> {
-        let body = Bytes::from(
-            SendMessage {
-                client_seq,
-                receiver,
-                body: Some(body),
-            }
-            .encode_to_vec(),
-        );
+        self.send_message(SendMessage {
+            client_seq,
+            receiver,
+            body: Some(body),
+            group: 0,
+        })
+        .await
+    }
+
+    /// Sends a message to a group and waits for the durable ack.
+    pub async fn send_group(
+        &self,
+        group: u64,
+        body: MessageBody,
+    ) -> Result<MessageReply, ClientError> {
+        self.send_group_with_seq(self.next_client_seq(), group, body)
+            .await
+    }
+
+    /// [`Client::send_group`] with a given `client_seq`.
+    pub async fn send_group_with_seq(
+        &self,
+        client_seq: u64,
+        group: u64,
+        body: MessageBody,
+    ) -> Result<MessageReply, ClientError> {
+        self.send_message(SendMessage {
+            client_seq,
+            receiver: 0,
+            body: Some(body),
+            group,
+        })
+        .await
+    }
+
+    /// Sends `message`, resending the same client seq on time-outs.
+    async fn send_message(&self, message: SendMessage) -> Result<MessageReply, ClientError> {
+        let body = Bytes::from(message.encode_to_vec());
         let mut backoff = Duration::from_millis(50);
         let mut last = ClientError::Timeout;
         for attempt in 0..self.config.send_attempts.max(1) {
@@ -362,6 +399,7 @@ impl Client {
             return Err(ClientError::Rejected {
                 code,
                 message: error.message,
+                until_ms: (error.until_ms != 0).then_some(error.until_ms),
             });
         }
         Ok(frame)
@@ -404,6 +442,7 @@ impl Client {
                 Err(ClientError::Rejected {
                     code,
                     message: error.message,
+                    until_ms: (error.until_ms != 0).then_some(error.until_ms),
                 })
             }
             Ok(Ok(Ok(_))) => Ok(()),
@@ -432,19 +471,57 @@ impl Client {
         .await
     }
 
+    /// Creates a group with the caller as owner.
+    pub async fn create_group(&self, request: &CreateGroup) -> Result<GroupView, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/groups", Some(request))
+            .await
+    }
+
+    /// Any call of the HTTP API as this client's user: `body` is sent as
+    /// JSON, and the answer read as `T` (`()` for the empty answers).
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
+        let json = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.http_json(method, path, &[], json).await
+    }
+
     async fn get_json<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, ClientError> {
+        self.http_json(reqwest::Method::GET, path, query, None)
+            .await
+    }
+
+    async fn http_json<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
         let http = {
             let mut slot = self.shared.http.lock().unwrap_or_else(|e| e.into_inner());
             slot.get_or_insert_with(reqwest::Client::new).clone()
         };
-        let response = http
-            .get(format!("http://{}{}", self.config.server, path))
+        let mut request = http
+            .request(method, format!("http://{}{}", self.config.server, path))
             .query(query)
-            .bearer_auth(&self.config.token)
+            .bearer_auth(&self.config.token);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -459,6 +536,7 @@ impl Client {
                     Some(code) => ClientError::Rejected {
                         code,
                         message: e.message,
+                        until_ms: e.until_ms,
                     },
                     None => ClientError::Http(format!("{status}: {}", e.message)),
                 },
@@ -467,7 +545,9 @@ impl Client {
                 }
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+        // An empty answer (204) reads as JSON null, which `()` accepts.
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Closes the connection; the event stream ends.

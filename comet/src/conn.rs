@@ -49,7 +49,9 @@ fn close(code: ErrorCode, reason: impl Into<String>) -> Exit {
 }
 
 struct Inflight {
-    user_seq: u64,
+    /// The stream the push belongs to (0: the user's) and its position there.
+    group: u64,
+    seq: u64,
     frame: Bytes,
     attempts: u32,
     deadline: Instant,
@@ -388,6 +390,7 @@ impl Conn {
         let reply = ErrorReply {
             code: code as u32,
             message: message.into(),
+            until_ms: 0,
         };
         self.send_out(Frame::new(Op::Error, seq, 0, &reply).encode())?;
         if self.errors > self.comet.inner.config.max_errors {
@@ -439,7 +442,12 @@ impl Conn {
                         .inc();
                     let logic = &self.comet.inner.logic;
                     logic
-                        .push_acked(self.session.uid, &self.session.device, acked.user_seq)
+                        .push_acked(
+                            self.session.uid,
+                            &self.session.device,
+                            acked.group,
+                            acked.seq,
+                        )
                         .await;
                 }
                 Ok(())
@@ -477,7 +485,7 @@ impl Conn {
         }
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         let seq = self.next_seq;
-        let frame = Frame::raw(Op::Push, seq, 0, delivery.body).encode();
+        let frame = Frame::raw(delivery.op, seq, 0, delivery.body).encode();
         self.send_out(frame.clone())?;
         let metrics = &self.comet.inner.metrics;
         metrics
@@ -488,7 +496,8 @@ impl Conn {
         self.inflight.insert(
             seq,
             Inflight {
-                user_seq: delivery.user_seq,
+                group: delivery.group,
+                seq: delivery.seq,
                 frame,
                 attempts: 0,
                 deadline,
@@ -557,6 +566,7 @@ async fn request_loop(
                     &ErrorReply {
                         code: r.code as u32,
                         message: r.message,
+                        until_ms: r.until_ms,
                     },
                 ),
             },
@@ -570,6 +580,7 @@ async fn request_loop(
                         &ErrorReply {
                             code: r.code as u32,
                             message: r.message,
+                            until_ms: r.until_ms,
                         },
                     ),
                 }

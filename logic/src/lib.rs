@@ -6,27 +6,32 @@
 //! it runs in one process or across machines. Logic holds no sockets and
 //! knows no frame bytes beyond the protobuf bodies it fills in.
 
+pub mod fanout;
 pub mod limit;
+pub mod publish;
 pub mod sessions;
 pub mod token;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use natter_group::{GroupError, Groups};
 use natter_node::config::LimitsConfig;
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::register;
-use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
-use natter_proto::ErrorCode;
+use natter_proto::msg::{GroupCursor, MessageReply, SendMessage, SyncReply, SyncRequest};
+use natter_proto::{ErrorCode, Op};
 use natter_record::http::Identity;
 use natter_record::store::{NewMessage, Outcome, Stored, Write};
 use natter_record::{CommitError, Committer, MessageStore};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 
+pub use fanout::Fanout;
+pub use publish::GroupPublisher;
 pub use sessions::{MemoryDirectory, Session, SessionDirectory};
 pub use token::Tokens;
 
@@ -36,6 +41,8 @@ pub use token::Tokens;
 pub struct Rejection {
     pub code: ErrorCode,
     pub message: String,
+    /// With [`ErrorCode::Muted`]: the end of the mute (Unix ms); 0 otherwise.
+    pub until_ms: i64,
 }
 
 impl Rejection {
@@ -43,6 +50,17 @@ impl Rejection {
         Rejection {
             code,
             message: message.into(),
+            until_ms: 0,
+        }
+    }
+}
+
+impl From<GroupError> for Rejection {
+    fn from(e: GroupError) -> Rejection {
+        Rejection {
+            code: e.code,
+            message: e.message,
+            until_ms: e.until_ms.unwrap_or(0),
         }
     }
 }
@@ -61,13 +79,20 @@ impl From<CommitError> for Rejection {
     }
 }
 
-/// One push for one connection: an encoded `Message` body.
+/// One push for one connection: an encoded `Message` body (op `Push`) or
+/// `Notify` body (op `Notify`), resent until the client acknowledges it.
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub conn: u64,
+    /// `Push` or `Notify`.
+    pub op: Op,
     pub mid: u64,
-    /// The message's position in the stream of the connection's user.
-    pub user_seq: u64,
+    /// The group of a group message or event; 0 for the user's stream.
+    pub group: u64,
+    /// The message's position: in the user's stream (`user_seq`), or for a
+    /// group, in the group (`conv_seq`). Acknowledging it advances the
+    /// device's cursor of that stream.
+    pub seq: u64,
     pub body: Bytes,
     /// When the message was acked to its sender (for ack-to-push latency).
     pub acked_at: Instant,
@@ -98,8 +123,9 @@ pub trait LogicService: Send + Sync + 'static {
     async fn disconnect(&self, session: &Session);
     /// Runs the pipeline for one message; returns the ack once it is durable.
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection>;
-    /// The device acknowledged the push at `user_seq`; never waits on storage.
-    async fn push_acked(&self, uid: u64, device: &str, user_seq: u64);
+    /// The device acknowledged the push at `seq` of a stream (its user's
+    /// when `group` is 0, else the group's); never waits on storage.
+    async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64);
     /// What the device has not received.
     async fn sync(
         &self,
@@ -115,28 +141,38 @@ struct Metrics {
     acks_dropped: IntCounter,
 }
 
+/// What [`Logic::new`] is built from.
+pub struct LogicParts {
+    pub tokens: Tokens,
+    pub fanout: Arc<Fanout>,
+    pub store: Arc<dyn MessageStore>,
+    pub committer: Committer,
+    pub ids: Arc<MidGenerator>,
+    pub groups: Arc<Groups>,
+}
+
 /// The logic role.
 pub struct Logic {
     tokens: Tokens,
-    sessions: Arc<dyn SessionDirectory>,
+    fanout: Arc<Fanout>,
     store: Arc<dyn MessageStore>,
     committer: Committer,
-    ids: MidGenerator,
+    ids: Arc<MidGenerator>,
+    groups: Arc<Groups>,
     limiter: limit::RateLimiter,
-    gateways: RwLock<HashMap<Arc<str>, Arc<dyn Gateway>>>,
     metrics: Metrics,
 }
 
 impl Logic {
-    pub fn new(
-        tokens: Tokens,
-        sessions: Arc<dyn SessionDirectory>,
-        store: Arc<dyn MessageStore>,
-        committer: Committer,
-        ids: MidGenerator,
-        limits: &LimitsConfig,
-        registry: &Registry,
-    ) -> Logic {
+    pub fn new(parts: LogicParts, limits: &LimitsConfig, registry: &Registry) -> Logic {
+        let LogicParts {
+            tokens,
+            fanout,
+            store,
+            committer,
+            ids,
+            groups,
+        } = parts;
         let metrics = Metrics {
             messages: register(
                 registry,
@@ -165,30 +201,23 @@ impl Logic {
         };
         Logic {
             tokens,
-            sessions,
+            fanout,
             store,
             committer,
             ids,
+            groups,
             limiter: limit::RateLimiter::new(limits.messages_per_sec, limits.message_burst),
-            gateways: RwLock::new(HashMap::new()),
             metrics,
         }
     }
 
     /// Makes a gateway node reachable for pushes.
     pub fn attach_gateway(&self, node: &str, gateway: Arc<dyn Gateway>) {
-        self.gateways
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(Arc::from(node), gateway);
+        self.fanout.attach_gateway(node, gateway);
     }
 
     fn gateway(&self, node: &str) -> Option<Arc<dyn Gateway>> {
-        self.gateways
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node)
-            .cloned()
+        self.fanout.gateway(node)
     }
 
     fn directory_failed(&self, e: sessions::DirectoryError) -> Rejection {
@@ -200,7 +229,8 @@ impl Logic {
     /// to the sender's devices other than the one it came from.
     async fn route(&self, stored: &Stored, from: &Session, acked_at: Instant) {
         let m = &stored.message;
-        let mut targets = match self.sessions.lookup(m.receiver).await {
+        let sessions = self.fanout.sessions();
+        let mut targets = match sessions.lookup(m.receiver).await {
             Ok(sessions) => sessions
                 .into_iter()
                 .map(|s| (s, stored.receiver_seq))
@@ -212,7 +242,7 @@ impl Logic {
             }
         };
         if m.receiver != m.sender {
-            match self.sessions.lookup(m.sender).await {
+            match sessions.lookup(m.sender).await {
                 Ok(sessions) => {
                     targets.extend(sessions.into_iter().map(|s| (s, stored.sender_seq)))
                 }
@@ -234,18 +264,224 @@ impl Logic {
                 .or_default()
                 .push(Delivery {
                     conn: session.conn,
+                    op: Op::Push,
                     mid: m.mid,
-                    user_seq,
+                    group: 0,
+                    seq: user_seq,
                     body,
                     acked_at,
                 });
         }
-        for (node, deliveries) in by_node {
-            match self.gateway(&node) {
-                Some(gateway) => gateway.push(deliveries),
-                None => tracing::warn!(%node, "no route to gateway node; receivers will sync"),
+        self.fanout.send(by_node);
+    }
+
+    /// Pushes a stored group message to every online device of the group's
+    /// members as they are now (one body for all), except the sending connection.
+    async fn route_group(&self, stored: &Stored, from: &Session, acked_at: Instant) {
+        let m = &stored.message;
+        let group = m.receiver;
+        // Read after the commit: a member removed meanwhile gets nothing.
+        let members = match self.groups.snapshot(group).await {
+            Ok(snapshot) => snapshot.member_ids(),
+            Err(e) => {
+                tracing::warn!(error = %e, group, mid = m.mid, "group look-up failed; members will sync");
+                return;
+            }
+        };
+        let out = fanout::Outbound {
+            op: Op::Push,
+            mid: m.mid,
+            group,
+            seq: m.conv_seq,
+            body: Bytes::from(m.to_proto(0).encode_to_vec()),
+            acked_at,
+        };
+        let targets = self
+            .fanout
+            .sessions_of(&members)
+            .await
+            .into_iter()
+            .filter(|s| !(s.node == from.node && s.conn == from.conn));
+        self.fanout.push(&out, targets);
+    }
+
+    /// The sending half of a group message: rules, then store, then fan-out.
+    async fn send_group(
+        &self,
+        from: &Session,
+        message: SendMessage,
+    ) -> Result<MessageReply, Rejection> {
+        let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
+        let group = message.group;
+        if message.receiver != 0 {
+            count("invalid");
+            return Err(Rejection::new(
+                ErrorCode::InvalidMessage,
+                "set receiver or group, not both",
+            ));
+        }
+        if let Err(e) = self.groups.check_send(from.uid, group).await {
+            count(e.code.as_str());
+            return Err(e.into());
+        }
+        if !self.limiter.allow(from.uid) {
+            count("rate_limited");
+            return Err(Rejection::new(
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
+            ));
+        }
+        let body = message.body.unwrap_or_default();
+        let msg_type = body.validate().map_err(|reason| {
+            count("invalid");
+            Rejection::new(ErrorCode::InvalidMessage, reason)
+        })?;
+        let mid = self.ids.next();
+        let new = NewMessage {
+            mid,
+            time_ms: natter_node::ids::mid_time_ms(mid),
+            sender: from.uid,
+            sender_device: from.device.clone(),
+            client_seq: message.client_seq,
+            receiver: group,
+            msg_type: msg_type as u32,
+            content: body.encode_to_vec(),
+        };
+        let stored = self.store_write(Write::GroupMessage(new), &count).await?;
+        count(if stored.repeat { "repeat" } else { "ok" });
+        let acked_at = Instant::now();
+        self.route_group(&stored, from, acked_at).await;
+        let m = &stored.message;
+        tracing::debug!(
+            mid = m.mid,
+            sender = m.sender,
+            group,
+            repeat = stored.repeat,
+            "group message stored"
+        );
+        Ok(MessageReply {
+            mid: m.mid,
+            time_ms: m.time_ms,
+            conv_seq: m.conv_seq,
+            user_seq: 0,
+            repeat: stored.repeat,
+            conversation: m.conversation.clone(),
+        })
+    }
+
+    /// Commits one message write and waits for its outcome.
+    async fn store_write(
+        &self,
+        write: Write,
+        count: &(dyn Fn(&str) + Sync),
+    ) -> Result<Stored, Rejection> {
+        match self.committer.write(write).await {
+            Ok(Outcome::Stored(stored)) => Ok(stored),
+            Ok(Outcome::Done) => {
+                count("error");
+                Err(Rejection::new(
+                    ErrorCode::Internal,
+                    "store answered without a message",
+                ))
+            }
+            Err(e) => {
+                count("error");
+                Err(e.into())
             }
         }
+    }
+
+    fn storage(e: natter_record::StoreError) -> Rejection {
+        tracing::error!(error = %e, "sync failed");
+        Rejection::new(ErrorCode::Internal, "storage unavailable")
+    }
+
+    /// One page of a group's messages after the device's position.
+    async fn sync_group(
+        &self,
+        uid: u64,
+        device: &str,
+        request: SyncRequest,
+    ) -> Result<SyncReply, Rejection> {
+        let group = request.group;
+        let snapshot = self.groups.snapshot(group).await?;
+        let Some(member) = snapshot.members.get(&uid) else {
+            return Err(Rejection::new(
+                ErrorCode::NotMember,
+                format!("not a member of group {group}"),
+            ));
+        };
+        let after = match request.after {
+            Some(after) if after > MAX_ID => {
+                return Err(Rejection::new(
+                    ErrorCode::BadRequest,
+                    "after must be at most 2^63-1",
+                ));
+            }
+            Some(after) => {
+                let write = Write::SetCursor {
+                    owner: uid,
+                    device: device.into(),
+                    group,
+                    cursor: after,
+                };
+                self.committer.enqueue(write).await?;
+                after
+            }
+            None => self
+                .store
+                .cursor(uid, device, group)
+                .await
+                .map_err(Logic::storage)?,
+        };
+        // Nothing before the member's join point.
+        let after = after.max(member.join_seq.saturating_sub(1));
+        let limit = sync_limit(request.limit);
+        let items = self
+            .store
+            .group_sync(group, after, limit)
+            .await
+            .map_err(Logic::storage)?;
+        Ok(SyncReply {
+            has_more: items.len() == limit as usize,
+            cursor: items.last().map(|m| m.conv_seq).unwrap_or(after),
+            messages: items.iter().map(|m| m.to_proto(0)).collect(),
+            groups: Vec::new(),
+            group,
+        })
+    }
+
+    /// The caller's groups with messages past this device's cursor for them.
+    async fn unreceived_groups(
+        &self,
+        uid: u64,
+        device: &str,
+    ) -> Result<Vec<GroupCursor>, Rejection> {
+        let mine = self.groups.groups_of(uid).await?;
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<u64> = mine.iter().map(|(g, _)| *g).collect();
+        let seqs = self.store.group_seqs(&ids).await.map_err(Logic::storage)?;
+        let mut out = Vec::new();
+        for ((group, join_seq), last_seq) in mine.into_iter().zip(seqs) {
+            if last_seq < join_seq {
+                continue;
+            }
+            let cursor = self
+                .store
+                .cursor(uid, device, group)
+                .await
+                .map_err(Logic::storage)?;
+            if last_seq > cursor.max(join_seq.saturating_sub(1)) {
+                out.push(GroupCursor {
+                    group,
+                    last_seq,
+                    cursor,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -278,7 +514,7 @@ impl LogicService for Logic {
         };
         let cursor = self
             .store
-            .cursor(identity.uid, &identity.device)
+            .cursor(identity.uid, &identity.device, 0)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cursor lookup failed");
@@ -291,7 +527,8 @@ impl LogicService for Logic {
             conn,
         };
         let replaced = self
-            .sessions
+            .fanout
+            .sessions()
             .register(session)
             .await
             .map_err(|e| self.directory_failed(e))?;
@@ -309,25 +546,28 @@ impl LogicService for Logic {
     }
 
     async fn disconnect(&self, session: &Session) {
-        if let Err(e) = self.sessions.unregister(session).await {
+        if let Err(e) = self.fanout.sessions().unregister(session).await {
             tracing::warn!(error = %e, uid = session.uid, "unregister failed");
         }
     }
 
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection> {
         let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
-        if message.receiver == 0 || message.receiver > MAX_ID {
-            count("invalid");
-            return Err(Rejection::new(
-                ErrorCode::InvalidMessage,
-                "receiver must be a user id",
-            ));
-        }
         if message.client_seq == 0 || message.client_seq > MAX_ID {
             count("invalid");
             return Err(Rejection::new(
                 ErrorCode::InvalidMessage,
                 "client_seq must be between 1 and 2^63-1",
+            ));
+        }
+        if message.group != 0 {
+            return self.send_group(from, message).await;
+        }
+        if message.receiver == 0 || message.receiver > MAX_ID {
+            count("invalid");
+            return Err(Rejection::new(
+                ErrorCode::InvalidMessage,
+                "receiver must be a user id",
             ));
         }
         if !self.limiter.allow(from.uid) {
@@ -353,20 +593,7 @@ impl LogicService for Logic {
             msg_type: msg_type as u32,
             content: body.encode_to_vec(),
         };
-        let stored = match self.committer.write(Write::Message(new)).await {
-            Ok(Outcome::Stored(stored)) => stored,
-            Ok(Outcome::Done) => {
-                count("error");
-                return Err(Rejection::new(
-                    ErrorCode::Internal,
-                    "store answered without a message",
-                ));
-            }
-            Err(e) => {
-                count("error");
-                return Err(e.into());
-            }
-        };
+        let stored = self.store_write(Write::Message(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
         // A repeat is pushed again: the first attempt may have stopped between
@@ -390,11 +617,12 @@ impl LogicService for Logic {
         })
     }
 
-    async fn push_acked(&self, uid: u64, device: &str, user_seq: u64) {
+    async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64) {
         let write = Write::Received {
             owner: uid,
             device: device.into(),
-            user_seq,
+            group,
+            seq,
         };
         // Never wait on storage here: the caller is a connection's control
         // loop. A dropped ack costs only a cursor update; the device's next
@@ -411,10 +639,10 @@ impl LogicService for Logic {
         device: &str,
         request: SyncRequest,
     ) -> Result<SyncReply, Rejection> {
-        let storage = |e: natter_record::StoreError| {
-            tracing::error!(error = %e, "sync failed");
-            Rejection::new(ErrorCode::Internal, "storage unavailable")
-        };
+        if request.group != 0 {
+            return self.sync_group(uid, device, request).await;
+        }
+        let storage = Logic::storage;
         let after = match request.after {
             Some(after) if after > MAX_ID => {
                 return Err(Rejection::new(
@@ -427,17 +655,27 @@ impl LogicService for Logic {
                 let write = Write::SetCursor {
                     owner: uid,
                     device: device.into(),
+                    group: 0,
                     cursor: after,
                 };
                 self.committer.enqueue(write).await?;
                 after
             }
-            None => self.store.cursor(uid, device).await.map_err(storage)?,
+            None => self.store.cursor(uid, device, 0).await.map_err(storage)?,
         };
         let limit = sync_limit(request.limit);
         let items = self.store.sync(uid, after, limit).await.map_err(storage)?;
+        let has_more = items.len() == limit as usize;
+        // With the last page of the stream: which groups to sync next.
+        let groups = if has_more {
+            Vec::new()
+        } else {
+            self.unreceived_groups(uid, device).await?
+        };
         Ok(SyncReply {
-            has_more: items.len() == limit as usize,
+            groups,
+            group: 0,
+            has_more,
             cursor: items.last().map(|i| i.user_seq).unwrap_or(after),
             messages: items
                 .iter()

@@ -31,6 +31,15 @@ pub trait SessionDirectory: Send + Sync + 'static {
     async fn unregister(&self, session: &Session) -> Result<(), DirectoryError>;
     /// Every online device of `uid`.
     async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError>;
+    /// Every online device of each of `uids` (a group's members): one call,
+    /// which a networked directory answers in one round trip.
+    async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {
+        let mut out = Vec::new();
+        for &uid in uids {
+            out.extend(self.lookup(uid).await?);
+        }
+        Ok(out)
+    }
 }
 
 const SHARDS: usize = 64;
@@ -91,6 +100,17 @@ impl SessionDirectory for MemoryDirectory {
     async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError> {
         let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
         Ok(map.get(&uid).cloned().unwrap_or_default())
+    }
+
+    async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {
+        let mut out = Vec::new();
+        for &uid in uids {
+            let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
+            if let Some(sessions) = map.get(&uid) {
+                out.extend(sessions.iter().cloned());
+            }
+        }
+        Ok(out)
     }
 }
 

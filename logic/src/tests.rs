@@ -1,5 +1,6 @@
 use std::sync::Mutex;
 
+use natter_group::sqlite::SqliteGroupStore;
 use natter_node::Shutdown;
 use natter_proto::msg::{Message, MessageBody};
 use natter_record::sqlite::SqliteStore;
@@ -37,12 +38,24 @@ async fn logic_with(
     let store: Arc<dyn MessageStore> = Arc::new(SqliteStore::memory().await.expect("store"));
     let registry = Registry::new();
     let (committer, _task) = Committer::start(store.clone(), 64, 64, &registry, Shutdown::new());
-    let logic = Arc::new(Logic::new(
-        Tokens::new(SECRET.to_vec()),
-        Arc::new(MemoryDirectory::default()),
+    let ids = Arc::new(MidGenerator::new(0).expect("worker"));
+    let fanout = Arc::new(Fanout::new(Arc::new(MemoryDirectory::default())));
+    let publisher = GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
+    let groups = Arc::new(Groups::new(
+        Arc::new(SqliteGroupStore::memory().await.expect("group store")),
         store.clone(),
-        committer,
-        MidGenerator::new(0).expect("worker"),
+        Arc::new(publisher),
+        natter_node::config::GroupsConfig::default(),
+    ));
+    let logic = Arc::new(Logic::new(
+        LogicParts {
+            tokens: Tokens::new(SECRET.to_vec()),
+            fanout,
+            store: store.clone(),
+            committer,
+            ids,
+            groups,
+        },
         limits,
         &registry,
     ));
@@ -69,6 +82,7 @@ fn text(client_seq: u64, receiver: u64, text: &str) -> SendMessage {
         client_seq,
         receiver,
         body: Some(MessageBody::text(text)),
+        group: 0,
     }
 }
 
@@ -95,7 +109,7 @@ async fn send_acks_then_pushes_to_every_other_device() {
     for d in &pushed {
         let m = Message::decode(d.body.as_ref()).expect("message");
         assert_eq!(m.mid, reply.mid);
-        assert_eq!(m.user_seq, d.user_seq);
+        assert_eq!(m.user_seq, d.seq);
         assert_eq!(m.sender_device, "phone");
     }
 }
@@ -130,6 +144,7 @@ async fn invalid_envelopes_are_rejected_with_a_reason() {
             client_seq: 1,
             receiver: 2,
             body: None,
+            group: 0,
         },
     ] {
         let err = logic.send(&alice, bad).await.expect_err("rejected");
@@ -171,6 +186,7 @@ async fn from_stored_cursor(logic: &Logic) -> natter_proto::msg::SyncReply {
     let request = SyncRequest {
         after: None,
         limit: 0,
+        group: 0,
     };
     logic.sync(2, "phone", request).await.expect("sync")
 }
@@ -187,14 +203,14 @@ async fn sync_follows_the_device_cursor() {
     assert_eq!(all.cursor, 3);
     assert!(!all.has_more);
     // An ack past a gap does not move the cursor; closing the gap does.
-    logic.push_acked(2, "phone", 2).await;
+    logic.push_acked(2, "phone", 0, 2).await;
     logic
         .send(&alice, text(10, 3, "flush"))
         .await
         .expect("sent");
     let gap = from_stored_cursor(&logic).await;
     assert_eq!(gap.messages.len(), 3, "the cursor waits for 1");
-    logic.push_acked(2, "phone", 1).await;
+    logic.push_acked(2, "phone", 0, 1).await;
     // Acks are committed asynchronously; a write through the same queue orders after it.
     logic.send(&alice, text(4, 3, "flush")).await.expect("sent");
     let rest = from_stored_cursor(&logic).await;
@@ -209,6 +225,7 @@ async fn sync_follows_the_device_cursor() {
             SyncRequest {
                 after: Some(0),
                 limit: 2,
+                group: 0,
             },
         )
         .await
@@ -218,6 +235,7 @@ async fn sync_follows_the_device_cursor() {
     let too_far = SyncRequest {
         after: Some(u64::MAX),
         limit: 1,
+        group: 0,
     };
     assert_eq!(
         logic

@@ -11,7 +11,11 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Router;
 use natter_comet::Comet;
-use natter_logic::{Logic, LogicService, MemoryDirectory, Tokens};
+use natter_group::sqlite::SqliteGroupStore;
+use natter_group::Groups;
+use natter_logic::{
+    Fanout, GroupPublisher, Logic, LogicParts, LogicService, MemoryDirectory, Tokens,
+};
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::{health_router, Readiness};
 use natter_node::{Config, Shutdown};
@@ -26,6 +30,7 @@ pub fn http_routes() -> Vec<(&'static str, &'static str)> {
     [
         natter_comet::ROUTES,
         natter_record::http::ROUTES,
+        natter_group::http::ROUTES,
         natter_node::telemetry::ROUTES,
     ]
     .concat()
@@ -72,13 +77,32 @@ impl Server {
             &registry,
             committer_stop.clone(),
         );
+        let group_db = config.data_dir.join("groups.db");
+        let group_store = Arc::new(
+            SqliteGroupStore::open(&group_db, config.store.synchronous)
+                .await
+                .with_context(|| format!("opening {}", group_db.display()))?,
+        );
         let tokens = Tokens::new(secret);
-        let logic = Arc::new(Logic::new(
-            tokens.clone(),
-            Arc::new(MemoryDirectory::default()),
+        let ids = Arc::new(MidGenerator::new(0).map_err(anyhow::Error::msg)?);
+        let fanout = Arc::new(Fanout::new(Arc::new(MemoryDirectory::default())));
+        let publisher =
+            GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
+        let groups = Arc::new(Groups::new(
+            group_store,
             store.clone(),
-            committer,
-            MidGenerator::new(0).map_err(anyhow::Error::msg)?,
+            Arc::new(publisher),
+            config.groups.clone(),
+        ));
+        let logic = Arc::new(Logic::new(
+            LogicParts {
+                tokens: tokens.clone(),
+                fanout,
+                store: store.clone(),
+                committer,
+                ids,
+                groups: groups.clone(),
+            },
             &config.limits,
             &registry,
         ));
@@ -106,7 +130,12 @@ impl Server {
         let ready = Readiness::default();
         let app = Router::new()
             .merge(comet.router())
-            .merge(natter_record::http::router(store.clone(), Arc::new(tokens)))
+            .merge(natter_record::http::router(
+                store.clone(),
+                Arc::new(tokens.clone()),
+                groups.clone(),
+            ))
+            .merge(natter_group::http::router(groups.clone(), Arc::new(tokens)))
             .merge(health_router(registry, ready.clone()))
             .fallback(|| async {
                 (
@@ -141,6 +170,7 @@ impl Server {
                 let _ = retention.await;
             }
             let committed = committer_task.await;
+            groups.close().await;
             store.close().await;
             tracing::info!("natter stopped");
             committed.context("committer task")?;

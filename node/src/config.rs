@@ -49,6 +49,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
+    pub groups: GroupsConfig,
 }
 
 impl Default for Config {
@@ -61,6 +62,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
+            groups: GroupsConfig::default(),
         }
     }
 }
@@ -201,6 +203,28 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Group limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Members of one group at most, owner included.
+    pub max_members: u32,
+    /// Admins of one group at most, owner not included.
+    pub max_admins: u32,
+    /// The longest timed mute, seconds (a mute "forever" is allowed besides).
+    pub max_mute_secs: u64,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            max_members: 2000,
+            max_admins: 10,
+            max_mute_secs: 30 * 86_400,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -282,6 +306,10 @@ impl Config {
         let rate = self.limits.messages_per_sec;
         if !rate.is_finite() || rate <= 0.0 || self.limits.message_burst == 0 {
             return bad("limits.messages_per_sec and limits.message_burst must be positive");
+        }
+        let g = &self.groups;
+        if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
+            return bad("groups.max_members must be at least 2 and groups.max_mute_secs between 1 and 100 years");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json");

@@ -18,7 +18,11 @@ pub struct MessageView {
     pub user_seq: Option<u64>,
     pub sender: u64,
     pub sender_device: String,
+    /// The receiving user; 0 for a group message.
     pub receiver: u64,
+    /// The group of a group message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     pub client_seq: u64,
     pub time_ms: i64,
     #[serde(rename = "type")]
@@ -56,6 +60,9 @@ pub struct ErrorBody {
     /// An [`ErrorCode`] slug, e.g. `forbidden`.
     pub code: String,
     pub message: String,
+    /// With `muted`: when the mute ends, Unix ms (9223372036854775807 for never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
 }
 
 impl ErrorBody {
@@ -63,6 +70,7 @@ impl ErrorBody {
         ErrorBody {
             code: code.as_str().to_string(),
             message: message.into(),
+            until_ms: None,
         }
     }
 
@@ -73,6 +81,180 @@ impl ErrorBody {
             .copied()
             .find(|c| c.as_str() == self.code)
     }
+}
+
+/// A member's role in a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    /// Owners and admins manage a group.
+    pub fn manages(self) -> bool {
+        self != Role::Member
+    }
+}
+
+/// How users get into a group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinType {
+    /// Anyone may join.
+    Open,
+    /// Anyone may apply; an owner or admin approves.
+    #[default]
+    Approval,
+    /// Only invited by a member.
+    InviteOnly,
+}
+
+impl JoinType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinType::Open => "open",
+            JoinType::Approval => "approval",
+            JoinType::InviteOnly => "invite_only",
+        }
+    }
+}
+
+/// A group as its members see it. Ids are JSON numbers (they stay below 2^53).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub id: u64,
+    pub name: String,
+    pub avatar: String,
+    pub owner: u64,
+    pub join_type: JoinType,
+    /// Everyone but the owner and admins is muted.
+    pub mute_all: bool,
+    pub member_count: u32,
+    pub created_ms: i64,
+    pub dissolved: bool,
+    /// The group's newest `conv_seq`.
+    pub last_seq: u64,
+    /// The caller's role.
+    pub role: Role,
+}
+
+/// One member.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub uid: u64,
+    pub role: Role,
+    pub nickname: String,
+    pub joined_ms: i64,
+    /// The first `conv_seq` of the group's history this member may read.
+    pub join_seq: u64,
+    /// The end of the member's mute, Unix ms (9223372036854775807 for never);
+    /// absent when not muted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_until_ms: Option<i64>,
+}
+
+/// A page of members, ordered by uid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberPage {
+    pub members: Vec<MemberView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<u64>,
+}
+
+/// An application to join a group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApplicationView {
+    pub uid: u64,
+    pub message: String,
+    pub time_ms: i64,
+}
+
+/// `POST /v1/groups`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CreateGroup {
+    pub name: String,
+    #[serde(default)]
+    pub avatar: String,
+    #[serde(default)]
+    pub join_type: JoinType,
+    /// Initial members besides the creator, who becomes the owner.
+    #[serde(default)]
+    pub members: Vec<u64>,
+}
+
+/// `PATCH /v1/groups/{id}`: the fields to change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateGroup {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_type: Option<JoinType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mute_all: Option<bool>,
+}
+
+/// A list of users (invite).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Users {
+    pub users: Vec<u64>,
+}
+
+/// `POST /v1/groups/{id}/join`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    #[serde(default)]
+    pub message: String,
+}
+
+/// What a join did: joined at once, or applied for approval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JoinOutcome {
+    pub joined: bool,
+}
+
+/// `POST /v1/groups/{id}/applications/{uid}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub approve: bool,
+}
+
+/// `PUT /v1/groups/{id}/members/{uid}/role`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetRole {
+    /// `admin` or `member`; ownership moves with `transfer`.
+    pub role: Role,
+}
+
+/// `POST /v1/groups/{id}/transfer`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub to: u64,
+}
+
+/// `PUT /v1/groups/{id}/members/{uid}/mute`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mute {
+    /// Seconds from now; 0 unmutes; -1 mutes until unmuted.
+    pub duration_secs: i64,
+}
+
+/// `PUT /v1/groups/{id}/members/{uid}/nickname`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Nickname {
+    pub nickname: String,
 }
 
 #[cfg(test)]
@@ -90,6 +272,7 @@ mod tests {
             sender: 1,
             sender_device: "phone".into(),
             receiver: 2,
+            group: None,
             client_seq: 9,
             time_ms: 5,
             msg_type: Some(MessageType::Text),
@@ -110,7 +293,8 @@ mod tests {
         assert_eq!(
             ErrorBody {
                 code: "nope".into(),
-                message: String::new()
+                message: String::new(),
+                until_ms: None,
             }
             .error_code(),
             None

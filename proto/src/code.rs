@@ -87,6 +87,18 @@ codes! {
     TooManyErrors = 21 => "too_many_errors", 400,
     /// The server is at its connection limit.
     Overloaded = 22 => "overloaded", 503,
+    /// The sender is muted in this group; `until_ms` says until when.
+    Muted = 23 => "muted", 403,
+    /// The group is at its member limit.
+    MemberLimit = 24 => "member_limit", 409,
+    /// The group is at its admin limit.
+    AdminLimit = 25 => "admin_limit", 409,
+    /// The caller (or the user acted on) is not a member of the group.
+    NotMember = 26 => "not_member", 403,
+    /// The group was dissolved; it accepts nothing.
+    GroupDissolved = 27 => "group_dissolved", 410,
+    /// The request conflicts with the current state (already a member, an application pending, …).
+    Conflict = 28 => "conflict", 409,
 }
 
 impl ErrorCode {

@@ -48,11 +48,15 @@ pub struct SendMessage {
     /// Unique per sending device for the device's lifetime; a resend reuses it.
     #[prost(uint64, tag = "1")]
     pub client_seq: u64,
-    /// The receiving user.
+    /// The receiving user; 0 when `group` is set.
     #[prost(uint64, tag = "2")]
     pub receiver: u64,
     #[prost(message, optional, tag = "3")]
     pub body: Option<MessageBody>,
+    /// The receiving group; 0 for a one-to-one message. Exactly one of
+    /// `receiver` and `group` is set.
+    #[prost(uint64, tag = "4")]
+    pub group: u64,
 }
 
 /// `MessageReply` body: the message is durably stored.
@@ -65,7 +69,8 @@ pub struct MessageReply {
     /// Position of the message in its conversation, contiguous from 1.
     #[prost(uint64, tag = "3")]
     pub conv_seq: u64,
-    /// Position of the message in the sender's own stream, contiguous from 1.
+    /// Position of the message in the sender's own stream, contiguous from 1
+    /// (0 for a group message: groups are numbered by `conv_seq` alone).
     #[prost(uint64, tag = "4")]
     pub user_seq: u64,
     /// True when this (sender, device, client_seq) had been stored before.
@@ -81,12 +86,13 @@ pub struct MessageReply {
 pub struct Message {
     #[prost(uint64, tag = "1")]
     pub mid: u64,
-    /// `p:{smaller uid}:{larger uid}` for one-to-one conversations.
+    /// `p:{smaller uid}:{larger uid}` for one-to-one conversations, `g:{group}` for groups.
     #[prost(string, tag = "2")]
     pub conversation: String,
     #[prost(uint64, tag = "3")]
     pub conv_seq: u64,
-    /// Position in the receiving user's own stream, contiguous from 1 (the sync cursor).
+    /// Position in the receiving user's own stream, contiguous from 1 (the
+    /// sync cursor); 0 for group messages, whose position is `conv_seq`.
     #[prost(uint64, tag = "4")]
     pub user_seq: u64,
     #[prost(uint64, tag = "5")]
@@ -101,6 +107,9 @@ pub struct Message {
     pub time_ms: i64,
     #[prost(message, optional, tag = "10")]
     pub body: Option<MessageBody>,
+    /// The group of a group message (then `receiver` is 0); 0 otherwise.
+    #[prost(uint64, tag = "11")]
+    pub group: u64,
 }
 
 /// `PushAck` has an empty body; `ack` in the header carries the push's `seq`.
@@ -114,6 +123,11 @@ pub struct SyncRequest {
     /// At most this many (1–500; 0 means 100).
     #[prost(uint32, tag = "2")]
     pub limit: u32,
+    /// Sync this group's messages instead of the user's stream: `after` is
+    /// then a `conv_seq` of the group (absent: the device's stored cursor
+    /// for the group).
+    #[prost(uint64, tag = "3")]
+    pub group: u64,
 }
 
 /// `SyncReply` body.
@@ -124,10 +138,34 @@ pub struct SyncReply {
     /// More messages follow; sync again after `cursor`.
     #[prost(bool, tag = "2")]
     pub has_more: bool,
-    /// The highest `user_seq` covered by this reply.
+    /// The highest `user_seq` (for a group sync, `conv_seq`) covered by this reply.
+    #[prost(uint64, tag = "3")]
+    pub cursor: u64,
+    /// On a sync of the user's stream: the caller's groups that hold messages
+    /// past this device's cursor for them. Sync each with `group` set.
+    #[prost(message, repeated, tag = "4")]
+    pub groups: Vec<GroupCursor>,
+    /// The group this reply is for (0: the user's stream).
+    #[prost(uint64, tag = "5")]
+    pub group: u64,
+}
+
+/// A group with messages a device has not received.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupCursor {
+    #[prost(uint64, tag = "1")]
+    pub group: u64,
+    /// The group's newest `conv_seq`.
+    #[prost(uint64, tag = "2")]
+    pub last_seq: u64,
+    /// The device's stored cursor for the group: it holds everything up to here.
     #[prost(uint64, tag = "3")]
     pub cursor: u64,
 }
+
+/// The `Notify` kind of a group event; its payload is the encoded [`Message`]
+/// (a `group_event` message, also kept in the group's history).
+pub const NOTIFY_GROUP_EVENT: &str = "group_event";
 
 /// `Notify` body: an event that is not a chat message.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -158,13 +196,19 @@ pub struct ErrorReply {
     pub code: u32,
     #[prost(string, tag = "2")]
     pub message: String,
+    /// With `muted`: when the mute ends, Unix ms ([`MUTED_FOREVER`] for never).
+    #[prost(int64, tag = "3")]
+    pub until_ms: i64,
 }
+
+/// `until_ms` of a mute without an end.
+pub const MUTED_FOREVER: i64 = i64::MAX;
 
 /// The content of a chat message: exactly one of the typed bodies. The
 /// message type is the number of the field that is set.
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
 pub struct MessageBody {
-    #[prost(oneof = "Content", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "Content", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub content: Option<Content>,
 }
 
@@ -192,6 +236,9 @@ pub enum Content {
     Forward(Forward),
     #[prost(message, tag = "10")]
     Custom(Custom),
+    /// A change to a group, written by the server into the group's history.
+    #[prost(message, tag = "11")]
+    GroupEvent(GroupEvent),
 }
 
 /// Message types, numbered as the fields of [`MessageBody`].
@@ -209,6 +256,7 @@ pub enum MessageType {
     Notice = 8,
     Forward = 9,
     Custom = 10,
+    GroupEvent = 11,
 }
 
 impl MessageType {
@@ -223,6 +271,7 @@ impl MessageType {
         MessageType::Notice,
         MessageType::Forward,
         MessageType::Custom,
+        MessageType::GroupEvent,
     ];
 
     pub fn from_u32(value: u32) -> Option<MessageType> {
@@ -245,6 +294,7 @@ impl MessageType {
             MessageType::Notice => "notice",
             MessageType::Forward => "forward",
             MessageType::Custom => "custom",
+            MessageType::GroupEvent => "group_event",
         }
     }
 
@@ -269,6 +319,7 @@ impl Content {
             Content::Notice(_) => MessageType::Notice,
             Content::Forward(_) => MessageType::Forward,
             Content::Custom(_) => MessageType::Custom,
+            Content::GroupEvent(_) => MessageType::GroupEvent,
         }
     }
 }
@@ -313,6 +364,7 @@ impl MessageBody {
             Content::Notice(n) => !n.text.is_empty(),
             Content::Forward(f) => !f.items.is_empty(),
             Content::Custom(c) => !c.kind.is_empty(),
+            Content::GroupEvent(_) => false,
         };
         if ok {
             Ok(content.message_type())
@@ -328,6 +380,7 @@ impl MessageBody {
                 Content::Notice(_) => "notice text is empty",
                 Content::Forward(_) => "forward has no items",
                 Content::Custom(_) => "custom message needs a kind",
+                Content::GroupEvent(_) => "group events are written by the server",
             })
         }
     }
@@ -462,6 +515,29 @@ pub struct Custom {
     pub data: Vec<u8>,
 }
 
+/// A change to a group. `kind` names it; the other fields are set as the
+/// kind needs (see docs/protocol.md for the table).
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+pub struct GroupEvent {
+    /// `created`, `joined`, `invited`, `left`, `kicked`, `role_changed`,
+    /// `owner_transferred`, `renamed`, `avatar_changed`, `join_type_changed`,
+    /// `muted`, `unmuted`, `mute_all`, `unmute_all`, `nickname_changed`, `dissolved`.
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    /// The user who made the change.
+    #[prost(uint64, tag = "2")]
+    pub actor: u64,
+    /// The users it applies to.
+    #[prost(uint64, repeated, tag = "3")]
+    pub targets: Vec<u64>,
+    /// A new name, avatar URL, role, join type or nickname.
+    #[prost(string, tag = "4")]
+    pub value: String,
+    /// For `muted`: the end of the mute, Unix ms ([`MUTED_FOREVER`] for never).
+    #[prost(int64, tag = "5")]
+    pub until_ms: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +597,8 @@ mod tests {
             "Forward",
             "ForwardItem",
             "Custom",
+            "GroupEvent",
+            "GroupCursor",
         ] {
             assert!(
                 schema.contains(&format!("message {name} {{")),

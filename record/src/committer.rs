@@ -260,6 +260,7 @@ mod tests {
             .enqueue(Write::SetCursor {
                 owner: 2,
                 device: "d".into(),
+                group: 0,
                 cursor: 5,
             })
             .await
@@ -267,7 +268,7 @@ mod tests {
         shutdown.cancel();
         task.await.expect("committer stops");
         // What was queued before shutdown committed; new writes are refused.
-        assert_eq!(store.cursor(2, "d").await.expect("cursor"), 5);
+        assert_eq!(store.cursor(2, "d", 0).await.expect("cursor"), 5);
         assert_eq!(
             committer.write(Write::Message(text(1, 2, 999))).await,
             Err(CommitError::Closed)

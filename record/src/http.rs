@@ -1,6 +1,6 @@
 //! The history and sync HTTP API. Every call carries the same token as the
 //! WebSocket (`Authorization: Bearer …`), and a user reads only their own
-//! conversations. Errors are JSON `{"code": "...", "message": "..."}` with the
+//! conversations, and groups only while a member (asked of a [`GroupAccess`]). Errors are JSON `{"code": "...", "message": "..."}` with the
 //! status of the code, built in one place ([`ApiError`]).
 
 use std::sync::Arc;
@@ -16,7 +16,10 @@ use natter_proto::msg::MessageType;
 use natter_proto::ErrorCode;
 use serde::Deserialize;
 
-use crate::store::{parse_p2p_conversation, HistoryQuery, MessageStore, StoredMessage};
+use crate::store::{
+    parse_group_conversation, parse_p2p_conversation, GroupHistoryQuery, HistoryQuery,
+    MessageStore, StoredMessage,
+};
 
 /// Routes served by this module, as written in the OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -36,11 +39,21 @@ pub trait Authenticate: Send + Sync + 'static {
     fn authenticate(&self, token: &str) -> Result<Identity, ErrorCode>;
 }
 
+/// Who may read a group's messages, and from where; implemented by `group`.
+#[async_trait::async_trait]
+pub trait GroupAccess: Send + Sync + 'static {
+    /// The first `conv_seq` of `group` that `uid` may read (their join
+    /// point), or why they may not read it at all.
+    async fn readable_from(&self, uid: u64, group: u64) -> Result<u64, ApiError>;
+}
+
 /// An error answer of the HTTP API.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// With [`ErrorCode::Muted`]: the end of the mute.
+    pub until_ms: Option<i64>,
 }
 
 impl ApiError {
@@ -48,6 +61,7 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            until_ms: None,
         }
     }
 }
@@ -56,7 +70,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody::new(self.code, self.message))).into_response()
+        let mut body = ErrorBody::new(self.code, self.message);
+        body.until_ms = self.until_ms;
+        (status, Json(body)).into_response()
     }
 }
 
@@ -96,7 +112,7 @@ pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, 
 }
 
 /// The JSON view of a stored message.
-fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
+pub fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
     MessageView {
         mid: m.mid.to_string(),
         conversation: m.conversation.clone(),
@@ -104,7 +120,8 @@ fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
         user_seq,
         sender: m.sender,
         sender_device: m.sender_device.clone(),
-        receiver: m.receiver,
+        receiver: if m.group().is_some() { 0 } else { m.receiver },
+        group: m.group(),
         client_seq: m.client_seq,
         time_ms: m.time_ms,
         msg_type: MessageType::from_u32(m.msg_type),
@@ -116,14 +133,23 @@ fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
 struct HttpState {
     store: Arc<dyn MessageStore>,
     auth: Arc<dyn Authenticate>,
+    groups: Arc<dyn GroupAccess>,
 }
 
 /// The record routes.
-pub fn router(store: Arc<dyn MessageStore>, auth: Arc<dyn Authenticate>) -> Router {
+pub fn router(
+    store: Arc<dyn MessageStore>,
+    auth: Arc<dyn Authenticate>,
+    groups: Arc<dyn GroupAccess>,
+) -> Router {
     Router::new()
         .route("/v1/conversations/{conversation}/messages", get(history))
         .route("/v1/sync", get(sync))
-        .with_state(HttpState { store, auth })
+        .with_state(HttpState {
+            store,
+            auth,
+            groups,
+        })
 }
 
 #[derive(Deserialize)]
@@ -156,6 +182,33 @@ async fn history(
 ) -> Result<Json<HistoryPage>, ApiError> {
     let me = caller(&headers, state.auth.as_ref())?;
     let Query(params) = params?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "limit must be between 1 and 100",
+        ));
+    }
+    let before = match params.before.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "before must be a message id"))?,
+        ),
+    };
+    let types = parse_types(params.types.as_deref().unwrap_or(""))?;
+    if let Some(group) = parse_group_conversation(&conversation) {
+        let from_seq = state.groups.readable_from(me.uid, group).await?;
+        let query = GroupHistoryQuery {
+            group,
+            from_seq,
+            before,
+            limit,
+            types,
+        };
+        let rows = state.store.group_history(&query).await?;
+        return Ok(Json(page(rows, limit)));
+    }
     let (a, b) = parse_p2p_conversation(&conversation).ok_or_else(|| {
         ApiError::new(
             ErrorCode::BadRequest,
@@ -172,21 +225,6 @@ async fn history(
             ))
         }
     };
-    let limit = params.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "limit must be between 1 and 100",
-        ));
-    }
-    let before = match params.before.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(
-            s.parse::<u64>()
-                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "before must be a message id"))?,
-        ),
-    };
-    let types = parse_types(params.types.as_deref().unwrap_or(""))?;
     let query = HistoryQuery {
         owner: me.uid,
         other,
@@ -195,19 +233,24 @@ async fn history(
         types,
     };
     let rows = state.store.history(&query).await?;
+    Ok(Json(page(rows, limit)))
+}
+
+fn page(rows: Vec<StoredMessage>, limit: u32) -> HistoryPage {
     let next_before = (rows.len() == limit as usize)
         .then(|| rows.last().map(|m| m.mid.to_string()))
         .flatten();
-    Ok(Json(HistoryPage {
+    HistoryPage {
         messages: rows.iter().map(|m| view(m, None)).collect(),
         next_before,
-    }))
+    }
 }
 
 #[derive(Deserialize)]
 struct SyncParams {
     after: Option<u64>,
     limit: Option<u32>,
+    group: Option<u64>,
 }
 
 async fn sync(
@@ -224,9 +267,25 @@ async fn sync(
             "limit must be between 1 and 500",
         ));
     }
+    let group = params.group.unwrap_or(0);
+    if group != 0 {
+        let from_seq = state.groups.readable_from(me.uid, group).await?;
+        let after = match params.after {
+            Some(after) => after,
+            None => state.store.cursor(me.uid, &me.device, group).await?,
+        };
+        // Nothing before the caller's join point.
+        let after = after.max(from_seq.saturating_sub(1));
+        let rows = state.store.group_sync(group, after, limit).await?;
+        return Ok(Json(SyncPage {
+            has_more: rows.len() == limit as usize,
+            cursor: rows.last().map(|m| m.conv_seq).unwrap_or(after),
+            messages: rows.iter().map(|m| view(m, None)).collect(),
+        }));
+    }
     let after = match params.after {
         Some(after) => after,
-        None => state.store.cursor(me.uid, &me.device).await?,
+        None => state.store.cursor(me.uid, &me.device, 0).await?,
     };
     let items = state.store.sync(me.uid, after, limit).await?;
     let cursor = items.last().map(|i| i.user_seq).unwrap_or(after);

@@ -27,13 +27,22 @@ const MESSAGE_COLUMNS: &str =
 
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("messages"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/sqlite/0001_messages.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("messages"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/sqlite/0001_messages.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("groups"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/sqlite/0002_groups.sql")),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }
@@ -87,12 +96,16 @@ impl DeviceCursor {
     }
 }
 
+/// A device's cursor of one stream: (owner, device, group), group 0 being
+/// the owner's own stream.
+type CursorKey = (u64, String, u64);
+
 /// State cached by the single writer.
 #[derive(Default)]
 struct Counters {
     conv: HashMap<String, u64>,
     user: HashMap<u64, u64>,
-    devices: HashMap<(u64, String), DeviceCursor>,
+    devices: HashMap<CursorKey, DeviceCursor>,
 }
 
 impl Counters {
@@ -237,8 +250,11 @@ const CONVERSATIONS_SQL: &str =
 const USERS_SQL: &str =
     "SELECT u.owner, u.last_seq FROM json_each(?1) AS k JOIN user_sequence u ON u.owner = k.value";
 const CURSORS_SQL: &str =
-    "SELECT d.owner, d.device, d.cursor FROM json_each(?1) AS k JOIN device d \
+    "SELECT d.owner, d.device, 0, d.cursor FROM json_each(?1) AS k JOIN device d \
      ON d.owner = k.value->>0 AND d.device = k.value->>1";
+const GROUP_CURSORS_SQL: &str =
+    "SELECT d.owner, d.device, d.gid, d.cursor FROM json_each(?1) AS k JOIN group_cursor d \
+     ON d.owner = k.value->>0 AND d.device = k.value->>1 AND d.gid = k.value->>2";
 const INSERT_MESSAGES_SQL: &str = "INSERT INTO message (mid, conv_id, conv_seq, sender, sender_device, client_seq, receiver, msg_type, content, created_at) \
      SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, k.value->>4, k.value->>5, k.value->>6, k.value->>7, unhex(k.value->>8), k.value->>9 \
      FROM json_each(?1) AS k";
@@ -249,6 +265,9 @@ const MARK_RECEIVED_SQL: &str = "UPDATE relation SET received = 1 FROM json_each
 const UPSERT_CURSORS_SQL: &str = "INSERT INTO device (owner, device, cursor, updated_at) \
      SELECT k.value->>0, k.value->>1, k.value->>2, ?2 FROM json_each(?1) AS k WHERE true \
      ON CONFLICT (owner, device) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at";
+const UPSERT_GROUP_CURSORS_SQL: &str = "INSERT INTO group_cursor (owner, device, gid, cursor, updated_at) \
+     SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, ?2 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (owner, device, gid) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at";
 const UPSERT_CONVERSATIONS_SQL: &str = "INSERT INTO conversation (conv_id, last_seq) \
      SELECT k.value->>0, k.value->>1 FROM json_each(?1) AS k WHERE true \
      ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq";
@@ -303,12 +322,17 @@ async fn find_existing(
     let mut found = HashMap::new();
     for row in &rows {
         let message = message_from_row(row)?;
-        let seqs: Vec<(i64, i64)> = sqlx::query_as(RELATION_SEQS_SQL)
-            .bind(message.sender as i64)
-            .bind(message.receiver as i64)
-            .bind(message.mid as i64)
-            .fetch_all(&mut *conn)
-            .await?;
+        // Group messages have no relation rows: their position is conv_seq.
+        let seqs: Vec<(i64, i64)> = if message.group().is_some() {
+            Vec::new()
+        } else {
+            sqlx::query_as(RELATION_SEQS_SQL)
+                .bind(message.sender as i64)
+                .bind(message.receiver as i64)
+                .bind(message.mid as i64)
+                .fetch_all(&mut *conn)
+                .await?
+        };
         let seq_of = |owner: u64| {
             seqs.iter()
                 .find(|(o, _)| *o as u64 == owner)
@@ -384,22 +408,37 @@ async fn load_counters(
 async fn load_cursors(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
-    devices: &[(u64, String)],
+    devices: &[CursorKey],
 ) -> Result<(), sqlx::Error> {
-    let missing: Vec<&(u64, String)> = devices
+    let missing: Vec<&CursorKey> = devices
         .iter()
         .filter(|d| !counters.devices.contains_key(*d))
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let rows: Vec<(i64, String, i64)> = sqlx::query_as(CURSORS_SQL)
-        .bind(json(&missing))
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut stored: HashMap<(u64, String), u64> = rows
+    let (streams, groups): (Vec<&CursorKey>, Vec<&CursorKey>) =
+        missing.iter().partition(|key| key.2 == 0);
+    let mut rows: Vec<(i64, String, i64, i64)> = Vec::new();
+    if !streams.is_empty() {
+        rows.extend(
+            sqlx::query_as(CURSORS_SQL)
+                .bind(json(&streams))
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    if !groups.is_empty() {
+        rows.extend(
+            sqlx::query_as(GROUP_CURSORS_SQL)
+                .bind(json(&groups))
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    let mut stored: HashMap<CursorKey, u64> = rows
         .into_iter()
-        .map(|(owner, device, cursor)| ((owner as u64, device), cursor as u64))
+        .map(|(owner, device, group, cursor)| ((owner as u64, device, group as u64), cursor as u64))
         .collect();
     for key in missing {
         let contiguous = stored.remove(key).unwrap_or(0);
@@ -435,7 +474,9 @@ async fn apply(
     let keys: Vec<Key<'_>> = writes
         .iter()
         .filter_map(|w| match w {
-            Write::Message(m) => Some((m.sender, m.sender_device.as_str(), m.client_seq)),
+            Write::Message(m) | Write::GroupMessage(m) => {
+                Some((m.sender, m.sender_device.as_str(), m.client_seq))
+            }
             _ => None,
         })
         .collect();
@@ -446,16 +487,34 @@ async fn apply(
     };
     let mut convs = Vec::new();
     let mut users = Vec::new();
-    let mut devices: Vec<(u64, String)> = Vec::new();
+    let mut devices: Vec<CursorKey> = Vec::new();
     for w in writes {
         match w {
             Write::Message(m) => {
                 convs.push(p2p_conversation(m.sender, m.receiver));
                 users.extend([m.sender, m.receiver]);
-                devices.push((m.sender, m.sender_device.clone()));
+                devices.push((m.sender, m.sender_device.clone(), 0));
             }
-            Write::Received { owner, device, .. } | Write::SetCursor { owner, device, .. } => {
-                devices.push((*owner, device.clone()));
+            Write::GroupMessage(m) => {
+                convs.push(group_conversation(m.receiver));
+                // System messages (group events) come from no device.
+                if !m.sender_device.is_empty() {
+                    devices.push((m.sender, m.sender_device.clone(), m.receiver));
+                }
+            }
+            Write::Received {
+                owner,
+                device,
+                group,
+                ..
+            }
+            | Write::SetCursor {
+                owner,
+                device,
+                group,
+                ..
+            } => {
+                devices.push((*owner, device.clone(), *group));
             }
         }
     }
@@ -538,7 +597,7 @@ async fn apply(
                 // The sending device holds its own message once it has the ack.
                 counters
                     .devices
-                    .entry((m.sender, m.sender_device.clone()))
+                    .entry((m.sender, m.sender_device.clone(), 0))
                     .or_default()
                     .mark(sender_seq);
                 touched_convs.push(conversation);
@@ -552,27 +611,81 @@ async fn apply(
                     repeat: false,
                 }));
             }
+            Write::GroupMessage(m) => {
+                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
+                if let Some(&i) = in_batch.get(&key) {
+                    let Outcome::Stored(earlier) = &outcomes[i] else {
+                        unreachable!("index of a message")
+                    };
+                    outcomes.push(Outcome::Stored(Stored {
+                        repeat: true,
+                        ..earlier.clone()
+                    }));
+                    continue;
+                }
+                if let Some(stored) =
+                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
+                {
+                    outcomes.push(Outcome::Stored(stored.clone()));
+                    continue;
+                }
+                let conversation = group_conversation(m.receiver);
+                let conv_seq = counters.conv.get(&conversation).copied().unwrap_or(0) + 1;
+                counters.conv.insert(conversation.clone(), conv_seq);
+                let stored = StoredMessage {
+                    mid: m.mid,
+                    conversation: conversation.clone(),
+                    conv_seq,
+                    sender: m.sender,
+                    sender_device: m.sender_device.clone(),
+                    client_seq: m.client_seq,
+                    receiver: m.receiver,
+                    msg_type: m.msg_type,
+                    content: m.content.clone(),
+                    time_ms: m.time_ms,
+                };
+                if !m.sender_device.is_empty() {
+                    counters
+                        .devices
+                        .entry((m.sender, m.sender_device.clone(), m.receiver))
+                        .or_default()
+                        .mark(conv_seq);
+                }
+                touched_convs.push(conversation);
+                in_batch.insert(key, outcomes.len());
+                messages.push(stored.clone());
+                outcomes.push(Outcome::Stored(Stored {
+                    message: stored,
+                    sender_seq: 0,
+                    receiver_seq: 0,
+                    repeat: false,
+                }));
+            }
             Write::Received {
                 owner,
                 device,
-                user_seq,
+                group,
+                seq,
             } => {
-                received.push((*owner, *user_seq));
+                if *group == 0 {
+                    received.push((*owner, *seq));
+                }
                 counters
                     .devices
-                    .entry((*owner, device.clone()))
+                    .entry((*owner, device.clone(), *group))
                     .or_default()
-                    .mark(*user_seq);
+                    .mark(*seq);
                 outcomes.push(Outcome::Done);
             }
             Write::SetCursor {
                 owner,
                 device,
+                group,
                 cursor,
             } => {
                 counters
                     .devices
-                    .entry((*owner, device.clone()))
+                    .entry((*owner, device.clone(), *group))
                     .or_default()
                     .set(*cursor);
                 outcomes.push(Outcome::Done);
@@ -600,6 +713,8 @@ async fn apply(
             })
             .collect();
         write_rows(conn, INSERT_MESSAGES_SQL, rows).await?;
+    }
+    if !relations.is_empty() {
         let rows: Vec<_> = relations
             .iter()
             .map(|r| (r.owner, r.user_seq, r.mid, r.other, r.direction, r.time_ms))
@@ -609,18 +724,27 @@ async fn apply(
     if !received.is_empty() {
         write_rows(conn, MARK_RECEIVED_SQL, &received).await?;
     }
-    let cursor_rows: Vec<_> = devices
-        .iter()
-        .filter_map(|key| {
-            counters
-                .devices
-                .get(key)
-                .map(|c| (key.0, &key.1, c.contiguous))
-        })
-        .collect();
+    let mut cursor_rows = Vec::new();
+    let mut group_cursor_rows = Vec::new();
+    for key in &devices {
+        if let Some(c) = counters.devices.get(key) {
+            if key.2 == 0 {
+                cursor_rows.push((key.0, &key.1, c.contiguous));
+            } else {
+                group_cursor_rows.push((key.0, &key.1, key.2, c.contiguous));
+            }
+        }
+    }
     if !cursor_rows.is_empty() {
         sqlx::query(UPSERT_CURSORS_SQL)
             .bind(json(cursor_rows))
+            .bind(natter_node::ids::now_ms())
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !group_cursor_rows.is_empty() {
+        sqlx::query(UPSERT_GROUP_CURSORS_SQL)
+            .bind(json(group_cursor_rows))
             .bind(natter_node::ids::now_ms())
             .execute(&mut *conn)
             .await?;
@@ -723,15 +847,96 @@ impl MessageStore for SqliteStore {
         Ok(items)
     }
 
-    async fn cursor(&self, owner: u64, device: &str) -> Result<u64, StoreError> {
+    async fn group_history(&self, q: &GroupHistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
         self.closed()?;
-        let cursor = sqlx::query_scalar::<_, i64>(
-            "SELECT cursor FROM device WHERE owner = ? AND device = ?",
-        )
-        .bind(owner as i64)
-        .bind(device)
-        .fetch_optional(&self.pool)
+        // Pages walk the (conv_id, conv_seq) index; `before` is a mid, so
+        // its conv_seq bounds the page.
+        let mut sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM message m
+             WHERE m.conv_id = ? AND m.conv_seq >= ?
+               AND m.conv_seq < COALESCE((SELECT b.conv_seq FROM message b WHERE b.mid = ? AND b.conv_id = ?), ?)"
+        );
+        if !q.types.is_empty() {
+            let marks = vec!["?"; q.types.len()].join(", ");
+            sql.push_str(&format!(" AND m.msg_type IN ({marks})"));
+        }
+        sql.push_str(" ORDER BY m.conv_seq DESC LIMIT ?");
+        // A `before` that is not a message of this group gives an empty page.
+        let before = q.before.map(|b| b.min(i64::MAX as u64) as i64);
+        let conv = group_conversation(q.group);
+        let mut query = sqlx::query(&sql)
+            .bind(&conv)
+            .bind(q.from_seq.min(i64::MAX as u64) as i64)
+            .bind(before.unwrap_or(-1))
+            .bind(&conv)
+            .bind(if before.is_some() { 0 } else { i64::MAX });
+        for t in &q.types {
+            query = query.bind(i64::from(*t));
+        }
+        let rows = query.bind(i64::from(q.limit)).fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn group_sync(
+        &self,
+        group: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.closed()?;
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM message m
+             WHERE m.conv_id = ? AND m.conv_seq > ? ORDER BY m.conv_seq LIMIT ?"
+        ))
+        .bind(group_conversation(group))
+        .bind(after.min(i64::MAX as u64) as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await?;
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn group_seqs(&self, groups: &[u64]) -> Result<Vec<u64>, StoreError> {
+        self.closed()?;
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let convs: Vec<String> = groups.iter().map(|g| group_conversation(*g)).collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(CONVERSATIONS_SQL)
+            .bind(json(&convs))
+            .fetch_all(&self.pool)
+            .await?;
+        let known: HashMap<String, u64> = rows.into_iter().map(|(c, s)| (c, s as u64)).collect();
+        Ok(convs
+            .iter()
+            .map(|c| known.get(c).copied().unwrap_or(0))
+            .collect())
+    }
+
+    async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError> {
+        self.closed()?;
+        let cursor = if group == 0 {
+            sqlx::query_scalar::<_, i64>("SELECT cursor FROM device WHERE owner = ? AND device = ?")
+                .bind(owner as i64)
+                .bind(device)
+                .fetch_optional(&self.pool)
+                .await?
+        } else {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT cursor FROM group_cursor WHERE owner = ? AND device = ? AND gid = ?",
+            )
+            .bind(owner as i64)
+            .bind(device)
+            .bind(group.min(i64::MAX as u64) as i64)
+            .fetch_optional(&self.pool)
+            .await?
+        };
         Ok(cursor.unwrap_or(0) as u64)
     }
 
@@ -802,6 +1007,7 @@ mod tests {
             CONVERSATIONS_SQL.to_string(),
             USERS_SQL.to_string(),
             CURSORS_SQL.to_string(),
+            GROUP_CURSORS_SQL.to_string(),
             MARK_RECEIVED_SQL.to_string(),
             format!(
                 "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid \

@@ -32,6 +32,17 @@ pub fn parse_p2p_conversation(id: &str) -> Option<(u64, u64)> {
     (a <= b && p2p_conversation(a, b) == id).then_some((a, b))
 }
 
+/// The id of a group's conversation: `g:{group}`.
+pub fn group_conversation(group: u64) -> String {
+    format!("g:{group}")
+}
+
+/// The group of a group conversation id, if it is one.
+pub fn parse_group_conversation(id: &str) -> Option<u64> {
+    let group: u64 = id.strip_prefix("g:")?.parse().ok()?;
+    (group_conversation(group) == id).then_some(group)
+}
+
 /// A message to store; its `mid` was assigned by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewMessage {
@@ -40,6 +51,7 @@ pub struct NewMessage {
     pub sender: u64,
     pub sender_device: String,
     pub client_seq: u64,
+    /// The receiving user, or for [`Write::GroupMessage`] the group.
     pub receiver: u64,
     pub msg_type: u32,
     /// The encoded `MessageBody`.
@@ -55,6 +67,7 @@ pub struct StoredMessage {
     pub sender: u64,
     pub sender_device: String,
     pub client_seq: u64,
+    /// The receiving user, or for a group message the group.
     pub receiver: u64,
     pub msg_type: u32,
     pub content: Vec<u8>,
@@ -74,16 +87,24 @@ impl StoredMessage {
         }
     }
 
-    /// The wire form, as seen by the user whose stream position is `user_seq`.
+    /// The group, for a group message.
+    pub fn group(&self) -> Option<u64> {
+        parse_group_conversation(&self.conversation)
+    }
+
+    /// The wire form, as seen by the user whose stream position is
+    /// `user_seq` (0 for group messages).
     pub fn to_proto(&self, user_seq: u64) -> Message {
+        let group = self.group().unwrap_or(0);
         Message {
+            group,
             mid: self.mid,
             conversation: self.conversation.clone(),
             conv_seq: self.conv_seq,
             user_seq,
             sender: self.sender,
             sender_device: self.sender_device.clone(),
-            receiver: self.receiver,
+            receiver: if group == 0 { self.receiver } else { 0 },
             client_seq: self.client_seq,
             time_ms: self.time_ms,
             body: self.body(),
@@ -94,21 +115,27 @@ impl StoredMessage {
 /// One write in a group-committed batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// Store a message, unless (sender, device, client seq) is stored already.
+    /// Store a one-to-one message, unless (sender, device, client seq) is stored already.
     Message(NewMessage),
-    /// A device acknowledged the message at `user_seq` of its owner's stream.
-    /// The device's stored cursor advances only over positions without a gap,
-    /// so it never passes a message the device has not had.
+    /// Store a message to the group `receiver` once, numbered in the group's
+    /// conversation; no per-member rows. Deduplicated as above.
+    GroupMessage(NewMessage),
+    /// A device acknowledged the message at position `seq` of a stream: its
+    /// owner's (`group` 0, `seq` a `user_seq`) or a group's (`seq` a
+    /// `conv_seq`). The device's stored cursor advances only over positions
+    /// without a gap, so it never passes a message the device has not had.
     Received {
         owner: u64,
         device: String,
-        user_seq: u64,
+        group: u64,
+        seq: u64,
     },
-    /// A device holds everything up to `cursor` and vouches for nothing after
-    /// it: the device's cursor is set to exactly this.
+    /// A device holds everything of a stream up to `cursor` and vouches for
+    /// nothing after it: the device's cursor is set to exactly this.
     SetCursor {
         owner: u64,
         device: String,
+        group: u64,
         cursor: u64,
     },
 }
@@ -117,10 +144,10 @@ pub enum Write {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored {
     pub message: StoredMessage,
-    /// The message's position in the sender's stream.
+    /// The message's position in the sender's stream (0 for group messages).
     pub sender_seq: u64,
     /// The message's position in the receiver's stream (equal to
-    /// `sender_seq` for a message to oneself).
+    /// `sender_seq` for a message to oneself; 0 for group messages).
     pub receiver_seq: u64,
     /// The message had been stored before; this is the earlier copy.
     pub repeat: bool,
@@ -139,6 +166,19 @@ pub struct HistoryQuery {
     pub owner: u64,
     pub other: u64,
     /// Only messages with a smaller mid; `None` for the newest.
+    pub before: Option<u64>,
+    pub limit: u32,
+    /// Only these message types; empty for all.
+    pub types: Vec<u32>,
+}
+
+/// A page of a group's history, newest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupHistoryQuery {
+    pub group: u64,
+    /// Only messages from this `conv_seq` on (the reader's join point).
+    pub from_seq: u64,
+    /// Only messages older than this one; `None` for the newest.
     pub before: Option<u64>,
     pub limit: u32,
     /// Only these message types; empty for all.
@@ -166,8 +206,26 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Up to `limit` messages of `owner`'s stream with `user_seq > after`, in order.
     async fn sync(&self, owner: u64, after: u64, limit: u32) -> Result<Vec<SyncItem>, StoreError>;
 
-    /// The device's stored cursor (0 for a device never seen).
-    async fn cursor(&self, owner: u64, device: &str) -> Result<u64, StoreError>;
+    /// A page of a group's history, newest first.
+    async fn group_history(
+        &self,
+        query: &GroupHistoryQuery,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Up to `limit` messages of `group` with `conv_seq > after`, in order.
+    async fn group_sync(
+        &self,
+        group: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The newest committed `conv_seq` of each group (0 for none yet), in order.
+    async fn group_seqs(&self, groups: &[u64]) -> Result<Vec<u64>, StoreError>;
+
+    /// The device's stored cursor for a stream: its owner's (`group` 0) or a
+    /// group's (0 for a device never seen).
+    async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError>;
 
     /// Deletes up to `limit` messages stored before `before_ms` (Unix ms),
     /// with their relation rows; returns how many went. Sequence counters

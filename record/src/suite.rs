@@ -65,6 +65,156 @@ where
     cursors_follow_acks(&make().await).await;
     message_to_oneself(&make().await).await;
     expiry_deletes_old_messages_only(&make().await).await;
+    group_messages_are_stored_once_and_numbered(&make().await).await;
+    group_history_pages_from_a_join_point(&make().await).await;
+    group_cursors_are_per_device_and_group(&make().await).await;
+}
+
+/// A text message from `sender` ("phone") to `group` with `client_seq`.
+pub fn group_text(sender: u64, group: u64, client_seq: u64) -> NewMessage {
+    typed(
+        sender,
+        group,
+        client_seq,
+        MessageBody::text(format!("{sender}->g{group} #{client_seq}")),
+    )
+}
+
+/// Stores one group text message and returns what the store says.
+pub async fn store_group_one(
+    store: &dyn MessageStore,
+    sender: u64,
+    group: u64,
+    client_seq: u64,
+) -> Stored {
+    let outcomes = store
+        .write_batch(&[Write::GroupMessage(group_text(sender, group, client_seq))])
+        .await
+        .expect("write");
+    match outcomes.into_iter().next() {
+        Some(Outcome::Stored(stored)) => stored,
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
+    let a = store_group_one(store, 1, 7, 1).await;
+    let b = store_group_one(store, 2, 7, 1).await;
+    let other = store_group_one(store, 1, 8, 2).await;
+    assert_eq!(a.message.conversation, "g:7");
+    assert_eq!(a.message.group(), Some(7));
+    assert_eq!((a.message.conv_seq, b.message.conv_seq), (1, 2));
+    assert_eq!(other.message.conv_seq, 1, "each group numbers its own");
+    assert_eq!((a.sender_seq, a.receiver_seq), (0, 0));
+    // A group message is in no user's stream.
+    assert!(store.sync(1, 0, 10).await.expect("sync").is_empty());
+    assert!(store.sync(7, 0, 10).await.expect("sync").is_empty());
+    // The same (sender, device, client seq) is the same message, across
+    // batches and within one.
+    let again = store_group_one(store, 1, 7, 1).await;
+    assert!(again.repeat);
+    assert_eq!(again.message.mid, a.message.mid);
+    let twice = store
+        .write_batch(&[
+            Write::GroupMessage(group_text(3, 7, 1)),
+            Write::GroupMessage(group_text(3, 7, 1)),
+        ])
+        .await
+        .expect("batch");
+    let seqs: Vec<(u64, bool)> = twice
+        .iter()
+        .map(|o| match o {
+            Outcome::Stored(s) => (s.message.conv_seq, s.repeat),
+            Outcome::Done => panic!("a message"),
+        })
+        .collect();
+    assert_eq!(seqs, vec![(3, false), (3, true)]);
+    let synced = store.group_sync(7, 0, 10).await.expect("sync");
+    let numbers: Vec<u64> = synced.iter().map(|m| m.conv_seq).collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    assert_eq!(synced[0].to_proto(0).group, 7);
+    assert_eq!(synced[0].to_proto(0).receiver, 0);
+    let after = store.group_sync(7, 2, 10).await.expect("sync");
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        store.group_seqs(&[7, 8, 9]).await.expect("seqs"),
+        vec![3, 1, 0]
+    );
+}
+
+async fn group_history_pages_from_a_join_point(store: &dyn MessageStore) {
+    let mut mids = Vec::new();
+    for i in 1..=10 {
+        mids.push(store_group_one(store, 1 + i % 3, 5, i).await.message.mid);
+    }
+    let page = |from_seq, before, limit| GroupHistoryQuery {
+        group: 5,
+        from_seq,
+        before,
+        limit,
+        types: vec![],
+    };
+    let first = store.group_history(&page(1, None, 4)).await.expect("page");
+    let seqs: Vec<u64> = first.iter().map(|m| m.conv_seq).collect();
+    assert_eq!(seqs, vec![10, 9, 8, 7]);
+    let next = store
+        .group_history(&page(1, Some(first[3].mid), 4))
+        .await
+        .expect("page");
+    let seqs: Vec<u64> = next.iter().map(|m| m.conv_seq).collect();
+    assert_eq!(seqs, vec![6, 5, 4, 3]);
+    // A reader who joined at 5 sees nothing before it.
+    let late = store
+        .group_history(&page(5, Some(first[3].mid), 10))
+        .await
+        .expect("page");
+    let seqs: Vec<u64> = late.iter().map(|m| m.conv_seq).collect();
+    assert_eq!(seqs, vec![6, 5]);
+    // A mid from elsewhere bounds nothing in this group.
+    let foreign = store_one(store, 1, 2, 99).await.message.mid;
+    assert!(store
+        .group_history(&page(1, Some(foreign), 10))
+        .await
+        .expect("page")
+        .is_empty());
+    let typed = GroupHistoryQuery {
+        types: vec![MessageType::Image as u32],
+        ..page(1, None, 10)
+    };
+    assert!(store.group_history(&typed).await.expect("page").is_empty());
+    assert_eq!(mids.len(), 10);
+}
+
+async fn group_cursors_are_per_device_and_group(store: &dyn MessageStore) {
+    for i in 1..=3 {
+        store_group_one(store, 1, 4, i).await;
+    }
+    // The sending device holds what it sent; nobody else does.
+    assert_eq!(store.cursor(1, "phone", 4).await.expect("cursor"), 3);
+    assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 0);
+    let ack = |seq| Write::Received {
+        owner: 2,
+        device: "phone".into(),
+        group: 4,
+        seq,
+    };
+    store.write_batch(&[ack(1), ack(3)]).await.expect("acks");
+    assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 1);
+    store.write_batch(&[ack(2)]).await.expect("acks");
+    assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 3);
+    assert_eq!(store.cursor(2, "laptop", 4).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 0);
+    store
+        .write_batch(&[Write::SetCursor {
+            owner: 2,
+            device: "laptop".into(),
+            group: 4,
+            cursor: 2,
+        }])
+        .await
+        .expect("set");
+    assert_eq!(store.cursor(2, "laptop", 4).await.expect("cursor"), 2);
 }
 
 async fn sequences_are_contiguous(store: &dyn MessageStore) {
@@ -214,38 +364,40 @@ async fn sync_returns_the_stream_in_order(store: &dyn MessageStore) {
 }
 
 async fn cursors_follow_acks(store: &dyn MessageStore) {
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 0);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 0);
     for i in 1..=5 {
         store_one(store, 1, 2, i).await;
     }
     // Sending moves the sending device's cursor, not another device's.
-    assert_eq!(store.cursor(1, "phone").await.expect("cursor"), 5);
-    assert_eq!(store.cursor(1, "laptop").await.expect("cursor"), 0);
+    assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 5);
+    assert_eq!(store.cursor(1, "laptop", 0).await.expect("cursor"), 0);
     let ack = |seq| Write::Received {
         owner: 2,
         device: "phone".into(),
-        user_seq: seq,
+        group: 0,
+        seq,
     };
     store.write_batch(&[ack(1), ack(3)]).await.expect("acks");
     // 2 is missing: the cursor waits at 1 rather than pass it.
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 1);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 1);
     store.write_batch(&[ack(2), ack(5)]).await.expect("acks");
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 3);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 3);
     store.write_batch(&[ack(4)]).await.expect("acks");
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 5);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 5);
     // An explicit cursor from the device wins, both ways.
     store
         .write_batch(&[Write::SetCursor {
             owner: 2,
             device: "phone".into(),
+            group: 0,
             cursor: 2,
         }])
         .await
         .expect("set");
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 2);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 2);
     store.write_batch(&[ack(4)]).await.expect("acks");
     assert_eq!(
-        store.cursor(2, "phone").await.expect("cursor"),
+        store.cursor(2, "phone", 0).await.expect("cursor"),
         2,
         "3 is not vouched for"
     );
@@ -253,11 +405,12 @@ async fn cursors_follow_acks(store: &dyn MessageStore) {
         .write_batch(&[Write::SetCursor {
             owner: 2,
             device: "phone".into(),
+            group: 0,
             cursor: 5,
         }])
         .await
         .expect("set");
-    assert_eq!(store.cursor(2, "phone").await.expect("cursor"), 5);
+    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 5);
 }
 
 async fn message_to_oneself(store: &dyn MessageStore) {

@@ -119,6 +119,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
         client_seq: 1,
         receiver: 2,
         body: Some(MessageBody::text("")),
+        group: 0,
     };
     conn.send(&Frame::new(Op::Message, 20, 0, &empty))
         .await
@@ -131,6 +132,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
         client_seq: 2,
         receiver: 0,
         body: Some(MessageBody::text("x")),
+        group: 0,
     };
     conn.send(&Frame::new(Op::Message, 21, 0, &no_receiver))
         .await
@@ -145,6 +147,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
         client_seq: 3,
         receiver: 2,
         body: Some(MessageBody::text("still here")),
+        group: 0,
     };
     conn.send(&Frame::new(Op::Message, 22, 0, &ok))
         .await
@@ -218,6 +221,7 @@ async fn bad_tokens_and_frames_before_auth_are_refused() {
         client_seq: 1,
         receiver: 2,
         body: Some(MessageBody::text("sneaky")),
+        group: 0,
     };
     conn.send(&Frame::new(Op::Message, 1, 0, &msg))
         .await
@@ -390,6 +394,7 @@ async fn a_user_sending_too_fast_is_told_to_slow_down_and_nothing_is_stored() {
             client_seq: u64::from(seq),
             receiver: 2,
             body: Some(MessageBody::text("quick")),
+            group: 0,
         };
         conn.send(&Frame::new(Op::Message, seq, 0, &m))
             .await

@@ -288,6 +288,7 @@ async fn a_devices_own_send_never_moves_its_cursor_past_a_push_it_missed() {
         client_seq: 7,
         receiver: 1,
         body: Some(MessageBody::text("mine")),
+        group: 0,
     };
     bob_raw
         .send(&Frame::new(Op::Message, 3, 0, &own))

@@ -1,0 +1,20 @@
+//! Groups: members, roles (owner, admins, members), join types with
+//! applications, mute rules, limits, and the events every change publishes.
+//!
+//! - [`store`]: the [`GroupStore`] trait; [`sqlite`]: the embedded implementation.
+//! - [`service`]: [`Groups`], the rules; the message path asks it
+//!   [`Groups::check_send`] and fans out to the returned members.
+//! - [`http`]: the `/v1/groups` API.
+//!
+//! Group *messages* are stored by `record` (once per group, numbered by the
+//! group's `conv_seq`); this crate decides who may write and read them. It
+//! does not know sockets or sessions: events leave through a [`Publisher`],
+//! which `logic` implements.
+
+pub mod http;
+pub mod service;
+pub mod sqlite;
+pub mod store;
+
+pub use service::{GroupError, Groups, Publisher, Snapshot};
+pub use store::{GroupStore, GroupStoreError};

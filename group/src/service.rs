@@ -1,0 +1,969 @@
+//! The rules of groups: who may do what, limits, mute rules, join points,
+//! and the event every change publishes.
+//!
+//! Changes to one process's groups are serialized (they are rare next to
+//! messages), each reads the group fresh from the store, checks its rules,
+//! writes in one transaction, refreshes the cache the message path reads,
+//! and then publishes its event while still in order with the next change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use natter_node::config::GroupsConfig;
+use natter_proto::api::{
+    ApplicationView, CreateGroup, GroupView, JoinOutcome, JoinType, MemberPage, MemberView, Role,
+    UpdateGroup,
+};
+use natter_proto::msg::{GroupEvent, MUTED_FOREVER};
+use natter_proto::ErrorCode;
+use natter_record::http::{ApiError, GroupAccess};
+use natter_record::MessageStore;
+
+use crate::store::*;
+
+/// A refused or failed group operation, with the client-visible code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct GroupError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// With [`ErrorCode::Muted`]: the end of the mute.
+    pub until_ms: Option<i64>,
+}
+
+impl GroupError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> GroupError {
+        GroupError {
+            code,
+            message: message.into(),
+            until_ms: None,
+        }
+    }
+
+    fn muted(until_ms: i64, message: &str) -> GroupError {
+        GroupError {
+            until_ms: Some(until_ms),
+            ..GroupError::new(ErrorCode::Muted, message)
+        }
+    }
+}
+
+fn refuse<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, GroupError> {
+    Err(GroupError::new(code, message))
+}
+
+impl From<GroupStoreError> for GroupError {
+    fn from(e: GroupStoreError) -> GroupError {
+        tracing::error!(error = %e, "group store failed");
+        GroupError::new(ErrorCode::Internal, "group storage is unavailable; retry")
+    }
+}
+
+impl From<natter_record::StoreError> for GroupError {
+    fn from(e: natter_record::StoreError) -> GroupError {
+        tracing::error!(error = %e, "message store failed");
+        GroupError::new(ErrorCode::Internal, "storage is unavailable; retry")
+    }
+}
+
+impl From<GroupError> for ApiError {
+    fn from(e: GroupError) -> ApiError {
+        ApiError {
+            code: e.code,
+            message: e.message,
+            until_ms: e.until_ms,
+        }
+    }
+}
+
+/// Where group events go: stored as a system message in the group's history
+/// and pushed to `audience` as a notify. Implemented by `logic`.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    async fn publish(
+        &self,
+        group: u64,
+        event: GroupEvent,
+        audience: Vec<u64>,
+    ) -> Result<(), GroupError>;
+}
+
+/// One group as the message path sees it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub group: GroupRecord,
+    pub members: BTreeMap<u64, MemberRecord>,
+}
+
+impl Snapshot {
+    fn member(&self, uid: u64) -> Result<&MemberRecord, GroupError> {
+        self.members.get(&uid).ok_or_else(|| {
+            GroupError::new(
+                ErrorCode::NotMember,
+                format!("user {uid} is not a member of group {}", self.group.id),
+            )
+        })
+    }
+
+    fn manager(&self, uid: u64) -> Result<&MemberRecord, GroupError> {
+        let member = self.member(uid)?;
+        if !member.role.manages() {
+            return refuse(
+                ErrorCode::Forbidden,
+                "only the owner and admins may do this",
+            );
+        }
+        Ok(member)
+    }
+
+    fn admins(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.role == Role::Admin)
+            .count()
+    }
+
+    /// Everyone a message to the group goes to.
+    pub fn member_ids(&self) -> Vec<u64> {
+        self.members.keys().copied().collect()
+    }
+}
+
+/// What one change does: rows to write and events to publish (to the
+/// members before and after the change, and to `notify`).
+#[derive(Default)]
+struct Plan {
+    changes: Vec<Change>,
+    events: Vec<GroupEvent>,
+    notify: Vec<u64>,
+}
+
+fn event(kind: &str, actor: u64, targets: Vec<u64>, value: impl Into<String>) -> GroupEvent {
+    GroupEvent {
+        kind: kind.into(),
+        actor,
+        targets,
+        value: value.into(),
+        until_ms: 0,
+    }
+}
+
+fn now_ms() -> i64 {
+    natter_node::ids::now_ms()
+}
+
+fn muted_now(m: &MemberRecord, now: i64) -> Option<i64> {
+    (m.muted_until_ms > now).then_some(m.muted_until_ms)
+}
+
+pub fn member_view(m: &MemberRecord, now: i64) -> MemberView {
+    MemberView {
+        uid: m.uid,
+        role: m.role,
+        nickname: m.nickname.clone(),
+        joined_ms: m.joined_ms,
+        join_seq: m.join_seq,
+        muted_until_ms: muted_now(m, now),
+    }
+}
+
+const MAX_NAME: usize = 64;
+const MAX_TEXT: usize = 512;
+/// Groups kept in the cache before it is emptied (entries reload on demand).
+const CACHE_LIMIT: usize = 10_000;
+
+fn check_name(name: &str) -> Result<(), GroupError> {
+    if name.trim().is_empty() || name.chars().count() > MAX_NAME {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!("a group name is 1 to {MAX_NAME} characters"),
+        );
+    }
+    Ok(())
+}
+
+fn check_text(what: &str, text: &str) -> Result<(), GroupError> {
+    if text.chars().count() > MAX_TEXT {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!("{what} is at most {MAX_TEXT} characters"),
+        );
+    }
+    Ok(())
+}
+
+fn check_user(uid: u64) -> Result<(), GroupError> {
+    if uid == 0 || uid > i64::MAX as u64 {
+        return refuse(ErrorCode::BadRequest, format!("{uid} is not a user id"));
+    }
+    Ok(())
+}
+
+/// The groups role.
+pub struct Groups {
+    store: Arc<dyn GroupStore>,
+    messages: Arc<dyn MessageStore>,
+    publisher: Arc<dyn Publisher>,
+    limits: GroupsConfig,
+    cache: Mutex<HashMap<u64, Arc<Snapshot>>>,
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Groups {
+    pub fn new(
+        store: Arc<dyn GroupStore>,
+        messages: Arc<dyn MessageStore>,
+        publisher: Arc<dyn Publisher>,
+        limits: GroupsConfig,
+    ) -> Groups {
+        Groups {
+            store,
+            messages,
+            publisher,
+            limits,
+            cache: Mutex::new(HashMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn load(&self, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+        let Some(group) = self.store.group(gid).await? else {
+            return refuse(ErrorCode::NotFound, format!("no group {gid}"));
+        };
+        let members = self
+            .store
+            .members(gid)
+            .await?
+            .into_iter()
+            .map(|m| (m.uid, m))
+            .collect();
+        let snapshot = Arc::new(Snapshot { group, members });
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(gid, snapshot.clone());
+        Ok(snapshot)
+    }
+
+    /// The group as of its last change.
+    pub async fn snapshot(&self, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+        if gid == 0 || gid > i64::MAX as u64 {
+            return refuse(ErrorCode::NotFound, format!("no group {gid}"));
+        }
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&gid)
+            .cloned();
+        match cached {
+            Some(snapshot) => Ok(snapshot),
+            None => self.load(gid).await,
+        }
+    }
+
+    /// May `uid` send to `gid` now? Returns the group for fan-out.
+    pub async fn check_send(&self, uid: u64, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+        let snapshot = self.snapshot(gid).await?;
+        if snapshot.group.dissolved {
+            return refuse(
+                ErrorCode::GroupDissolved,
+                format!("group {gid} was dissolved"),
+            );
+        }
+        let member = snapshot.member(uid)?;
+        let now = now_ms();
+        if let Some(until) = muted_now(member, now) {
+            return Err(GroupError::muted(until, "you are muted in this group"));
+        }
+        if snapshot.group.mute_all && member.role == Role::Member {
+            return Err(GroupError::muted(
+                MUTED_FOREVER,
+                "the group is muted for everyone but the owner and admins",
+            ));
+        }
+        Ok(snapshot)
+    }
+
+    /// The groups of `uid`, each with the member's join point.
+    pub async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupError> {
+        Ok(self.store.groups_of(uid).await?)
+    }
+
+    async fn view(&self, snapshot: &Snapshot, role: Role) -> Result<GroupView, GroupError> {
+        let g = &snapshot.group;
+        let last_seq = self
+            .messages
+            .group_seqs(&[g.id])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        Ok(GroupView {
+            id: g.id,
+            name: g.name.clone(),
+            avatar: g.avatar.clone(),
+            owner: g.owner,
+            join_type: g.join_type,
+            mute_all: g.mute_all,
+            member_count: snapshot.members.len() as u32,
+            created_ms: g.created_ms,
+            dissolved: g.dissolved,
+            last_seq,
+            role,
+        })
+    }
+
+    /// Runs one change under the change lock: fresh state, rules, one
+    /// transaction, cache refresh, events.
+    async fn change(
+        &self,
+        gid: u64,
+        plan: impl FnOnce(&Snapshot, u64, i64) -> Result<Plan, GroupError>,
+    ) -> Result<Arc<Snapshot>, GroupError> {
+        if gid == 0 || gid > i64::MAX as u64 {
+            return refuse(ErrorCode::NotFound, format!("no group {gid}"));
+        }
+        let _serial = self.changes.lock().await;
+        let before = self.load(gid).await?;
+        if before.group.dissolved {
+            return refuse(
+                ErrorCode::GroupDissolved,
+                format!("group {gid} was dissolved"),
+            );
+        }
+        // Who joins now may read from the next message on.
+        let next_seq = self
+            .messages
+            .group_seqs(&[gid])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let plan = plan(&before, next_seq, now_ms())?;
+        if !plan.changes.is_empty() {
+            self.store.write(gid, &plan.changes).await?;
+        }
+        let after = self.load(gid).await?;
+        if !plan.events.is_empty() {
+            let audience: BTreeSet<u64> = before
+                .members
+                .keys()
+                .chain(after.members.keys())
+                .chain(plan.notify.iter())
+                .copied()
+                .collect();
+            let audience: Vec<u64> = audience.into_iter().collect();
+            for event in plan.events {
+                // The change is made; a failure here loses only the notice,
+                // and is logged and counted by the publisher.
+                if let Err(e) = self.publisher.publish(gid, event, audience.clone()).await {
+                    tracing::error!(group = gid, error = %e, "group event not published");
+                }
+            }
+        }
+        Ok(after)
+    }
+
+    fn new_member(&self, uid: u64, role: Role, join_seq: u64, now: i64) -> MemberRecord {
+        MemberRecord {
+            uid,
+            role,
+            nickname: String::new(),
+            joined_ms: now,
+            join_seq,
+            muted_until_ms: 0,
+        }
+    }
+
+    fn room_for(&self, snapshot: &Snapshot, adding: usize) -> Result<(), GroupError> {
+        if snapshot.members.len() + adding > self.limits.max_members as usize {
+            return refuse(
+                ErrorCode::MemberLimit,
+                format!("a group has at most {} members", self.limits.max_members),
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, actor: u64, req: CreateGroup) -> Result<GroupView, GroupError> {
+        check_name(&req.name)?;
+        check_text("avatar", &req.avatar)?;
+        let mut others: Vec<u64> = req.members.clone();
+        others.sort_unstable();
+        others.dedup();
+        others.retain(|&u| u != actor);
+        for &uid in &others {
+            check_user(uid)?;
+        }
+        if others.len() + 1 > self.limits.max_members as usize {
+            return refuse(
+                ErrorCode::MemberLimit,
+                format!("a group has at most {} members", self.limits.max_members),
+            );
+        }
+        let now = now_ms();
+        let group = GroupRecord {
+            id: 0,
+            name: req.name.trim().to_string(),
+            avatar: req.avatar,
+            owner: actor,
+            join_type: req.join_type,
+            mute_all: false,
+            dissolved: false,
+            created_ms: now,
+        };
+        let mut members = vec![self.new_member(actor, Role::Owner, 1, now)];
+        members.extend(
+            others
+                .iter()
+                .map(|&u| self.new_member(u, Role::Member, 1, now)),
+        );
+        let gid = {
+            let _serial = self.changes.lock().await;
+            let gid = self.store.create(&group, &members).await?;
+            let snapshot = self.load(gid).await?;
+            let created = event("created", actor, others, group.name.clone());
+            if let Err(e) = self
+                .publisher
+                .publish(gid, created, snapshot.member_ids())
+                .await
+            {
+                tracing::error!(group = gid, error = %e, "group event not published");
+            }
+            gid
+        };
+        self.info(actor, gid).await
+    }
+
+    pub async fn info(&self, actor: u64, gid: u64) -> Result<GroupView, GroupError> {
+        let snapshot = self.snapshot(gid).await?;
+        let role = snapshot.member(actor)?.role;
+        self.view(&snapshot, role).await
+    }
+
+    pub async fn mine(&self, actor: u64) -> Result<Vec<GroupView>, GroupError> {
+        let mut views = Vec::new();
+        for (gid, _) in self.store.groups_of(actor).await? {
+            let snapshot = self.snapshot(gid).await?;
+            // A member row removed since the list was read is skipped.
+            if let Some(m) = snapshot.members.get(&actor) {
+                views.push(self.view(&snapshot, m.role).await?);
+            }
+        }
+        Ok(views)
+    }
+
+    pub async fn members(
+        &self,
+        actor: u64,
+        gid: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<MemberPage, GroupError> {
+        if !(1..=500).contains(&limit) {
+            return refuse(ErrorCode::BadRequest, "limit must be between 1 and 500");
+        }
+        let snapshot = self.snapshot(gid).await?;
+        snapshot.member(actor)?;
+        let now = now_ms();
+        let members: Vec<MemberView> = snapshot
+            .members
+            .range(after.saturating_add(1)..)
+            .take(limit as usize)
+            .map(|(_, m)| member_view(m, now))
+            .collect();
+        let next_after = (members.len() == limit as usize)
+            .then(|| members.last().map(|m| m.uid))
+            .flatten()
+            .filter(|&last| snapshot.members.range(last + 1..).next().is_some());
+        Ok(MemberPage {
+            members,
+            next_after,
+        })
+    }
+
+    pub async fn member(&self, actor: u64, gid: u64, uid: u64) -> Result<MemberView, GroupError> {
+        let snapshot = self.snapshot(gid).await?;
+        snapshot.member(actor)?;
+        Ok(member_view(snapshot.member(uid)?, now_ms()))
+    }
+
+    /// Adds users invited by a member; returns those added (already-members
+    /// are skipped).
+    pub async fn invite(
+        &self,
+        actor: u64,
+        gid: u64,
+        users: Vec<u64>,
+    ) -> Result<Vec<u64>, GroupError> {
+        for &uid in &users {
+            check_user(uid)?;
+        }
+        let mut added = Vec::new();
+        self.change(gid, |s, next_seq, now| {
+            let inviter = s.member(actor)?;
+            if s.group.join_type == JoinType::InviteOnly && !inviter.role.manages() {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "in an invite-only group only the owner and admins invite",
+                );
+            }
+            let mut new: Vec<u64> = users
+                .iter()
+                .copied()
+                .filter(|u| !s.members.contains_key(u))
+                .collect();
+            new.sort_unstable();
+            new.dedup();
+            if new.is_empty() {
+                return refuse(ErrorCode::Conflict, "everyone invited is a member already");
+            }
+            self.room_for(s, new.len())?;
+            let mut plan = Plan::default();
+            for &uid in &new {
+                plan.changes.push(Change::PutMember(self.new_member(
+                    uid,
+                    Role::Member,
+                    next_seq,
+                    now,
+                )));
+                plan.changes.push(Change::RemoveApplication(uid));
+            }
+            plan.events.push(event("invited", actor, new.clone(), ""));
+            added = new;
+            Ok(plan)
+        })
+        .await?;
+        Ok(added)
+    }
+
+    /// Joins an open group, or applies to one that needs approval.
+    pub async fn join(
+        &self,
+        actor: u64,
+        gid: u64,
+        message: String,
+    ) -> Result<JoinOutcome, GroupError> {
+        check_text("message", &message)?;
+        let mut joined = false;
+        self.change(gid, |s, next_seq, now| {
+            if s.members.contains_key(&actor) {
+                return refuse(ErrorCode::Conflict, "already a member");
+            }
+            let mut plan = Plan::default();
+            match s.group.join_type {
+                JoinType::InviteOnly => {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "this group is joined by invitation only",
+                    )
+                }
+                JoinType::Open => {
+                    self.room_for(s, 1)?;
+                    plan.changes.push(Change::PutMember(self.new_member(
+                        actor,
+                        Role::Member,
+                        next_seq,
+                        now,
+                    )));
+                    plan.events.push(event("joined", actor, vec![actor], ""));
+                    joined = true;
+                }
+                JoinType::Approval => {
+                    plan.changes.push(Change::PutApplication(ApplicationRecord {
+                        uid: actor,
+                        message: message.clone(),
+                        time_ms: now,
+                    }));
+                }
+            }
+            Ok(plan)
+        })
+        .await?;
+        Ok(JoinOutcome { joined })
+    }
+
+    pub async fn applications(
+        &self,
+        actor: u64,
+        gid: u64,
+    ) -> Result<Vec<ApplicationView>, GroupError> {
+        let snapshot = self.snapshot(gid).await?;
+        snapshot.manager(actor)?;
+        Ok(self
+            .store
+            .applications(gid)
+            .await?
+            .into_iter()
+            .map(|a| ApplicationView {
+                uid: a.uid,
+                message: a.message,
+                time_ms: a.time_ms,
+            })
+            .collect())
+    }
+
+    pub async fn decide(
+        &self,
+        actor: u64,
+        gid: u64,
+        uid: u64,
+        approve: bool,
+    ) -> Result<(), GroupError> {
+        let pending = self.store.applications(gid).await?;
+        self.change(gid, |s, next_seq, now| {
+            s.manager(actor)?;
+            if !pending.iter().any(|a| a.uid == uid) {
+                return refuse(
+                    ErrorCode::NotFound,
+                    format!("no application from user {uid}"),
+                );
+            }
+            let mut plan = Plan::default();
+            plan.changes.push(Change::RemoveApplication(uid));
+            if approve && !s.members.contains_key(&uid) {
+                self.room_for(s, 1)?;
+                plan.changes.push(Change::PutMember(self.new_member(
+                    uid,
+                    Role::Member,
+                    next_seq,
+                    now,
+                )));
+                plan.events.push(event("joined", actor, vec![uid], ""));
+            }
+            Ok(plan)
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn quit(&self, actor: u64, gid: u64) -> Result<(), GroupError> {
+        self.change(gid, |s, _, _| {
+            let me = s.member(actor)?;
+            if me.role == Role::Owner {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "the owner transfers ownership or dissolves the group instead of leaving",
+                );
+            }
+            Ok(Plan {
+                changes: vec![Change::RemoveMember(actor)],
+                events: vec![event("left", actor, vec![actor], "")],
+                notify: vec![],
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn kick(&self, actor: u64, gid: u64, uid: u64) -> Result<(), GroupError> {
+        self.change(gid, |s, _, _| {
+            let me = s.manager(actor)?;
+            let target = s.member(uid)?;
+            if uid == actor {
+                return refuse(
+                    ErrorCode::BadRequest,
+                    "leave the group instead of kicking yourself",
+                );
+            }
+            if target.role >= me.role {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "only the owner removes admins, and nobody removes the owner",
+                );
+            }
+            Ok(Plan {
+                changes: vec![Change::RemoveMember(uid)],
+                events: vec![event("kicked", actor, vec![uid], "")],
+                notify: vec![uid],
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn dissolve(&self, actor: u64, gid: u64) -> Result<(), GroupError> {
+        self.change(gid, |s, _, _| {
+            if s.member(actor)?.role != Role::Owner {
+                return refuse(ErrorCode::Forbidden, "only the owner dissolves the group");
+            }
+            Ok(Plan {
+                changes: vec![Change::PutGroup(GroupRecord {
+                    dissolved: true,
+                    ..s.group.clone()
+                })],
+                events: vec![event("dissolved", actor, vec![], "")],
+                notify: vec![],
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn update(
+        &self,
+        actor: u64,
+        gid: u64,
+        req: UpdateGroup,
+    ) -> Result<GroupView, GroupError> {
+        if let Some(name) = &req.name {
+            check_name(name)?;
+        }
+        if let Some(avatar) = &req.avatar {
+            check_text("avatar", avatar)?;
+        }
+        let after = self
+            .change(gid, |s, _, _| {
+                s.manager(actor)?;
+                let mut group = s.group.clone();
+                let mut plan = Plan::default();
+                if let Some(name) = &req.name {
+                    let name = name.trim();
+                    if name != group.name {
+                        group.name = name.to_string();
+                        plan.events.push(event("renamed", actor, vec![], name));
+                    }
+                }
+                if let Some(avatar) = &req.avatar {
+                    if *avatar != group.avatar {
+                        group.avatar = avatar.clone();
+                        plan.events
+                            .push(event("avatar_changed", actor, vec![], avatar.clone()));
+                    }
+                }
+                if let Some(join_type) = req.join_type {
+                    if join_type != group.join_type {
+                        group.join_type = join_type;
+                        plan.events.push(event(
+                            "join_type_changed",
+                            actor,
+                            vec![],
+                            join_type.as_str(),
+                        ));
+                    }
+                }
+                if let Some(mute_all) = req.mute_all {
+                    if mute_all != group.mute_all {
+                        group.mute_all = mute_all;
+                        let kind = if mute_all { "mute_all" } else { "unmute_all" };
+                        plan.events.push(event(kind, actor, vec![], ""));
+                    }
+                }
+                if !plan.events.is_empty() {
+                    plan.changes.push(Change::PutGroup(group));
+                }
+                Ok(plan)
+            })
+            .await?;
+        let role = after.member(actor)?.role;
+        self.view(&after, role).await
+    }
+
+    /// Makes a member an admin or an admin a member (owner only).
+    pub async fn set_role(
+        &self,
+        actor: u64,
+        gid: u64,
+        uid: u64,
+        role: Role,
+    ) -> Result<MemberView, GroupError> {
+        if role == Role::Owner {
+            return refuse(ErrorCode::BadRequest, "ownership moves with transfer");
+        }
+        let after = self
+            .change(gid, |s, _, _| {
+                if s.member(actor)?.role != Role::Owner {
+                    return refuse(ErrorCode::Forbidden, "only the owner changes roles");
+                }
+                let target = s.member(uid)?;
+                if target.role == Role::Owner {
+                    return refuse(
+                        ErrorCode::BadRequest,
+                        "the owner's role moves with transfer",
+                    );
+                }
+                if target.role == role {
+                    return Ok(Plan::default());
+                }
+                if role == Role::Admin && s.admins() >= self.limits.max_admins as usize {
+                    return refuse(
+                        ErrorCode::AdminLimit,
+                        format!("a group has at most {} admins", self.limits.max_admins),
+                    );
+                }
+                let mut member = target.clone();
+                member.role = role;
+                if role == Role::Admin {
+                    // Admins cannot be muted: the grant lifts a mute.
+                    member.muted_until_ms = 0;
+                }
+                Ok(Plan {
+                    changes: vec![Change::PutMember(member)],
+                    events: vec![event("role_changed", actor, vec![uid], role.as_str())],
+                    notify: vec![],
+                })
+            })
+            .await?;
+        Ok(member_view(after.member(uid)?, now_ms()))
+    }
+
+    /// Hands ownership to another member; the old owner becomes a member.
+    pub async fn transfer(&self, actor: u64, gid: u64, to: u64) -> Result<GroupView, GroupError> {
+        let after = self
+            .change(gid, |s, _, _| {
+                let me = s.member(actor)?;
+                if me.role != Role::Owner {
+                    return refuse(ErrorCode::Forbidden, "only the owner transfers ownership");
+                }
+                if to == actor {
+                    return refuse(ErrorCode::BadRequest, "already the owner");
+                }
+                let mut heir = s.member(to)?.clone();
+                heir.role = Role::Owner;
+                heir.muted_until_ms = 0;
+                let mut old = me.clone();
+                old.role = Role::Member;
+                Ok(Plan {
+                    changes: vec![
+                        Change::PutMember(heir),
+                        Change::PutMember(old),
+                        Change::PutGroup(GroupRecord {
+                            owner: to,
+                            ..s.group.clone()
+                        }),
+                    ],
+                    events: vec![event("owner_transferred", actor, vec![to], "")],
+                    notify: vec![],
+                })
+            })
+            .await?;
+        let role = after.member(actor)?.role;
+        self.view(&after, role).await
+    }
+
+    /// Mutes a member for `duration_secs` (0 unmutes, -1 until unmuted).
+    pub async fn mute(
+        &self,
+        actor: u64,
+        gid: u64,
+        uid: u64,
+        duration_secs: i64,
+    ) -> Result<MemberView, GroupError> {
+        let max = self.limits.max_mute_secs;
+        if duration_secs < -1 || duration_secs as i128 > max as i128 {
+            return refuse(
+                ErrorCode::BadRequest,
+                format!("duration_secs is -1 (forever), 0 (unmute) or up to {max}"),
+            );
+        }
+        let after = self
+            .change(gid, |s, _, now| {
+                s.manager(actor)?;
+                let target = s.member(uid)?;
+                if target.role.manages() {
+                    return refuse(ErrorCode::Forbidden, "admins and the owner cannot be muted");
+                }
+                let mut member = target.clone();
+                let mut e = match duration_secs {
+                    0 => {
+                        if muted_now(target, now).is_none() {
+                            return Ok(Plan::default());
+                        }
+                        member.muted_until_ms = 0;
+                        event("unmuted", actor, vec![uid], "")
+                    }
+                    -1 => {
+                        member.muted_until_ms = MUTED_FOREVER;
+                        event("muted", actor, vec![uid], "")
+                    }
+                    secs => {
+                        member.muted_until_ms = now.saturating_add(secs.saturating_mul(1000));
+                        event("muted", actor, vec![uid], "")
+                    }
+                };
+                e.until_ms = member.muted_until_ms;
+                Ok(Plan {
+                    changes: vec![Change::PutMember(member)],
+                    events: vec![e],
+                    notify: vec![],
+                })
+            })
+            .await?;
+        Ok(member_view(after.member(uid)?, now_ms()))
+    }
+
+    /// Members muted now (owner and admins only).
+    pub async fn muted(&self, actor: u64, gid: u64) -> Result<Vec<MemberView>, GroupError> {
+        let snapshot = self.snapshot(gid).await?;
+        snapshot.manager(actor)?;
+        let now = now_ms();
+        Ok(snapshot
+            .members
+            .values()
+            .filter(|m| muted_now(m, now).is_some())
+            .map(|m| member_view(m, now))
+            .collect())
+    }
+
+    /// Sets a member's nickname in the group: one's own, or anyone's for
+    /// the owner and admins.
+    pub async fn nickname(
+        &self,
+        actor: u64,
+        gid: u64,
+        uid: u64,
+        nickname: String,
+    ) -> Result<MemberView, GroupError> {
+        if nickname.chars().count() > MAX_NAME {
+            return refuse(
+                ErrorCode::BadRequest,
+                format!("a nickname is at most {MAX_NAME} characters"),
+            );
+        }
+        let after = self
+            .change(gid, |s, _, _| {
+                let me = s.member(actor)?;
+                if uid != actor && !me.role.manages() {
+                    return refuse(ErrorCode::Forbidden, "only admins set others' nicknames");
+                }
+                let target = s.member(uid)?;
+                if target.nickname == nickname {
+                    return Ok(Plan::default());
+                }
+                let mut member = target.clone();
+                member.nickname = nickname.clone();
+                Ok(Plan {
+                    changes: vec![Change::PutMember(member)],
+                    events: vec![event(
+                        "nickname_changed",
+                        actor,
+                        vec![uid],
+                        nickname.clone(),
+                    )],
+                    notify: vec![],
+                })
+            })
+            .await?;
+        Ok(member_view(after.member(uid)?, now_ms()))
+    }
+
+    pub async fn ping(&self) -> Result<(), GroupError> {
+        Ok(self.store.ping().await?)
+    }
+
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+}
+
+#[async_trait]
+impl GroupAccess for Groups {
+    async fn readable_from(&self, uid: u64, group: u64) -> Result<u64, ApiError> {
+        let snapshot = self.snapshot(group).await?;
+        Ok(snapshot.member(uid)?.join_seq)
+    }
+}

@@ -1,0 +1,395 @@
+//! The SQLite implementation of [`GroupStore`], for the embedded shape: its
+//! own database file beside the message store's, in WAL mode.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use natter_proto::api::{JoinType, Role};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use crate::store::*;
+
+fn migrator() -> Migrator {
+    Migrator {
+        migrations: Cow::Owned(vec![Migration::new(
+            1,
+            Cow::Borrowed("groups"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../migrations/sqlite/0001_groups.sql")),
+            false,
+        )]),
+        ..Migrator::DEFAULT
+    }
+}
+
+fn role_from(s: &str) -> Result<Role, GroupStoreError> {
+    match s {
+        "owner" => Ok(Role::Owner),
+        "admin" => Ok(Role::Admin),
+        "member" => Ok(Role::Member),
+        other => Err(GroupStoreError::Corrupt(format!("role {other:?}"))),
+    }
+}
+
+fn join_type_from(s: &str) -> Result<JoinType, GroupStoreError> {
+    match s {
+        "open" => Ok(JoinType::Open),
+        "approval" => Ok(JoinType::Approval),
+        "invite_only" => Ok(JoinType::InviteOnly),
+        other => Err(GroupStoreError::Corrupt(format!("join type {other:?}"))),
+    }
+}
+
+fn group_from(row: &SqliteRow) -> Result<GroupRecord, GroupStoreError> {
+    Ok(GroupRecord {
+        id: row.try_get::<i64, _>("gid")? as u64,
+        name: row.try_get("name")?,
+        avatar: row.try_get("avatar")?,
+        owner: row.try_get::<i64, _>("owner")? as u64,
+        join_type: join_type_from(row.try_get("join_type")?)?,
+        mute_all: row.try_get("mute_all")?,
+        dissolved: row.try_get("dissolved")?,
+        created_ms: row.try_get("created_at")?,
+    })
+}
+
+fn member_from(row: &SqliteRow) -> Result<MemberRecord, GroupStoreError> {
+    Ok(MemberRecord {
+        uid: row.try_get::<i64, _>("uid")? as u64,
+        role: role_from(row.try_get("role")?)?,
+        nickname: row.try_get("nickname")?,
+        joined_ms: row.try_get("joined_at")?,
+        join_seq: row.try_get::<i64, _>("join_seq")? as u64,
+        muted_until_ms: row.try_get("muted_until")?,
+    })
+}
+
+pub struct SqliteGroupStore {
+    pool: SqlitePool,
+}
+
+impl SqliteGroupStore {
+    /// Opens (creating if needed) the database file and runs the migrations.
+    pub async fn open(path: &Path, synchronous: bool) -> Result<SqliteGroupStore, GroupStoreError> {
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if synchronous {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(connect)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(SqliteGroupStore { pool })
+    }
+
+    /// An in-memory database, for tests.
+    pub async fn memory() -> Result<SqliteGroupStore, GroupStoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::from_str("sqlite::memory:")?)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(SqliteGroupStore { pool })
+    }
+}
+
+fn id(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+const PUT_MEMBER_SQL: &str = "INSERT INTO member (gid, uid, role, nickname, joined_at, join_seq, muted_until) \
+     VALUES (?, ?, ?, ?, ?, ?, ?) \
+     ON CONFLICT (gid, uid) DO UPDATE SET role = excluded.role, nickname = excluded.nickname, \
+     joined_at = excluded.joined_at, join_seq = excluded.join_seq, muted_until = excluded.muted_until";
+
+async fn put_member(
+    conn: &mut sqlx::SqliteConnection,
+    gid: u64,
+    m: &MemberRecord,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(PUT_MEMBER_SQL)
+        .bind(id(gid))
+        .bind(id(m.uid))
+        .bind(m.role.as_str())
+        .bind(&m.nickname)
+        .bind(m.joined_ms)
+        .bind(id(m.join_seq))
+        .bind(m.muted_until_ms)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl GroupStore for SqliteGroupStore {
+    async fn create(
+        &self,
+        group: &GroupRecord,
+        members: &[MemberRecord],
+    ) -> Result<u64, GroupStoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let gid: i64 = sqlx::query_scalar(
+            "INSERT INTO grp (name, avatar, owner, join_type, mute_all, dissolved, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING gid",
+        )
+        .bind(&group.name)
+        .bind(&group.avatar)
+        .bind(id(group.owner))
+        .bind(group.join_type.as_str())
+        .bind(group.mute_all)
+        .bind(group.dissolved)
+        .bind(group.created_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        for m in members {
+            put_member(&mut tx, gid as u64, m).await?;
+        }
+        tx.commit().await?;
+        Ok(gid as u64)
+    }
+
+    async fn write(&self, gid: u64, changes: &[Change]) -> Result<(), GroupStoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for change in changes {
+            match change {
+                Change::PutMember(m) => put_member(&mut tx, gid, m).await?,
+                Change::RemoveMember(uid) => {
+                    sqlx::query("DELETE FROM member WHERE gid = ? AND uid = ?")
+                        .bind(id(gid))
+                        .bind(id(*uid))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::PutGroup(g) => {
+                    sqlx::query(
+                        "UPDATE grp SET name = ?, avatar = ?, owner = ?, join_type = ?, \
+                         mute_all = ?, dissolved = ? WHERE gid = ?",
+                    )
+                    .bind(&g.name)
+                    .bind(&g.avatar)
+                    .bind(id(g.owner))
+                    .bind(g.join_type.as_str())
+                    .bind(g.mute_all)
+                    .bind(g.dissolved)
+                    .bind(id(gid))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::PutApplication(a) => {
+                    sqlx::query(
+                        "INSERT INTO application (gid, uid, message, created_at) VALUES (?, ?, ?, ?) \
+                         ON CONFLICT (gid, uid) DO UPDATE SET message = excluded.message, created_at = excluded.created_at",
+                    )
+                    .bind(id(gid))
+                    .bind(id(a.uid))
+                    .bind(&a.message)
+                    .bind(a.time_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::RemoveApplication(uid) => {
+                    sqlx::query("DELETE FROM application WHERE gid = ? AND uid = ?")
+                        .bind(id(gid))
+                        .bind(id(*uid))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn group(&self, gid: u64) -> Result<Option<GroupRecord>, GroupStoreError> {
+        let row = sqlx::query("SELECT * FROM grp WHERE gid = ?")
+            .bind(id(gid))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(group_from).transpose()
+    }
+
+    async fn members(&self, gid: u64) -> Result<Vec<MemberRecord>, GroupStoreError> {
+        let rows = sqlx::query("SELECT * FROM member WHERE gid = ? ORDER BY uid")
+            .bind(id(gid))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(member_from).collect()
+    }
+
+    async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError> {
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT gid, join_seq FROM member WHERE uid = ? ORDER BY gid")
+                .bind(id(uid))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, s)| (g as u64, s as u64))
+            .collect())
+    }
+
+    async fn applications(&self, gid: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT uid, message, created_at FROM application WHERE gid = ? ORDER BY created_at, uid",
+        )
+        .bind(id(gid))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(uid, message, time_ms)| ApplicationRecord {
+                uid: uid as u64,
+                message,
+                time_ms,
+            })
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), GroupStoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(uid: u64, role: Role) -> MemberRecord {
+        MemberRecord {
+            uid,
+            role,
+            nickname: String::new(),
+            joined_ms: 1,
+            join_seq: 1,
+            muted_until_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_members_and_applications_round_trip() {
+        let store = SqliteGroupStore::memory().await.expect("store");
+        let group = GroupRecord {
+            id: 0,
+            name: "g".into(),
+            avatar: String::new(),
+            owner: 1,
+            join_type: JoinType::Approval,
+            mute_all: false,
+            dissolved: false,
+            created_ms: 5,
+        };
+        let gid = store
+            .create(&group, &[member(1, Role::Owner), member(2, Role::Member)])
+            .await
+            .expect("create");
+        let second = store
+            .create(&group, &[member(1, Role::Owner)])
+            .await
+            .expect("create");
+        assert_ne!(gid, second);
+        let stored = store.group(gid).await.expect("read").expect("exists");
+        assert_eq!(
+            stored,
+            GroupRecord {
+                id: gid,
+                ..group.clone()
+            }
+        );
+        assert_eq!(store.group(999).await.expect("read"), None);
+
+        let mut muted = member(2, Role::Member);
+        muted.muted_until_ms = 77;
+        store
+            .write(
+                gid,
+                &[
+                    Change::PutMember(muted.clone()),
+                    Change::PutMember(member(3, Role::Admin)),
+                    Change::PutApplication(ApplicationRecord {
+                        uid: 9,
+                        message: "hi".into(),
+                        time_ms: 3,
+                    }),
+                    Change::PutGroup(GroupRecord {
+                        name: "renamed".into(),
+                        mute_all: true,
+                        ..stored.clone()
+                    }),
+                ],
+            )
+            .await
+            .expect("write");
+        let members = store.members(gid).await.expect("members");
+        assert_eq!(
+            members,
+            vec![member(1, Role::Owner), muted, member(3, Role::Admin)]
+        );
+        let renamed = store.group(gid).await.expect("read").expect("exists");
+        assert_eq!((renamed.name.as_str(), renamed.mute_all), ("renamed", true));
+        assert_eq!(store.applications(gid).await.expect("apps").len(), 1);
+        assert_eq!(
+            store.groups_of(1).await.expect("mine"),
+            vec![(gid, 1), (second, 1)]
+        );
+        store
+            .write(
+                gid,
+                &[Change::RemoveMember(2), Change::RemoveApplication(9)],
+            )
+            .await
+            .expect("write");
+        assert_eq!(store.members(gid).await.expect("members").len(), 2);
+        assert!(store.applications(gid).await.expect("apps").is_empty());
+        assert!(store.groups_of(2).await.expect("mine").is_empty());
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("groups.db");
+        let store = SqliteGroupStore::open(&path, true).await.expect("open");
+        let gid = store
+            .create(
+                &GroupRecord {
+                    id: 0,
+                    name: "kept".into(),
+                    avatar: String::new(),
+                    owner: 1,
+                    join_type: JoinType::Open,
+                    mute_all: false,
+                    dissolved: false,
+                    created_ms: 1,
+                },
+                &[member(1, Role::Owner)],
+            )
+            .await
+            .expect("create");
+        store.close().await;
+        let store = SqliteGroupStore::open(&path, true).await.expect("reopen");
+        assert_eq!(
+            store.group(gid).await.expect("read").map(|g| g.name),
+            Some("kept".to_string())
+        );
+        store.close().await;
+    }
+}

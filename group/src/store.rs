@@ -1,0 +1,86 @@
+//! The storage trait for groups and the records that cross it.
+
+use async_trait::async_trait;
+use natter_proto::api::{JoinType, Role};
+
+/// A storage failure; the caller answers `internal` and the client retries.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupStoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A group as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub id: u64,
+    pub name: String,
+    pub avatar: String,
+    pub owner: u64,
+    pub join_type: JoinType,
+    pub mute_all: bool,
+    pub dissolved: bool,
+    pub created_ms: i64,
+}
+
+/// A member as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub uid: u64,
+    pub role: Role,
+    pub nickname: String,
+    pub joined_ms: i64,
+    /// The first `conv_seq` of the group this member may read.
+    pub join_seq: u64,
+    /// End of the mute, Unix ms; 0 when not muted.
+    pub muted_until_ms: i64,
+}
+
+/// A pending application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplicationRecord {
+    pub uid: u64,
+    pub message: String,
+    pub time_ms: i64,
+}
+
+/// One change inside a [`GroupStore::write`] transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Inserts or replaces a member row.
+    PutMember(MemberRecord),
+    RemoveMember(u64),
+    /// Replaces the group row (name, avatar, owner, join type, flags).
+    PutGroup(GroupRecord),
+    PutApplication(ApplicationRecord),
+    RemoveApplication(u64),
+}
+
+/// Group storage. Implementation: SQLite ([`crate::sqlite::SqliteGroupStore`]).
+/// The rules (who may do what, limits) live in [`crate::Groups`], not here.
+#[async_trait]
+pub trait GroupStore: Send + Sync + 'static {
+    /// Stores a new group with its first members; returns its id (the
+    /// record's `id` is ignored).
+    async fn create(
+        &self,
+        group: &GroupRecord,
+        members: &[MemberRecord],
+    ) -> Result<u64, GroupStoreError>;
+    /// Applies `changes` to group `id` in one transaction.
+    async fn write(&self, id: u64, changes: &[Change]) -> Result<(), GroupStoreError>;
+    async fn group(&self, id: u64) -> Result<Option<GroupRecord>, GroupStoreError>;
+    /// Every member of the group, by uid.
+    async fn members(&self, id: u64) -> Result<Vec<MemberRecord>, GroupStoreError>;
+    /// The groups `uid` is a member of, with the member's join point, by id.
+    async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError>;
+    /// Pending applications, oldest first.
+    async fn applications(&self, id: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError>;
+    /// Whether the store answers; used by `/readyz`.
+    async fn ping(&self) -> Result<(), GroupStoreError>;
+    async fn close(&self);
+}
