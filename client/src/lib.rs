@@ -355,8 +355,8 @@ impl Client {
         .await
     }
 
-    /// Sends `message`, resending the same client seq on time-outs.
-    async fn send_message(&self, message: SendMessage) -> Result<MessageReply, ClientError> {
+    /// Sends an envelope as given, resending the same client seq on time-outs.
+    pub async fn send_message(&self, message: SendMessage) -> Result<MessageReply, ClientError> {
         let body = Bytes::from(message.encode_to_vec());
         let mut backoff = Duration::from_millis(50);
         let mut last = ClientError::Timeout;
