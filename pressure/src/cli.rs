@@ -84,9 +84,16 @@ pub struct RunArgs {
     /// New connections per second, 0 for no limit [default: 2000].
     #[arg(long)]
     connect_rate: Option<u32>,
-    /// random (random receiver per message) or fixed (fixed pairs) [default: random].
+    /// random (random receiver per message), fixed (fixed pairs) or group
+    /// (groups of --group-size users, --group-senders of them sending) [default: random].
     #[arg(long, value_name = "PATTERN")]
     pattern: Option<String>,
+    /// Members per group with --pattern group [default: 100].
+    #[arg(long)]
+    group_size: Option<u64>,
+    /// Users per group who send, with --pattern group [default: 1].
+    #[arg(long)]
+    group_senders: Option<u64>,
     /// Messages per second per user [default: 1].
     #[arg(long)]
     rate: Option<f64>,
@@ -143,8 +150,22 @@ impl RunArgs {
             s.pattern = match p.as_str() {
                 "random" | "random_pairs" => Pattern::RandomPairs,
                 "fixed" | "fixed_pairs" => Pattern::FixedPairs,
-                other => anyhow::bail!("unknown pattern {other:?}: random or fixed"),
+                "group" => Pattern::Group {
+                    size: 100,
+                    senders: 1,
+                },
+                other => anyhow::bail!("unknown pattern {other:?}: random, fixed or group"),
             };
+        }
+        if let Pattern::Group { size, senders } = &mut s.pattern {
+            if let Some(v) = self.group_size {
+                *size = v;
+            }
+            if let Some(v) = self.group_senders {
+                *senders = v;
+            }
+        } else if self.group_size.is_some() || self.group_senders.is_some() {
+            anyhow::bail!("--group-size and --group-senders go with --pattern group");
         }
         if let Some(v) = self.rate {
             s.rate = v;

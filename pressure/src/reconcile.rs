@@ -16,7 +16,11 @@ pub struct SendRecord {
     pub sender: u64,
     pub device: u16,
     pub client_seq: u64,
+    /// The receiving user, or with `group` the group.
     pub receiver: u64,
+    /// The message went to the group `receiver`.
+    #[serde(default)]
+    pub group: bool,
     /// The acked mid, or `None` when the send failed.
     pub mid: Option<u64>,
     /// The error class of a failed send.
@@ -105,8 +109,18 @@ impl Reconciliation {
 /// The devices that took part, by user: only they are expected to receive.
 pub type Topology = HashMap<u64, Vec<u16>>;
 
-/// Reconciles `ledger` for run `run` over the connected devices in `topology`.
-pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliation {
+/// The members of each group of the run, by group id.
+pub type Groups = HashMap<u64, Vec<u64>>;
+
+/// Reconciles `ledger` for run `run` over the connected devices in
+/// `topology`; a group message is expected on every device of every member
+/// in `groups` but the one it was sent from.
+pub fn reconcile(
+    ledger: &Ledger,
+    run: u64,
+    topology: &Topology,
+    groups: &Groups,
+) -> Reconciliation {
     let mut r = Reconciliation {
         sent: ledger.sends.len() as u64,
         ..Default::default()
@@ -131,18 +145,26 @@ pub fn reconcile(ledger: &Ledger, run: u64, topology: &Topology) -> Reconciliati
         r.acked += 1;
         acked_by_origin.insert((send.sender, send.device, send.client_seq), mid);
         let none = Vec::new();
-        let receiver_devices = topology
-            .get(&send.receiver)
-            .unwrap_or(&none)
-            .iter()
-            .map(|d| (send.receiver, *d));
-        let sender_devices = topology
-            .get(&send.sender)
-            .unwrap_or(&none)
-            .iter()
-            .filter(|d| **d != send.device)
-            .map(|d| (send.sender, *d));
-        for (uid, device) in receiver_devices.chain(sender_devices) {
+        let devices = |uid: u64| {
+            topology
+                .get(&uid)
+                .unwrap_or(&none)
+                .iter()
+                .map(move |d| (uid, *d))
+        };
+        let receivers: Vec<u64> = if send.group {
+            groups.get(&send.receiver).cloned().unwrap_or_default()
+        } else if send.receiver == send.sender {
+            vec![send.sender]
+        } else {
+            vec![send.receiver, send.sender]
+        };
+        let targets: Vec<(u64, u16)> = receivers
+            .into_iter()
+            .flat_map(devices)
+            .filter(|&(uid, d)| !(uid == send.sender && d == send.device))
+            .collect();
+        for (uid, device) in targets {
             r.expected += 1;
             expected_keys.insert((uid, device, mid), ());
             match counts.get(&(uid, device, mid)).copied().unwrap_or(0) {
@@ -222,6 +244,7 @@ mod tests {
             device: 0,
             client_seq: seq,
             receiver,
+            group: false,
             mid: Some(mid),
             error: None,
         }
@@ -255,7 +278,7 @@ mod tests {
 
     #[test]
     fn a_perfect_run_is_clean() {
-        let r = reconcile(&perfect(), RUN, &topo(1));
+        let r = reconcile(&perfect(), RUN, &topo(1), &Groups::new());
         assert_eq!((r.sent, r.acked, r.expected, r.delivered), (3, 3, 3, 3));
         assert_eq!(
             (r.lost, r.duplicates, r.reordered, r.unexpected),
@@ -268,7 +291,7 @@ mod tests {
     fn loss_is_counted_exactly_with_examples() {
         let mut ledger = perfect();
         ledger.deliveries.remove(1);
-        let r = reconcile(&ledger, RUN, &topo(1));
+        let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
         assert_eq!(r.lost, 1);
         assert_eq!(
             r.lost_examples,
@@ -289,7 +312,7 @@ mod tests {
         ledger.deliveries.push(got(2, 0, 100, 1, 1));
         ledger.deliveries.push(got(2, 0, 100, 1, 1));
         ledger.deliveries.push(got(2, 0, 102, 1, 3));
-        let r = reconcile(&ledger, RUN, &topo(1));
+        let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
         assert_eq!(r.duplicates, 3);
         assert_eq!(r.lost, 0);
         assert!(!r.clean());
@@ -299,7 +322,7 @@ mod tests {
     fn reordering_is_counted_per_sender_and_device() {
         let mut ledger = perfect();
         ledger.deliveries.swap(0, 2); // 102, 101, 100
-        let r = reconcile(&ledger, RUN, &topo(1));
+        let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
         assert_eq!(r.reordered, 2);
         assert!(r.clean(), "reordering is reported, not a broken promise");
     }
@@ -314,11 +337,11 @@ mod tests {
                 got(1, 1, 100, 1, 1),
             ],
         };
-        let r = reconcile(&ledger, RUN, &topo(2));
+        let r = reconcile(&ledger, RUN, &topo(2), &Groups::new());
         assert_eq!((r.expected, r.lost), (3, 0));
         let mut missing_copy = ledger.clone();
         missing_copy.deliveries.pop();
-        let r = reconcile(&missing_copy, RUN, &topo(2));
+        let r = reconcile(&missing_copy, RUN, &topo(2), &Groups::new());
         assert_eq!(r.lost, 1);
         assert_eq!(
             r.lost_examples[0].uid, 1,
@@ -327,7 +350,32 @@ mod tests {
         // A device that never connected is not expected to receive.
         let mut partial = topo(2);
         partial.insert(1, vec![0]);
-        assert_eq!(reconcile(&missing_copy, RUN, &partial).lost, 0);
+        assert_eq!(
+            reconcile(&missing_copy, RUN, &partial, &Groups::new()).lost,
+            0
+        );
+    }
+
+    #[test]
+    fn group_messages_are_expected_on_every_member_device_but_the_sending_one() {
+        let groups: Groups = [(70, vec![1, 2, 3])].into_iter().collect();
+        let mut ledger = Ledger::default();
+        ledger.sends.push(SendRecord {
+            group: true,
+            ..send(1, 1, 70, 500)
+        });
+        // Members 1 (other device), 2 and 3 on two devices each; 4 is not a member.
+        for (uid, device) in [(1, 1), (2, 0), (2, 1), (3, 0)] {
+            ledger.deliveries.push(got(uid, device, 500, 1, 1));
+        }
+        let r = reconcile(&ledger, RUN, &topo(2), &groups);
+        assert_eq!((r.expected, r.delivered), (5, 4));
+        assert_eq!(r.lost, 1);
+        assert_eq!((r.lost_examples[0].uid, r.lost_examples[0].device), (3, 1));
+        ledger.deliveries.push(got(3, 1, 500, 1, 1));
+        ledger.deliveries.push(got(4, 0, 500, 1, 1));
+        let r = reconcile(&ledger, RUN, &topo(2), &groups);
+        assert_eq!((r.lost, r.unexpected), (0, 1), "a non-member got it");
     }
 
     #[test]
@@ -338,6 +386,7 @@ mod tests {
             device: 0,
             client_seq: 4,
             receiver: 2,
+            group: false,
             mid: None,
             error: Some("timeout".into()),
         });
@@ -362,7 +411,7 @@ mod tests {
         ledger.deliveries.push(got(2, 0, 106, 1, 4));
         // And its first copy delivered again: a duplicate.
         ledger.deliveries.push(got(2, 0, 103, 1, 4));
-        let r = reconcile(&ledger, RUN, &topo(1));
+        let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
         assert_eq!(r.duplicates, 1);
         assert_eq!(r.unacked.get("timeout"), Some(&1));
         assert_eq!(r.unacked_delivered, 1);

@@ -144,7 +144,10 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         + scenario.warmup_ms
         + scenario.duration_ms
         + scenario.drain_ms;
+    // Group traffic: the groups exist before anyone connects.
+    let (groups, members) = create_groups(&scenario, &target, uid_base).await?;
     let plan = Plan {
+        groups,
         run,
         server: target.server.clone(),
         scenario: scenario.clone(),
@@ -227,7 +230,7 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         .iter()
         .map(|(uid, d)| (*uid, d.clone()))
         .collect();
-    let reconciliation = reconcile(&merged.ledger, run, &topology);
+    let reconciliation = reconcile(&merged.ledger, run, &topology, &members);
     // Rates over the time the measured work actually took: a server that
     // falls behind takes longer, and its rate says so.
     let measure_from_ns = (send_at_ms as u64 + scenario.warmup_ms) * 1_000_000;
@@ -355,6 +358,52 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         .write(&target.report_dir)
         .with_context(|| format!("writing the report to {}", target.report_dir.display()))?;
     Ok(report)
+}
+
+/// Creates the groups of a group scenario, each owned by its first user,
+/// through the HTTP API; returns their ids in order and their members.
+async fn create_groups(
+    scenario: &Scenario,
+    target: &Target,
+    uid_base: u64,
+) -> anyhow::Result<(Vec<u64>, crate::reconcile::Groups)> {
+    let ranges = scenario.pattern.groups(scenario.users);
+    if ranges.is_empty() {
+        return Ok((Vec::new(), Default::default()));
+    }
+    let tokens = natter_logic::Tokens::new(target.secret.clone());
+    let http = reqwest::Client::new();
+    let mut ids = Vec::with_capacity(ranges.len());
+    let mut members = crate::reconcile::Groups::new();
+    for range in ranges {
+        let uids: Vec<u64> = range.map(|u| uid_base + u).collect();
+        let owner = uids[0];
+        let token = tokens
+            .mint(owner, "pressure-setup", 3600)
+            .map_err(|e| anyhow::anyhow!("minting a token: {e}"))?;
+        let request = natter_proto::api::CreateGroup {
+            name: format!("pressure {owner}"),
+            members: uids[1..].to_vec(),
+            ..Default::default()
+        };
+        let response = http
+            .post(format!("http://{}/v1/groups", target.server))
+            .bearer_auth(token)
+            .json(&request)
+            .send()
+            .await
+            .context("creating a group")?;
+        let status = response.status();
+        let body = response.text().await.context("reading the answer")?;
+        if !status.is_success() {
+            anyhow::bail!("creating a group of {} failed: {status} {body}", uids.len());
+        }
+        let view: natter_proto::api::GroupView =
+            serde_json::from_str(&body).context("parsing the created group")?;
+        ids.push(view.id);
+        members.insert(view.id, uids);
+    }
+    Ok((ids, members))
 }
 
 async fn run_processes(

@@ -14,13 +14,44 @@ pub enum Pattern {
     RandomPairs,
     /// Users are paired (0↔1, 2↔3, …) and only talk to their partner.
     FixedPairs,
-    // Group traffic (`Group { size }`) slots in here once groups exist.
+    /// Users form groups of `size` consecutive users (the last may be
+    /// smaller); the first `senders` users of each group send to it.
+    Group { size: u64, senders: u64 },
 }
 
 impl Pattern {
-    /// The receiver of a sender's `k`-th message, for user indexes `0..users`.
+    /// The group index of `user`, for group traffic.
+    pub fn group_of(&self, user: u64) -> Option<u64> {
+        match self {
+            Pattern::Group { size, .. } => Some(user / (*size).max(1)),
+            _ => None,
+        }
+    }
+
+    /// Whether `user` sends at all.
+    pub fn sends(&self, user: u64) -> bool {
+        match self {
+            Pattern::Group { size, senders } => user % (*size).max(1) < *senders,
+            _ => true,
+        }
+    }
+
+    /// Groups of `users` users: each one's member indexes.
+    pub fn groups(&self, users: u64) -> Vec<std::ops::Range<u64>> {
+        match self {
+            Pattern::Group { size, .. } => (0..users)
+                .step_by((*size).max(1) as usize)
+                .map(|first| first..(first + size).min(users))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The receiver of a sender's `k`-th message, for user indexes
+    /// `0..users` (for group traffic: the index of the sender's group).
     pub fn receiver(&self, sender: u64, k: u64, users: u64, seed: u64) -> u64 {
         match self {
+            Pattern::Group { size, .. } => sender / (*size).max(1),
             Pattern::FixedPairs => {
                 let partner = sender ^ 1;
                 if partner < users {
@@ -138,6 +169,14 @@ impl Scenario {
         if self.duration_ms == 0 {
             return Err("duration must be positive".into());
         }
+        if let Pattern::Group { size, senders } = self.pattern {
+            if size < 2 || size > self.users {
+                return Err("group size must be between 2 and the number of users".into());
+            }
+            if senders == 0 || senders > size {
+                return Err("group senders must be between 1 and the group size".into());
+            }
+        }
         Ok(())
     }
 
@@ -235,6 +274,37 @@ mod tests {
         assert_eq!(Pattern::FixedPairs.receiver(3, 5, 4, 0), 2);
         // With an odd count the last user talks to its neighbour.
         assert_eq!(Pattern::FixedPairs.receiver(4, 0, 5, 0), 3);
+    }
+
+    #[test]
+    fn group_pattern_splits_users_into_groups_with_senders() {
+        let p = Pattern::Group {
+            size: 4,
+            senders: 2,
+        };
+        assert_eq!(p.groups(10), vec![0..4, 4..8, 8..10]);
+        assert_eq!((p.group_of(5), p.group_of(9)), (Some(1), Some(2)));
+        let senders: Vec<u64> = (0..10).filter(|u| p.sends(*u)).collect();
+        assert_eq!(senders, vec![0, 1, 4, 5, 8, 9]);
+        assert_eq!(p.receiver(6, 0, 10, 0), 1);
+        let bad = Scenario {
+            users: 3,
+            pattern: Pattern::Group {
+                size: 4,
+                senders: 1,
+            },
+            ..Scenario::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = Scenario {
+            users: 8,
+            pattern: Pattern::Group {
+                size: 4,
+                senders: 0,
+            },
+            ..Scenario::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]

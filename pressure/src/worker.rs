@@ -41,6 +41,9 @@ pub struct Plan {
     pub seed: u64,
     /// Heartbeat interval override for the clients.
     pub heartbeat_ms: Option<u64>,
+    /// Group traffic: the id of each group, by group index.
+    #[serde(default)]
+    pub groups: Vec<u64>,
 }
 
 impl Plan {
@@ -342,6 +345,12 @@ async fn receive_loop(shared: Arc<Shared>, uid: u64, device: u16, mut events: Ev
     let run = shared.plan.run;
     while let Some(event) = events.next().await {
         match event {
+            // Group events (created, joined, …) are the server's own messages.
+            Event::Message(m)
+                if matches!(
+                    m.body.as_ref().and_then(|b| b.content.as_ref()),
+                    Some(natter_proto::msg::Content::GroupEvent(_))
+                ) => {}
             Event::Message(m) => {
                 let now = unix_ns();
                 let payload = Payload::parse(m.body.as_ref());
@@ -398,6 +407,14 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
     let end_ns = shared.send_at_ns() + (scenario.warmup_ms + scenario.duration_ms) * 1_000_000;
     let late = Duration::from_millis(scenario.late_ms);
     let uid = plan.uid(user);
+    if !scenario.pattern.sends(user) {
+        return;
+    }
+    // Group traffic goes to the sender's group.
+    let group = scenario
+        .pattern
+        .group_of(user)
+        .and_then(|g| plan.groups.get(g as usize).copied());
     for k in 0u64.. {
         let intended_ns = shared.send_at_ns() + phase + k * interval_ns;
         if intended_ns >= end_ns {
@@ -405,11 +422,14 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
         }
         tokio::time::sleep_until(shared.instant_at(intended_ns)).await;
         let lag = Duration::from_nanos(unix_ns().saturating_sub(intended_ns));
-        let receiver = plan.uid(
-            scenario
-                .pattern
-                .receiver(user, k, scenario.users, plan.seed),
-        );
+        let receiver = match group {
+            Some(gid) => gid,
+            None => plan.uid(
+                scenario
+                    .pattern
+                    .receiver(user, k, scenario.users, plan.seed),
+            ),
+        };
         let client_seq = client.next_client_seq();
         let payload = Payload {
             run: plan.run,
@@ -428,9 +448,11 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
             result.timeline.at(shared.since_start_ms(intended_ns)).sent += 1;
         }
         shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = client
-            .send_with_seq(client_seq, receiver, payload.body(scenario.message_size))
-            .await;
+        let body = payload.body(scenario.message_size);
+        let outcome = match group {
+            Some(gid) => client.send_group_with_seq(client_seq, gid, body).await,
+            None => client.send_with_seq(client_seq, receiver, body).await,
+        };
         // Latency from the intended send time: a stalled server shows up here.
         let acked_at = unix_ns();
         let latency = Duration::from_nanos(acked_at.saturating_sub(intended_ns));
@@ -440,6 +462,7 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
             device: 0,
             client_seq,
             receiver,
+            group: group.is_some(),
             mid: None,
             error: None,
         };

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use natter_pressure::run::{execute, Mode, ServerProbe, Target};
-use natter_pressure::scenario::Scenario;
+use natter_pressure::scenario::{Pattern, Scenario};
 use natter_proto::msg::{Message, SyncReply};
 use natter_proto::{Frame, Op};
 use natter_tests::TestServer;
@@ -37,6 +37,42 @@ fn small_run(users: u64) -> Scenario {
         workers: 1,
         ..Scenario::default()
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_run_reconciles_every_member_device() {
+    let server = TestServer::start(|_| {}).await;
+    let out = tempfile::tempdir().expect("tempdir");
+    // 3 groups (50, 50, 20 members), 2 senders each, two devices per user.
+    let scenario = Scenario {
+        devices: 2,
+        rate: 3.0,
+        pattern: Pattern::Group {
+            size: 50,
+            senders: 2,
+        },
+        ..small_run(120)
+    };
+    let report = execute(
+        scenario,
+        target(&server, server.server(), out.path()),
+        Mode::Run,
+    )
+    .await
+    .expect("run");
+    let r = &report.reconciliation;
+    assert!(report.clean, "{}", report.text());
+    assert_eq!((r.lost, r.duplicates, r.unexpected), (0, 0, 0));
+    assert!(r.acked > 20, "{}", report.text());
+    // Each message: every device of every member but the sending one
+    // (99 in the groups of 50, 39 in the group of 20).
+    assert!(
+        r.expected >= r.acked * 39 && r.expected <= r.acked * 99,
+        "{}",
+        report.text()
+    );
+    assert_eq!(r.delivered, r.expected);
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
