@@ -419,6 +419,9 @@ impl Logic {
                 ));
             }
             Some(after) => {
+                // Nothing before the member's join point: the stored cursor
+                // starts there, so acks of later pushes can advance it.
+                let after = after.max(member.join_seq.saturating_sub(1));
                 let write = Write::SetCursor {
                     owner: uid,
                     device: device.into(),
@@ -434,7 +437,6 @@ impl Logic {
                 .await
                 .map_err(Logic::storage)?,
         };
-        // Nothing before the member's join point.
         let after = after.max(member.join_seq.saturating_sub(1));
         let limit = sync_limit(request.limit);
         let items = self
@@ -473,7 +475,9 @@ impl Logic {
                 .cursor(uid, device, group)
                 .await
                 .map_err(Logic::storage)?;
-            if last_seq > cursor.max(join_seq.saturating_sub(1)) {
+            // A device holds nothing from before its user joined.
+            let cursor = cursor.max(join_seq.saturating_sub(1));
+            if last_seq > cursor {
                 out.push(GroupCursor {
                     group,
                     last_seq,
