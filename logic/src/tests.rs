@@ -273,3 +273,83 @@ async fn a_user_over_the_rate_is_refused_until_the_bucket_refills() {
         .await
         .expect("bob's own bucket");
 }
+
+#[tokio::test]
+async fn a_late_joiner_cursor_starts_at_the_join_point() {
+    use natter_proto::api::{CreateGroup, JoinType};
+    use natter_proto::msg::GroupCursor;
+    let (logic, _gateway, store) = logic().await;
+    let alice = connect(&logic, 1, "phone", 10).await;
+    let g = logic
+        .groups
+        .create(
+            1,
+            CreateGroup {
+                name: "g".into(),
+                join_type: JoinType::Open,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("group")
+        .id;
+    for i in 1..=3 {
+        let message = SendMessage {
+            client_seq: i,
+            receiver: 0,
+            group: g,
+            body: Some(MessageBody::text("before carol")),
+        };
+        logic.send(&alice, message).await.expect("sent");
+    }
+    // created = 1, messages 2..=4, carol's joined event = 5 = her join point.
+    logic
+        .groups
+        .join(3, g, String::new())
+        .await
+        .expect("joined");
+    let stream = |group| SyncRequest {
+        after: None,
+        limit: 0,
+        group,
+    };
+    let reply = logic.sync(3, "phone", stream(0)).await.expect("sync");
+    let listed = GroupCursor {
+        group: g,
+        last_seq: 5,
+        cursor: 4,
+    };
+    assert_eq!(reply.groups, vec![listed]);
+    let synced = logic
+        .sync(
+            3,
+            "phone",
+            SyncRequest {
+                after: Some(0),
+                limit: 0,
+                group: g,
+            },
+        )
+        .await
+        .expect("group sync");
+    let seqs: Vec<u64> = synced.messages.iter().map(|m| m.conv_seq).collect();
+    assert_eq!((seqs, synced.cursor), (vec![5], 5));
+    // The acknowledged event advances the stored cursor past the join point.
+    logic.push_acked(3, "phone", g, 5).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.cursor(3, "phone", g).await.expect("cursor") != 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cursor never reached 5"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let reply = logic.sync(3, "phone", stream(0)).await.expect("sync");
+    assert!(reply.groups.is_empty(), "{:?}", reply.groups);
+    // Outsiders cannot sync the group.
+    let refused = logic.sync(4, "phone", stream(g)).await;
+    assert_eq!(
+        refused.map_err(|r| r.code).err(),
+        Some(ErrorCode::NotMember)
+    );
+}
