@@ -27,6 +27,8 @@ use crate::{Comet, ConnHandle, Control};
 
 /// Requests (messages, syncs) a client may have in flight on one connection.
 const MAX_PENDING_REQUESTS: usize = 128;
+/// Frames the writer sends with one flush at most.
+const WRITE_BATCH: usize = 64;
 /// Time the writer gets to flush a goodbye before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -245,27 +247,47 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Out>,
     kill: CancellationToken,
 ) {
+    let killed = kill.cancelled();
+    tokio::pin!(killed);
     loop {
         let out = tokio::select! {
             biased;
-            _ = kill.cancelled() => break,
+            _ = &mut killed => break,
             out = rx.recv() => out,
         };
-        let Some(out) = out else { break };
-        let (message, last) = match out {
-            Out::Frame(bytes) => (WsMessage::Binary(bytes), false),
-            Out::Close(code, reason) => (
-                WsMessage::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })),
-                true,
-            ),
+        let Some(mut out) = out else { break };
+        // Everything already queued goes out with one flush (one write
+        // call for a burst of frames, not one each).
+        let mut last = false;
+        let write = async {
+            let mut queued = 0;
+            loop {
+                let message = match out {
+                    Out::Frame(bytes) => WsMessage::Binary(bytes),
+                    Out::Close(code, reason) => {
+                        last = true;
+                        WsMessage::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        }))
+                    }
+                };
+                sink.feed(message).await?;
+                queued += 1;
+                if last || queued == WRITE_BATCH {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(next) => out = next,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
         };
         let sent = tokio::select! {
             biased;
-            _ = kill.cancelled() => break,
-            sent = sink.send(message) => sent,
+            _ = &mut killed => break,
+            sent = write => sent,
         };
         if sent.is_err() || last {
             break;
@@ -340,6 +362,14 @@ impl Conn {
         let mut deadline = Instant::now() + idle;
         let shutdown = self.comet.inner.shutdown.clone();
         let kill = self.handle.kill.clone();
+        // The timer and the cancellation futures live across iterations: a
+        // busy connection wakes for every frame, and re-creating them on each
+        // wake-up registered a timer and two waiters every time. The timer
+        // fires at the deadline it was set to and is moved to the current one.
+        let heartbeat = sleep_until(deadline);
+        let killed = kill.cancelled();
+        let stopping = shutdown.cancelled();
+        tokio::pin!(heartbeat, killed, stopping);
         loop {
             let step = tokio::select! {
                 message = stream.next() => match message {
@@ -357,15 +387,28 @@ impl Conn {
                         self.frame(&bytes).await
                     }
                 },
-                Some(Control::Push(delivery)) = control.recv() => self.push(delivery),
+                Some(Control::Push(delivery)) = control.recv() => self.push(delivery).and_then(|()| {
+                    // Whatever else is queued goes out in the same wake-up.
+                    while let Ok(Control::Push(delivery)) = control.try_recv() {
+                        self.push(delivery)?;
+                    }
+                    Ok(())
+                }),
                 _ = resend.tick() => self.resend(rto, config.push_retries),
-                _ = sleep_until(deadline) => Err(close(ErrorCode::HeartbeatTimeout, "no frame within the heartbeat time-out")),
-                _ = kill.cancelled() => {
+                _ = &mut heartbeat => {
+                    if Instant::now() >= deadline {
+                        Err(close(ErrorCode::HeartbeatTimeout, "no frame within the heartbeat time-out"))
+                    } else {
+                        heartbeat.as_mut().reset(deadline);
+                        Ok(())
+                    }
+                }
+                _ = &mut killed => {
                     let reason = self.handle.reason.lock().unwrap_or_else(|e| e.into_inner()).take();
                     let (code, reason) = reason.unwrap_or((ErrorCode::Internal, "closed".into()));
                     Err(Exit::Close(code, reason))
                 }
-                _ = shutdown.cancelled() => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
+                _ = &mut stopping => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
             };
             if let Err(exit) = step {
                 return exit;
@@ -404,12 +447,7 @@ impl Conn {
             Ok(frame) => frame,
             Err(e) => return self.error(e.seq(), e.code(), e.to_string()),
         };
-        self.comet
-            .inner
-            .metrics
-            .frames_in
-            .with_label_values(&[frame.op.name()])
-            .inc();
+        self.comet.inner.metrics.frame_in(frame.op);
         match frame.op {
             Op::Heartbeat => {
                 let reply = HeartbeatReply {
@@ -434,12 +472,7 @@ impl Conn {
             Op::PushAck => {
                 // An ack for a seq no longer in flight is a duplicate ack of a resent push.
                 if let Some(acked) = self.inflight.remove(&frame.ack) {
-                    self.comet
-                        .inner
-                        .metrics
-                        .pushes
-                        .with_label_values(&["acked"])
-                        .inc();
+                    self.comet.inner.metrics.push_acked.inc();
                     let logic = &self.comet.inner.logic;
                     logic
                         .push_acked(
@@ -491,7 +524,7 @@ impl Conn {
         metrics
             .ack_to_push
             .observe(delivery.acked_at.elapsed().as_secs_f64());
-        metrics.pushes.with_label_values(&["first"]).inc();
+        metrics.push_first.inc();
         let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
         self.inflight.insert(
             seq,

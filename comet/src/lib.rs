@@ -161,7 +161,10 @@ impl Gateway for Comet {
     fn push(&self, deliveries: Vec<Delivery>) {
         for delivery in deliveries {
             let conn = delivery.conn;
-            let Some(handle) = self.handle(conn) else {
+            // Queued under the bucket's read lock: no handle is cloned per push.
+            let bucket = self.bucket(conn).read().unwrap_or_else(|e| e.into_inner());
+            let Some(handle) = bucket.get(&conn) else {
+                drop(bucket);
                 // Gone since the lookup; the device syncs when it reconnects.
                 self.inner
                     .metrics

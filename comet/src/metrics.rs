@@ -2,7 +2,8 @@
 //! bounded sets, never user ids.
 
 use natter_node::telemetry::register;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use natter_proto::Op;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -12,6 +13,10 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub disconnects: IntCounterVec,
     pub ack_to_push: Histogram,
+    /// Children resolved once: these are counted on every push and ack.
+    pub push_first: IntCounter,
+    pub push_acked: IntCounter,
+    frames_in_by_op: Vec<(Op, IntCounter)>,
 }
 
 impl Metrics {
@@ -22,13 +27,29 @@ impl Metrics {
                 IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter"),
             )
         };
+        let frames_in = counter(
+            "natter_frames_in_total",
+            "Frames received, by operation.",
+            "op",
+        );
+        let pushes = counter(
+            "natter_pushes_total",
+            "Pushes, by kind (first, resend, acked, no_connection).",
+            "kind",
+        );
         Metrics {
+            push_first: pushes.with_label_values(&["first"]),
+            push_acked: pushes.with_label_values(&["acked"]),
+            frames_in_by_op: Op::ALL
+                .iter()
+                .map(|op| (*op, frames_in.with_label_values(&[op.name()])))
+                .collect(),
+            frames_in,
+            pushes,
             connections: register(
                 registry,
                 IntGauge::new("natter_connections", "Open authenticated connections.").expect("valid gauge"),
             ),
-            frames_in: counter("natter_frames_in_total", "Frames received, by operation.", "op"),
-            pushes: counter("natter_pushes_total", "Pushes, by kind (first, resend, acked, no_connection).", "kind"),
             errors: counter("natter_frame_errors_total", "Error frames sent, by reason.", "reason"),
             disconnects: counter("natter_disconnects_total", "Connections closed, by reason.", "reason"),
             ack_to_push: register(
@@ -42,6 +63,13 @@ impl Metrics {
                 )
                 .expect("valid histogram"),
             ),
+        }
+    }
+
+    /// Counts one frame received.
+    pub fn frame_in(&self, op: Op) {
+        if let Some((_, counter)) = self.frames_in_by_op.iter().find(|(o, _)| *o == op) {
+            counter.inc();
         }
     }
 }

@@ -7,7 +7,7 @@
 //! while the process is the only writer of the file.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -100,12 +100,35 @@ impl DeviceCursor {
 /// the owner's own stream.
 type CursorKey = (u64, String, u64);
 
+/// Device cursors changed since they were last written out. Cursor rows
+/// are written at most this often (and on close): a push-ack per delivery
+/// would otherwise be a row write per delivery. A crash loses at most this
+/// much cursor progress, which costs only re-delivery of messages the
+/// device already has (clients drop duplicates by mid).
+const CURSOR_FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Changed cursors held before they are written out regardless of time.
+const DIRTY_LIMIT: usize = 50_000;
+
 /// State cached by the single writer.
-#[derive(Default)]
 struct Counters {
     conv: HashMap<String, u64>,
     user: HashMap<u64, u64>,
     devices: HashMap<CursorKey, DeviceCursor>,
+    /// Cursors changed in memory and not yet written.
+    dirty: HashSet<CursorKey>,
+    flushed_at: std::time::Instant,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            conv: HashMap::new(),
+            user: HashMap::new(),
+            devices: HashMap::new(),
+            dirty: HashSet::new(),
+            flushed_at: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Counters {
@@ -117,15 +140,47 @@ impl Counters {
         if self.user.len() > CACHE_LIMIT {
             self.user.clear();
         }
-        if self.devices.len() > CACHE_LIMIT {
+        // Changed cursors are written out before their cache can go.
+        if self.devices.len() > CACHE_LIMIT && self.dirty.is_empty() {
             self.devices.clear();
         }
+    }
+
+    fn flush_due(&self) -> bool {
+        !self.dirty.is_empty()
+            && (self.flushed_at.elapsed() >= CURSOR_FLUSH_EVERY
+                || self.dirty.len() >= DIRTY_LIMIT
+                || self.devices.len() > CACHE_LIMIT)
+    }
+}
+
+/// The cursor a write moves, if any.
+fn cursor_key(write: &Write) -> Option<CursorKey> {
+    match write {
+        Write::Message(m) => Some((m.sender, m.sender_device.clone(), 0)),
+        // System messages (group events) come from no device.
+        Write::GroupMessage(m) if m.sender_device.is_empty() => None,
+        Write::GroupMessage(m) => Some((m.sender, m.sender_device.clone(), m.receiver)),
+        Write::Received {
+            owner,
+            device,
+            group,
+            ..
+        }
+        | Write::SetCursor {
+            owner,
+            device,
+            group,
+            ..
+        } => Some((*owner, device.clone(), *group)),
     }
 }
 
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: Mutex<Counters>,
+    /// Committed cursor values not yet in the tables, for [`MessageStore::cursor`].
+    unflushed: std::sync::Mutex<HashMap<CursorKey, u64>>,
 }
 
 impl SqliteStore {
@@ -167,6 +222,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             writer: Mutex::new(Counters::default()),
+            unflushed: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -487,35 +543,15 @@ async fn apply(
     };
     let mut convs = Vec::new();
     let mut users = Vec::new();
-    let mut devices: Vec<CursorKey> = Vec::new();
+    let mut devices: Vec<CursorKey> = writes.iter().filter_map(cursor_key).collect();
     for w in writes {
         match w {
             Write::Message(m) => {
                 convs.push(p2p_conversation(m.sender, m.receiver));
                 users.extend([m.sender, m.receiver]);
-                devices.push((m.sender, m.sender_device.clone(), 0));
             }
-            Write::GroupMessage(m) => {
-                convs.push(group_conversation(m.receiver));
-                // System messages (group events) come from no device.
-                if !m.sender_device.is_empty() {
-                    devices.push((m.sender, m.sender_device.clone(), m.receiver));
-                }
-            }
-            Write::Received {
-                owner,
-                device,
-                group,
-                ..
-            }
-            | Write::SetCursor {
-                owner,
-                device,
-                group,
-                ..
-            } => {
-                devices.push((*owner, device.clone(), *group));
-            }
+            Write::GroupMessage(m) => convs.push(group_conversation(m.receiver)),
+            Write::Received { .. } | Write::SetCursor { .. } => {}
         }
     }
     convs.sort_unstable();
@@ -724,30 +760,9 @@ async fn apply(
     if !received.is_empty() {
         write_rows(conn, MARK_RECEIVED_SQL, &received).await?;
     }
-    let mut cursor_rows = Vec::new();
-    let mut group_cursor_rows = Vec::new();
-    for key in &devices {
-        if let Some(c) = counters.devices.get(key) {
-            if key.2 == 0 {
-                cursor_rows.push((key.0, &key.1, c.contiguous));
-            } else {
-                group_cursor_rows.push((key.0, &key.1, key.2, c.contiguous));
-            }
-        }
-    }
-    if !cursor_rows.is_empty() {
-        sqlx::query(UPSERT_CURSORS_SQL)
-            .bind(json(cursor_rows))
-            .bind(natter_node::ids::now_ms())
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !group_cursor_rows.is_empty() {
-        sqlx::query(UPSERT_GROUP_CURSORS_SQL)
-            .bind(json(group_cursor_rows))
-            .bind(natter_node::ids::now_ms())
-            .execute(&mut *conn)
-            .await?;
+    counters.dirty.extend(devices);
+    if counters.flush_due() {
+        flush_cursors(conn, counters).await?;
     }
     touched_convs.sort_unstable();
     touched_convs.dedup();
@@ -770,25 +785,125 @@ async fn apply(
     Ok(outcomes)
 }
 
+/// Writes every changed cursor (in the caller's transaction) and marks them clean.
+async fn flush_cursors(
+    conn: &mut SqliteConnection,
+    counters: &mut Counters,
+) -> Result<(), sqlx::Error> {
+    let mut cursor_rows = Vec::new();
+    let mut group_cursor_rows = Vec::new();
+    for key in &counters.dirty {
+        if let Some(c) = counters.devices.get(key) {
+            if key.2 == 0 {
+                cursor_rows.push((key.0, &key.1, c.contiguous));
+            } else {
+                group_cursor_rows.push((key.0, &key.1, key.2, c.contiguous));
+            }
+        }
+    }
+    let now = natter_node::ids::now_ms();
+    if !cursor_rows.is_empty() {
+        sqlx::query(UPSERT_CURSORS_SQL)
+            .bind(json(cursor_rows))
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !group_cursor_rows.is_empty() {
+        sqlx::query(UPSERT_GROUP_CURSORS_SQL)
+            .bind(json(group_cursor_rows))
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    }
+    counters.dirty.clear();
+    counters.flushed_at = std::time::Instant::now();
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Applies a batch of push-acks without the database when it can: every
+    /// cursor is cached and no write-out is due. (Most batches under fan-out
+    /// are only acks.) `None` when the batch needs a transaction.
+    fn in_memory(&self, counters: &mut Counters, writes: &[Write]) -> Option<Vec<Outcome>> {
+        let mut keys = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write {
+                // A stream ack also sets the relation row's `received` flag.
+                Write::Received {
+                    owner,
+                    device,
+                    group,
+                    ..
+                } if *group != 0 => keys.push((*owner, device.clone(), *group)),
+                _ => return None,
+            }
+        }
+        if keys.iter().any(|k| !counters.devices.contains_key(k)) {
+            return None;
+        }
+        for (write, key) in writes.iter().zip(&keys) {
+            if let (Write::Received { seq, .. }, Some(cursor)) =
+                (write, counters.devices.get_mut(key))
+            {
+                cursor.mark(*seq);
+            }
+        }
+        counters.dirty.extend(keys.iter().cloned());
+        if counters.flush_due() {
+            // Marking is idempotent: the transaction marks them again and writes them out.
+            return None;
+        }
+        let mut unflushed = self.unflushed();
+        for key in keys {
+            if let Some(c) = counters.devices.get(&key) {
+                unflushed.insert(key, c.contiguous);
+            }
+        }
+        Some(vec![Outcome::Done; writes.len()])
+    }
+
+    fn unflushed(&self) -> std::sync::MutexGuard<'_, HashMap<CursorKey, u64>> {
+        self.unflushed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[async_trait]
 impl MessageStore for SqliteStore {
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         self.closed()?;
         let mut counters = self.writer.lock().await;
+        if let Some(outcomes) = self.in_memory(&mut counters, writes) {
+            return Ok(outcomes);
+        }
         // IMMEDIATE takes the write lock up front, through the busy handler: a
         // deferred transaction that meets a checkpoint restart fails at once.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         match apply(&mut tx, &mut counters, writes).await {
             Ok(outcomes) => match tx.commit().await {
-                Ok(()) => Ok(outcomes),
+                Ok(()) => {
+                    let mut unflushed = self.unflushed();
+                    if counters.dirty.is_empty() {
+                        unflushed.clear();
+                    } else {
+                        for key in writes.iter().filter_map(cursor_key) {
+                            if let Some(c) = counters.devices.get(&key) {
+                                unflushed.insert(key, c.contiguous);
+                            }
+                        }
+                    }
+                    Ok(outcomes)
+                }
                 Err(e) => {
                     // The cached counters may be ahead of what was committed.
                     *counters = Counters::default();
+                    self.unflushed().clear();
                     Err(e.into())
                 }
             },
             Err(e) => {
                 *counters = Counters::default();
+                self.unflushed().clear();
                 let _ = tx.rollback().await;
                 Err(e.into())
             }
@@ -921,6 +1036,13 @@ impl MessageStore for SqliteStore {
 
     async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError> {
         self.closed()?;
+        if let Some(cursor) = self
+            .unflushed()
+            .get(&(owner, device.to_string(), group))
+            .copied()
+        {
+            return Ok(cursor);
+        }
         let cursor = if group == 0 {
             sqlx::query_scalar::<_, i64>("SELECT cursor FROM device WHERE owner = ? AND device = ?")
                 .bind(owner as i64)
@@ -979,9 +1101,20 @@ impl MessageStore for SqliteStore {
     }
 
     async fn close(&self) {
-        // Wait for an in-flight batch, then close every connection (which
-        // checkpoints the WAL when the last one goes).
-        let _writer = self.writer.lock().await;
+        // Wait for an in-flight batch, write out changed cursors, then close
+        // every connection (which checkpoints the WAL when the last one goes).
+        let mut counters = self.writer.lock().await;
+        if !counters.dirty.is_empty() && !self.pool.is_closed() {
+            let flushed = async {
+                let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                flush_cursors(&mut tx, &mut counters).await?;
+                tx.commit().await
+            };
+            match flushed.await {
+                Ok(()) => self.unflushed().clear(),
+                Err(e) => tracing::warn!(error = %e, "device cursors not written at close"),
+            }
+        }
         self.pool.close().await;
     }
 }
@@ -1031,6 +1164,41 @@ mod tests {
                 assert!(!table_scan, "{sql}\nscans a table: {plan:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn cursor_writes_are_coalesced_and_written_out_on_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("natter.db");
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("open");
+        for seq in 1..=3 {
+            crate::suite::store_group_one(&store, 1, 9, seq).await;
+        }
+        let acks: Vec<Write> = (1..=3)
+            .map(|seq| Write::Received {
+                owner: 2,
+                device: "phone".into(),
+                group: 9,
+                seq,
+            })
+            .collect();
+        store.write_batch(&acks).await.expect("acks");
+        // Served from memory at once; not in the table yet.
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM group_cursor WHERE owner = 2")
+            .fetch_one(&store.pool)
+            .await
+            .expect("count");
+        assert_eq!(rows, 0, "cursor rows wait for the next flush");
+        store.close().await;
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("reopen");
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(1, "phone", 9).await.expect("cursor"), 3);
+        store.close().await;
     }
 
     #[tokio::test]
