@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use natter_node::config::GroupsConfig;
 use natter_proto::api::{
-    ApplicationView, CreateGroup, GroupView, JoinOutcome, JoinType, MemberPage, MemberView, Role,
-    UpdateGroup,
+    ApplicationView, CreateGroup, GroupView, JoinOutcome, JoinType, MemberPage, MemberView,
+    ReadState, Role, UpdateGroup,
 };
 use natter_proto::msg::{GroupEvent, MUTED_FOREVER};
 use natter_proto::ErrorCode;
@@ -147,6 +147,11 @@ fn event(kind: &str, actor: u64, targets: Vec<u64>, value: impl Into<String>) ->
         value: value.into(),
         until_ms: 0,
     }
+}
+
+/// Messages after the read cursor, counting from the join point.
+fn unread(last_seq: u64, read_seq: u64, join_seq: u64) -> u64 {
+    last_seq.saturating_sub(read_seq.max(join_seq.saturating_sub(1)))
 }
 
 fn now_ms() -> i64 {
@@ -292,16 +297,15 @@ impl Groups {
         Ok(self.store.groups_of(uid).await?)
     }
 
-    async fn view(&self, snapshot: &Snapshot, role: Role) -> Result<GroupView, GroupError> {
+    async fn view(&self, snapshot: &Snapshot, actor: u64) -> Result<GroupView, GroupError> {
         let g = &snapshot.group;
-        let last_seq = self
-            .messages
-            .group_seqs(&[g.id])
-            .await?
-            .first()
-            .copied()
-            .unwrap_or(0);
+        let member = snapshot.member(actor)?;
+        let last_seq = self.last_seq(g.id).await?;
+        let read_seq = self.store.read_seq(g.id, actor).await?;
         Ok(GroupView {
+            role: member.role,
+            read_seq,
+            unread: unread(last_seq, read_seq, member.join_seq),
             id: g.id,
             name: g.name.clone(),
             avatar: g.avatar.clone(),
@@ -312,7 +316,34 @@ impl Groups {
             created_ms: g.created_ms,
             dissolved: g.dissolved,
             last_seq,
-            role,
+        })
+    }
+
+    async fn last_seq(&self, gid: u64) -> Result<u64, GroupError> {
+        Ok(self
+            .messages
+            .group_seqs(&[gid])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// Marks the group read up to `seq` for the caller (on every device).
+    pub async fn mark_read(&self, actor: u64, gid: u64, seq: u64) -> Result<ReadState, GroupError> {
+        let snapshot = self.snapshot(gid).await?;
+        let member = snapshot.member(actor)?;
+        let last_seq = self.last_seq(gid).await?;
+        if seq > last_seq {
+            return refuse(
+                ErrorCode::BadRequest,
+                format!("seq {seq} is past the group's newest message ({last_seq})"),
+            );
+        }
+        let read_seq = self.store.mark_read(gid, actor, seq).await?;
+        Ok(ReadState {
+            read_seq,
+            unread: unread(last_seq, read_seq, member.join_seq),
         })
     }
 
@@ -441,8 +472,7 @@ impl Groups {
 
     pub async fn info(&self, actor: u64, gid: u64) -> Result<GroupView, GroupError> {
         let snapshot = self.snapshot(gid).await?;
-        let role = snapshot.member(actor)?.role;
-        self.view(&snapshot, role).await
+        self.view(&snapshot, actor).await
     }
 
     pub async fn mine(&self, actor: u64) -> Result<Vec<GroupView>, GroupError> {
@@ -450,8 +480,8 @@ impl Groups {
         for (gid, _) in self.store.groups_of(actor).await? {
             let snapshot = self.snapshot(gid).await?;
             // A member row removed since the list was read is skipped.
-            if let Some(m) = snapshot.members.get(&actor) {
-                views.push(self.view(&snapshot, m.role).await?);
+            if snapshot.members.contains_key(&actor) {
+                views.push(self.view(&snapshot, actor).await?);
             }
         }
         Ok(views)
@@ -759,8 +789,7 @@ impl Groups {
                 Ok(plan)
             })
             .await?;
-        let role = after.member(actor)?.role;
-        self.view(&after, role).await
+        self.view(&after, actor).await
     }
 
     /// Makes a member an admin or an admin a member (owner only).
@@ -841,8 +870,7 @@ impl Groups {
                 })
             })
             .await?;
-        let role = after.member(actor)?.role;
-        self.view(&after, role).await
+        self.view(&after, actor).await
     }
 
     /// Mutes a member for `duration_secs` (0 unmutes, -1 until unmuted).

@@ -18,13 +18,22 @@ use crate::store::*;
 
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("groups"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/sqlite/0001_groups.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("groups"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/sqlite/0001_groups.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("read cursors"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/sqlite/0002_read.sql")),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }
@@ -260,6 +269,28 @@ impl GroupStore for SqliteGroupStore {
             .collect())
     }
 
+    async fn mark_read(&self, gid: u64, uid: u64, seq: u64) -> Result<u64, GroupStoreError> {
+        let read: Option<i64> = sqlx::query_scalar(
+            "UPDATE member SET read_seq = MAX(read_seq, ?) WHERE gid = ? AND uid = ? RETURNING read_seq",
+        )
+        .bind(id(seq))
+        .bind(id(gid))
+        .bind(id(uid))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(read.unwrap_or(0) as u64)
+    }
+
+    async fn read_seq(&self, gid: u64, uid: u64) -> Result<u64, GroupStoreError> {
+        let read: Option<i64> =
+            sqlx::query_scalar("SELECT read_seq FROM member WHERE gid = ? AND uid = ?")
+                .bind(id(gid))
+                .bind(id(uid))
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(read.unwrap_or(0) as u64)
+    }
+
     async fn ping(&self) -> Result<(), GroupStoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -351,6 +382,15 @@ mod tests {
             store.groups_of(1).await.expect("mine"),
             vec![(gid, 1), (second, 1)]
         );
+        // Read cursors only move forward, and member updates keep them.
+        assert_eq!(store.mark_read(gid, 3, 5).await.expect("read"), 5);
+        assert_eq!(store.mark_read(gid, 3, 4).await.expect("read"), 5);
+        store
+            .write(gid, &[Change::PutMember(member(3, Role::Member))])
+            .await
+            .expect("write");
+        assert_eq!(store.read_seq(gid, 3).await.expect("read"), 5);
+        assert_eq!(store.read_seq(gid, 42).await.expect("read"), 0);
         store
             .write(
                 gid,

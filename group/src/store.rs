@@ -80,6 +80,11 @@ pub trait GroupStore: Send + Sync + 'static {
     async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError>;
     /// Pending applications, oldest first.
     async fn applications(&self, id: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError>;
+    /// Moves a member's read cursor forward to `seq` (never back); returns
+    /// the cursor now (0 for a non-member).
+    async fn mark_read(&self, id: u64, uid: u64, seq: u64) -> Result<u64, GroupStoreError>;
+    /// A member's read cursor (0 for a non-member or nothing read).
+    async fn read_seq(&self, id: u64, uid: u64) -> Result<u64, GroupStoreError>;
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), GroupStoreError>;
     async fn close(&self);

@@ -147,6 +147,23 @@ pub struct GroupView {
     pub last_seq: u64,
     /// The caller's role.
     pub role: Role,
+    /// The highest `conv_seq` the caller marked read (on any device).
+    pub read_seq: u64,
+    /// Messages after the caller's read cursor (and join point).
+    pub unread: u64,
+}
+
+/// `PUT /v1/groups/{id}/read`: the caller has read up to `seq`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MarkRead {
+    pub seq: u64,
+}
+
+/// A member's read state in a group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReadState {
+    pub read_seq: u64,
+    pub unread: u64,
 }
 
 /// One member.

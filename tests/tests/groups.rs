@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use natter_client::{Client, ClientError, CreateGroup, Events, GroupView, Method};
 use natter_proto::api::{
-    JoinOutcome, JoinType, MemberPage, MemberView, Role, SyncPage, UpdateGroup, Users,
+    JoinOutcome, JoinType, MemberPage, MemberView, ReadState, Role, SyncPage, UpdateGroup, Users,
 };
 use natter_proto::msg::{Content, GroupEvent, Message, MessageBody, MUTED_FOREVER};
 use natter_proto::ErrorCode;
@@ -227,6 +227,34 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
         (mine[0].id, mine[0].role, mine[0].last_seq),
         (group.id, Role::Member, 4)
     );
+    assert_eq!((mine[0].read_seq, mine[0].unread), (0, 4));
+
+    // The read cursor is per member, moves only forward, and stays in range.
+    let read = format!("/v1/groups/{}/read", group.id);
+    let state: ReadState = put(&bob, read.clone(), json!({"seq": 3}))
+        .await
+        .expect("read");
+    assert_eq!((state.read_seq, state.unread), (3, 1));
+    let state: ReadState = put(&bob, read.clone(), json!({"seq": 2}))
+        .await
+        .expect("read");
+    assert_eq!((state.read_seq, state.unread), (3, 1));
+    assert_eq!(
+        rejected(put::<ReadState>(&bob, read.clone(), json!({"seq": 99})).await).0,
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        rejected(put::<ReadState>(&dave, read.clone(), json!({"seq": 1})).await).0,
+        ErrorCode::NotMember
+    );
+    let info: GroupView = get(&bob, format!("/v1/groups/{}", group.id))
+        .await
+        .expect("info");
+    assert_eq!((info.read_seq, info.unread), (3, 1));
+    let alice_view: GroupView = get(&alice, format!("/v1/groups/{}", group.id))
+        .await
+        .expect("info");
+    assert_eq!(alice_view.read_seq, 0, "each member has their own");
     server.stop().await;
 }
 
