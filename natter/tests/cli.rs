@@ -174,6 +174,60 @@ async fn tokens_from_the_cli_work_and_kill_9_loses_nothing_acked() {
     assert!(status.success(), "{status:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acked_group_message_nor_the_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut served = serve(&data);
+    let alice = ClientConfig::new(served.addr.clone(), token(&data, 1, "phone"));
+    let (alice, _events) = Client::connect(alice).await.expect("alice connects");
+    let group = alice
+        .create_group(&natter_client::CreateGroup {
+            name: "durable".into(),
+            members: vec![2, 3],
+            ..Default::default()
+        })
+        .await
+        .expect("group created");
+    let mut acked = Vec::new();
+    for i in 0..100 {
+        let reply = alice
+            .send_group(group.id, MessageBody::text(format!("durable {i}")))
+            .await
+            .expect("acked");
+        acked.push(reply.mid);
+    }
+    served.child.kill().expect("kill -9");
+    served.child.wait().expect("reaped");
+    drop(alice);
+
+    let mut served = serve(&data);
+    let bob = ClientConfig::new(served.addr.clone(), token(&data, 2, "phone"));
+    let (bob, mut events) = Client::connect(bob).await.expect("bob connects");
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        match tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("in time")
+        {
+            Some(Event::Message(m)) if m.group == group.id && m.sender_device == "phone" => {
+                got.push(m.mid)
+            }
+            Some(_) => {}
+            None => panic!("event stream ended"),
+        }
+    }
+    assert_eq!(got, acked, "every acked group message, in order");
+    // The group itself survived: bob is still a member and may write.
+    let reply = bob
+        .send_group(group.id, MessageBody::text("still here"))
+        .await
+        .expect("member after restart");
+    assert_eq!(reply.conv_seq, 102, "created, 100 messages, this one");
+    sigterm(served.child.id());
+    assert!(served.child.wait().expect("exits").success());
+}
+
 fn sigterm(pid: u32) {
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -706,3 +706,67 @@ async fn offline_members_catch_up_on_reconnect_and_late_joiners_see_from_their_j
     assert_eq!(rest.messages[1].mid, mids[0].to_string());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_and_grants_never_pass_the_limits() {
+    let server = TestServer::start(|c| {
+        c.groups.max_members = 10;
+        c.groups.max_admins = 2;
+    })
+    .await;
+    let (owner, _events) = server.client(1, "phone").await;
+    let g = create(&owner, "race", &[], JoinType::Open).await.id;
+    let http = reqwest::Client::new();
+    // Thirty users race for nine free places.
+    let joins = (100..130u64).map(|uid| {
+        let request = http
+            .post(server.url(&format!("/v1/groups/{g}/join")))
+            .bearer_auth(server.token(uid, "phone"))
+            .json(&json!({}));
+        async move { request.send().await.expect("HTTP").status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(joins).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let full = statuses.iter().filter(|s| **s == 409).count();
+    assert_eq!((ok, full), (9, 21), "{statuses:?}");
+    let info: GroupView = get(&owner, format!("/v1/groups/{g}")).await.expect("info");
+    assert_eq!(info.member_count, 10);
+
+    // Grants race for two admin places.
+    let members: MemberPage = get(&owner, format!("/v1/groups/{g}/members?limit=20"))
+        .await
+        .expect("members");
+    let grants = members.members.iter().filter(|m| m.uid != 1).map(|m| {
+        let request = http
+            .put(server.url(&format!("/v1/groups/{g}/members/{}/role", m.uid)))
+            .bearer_auth(server.token(1, "phone"))
+            .json(&json!({"role": "admin"}));
+        async move { request.send().await.expect("HTTP").status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(grants).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    let members: MemberPage = get(&owner, format!("/v1/groups/{g}/members?limit=20"))
+        .await
+        .expect("members");
+    assert_eq!(
+        members
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Admin)
+            .count(),
+        2
+    );
+    // Every change is in the history, in order, numbered without gaps.
+    let page = owner
+        .history(&format!("g:{g}"), None, 50, &["group_event"])
+        .await
+        .expect("history");
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.conv_seq).collect();
+    let expected: Vec<u64> = (1..=12).rev().collect();
+    assert_eq!(seqs, expected, "created, 9 joined, 2 role_changed");
+    server.stop().await;
+}
