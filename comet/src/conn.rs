@@ -95,6 +95,7 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         control: control_tx,
         kill: CancellationToken::new(),
         reason: Arc::new(Mutex::new(None)),
+        session: Arc::new(std::sync::OnceLock::new()),
     };
     comet
         .bucket(conn_id)
@@ -136,6 +137,7 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
     let _ = out.try_send(Out::Frame(
         Frame::new(Op::AuthReply, auth_seq, 0, &reply).encode(),
     ));
+    let _ = handle.session.set(session.clone());
     comet.inner.metrics.connections.inc();
     tracing::debug!(conn = conn_id, uid = session.uid, device = %session.device, "connection authenticated");
 

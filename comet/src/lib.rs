@@ -49,6 +49,8 @@ struct ConnHandle {
     control: mpsc::Sender<Control>,
     kill: CancellationToken,
     reason: Arc<Mutex<Option<(ErrorCode, String)>>>,
+    /// Set once authenticated; the renewal loop reports it to logic.
+    session: Arc<std::sync::OnceLock<natter_logic::Session>>,
 }
 
 impl ConnHandle {
@@ -110,6 +112,34 @@ impl Comet {
     /// The node id this gateway registers sessions under.
     pub fn node(&self) -> &str {
         &self.inner.node
+    }
+
+    /// The sessions of every authenticated connection of this node.
+    pub fn sessions(&self) -> Vec<natter_logic::Session> {
+        let mut out = Vec::new();
+        for bucket in &self.inner.buckets {
+            let bucket = bucket.read().unwrap_or_else(|e| e.into_inner());
+            out.extend(bucket.values().filter_map(|h| h.session.get().cloned()));
+        }
+        out
+    }
+
+    /// Renews this node's sessions with logic every `every` until shutdown,
+    /// so that they outlive their TTL exactly as long as this process does.
+    pub async fn renew_sessions(self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            let sessions = self.sessions();
+            if !sessions.is_empty() {
+                self.inner.logic.heartbeat(&sessions).await;
+            }
+        }
     }
 
     /// The `/sub` route.

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use natter_proto::Op;
+use prometheus::{IntCounter, Registry};
 
 use crate::sessions::{Session, SessionDirectory};
 use crate::{Delivery, Gateway};
@@ -27,14 +28,29 @@ pub struct Outbound {
 pub struct Fanout {
     sessions: Arc<dyn SessionDirectory>,
     gateways: RwLock<HashMap<Arc<str>, Arc<dyn Gateway>>>,
+    directory_errors: IntCounter,
 }
 
 impl Fanout {
-    pub fn new(sessions: Arc<dyn SessionDirectory>) -> Fanout {
+    pub fn new(sessions: Arc<dyn SessionDirectory>, registry: &Registry) -> Fanout {
+        let directory_errors = natter_node::telemetry::register(
+            registry,
+            IntCounter::new(
+                "natter_directory_errors_total",
+                "Sessions directory calls that failed (register, unregister, renew, look-up).",
+            )
+            .expect("valid counter"),
+        );
         Fanout {
             sessions,
             gateways: RwLock::new(HashMap::new()),
+            directory_errors,
         }
+    }
+
+    /// Counts a failed call to the sessions directory.
+    pub fn directory_failed(&self) {
+        self.directory_errors.inc();
     }
 
     pub fn sessions(&self) -> &Arc<dyn SessionDirectory> {
@@ -63,6 +79,7 @@ impl Fanout {
         match self.sessions.lookup_many(users).await {
             Ok(sessions) => sessions,
             Err(e) => {
+                self.directory_failed();
                 tracing::warn!(error = %e, "session look-up failed; receivers will sync");
                 Vec::new()
             }

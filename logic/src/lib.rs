@@ -9,6 +9,7 @@
 pub mod fanout;
 pub mod limit;
 pub mod publish;
+pub mod redis_sessions;
 pub mod sessions;
 pub mod token;
 
@@ -121,6 +122,9 @@ pub trait LogicService: Send + Sync + 'static {
     async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Rejection>;
     /// Forgets a closed connection.
     async fn disconnect(&self, session: &Session);
+    /// A gateway's periodic proof of life for its open connections: their
+    /// sessions are renewed in the directory.
+    async fn heartbeat(&self, sessions: &[Session]);
     /// Runs the pipeline for one message; returns the ack once it is durable.
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection>;
     /// The device acknowledged the push at `seq` of a stream (its user's
@@ -221,6 +225,7 @@ impl Logic {
     }
 
     fn directory_failed(&self, e: sessions::DirectoryError) -> Rejection {
+        self.fanout.directory_failed();
         tracing::error!(error = %e, "sessions directory failed");
         Rejection::new(ErrorCode::Internal, "sessions directory unavailable")
     }
@@ -236,6 +241,7 @@ impl Logic {
                 .map(|s| (s, stored.receiver_seq))
                 .collect::<Vec<_>>(),
             Err(e) => {
+                self.fanout.directory_failed();
                 // The receiver syncs on reconnect; nothing acked is lost.
                 tracing::warn!(error = %e, mid = m.mid, "receiver lookup failed; relying on sync");
                 Vec::new()
@@ -247,6 +253,7 @@ impl Logic {
                     targets.extend(sessions.into_iter().map(|s| (s, stored.sender_seq)))
                 }
                 Err(e) => {
+                    self.fanout.directory_failed();
                     tracing::warn!(error = %e, mid = m.mid, "sender lookup failed; relying on sync")
                 }
             }
@@ -551,7 +558,15 @@ impl LogicService for Logic {
 
     async fn disconnect(&self, session: &Session) {
         if let Err(e) = self.fanout.sessions().unregister(session).await {
+            self.fanout.directory_failed();
             tracing::warn!(error = %e, uid = session.uid, "unregister failed");
+        }
+    }
+
+    async fn heartbeat(&self, sessions: &[Session]) {
+        if let Err(e) = self.fanout.sessions().renew(sessions).await {
+            self.fanout.directory_failed();
+            tracing::warn!(error = %e, sessions = sessions.len(), "session renewal failed");
         }
     }
 

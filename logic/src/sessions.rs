@@ -1,6 +1,7 @@
 //! The sessions directory: which gateway node and connection each online
-//! device of a user is on. Embedded: [`MemoryDirectory`]; distributed: Redis
-//! (entries with a TTL renewed by heartbeats).
+//! device of a user is on. Embedded: [`MemoryDirectory`]; distributed:
+//! [`crate::redis_sessions::RedisDirectory`] (entries with a TTL that
+//! gateways renew).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -31,6 +32,13 @@ pub trait SessionDirectory: Send + Sync + 'static {
     async fn unregister(&self, session: &Session) -> Result<(), DirectoryError>;
     /// Every online device of `uid`.
     async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError>;
+    /// Extends the lifetime of `sessions` (a gateway's live connections);
+    /// entries that are never renewed expire. The in-memory directory needs
+    /// none: it dies with its process.
+    async fn renew(&self, sessions: &[Session]) -> Result<(), DirectoryError> {
+        let _ = sessions;
+        Ok(())
+    }
     /// Every online device of each of `uids` (a group's members): one call,
     /// which a networked directory answers in one round trip.
     async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {

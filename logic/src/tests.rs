@@ -39,7 +39,7 @@ async fn logic_with(
     let registry = Registry::new();
     let (committer, _task) = Committer::start(store.clone(), 64, 64, &registry, Shutdown::new());
     let ids = Arc::new(MidGenerator::new(0).expect("worker"));
-    let fanout = Arc::new(Fanout::new(Arc::new(MemoryDirectory::default())));
+    let fanout = Arc::new(Fanout::new(Arc::new(MemoryDirectory::default()), &registry));
     let publisher = GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
     let groups = Arc::new(Groups::new(
         Arc::new(SqliteGroupStore::memory().await.expect("group store")),

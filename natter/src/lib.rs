@@ -12,18 +12,59 @@ use axum::response::IntoResponse;
 use axum::Router;
 use natter_comet::Comet;
 use natter_group::sqlite::SqliteGroupStore;
-use natter_group::Groups;
+use natter_group::{GroupStore, Groups};
+use natter_logic::redis_sessions::RedisDirectory;
+use natter_logic::SessionDirectory;
 use natter_logic::{
     Fanout, GroupPublisher, Logic, LogicParts, LogicService, MemoryDirectory, Tokens,
 };
 use natter_node::ids::MidGenerator;
-use natter_node::telemetry::{health_router, Readiness};
+use natter_node::telemetry::{health_router, watch_dependencies, Dependency, Readiness};
 use natter_node::{Config, Shutdown};
 use natter_record::sqlite::{SqliteOptions, SqliteStore};
 use natter_record::{Committer, MessageStore};
 use prometheus::Registry;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// How often `/readyz` and `natter_dependency_up` re-check the store,
+/// the group store and Redis.
+const DEPENDENCY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+struct StoreCheck(Arc<dyn MessageStore>);
+struct GroupStoreCheck(Arc<dyn GroupStore>);
+struct RedisCheck(Arc<RedisDirectory>);
+
+#[async_trait::async_trait]
+impl Dependency for StoreCheck {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
+    }
+}
+
+#[async_trait::async_trait]
+impl Dependency for GroupStoreCheck {
+    fn name(&self) -> &'static str {
+        "group_store"
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
+    }
+}
+
+#[async_trait::async_trait]
+impl Dependency for RedisCheck {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
+    }
+}
 
 /// Routes of the HTTP API, for checking the OpenAPI document against.
 pub fn http_routes() -> Vec<(&'static str, &'static str)> {
@@ -78,14 +119,34 @@ impl Server {
             committer_stop.clone(),
         );
         let group_db = config.data_dir.join("groups.db");
-        let group_store = Arc::new(
+        let group_store: Arc<dyn GroupStore> = Arc::new(
             SqliteGroupStore::open(&group_db, config.store.synchronous)
                 .await
                 .with_context(|| format!("opening {}", group_db.display()))?,
         );
         let tokens = Tokens::new(secret);
         let ids = Arc::new(MidGenerator::new(0).map_err(anyhow::Error::msg)?);
-        let fanout = Arc::new(Fanout::new(Arc::new(MemoryDirectory::default())));
+        // Sessions: in memory, or in Redis when configured.
+        let mut dependencies: Vec<Arc<dyn Dependency>> = vec![
+            Arc::new(StoreCheck(store.clone())),
+            Arc::new(GroupStoreCheck(group_store.clone())),
+        ];
+        let directory: Arc<dyn SessionDirectory> = if config.sessions.redis_url.is_empty() {
+            Arc::new(MemoryDirectory::default())
+        } else {
+            let redis = Arc::new(
+                RedisDirectory::new(
+                    &config.sessions.redis_url,
+                    &config.sessions.key_prefix,
+                    Duration::from_millis(config.sessions.ttl_ms),
+                    Duration::from_millis(config.sessions.timeout_ms),
+                )
+                .map_err(|e| anyhow::anyhow!("sessions.redis_url: {e}"))?,
+            );
+            dependencies.push(Arc::new(RedisCheck(redis.clone())));
+            redis
+        };
+        let fanout = Arc::new(Fanout::new(directory, &registry));
         let publisher =
             GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
         let groups = Arc::new(Groups::new(
@@ -128,6 +189,18 @@ impl Server {
             ))
         });
         let ready = Readiness::default();
+        let watcher = tokio::spawn({
+            let (ready, registry, stop) = (ready.clone(), registry.clone(), committer_stop.clone());
+            async move {
+                watch_dependencies(dependencies, DEPENDENCY_CHECK_EVERY, ready, &registry, stop)
+                    .await
+            }
+        });
+        let renewal = tokio::spawn(
+            comet
+                .clone()
+                .renew_sessions(Duration::from_millis(config.sessions.ttl_ms / 3)),
+        );
         let app = Router::new()
             .merge(comet.router())
             .merge(natter_record::http::router(
@@ -163,6 +236,7 @@ impl Server {
             stop.cancel();
             ready.set(false);
             comet.drain().await;
+            let _ = renewal.await;
             drop(logic);
             // Queued writes commit before the store closes, whatever happens.
             committer_stop.cancel();
@@ -170,6 +244,7 @@ impl Server {
                 let _ = retention.await;
             }
             let committed = committer_task.await;
+            let _ = watcher.await;
             groups.close().await;
             store.close().await;
             tracing::info!("natter stopped");

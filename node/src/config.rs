@@ -50,6 +50,7 @@ pub struct Config {
     pub log: LogConfig,
     pub limits: LimitsConfig,
     pub groups: GroupsConfig,
+    pub sessions: SessionsConfig,
 }
 
 impl Default for Config {
@@ -63,6 +64,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             groups: GroupsConfig::default(),
+            sessions: SessionsConfig::default(),
         }
     }
 }
@@ -225,6 +227,33 @@ impl Default for GroupsConfig {
     }
 }
 
+/// The sessions directory (which gateway node holds each online device).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// `redis://host:port/db` to keep sessions in Redis; empty keeps them in
+    /// this process's memory (the embedded shape).
+    pub redis_url: String,
+    /// Lifetime of a session entry; gateways renew their sessions every
+    /// third of it, so a crashed gateway's sessions expire after at most this.
+    pub ttl_ms: u64,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// Time a Redis command may take before it counts as failed.
+    pub timeout_ms: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            redis_url: String::new(),
+            ttl_ms: 120_000,
+            key_prefix: "natter:".into(),
+            timeout_ms: 1000,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -310,6 +339,14 @@ impl Config {
         let g = &self.groups;
         if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
             return bad("groups.max_members must be at least 2 and groups.max_mute_secs between 1 and 100 years");
+        }
+        let sessions = &self.sessions;
+        if sessions.ttl_ms < 3000 || sessions.timeout_ms == 0 {
+            return bad("sessions.ttl_ms must be at least 3000 and sessions.timeout_ms positive");
+        }
+        let url = &sessions.redis_url;
+        if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return bad("sessions.redis_url must be empty or a redis:// URL");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json");

@@ -1,0 +1,375 @@
+//! The sessions directory in Redis, for the distributed shape: every logic
+//! node sees every gateway's sessions, and a crashed gateway's sessions
+//! expire on their own.
+//!
+//! Keys (with the configured prefix `P`; `{uid}` is a hash tag, so one
+//! user's keys stay in one Redis Cluster slot):
+//!
+//! - `P{uid}:d:DEVICE` → `NODE|CONN`, with a TTL: one online device.
+//! - `P{uid}:devices` → the set of the user's devices, with the same TTL.
+//!
+//! Gateways renew their sessions' TTLs every third of it ([`renew`]);
+//! disconnects delete them at once. A look-up of many users (a group's
+//! members) is two pipelined round trips, whatever their number.
+//!
+//! [`renew`]: SessionDirectory::renew
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use crate::sessions::{DirectoryError, Session, SessionDirectory};
+
+/// Keys renewed or looked up per pipeline.
+const CHUNK: usize = 1000;
+
+/// Renews a device's entry, writing it again if it is gone (Redis was
+/// restarted or flushed) but never over a newer connection's entry.
+const RENEW: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1
+";
+
+/// Deletes a device's entry only if it still names this connection (a
+/// newer connection of the same device may have replaced it).
+const UNREGISTER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 1
+";
+
+pub struct RedisDirectory {
+    conn: ConnectionManager,
+    prefix: String,
+    ttl_ms: u64,
+    unregister: Script,
+    renew: Script,
+}
+
+fn failed(e: redis::RedisError) -> DirectoryError {
+    DirectoryError(e.to_string())
+}
+
+impl RedisDirectory {
+    /// A directory on the Redis at `url`. Connects lazily and reconnects by
+    /// itself; every command gives up after `timeout`.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<RedisDirectory, DirectoryError> {
+        let client = Client::open(url).map_err(failed)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(failed)?;
+        Ok(RedisDirectory {
+            conn,
+            prefix: prefix.to_string(),
+            ttl_ms: ttl.as_millis().max(1) as u64,
+            unregister: Script::new(UNREGISTER),
+            renew: Script::new(RENEW),
+        })
+    }
+
+    fn device_key(&self, uid: u64, device: &str) -> String {
+        format!("{}{{{uid}}}:d:{device}", self.prefix)
+    }
+
+    fn devices_key(&self, uid: u64) -> String {
+        format!("{}{{{uid}}}:devices", self.prefix)
+    }
+
+    fn value(session: &Session) -> String {
+        format!("{}|{}", session.node, session.conn)
+    }
+
+    fn parse(uid: u64, device: &str, value: &str) -> Option<Session> {
+        let (node, conn) = value.rsplit_once('|')?;
+        Some(Session {
+            uid,
+            device: device.to_string(),
+            node: Arc::from(node),
+            conn: conn.parse().ok()?,
+        })
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), DirectoryError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(failed)
+    }
+}
+
+#[async_trait]
+impl SessionDirectory for RedisDirectory {
+    async fn register(&self, session: Session) -> Result<Option<Session>, DirectoryError> {
+        let mut conn = self.conn.clone();
+        let (old,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
+            .arg(self.device_key(session.uid, &session.device))
+            .arg(Self::value(&session))
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .arg("GET")
+            .cmd("SADD")
+            .arg(self.devices_key(session.uid))
+            .arg(&session.device)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(self.devices_key(session.uid))
+            .arg(self.ttl_ms)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map_err(failed)?;
+        Ok(old
+            .and_then(|value| Self::parse(session.uid, &session.device, &value))
+            .filter(|old| *old != session))
+    }
+
+    async fn unregister(&self, session: &Session) -> Result<(), DirectoryError> {
+        let mut conn = self.conn.clone();
+        self.unregister
+            .key(self.device_key(session.uid, &session.device))
+            .key(self.devices_key(session.uid))
+            .arg(Self::value(session))
+            .arg(&session.device)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError> {
+        self.lookup_many(&[uid]).await
+    }
+
+    async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {
+        let mut out = Vec::new();
+        let mut conn = self.conn.clone();
+        for chunk in uids.chunks(CHUNK) {
+            // Round trip 1: each user's devices.
+            let mut pipe = redis::pipe();
+            for uid in chunk {
+                pipe.cmd("SMEMBERS").arg(self.devices_key(*uid));
+            }
+            let devices: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(failed)?;
+            // Round trip 2: the entries of those devices (expired ones are nil).
+            let mut pipe = redis::pipe();
+            let mut asked = Vec::new();
+            for (uid, devices) in chunk.iter().zip(devices) {
+                if devices.is_empty() {
+                    continue;
+                }
+                let cmd = pipe.cmd("MGET");
+                for device in &devices {
+                    cmd.arg(self.device_key(*uid, device));
+                }
+                asked.push((*uid, devices));
+            }
+            if asked.is_empty() {
+                continue;
+            }
+            let values: Vec<Vec<Option<String>>> =
+                pipe.query_async(&mut conn).await.map_err(failed)?;
+            for ((uid, devices), values) in asked.into_iter().zip(values) {
+                for (device, value) in devices.iter().zip(values) {
+                    if let Some(session) = value.and_then(|v| Self::parse(uid, device, &v)) {
+                        out.push(session);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn renew(&self, sessions: &[Session]) -> Result<(), DirectoryError> {
+        let mut conn = self.conn.clone();
+        // Loaded once per call; the pipeline then calls it by hash.
+        self.renew
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await
+            .map_err(failed)?;
+        for chunk in sessions.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            for s in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(self.renew.get_hash())
+                    .arg(2)
+                    .arg(self.device_key(s.uid, &s.device))
+                    .arg(self.devices_key(s.uid))
+                    .arg(Self::value(s))
+                    .arg(&s.device)
+                    .arg(self.ttl_ms)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(failed)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The machine's Redis, or `None` (said loudly) when it is absent and
+    /// this is not CI; in CI a missing Redis fails the test.
+    async fn redis(prefix: &str, ttl: Duration) -> Option<RedisDirectory> {
+        let url = std::env::var("NATTER_TEST_REDIS")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string());
+        let dir =
+            RedisDirectory::new(&url, prefix, ttl, Duration::from_secs(2)).expect("valid URL");
+        match dir.ping().await {
+            Ok(()) => Some(dir),
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIPPED: no Redis at {url} ({e}); set CI=1 to make this a failure");
+                None
+            }
+            Err(e) => panic!("Redis at {url} is needed in CI: {e}"),
+        }
+    }
+
+    fn prefix() -> String {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("random");
+        format!("natter-test:{}:", u64::from_le_bytes(bytes))
+    }
+
+    fn s(uid: u64, device: &str, node: &str, conn: u64) -> Session {
+        Session {
+            uid,
+            device: device.into(),
+            node: Arc::from(node),
+            conn,
+        }
+    }
+
+    #[tokio::test]
+    async fn register_replace_lookup_and_unregister() {
+        let Some(dir) = redis(&prefix(), Duration::from_secs(60)).await else {
+            return;
+        };
+        assert_eq!(
+            dir.register(s(1, "phone", "gw-a", 1)).await.expect("ok"),
+            None
+        );
+        assert_eq!(
+            dir.register(s(1, "laptop", "gw-b", 2)).await.expect("ok"),
+            None
+        );
+        assert_eq!(
+            dir.register(s(2, "phone", "gw-b", 3)).await.expect("ok"),
+            None
+        );
+        let mut found = dir.lookup(1).await.expect("ok");
+        found.sort_by_key(|s| s.conn);
+        assert_eq!(
+            found,
+            vec![s(1, "phone", "gw-a", 1), s(1, "laptop", "gw-b", 2)]
+        );
+        // The same device again replaces the older connection, on any node.
+        assert_eq!(
+            dir.register(s(1, "phone", "gw-b", 9)).await.expect("ok"),
+            Some(s(1, "phone", "gw-a", 1))
+        );
+        // Registering the same connection twice replaces nothing.
+        assert_eq!(
+            dir.register(s(1, "phone", "gw-b", 9)).await.expect("ok"),
+            None
+        );
+        // The replaced connection's late unregister leaves the new one.
+        dir.unregister(&s(1, "phone", "gw-a", 1)).await.expect("ok");
+        let mut many = dir.lookup_many(&[1, 2, 3]).await.expect("ok");
+        many.sort_by_key(|s| s.conn);
+        assert_eq!(
+            many,
+            vec![
+                s(1, "laptop", "gw-b", 2),
+                s(2, "phone", "gw-b", 3),
+                s(1, "phone", "gw-b", 9)
+            ]
+        );
+        dir.unregister(&s(1, "phone", "gw-b", 9)).await.expect("ok");
+        dir.unregister(&s(1, "laptop", "gw-b", 2))
+            .await
+            .expect("ok");
+        dir.unregister(&s(2, "phone", "gw-b", 3)).await.expect("ok");
+        assert!(dir.lookup_many(&[1, 2]).await.expect("ok").is_empty());
+    }
+
+    #[tokio::test]
+    async fn sessions_expire_unless_renewed() {
+        let Some(dir) = redis(&prefix(), Duration::from_millis(400)).await else {
+            return;
+        };
+        dir.register(s(7, "phone", "gw-a", 1)).await.expect("ok");
+        dir.register(s(8, "phone", "gw-a", 2)).await.expect("ok");
+        // Only user 7's gateway keeps renewing.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
+        }
+        let alive = dir.lookup_many(&[7, 8]).await.expect("ok");
+        assert_eq!(
+            alive,
+            vec![s(7, "phone", "gw-a", 1)],
+            "8 expired, 7 renewed"
+        );
+        // A renewal writes back an entry that is gone, but never over a
+        // newer connection of the same device.
+        dir.unregister(&s(7, "phone", "gw-a", 1)).await.expect("ok");
+        dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
+        assert_eq!(
+            dir.lookup(7).await.expect("ok"),
+            vec![s(7, "phone", "gw-a", 1)]
+        );
+        dir.register(s(7, "phone", "gw-b", 5)).await.expect("ok");
+        dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
+        assert_eq!(
+            dir.lookup(7).await.expect("ok"),
+            vec![s(7, "phone", "gw-b", 5)]
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            dir.lookup(7).await.expect("ok").is_empty(),
+            "expires once renewals stop"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_redis_is_an_error_not_a_hang() {
+        // Nothing listens on port 1.
+        let dir = RedisDirectory::new(
+            "redis://127.0.0.1:1/0",
+            "x:",
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+        )
+        .expect("valid URL");
+        let started = std::time::Instant::now();
+        assert!(dir.lookup(1).await.is_err());
+        assert!(dir.register(s(1, "phone", "gw", 1)).await.is_err());
+        assert!(dir.ping().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
