@@ -18,6 +18,7 @@ use natter_logic::SessionDirectory;
 use natter_logic::{
     Fanout, GroupPublisher, Logic, LogicParts, LogicService, MemoryDirectory, Tokens,
 };
+use natter_node::discovery::{self, Etcd, Registration};
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::{health_router, watch_dependencies, Dependency, Readiness};
 use natter_node::{Config, Shutdown};
@@ -66,6 +67,32 @@ impl Dependency for RedisCheck {
     }
 }
 
+/// etcd answers and this node's lease is still held.
+struct EtcdCheck(Etcd, Arc<Registration>);
+
+#[async_trait::async_trait]
+impl Dependency for EtcdCheck {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.status().await.map_err(|e| e.to_string())?;
+        if self.1.alive() {
+            Ok(())
+        } else {
+            Err("this node's lease was lost".into())
+        }
+    }
+}
+
+/// A random node name, for nodes not given one.
+fn random_node_name() -> String {
+    let mut bytes = [0u8; 6];
+    let _ = getrandom::fill(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("natter-{hex}")
+}
+
 /// Routes of the HTTP API, for checking the OpenAPI document against.
 pub fn http_routes() -> Vec<(&'static str, &'static str)> {
     [
@@ -80,6 +107,7 @@ pub fn http_routes() -> Vec<(&'static str, &'static str)> {
 /// A running embedded natter.
 pub struct Server {
     addr: SocketAddr,
+    worker: u16,
     shutdown: Shutdown,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -91,6 +119,44 @@ impl Server {
         let secret = config.secret().context("loading the token secret")?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        // Bound first: the address is what this node registers under.
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        // Discovery: register in etcd and take a worker id no live node has.
+        let registration = if config.discovery.etcd_url.is_empty() {
+            None
+        } else {
+            let d = &config.discovery;
+            let etcd = Etcd::new(&d.etcd_url, Duration::from_millis(d.timeout_ms))
+                .map_err(|e| anyhow::anyhow!("discovery.etcd_url: {e}"))?;
+            let node = if d.node.is_empty() {
+                random_node_name()
+            } else {
+                d.node.clone()
+            };
+            let advertise = if d.advertise.is_empty() {
+                addr.to_string()
+            } else {
+                d.advertise.clone()
+            };
+            let registration = discovery::register(
+                &etcd,
+                &d.prefix,
+                "serve",
+                &node,
+                &advertise,
+                Duration::from_secs(d.ttl_secs),
+            )
+            .await
+            .with_context(|| format!("registering in etcd at {}", d.etcd_url))?;
+            Some((etcd, Arc::new(registration)))
+        };
+        let worker = registration
+            .as_ref()
+            .map(|(_, r)| r.info().worker)
+            .unwrap_or(0);
         let db = config.data_dir.join("natter.db");
         let options = SqliteOptions {
             synchronous: config.store.synchronous,
@@ -125,7 +191,7 @@ impl Server {
                 .with_context(|| format!("opening {}", group_db.display()))?,
         );
         let tokens = Tokens::new(secret);
-        let ids = Arc::new(MidGenerator::new(0).map_err(anyhow::Error::msg)?);
+        let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
         // Sessions: in memory, or in Redis when configured.
         let mut dependencies: Vec<Arc<dyn Dependency>> = vec![
             Arc::new(StoreCheck(store.clone())),
@@ -146,6 +212,9 @@ impl Server {
             dependencies.push(Arc::new(RedisCheck(redis.clone())));
             redis
         };
+        if let Some((etcd, registration)) = &registration {
+            dependencies.push(Arc::new(EtcdCheck(etcd.clone(), registration.clone())));
+        }
         let fanout = Arc::new(Fanout::new(directory, &registry));
         let publisher =
             GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
@@ -220,11 +289,7 @@ impl Server {
                     .into_response()
             });
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let addr = listener.local_addr()?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "natter serving");
+        tracing::info!(%addr, worker, data_dir = %config.data_dir.display(), "natter serving");
         ready.set(true);
 
         let stop = shutdown.clone();
@@ -237,6 +302,10 @@ impl Server {
             ready.set(false);
             comet.drain().await;
             let _ = renewal.await;
+            // Leave discovery once no connection is left: the key goes now.
+            if let Some((_, registration)) = &registration {
+                registration.close().await;
+            }
             drop(logic);
             // Queued writes commit before the store closes, whatever happens.
             committer_stop.cancel();
@@ -253,6 +322,7 @@ impl Server {
         });
         Ok(Server {
             addr,
+            worker,
             shutdown,
             task,
         })
@@ -261,6 +331,11 @@ impl Server {
     /// The bound address (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The worker id in this node's message ids (from etcd, or 0).
+    pub fn worker(&self) -> u16 {
+        self.worker
     }
 
     /// Begins a graceful shutdown.

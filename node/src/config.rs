@@ -51,6 +51,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub groups: GroupsConfig,
     pub sessions: SessionsConfig,
+    pub discovery: DiscoveryConfig,
 }
 
 impl Default for Config {
@@ -65,6 +66,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             groups: GroupsConfig::default(),
             sessions: SessionsConfig::default(),
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -254,6 +256,37 @@ impl Default for SessionsConfig {
     }
 }
 
+/// Registration in etcd: where this node is, and its worker id.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// `http://host:port` of etcd; empty: no discovery, worker id 0.
+    pub etcd_url: String,
+    /// Prefix of every etcd key.
+    pub prefix: String,
+    /// This node's name; empty: a random one at each start.
+    pub node: String,
+    /// The address other nodes reach this one at; empty: the bound address.
+    pub advertise: String,
+    /// Lease time: a node that stops renewing disappears after this long.
+    pub ttl_secs: u64,
+    /// Time an etcd call may take before it counts as failed.
+    pub timeout_ms: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            etcd_url: String::new(),
+            prefix: "natter/".into(),
+            node: String::new(),
+            advertise: String::new(),
+            ttl_secs: 10,
+            timeout_ms: 2000,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -347,6 +380,18 @@ impl Config {
         let url = &sessions.redis_url;
         if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
             return bad("sessions.redis_url must be empty or a redis:// URL");
+        }
+        let d = &self.discovery;
+        if !(d.etcd_url.is_empty()
+            || d.etcd_url.starts_with("http://")
+            || d.etcd_url.starts_with("https://"))
+        {
+            return bad("discovery.etcd_url must be empty or an http:// URL");
+        }
+        if !(2..=3600).contains(&d.ttl_secs) || d.timeout_ms == 0 || d.prefix.is_empty() {
+            return bad(
+                "discovery.ttl_secs must be 2..=3600, timeout_ms positive and prefix non-empty",
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json");

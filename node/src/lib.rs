@@ -3,6 +3,7 @@
 //! shutdown ([`shutdown`]). It knows nothing of frames, storage or sockets.
 
 pub mod config;
+pub mod discovery;
 pub mod ids;
 pub mod process;
 pub mod shutdown;
