@@ -11,6 +11,7 @@
 //! frames on the wire, or how tokens are checked: the router is given an
 //! [`http::Authenticate`] implementation.
 
+mod batch;
 pub mod committer;
 pub mod http;
 pub mod retention;

@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
+use crate::batch::{cursor_key, touched, walk, CursorKey, DeviceCursor, Key, Walk};
 use crate::store::*;
 
 const MESSAGE_COLUMNS: &str =
@@ -68,37 +69,6 @@ impl Default for SqliteOptions {
 /// Entries each cache of the writer holds before it is emptied (its values
 /// reload from the tables on demand).
 const CACHE_LIMIT: usize = 200_000;
-
-/// A device's sync position, kept gap-free: everything up to `contiguous` is
-/// held by the device; `above` are positions it acknowledged past a gap. Only
-/// `contiguous` is stored, so the stored cursor never passes a message the
-/// device has not had.
-#[derive(Clone, Debug, Default)]
-struct DeviceCursor {
-    contiguous: u64,
-    above: BTreeSet<u64>,
-}
-
-impl DeviceCursor {
-    fn mark(&mut self, seq: u64) {
-        if seq > self.contiguous {
-            self.above.insert(seq);
-            while self.above.remove(&(self.contiguous + 1)) {
-                self.contiguous += 1;
-            }
-        }
-    }
-
-    /// The device holds exactly up to `seq`, and vouches for nothing after it.
-    fn set(&mut self, seq: u64) {
-        self.contiguous = seq;
-        self.above.clear();
-    }
-}
-
-/// A device's cursor of one stream: (owner, device, group), group 0 being
-/// the owner's own stream.
-type CursorKey = (u64, String, u64);
 
 /// Device cursors changed since they were last written out. Cursor rows
 /// are written at most this often (and on close): a push-ack per delivery
@@ -151,28 +121,6 @@ impl Counters {
             && (self.flushed_at.elapsed() >= CURSOR_FLUSH_EVERY
                 || self.dirty.len() >= DIRTY_LIMIT
                 || self.devices.len() > CACHE_LIMIT)
-    }
-}
-
-/// The cursor a write moves, if any.
-fn cursor_key(write: &Write) -> Option<CursorKey> {
-    match write {
-        Write::Message(m) => Some((m.sender, m.sender_device.clone(), 0)),
-        // System messages (group events) come from no device.
-        Write::GroupMessage(m) if m.sender_device.is_empty() => None,
-        Write::GroupMessage(m) => Some((m.sender, m.sender_device.clone(), m.receiver)),
-        Write::Received {
-            owner,
-            device,
-            group,
-            ..
-        }
-        | Write::SetCursor {
-            owner,
-            device,
-            group,
-            ..
-        } => Some((*owner, device.clone(), *group)),
     }
 }
 
@@ -287,8 +235,6 @@ fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
         time_ms: row.try_get("created_at")?,
     })
 }
-
-type Key<'a> = (u64, &'a str, u64);
 
 // Every batch statement takes its rows as one JSON array parameter, read
 // with `json_each`. The SQL text never changes with the batch size, so each
@@ -509,15 +455,6 @@ async fn load_cursors(
     Ok(())
 }
 
-struct RelationRow {
-    owner: u64,
-    user_seq: u64,
-    mid: u64,
-    other: u64,
-    direction: i64,
-    time_ms: i64,
-}
-
 /// Applies a batch with a handful of multi-row statements, whatever its size:
 /// one round of look-ups (duplicates, counters, cursors), then one insert per
 /// table. Statement count, not rows, is what a batch costs.
@@ -527,208 +464,35 @@ async fn apply(
     writes: &[Write],
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     // Look-ups for everything the batch touches.
-    let keys: Vec<Key<'_>> = writes
+    let touched = touched(writes);
+    let keys: Vec<Key<'_>> = touched
+        .keys
         .iter()
-        .filter_map(|w| match w {
-            Write::Message(m) | Write::GroupMessage(m) => {
-                Some((m.sender, m.sender_device.as_str(), m.client_seq))
-            }
-            _ => None,
-        })
+        .map(|(sender, device, seq)| (*sender, device.as_str(), *seq))
         .collect();
     let existing = if keys.is_empty() {
         HashMap::new()
     } else {
         find_existing(conn, &keys).await?
     };
-    let mut convs = Vec::new();
-    let mut users = Vec::new();
-    let mut devices: Vec<CursorKey> = writes.iter().filter_map(cursor_key).collect();
-    for w in writes {
-        match w {
-            Write::Message(m) => {
-                convs.push(p2p_conversation(m.sender, m.receiver));
-                users.extend([m.sender, m.receiver]);
-            }
-            Write::GroupMessage(m) => convs.push(group_conversation(m.receiver)),
-            Write::Received { .. } | Write::SetCursor { .. } => {}
-        }
-    }
-    convs.sort_unstable();
-    convs.dedup();
-    users.sort_unstable();
-    users.dedup();
-    devices.sort_unstable();
-    devices.dedup();
     counters.trim();
-    load_counters(conn, counters, &convs, &users).await?;
-    load_cursors(conn, counters, &devices).await?;
-
+    load_counters(conn, counters, &touched.convs, &touched.users).await?;
+    load_cursors(conn, counters, &touched.devices).await?;
     // Walk the batch in order, in memory.
-    let mut outcomes = Vec::with_capacity(writes.len());
-    let mut in_batch: HashMap<Key<'_>, usize> = HashMap::new();
-    let mut messages: Vec<StoredMessage> = Vec::new();
-    let mut relations: Vec<RelationRow> = Vec::new();
-    let mut received: Vec<(u64, u64)> = Vec::new();
-    let mut touched_convs: Vec<String> = Vec::new();
-    let mut touched_users: Vec<u64> = Vec::new();
-    for write in writes {
-        match write {
-            Write::Message(m) => {
-                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
-                if let Some(&i) = in_batch.get(&key) {
-                    let Outcome::Stored(earlier) = &outcomes[i] else {
-                        unreachable!("index of a message")
-                    };
-                    outcomes.push(Outcome::Stored(Stored {
-                        repeat: true,
-                        ..earlier.clone()
-                    }));
-                    continue;
-                }
-                if let Some(stored) =
-                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
-                {
-                    outcomes.push(Outcome::Stored(stored.clone()));
-                    continue;
-                }
-                let conversation = p2p_conversation(m.sender, m.receiver);
-                let conv_seq = counters.conv.get(&conversation).copied().unwrap_or(0) + 1;
-                counters.conv.insert(conversation.clone(), conv_seq);
-                let mut next_user = |owner: u64| {
-                    let seq = counters.user.get(&owner).copied().unwrap_or(0) + 1;
-                    counters.user.insert(owner, seq);
-                    seq
-                };
-                let sender_seq = next_user(m.sender);
-                let receiver_seq = if m.receiver == m.sender {
-                    sender_seq
-                } else {
-                    next_user(m.receiver)
-                };
-                let stored = StoredMessage {
-                    mid: m.mid,
-                    conversation: conversation.clone(),
-                    conv_seq,
-                    sender: m.sender,
-                    sender_device: m.sender_device.clone(),
-                    client_seq: m.client_seq,
-                    receiver: m.receiver,
-                    msg_type: m.msg_type,
-                    content: m.content.clone(),
-                    time_ms: m.time_ms,
-                };
-                let row = |owner, user_seq, other, direction| RelationRow {
-                    owner,
-                    user_seq,
-                    mid: m.mid,
-                    other,
-                    direction,
-                    time_ms: m.time_ms,
-                };
-                relations.push(row(m.sender, sender_seq, m.receiver, 1));
-                if m.receiver != m.sender {
-                    relations.push(row(m.receiver, receiver_seq, m.sender, 2));
-                }
-                // The sending device holds its own message once it has the ack.
-                counters
-                    .devices
-                    .entry((m.sender, m.sender_device.clone(), 0))
-                    .or_default()
-                    .mark(sender_seq);
-                touched_convs.push(conversation);
-                touched_users.extend([m.sender, m.receiver]);
-                in_batch.insert(key, outcomes.len());
-                messages.push(stored.clone());
-                outcomes.push(Outcome::Stored(Stored {
-                    message: stored,
-                    sender_seq,
-                    receiver_seq,
-                    repeat: false,
-                }));
-            }
-            Write::GroupMessage(m) => {
-                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
-                if let Some(&i) = in_batch.get(&key) {
-                    let Outcome::Stored(earlier) = &outcomes[i] else {
-                        unreachable!("index of a message")
-                    };
-                    outcomes.push(Outcome::Stored(Stored {
-                        repeat: true,
-                        ..earlier.clone()
-                    }));
-                    continue;
-                }
-                if let Some(stored) =
-                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
-                {
-                    outcomes.push(Outcome::Stored(stored.clone()));
-                    continue;
-                }
-                let conversation = group_conversation(m.receiver);
-                let conv_seq = counters.conv.get(&conversation).copied().unwrap_or(0) + 1;
-                counters.conv.insert(conversation.clone(), conv_seq);
-                let stored = StoredMessage {
-                    mid: m.mid,
-                    conversation: conversation.clone(),
-                    conv_seq,
-                    sender: m.sender,
-                    sender_device: m.sender_device.clone(),
-                    client_seq: m.client_seq,
-                    receiver: m.receiver,
-                    msg_type: m.msg_type,
-                    content: m.content.clone(),
-                    time_ms: m.time_ms,
-                };
-                if !m.sender_device.is_empty() {
-                    counters
-                        .devices
-                        .entry((m.sender, m.sender_device.clone(), m.receiver))
-                        .or_default()
-                        .mark(conv_seq);
-                }
-                touched_convs.push(conversation);
-                in_batch.insert(key, outcomes.len());
-                messages.push(stored.clone());
-                outcomes.push(Outcome::Stored(Stored {
-                    message: stored,
-                    sender_seq: 0,
-                    receiver_seq: 0,
-                    repeat: false,
-                }));
-            }
-            Write::Received {
-                owner,
-                device,
-                group,
-                seq,
-            } => {
-                if *group == 0 {
-                    received.push((*owner, *seq));
-                }
-                counters
-                    .devices
-                    .entry((*owner, device.clone(), *group))
-                    .or_default()
-                    .mark(*seq);
-                outcomes.push(Outcome::Done);
-            }
-            Write::SetCursor {
-                owner,
-                device,
-                group,
-                cursor,
-            } => {
-                counters
-                    .devices
-                    .entry((*owner, device.clone(), *group))
-                    .or_default()
-                    .set(*cursor);
-                outcomes.push(Outcome::Done);
-            }
-        }
-    }
-
+    let Walk {
+        outcomes,
+        messages,
+        relations,
+        received,
+        touched_convs,
+        touched_users,
+    } = walk(
+        writes,
+        &existing,
+        &mut counters.conv,
+        &mut counters.user,
+        &mut counters.devices,
+    );
     // Write it out: one statement per table.
     if !messages.is_empty() {
         let rows: Vec<_> = messages
@@ -760,12 +524,10 @@ async fn apply(
     if !received.is_empty() {
         write_rows(conn, MARK_RECEIVED_SQL, &received).await?;
     }
-    counters.dirty.extend(devices);
+    counters.dirty.extend(touched.devices);
     if counters.flush_due() {
         flush_cursors(conn, counters).await?;
     }
-    touched_convs.sort_unstable();
-    touched_convs.dedup();
     if !touched_convs.is_empty() {
         let rows: Vec<_> = touched_convs
             .iter()
@@ -773,8 +535,6 @@ async fn apply(
             .collect();
         write_rows(conn, UPSERT_CONVERSATIONS_SQL, rows).await?;
     }
-    touched_users.sort_unstable();
-    touched_users.dedup();
     if !touched_users.is_empty() {
         let rows: Vec<_> = touched_users
             .iter()

@@ -1,0 +1,316 @@
+//! The part of a write batch every store shares: which rows a batch
+//! touches, and the walk through it in memory that assigns sequence numbers,
+//! folds repeats and moves device cursors. Stores load the state the walk
+//! needs, run it, and write out what it returns.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::store::*;
+
+/// A device's sync position, kept gap-free: everything up to `contiguous` is
+/// held by the device; `above` are positions it acknowledged past a gap. Only
+/// `contiguous` is stored, so the stored cursor never passes a message the
+/// device has not had.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DeviceCursor {
+    pub(crate) contiguous: u64,
+    pub(crate) above: BTreeSet<u64>,
+}
+
+impl DeviceCursor {
+    pub(crate) fn mark(&mut self, seq: u64) {
+        if seq > self.contiguous {
+            self.above.insert(seq);
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+        }
+    }
+
+    /// The device holds exactly up to `seq`, and vouches for nothing after it.
+    pub(crate) fn set(&mut self, seq: u64) {
+        self.contiguous = seq;
+        self.above.clear();
+    }
+}
+
+/// A device's cursor of one stream: (owner, device, group), group 0 being
+/// the owner's own stream.
+pub(crate) type CursorKey = (u64, String, u64);
+
+/// The cursor a write moves, if any.
+pub(crate) fn cursor_key(write: &Write) -> Option<CursorKey> {
+    match write {
+        Write::Message(m) => Some((m.sender, m.sender_device.clone(), 0)),
+        // System messages (group events) come from no device.
+        Write::GroupMessage(m) if m.sender_device.is_empty() => None,
+        Write::GroupMessage(m) => Some((m.sender, m.sender_device.clone(), m.receiver)),
+        Write::Received {
+            owner,
+            device,
+            group,
+            ..
+        }
+        | Write::SetCursor {
+            owner,
+            device,
+            group,
+            ..
+        } => Some((*owner, device.clone(), *group)),
+    }
+}
+
+/// A dedupe key: (sender, sender device, client seq).
+pub(crate) type Key<'a> = (u64, &'a str, u64);
+
+/// A relation row: a message in one owner's stream.
+pub(crate) struct RelationRow {
+    pub(crate) owner: u64,
+    pub(crate) user_seq: u64,
+    pub(crate) mid: u64,
+    pub(crate) other: u64,
+    /// 1 outbox, 2 inbox.
+    pub(crate) direction: i64,
+    pub(crate) time_ms: i64,
+}
+
+/// Everything a batch touches, sorted and without repeats: conversations,
+/// users' streams, and device cursors.
+pub(crate) struct Touched {
+    pub(crate) convs: Vec<String>,
+    pub(crate) users: Vec<u64>,
+    pub(crate) devices: Vec<CursorKey>,
+    /// The dedupe keys of the batch's messages.
+    pub(crate) keys: Vec<(u64, String, u64)>,
+}
+
+pub(crate) fn touched(writes: &[Write]) -> Touched {
+    let mut convs = Vec::new();
+    let mut users = Vec::new();
+    let mut keys = Vec::new();
+    let mut devices: Vec<CursorKey> = writes.iter().filter_map(cursor_key).collect();
+    for w in writes {
+        match w {
+            Write::Message(m) => {
+                convs.push(p2p_conversation(m.sender, m.receiver));
+                users.extend([m.sender, m.receiver]);
+                keys.push((m.sender, m.sender_device.clone(), m.client_seq));
+            }
+            Write::GroupMessage(m) => {
+                convs.push(group_conversation(m.receiver));
+                keys.push((m.sender, m.sender_device.clone(), m.client_seq));
+            }
+            Write::Received { .. } | Write::SetCursor { .. } => {}
+        }
+    }
+    convs.sort_unstable();
+    convs.dedup();
+    users.sort_unstable();
+    users.dedup();
+    devices.sort_unstable();
+    devices.dedup();
+    keys.sort_unstable();
+    keys.dedup();
+    Touched {
+        convs,
+        users,
+        devices,
+        keys,
+    }
+}
+
+/// What a walk decided: one outcome per write, and the rows to write.
+pub(crate) struct Walk {
+    pub(crate) outcomes: Vec<Outcome>,
+    pub(crate) messages: Vec<StoredMessage>,
+    pub(crate) relations: Vec<RelationRow>,
+    /// (owner, user_seq) positions acknowledged in owners' streams.
+    pub(crate) received: Vec<(u64, u64)>,
+    pub(crate) touched_convs: Vec<String>,
+    pub(crate) touched_users: Vec<u64>,
+}
+
+/// Walks a batch in order with the last sequence numbers of every
+/// conversation and user it touches (`conv`, `user`) and the cursors of
+/// every device it touches (`devices`), all loaded; updates them in place.
+/// `existing` holds the messages already stored under the batch's dedupe keys.
+pub(crate) fn walk(
+    writes: &[Write],
+    existing: &HashMap<(u64, String, u64), Stored>,
+    conv: &mut HashMap<String, u64>,
+    user: &mut HashMap<u64, u64>,
+    devices: &mut HashMap<CursorKey, DeviceCursor>,
+) -> Walk {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    let mut in_batch: HashMap<Key<'_>, usize> = HashMap::new();
+    let mut messages: Vec<StoredMessage> = Vec::new();
+    let mut relations: Vec<RelationRow> = Vec::new();
+    let mut received: Vec<(u64, u64)> = Vec::new();
+    let mut touched_convs: Vec<String> = Vec::new();
+    let mut touched_users: Vec<u64> = Vec::new();
+    for write in writes {
+        match write {
+            Write::Message(m) => {
+                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
+                if let Some(&i) = in_batch.get(&key) {
+                    let Outcome::Stored(earlier) = &outcomes[i] else {
+                        unreachable!("index of a message")
+                    };
+                    outcomes.push(Outcome::Stored(Stored {
+                        repeat: true,
+                        ..earlier.clone()
+                    }));
+                    continue;
+                }
+                if let Some(stored) =
+                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
+                {
+                    outcomes.push(Outcome::Stored(stored.clone()));
+                    continue;
+                }
+                let conversation = p2p_conversation(m.sender, m.receiver);
+                let conv_seq = conv.get(&conversation).copied().unwrap_or(0) + 1;
+                conv.insert(conversation.clone(), conv_seq);
+                let mut next_user = |owner: u64| {
+                    let seq = user.get(&owner).copied().unwrap_or(0) + 1;
+                    user.insert(owner, seq);
+                    seq
+                };
+                let sender_seq = next_user(m.sender);
+                let receiver_seq = if m.receiver == m.sender {
+                    sender_seq
+                } else {
+                    next_user(m.receiver)
+                };
+                let stored = StoredMessage {
+                    mid: m.mid,
+                    conversation: conversation.clone(),
+                    conv_seq,
+                    sender: m.sender,
+                    sender_device: m.sender_device.clone(),
+                    client_seq: m.client_seq,
+                    receiver: m.receiver,
+                    msg_type: m.msg_type,
+                    content: m.content.clone(),
+                    time_ms: m.time_ms,
+                };
+                let row = |owner, user_seq, other, direction| RelationRow {
+                    owner,
+                    user_seq,
+                    mid: m.mid,
+                    other,
+                    direction,
+                    time_ms: m.time_ms,
+                };
+                relations.push(row(m.sender, sender_seq, m.receiver, 1));
+                if m.receiver != m.sender {
+                    relations.push(row(m.receiver, receiver_seq, m.sender, 2));
+                }
+                // The sending device holds its own message once it has the ack.
+                devices
+                    .entry((m.sender, m.sender_device.clone(), 0))
+                    .or_default()
+                    .mark(sender_seq);
+                touched_convs.push(conversation);
+                touched_users.extend([m.sender, m.receiver]);
+                in_batch.insert(key, outcomes.len());
+                messages.push(stored.clone());
+                outcomes.push(Outcome::Stored(Stored {
+                    message: stored,
+                    sender_seq,
+                    receiver_seq,
+                    repeat: false,
+                }));
+            }
+            Write::GroupMessage(m) => {
+                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
+                if let Some(&i) = in_batch.get(&key) {
+                    let Outcome::Stored(earlier) = &outcomes[i] else {
+                        unreachable!("index of a message")
+                    };
+                    outcomes.push(Outcome::Stored(Stored {
+                        repeat: true,
+                        ..earlier.clone()
+                    }));
+                    continue;
+                }
+                if let Some(stored) =
+                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
+                {
+                    outcomes.push(Outcome::Stored(stored.clone()));
+                    continue;
+                }
+                let conversation = group_conversation(m.receiver);
+                let conv_seq = conv.get(&conversation).copied().unwrap_or(0) + 1;
+                conv.insert(conversation.clone(), conv_seq);
+                let stored = StoredMessage {
+                    mid: m.mid,
+                    conversation: conversation.clone(),
+                    conv_seq,
+                    sender: m.sender,
+                    sender_device: m.sender_device.clone(),
+                    client_seq: m.client_seq,
+                    receiver: m.receiver,
+                    msg_type: m.msg_type,
+                    content: m.content.clone(),
+                    time_ms: m.time_ms,
+                };
+                if !m.sender_device.is_empty() {
+                    devices
+                        .entry((m.sender, m.sender_device.clone(), m.receiver))
+                        .or_default()
+                        .mark(conv_seq);
+                }
+                touched_convs.push(conversation);
+                in_batch.insert(key, outcomes.len());
+                messages.push(stored.clone());
+                outcomes.push(Outcome::Stored(Stored {
+                    message: stored,
+                    sender_seq: 0,
+                    receiver_seq: 0,
+                    repeat: false,
+                }));
+            }
+            Write::Received {
+                owner,
+                device,
+                group,
+                seq,
+            } => {
+                if *group == 0 {
+                    received.push((*owner, *seq));
+                }
+                devices
+                    .entry((*owner, device.clone(), *group))
+                    .or_default()
+                    .mark(*seq);
+                outcomes.push(Outcome::Done);
+            }
+            Write::SetCursor {
+                owner,
+                device,
+                group,
+                cursor,
+            } => {
+                devices
+                    .entry((*owner, device.clone(), *group))
+                    .or_default()
+                    .set(*cursor);
+                outcomes.push(Outcome::Done);
+            }
+        }
+    }
+
+    touched_convs.sort_unstable();
+    touched_convs.dedup();
+    touched_users.sort_unstable();
+    touched_users.dedup();
+    Walk {
+        outcomes,
+        messages,
+        relations,
+        received,
+        touched_convs,
+        touched_users,
+    }
+}
