@@ -7,6 +7,17 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::store::*;
 
+/// The columns of a message, as every store selects them (table alias `m`).
+pub(crate) const MESSAGE_COLUMNS: &str =
+    "m.mid, m.conv_id, m.conv_seq, m.sender, m.sender_device, m.client_seq, m.receiver, m.msg_type, m.content, m.created_at";
+
+/// The smallest mid made at `time_ms`: every message older than that has a
+/// smaller mid, so the expiry scan walks the primary key, not the table.
+pub(crate) fn expiry_mid_bound(time_ms: i64) -> i64 {
+    let elapsed = (time_ms - natter_node::ids::EPOCH_MS).max(0);
+    elapsed.saturating_mul(1 << 22)
+}
+
 /// A device's sync position, kept gap-free: everything up to `contiguous` is
 /// held by the device; `above` are positions it acknowledged past a gap. Only
 /// `contiguous` is stored, so the stored cursor never passes a message the

@@ -20,11 +20,11 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
-use crate::batch::{cursor_key, touched, walk, CursorKey, DeviceCursor, Key, Walk};
+use crate::batch::{
+    cursor_key, expiry_mid_bound, touched, walk, CursorKey, DeviceCursor, Key, Walk,
+    MESSAGE_COLUMNS,
+};
 use crate::store::*;
-
-const MESSAGE_COLUMNS: &str =
-    "m.mid, m.conv_id, m.conv_seq, m.sender, m.sender_device, m.client_seq, m.receiver, m.msg_type, m.content, m.created_at";
 
 fn migrator() -> Migrator {
     Migrator {
@@ -280,13 +280,6 @@ const UPSERT_USERS_SQL: &str = "INSERT INTO user_sequence (owner, last_seq) \
 fn json(rows: impl serde::Serialize) -> String {
     serde_json::to_string(&rows)
         .unwrap_or_else(|_| unreachable!("numbers and strings always serialize"))
-}
-
-/// The smallest mid made at `time_ms`: every message older than that has a
-/// smaller mid, so the expiry scan walks the primary key, not the table.
-fn expiry_mid_bound(time_ms: i64) -> i64 {
-    let elapsed = (time_ms - natter_node::ids::EPOCH_MS).max(0);
-    elapsed.saturating_mul(1 << 22)
 }
 
 /// Runs one of the batch statements above with its rows.

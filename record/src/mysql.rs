@@ -1,0 +1,726 @@
+//! The MySQL / MariaDB implementation of [`MessageStore`], for the
+//! distributed shape: any number of logic nodes write through it at once.
+//!
+//! Nothing is cached between batches. Each batch is one transaction that
+//! locks the sequence counters and device cursors it advances (`SELECT …
+//! FOR UPDATE`, in key order), walks the batch like every store does
+//! ([`crate::batch::walk`]), and writes each table with one multi-row
+//! statement. Two nodes that race for the same rows wait for each other;
+//! a deadlock or a duplicate from a racing insert rolls the batch back and
+//! runs it again, where the dedupe finds what the other node stored.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
+use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
+
+use crate::batch::{
+    expiry_mid_bound, touched, walk, CursorKey, DeviceCursor, Walk, MESSAGE_COLUMNS,
+};
+use crate::store::*;
+
+fn migrator() -> Migrator {
+    Migrator {
+        migrations: Cow::Owned(vec![Migration::new(
+            1,
+            Cow::Borrowed("messages"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../migrations/mysql/0001_messages.sql")),
+            false,
+        )]),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Options for [`MySqlStore::connect`].
+#[derive(Clone, Debug)]
+pub struct MySqlOptions {
+    /// Pooled connections at most.
+    pub max_connections: u32,
+    /// Wait for a pooled connection before failing.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for MySqlOptions {
+    fn default() -> Self {
+        MySqlOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Times a batch is run again after a deadlock or a racing insert.
+const RETRIES: u32 = 5;
+
+pub struct MySqlStore {
+    pool: MySqlPool,
+}
+
+fn i(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
+    Ok(StoredMessage {
+        mid: row.try_get::<i64, _>("mid")? as u64,
+        conversation: row.try_get("conv_id")?,
+        conv_seq: row.try_get::<i64, _>("conv_seq")? as u64,
+        sender: row.try_get::<i64, _>("sender")? as u64,
+        sender_device: row.try_get("sender_device")?,
+        client_seq: row.try_get::<i64, _>("client_seq")? as u64,
+        receiver: row.try_get::<i64, _>("receiver")? as u64,
+        msg_type: row.try_get::<i32, _>("msg_type")? as u32,
+        content: row.try_get("content")?,
+        time_ms: row.try_get("created_at")?,
+    })
+}
+
+/// `above` as stored: ascending positions, comma-separated.
+fn parse_above(text: &str) -> BTreeSet<u64> {
+    text.split(',').filter_map(|s| s.parse().ok()).collect()
+}
+
+fn format_above(above: &BTreeSet<u64>) -> String {
+    above
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether running the batch again may succeed: a deadlock, a lock wait
+/// time-out, or a duplicate key from an insert that raced another node's.
+fn retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(
+            db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|e| e.number()),
+            Some(1213 | 1205 | 1062)
+        ),
+        _ => false,
+    }
+}
+
+impl MySqlStore {
+    /// Connects to `url` (`mysql://user:pass@host:port/db`) and runs the migrations.
+    pub async fn connect(url: &str, options: &MySqlOptions) -> Result<MySqlStore, StoreError> {
+        let connect: MySqlConnectOptions = url.parse()?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(MySqlStore { pool })
+    }
+
+    fn closed(&self) -> Result<(), StoreError> {
+        if self.pool.is_closed() {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Messages already stored under the batch's dedupe keys, with both
+/// parties' stream positions.
+async fn find_existing(
+    conn: &mut MySqlConnection,
+    keys: &[(u64, String, u64)],
+) -> Result<HashMap<(u64, String, u64), Stored>, sqlx::Error> {
+    let mut found = HashMap::new();
+    if keys.is_empty() {
+        return Ok(found);
+    }
+    let mut q = QueryBuilder::<MySql>::new(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM message m WHERE (m.sender, m.sender_device, m.client_seq) IN "
+    ));
+    q.push_tuples(keys, |mut b, (sender, device, seq)| {
+        b.push_bind(i(*sender))
+            .push_bind(device.as_str())
+            .push_bind(i(*seq));
+    });
+    let rows = q.build().fetch_all(&mut *conn).await?;
+    for row in &rows {
+        let message = message_from_row(row)?;
+        let (mut sender_seq, mut receiver_seq) = (0, 0);
+        if message.group().is_none() {
+            let seqs: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT owner, user_seq FROM relation WHERE (owner = ? AND other = ? AND mid = ?) OR (owner = ? AND other = ? AND mid = ?)",
+            )
+            .bind(i(message.sender))
+            .bind(i(message.receiver))
+            .bind(i(message.mid))
+            .bind(i(message.receiver))
+            .bind(i(message.sender))
+            .bind(i(message.mid))
+            .fetch_all(&mut *conn)
+            .await?;
+            for (owner, seq) in seqs {
+                if owner as u64 == message.sender {
+                    sender_seq = seq as u64;
+                }
+                if owner as u64 == message.receiver {
+                    receiver_seq = seq as u64;
+                }
+            }
+        }
+        let key = (
+            message.sender,
+            message.sender_device.clone(),
+            message.client_seq,
+        );
+        found.insert(
+            key,
+            Stored {
+                message,
+                sender_seq,
+                receiver_seq,
+                repeat: true,
+            },
+        );
+    }
+    Ok(found)
+}
+
+/// Creates the missing counter rows, then locks and reads them all.
+async fn lock_counters(
+    conn: &mut MySqlConnection,
+    convs: &[String],
+    users: &[u64],
+) -> Result<(HashMap<String, u64>, HashMap<u64, u64>), sqlx::Error> {
+    let mut conv = HashMap::new();
+    let mut user = HashMap::new();
+    if !convs.is_empty() {
+        let mut q =
+            QueryBuilder::<MySql>::new("INSERT IGNORE INTO conversation (conv_id, last_seq) ");
+        q.push_values(convs, |mut b, c| {
+            b.push_bind(c.as_str()).push_bind(0i64);
+        });
+        q.build().execute(&mut *conn).await?;
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT conv_id, last_seq FROM conversation WHERE conv_id IN ",
+        );
+        q.push_tuples(convs, |mut b, c| {
+            b.push_bind(c.as_str());
+        });
+        q.push(" ORDER BY conv_id FOR UPDATE");
+        let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        conv.extend(rows.into_iter().map(|(c, s)| (c, s as u64)));
+    }
+    if !users.is_empty() {
+        let mut q =
+            QueryBuilder::<MySql>::new("INSERT IGNORE INTO user_sequence (owner, last_seq) ");
+        q.push_values(users, |mut b, u| {
+            b.push_bind(i(*u)).push_bind(0i64);
+        });
+        q.build().execute(&mut *conn).await?;
+        let mut q =
+            QueryBuilder::<MySql>::new("SELECT owner, last_seq FROM user_sequence WHERE owner IN ");
+        q.push_tuples(users, |mut b, u| {
+            b.push_bind(i(*u));
+        });
+        q.push(" ORDER BY owner FOR UPDATE");
+        let rows: Vec<(i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        user.extend(rows.into_iter().map(|(o, s)| (o as u64, s as u64)));
+    }
+    Ok((conv, user))
+}
+
+/// Creates the missing cursor rows, then locks and reads them all.
+async fn lock_cursors(
+    conn: &mut MySqlConnection,
+    keys: &[CursorKey],
+) -> Result<HashMap<CursorKey, DeviceCursor>, sqlx::Error> {
+    let mut cursors = HashMap::new();
+    if keys.is_empty() {
+        return Ok(cursors);
+    }
+    let mut q = QueryBuilder::<MySql>::new(
+        "INSERT IGNORE INTO device_cursor (owner, device, gid, cursor_seq, above, updated_at) ",
+    );
+    let now = natter_node::ids::now_ms();
+    q.push_values(keys, |mut b, (owner, device, gid)| {
+        b.push_bind(i(*owner))
+            .push_bind(device.as_str())
+            .push_bind(i(*gid))
+            .push_bind(0i64)
+            .push_bind("")
+            .push_bind(now);
+    });
+    q.build().execute(&mut *conn).await?;
+    let mut q = QueryBuilder::<MySql>::new(
+        "SELECT owner, device, gid, cursor_seq, above FROM device_cursor WHERE (owner, device, gid) IN ",
+    );
+    q.push_tuples(keys, |mut b, (owner, device, gid)| {
+        b.push_bind(i(*owner))
+            .push_bind(device.as_str())
+            .push_bind(i(*gid));
+    });
+    q.push(" ORDER BY owner, device, gid FOR UPDATE");
+    let rows: Vec<(i64, String, i64, i64, String)> =
+        q.build_query_as().fetch_all(&mut *conn).await?;
+    for (owner, device, gid, cursor, above) in rows {
+        cursors.insert(
+            (owner as u64, device, gid as u64),
+            DeviceCursor {
+                contiguous: cursor as u64,
+                above: parse_above(&above),
+            },
+        );
+    }
+    Ok(cursors)
+}
+
+/// One batch, in the caller's transaction.
+async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let touched = touched(writes);
+    let existing = find_existing(conn, &touched.keys).await?;
+    let (mut conv, mut user) = lock_counters(conn, &touched.convs, &touched.users).await?;
+    let mut devices = lock_cursors(conn, &touched.devices).await?;
+    let Walk {
+        outcomes,
+        messages,
+        relations,
+        received,
+        touched_convs,
+        touched_users,
+    } = walk(writes, &existing, &mut conv, &mut user, &mut devices);
+
+    if !messages.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO message (mid, conv_id, conv_seq, sender, sender_device, client_seq, receiver, msg_type, content, created_at) ",
+        );
+        q.push_values(&messages, |mut b, m| {
+            b.push_bind(i(m.mid))
+                .push_bind(m.conversation.as_str())
+                .push_bind(i(m.conv_seq))
+                .push_bind(i(m.sender))
+                .push_bind(m.sender_device.as_str())
+                .push_bind(i(m.client_seq))
+                .push_bind(i(m.receiver))
+                .push_bind(m.msg_type as i32)
+                .push_bind(m.content.as_slice())
+                .push_bind(m.time_ms);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    if !relations.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO relation (owner, user_seq, mid, other, direction, received, created_at) ",
+        );
+        q.push_values(&relations, |mut b, r| {
+            b.push_bind(i(r.owner))
+                .push_bind(i(r.user_seq))
+                .push_bind(i(r.mid))
+                .push_bind(i(r.other))
+                .push_bind(r.direction)
+                .push_bind(0i64)
+                .push_bind(r.time_ms);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    if !received.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new(
+            "UPDATE relation SET received = 1 WHERE (owner, user_seq) IN ",
+        );
+        q.push_tuples(&received, |mut b, (owner, seq)| {
+            b.push_bind(i(*owner)).push_bind(i(*seq));
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    if !touched_convs.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO conversation (conv_id, last_seq) ");
+        q.push_values(&touched_convs, |mut b, c| {
+            b.push_bind(c.as_str())
+                .push_bind(i(conv.get(c).copied().unwrap_or(0)));
+        });
+        q.push(" ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)");
+        q.build().execute(&mut *conn).await?;
+    }
+    if !touched_users.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO user_sequence (owner, last_seq) ");
+        q.push_values(&touched_users, |mut b, u| {
+            b.push_bind(i(*u))
+                .push_bind(i(user.get(u).copied().unwrap_or(0)));
+        });
+        q.push(" ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)");
+        q.build().execute(&mut *conn).await?;
+    }
+    if !touched.devices.is_empty() {
+        let now = natter_node::ids::now_ms();
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO device_cursor (owner, device, gid, cursor_seq, above, updated_at) ",
+        );
+        q.push_values(&touched.devices, |mut b, key| {
+            let cursor = devices.get(key).cloned().unwrap_or_default();
+            b.push_bind(i(key.0))
+                .push_bind(key.1.as_str())
+                .push_bind(i(key.2))
+                .push_bind(i(cursor.contiguous))
+                .push_bind(format_above(&cursor.above))
+                .push_bind(now);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE cursor_seq = VALUES(cursor_seq), above = VALUES(above), updated_at = VALUES(updated_at)",
+        );
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(outcomes)
+}
+
+#[async_trait]
+impl MessageStore for MySqlStore {
+    async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
+        self.closed()?;
+        let mut attempt = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            match apply(&mut tx, writes).await {
+                Ok(outcomes) => match tx.commit().await {
+                    Ok(()) => return Ok(outcomes),
+                    Err(e) if retryable(&e) && attempt < RETRIES => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    if !(retryable(&e) && attempt < RETRIES) {
+                        return Err(e.into());
+                    }
+                    tracing::debug!(error = %e, attempt, "batch raced another writer; running it again");
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
+        self.closed()?;
+        let mut b = QueryBuilder::<MySql>::new(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid WHERE r.owner = "
+        ));
+        b.push_bind(i(q.owner))
+            .push(" AND r.other = ")
+            .push_bind(i(q.other))
+            .push(" AND r.mid < ")
+            .push_bind(q.before.map(i).unwrap_or(i64::MAX));
+        if !q.types.is_empty() {
+            b.push(" AND m.msg_type IN ");
+            b.push_tuples(&q.types, |mut t, ty| {
+                t.push_bind(*ty as i32);
+            });
+        }
+        b.push(" ORDER BY r.mid DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn sync(&self, owner: u64, after: u64, limit: u32) -> Result<Vec<SyncItem>, StoreError> {
+        self.closed()?;
+        let rows = sqlx::query(&format!(
+            "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid
+             WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
+        ))
+        .bind(i(owner))
+        .bind(i(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(|row| {
+                Ok(SyncItem {
+                    user_seq: row.try_get::<i64, _>("user_seq")? as u64,
+                    message: message_from_row(row)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(items)
+    }
+
+    async fn group_history(&self, q: &GroupHistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
+        self.closed()?;
+        let conv = group_conversation(q.group);
+        let mut b = QueryBuilder::<MySql>::new(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.conv_id = "
+        ));
+        b.push_bind(conv.clone())
+            .push(" AND m.conv_seq >= ")
+            .push_bind(i(q.from_seq));
+        if let Some(before) = q.before {
+            // A `before` that is not a message of this group gives an empty page.
+            b.push(" AND m.conv_seq < COALESCE((SELECT x.conv_seq FROM message x WHERE x.mid = ")
+                .push_bind(i(before))
+                .push(" AND x.conv_id = ")
+                .push_bind(conv)
+                .push("), 0)");
+        }
+        if !q.types.is_empty() {
+            b.push(" AND m.msg_type IN ");
+            b.push_tuples(&q.types, |mut t, ty| {
+                t.push_bind(*ty as i32);
+            });
+        }
+        b.push(" ORDER BY m.conv_seq DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn group_sync(
+        &self,
+        group: u64,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.closed()?;
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.conv_id = ? AND m.conv_seq > ? ORDER BY m.conv_seq LIMIT ?"
+        ))
+        .bind(group_conversation(group))
+        .bind(i(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn group_seqs(&self, groups: &[u64]) -> Result<Vec<u64>, StoreError> {
+        self.closed()?;
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let convs: Vec<String> = groups.iter().map(|g| group_conversation(*g)).collect();
+        let mut b = QueryBuilder::<MySql>::new(
+            "SELECT conv_id, last_seq FROM conversation WHERE conv_id IN ",
+        );
+        b.push_tuples(&convs, |mut t, c| {
+            t.push_bind(c.as_str());
+        });
+        let rows: Vec<(String, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
+        let known: HashMap<String, u64> = rows.into_iter().map(|(c, s)| (c, s as u64)).collect();
+        Ok(convs
+            .iter()
+            .map(|c| known.get(c).copied().unwrap_or(0))
+            .collect())
+    }
+
+    async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError> {
+        self.closed()?;
+        let cursor: Option<i64> = sqlx::query_scalar(
+            "SELECT cursor_seq FROM device_cursor WHERE owner = ? AND device = ? AND gid = ?",
+        )
+        .bind(i(owner))
+        .bind(device)
+        .bind(i(group))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(cursor.unwrap_or(0) as u64)
+    }
+
+    async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.closed()?;
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ? FOR UPDATE",
+        )
+        .bind(expiry_mid_bound(before_ms))
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        for (mid, sender, receiver) in &rows {
+            sqlx::query(
+                "DELETE FROM relation WHERE (owner = ? AND other = ? AND mid = ?) OR (owner = ? AND other = ? AND mid = ?)",
+            )
+            .bind(sender)
+            .bind(receiver)
+            .bind(mid)
+            .bind(receiver)
+            .bind(sender)
+            .bind(mid)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM message WHERE mid = ?")
+                .bind(mid)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.closed()?;
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A fresh database per test on the machine's MariaDB/MySQL, dropped at
+/// the end. `None` (said loudly) when there is none and this is not CI.
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing {
+    use super::*;
+
+    /// The server tests use: `NATTER_TEST_MYSQL`, else the local root.
+    pub fn server_url() -> String {
+        std::env::var("NATTER_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+    }
+
+    /// Creates an empty database; returns its URL, or `None` when there is
+    /// no server (and this is not CI, where that is a failure).
+    pub async fn fresh_database() -> Option<(String, String)> {
+        let admin = format!("{}/test", server_url());
+        let pool = match MySqlPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&admin)
+            .await
+        {
+            Ok(pool) => pool,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!(
+                    "SKIPPED: no MySQL/MariaDB at {admin} ({e}); set CI=1 to make this a failure"
+                );
+                return None;
+            }
+            Err(e) => panic!("MySQL/MariaDB at {admin} is needed in CI: {e}"),
+        };
+        let mut bytes = [0u8; 6];
+        getrandom::fill(&mut bytes).expect("random");
+        let name = format!(
+            "natter_t_{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .expect("create database");
+        pool.close().await;
+        Some((format!("{}/{name}", server_url()), name))
+    }
+
+    /// Drops a database made by [`fresh_database`].
+    pub async fn drop_database(name: &str) {
+        let admin = format!("{}/test", server_url());
+        if let Ok(pool) = MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin)
+            .await
+        {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn mysql_passes_the_store_suite() {
+        let Some((_, probe)) = fresh_database().await else {
+            return;
+        };
+        drop_database(&probe).await;
+        let made: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = made.clone();
+        crate::suite::run_all(move || {
+            let record = record.clone();
+            async move {
+                let (url, name) = fresh_database().await.expect("database");
+                record.lock().expect("lock").push(name);
+                MySqlStore::connect(&url, &MySqlOptions::default())
+                    .await
+                    .expect("store")
+            }
+        })
+        .await;
+        let names = made.lock().expect("lock").clone();
+        for name in names {
+            drop_database(&name).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn two_writers_racing_on_one_conversation_number_it_without_gaps() {
+        let Some((url, name)) = fresh_database().await else {
+            return;
+        };
+        // Two stores on one database: two logic nodes.
+        let a = Arc::new(
+            MySqlStore::connect(&url, &MySqlOptions::default())
+                .await
+                .expect("a"),
+        );
+        let b = Arc::new(
+            MySqlStore::connect(&url, &MySqlOptions::default())
+                .await
+                .expect("b"),
+        );
+        let mut tasks = Vec::new();
+        for (n, store) in [a.clone(), b.clone()].into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                for k in 0..40u64 {
+                    let client_seq = n as u64 * 1000 + k + 1;
+                    // Both write the same conversation and the same users.
+                    let batch = vec![Write::Message(crate::suite::text(1, 2, client_seq))];
+                    store.write_batch(&batch).await.expect("batch");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("writer");
+        }
+        let page = a
+            .history(&HistoryQuery {
+                owner: 1,
+                other: 2,
+                before: None,
+                limit: 100,
+                types: vec![],
+            })
+            .await
+            .expect("history");
+        let mut seqs: Vec<u64> = page.iter().map(|m| m.conv_seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
+        let stream: Vec<u64> = b
+            .sync(2, 0, 500)
+            .await
+            .expect("sync")
+            .iter()
+            .map(|s| s.user_seq)
+            .collect();
+        assert_eq!(stream, (1..=80).collect::<Vec<u64>>());
+        a.close().await;
+        b.close().await;
+        drop_database(&name).await;
+    }
+}
