@@ -12,9 +12,12 @@
 //! which `logic` implements.
 
 pub mod http;
+pub mod mysql;
 pub mod service;
 pub mod sqlite;
 pub mod store;
+#[cfg(test)]
+mod suite;
 
 pub use service::{GroupError, Groups, Publisher, Snapshot};
 pub use store::{GroupStore, GroupStoreError};

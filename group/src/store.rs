@@ -89,3 +89,23 @@ pub trait GroupStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), GroupStoreError>;
     async fn close(&self);
 }
+
+/// A role as stored (`owner`, `admin`, `member`).
+pub(crate) fn role_from(s: &str) -> Result<Role, GroupStoreError> {
+    match s {
+        "owner" => Ok(Role::Owner),
+        "admin" => Ok(Role::Admin),
+        "member" => Ok(Role::Member),
+        other => Err(GroupStoreError::Corrupt(format!("role {other:?}"))),
+    }
+}
+
+/// A join type as stored (`open`, `approval`, `invite_only`).
+pub(crate) fn join_type_from(s: &str) -> Result<JoinType, GroupStoreError> {
+    match s {
+        "open" => Ok(JoinType::Open),
+        "approval" => Ok(JoinType::Approval),
+        "invite_only" => Ok(JoinType::InviteOnly),
+        other => Err(GroupStoreError::Corrupt(format!("join type {other:?}"))),
+    }
+}

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Router;
 use natter_comet::Comet;
+use natter_group::mysql::MySqlGroupStore;
 use natter_group::sqlite::SqliteGroupStore;
 use natter_group::{GroupStore, Groups};
 use natter_logic::redis_sessions::RedisDirectory;
@@ -22,6 +23,7 @@ use natter_node::discovery::{self, Etcd, Registration};
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::{health_router, watch_dependencies, Dependency, Readiness};
 use natter_node::{Config, Shutdown};
+use natter_record::mysql::{MySqlOptions, MySqlStore};
 use natter_record::sqlite::{SqliteOptions, SqliteStore};
 use natter_record::{Committer, MessageStore};
 use prometheus::Registry;
@@ -157,17 +159,29 @@ impl Server {
             .as_ref()
             .map(|(_, r)| r.info().worker)
             .unwrap_or(0);
-        let db = config.data_dir.join("natter.db");
-        let options = SqliteOptions {
-            synchronous: config.store.synchronous,
-            readers: config.store.readers,
-            acquire_timeout: std::time::Duration::from_millis(config.store.acquire_timeout_ms),
+        let store: Arc<dyn MessageStore> = if config.store.mysql_url.is_empty() {
+            let db = config.data_dir.join("natter.db");
+            let options = SqliteOptions {
+                synchronous: config.store.synchronous,
+                readers: config.store.readers,
+                acquire_timeout: Duration::from_millis(config.store.acquire_timeout_ms),
+            };
+            Arc::new(
+                SqliteStore::open(&db, &options)
+                    .await
+                    .with_context(|| format!("opening {}", db.display()))?,
+            )
+        } else {
+            let options = MySqlOptions {
+                max_connections: config.store.mysql_max_connections,
+                acquire_timeout: Duration::from_millis(config.store.acquire_timeout_ms),
+            };
+            Arc::new(
+                MySqlStore::connect(&config.store.mysql_url, &options)
+                    .await
+                    .context("connecting to MySQL (store.mysql_url)")?,
+            )
         };
-        let store: Arc<dyn MessageStore> = Arc::new(
-            SqliteStore::open(&db, &options)
-                .await
-                .with_context(|| format!("opening {}", db.display()))?,
-        );
 
         let registry = Registry::new();
         natter_node::telemetry::register(
@@ -184,12 +198,24 @@ impl Server {
             &registry,
             committer_stop.clone(),
         );
-        let group_db = config.data_dir.join("groups.db");
-        let group_store: Arc<dyn GroupStore> = Arc::new(
-            SqliteGroupStore::open(&group_db, config.store.synchronous)
+        let group_store: Arc<dyn GroupStore> = if config.store.mysql_url.is_empty() {
+            let group_db = config.data_dir.join("groups.db");
+            Arc::new(
+                SqliteGroupStore::open(&group_db, config.store.synchronous)
+                    .await
+                    .with_context(|| format!("opening {}", group_db.display()))?,
+            )
+        } else {
+            Arc::new(
+                MySqlGroupStore::connect(
+                    &config.store.mysql_url,
+                    config.store.mysql_max_connections,
+                    Duration::from_millis(config.store.acquire_timeout_ms),
+                )
                 .await
-                .with_context(|| format!("opening {}", group_db.display()))?,
-        );
+                .context("connecting to MySQL for groups (store.mysql_url)")?,
+            )
+        };
         let tokens = Tokens::new(secret);
         let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
         // Sessions: in memory, or in Redis when configured.

@@ -173,6 +173,12 @@ pub struct StoreConfig {
     pub acquire_timeout_ms: u64,
     /// Messages older than this many days are deleted; 0 keeps them forever.
     pub retention_days: u32,
+    /// `mysql://user:pass@host:port/db` keeps messages and groups in
+    /// MySQL/MariaDB (shared by any number of nodes); empty keeps them in
+    /// SQLite files under the data dir.
+    pub mysql_url: String,
+    /// Pooled MySQL connections at most (per store).
+    pub mysql_max_connections: u32,
 }
 
 impl Default for StoreConfig {
@@ -184,6 +190,8 @@ impl Default for StoreConfig {
             readers: 4,
             acquire_timeout_ms: 5_000,
             retention_days: 0,
+            mysql_url: String::new(),
+            mysql_max_connections: 16,
         }
     }
 }
@@ -380,6 +388,14 @@ impl Config {
         let url = &sessions.redis_url;
         if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
             return bad("sessions.redis_url must be empty or a redis:// URL");
+        }
+        let store = &self.store;
+        if !(store.mysql_url.is_empty()
+            || store.mysql_url.starts_with("mysql://")
+            || store.mysql_url.starts_with("mariadb://"))
+            || store.mysql_max_connections == 0
+        {
+            return bad("store.mysql_url must be empty or a mysql:// URL, and store.mysql_max_connections positive");
         }
         let d = &self.discovery;
         if !(d.etcd_url.is_empty()

@@ -32,6 +32,8 @@ fn migrator() -> Migrator {
             Cow::Borrowed(include_str!("../migrations/mysql/0001_messages.sql")),
             false,
         )]),
+        // The group store's migrations (1001 on) live in the same database.
+        ignore_missing: true,
         ..Migrator::DEFAULT
     }
 }

@@ -1,0 +1,284 @@
+//! The MySQL / MariaDB implementation of [`GroupStore`], for the
+//! distributed shape. It shares its database with the message store; its
+//! migrations are numbered from 1001 so the two sets never collide.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
+use sqlx::{MySqlConnection, MySqlPool, Row};
+
+use crate::store::*;
+
+fn migrator() -> Migrator {
+    Migrator {
+        migrations: Cow::Owned(vec![Migration::new(
+            1001,
+            Cow::Borrowed("groups"),
+            MigrationType::Simple,
+            Cow::Borrowed(include_str!("../migrations/mysql/1001_groups.sql")),
+            false,
+        )]),
+        // The message store's migrations live in the same database.
+        ignore_missing: true,
+        ..Migrator::DEFAULT
+    }
+}
+
+fn id(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn group_from(row: &MySqlRow) -> Result<GroupRecord, GroupStoreError> {
+    Ok(GroupRecord {
+        id: row.try_get::<i64, _>("gid")? as u64,
+        name: row.try_get("name")?,
+        avatar: row.try_get("avatar")?,
+        owner: row.try_get::<i64, _>("owner")? as u64,
+        join_type: join_type_from(row.try_get("join_type")?)?,
+        mute_all: row.try_get::<i8, _>("mute_all")? != 0,
+        dissolved: row.try_get::<i8, _>("dissolved")? != 0,
+        created_ms: row.try_get("created_at")?,
+    })
+}
+
+fn member_from(row: &MySqlRow) -> Result<MemberRecord, GroupStoreError> {
+    Ok(MemberRecord {
+        uid: row.try_get::<i64, _>("uid")? as u64,
+        role: role_from(row.try_get("role")?)?,
+        nickname: row.try_get("nickname")?,
+        joined_ms: row.try_get("joined_at")?,
+        join_seq: row.try_get::<i64, _>("join_seq")? as u64,
+        muted_until_ms: row.try_get("muted_until")?,
+    })
+}
+
+pub struct MySqlGroupStore {
+    pool: MySqlPool,
+}
+
+impl MySqlGroupStore {
+    /// Connects to `url` and runs the migrations.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<MySqlGroupStore, GroupStoreError> {
+        let connect: MySqlConnectOptions = url.parse()?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(MySqlGroupStore { pool })
+    }
+}
+
+async fn put_member(
+    conn: &mut MySqlConnection,
+    gid: u64,
+    m: &MemberRecord,
+) -> Result<(), sqlx::Error> {
+    // The read cursor is not part of a member update: it is kept.
+    sqlx::query(
+        "INSERT INTO member (gid, uid, role, nickname, joined_at, join_seq, muted_until) VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON DUPLICATE KEY UPDATE role = VALUES(role), nickname = VALUES(nickname), joined_at = VALUES(joined_at), \
+         join_seq = VALUES(join_seq), muted_until = VALUES(muted_until)",
+    )
+    .bind(id(gid))
+    .bind(id(m.uid))
+    .bind(m.role.as_str())
+    .bind(&m.nickname)
+    .bind(m.joined_ms)
+    .bind(id(m.join_seq))
+    .bind(m.muted_until_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl GroupStore for MySqlGroupStore {
+    async fn create(
+        &self,
+        group: &GroupRecord,
+        members: &[MemberRecord],
+    ) -> Result<u64, GroupStoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO grp (name, avatar, owner, join_type, mute_all, dissolved, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&group.name)
+        .bind(&group.avatar)
+        .bind(id(group.owner))
+        .bind(group.join_type.as_str())
+        .bind(group.mute_all)
+        .bind(group.dissolved)
+        .bind(group.created_ms)
+        .execute(&mut *tx)
+        .await?;
+        let gid = done.last_insert_id();
+        for m in members {
+            put_member(&mut tx, gid, m).await?;
+        }
+        tx.commit().await?;
+        Ok(gid)
+    }
+
+    async fn write(&self, gid: u64, changes: &[Change]) -> Result<(), GroupStoreError> {
+        let mut tx = self.pool.begin().await?;
+        for change in changes {
+            match change {
+                Change::PutMember(m) => put_member(&mut tx, gid, m).await?,
+                Change::RemoveMember(uid) => {
+                    sqlx::query("DELETE FROM member WHERE gid = ? AND uid = ?")
+                        .bind(id(gid))
+                        .bind(id(*uid))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::PutGroup(g) => {
+                    sqlx::query(
+                        "UPDATE grp SET name = ?, avatar = ?, owner = ?, join_type = ?, mute_all = ?, dissolved = ? WHERE gid = ?",
+                    )
+                    .bind(&g.name)
+                    .bind(&g.avatar)
+                    .bind(id(g.owner))
+                    .bind(g.join_type.as_str())
+                    .bind(g.mute_all)
+                    .bind(g.dissolved)
+                    .bind(id(gid))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::PutApplication(a) => {
+                    sqlx::query(
+                        "INSERT INTO application (gid, uid, message, created_at) VALUES (?, ?, ?, ?) \
+                         ON DUPLICATE KEY UPDATE message = VALUES(message), created_at = VALUES(created_at)",
+                    )
+                    .bind(id(gid))
+                    .bind(id(a.uid))
+                    .bind(&a.message)
+                    .bind(a.time_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::RemoveApplication(uid) => {
+                    sqlx::query("DELETE FROM application WHERE gid = ? AND uid = ?")
+                        .bind(id(gid))
+                        .bind(id(*uid))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn group(&self, gid: u64) -> Result<Option<GroupRecord>, GroupStoreError> {
+        let row = sqlx::query("SELECT * FROM grp WHERE gid = ?")
+            .bind(id(gid))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(group_from).transpose()
+    }
+
+    async fn members(&self, gid: u64) -> Result<Vec<MemberRecord>, GroupStoreError> {
+        let rows = sqlx::query("SELECT * FROM member WHERE gid = ? ORDER BY uid")
+            .bind(id(gid))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(member_from).collect()
+    }
+
+    async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError> {
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT gid, join_seq FROM member WHERE uid = ? ORDER BY gid")
+                .bind(id(uid))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, s)| (g as u64, s as u64))
+            .collect())
+    }
+
+    async fn applications(&self, gid: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT uid, message, created_at FROM application WHERE gid = ? ORDER BY created_at, uid",
+        )
+        .bind(id(gid))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(uid, message, time_ms)| ApplicationRecord {
+                uid: uid as u64,
+                message,
+                time_ms,
+            })
+            .collect())
+    }
+
+    async fn mark_read(&self, gid: u64, uid: u64, seq: u64) -> Result<u64, GroupStoreError> {
+        sqlx::query("UPDATE member SET read_seq = GREATEST(read_seq, ?) WHERE gid = ? AND uid = ?")
+            .bind(id(seq))
+            .bind(id(gid))
+            .bind(id(uid))
+            .execute(&self.pool)
+            .await?;
+        self.read_seq(gid, uid).await
+    }
+
+    async fn read_seq(&self, gid: u64, uid: u64) -> Result<u64, GroupStoreError> {
+        let read: Option<i64> =
+            sqlx::query_scalar("SELECT read_seq FROM member WHERE gid = ? AND uid = ?")
+                .bind(id(gid))
+                .bind(id(uid))
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(read.unwrap_or(0) as u64)
+    }
+
+    async fn ping(&self) -> Result<(), GroupStoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natter_record::mysql::testing::{drop_database, fresh_database};
+    use natter_record::mysql::{MySqlOptions, MySqlStore};
+
+    #[tokio::test]
+    async fn mysql_passes_the_group_store_suite_beside_the_message_store() {
+        let Some((url, name)) = fresh_database().await else {
+            return;
+        };
+        // Both stores migrate one database, in either order.
+        let messages = MySqlStore::connect(&url, &MySqlOptions::default())
+            .await
+            .expect("message store");
+        let store = MySqlGroupStore::connect(&url, 4, Duration::from_secs(5))
+            .await
+            .expect("group store");
+        let again = MySqlStore::connect(&url, &MySqlOptions::default())
+            .await
+            .expect("message store again");
+        crate::suite::round_trip(&store).await;
+        store.close().await;
+        natter_record::MessageStore::close(&messages).await;
+        natter_record::MessageStore::close(&again).await;
+        drop_database(&name).await;
+    }
+}
