@@ -65,6 +65,14 @@ impl Fanout {
             .insert(Arc::from(node), gateway);
     }
 
+    /// Forgets a gateway node that left.
+    pub fn detach_gateway(&self, node: &str) {
+        self.gateways
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node);
+    }
+
     pub fn gateway(&self, node: &str) -> Option<Arc<dyn Gateway>> {
         self.gateways
             .read()

@@ -220,6 +220,11 @@ impl Logic {
         self.fanout.attach_gateway(node, gateway);
     }
 
+    /// Forgets a gateway node that left.
+    pub fn detach_gateway(&self, node: &str) {
+        self.fanout.detach_gateway(node);
+    }
+
     fn gateway(&self, node: &str) -> Option<Arc<dyn Gateway>> {
         self.fanout.gateway(node)
     }

@@ -95,6 +95,164 @@ fn random_node_name() -> String {
     format!("natter-{hex}")
 }
 
+/// Opens the stores and builds logic: the part of a process that serves
+/// the message pipeline, groups and the HTTP API.
+async fn start_logic(
+    config: &Config,
+    worker: u16,
+    registry: &Registry,
+    stop: &Shutdown,
+    dependencies: &mut Vec<Arc<dyn Dependency>>,
+) -> anyhow::Result<LogicHalf> {
+    let secret = config.secret().context("loading the token secret")?;
+    let acquire = Duration::from_millis(config.store.acquire_timeout_ms);
+    let store: Arc<dyn MessageStore> = if config.store.mysql_url.is_empty() {
+        let db = config.data_dir.join("natter.db");
+        let options = SqliteOptions {
+            synchronous: config.store.synchronous,
+            readers: config.store.readers,
+            acquire_timeout: acquire,
+        };
+        Arc::new(
+            SqliteStore::open(&db, &options)
+                .await
+                .with_context(|| format!("opening {}", db.display()))?,
+        )
+    } else {
+        let options = MySqlOptions {
+            max_connections: config.store.mysql_max_connections,
+            acquire_timeout: acquire,
+        };
+        Arc::new(
+            MySqlStore::connect(&config.store.mysql_url, &options)
+                .await
+                .context("connecting to MySQL (store.mysql_url)")?,
+        )
+    };
+    let group_store: Arc<dyn GroupStore> = if config.store.mysql_url.is_empty() {
+        let group_db = config.data_dir.join("groups.db");
+        Arc::new(
+            SqliteGroupStore::open(&group_db, config.store.synchronous)
+                .await
+                .with_context(|| format!("opening {}", group_db.display()))?,
+        )
+    } else {
+        Arc::new(
+            MySqlGroupStore::connect(
+                &config.store.mysql_url,
+                config.store.mysql_max_connections,
+                acquire,
+            )
+            .await
+            .context("connecting to MySQL for groups (store.mysql_url)")?,
+        )
+    };
+    dependencies.push(Arc::new(StoreCheck(store.clone())));
+    dependencies.push(Arc::new(GroupStoreCheck(group_store.clone())));
+    let (committer, committer_task) = Committer::start(
+        store.clone(),
+        config.store.batch_max,
+        config.store.queue,
+        registry,
+        stop.clone(),
+    );
+    // Sessions: in memory, or in Redis when configured.
+    let directory: Arc<dyn SessionDirectory> = if config.sessions.redis_url.is_empty() {
+        Arc::new(MemoryDirectory::default())
+    } else {
+        let redis = Arc::new(
+            RedisDirectory::new(
+                &config.sessions.redis_url,
+                &config.sessions.key_prefix,
+                Duration::from_millis(config.sessions.ttl_ms),
+                Duration::from_millis(config.sessions.timeout_ms),
+            )
+            .map_err(|e| anyhow::anyhow!("sessions.redis_url: {e}"))?,
+        );
+        dependencies.push(Arc::new(RedisCheck(redis.clone())));
+        redis
+    };
+    let tokens = Tokens::new(secret);
+    let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
+    let fanout = Arc::new(Fanout::new(directory, registry));
+    let publisher = GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), registry);
+    let groups = Arc::new(Groups::new(
+        group_store,
+        store.clone(),
+        Arc::new(publisher),
+        config.groups.clone(),
+    ));
+    let logic = Arc::new(Logic::new(
+        LogicParts {
+            tokens: tokens.clone(),
+            fanout,
+            store: store.clone(),
+            committer,
+            ids,
+            groups: groups.clone(),
+        },
+        &config.limits,
+        registry,
+    ));
+    let retention = (config.store.retention_days > 0).then(|| {
+        let age = Duration::from_secs(u64::from(config.store.retention_days) * 86_400);
+        tokio::spawn(natter_record::retention::run(
+            store.clone(),
+            age,
+            Duration::from_secs(600),
+            stop.clone(),
+        ))
+    });
+    Ok(LogicHalf {
+        logic,
+        store,
+        groups,
+        tokens,
+        committer_task,
+        retention,
+    })
+}
+
+/// Keeps logic's gateways in step with the gateway nodes in etcd: a
+/// [`natter_rpc::RemoteGateway`] per live node, dropped when it leaves.
+async fn follow_gateways(
+    mut members: discovery::Members,
+    logic: Arc<Logic>,
+    timeout: Duration,
+    stop: Shutdown,
+) {
+    let mut attached: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        let now = members.now();
+        for node in &now {
+            if attached.get(&node.node) != Some(&node.addr) {
+                match natter_rpc::RemoteGateway::new(&node.addr, timeout) {
+                    Ok(gateway) => {
+                        logic.attach_gateway(&node.node, Arc::new(gateway));
+                        attached.insert(node.node.clone(), node.addr.clone());
+                        tracing::info!(node = %node.node, addr = %node.addr, "gateway joined");
+                    }
+                    Err(e) => tracing::warn!(node = %node.node, error = %e, "bad gateway address"),
+                }
+            }
+        }
+        let gone: Vec<String> = attached
+            .keys()
+            .filter(|n| !now.iter().any(|m| &m.node == *n))
+            .cloned()
+            .collect();
+        for node in gone {
+            logic.detach_gateway(&node);
+            attached.remove(&node);
+            tracing::info!(%node, "gateway left");
+        }
+        tokio::select! {
+            changed = members.changed() => if changed.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Routes of the HTTP API, for checking the OpenAPI document against.
 pub fn http_routes() -> Vec<(&'static str, &'static str)> {
     [
@@ -106,26 +264,95 @@ pub fn http_routes() -> Vec<(&'static str, &'static str)> {
     .concat()
 }
 
-/// A running embedded natter.
+/// What a process runs: every role (the embedded shape), or one role of
+/// the distributed shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Gateway, logic and the HTTP API in one process.
+    Serve,
+    /// The gateway: WebSocket `/sub`, and the Gateway gRPC service.
+    Comet,
+    /// Logic and storage: the HTTP API, and the Logic gRPC service.
+    Logic,
+}
+
+impl Role {
+    /// The role's name in discovery.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Comet => "comet",
+            Role::Logic => "logic",
+        }
+    }
+
+    fn runs_logic(self) -> bool {
+        self != Role::Comet
+    }
+
+    fn runs_gateway(self) -> bool {
+        self != Role::Logic
+    }
+}
+
+/// A running natter process (of any [`Role`]).
 pub struct Server {
     addr: SocketAddr,
+    rpc_addr: Option<SocketAddr>,
     worker: u16,
     shutdown: Shutdown,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// The logic half of a process.
+struct LogicHalf {
+    logic: Arc<Logic>,
+    store: Arc<dyn MessageStore>,
+    groups: Arc<Groups>,
+    tokens: Tokens,
+    committer_task: JoinHandle<()>,
+    retention: Option<JoinHandle<()>>,
+}
+
 impl Server {
-    /// Validates `config`, opens the store, binds the listener and serves.
+    /// The embedded shape: validates `config`, opens the stores, binds the
+    /// listener and serves every role.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        Server::start_role(config, Role::Serve).await
+    }
+
+    /// Starts `role`. The distributed roles register in etcd (required):
+    /// a gateway finds logic nodes there and logic nodes find gateways.
+    pub async fn start_role(config: Config, role: Role) -> anyhow::Result<Server> {
         config.validate()?;
-        let secret = config.secret().context("loading the token secret")?;
+        if role != Role::Serve && config.discovery.etcd_url.is_empty() {
+            anyhow::bail!(
+                "natter {} needs discovery.etcd_url: nodes find each other in etcd",
+                role.name()
+            );
+        }
+        if role == Role::Logic && config.auth.secret.is_empty() {
+            anyhow::bail!(
+                "natter logic needs auth.secret: every logic node checks the same tokens"
+            );
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        // Bound first: the address is what this node registers under.
+        // Bound first: the addresses are what this node registers under.
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let rpc_listener = if role == Role::Serve {
+            None
+        } else {
+            Some(
+                TcpListener::bind(config.rpc.listen)
+                    .await
+                    .with_context(|| format!("binding {}", config.rpc.listen))?,
+            )
+        };
+        let rpc_addr = rpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         // Discovery: register in etcd and take a worker id no live node has.
         let registration = if config.discovery.etcd_url.is_empty() {
             None
@@ -138,15 +365,15 @@ impl Server {
             } else {
                 d.node.clone()
             };
-            let advertise = if d.advertise.is_empty() {
-                addr.to_string()
-            } else {
+            let advertise = if !d.advertise.is_empty() {
                 d.advertise.clone()
+            } else {
+                rpc_addr.unwrap_or(addr).to_string()
             };
             let registration = discovery::register(
                 &etcd,
                 &d.prefix,
-                "serve",
+                role.name(),
                 &node,
                 &advertise,
                 Duration::from_secs(d.ttl_secs),
@@ -159,29 +386,10 @@ impl Server {
             .as_ref()
             .map(|(_, r)| r.info().worker)
             .unwrap_or(0);
-        let store: Arc<dyn MessageStore> = if config.store.mysql_url.is_empty() {
-            let db = config.data_dir.join("natter.db");
-            let options = SqliteOptions {
-                synchronous: config.store.synchronous,
-                readers: config.store.readers,
-                acquire_timeout: Duration::from_millis(config.store.acquire_timeout_ms),
-            };
-            Arc::new(
-                SqliteStore::open(&db, &options)
-                    .await
-                    .with_context(|| format!("opening {}", db.display()))?,
-            )
-        } else {
-            let options = MySqlOptions {
-                max_connections: config.store.mysql_max_connections,
-                acquire_timeout: Duration::from_millis(config.store.acquire_timeout_ms),
-            };
-            Arc::new(
-                MySqlStore::connect(&config.store.mysql_url, &options)
-                    .await
-                    .context("connecting to MySQL (store.mysql_url)")?,
-            )
-        };
+        let node_name: Arc<str> = registration
+            .as_ref()
+            .map(|(_, r)| Arc::from(r.info().node.as_str()))
+            .unwrap_or_else(|| Arc::from("local"));
 
         let registry = Registry::new();
         natter_node::telemetry::register(
@@ -189,121 +397,117 @@ impl Server {
             natter_node::process::ProcessCollector::default(),
         );
         let shutdown = Shutdown::new();
-        // The committer outlives the connections: it stops only after they drained.
-        let committer_stop = Shutdown::new();
-        let (committer, committer_task) = Committer::start(
-            store.clone(),
-            config.store.batch_max,
-            config.store.queue,
-            &registry,
-            committer_stop.clone(),
-        );
-        let group_store: Arc<dyn GroupStore> = if config.store.mysql_url.is_empty() {
-            let group_db = config.data_dir.join("groups.db");
-            Arc::new(
-                SqliteGroupStore::open(&group_db, config.store.synchronous)
-                    .await
-                    .with_context(|| format!("opening {}", group_db.display()))?,
-            )
-        } else {
-            Arc::new(
-                MySqlGroupStore::connect(
-                    &config.store.mysql_url,
-                    config.store.mysql_max_connections,
-                    Duration::from_millis(config.store.acquire_timeout_ms),
-                )
-                .await
-                .context("connecting to MySQL for groups (store.mysql_url)")?,
-            )
-        };
-        let tokens = Tokens::new(secret);
-        let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
-        // Sessions: in memory, or in Redis when configured.
-        let mut dependencies: Vec<Arc<dyn Dependency>> = vec![
-            Arc::new(StoreCheck(store.clone())),
-            Arc::new(GroupStoreCheck(group_store.clone())),
-        ];
-        let directory: Arc<dyn SessionDirectory> = if config.sessions.redis_url.is_empty() {
-            Arc::new(MemoryDirectory::default())
-        } else {
-            let redis = Arc::new(
-                RedisDirectory::new(
-                    &config.sessions.redis_url,
-                    &config.sessions.key_prefix,
-                    Duration::from_millis(config.sessions.ttl_ms),
-                    Duration::from_millis(config.sessions.timeout_ms),
-                )
-                .map_err(|e| anyhow::anyhow!("sessions.redis_url: {e}"))?,
-            );
-            dependencies.push(Arc::new(RedisCheck(redis.clone())));
-            redis
-        };
+        // The committer and the background loops outlive the connections:
+        // they stop only after the connections drained.
+        let background_stop = Shutdown::new();
+        let mut dependencies: Vec<Arc<dyn Dependency>> = Vec::new();
         if let Some((etcd, registration)) = &registration {
             dependencies.push(Arc::new(EtcdCheck(etcd.clone(), registration.clone())));
         }
-        let fanout = Arc::new(Fanout::new(directory, &registry));
-        let publisher =
-            GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
-        let groups = Arc::new(Groups::new(
-            group_store,
-            store.clone(),
-            Arc::new(publisher),
-            config.groups.clone(),
-        ));
-        let logic = Arc::new(Logic::new(
-            LogicParts {
-                tokens: tokens.clone(),
-                fanout,
-                store: store.clone(),
-                committer,
-                ids,
-                groups: groups.clone(),
-            },
-            &config.limits,
-            &registry,
-        ));
-        let node = "local";
-        let comet = Comet::new(
-            node,
-            config.comet.clone(),
-            logic.clone() as Arc<dyn LogicService>,
-            &registry,
-            shutdown.clone(),
-        );
-        logic.attach_gateway(node, Arc::new(comet.clone()));
+        let rpc_timeout = Duration::from_millis(config.rpc.timeout_ms);
 
-        let retention = (config.store.retention_days > 0).then(|| {
-            let age =
-                std::time::Duration::from_secs(u64::from(config.store.retention_days) * 86_400);
-            let every = std::time::Duration::from_secs(600);
-            tokio::spawn(natter_record::retention::run(
-                store.clone(),
-                age,
-                every,
-                committer_stop.clone(),
-            ))
-        });
+        let logic_half = if role.runs_logic() {
+            Some(
+                start_logic(
+                    &config,
+                    worker,
+                    &registry,
+                    &background_stop,
+                    &mut dependencies,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        // Logic nodes follow the gateways, to push to them.
+        let gateways_watch = match (&registration, &logic_half, role) {
+            (Some((etcd, _)), Some(half), Role::Logic) => {
+                let (members, task) = discovery::watch_role(
+                    etcd.clone(),
+                    &config.discovery.prefix,
+                    Role::Comet.name(),
+                    background_stop.clone(),
+                );
+                Some((
+                    task,
+                    tokio::spawn(follow_gateways(
+                        members,
+                        half.logic.clone(),
+                        rpc_timeout,
+                        background_stop.clone(),
+                    )),
+                ))
+            }
+            _ => None,
+        };
+
+        let comet = if role.runs_gateway() {
+            let logic: Arc<dyn LogicService> = match (&logic_half, &registration) {
+                (Some(half), _) => half.logic.clone(),
+                (None, Some((etcd, _))) => {
+                    let (members, _task) = discovery::watch_role(
+                        etcd.clone(),
+                        &config.discovery.prefix,
+                        Role::Logic.name(),
+                        background_stop.clone(),
+                    );
+                    let targets: natter_rpc::Targets =
+                        Arc::new(move || members.now().into_iter().map(|n| n.addr).collect());
+                    Arc::new(natter_rpc::RemoteLogic::new(targets, rpc_timeout))
+                }
+                (None, None) => unreachable!("validated: a gateway alone has discovery"),
+            };
+            let comet = Comet::new(
+                &node_name,
+                config.comet.clone(),
+                logic,
+                &registry,
+                shutdown.clone(),
+            );
+            if let Some(half) = &logic_half {
+                half.logic
+                    .attach_gateway(&node_name, Arc::new(comet.clone()));
+            }
+            Some(comet)
+        } else {
+            None
+        };
+
         let ready = Readiness::default();
         let watcher = tokio::spawn({
-            let (ready, registry, stop) = (ready.clone(), registry.clone(), committer_stop.clone());
+            let (ready, registry, stop) =
+                (ready.clone(), registry.clone(), background_stop.clone());
             async move {
                 watch_dependencies(dependencies, DEPENDENCY_CHECK_EVERY, ready, &registry, stop)
                     .await
             }
         });
-        let renewal = tokio::spawn(
-            comet
-                .clone()
-                .renew_sessions(Duration::from_millis(config.sessions.ttl_ms / 3)),
-        );
-        let app = Router::new()
-            .merge(comet.router())
-            .merge(natter_record::http::router(
-                store.clone(),
-                Arc::new(tokens.clone()),
-                groups.clone(),
-            ))
-            .merge(natter_group::http::router(groups.clone(), Arc::new(tokens)))
+        let renewal = comet.as_ref().map(|comet| {
+            tokio::spawn(
+                comet
+                    .clone()
+                    .renew_sessions(Duration::from_millis(config.sessions.ttl_ms / 3)),
+            )
+        });
+
+        let mut app = Router::new();
+        if let Some(comet) = &comet {
+            app = app.merge(comet.router());
+        }
+        if let Some(half) = &logic_half {
+            app = app
+                .merge(natter_record::http::router(
+                    half.store.clone(),
+                    Arc::new(half.tokens.clone()),
+                    half.groups.clone(),
+                ))
+                .merge(natter_group::http::router(
+                    half.groups.clone(),
+                    Arc::new(half.tokens.clone()),
+                ));
+        }
+        let app = app
             .merge(health_router(registry, ready.clone()))
             .fallback(|| async {
                 (
@@ -315,7 +519,29 @@ impl Server {
                     .into_response()
             });
 
-        tracing::info!(%addr, worker, data_dir = %config.data_dir.display(), "natter serving");
+        // The role's gRPC service.
+        let rpc_stop = Shutdown::new();
+        let rpc = rpc_listener.map(|listener| {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let stop = rpc_stop.clone();
+            let mut server = tonic::transport::Server::builder();
+            let router = match (&logic_half, &comet) {
+                (Some(half), _) => server.add_service(natter_rpc::LogicServer::service(
+                    half.logic.clone() as Arc<dyn LogicService>,
+                )),
+                (None, Some(comet)) => {
+                    server.add_service(natter_rpc::GatewayServer::service(Arc::new(comet.clone())))
+                }
+                (None, None) => unreachable!("every role runs logic or a gateway"),
+            };
+            tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await
+            })
+        });
+
+        tracing::info!(role = role.name(), %addr, rpc = ?rpc_addr, worker, node = %node_name, data_dir = %config.data_dir.display(), "natter serving");
         ready.set(true);
 
         let stop = shutdown.clone();
@@ -326,32 +552,58 @@ impl Server {
             // However serving ended, every connection is told to go.
             stop.cancel();
             ready.set(false);
-            comet.drain().await;
-            let _ = renewal.await;
+            if let Some(comet) = &comet {
+                comet.drain().await;
+            }
+            if let Some(renewal) = renewal {
+                let _ = renewal.await;
+            }
             // Leave discovery once no connection is left: the key goes now.
             if let Some((_, registration)) = &registration {
                 registration.close().await;
             }
-            drop(logic);
-            // Queued writes commit before the store closes, whatever happens.
-            committer_stop.cancel();
-            if let Some(retention) = retention {
-                let _ = retention.await;
+            rpc_stop.cancel();
+            if let Some(rpc) = rpc {
+                match rpc.await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server"),
+                    Err(e) => tracing::warn!(error = %e, "gRPC server task"),
+                    Ok(Ok(())) => {}
+                }
             }
-            let committed = committer_task.await;
+            drop(comet);
+            // Queued writes commit before the store closes, whatever happens.
+            background_stop.cancel();
+            if let Some((watch, follow)) = gateways_watch {
+                let _ = watch.await;
+                let _ = follow.await;
+            }
+            let mut committed = Ok(());
+            if let Some(half) = logic_half {
+                drop(half.logic);
+                if let Some(retention) = half.retention {
+                    let _ = retention.await;
+                }
+                committed = half.committer_task.await;
+                half.groups.close().await;
+                half.store.close().await;
+            }
             let _ = watcher.await;
-            groups.close().await;
-            store.close().await;
             tracing::info!("natter stopped");
             committed.context("committer task")?;
             served.context("HTTP server")
         });
         Ok(Server {
             addr,
+            rpc_addr,
             worker,
             shutdown,
             task,
         })
+    }
+
+    /// The gRPC address of a distributed role.
+    pub fn rpc_addr(&self) -> Option<SocketAddr> {
+        self.rpc_addr
     }
 
     /// The bound address (useful with port 0).

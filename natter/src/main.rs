@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use natter::Server;
+use natter::{Role, Server};
 use natter_logic::Tokens;
 use natter_node::Config;
 
@@ -24,6 +24,10 @@ struct Cli {
 enum Command {
     /// Run every role in one process: WebSocket /sub, HTTP API, /metrics and health checks on one address.
     Serve(ServeArgs),
+    /// Run a gateway node: WebSocket /sub and health on --listen, the Gateway gRPC service on --rpc-listen; finds logic nodes in etcd.
+    Comet(RoleArgs),
+    /// Run a logic node: HTTP API and health on --listen, the Logic gRPC service on --rpc-listen; finds gateways in etcd.
+    Logic(RoleArgs),
     /// Print a token for a user and device, signed with the server's secret.
     Token(TokenArgs),
     /// Drive a running natter with simulated users and measure it.
@@ -51,6 +55,15 @@ struct ServeArgs {
 }
 
 #[derive(clap::Args)]
+struct RoleArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Address of the gRPC listener [default: 127.0.0.1:3202].
+    #[arg(long, value_name = "ADDR")]
+    rpc_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
 struct TokenArgs {
     #[command(flatten)]
     config: ConfigArgs,
@@ -73,24 +86,36 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Loads and validates the configuration, then runs `role` until SIGINT/SIGTERM.
+fn run(
+    args: &ServeArgs,
+    rpc_listen: Option<std::net::SocketAddr>,
+    role: Role,
+) -> anyhow::Result<()> {
+    let mut config = load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(listen) = rpc_listen {
+        config.rpc.listen = listen;
+    }
+    config.validate()?;
+    natter_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let server = Server::start_role(config, role).await?;
+        server.run_until(natter_node::shutdown::signal()).await
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            let mut config = load(&args.config)?;
-            if let Some(listen) = args.listen {
-                config.listen = listen;
-            }
-            config.validate()?;
-            natter_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let server = Server::start(config).await?;
-                server.run_until(natter_node::shutdown::signal()).await
-            })
-        }
+        Command::Serve(args) => run(&args, None, Role::Serve),
+        Command::Comet(args) => run(&args.serve, args.rpc_listen, Role::Comet),
+        Command::Logic(args) => run(&args.serve, args.rpc_listen, Role::Logic),
         Command::Token(args) => {
             let config = load(&args.config)?;
             config.validate()?;

@@ -52,6 +52,7 @@ pub struct Config {
     pub groups: GroupsConfig,
     pub sessions: SessionsConfig,
     pub discovery: DiscoveryConfig,
+    pub rpc: RpcConfig,
 }
 
 impl Default for Config {
@@ -67,6 +68,7 @@ impl Default for Config {
             groups: GroupsConfig::default(),
             sessions: SessionsConfig::default(),
             discovery: DiscoveryConfig::default(),
+            rpc: RpcConfig::default(),
         }
     }
 }
@@ -295,6 +297,26 @@ impl Default for DiscoveryConfig {
     }
 }
 
+/// Role-to-role gRPC (the distributed roles).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Address of the role's gRPC listener (`natter comet`, `natter logic`).
+    pub listen: SocketAddr,
+    /// Time a call to another node may take before it counts as failed
+    /// (and, where safe, is tried on the next node).
+    pub timeout_ms: u64,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3202)),
+            timeout_ms: 3000,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -396,6 +418,9 @@ impl Config {
             || store.mysql_max_connections == 0
         {
             return bad("store.mysql_url must be empty or a mysql:// URL, and store.mysql_max_connections positive");
+        }
+        if self.rpc.timeout_ms == 0 {
+            return bad("rpc.timeout_ms must be positive");
         }
         let d = &self.discovery;
         if !(d.etcd_url.is_empty()

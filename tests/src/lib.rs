@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use natter::Server;
+use natter::{Role, Server};
 use natter_client::raw::{Connection, Incoming};
 use natter_client::{Client, ClientConfig, Event, Events};
 use natter_logic::Tokens;
@@ -29,8 +29,11 @@ fn init_logging() {
 /// A running server and its data dir.
 pub struct TestServer {
     server: Option<Server>,
+    role: Role,
     config: Config,
     pub addr: SocketAddr,
+    /// The gRPC address of a distributed role.
+    pub rpc_addr: Option<SocketAddr>,
     tokens: Tokens,
     // Dropped last: removes the data dir.
     _dir: TempDir,
@@ -39,6 +42,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on 127.0.0.1:0 with a fresh data dir; `tune` adjusts the config.
     pub async fn start(tune: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_role(Role::Serve, tune).await
+    }
+
+    /// Starts one role (its gRPC listener on port 0 too).
+    pub async fn start_role(role: Role, tune: impl FnOnce(&mut Config)) -> TestServer {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
@@ -51,14 +59,20 @@ impl TestServer {
         // Nor are rate limits, except where a test sets them.
         config.limits.messages_per_sec = 1_000_000.0;
         config.limits.message_burst = 1_000_000;
+        config.rpc.listen = "127.0.0.1:0".parse().expect("addr");
         tune(&mut config);
-        let server = Server::start(config.clone()).await.expect("server starts");
+        let server = Server::start_role(config.clone(), role)
+            .await
+            .expect("server starts");
+        let rpc_addr = server.rpc_addr();
         let addr = server.addr();
         let tokens = Tokens::new(config.secret().expect("secret"));
         TestServer {
             server: Some(server),
+            role,
             config,
             addr,
+            rpc_addr,
             tokens,
             _dir: dir,
         }
@@ -118,7 +132,9 @@ impl TestServer {
         if let Some(server) = self.server.take() {
             server.stop().await.expect("clean stop");
         }
-        let server = Server::start(self.config.clone()).await.expect("restarts");
+        let server = Server::start_role(self.config.clone(), self.role)
+            .await
+            .expect("restarts");
         self.addr = server.addr();
         self.server = Some(server);
     }

@@ -1,0 +1,556 @@
+//! Role-to-role calls over gRPC (tonic), for the distributed shape.
+//!
+//! - [`pb`]: the code generated from `proto/natter_rpc.proto` (at build
+//!   time, with protox: no `protoc` needed).
+//! - [`LogicServer`] serves any [`LogicService`] to gateways;
+//!   [`RemoteLogic`] is the [`LogicService`] a gateway uses: load-balanced
+//!   over the live logic nodes, a failed call retried on the next one (every
+//!   logic call is safe to repeat: sends are deduplicated by client seq).
+//! - [`GatewayServer`] serves any [`Gateway`] to logic nodes;
+//!   [`RemoteGateway`] is the [`Gateway`] logic uses for one gateway node:
+//!   pushes are queued and sent in batches, one call for many connections;
+//!   a push to a dead gateway is dropped (its devices sync on reconnect).
+//!
+//! This crate knows neither sockets of clients nor storage: it moves the
+//! calls of the two traits between processes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use natter_logic::{Connected, Delivery, Gateway, LogicService, Rejection, Session};
+use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
+use natter_proto::{ErrorCode, Op};
+use natter_record::http::Identity;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// The generated messages, clients and servers.
+#[allow(clippy::all, unreachable_pub, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("natter.rpc");
+}
+
+fn to_pb(s: &Session) -> pb::Session {
+    pb::Session {
+        uid: s.uid,
+        device: s.device.clone(),
+        node: s.node.to_string(),
+        conn: s.conn,
+    }
+}
+
+fn from_pb(s: pb::Session) -> Session {
+    Session {
+        uid: s.uid,
+        device: s.device,
+        node: Arc::from(s.node.as_str()),
+        conn: s.conn,
+    }
+}
+
+fn rejection_to_pb(r: Rejection) -> pb::Rejection {
+    pb::Rejection {
+        code: r.code as u32,
+        message: r.message,
+        until_ms: r.until_ms,
+    }
+}
+
+fn rejection_from_pb(r: pb::Rejection) -> Rejection {
+    Rejection {
+        code: ErrorCode::from_u32(r.code).unwrap_or(ErrorCode::Internal),
+        message: r.message,
+        until_ms: r.until_ms,
+    }
+}
+
+fn answer(result: Result<Vec<u8>, Rejection>) -> pb::Answer {
+    pb::Answer {
+        result: Some(match result {
+            Ok(reply) => pb::answer::Result::Reply(reply),
+            Err(r) => pb::answer::Result::Rejected(rejection_to_pb(r)),
+        }),
+    }
+}
+
+fn bad_request(what: &str, e: prost::DecodeError) -> Status {
+    Status::invalid_argument(format!("{what} does not decode: {e}"))
+}
+
+/// Serves a [`LogicService`] to gateways.
+pub struct LogicServer(pub Arc<dyn LogicService>);
+
+impl LogicServer {
+    pub fn service(logic: Arc<dyn LogicService>) -> pb::logic_server::LogicServer<LogicServer> {
+        pb::logic_server::LogicServer::new(LogicServer(logic))
+    }
+}
+
+#[async_trait]
+impl pb::logic_server::Logic for LogicServer {
+    async fn authenticate(
+        &self,
+        request: Request<pb::ConnectRequest>,
+    ) -> Result<Response<pb::ConnectResult>, Status> {
+        let r = request.into_inner();
+        let result = match self.0.connect(&r.token, &r.node, r.conn).await {
+            Ok(c) => pb::connect_result::Result::Connected(pb::Connected {
+                uid: c.identity.uid,
+                device: c.identity.device,
+                cursor: c.cursor,
+            }),
+            Err(e) => pb::connect_result::Result::Rejected(rejection_to_pb(e)),
+        };
+        Ok(Response::new(pb::ConnectResult {
+            result: Some(result),
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<pb::Session>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        self.0.disconnect(&from_pb(request.into_inner())).await;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::Sessions>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let sessions: Vec<Session> = request
+            .into_inner()
+            .sessions
+            .into_iter()
+            .map(from_pb)
+            .collect();
+        self.0.heartbeat(&sessions).await;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::Answer>, Status> {
+        let r = request.into_inner();
+        let from = r
+            .from
+            .map(from_pb)
+            .ok_or_else(|| Status::invalid_argument("no session"))?;
+        let message =
+            SendMessage::decode(r.message.as_slice()).map_err(|e| bad_request("message", e))?;
+        let result = self
+            .0
+            .send(&from, message)
+            .await
+            .map(|reply| reply.encode_to_vec());
+        Ok(Response::new(answer(result)))
+    }
+
+    async fn acked(&self, request: Request<pb::PushAck>) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        self.0.push_acked(r.uid, &r.device, r.group, r.seq).await;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn sync(&self, request: Request<pb::SyncCall>) -> Result<Response<pb::Answer>, Status> {
+        let r = request.into_inner();
+        let sync =
+            SyncRequest::decode(r.request.as_slice()).map_err(|e| bad_request("request", e))?;
+        let result = self
+            .0
+            .sync(r.uid, &r.device, sync)
+            .await
+            .map(|reply| reply.encode_to_vec());
+        Ok(Response::new(answer(result)))
+    }
+}
+
+/// Serves a [`Gateway`] to logic nodes.
+pub struct GatewayServer(pub Arc<dyn Gateway>);
+
+impl GatewayServer {
+    pub fn service(gateway: Arc<dyn Gateway>) -> pb::gateway_server::GatewayServer<GatewayServer> {
+        pb::gateway_server::GatewayServer::new(GatewayServer(gateway))
+    }
+}
+
+#[async_trait]
+impl pb::gateway_server::Gateway for GatewayServer {
+    async fn push(&self, request: Request<pb::Deliveries>) -> Result<Response<pb::Empty>, Status> {
+        let now = Instant::now();
+        let mut deliveries = Vec::new();
+        for d in request.into_inner().deliveries {
+            let op = match Op::from_u32(d.op) {
+                Some(op @ (Op::Push | Op::Notify)) => op,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "op {} is not a push",
+                        d.op
+                    )))
+                }
+            };
+            deliveries.push(Delivery {
+                conn: d.conn,
+                op,
+                mid: d.mid,
+                group: d.group,
+                seq: d.seq,
+                body: Bytes::from(d.body),
+                // The sender's ack happened in another process; ack-to-push
+                // is measured from here.
+                acked_at: now,
+            });
+        }
+        self.0.push(deliveries);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn kick(&self, request: Request<pb::Kick>) -> Result<Response<pb::Empty>, Status> {
+        let k = request.into_inner();
+        let code = ErrorCode::from_u32(k.code).unwrap_or(ErrorCode::Internal);
+        self.0.kick(k.conn, code, &k.reason);
+        Ok(Response::new(pb::Empty {}))
+    }
+}
+
+/// Where a [`RemoteLogic`] finds logic nodes: their gRPC addresses now.
+pub type Targets = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// A [`LogicService`] in other processes.
+pub struct RemoteLogic {
+    targets: Targets,
+    clients: Mutex<Vec<(String, pb::logic_client::LogicClient<Channel>)>>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    Ok(endpoint.connect_lazy())
+}
+
+/// Status codes after which the same call may succeed on another node.
+fn try_elsewhere(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+    )
+}
+
+impl RemoteLogic {
+    pub fn new(targets: Targets, timeout: Duration) -> RemoteLogic {
+        RemoteLogic {
+            targets,
+            clients: Mutex::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            timeout,
+        }
+    }
+
+    /// The clients of the live nodes, starting with the next in turn.
+    fn rotation(&self) -> Vec<(String, pb::logic_client::LogicClient<Channel>)> {
+        let addrs = (self.targets)();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        // Follow joins and leaves: keep clients of live nodes, add new ones.
+        clients.retain(|(addr, _)| addrs.contains(addr));
+        for addr in &addrs {
+            if !clients.iter().any(|(a, _)| a == addr) {
+                match channel(addr, self.timeout) {
+                    Ok(ch) => clients.push((addr.clone(), pb::logic_client::LogicClient::new(ch))),
+                    Err(e) => tracing::warn!(%addr, error = %e, "bad logic address"),
+                }
+            }
+        }
+        if clients.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % clients.len();
+        let mut turn = clients[start..].to_vec();
+        turn.extend_from_slice(&clients[..start]);
+        turn
+    }
+
+    /// Runs `call` on the live nodes in turn until one answers.
+    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Rejection>
+    where
+        F: Fn(pb::logic_client::LogicClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let nodes = self.rotation();
+        if nodes.is_empty() {
+            return Err(Rejection::new(
+                ErrorCode::Internal,
+                "no logic node is available",
+            ));
+        }
+        let mut last = None;
+        for (addr, client) in nodes {
+            match call(client).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if try_elsewhere(&status) => {
+                    tracing::warn!(%addr, call = what, error = %status, "logic node failed; trying the next");
+                    last = Some(status);
+                }
+                Err(status) => {
+                    tracing::error!(%addr, call = what, error = %status, "logic call refused");
+                    return Err(Rejection::new(ErrorCode::Internal, status.message()));
+                }
+            }
+        }
+        let reason = last.map(|s| s.to_string()).unwrap_or_default();
+        Err(Rejection::new(
+            ErrorCode::Internal,
+            format!("no logic node answered: {reason}"),
+        ))
+    }
+}
+
+fn unanswer<T: prost::Message + Default>(answer: pb::Answer) -> Result<T, Rejection> {
+    match answer.result {
+        Some(pb::answer::Result::Reply(bytes)) => T::decode(bytes.as_slice())
+            .map_err(|e| Rejection::new(ErrorCode::Internal, format!("bad reply: {e}"))),
+        Some(pb::answer::Result::Rejected(r)) => Err(rejection_from_pb(r)),
+        None => Err(Rejection::new(ErrorCode::Internal, "empty answer")),
+    }
+}
+
+#[async_trait]
+impl LogicService for RemoteLogic {
+    async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Rejection> {
+        let request = pb::ConnectRequest {
+            token: token.to_string(),
+            node: node.to_string(),
+            conn,
+        };
+        let result = self
+            .call("authenticate", |mut c| {
+                let request = request.clone();
+                async move { c.authenticate(request).await }
+            })
+            .await?;
+        match result.result {
+            Some(pb::connect_result::Result::Connected(c)) => Ok(Connected {
+                identity: Identity {
+                    uid: c.uid,
+                    device: c.device,
+                },
+                cursor: c.cursor,
+            }),
+            Some(pb::connect_result::Result::Rejected(r)) => Err(rejection_from_pb(r)),
+            None => Err(Rejection::new(ErrorCode::Internal, "empty answer")),
+        }
+    }
+
+    async fn disconnect(&self, session: &Session) {
+        let s = to_pb(session);
+        if let Err(e) = self
+            .call("disconnect", |mut c| {
+                let s = s.clone();
+                async move { c.disconnect(s).await }
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "disconnect not delivered; the session expires");
+        }
+    }
+
+    async fn heartbeat(&self, sessions: &[Session]) {
+        let batch = pb::Sessions {
+            sessions: sessions.iter().map(to_pb).collect(),
+        };
+        if let Err(e) = self
+            .call("heartbeat", |mut c| {
+                let batch = batch.clone();
+                async move { c.heartbeat(batch).await }
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "session renewal not delivered");
+        }
+    }
+
+    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection> {
+        let request = pb::SendRequest {
+            from: Some(to_pb(from)),
+            message: message.encode_to_vec(),
+        };
+        let answer = self
+            .call("send", |mut c| {
+                let request = request.clone();
+                async move { c.send(request).await }
+            })
+            .await?;
+        unanswer(answer)
+    }
+
+    async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64) {
+        let ack = pb::PushAck {
+            uid,
+            device: device.to_string(),
+            group,
+            seq,
+        };
+        if let Err(e) = self
+            .call("acked", |mut c| {
+                let ack = ack.clone();
+                async move { c.acked(ack).await }
+            })
+            .await
+        {
+            tracing::debug!(error = %e, "push ack not recorded");
+        }
+    }
+
+    async fn sync(
+        &self,
+        uid: u64,
+        device: &str,
+        request: SyncRequest,
+    ) -> Result<SyncReply, Rejection> {
+        let call = pb::SyncCall {
+            uid,
+            device: device.to_string(),
+            request: request.encode_to_vec(),
+        };
+        let answer = self
+            .call("sync", |mut c| {
+                let call = call.clone();
+                async move { c.sync(call).await }
+            })
+            .await?;
+        unanswer(answer)
+    }
+}
+
+/// Deliveries queued for one gateway node before new ones are dropped.
+const GATEWAY_QUEUE: usize = 65_536;
+/// Deliveries sent in one call at most.
+const GATEWAY_BATCH: usize = 4096;
+
+enum ToGateway {
+    Push(Vec<Delivery>),
+    Kick(u64, ErrorCode, String),
+}
+
+/// A [`Gateway`] in another process: calls are queued (never blocking
+/// logic) and a task sends what is queued in as few calls as it can.
+pub struct RemoteGateway {
+    queue: mpsc::Sender<ToGateway>,
+    queued: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RemoteGateway {
+    /// A gateway at `addr` (its gRPC address).
+    pub fn new(addr: &str, timeout: Duration) -> Result<RemoteGateway, String> {
+        let client = pb::gateway_client::GatewayClient::new(channel(addr, timeout)?);
+        let (queue, rx) = mpsc::channel(1024);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(send_loop(addr.to_string(), client, rx, queued.clone()));
+        Ok(RemoteGateway {
+            queue,
+            queued,
+            task,
+        })
+    }
+}
+
+impl Drop for RemoteGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn delivery_to_pb(d: Delivery) -> pb::Delivery {
+    pb::Delivery {
+        conn: d.conn,
+        op: d.op as u32,
+        mid: d.mid,
+        group: d.group,
+        seq: d.seq,
+        body: d.body.to_vec(),
+    }
+}
+
+async fn send_loop(
+    addr: String,
+    mut client: pb::gateway_client::GatewayClient<Channel>,
+    mut rx: mpsc::Receiver<ToGateway>,
+    queued: Arc<AtomicUsize>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut kicks = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                ToGateway::Push(deliveries) => batch.extend(deliveries),
+                ToGateway::Kick(conn, code, reason) => kicks.push((conn, code, reason)),
+            }
+            if batch.len() < GATEWAY_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        for (conn, code, reason) in kicks {
+            let kick = pb::Kick {
+                conn,
+                code: code as u32,
+                reason,
+            };
+            if let Err(e) = client.kick(kick).await {
+                tracing::warn!(%addr, error = %e, "kick not delivered");
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let count = batch.len();
+        let request = pb::Deliveries {
+            deliveries: batch.into_iter().map(delivery_to_pb).collect(),
+        };
+        if let Err(e) = client.push(request).await {
+            // Nothing acked is lost: these devices sync when they reconnect.
+            tracing::warn!(%addr, deliveries = count, error = %e, "push to gateway failed; dropped");
+        }
+    }
+}
+
+impl Gateway for RemoteGateway {
+    fn push(&self, deliveries: Vec<Delivery>) {
+        let count = deliveries.len();
+        if self.queued.load(Ordering::Relaxed) + count > GATEWAY_QUEUE {
+            tracing::warn!(deliveries = count, "gateway queue full; pushes dropped");
+            return;
+        }
+        self.queued.fetch_add(count, Ordering::Relaxed);
+        if self.queue.try_send(ToGateway::Push(deliveries)).is_err() {
+            self.queued.fetch_sub(count, Ordering::Relaxed);
+            tracing::warn!(deliveries = count, "gateway queue full; pushes dropped");
+        }
+    }
+
+    fn kick(&self, conn: u64, code: ErrorCode, reason: &str) {
+        if self
+            .queue
+            .try_send(ToGateway::Kick(conn, code, reason.to_string()))
+            .is_err()
+        {
+            tracing::warn!(conn, "gateway queue full; kick dropped");
+        }
+    }
+}

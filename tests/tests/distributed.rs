@@ -1,0 +1,158 @@
+//! The distributed shape in one test process: two logic nodes and two
+//! gateways on the machine's MariaDB and Redis and a private etcd, talking
+//! gRPC. Users on different gateways chat one-to-one and in a group;
+//! gateways and logic nodes leave and the rest carries on.
+
+use std::time::Duration;
+
+use natter::Role;
+use natter_client::{Client, ClientConfig, CreateGroup, Events};
+use natter_node::discovery::testing::EtcdServer;
+use natter_node::discovery::Etcd;
+use natter_proto::msg::MessageBody;
+use natter_record::mysql::testing::{drop_database, fresh_database};
+use natter_tests::*;
+
+const SECRET: &str = "a shared secret for every logic node";
+
+/// Connects through `gateway`, retrying while the gateway does not yet see
+/// a logic node.
+async fn connect(gateway: &TestServer, uid: u64, device: &str) -> (Client, Events) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let config = ClientConfig::new(gateway.server(), gateway.token(uid, device));
+        match Client::connect(config).await {
+            Ok((client, events)) => {
+                client.sync().await.expect("initial sync");
+                return (client, events);
+            }
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "cannot connect: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn registered(etcd: &Etcd, role: &str) -> usize {
+    etcd.range_prefix(&format!("natter/nodes/{role}/"))
+        .await
+        .expect("range")
+        .0
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_gateways_chat_through_any_logic_node() {
+    let Some(etcd_server) = EtcdServer::start().await else {
+        return;
+    };
+    let Some((mysql_url, db)) = fresh_database().await else {
+        return;
+    };
+    let prefix = format!("natter-dist-{}:", std::process::id());
+    let etcd_url = etcd_server.url.clone();
+    let tune = |node: &'static str| {
+        let (etcd_url, mysql_url, prefix) = (etcd_url.clone(), mysql_url.clone(), prefix.clone());
+        move |c: &mut natter_node::Config| {
+            c.auth.secret = SECRET.into();
+            c.discovery.etcd_url = etcd_url;
+            c.discovery.node = node.into();
+            c.discovery.ttl_secs = 3;
+            c.store.mysql_url = mysql_url;
+            c.sessions.redis_url = "redis://127.0.0.1:6379/0".into();
+            c.sessions.key_prefix = prefix;
+            c.rpc.timeout_ms = 1000;
+        }
+    };
+    let logic_a = TestServer::start_role(Role::Logic, tune("logic-a")).await;
+    let logic_b = TestServer::start_role(Role::Logic, tune("logic-b")).await;
+    let gateway_a = TestServer::start_role(Role::Comet, tune("comet-a")).await;
+    let gateway_b = TestServer::start_role(Role::Comet, tune("comet-b")).await;
+    let etcd = Etcd::new(&etcd_url, Duration::from_secs(2)).expect("client");
+    assert_eq!(
+        (
+            registered(&etcd, "logic").await,
+            registered(&etcd, "comet").await
+        ),
+        (2, 2)
+    );
+
+    let (alice, _alice_events) = connect(&gateway_a, 1, "phone").await;
+    let (_bob, mut bob_events) = connect(&gateway_b, 2, "phone").await;
+    let (_carol, mut carol_events) = connect(&gateway_a, 3, "phone").await;
+
+    // One-to-one across gateways: logic pushes to the gateway holding Bob.
+    let ack = alice
+        .send(2, MessageBody::text("across gateways"))
+        .await
+        .expect("acked");
+    assert_eq!(next_message(&mut bob_events).await.mid, ack.mid);
+
+    // A group across both gateways, made over a logic node's HTTP API.
+    let owner = Client::connect(ClientConfig::new(
+        logic_a.server(),
+        logic_a.token(1, "admin"),
+    ))
+    .await;
+    assert!(owner.is_err(), "logic nodes have no WebSocket");
+    let http = reqwest::Client::new();
+    let group: natter_client::GroupView = http
+        .post(logic_b.url("/v1/groups"))
+        .bearer_auth(logic_b.token(1, "phone"))
+        .json(&CreateGroup {
+            name: "spread".into(),
+            members: vec![2, 3],
+            ..Default::default()
+        })
+        .send()
+        .await
+        .expect("HTTP")
+        .json()
+        .await
+        .expect("group");
+    let sent = alice
+        .send_group(group.id, MessageBody::text("to everyone"))
+        .await
+        .expect("acked");
+    for events in [&mut bob_events, &mut carol_events] {
+        loop {
+            if next_message(events).await.mid == sent.mid {
+                break;
+            }
+        }
+    }
+
+    // A logic node leaves: the gateways carry on with the other one.
+    logic_a.stop().await;
+    let again = alice
+        .send(2, MessageBody::text("after logic-a left"))
+        .await
+        .expect("acked");
+    loop {
+        if next_message(&mut bob_events).await.mid == again.mid {
+            break;
+        }
+    }
+
+    // A gateway leaves gracefully: its key goes at once; its users move to
+    // the other gateway and sync what they missed.
+    gateway_b.stop().await;
+    assert_eq!(registered(&etcd, "comet").await, 1);
+    let missed = alice
+        .send(2, MessageBody::text("while bob moves"))
+        .await
+        .expect("acked");
+    let (_bob_again, mut bob_again_events) = connect(&gateway_a, 2, "phone").await;
+    loop {
+        if next_message(&mut bob_again_events).await.mid == missed.mid {
+            break;
+        }
+    }
+    gateway_a.stop().await;
+    logic_b.stop().await;
+    drop_database(&db).await;
+}
