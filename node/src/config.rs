@@ -601,6 +601,31 @@ mod tests {
     }
 
     #[test]
+    fn the_role_configs_and_the_compose_file_are_valid() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        for name in ["logic.toml", "comet.toml"] {
+            let config = Config::load(Some(&deploy.join(name)), vec![])
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!config.discovery.etcd_url.is_empty(), "{name} uses etcd");
+        }
+        // Every NATTER_… setting of docker-compose.yml names a key and validates.
+        let compose = std::fs::read_to_string(deploy.join("docker-compose.yml")).expect("compose");
+        let mut env = Vec::new();
+        for line in compose.lines() {
+            let line = line.trim();
+            if let Some((key, value)) = line.split_once(": ") {
+                if key.starts_with("NATTER_") {
+                    env.push((key.to_string(), value.trim().to_string()));
+                }
+            }
+        }
+        assert!(env.len() >= 5, "{env:?}");
+        let config = Config::load(None, env).expect("compose settings are config keys");
+        config.validate().expect("compose settings validate");
+    }
+
+    #[test]
     fn secret_is_created_once_and_reused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
