@@ -27,6 +27,8 @@ use crate::{Comet, ConnHandle, Control};
 
 /// Requests (messages, syncs) a client may have in flight on one connection.
 const MAX_PENDING_REQUESTS: usize = 128;
+/// Queued pushes a connection takes in one wake-up at most.
+const DRAIN_MAX: usize = 64;
 /// Frames the writer sends with one flush at most.
 const WRITE_BATCH: usize = 64;
 /// Time the writer gets to flush a goodbye before the socket is dropped.
@@ -390,9 +392,14 @@ impl Conn {
                     }
                 },
                 Some(Control::Push(delivery)) = control.recv() => self.push(delivery).and_then(|()| {
-                    // Whatever else is queued goes out in the same wake-up.
-                    while let Ok(Control::Push(delivery)) = control.try_recv() {
+                    // What else is queued goes out in the same wake-up, as
+                    // far as the writer's queue has room now (a burst must
+                    // not be taken for a slow consumer).
+                    let mut room = self.out.capacity().min(DRAIN_MAX);
+                    while room > 0 {
+                        let Ok(Control::Push(delivery)) = control.try_recv() else { break };
                         self.push(delivery)?;
+                        room -= 1;
                     }
                     Ok(())
                 }),

@@ -41,6 +41,7 @@ fn group_from(row: &MySqlRow) -> Result<GroupRecord, GroupStoreError> {
         mute_all: row.try_get::<i8, _>("mute_all")? != 0,
         dissolved: row.try_get::<i8, _>("dissolved")? != 0,
         created_ms: row.try_get("created_at")?,
+        version: row.try_get::<i64, _>("version")? as u64,
     })
 }
 
@@ -128,8 +129,23 @@ impl GroupStore for MySqlGroupStore {
         Ok(gid)
     }
 
-    async fn write(&self, gid: u64, changes: &[Change]) -> Result<(), GroupStoreError> {
+    async fn write(
+        &self,
+        gid: u64,
+        version: u64,
+        changes: &[Change],
+    ) -> Result<bool, GroupStoreError> {
         let mut tx = self.pool.begin().await?;
+        let bumped =
+            sqlx::query("UPDATE grp SET version = version + 1 WHERE gid = ? AND version = ?")
+                .bind(id(gid))
+                .bind(id(version))
+                .execute(&mut *tx)
+                .await?;
+        if bumped.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         for change in changes {
             match change {
                 Change::PutMember(m) => put_member(&mut tx, gid, m).await?,
@@ -176,7 +192,7 @@ impl GroupStore for MySqlGroupStore {
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn group(&self, gid: u64) -> Result<Option<GroupRecord>, GroupStoreError> {
@@ -257,8 +273,10 @@ impl GroupStore for MySqlGroupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natter_proto::ErrorCode;
     use natter_record::mysql::testing::{drop_database, fresh_database};
     use natter_record::mysql::{MySqlOptions, MySqlStore};
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn mysql_passes_the_group_store_suite_beside_the_message_store() {
@@ -279,6 +297,93 @@ mod tests {
         store.close().await;
         natter_record::MessageStore::close(&messages).await;
         natter_record::MessageStore::close(&again).await;
+        drop_database(&name).await;
+    }
+
+    struct Quiet;
+
+    #[async_trait]
+    impl crate::Publisher for Quiet {
+        async fn publish(
+            &self,
+            _group: u64,
+            _event: natter_proto::msg::GroupEvent,
+            _audience: Vec<u64>,
+        ) -> Result<(), crate::GroupError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn limits_hold_across_processes_sharing_the_database() {
+        let Some((url, name)) = fresh_database().await else {
+            return;
+        };
+        let limits = natter_node::config::GroupsConfig {
+            max_members: 10,
+            ..Default::default()
+        };
+        // Two logic nodes: each its own stores, caches and change lock.
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            let messages: Arc<dyn natter_record::MessageStore> = Arc::new(
+                MySqlStore::connect(&url, &MySqlOptions::default())
+                    .await
+                    .expect("messages"),
+            );
+            let store = Arc::new(
+                MySqlGroupStore::connect(&url, 4, Duration::from_secs(5))
+                    .await
+                    .expect("groups"),
+            );
+            nodes.push(Arc::new(crate::Groups::new(
+                store,
+                messages,
+                Arc::new(Quiet),
+                limits.clone(),
+            )));
+        }
+        let group = nodes[0]
+            .create(
+                1,
+                natter_proto::api::CreateGroup {
+                    name: "race".into(),
+                    join_type: natter_proto::api::JoinType::Open,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("group")
+            .id;
+        let mut joins = Vec::new();
+        for uid in 100..130u64 {
+            let node = nodes[(uid % 2) as usize].clone();
+            joins.push(tokio::spawn(async move {
+                node.join(uid, group, String::new()).await
+            }));
+        }
+        let mut joined = 0;
+        for join in joins {
+            match join.await.expect("task") {
+                Ok(outcome) => {
+                    assert!(outcome.joined);
+                    joined += 1;
+                }
+                Err(e) => assert!(
+                    matches!(e.code, ErrorCode::MemberLimit | ErrorCode::Conflict),
+                    "{e}"
+                ),
+            }
+        }
+        // Never past the limit, and every success is a member. (A join that
+        // kept losing races may give up with `conflict`; most fill the group.)
+        let members = nodes[1]
+            .members(1, group, 0, 100)
+            .await
+            .expect("members")
+            .members;
+        assert!((5..=9).contains(&joined), "{joined} joined");
+        assert_eq!(members.len(), 1 + joined);
         drop_database(&name).await;
     }
 }

@@ -205,13 +205,41 @@ fn check_user(uid: u64) -> Result<(), GroupError> {
     Ok(())
 }
 
+/// How long a group read from the store serves the message path. Changes
+/// made in this process replace it at once; changes made by other processes
+/// (the distributed shape) are seen within this time.
+const SNAPSHOT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Times a change is made again after losing a race with another change.
+const CHANGE_ATTEMPTS: u32 = 10;
+
+/// Groups as last read, and a count of this process's changes per group.
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<u64, (Arc<Snapshot>, std::time::Instant)>,
+    generations: HashMap<u64, u64>,
+}
+
+impl Cache {
+    fn generation(&self, gid: u64) -> u64 {
+        self.generations.get(&gid).copied().unwrap_or(0)
+    }
+
+    fn bump(&mut self, gid: u64) {
+        if self.generations.len() >= CACHE_LIMIT {
+            self.generations.clear();
+        }
+        *self.generations.entry(gid).or_default() += 1;
+        self.entries.remove(&gid);
+    }
+}
+
 /// The groups role.
 pub struct Groups {
     store: Arc<dyn GroupStore>,
     messages: Arc<dyn MessageStore>,
     publisher: Arc<dyn Publisher>,
     limits: GroupsConfig,
-    cache: Mutex<HashMap<u64, Arc<Snapshot>>>,
+    cache: Mutex<Cache>,
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -227,12 +255,15 @@ impl Groups {
             messages,
             publisher,
             limits,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
             changes: tokio::sync::Mutex::new(()),
         }
     }
 
     async fn load(&self, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+        // A load that raced a change of this process must not put the older
+        // state back: it is cached only if no change came meanwhile.
+        let generation = self.cache().generation(gid);
         let Some(group) = self.store.group(gid).await? else {
             return refuse(ErrorCode::NotFound, format!("no group {gid}"));
         };
@@ -244,29 +275,45 @@ impl Groups {
             .map(|m| (m.uid, m))
             .collect();
         let snapshot = Arc::new(Snapshot { group, members });
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
+        let mut cache = self.cache();
+        if cache.generation(gid) == generation {
+            if cache.entries.len() >= CACHE_LIMIT {
+                cache.entries.clear();
+            }
+            cache
+                .entries
+                .insert(gid, (snapshot.clone(), std::time::Instant::now()));
         }
-        cache.insert(gid, snapshot.clone());
         Ok(snapshot)
     }
 
-    /// The group as of its last change.
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The group as of its last change in this process, or at most
+    /// [`SNAPSHOT_TTL`] old (changes made by other processes).
     pub async fn snapshot(&self, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
         if gid == 0 || gid > i64::MAX as u64 {
             return refuse(ErrorCode::NotFound, format!("no group {gid}"));
         }
         let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .cache()
+            .entries
             .get(&gid)
-            .cloned();
+            .filter(|(_, at)| at.elapsed() < SNAPSHOT_TTL)
+            .map(|(snapshot, _)| snapshot.clone());
         match cached {
             Some(snapshot) => Ok(snapshot),
             None => self.load(gid).await,
         }
+    }
+
+    /// A member's join point, if the group is in the cache (never loads).
+    pub fn cached_join_seq(&self, gid: u64, uid: u64) -> Option<u64> {
+        let cache = self.cache();
+        let (snapshot, _) = cache.entries.get(&gid)?;
+        snapshot.members.get(&uid).map(|m| m.join_seq)
     }
 
     /// May `uid` send to `gid` now? Returns the group for fan-out.
@@ -347,37 +394,54 @@ impl Groups {
         })
     }
 
-    /// Runs one change under the change lock: fresh state, rules, one
-    /// transaction, cache refresh, events.
+    /// Runs one change: fresh state, rules, one transaction written only if
+    /// no other change (of any process) came first — else all again from the
+    /// new state — then cache refresh and events.
     async fn change(
         &self,
         gid: u64,
-        plan: impl FnOnce(&Snapshot, u64, i64) -> Result<Plan, GroupError>,
+        mut plan: impl FnMut(&Snapshot, u64, i64) -> Result<Plan, GroupError>,
     ) -> Result<Arc<Snapshot>, GroupError> {
         if gid == 0 || gid > i64::MAX as u64 {
             return refuse(ErrorCode::NotFound, format!("no group {gid}"));
         }
         let _serial = self.changes.lock().await;
-        let before = self.load(gid).await?;
-        if before.group.dissolved {
-            return refuse(
-                ErrorCode::GroupDissolved,
-                format!("group {gid} was dissolved"),
-            );
-        }
-        // Who joins now may read from the next message on.
-        let next_seq = self
-            .messages
-            .group_seqs(&[gid])
-            .await?
-            .first()
-            .copied()
-            .unwrap_or(0)
-            + 1;
-        let plan = plan(&before, next_seq, now_ms())?;
-        if !plan.changes.is_empty() {
-            self.store.write(gid, &plan.changes).await?;
-        }
+        let mut attempt = 0;
+        let (before, plan) = loop {
+            let before = self.load(gid).await?;
+            if before.group.dissolved {
+                return refuse(
+                    ErrorCode::GroupDissolved,
+                    format!("group {gid} was dissolved"),
+                );
+            }
+            // Who joins now may read from the next message on.
+            let next_seq = self
+                .messages
+                .group_seqs(&[gid])
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(0)
+                + 1;
+            let plan = plan(&before, next_seq, now_ms())?;
+            if plan.changes.is_empty()
+                || self
+                    .store
+                    .write(gid, before.group.version, &plan.changes)
+                    .await?
+            {
+                break (before, plan);
+            }
+            attempt += 1;
+            if attempt >= CHANGE_ATTEMPTS {
+                return refuse(
+                    ErrorCode::Conflict,
+                    "the group is being changed by others; retry",
+                );
+            }
+        };
+        self.cache().bump(gid);
         let after = self.load(gid).await?;
         if !plan.events.is_empty() {
             let audience: BTreeSet<u64> = before
@@ -446,6 +510,7 @@ impl Groups {
             mute_all: false,
             dissolved: false,
             created_ms: now,
+            version: 0,
         };
         let mut members = vec![self.new_member(actor, Role::Owner, 1, now)];
         members.extend(

@@ -32,6 +32,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../migrations/sqlite/0002_read.sql")),
                 false,
             ),
+            Migration::new(
+                3,
+                Cow::Borrowed("group versions"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/sqlite/0003_version.sql")),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }
@@ -47,6 +54,7 @@ fn group_from(row: &SqliteRow) -> Result<GroupRecord, GroupStoreError> {
         mute_all: row.try_get("mute_all")?,
         dissolved: row.try_get("dissolved")?,
         created_ms: row.try_get("created_at")?,
+        version: row.try_get::<i64, _>("version")? as u64,
     })
 }
 
@@ -153,8 +161,23 @@ impl GroupStore for SqliteGroupStore {
         Ok(gid as u64)
     }
 
-    async fn write(&self, gid: u64, changes: &[Change]) -> Result<(), GroupStoreError> {
+    async fn write(
+        &self,
+        gid: u64,
+        version: u64,
+        changes: &[Change],
+    ) -> Result<bool, GroupStoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let bumped =
+            sqlx::query("UPDATE grp SET version = version + 1 WHERE gid = ? AND version = ?")
+                .bind(id(gid))
+                .bind(id(version))
+                .execute(&mut *tx)
+                .await?;
+        if bumped.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         for change in changes {
             match change {
                 Change::PutMember(m) => put_member(&mut tx, gid, m).await?,
@@ -202,7 +225,7 @@ impl GroupStore for SqliteGroupStore {
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn group(&self, gid: u64) -> Result<Option<GroupRecord>, GroupStoreError> {
@@ -320,6 +343,7 @@ mod tests {
                     mute_all: false,
                     dissolved: false,
                     created_ms: 1,
+                    version: 0,
                 },
                 &[member(1, Role::Owner)],
             )

@@ -25,6 +25,9 @@ pub struct GroupRecord {
     pub mute_all: bool,
     pub dissolved: bool,
     pub created_ms: i64,
+    /// Bumped by every change: a change written against an older version
+    /// is refused, so changes made by different processes never interleave.
+    pub version: u64,
 }
 
 /// A member as stored.
@@ -71,8 +74,15 @@ pub trait GroupStore: Send + Sync + 'static {
         group: &GroupRecord,
         members: &[MemberRecord],
     ) -> Result<u64, GroupStoreError>;
-    /// Applies `changes` to group `id` in one transaction.
-    async fn write(&self, id: u64, changes: &[Change]) -> Result<(), GroupStoreError>;
+    /// Applies `changes` to group `id` in one transaction, if the group is
+    /// still at `version` (then bumped); false, with nothing written, if
+    /// another change came first.
+    async fn write(
+        &self,
+        id: u64,
+        version: u64,
+        changes: &[Change],
+    ) -> Result<bool, GroupStoreError>;
     async fn group(&self, id: u64) -> Result<Option<GroupRecord>, GroupStoreError>;
     /// Every member of the group, by uid.
     async fn members(&self, id: u64) -> Result<Vec<MemberRecord>, GroupStoreError>;

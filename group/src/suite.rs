@@ -27,6 +27,7 @@ pub async fn round_trip(store: &dyn GroupStore) {
         mute_all: false,
         dissolved: false,
         created_ms: 5,
+        version: 0,
     };
     let gid = store
         .create(&group, &[member(1, Role::Owner), member(2, Role::Member)])
@@ -49,9 +50,17 @@ pub async fn round_trip(store: &dyn GroupStore) {
 
     let mut muted = member(2, Role::Member);
     muted.muted_until_ms = 77;
-    store
+    // A change against an old version writes nothing.
+    let stale = store
+        .write(gid, 5, &[Change::RemoveMember(1)])
+        .await
+        .expect("write");
+    assert!(!stale);
+    assert_eq!(store.members(gid).await.expect("members").len(), 2);
+    let written = store
         .write(
             gid,
+            0,
             &[
                 Change::PutMember(muted.clone()),
                 Change::PutMember(member(3, Role::Admin)),
@@ -69,13 +78,17 @@ pub async fn round_trip(store: &dyn GroupStore) {
         )
         .await
         .expect("write");
+    assert!(written);
     let members = store.members(gid).await.expect("members");
     assert_eq!(
         members,
         vec![member(1, Role::Owner), muted, member(3, Role::Admin)]
     );
     let renamed = store.group(gid).await.expect("read").expect("exists");
-    assert_eq!((renamed.name.as_str(), renamed.mute_all), ("renamed", true));
+    assert_eq!(
+        (renamed.name.as_str(), renamed.mute_all, renamed.version),
+        ("renamed", true, 1)
+    );
     assert_eq!(store.applications(gid).await.expect("apps").len(), 1);
     assert_eq!(
         store.groups_of(1).await.expect("mine"),
@@ -85,7 +98,7 @@ pub async fn round_trip(store: &dyn GroupStore) {
     assert_eq!(store.mark_read(gid, 3, 5).await.expect("read"), 5);
     assert_eq!(store.mark_read(gid, 3, 4).await.expect("read"), 5);
     store
-        .write(gid, &[Change::PutMember(member(3, Role::Member))])
+        .write(gid, 1, &[Change::PutMember(member(3, Role::Member))])
         .await
         .expect("write");
     assert_eq!(store.read_seq(gid, 3).await.expect("read"), 5);
@@ -93,6 +106,7 @@ pub async fn round_trip(store: &dyn GroupStore) {
     store
         .write(
             gid,
+            2,
             &[Change::RemoveMember(2), Change::RemoveApplication(9)],
         )
         .await

@@ -389,6 +389,13 @@ impl Logic {
     ) -> Result<Stored, Rejection> {
         match self.committer.write(write).await {
             Ok(Outcome::Stored(stored)) => Ok(stored),
+            Ok(Outcome::Reused) => {
+                count("invalid");
+                Err(Rejection::new(
+                    ErrorCode::InvalidMessage,
+                    "client_seq was already used for a message to someone else",
+                ))
+            }
             Ok(Outcome::Done) => {
                 count("error");
                 Err(Rejection::new(
@@ -642,11 +649,22 @@ impl LogicService for Logic {
     }
 
     async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64) {
+        // In a group, the positions before the member's join point count as
+        // held (from the cached group only: this must not wait on storage).
+        let floor = if group == 0 {
+            0
+        } else {
+            self.groups
+                .cached_join_seq(group, uid)
+                .map(|join| join.saturating_sub(1))
+                .unwrap_or(0)
+        };
         let write = Write::Received {
             owner: uid,
             device: device.into(),
             group,
             seq,
+            floor,
         };
         // Never wait on storage here: the caller is a connection's control
         // loop. A dropped ack costs only a cursor update; the device's next
@@ -694,7 +712,15 @@ impl LogicService for Logic {
         let groups = if has_more {
             Vec::new()
         } else {
-            self.unreceived_groups(uid, device).await?
+            // A group problem must not fail the one-to-one stream: the
+            // groups are listed again on the next sync.
+            match self.unreceived_groups(uid, device).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    tracing::warn!(uid, error = %e.message, "groups not listed in sync");
+                    Vec::new()
+                }
+            }
         };
         Ok(SyncReply {
             groups,

@@ -108,7 +108,7 @@ impl Publisher for GroupPublisher {
         };
         let stored = match self.committer.write(Write::GroupMessage(new)).await {
             Ok(Outcome::Stored(stored)) => stored,
-            Ok(Outcome::Done) => {
+            Ok(Outcome::Done | Outcome::Reused) => {
                 self.events.with_label_values(&[kind, "error"]).inc();
                 return Err(GroupError::new(
                     ErrorCode::Internal,

@@ -541,6 +541,24 @@ impl Server {
             })
         });
 
+        // A node whose lease was lost may share its worker id (and so its
+        // message ids) with a newer node: it stops rather than go on.
+        if let Some((_, registration)) = &registration {
+            let (registration, shutdown, stop) = (
+                registration.clone(),
+                shutdown.clone(),
+                background_stop.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = registration.lost() => {
+                        tracing::error!("etcd registration lost; shutting down");
+                        shutdown.cancel();
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         tracing::info!(role = role.name(), %addr, rpc = ?rpc_addr, worker, node = %node_name, data_dir = %config.data_dir.display(), "natter serving");
         ready.set(true);
 
@@ -558,9 +576,12 @@ impl Server {
             if let Some(renewal) = renewal {
                 let _ = renewal.await;
             }
-            // Leave discovery once no connection is left: the key goes now.
-            if let Some((_, registration)) = &registration {
-                registration.close().await;
+            // A gateway leaves discovery once no connection is left: logic
+            // stops pushing to it at once.
+            if !role.runs_logic() {
+                if let Some((_, registration)) = &registration {
+                    registration.close().await;
+                }
             }
             rpc_stop.cancel();
             if let Some(rpc) = rpc {
@@ -588,6 +609,13 @@ impl Server {
                 half.store.close().await;
             }
             let _ = watcher.await;
+            // A node that makes message ids keeps its worker id until its
+            // last queued write has committed.
+            if role.runs_logic() {
+                if let Some((_, registration)) = &registration {
+                    registration.close().await;
+                }
+            }
             tracing::info!("natter stopped");
             committed.context("committer task")?;
             served.context("HTTP server")

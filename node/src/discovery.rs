@@ -287,6 +287,18 @@ impl Registration {
         *self.alive.borrow()
     }
 
+    /// Resolves when the lease is lost (etcd was unreachable past the TTL):
+    /// another node may now hold this node's worker id. Never resolves
+    /// after a deliberate close.
+    pub async fn lost(&self) {
+        let mut alive = self.alive.clone();
+        while *alive.borrow_and_update() {
+            if alive.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Deregisters: revokes the lease, which deletes the keys at once.
     pub async fn close(&self) {
         self.abandon().await;

@@ -108,6 +108,10 @@ pub async fn watch_dependencies(
         .expect("valid gauge"),
     );
     let mut was_up: Vec<Option<bool>> = vec![None; dependencies.len()];
+    // One slow answer under load is not an outage: a dependency is down
+    // after this many failed checks in a row.
+    const FAILURES: u32 = 2;
+    let mut failures: Vec<u32> = vec![0; dependencies.len()];
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -115,12 +119,20 @@ pub async fn watch_dependencies(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        for (dependency, was) in dependencies.iter().zip(was_up.iter_mut()) {
+        for ((dependency, was), failed) in dependencies
+            .iter()
+            .zip(was_up.iter_mut())
+            .zip(failures.iter_mut())
+        {
             let name = dependency.name();
             let outcome = match tokio::time::timeout(every, dependency.check()).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("no answer within {every:?}")),
             };
+            *failed = if outcome.is_ok() { 0 } else { *failed + 1 };
+            if outcome.is_err() && *failed < FAILURES {
+                continue;
+            }
             let up = outcome.is_ok();
             gauge.with_label_values(&[name]).set(i64::from(up));
             readiness.set_dependency(name, up);

@@ -35,6 +35,25 @@ impl DeviceCursor {
             while self.above.remove(&(self.contiguous + 1)) {
                 self.contiguous += 1;
             }
+            // A device that never closes its gap (it keeps acking pushes but
+            // does not sync) must not grow this without end. Forgetting the
+            // highest positions only holds the cursor back: it never passes
+            // a message the device has not had.
+            while self.above.len() > MAX_ABOVE {
+                self.above.pop_last();
+            }
+        }
+    }
+
+    /// Everything up to `floor` counts as held (positions before a group
+    /// member's join point, which are never delivered to it).
+    pub(crate) fn raise_to(&mut self, floor: u64) {
+        if floor > self.contiguous {
+            self.contiguous = floor;
+            self.above = self.above.split_off(&(floor + 1));
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
         }
     }
 
@@ -44,6 +63,9 @@ impl DeviceCursor {
         self.above.clear();
     }
 }
+
+/// Positions past a gap a cursor remembers at most.
+const MAX_ABOVE: usize = 1024;
 
 /// A device's cursor of one stream: (owner, device, group), group 0 being
 /// the owner's own stream.
@@ -130,6 +152,33 @@ pub(crate) fn touched(writes: &[Write]) -> Touched {
     }
 }
 
+/// The outcome of a message whose dedupe key was seen before (earlier in
+/// the batch or in the store): the earlier message again, or
+/// [`Outcome::Reused`] when that one went to another conversation.
+fn repeat(
+    outcomes: &[Outcome],
+    in_batch: &HashMap<Key<'_>, usize>,
+    existing: &HashMap<(u64, String, u64), Stored>,
+    key: &Key<'_>,
+    conversation: &str,
+) -> Option<Outcome> {
+    let earlier = match in_batch.get(key) {
+        Some(&i) => match &outcomes[i] {
+            Outcome::Stored(earlier) => Stored {
+                repeat: true,
+                ..earlier.clone()
+            },
+            _ => unreachable!("index of a stored message"),
+        },
+        None => existing.get(&(key.0, key.1.to_string(), key.2))?.clone(),
+    };
+    Some(if earlier.message.conversation == conversation {
+        Outcome::Stored(earlier)
+    } else {
+        Outcome::Reused
+    })
+}
+
 /// What a walk decided: one outcome per write, and the rows to write.
 pub(crate) struct Walk {
     pub(crate) outcomes: Vec<Outcome>,
@@ -163,23 +212,11 @@ pub(crate) fn walk(
         match write {
             Write::Message(m) => {
                 let key = (m.sender, m.sender_device.as_str(), m.client_seq);
-                if let Some(&i) = in_batch.get(&key) {
-                    let Outcome::Stored(earlier) = &outcomes[i] else {
-                        unreachable!("index of a message")
-                    };
-                    outcomes.push(Outcome::Stored(Stored {
-                        repeat: true,
-                        ..earlier.clone()
-                    }));
-                    continue;
-                }
-                if let Some(stored) =
-                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
-                {
-                    outcomes.push(Outcome::Stored(stored.clone()));
-                    continue;
-                }
                 let conversation = p2p_conversation(m.sender, m.receiver);
+                if let Some(outcome) = repeat(&outcomes, &in_batch, existing, &key, &conversation) {
+                    outcomes.push(outcome);
+                    continue;
+                }
                 let conv_seq = conv.get(&conversation).copied().unwrap_or(0) + 1;
                 conv.insert(conversation.clone(), conv_seq);
                 let mut next_user = |owner: u64| {
@@ -235,23 +272,11 @@ pub(crate) fn walk(
             }
             Write::GroupMessage(m) => {
                 let key = (m.sender, m.sender_device.as_str(), m.client_seq);
-                if let Some(&i) = in_batch.get(&key) {
-                    let Outcome::Stored(earlier) = &outcomes[i] else {
-                        unreachable!("index of a message")
-                    };
-                    outcomes.push(Outcome::Stored(Stored {
-                        repeat: true,
-                        ..earlier.clone()
-                    }));
-                    continue;
-                }
-                if let Some(stored) =
-                    existing.get(&(m.sender, m.sender_device.clone(), m.client_seq))
-                {
-                    outcomes.push(Outcome::Stored(stored.clone()));
-                    continue;
-                }
                 let conversation = group_conversation(m.receiver);
+                if let Some(outcome) = repeat(&outcomes, &in_batch, existing, &key, &conversation) {
+                    outcomes.push(outcome);
+                    continue;
+                }
                 let conv_seq = conv.get(&conversation).copied().unwrap_or(0) + 1;
                 conv.insert(conversation.clone(), conv_seq);
                 let stored = StoredMessage {
@@ -287,14 +312,14 @@ pub(crate) fn walk(
                 device,
                 group,
                 seq,
+                floor,
             } => {
                 if *group == 0 {
                     received.push((*owner, *seq));
                 }
-                devices
-                    .entry((*owner, device.clone(), *group))
-                    .or_default()
-                    .mark(*seq);
+                let cursor = devices.entry((*owner, device.clone(), *group)).or_default();
+                cursor.raise_to(*floor);
+                cursor.mark(*seq);
                 outcomes.push(Outcome::Done);
             }
             Write::SetCursor {
@@ -323,5 +348,37 @@ pub(crate) fn walk(
         received,
         touched_convs,
         touched_users,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_starts_at_its_floor_and_remembers_a_bounded_number_of_positions() {
+        let mut c = DeviceCursor::default();
+        // A member who joined at 41 acks 41 and 43: held up to 41.
+        c.raise_to(40);
+        c.mark(41);
+        c.mark(43);
+        assert_eq!(c.contiguous, 41);
+        c.mark(42);
+        assert_eq!(c.contiguous, 43);
+        // A floor below the cursor changes nothing.
+        c.raise_to(10);
+        assert_eq!(c.contiguous, 43);
+        // A gap that never closes keeps the cursor back, with bounded memory.
+        for seq in 45..45 + 3 * MAX_ABOVE as u64 {
+            c.mark(seq);
+        }
+        assert_eq!(c.contiguous, 43);
+        assert_eq!(c.above.len(), MAX_ABOVE);
+        c.mark(44);
+        assert_eq!(
+            c.contiguous,
+            44 + MAX_ABOVE as u64,
+            "up to what it remembers"
+        );
     }
 }

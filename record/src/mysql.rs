@@ -96,16 +96,31 @@ fn format_above(above: &BTreeSet<u64>) -> String {
 }
 
 /// Whether running the batch again may succeed: a deadlock, a lock wait
-/// time-out, or a duplicate key from an insert that raced another node's.
+/// time-out, or a resend that raced its first copy on another node (the
+/// dedupe key; the run again finds the stored copy).
 fn retryable(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(db) => matches!(
-            db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-                .map(|e| e.number()),
-            Some(1213 | 1205 | 1062)
-        ),
+        sqlx::Error::Database(db) => {
+            match db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|e| e.number())
+            {
+                Some(1213 | 1205) => true,
+                Some(1062) => db.message().contains("message_dedupe"),
+                _ => false,
+            }
+        }
         _ => false,
     }
+}
+
+/// A short random pause before running a batch again, growing with the
+/// attempt, so that racing writers do not meet again at once.
+async fn back_off(attempt: u32) {
+    let mut byte = [0u8; 1];
+    let _ = getrandom::fill(&mut byte);
+    let ms = u64::from(byte[0] % 10 + 1) << attempt.min(4);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
 impl MySqlStore {
@@ -200,11 +215,14 @@ async fn lock_counters(
     let mut conv = HashMap::new();
     let mut user = HashMap::new();
     if !convs.is_empty() {
-        let mut q =
-            QueryBuilder::<MySql>::new("INSERT IGNORE INTO conversation (conv_id, last_seq) ");
+        // Creating or touching the rows takes their exclusive locks at once
+        // (the shared lock INSERT IGNORE takes would deadlock two writers
+        // that both upgrade it next).
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO conversation (conv_id, last_seq) ");
         q.push_values(convs, |mut b, c| {
             b.push_bind(c.as_str()).push_bind(0i64);
         });
+        q.push(" ON DUPLICATE KEY UPDATE last_seq = last_seq");
         q.build().execute(&mut *conn).await?;
         let mut q = QueryBuilder::<MySql>::new(
             "SELECT conv_id, last_seq FROM conversation WHERE conv_id IN ",
@@ -217,11 +235,11 @@ async fn lock_counters(
         conv.extend(rows.into_iter().map(|(c, s)| (c, s as u64)));
     }
     if !users.is_empty() {
-        let mut q =
-            QueryBuilder::<MySql>::new("INSERT IGNORE INTO user_sequence (owner, last_seq) ");
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO user_sequence (owner, last_seq) ");
         q.push_values(users, |mut b, u| {
             b.push_bind(i(*u)).push_bind(0i64);
         });
+        q.push(" ON DUPLICATE KEY UPDATE last_seq = last_seq");
         q.build().execute(&mut *conn).await?;
         let mut q =
             QueryBuilder::<MySql>::new("SELECT owner, last_seq FROM user_sequence WHERE owner IN ");
@@ -245,7 +263,7 @@ async fn lock_cursors(
         return Ok(cursors);
     }
     let mut q = QueryBuilder::<MySql>::new(
-        "INSERT IGNORE INTO device_cursor (owner, device, gid, cursor_seq, above, updated_at) ",
+        "INSERT INTO device_cursor (owner, device, gid, cursor_seq, above, updated_at) ",
     );
     let now = natter_node::ids::now_ms();
     q.push_values(keys, |mut b, (owner, device, gid)| {
@@ -256,6 +274,7 @@ async fn lock_cursors(
             .push_bind("")
             .push_bind(now);
     });
+    q.push(" ON DUPLICATE KEY UPDATE cursor_seq = cursor_seq");
     q.build().execute(&mut *conn).await?;
     let mut q = QueryBuilder::<MySql>::new(
         "SELECT owner, device, gid, cursor_seq, above FROM device_cursor WHERE (owner, device, gid) IN ",
@@ -399,6 +418,7 @@ impl MessageStore for MySqlStore {
                 }
             }
             attempt += 1;
+            back_off(attempt).await;
         }
     }
 

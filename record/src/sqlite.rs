@@ -518,7 +518,10 @@ async fn apply(
         write_rows(conn, MARK_RECEIVED_SQL, &received).await?;
     }
     counters.dirty.extend(touched.devices);
-    if counters.flush_due() {
+    // A device that set its cursor (it may have moved back) is written at
+    // once: the stored value must never be ahead of what the device holds.
+    let set = writes.iter().any(|w| matches!(w, Write::SetCursor { .. }));
+    if set || counters.flush_due() {
         flush_cursors(conn, counters).await?;
     }
     if !touched_convs.is_empty() {
@@ -596,9 +599,10 @@ impl SqliteStore {
             return None;
         }
         for (write, key) in writes.iter().zip(&keys) {
-            if let (Write::Received { seq, .. }, Some(cursor)) =
+            if let (Write::Received { seq, floor, .. }, Some(cursor)) =
                 (write, counters.devices.get_mut(key))
             {
+                cursor.raise_to(*floor);
                 cursor.mark(*seq);
             }
         }
@@ -931,6 +935,7 @@ mod tests {
         }
         let acks: Vec<Write> = (1..=3)
             .map(|seq| Write::Received {
+                floor: 0,
                 owner: 2,
                 device: "phone".into(),
                 group: 9,

@@ -129,6 +129,9 @@ pub enum Write {
         device: String,
         group: u64,
         seq: u64,
+        /// Positions up to here count as held: a group member's join point
+        /// minus one (nothing before it is delivered to the member); 0 otherwise.
+        floor: u64,
     },
     /// A device holds everything of a stream up to `cursor` and vouches for
     /// nothing after it: the device's cursor is set to exactly this.
@@ -158,6 +161,9 @@ pub struct Stored {
 pub enum Outcome {
     Stored(Stored),
     Done,
+    /// The (sender, device, client seq) belongs to a message to another
+    /// user or group: nothing was stored.
+    Reused,
 }
 
 /// A page of one user's conversation history, newest first.

@@ -125,10 +125,20 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
         .iter()
         .map(|o| match o {
             Outcome::Stored(s) => (s.message.conv_seq, s.repeat),
-            Outcome::Done => panic!("a message"),
+            Outcome::Done | Outcome::Reused => panic!("a message"),
         })
         .collect();
     assert_eq!(seqs, vec![(3, false), (3, true)]);
+    // A client seq used for a group message is not a one-to-one message, nor
+    // one to another group: nothing is stored, nobody gets it.
+    let reused = store
+        .write_batch(&[
+            Write::Message(text(1, 7, 1)),
+            Write::GroupMessage(group_text(1, 8, 1)),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(reused, vec![Outcome::Reused, Outcome::Reused]);
     let synced = store.group_sync(7, 0, 10).await.expect("sync");
     let numbers: Vec<u64> = synced.iter().map(|m| m.conv_seq).collect();
     assert_eq!(numbers, vec![1, 2, 3]);
@@ -194,6 +204,7 @@ async fn group_cursors_are_per_device_and_group(store: &dyn MessageStore) {
     assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 0);
     assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 0);
     let ack = |seq| Write::Received {
+        floor: 0,
         owner: 2,
         device: "phone".into(),
         group: 4,
@@ -256,7 +267,7 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
         .iter()
         .map(|o| match o {
             Outcome::Stored(s) => s,
-            Outcome::Done => panic!("message write answered Done"),
+            Outcome::Done | Outcome::Reused => panic!("message write answered {o:?}"),
         })
         .collect();
     assert!(!stored[0].repeat && stored[1].repeat && !stored[2].repeat);
@@ -372,6 +383,7 @@ async fn cursors_follow_acks(store: &dyn MessageStore) {
     assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 5);
     assert_eq!(store.cursor(1, "laptop", 0).await.expect("cursor"), 0);
     let ack = |seq| Write::Received {
+        floor: 0,
         owner: 2,
         device: "phone".into(),
         group: 0,

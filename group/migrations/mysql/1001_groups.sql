@@ -7,8 +7,9 @@ CREATE TABLE grp (
     join_type  VARCHAR(16)  NOT NULL,
     mute_all   TINYINT      NOT NULL DEFAULT 0,
     dissolved  TINYINT      NOT NULL DEFAULT 0,
-    created_at BIGINT       NOT NULL
-) ENGINE = InnoDB;
+    created_at BIGINT       NOT NULL,
+    version    BIGINT       NOT NULL DEFAULT 0  -- bumped by every change
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- Members, one row each; leaving or being kicked deletes the row.
 CREATE TABLE member (
@@ -22,7 +23,7 @@ CREATE TABLE member (
     read_seq    BIGINT       NOT NULL DEFAULT 0,
     PRIMARY KEY (gid, uid),
     KEY member_by_user (uid, gid)
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- Pending applications to join groups that need approval.
 CREATE TABLE application (
@@ -31,4 +32,4 @@ CREATE TABLE application (
     message    TEXT   NOT NULL,
     created_at BIGINT NOT NULL,
     PRIMARY KEY (gid, uid)
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;

@@ -14,7 +14,7 @@ CREATE TABLE message (
     -- A resend of the same client seq from the same device is the same message.
     UNIQUE KEY message_dedupe (sender, sender_device, client_seq),
     UNIQUE KEY message_conv_seq (conv_id, conv_seq)
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- Relation table: one row per one-to-one message per user who holds it,
 -- numbered contiguously per user (user_seq) for device sync.
@@ -28,18 +28,18 @@ CREATE TABLE relation (
     created_at BIGINT  NOT NULL,
     PRIMARY KEY (owner, user_seq),
     KEY relation_history (owner, other, mid)
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- Last sequence numbers handed out. Writers lock the rows they advance
 -- (SELECT ... FOR UPDATE), so any number of logic nodes share them.
 CREATE TABLE conversation (
     conv_id  VARCHAR(64) NOT NULL PRIMARY KEY,
     last_seq BIGINT      NOT NULL
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 CREATE TABLE user_sequence (
     owner    BIGINT NOT NULL PRIMARY KEY,
     last_seq BIGINT NOT NULL
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- Each device's cursor per stream (gid 0: its user's stream; else a group):
 -- everything up to cursor_seq is held; `above` lists positions acknowledged
@@ -52,4 +52,4 @@ CREATE TABLE device_cursor (
     above      TEXT         NOT NULL,
     updated_at BIGINT       NOT NULL,
     PRIMARY KEY (owner, device, gid)
-) ENGINE = InnoDB;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
