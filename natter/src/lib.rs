@@ -274,6 +274,8 @@ pub enum Role {
     Comet,
     /// Logic and storage: the HTTP API, and the Logic gRPC service.
     Logic,
+    /// The read side of the HTTP API: conversation history and sync.
+    Record,
 }
 
 impl Role {
@@ -283,6 +285,7 @@ impl Role {
             Role::Serve => "serve",
             Role::Comet => "comet",
             Role::Logic => "logic",
+            Role::Record => "record",
         }
     }
 
@@ -291,7 +294,11 @@ impl Role {
     }
 
     fn runs_gateway(self) -> bool {
-        self != Role::Logic
+        matches!(self, Role::Serve | Role::Comet)
+    }
+
+    fn serves_rpc(self) -> bool {
+        matches!(self, Role::Comet | Role::Logic)
     }
 }
 
@@ -331,9 +338,10 @@ impl Server {
                 role.name()
             );
         }
-        if role == Role::Logic && config.auth.secret.is_empty() {
+        if matches!(role, Role::Logic | Role::Record) && config.auth.secret.is_empty() {
             anyhow::bail!(
-                "natter logic needs auth.secret: every logic node checks the same tokens"
+                "natter {} needs auth.secret: every node that checks tokens checks the same ones",
+                role.name()
             );
         }
         std::fs::create_dir_all(&config.data_dir)
@@ -343,7 +351,7 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let rpc_listener = if role == Role::Serve {
+        let rpc_listener = if !role.serves_rpc() {
             None
         } else {
             Some(
@@ -496,16 +504,18 @@ impl Server {
             app = app.merge(comet.router());
         }
         if let Some(half) = &logic_half {
-            app = app
-                .merge(natter_record::http::router(
-                    half.store.clone(),
-                    Arc::new(half.tokens.clone()),
-                    half.groups.clone(),
-                ))
-                .merge(natter_group::http::router(
+            app = app.merge(natter_record::http::router(
+                half.store.clone(),
+                Arc::new(half.tokens.clone()),
+                half.groups.clone(),
+            ));
+            // Group changes publish events to gateways: not from a record node.
+            if role != Role::Record {
+                app = app.merge(natter_group::http::router(
                     half.groups.clone(),
                     Arc::new(half.tokens.clone()),
                 ));
+            }
         }
         let app = app
             .merge(health_router(registry, ready.clone()))

@@ -28,6 +28,8 @@ enum Command {
     Comet(RoleArgs),
     /// Run a logic node: HTTP API and health on --listen, the Logic gRPC service on --rpc-listen; finds gateways in etcd.
     Logic(RoleArgs),
+    /// Run a history node: the read side of the HTTP API (conversation history and sync) and health on --listen.
+    Record(ServeArgs),
     /// Print a token for a user and device, signed with the server's secret.
     Token(TokenArgs),
     /// Drive a running natter with simulated users and measure it.
@@ -116,6 +118,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => run(&args, None, Role::Serve),
         Command::Comet(args) => run(&args.serve, args.rpc_listen, Role::Comet),
         Command::Logic(args) => run(&args.serve, args.rpc_listen, Role::Logic),
+        Command::Record(args) => run(&args, None, Role::Record),
         Command::Token(args) => {
             let config = load(&args.config)?;
             config.validate()?;

@@ -603,7 +603,7 @@ mod tests {
     #[test]
     fn the_role_configs_and_the_compose_file_are_valid() {
         let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-        for name in ["logic.toml", "comet.toml"] {
+        for name in ["logic.toml", "comet.toml", "record.toml"] {
             let config = Config::load(Some(&deploy.join(name)), vec![])
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));

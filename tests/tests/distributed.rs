@@ -1,6 +1,6 @@
-//! The distributed shape in one test process: two logic nodes and two
-//! gateways on the machine's MariaDB and Redis and a private etcd, talking
-//! gRPC. Users on different gateways chat one-to-one and in a group;
+//! The distributed shape in one test process: two logic nodes, two
+//! gateways and a history node on the machine's MariaDB and Redis and a
+//! private etcd, talking gRPC. Users on different gateways chat one-to-one and in a group;
 //! gateways and logic nodes leave and the rest carries on.
 
 use std::time::Duration;
@@ -72,6 +72,7 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
     let logic_b = TestServer::start_role(Role::Logic, tune("logic-b")).await;
     let gateway_a = TestServer::start_role(Role::Comet, tune("comet-a")).await;
     let gateway_b = TestServer::start_role(Role::Comet, tune("comet-b")).await;
+    let record = TestServer::start_role(Role::Record, tune("record-a")).await;
     let etcd = Etcd::new(&etcd_url, Duration::from_secs(2)).expect("client");
     assert_eq!(
         (
@@ -126,6 +127,33 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
         }
     }
 
+    // The history node serves what the logic nodes stored, to members only.
+    let (status, page) = record
+        .get_json("/v1/conversations/p:1:2/messages", 2, "phone")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"][0]["mid"], ack.mid.to_string());
+    let (status, page) = record
+        .get_json(
+            &format!("/v1/conversations/g:{}/messages", group.id),
+            3,
+            "phone",
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"][0]["mid"], sent.mid.to_string());
+    let (status, _) = record
+        .get_json(
+            &format!("/v1/conversations/g:{}/messages", group.id),
+            9,
+            "phone",
+        )
+        .await;
+    assert_eq!(status, 403, "not a member");
+    let (status, _) = record.get_json("/v1/groups", 1, "phone").await;
+    assert_eq!(status, 404, "group changes go through logic nodes");
+    assert_eq!(registered(&etcd, "record").await, 1);
+
     // A logic node leaves: the gateways carry on with the other one.
     logic_a.stop().await;
     let again = alice
@@ -154,5 +182,6 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
     }
     gateway_a.stop().await;
     logic_b.stop().await;
+    record.stop().await;
     drop_database(&db).await;
 }
