@@ -73,7 +73,13 @@ impl MySqlGroupStore {
             .acquire_timeout(acquire_timeout)
             .connect_with(connect)
             .await?;
-        migrator().run(&pool).await?;
+        natter_record::mysql::migrate_exclusively(&pool, &migrator())
+            .await
+            .map_err(|e| match e {
+                natter_record::StoreError::Database(e) => GroupStoreError::Database(e),
+                natter_record::StoreError::Migrate(e) => GroupStoreError::Migrate(e),
+                other => GroupStoreError::Corrupt(other.to_string()),
+            })?;
         Ok(MySqlGroupStore { pool })
     }
 }

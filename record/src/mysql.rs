@@ -123,6 +123,26 @@ async fn back_off(attempt: u32) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// Runs `migrator` on `pool` with every other process's migrations kept
+/// out: nodes that start together would otherwise apply the same migration
+/// at once (sqlx's own lock does not hold on MariaDB).
+pub async fn migrate_exclusively(pool: &MySqlPool, migrator: &Migrator) -> Result<(), StoreError> {
+    let mut holder = pool.acquire().await?;
+    let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('natter_migrations', 120)")
+        .fetch_one(&mut *holder)
+        .await?;
+    if locked != Some(1) {
+        return Err(StoreError::Database(sqlx::Error::Protocol(
+            "another node held the migration lock for 120 s".into(),
+        )));
+    }
+    let result = migrator.run(pool).await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK('natter_migrations')")
+        .execute(&mut *holder)
+        .await;
+    Ok(result?)
+}
+
 impl MySqlStore {
     /// Connects to `url` (`mysql://user:pass@host:port/db`) and runs the migrations.
     pub async fn connect(url: &str, options: &MySqlOptions) -> Result<MySqlStore, StoreError> {
@@ -132,7 +152,7 @@ impl MySqlStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        migrator().run(&pool).await?;
+        migrate_exclusively(&pool, &migrator()).await?;
         Ok(MySqlStore { pool })
     }
 
@@ -688,6 +708,26 @@ mod tests {
         for name in names {
             drop_database(&name).await;
         }
+    }
+
+    #[tokio::test]
+    async fn nodes_starting_together_migrate_one_database_once() {
+        let Some((url, name)) = fresh_database().await else {
+            return;
+        };
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(
+                    async move { MySqlStore::connect(&url, &MySqlOptions::default()).await },
+                )
+            })
+            .collect();
+        for start in starts {
+            let store = start.await.expect("task").expect("every node starts");
+            store.close().await;
+        }
+        drop_database(&name).await;
     }
 
     #[tokio::test]
