@@ -38,6 +38,8 @@ pub enum DiscoveryError {
     Answer(String),
     #[error("all {} worker ids are taken", MAX_WORKER as u32 + 1)]
     NoWorker,
+    #[error("the watch was quiet for a while")]
+    Idle,
 }
 
 /// A node as registered.
@@ -229,8 +231,13 @@ impl Etcd {
         };
         let mut buf: Vec<u8> = Vec::new();
         loop {
+            // A quiet watch is read again from scratch now and then: a
+            // half-open connection would otherwise freeze the membership.
             let chunk = tokio::select! {
-                c = response.chunk() => c.map_err(|e| DiscoveryError::Http(e.to_string()))?,
+                c = tokio::time::timeout(WATCH_IDLE, response.chunk()) => match c {
+                    Ok(c) => c.map_err(|e| DiscoveryError::Http(e.to_string()))?,
+                    Err(_) => return Err(DiscoveryError::Idle),
+                },
                 _ = stop.cancelled() => return Ok(()),
             };
             let Some(chunk) = chunk else {
@@ -264,6 +271,9 @@ impl Etcd {
         }
     }
 }
+
+/// A watch without events for this long is replaced by a fresh read and watch.
+const WATCH_IDLE: Duration = Duration::from_secs(60);
 
 /// A node's registration; keeps its lease alive until [`Registration::close`]
 /// (or until the process dies, when the lease expires).
@@ -460,8 +470,14 @@ pub fn watch_role(
             if stop.is_cancelled() {
                 return;
             }
-            if let Err(e) = result {
-                tracing::warn!(error = %e, role = %dir, "etcd watch failed; reading again");
+            match result {
+                Err(DiscoveryError::Idle) => {
+                    tracing::debug!(role = %dir, "etcd watch quiet; reading again")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, role = %dir, "etcd watch failed; reading again")
+                }
+                Ok(()) => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
