@@ -1,10 +1,13 @@
 //! One connection, in phases: authenticate → register → work → clean up.
 //!
 //! Three tasks serve a connection. The control task (this module's `run`)
-//! owns the read half of the socket and all of the connection's state; the
-//! writer task owns the write half and drains a bounded queue; the request
-//! task runs messages and syncs through logic one at a time, in the order
-//! the client sent them, so a slow store never stalls heartbeats or pushes.
+//! owns the read half of the socket; the writer task owns the write half and
+//! drains a bounded queue; the request task runs messages and syncs through
+//! logic one at a time, in the order the client sent them, so a slow store
+//! never stalls heartbeats or pushes. Pushes do not pass through a task:
+//! whoever pushes numbers the frame and queues it for the writer under the
+//! connection's [`Pushes`] lock, which the control task shares for acks and
+//! resends.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,19 +26,17 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Comet, ConnHandle, Control};
+use crate::{Comet, ConnHandle};
 
 /// Requests (messages, syncs) a client may have in flight on one connection.
 const MAX_PENDING_REQUESTS: usize = 128;
-/// Queued pushes a connection takes in one wake-up at most.
-const DRAIN_MAX: usize = 64;
 /// Frames the writer sends with one flush at most.
 const WRITE_BATCH: usize = 64;
 /// Time the writer gets to flush a goodbye before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What the writer sends.
-enum Out {
+pub(crate) enum Out {
     Frame(Bytes),
     Close(u16, String),
 }
@@ -52,7 +53,7 @@ fn close(code: ErrorCode, reason: impl Into<String>) -> Exit {
     Exit::Close(code, reason.into())
 }
 
-struct Inflight {
+pub(crate) struct Inflight {
     /// The stream the push belongs to (0: the user's) and its position there.
     group: u64,
     seq: u64,
@@ -66,6 +67,76 @@ enum Job {
     Sync { seq: u32, request: SyncRequest },
 }
 
+/// A connection's pushes: numbered per connection, kept until acknowledged.
+/// Pushes that arrive before the auth reply is queued wait in `parked`.
+#[derive(Default)]
+pub(crate) struct Pushes {
+    ready: bool,
+    parked: Vec<Delivery>,
+    next_seq: u32,
+    inflight: BTreeMap<u32, Inflight>,
+}
+
+impl Pushes {
+    /// Numbers `delivery` and queues it for the writer (or parks it until
+    /// the connection is authenticated). An error closes the connection.
+    pub(crate) fn push(
+        &mut self,
+        delivery: Delivery,
+        out: &mpsc::Sender<Out>,
+        comet: &crate::Inner,
+    ) -> Result<(), (ErrorCode, &'static str)> {
+        let config = &comet.config;
+        if !self.ready {
+            if self.parked.len() >= config.max_inflight {
+                return Err((ErrorCode::SlowConsumer, "too many pushes before auth"));
+            }
+            self.parked.push(delivery);
+            return Ok(());
+        }
+        if self.inflight.len() >= config.max_inflight {
+            return Err((ErrorCode::SlowConsumer, "too many unacknowledged pushes"));
+        }
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        let seq = self.next_seq;
+        let frame = Frame::raw(delivery.op, seq, 0, delivery.body).encode();
+        if out.try_send(Out::Frame(frame.clone())).is_err() {
+            return Err((ErrorCode::SlowConsumer, "send queue full"));
+        }
+        let metrics = &comet.metrics;
+        metrics
+            .ack_to_push
+            .observe(delivery.acked_at.elapsed().as_secs_f64());
+        metrics.push_first.inc();
+        let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
+        self.inflight.insert(
+            seq,
+            Inflight {
+                group: delivery.group,
+                seq: delivery.seq,
+                frame,
+                attempts: 0,
+                deadline,
+            },
+        );
+        Ok(())
+    }
+
+    /// The connection is authenticated: pushes go out from now on, the
+    /// parked ones first.
+    fn open(
+        &mut self,
+        out: &mpsc::Sender<Out>,
+        comet: &crate::Inner,
+    ) -> Result<(), (ErrorCode, &'static str)> {
+        self.ready = true;
+        for delivery in std::mem::take(&mut self.parked) {
+            self.push(delivery, out, comet)?;
+        }
+        Ok(())
+    }
+}
+
 struct Conn {
     comet: Comet,
     session: Session,
@@ -73,8 +144,6 @@ struct Conn {
     out: mpsc::Sender<Out>,
     writer_kill: CancellationToken,
     jobs: mpsc::Sender<Job>,
-    inflight: BTreeMap<u32, Inflight>,
-    next_seq: u32,
     errors: u32,
 }
 
@@ -92,9 +161,9 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         .inner
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (control_tx, mut control_rx) = mpsc::channel(config.send_queue);
     let handle = ConnHandle {
-        control: control_tx,
+        out: out.clone(),
+        pushes: Arc::new(Mutex::new(Pushes::default())),
         kill: CancellationToken::new(),
         reason: Arc::new(Mutex::new(None)),
         session: Arc::new(std::sync::OnceLock::new()),
@@ -124,6 +193,7 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
                 .remove(&conn_id);
             goodbye(&comet, &out, &writer_kill, exit);
             drop(out);
+            drop(handle);
             finish_writer(writer, &writer_kill).await;
             return;
         }
@@ -140,6 +210,15 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         Frame::new(Op::AuthReply, auth_seq, 0, &reply).encode(),
     ));
     let _ = handle.session.set(session.clone());
+    // Pushes may be written now, after the auth reply.
+    let opened = handle
+        .pushes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .open(&out, &comet.inner);
+    if let Err((code, reason)) = opened {
+        handle.kick(code, reason);
+    }
     comet.inner.metrics.connections.inc();
     tracing::debug!(conn = conn_id, uid = session.uid, device = %session.device, "connection authenticated");
 
@@ -161,11 +240,9 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         out,
         writer_kill,
         jobs,
-        inflight: BTreeMap::new(),
-        next_seq: 0,
         errors: 0,
     };
-    let exit = conn.work(&mut stream, &mut control_rx).await;
+    let exit = conn.work(&mut stream).await;
 
     // Phase: clean up.
     comet
@@ -190,8 +267,12 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         out,
         jobs,
         writer_kill,
+        handle,
         ..
     } = conn;
+    // The handle holds a sender of the writer's queue: the writer ends only
+    // once every sender is gone.
+    drop(handle);
     // Requests still queued are dropped unrun; the one running finishes (or
     // is stopped after the grace period). Either way the client resends
     // what it has no ack for, and the resend is deduplicated.
@@ -353,11 +434,7 @@ async fn authenticate(
 }
 
 impl Conn {
-    async fn work(
-        &mut self,
-        stream: &mut SplitStream<WebSocket>,
-        control: &mut mpsc::Receiver<Control>,
-    ) -> Exit {
+    async fn work(&mut self, stream: &mut SplitStream<WebSocket>) -> Exit {
         let config = self.comet.inner.config.clone();
         let idle = Duration::from_millis(config.heartbeat_timeout_ms);
         let rto = Duration::from_millis(config.push_rto_ms);
@@ -391,18 +468,6 @@ impl Conn {
                         self.frame(&bytes).await
                     }
                 },
-                Some(Control::Push(delivery)) = control.recv() => self.push(delivery).and_then(|()| {
-                    // What else is queued goes out in the same wake-up, as
-                    // far as the writer's queue has room now (a burst must
-                    // not be taken for a slow consumer).
-                    let mut room = self.out.capacity().min(DRAIN_MAX);
-                    while room > 0 {
-                        let Ok(Control::Push(delivery)) = control.try_recv() else { break };
-                        self.push(delivery)?;
-                        room -= 1;
-                    }
-                    Ok(())
-                }),
                 _ = resend.tick() => self.resend(rto, config.push_retries),
                 _ = &mut heartbeat => {
                     if Instant::now() >= deadline {
@@ -480,7 +545,14 @@ impl Conn {
             },
             Op::PushAck => {
                 // An ack for a seq no longer in flight is a duplicate ack of a resent push.
-                if let Some(acked) = self.inflight.remove(&frame.ack) {
+                let acked = self
+                    .handle
+                    .pushes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .inflight
+                    .remove(&frame.ack);
+                if let Some(acked) = acked {
                     self.comet.inner.metrics.push_acked.inc();
                     let logic = &self.comet.inner.logic;
                     logic
@@ -517,41 +589,11 @@ impl Conn {
         }
     }
 
-    fn push(&mut self, delivery: Delivery) -> Result<(), Exit> {
-        let config = &self.comet.inner.config;
-        if self.inflight.len() >= config.max_inflight {
-            return Err(close(
-                ErrorCode::SlowConsumer,
-                "too many unacknowledged pushes",
-            ));
-        }
-        self.next_seq = self.next_seq.wrapping_add(1).max(1);
-        let seq = self.next_seq;
-        let frame = Frame::raw(delivery.op, seq, 0, delivery.body).encode();
-        self.send_out(frame.clone())?;
-        let metrics = &self.comet.inner.metrics;
-        metrics
-            .ack_to_push
-            .observe(delivery.acked_at.elapsed().as_secs_f64());
-        metrics.push_first.inc();
-        let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
-        self.inflight.insert(
-            seq,
-            Inflight {
-                group: delivery.group,
-                seq: delivery.seq,
-                frame,
-                attempts: 0,
-                deadline,
-            },
-        );
-        Ok(())
-    }
-
     fn resend(&mut self, rto: Duration, retries: u32) -> Result<(), Exit> {
         let now = Instant::now();
+        let mut pushes = self.handle.pushes.lock().unwrap_or_else(|e| e.into_inner());
         let mut due = Vec::new();
-        for (seq, inflight) in &self.inflight {
+        for (seq, inflight) in &pushes.inflight {
             if inflight.deadline <= now {
                 if inflight.attempts >= retries {
                     return Err(close(
@@ -569,7 +611,7 @@ impl Conn {
             if self.out.capacity() == 0 {
                 break;
             }
-            if let Some(inflight) = self.inflight.get_mut(&seq) {
+            if let Some(inflight) = pushes.inflight.get_mut(&seq) {
                 inflight.attempts += 1;
                 inflight.deadline = now + rto;
                 let frame = inflight.frame.clone();
@@ -579,7 +621,9 @@ impl Conn {
                     .pushes
                     .with_label_values(&["resend"])
                     .inc();
-                self.send_out(frame)?;
+                self.out
+                    .try_send(Out::Frame(frame))
+                    .map_err(|_| close(ErrorCode::SlowConsumer, "send queue full"))?;
             }
         }
         Ok(())

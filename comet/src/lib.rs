@@ -38,15 +38,14 @@ pub use metrics::Metrics;
 /// Routes served by [`Comet::router`].
 pub const ROUTES: &[(&str, &str)] = &[("get", "/sub")];
 
-/// What the connection task is asked to do by others.
-enum Control {
-    Push(Delivery),
-}
-
 /// How other tasks reach one connection.
 #[derive(Clone)]
 struct ConnHandle {
-    control: mpsc::Sender<Control>,
+    /// The writer's queue: pushes go straight into it.
+    out: mpsc::Sender<conn::Out>,
+    /// Push numbering and the un-acked pushes, shared by whoever pushes and
+    /// the connection task (acks, resends).
+    pushes: Arc<Mutex<conn::Pushes>>,
     kill: CancellationToken,
     reason: Arc<Mutex<Option<(ErrorCode, String)>>>,
     /// Set once authenticated; the renewal loop reports it to logic.
@@ -203,8 +202,15 @@ impl Gateway for Comet {
                     .inc();
                 continue;
             };
-            if handle.control.try_send(Control::Push(delivery)).is_err() {
-                handle.kick(ErrorCode::SlowConsumer, "push queue full");
+            // Numbered and queued for the writer here, in the caller: no
+            // hand-off to the connection's task per push.
+            let pushed = handle
+                .pushes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(delivery, &handle.out, &self.inner);
+            if let Err((code, reason)) = pushed {
+                handle.kick(code, reason);
             }
         }
     }

@@ -209,6 +209,14 @@ impl GroupStore for MySqlGroupStore {
         row.as_ref().map(group_from).transpose()
     }
 
+    async fn version(&self, gid: u64) -> Result<Option<u64>, GroupStoreError> {
+        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM grp WHERE gid = ?")
+            .bind(id(gid))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(version.map(|v| v as u64))
+    }
+
     async fn members(&self, gid: u64) -> Result<Vec<MemberRecord>, GroupStoreError> {
         let rows = sqlx::query("SELECT * FROM member WHERE gid = ? ORDER BY uid")
             .bind(id(gid))
@@ -390,6 +398,28 @@ mod tests {
             .members;
         assert!((5..=9).contains(&joined), "{joined} joined");
         assert_eq!(members.len(), 1 + joined);
+
+        // A kick through one node stops sends through the other within a
+        // second (its cached group is checked against the store's version).
+        let member = members[1].uid;
+        nodes[1]
+            .check_send(member, group)
+            .await
+            .expect("a member sends");
+        nodes[0].kick(1, group, member).await.expect("kicked");
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match nodes[1].check_send(member, group).await {
+                Err(e) if e.code == ErrorCode::NotMember => break,
+                _ => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "still a member on node 1"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         drop_database(&name).await;
     }
 }

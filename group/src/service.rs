@@ -205,9 +205,10 @@ fn check_user(uid: u64) -> Result<(), GroupError> {
     Ok(())
 }
 
-/// How long a group read from the store serves the message path. Changes
-/// made in this process replace it at once; changes made by other processes
-/// (the distributed shape) are seen within this time.
+/// How long a group read from the store serves the message path before its
+/// version is checked again (when other processes change groups too).
+/// Changes made in this process replace it at once; changes made by others
+/// are seen within this time.
 const SNAPSHOT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Times a change is made again after losing a race with another change.
 const CHANGE_ATTEMPTS: u32 = 10;
@@ -240,6 +241,10 @@ pub struct Groups {
     publisher: Arc<dyn Publisher>,
     limits: GroupsConfig,
     cache: Mutex<Cache>,
+    /// Other processes change these groups too (the distributed shape):
+    /// cached groups are checked against the store's version once they are
+    /// [`SNAPSHOT_TTL`] old.
+    shared: bool,
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -256,6 +261,7 @@ impl Groups {
             publisher,
             limits,
             cache: Mutex::new(Cache::default()),
+            shared: true,
             changes: tokio::sync::Mutex::new(()),
         }
     }
@@ -301,12 +307,31 @@ impl Groups {
             .cache()
             .entries
             .get(&gid)
-            .filter(|(_, at)| at.elapsed() < SNAPSHOT_TTL)
-            .map(|(snapshot, _)| snapshot.clone());
+            .map(|(snapshot, at)| (snapshot.clone(), at.elapsed()));
         match cached {
-            Some(snapshot) => Ok(snapshot),
             None => self.load(gid).await,
+            Some((snapshot, age)) if age < SNAPSHOT_TTL || !self.shared => Ok(snapshot),
+            Some((snapshot, _)) => {
+                // Past its age: one small read says whether another process
+                // changed the group; only then are the members read again.
+                if self.store.version(gid).await? == Some(snapshot.group.version) {
+                    let mut cache = self.cache();
+                    if let Some(entry) = cache.entries.get_mut(&gid) {
+                        entry.1 = std::time::Instant::now();
+                    }
+                    Ok(snapshot)
+                } else {
+                    self.load(gid).await
+                }
+            }
         }
+    }
+
+    /// This process is the only one that changes groups (the embedded
+    /// shape): cached groups never need checking against the store.
+    pub fn sole_writer(mut self) -> Groups {
+        self.shared = false;
+        self
     }
 
     /// A member's join point, if the group is in the cache (never loads).

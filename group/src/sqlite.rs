@@ -236,6 +236,14 @@ impl GroupStore for SqliteGroupStore {
         row.as_ref().map(group_from).transpose()
     }
 
+    async fn version(&self, gid: u64) -> Result<Option<u64>, GroupStoreError> {
+        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM grp WHERE gid = ?")
+            .bind(id(gid))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(version.map(|v| v as u64))
+    }
+
     async fn members(&self, gid: u64) -> Result<Vec<MemberRecord>, GroupStoreError> {
         let rows = sqlx::query("SELECT * FROM member WHERE gid = ? ORDER BY uid")
             .bind(id(gid))

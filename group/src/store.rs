@@ -84,6 +84,8 @@ pub trait GroupStore: Send + Sync + 'static {
         changes: &[Change],
     ) -> Result<bool, GroupStoreError>;
     async fn group(&self, id: u64) -> Result<Option<GroupRecord>, GroupStoreError>;
+    /// The group's version alone (a cheap check that it is unchanged).
+    async fn version(&self, id: u64) -> Result<Option<u64>, GroupStoreError>;
     /// Every member of the group, by uid.
     async fn members(&self, id: u64) -> Result<Vec<MemberRecord>, GroupStoreError>;
     /// The groups `uid` is a member of, with the member's join point, by id.

@@ -47,6 +47,8 @@ pub async fn round_trip(store: &dyn GroupStore) {
         }
     );
     assert_eq!(store.group(999).await.expect("read"), None);
+    assert_eq!(store.version(gid).await.expect("version"), Some(0));
+    assert_eq!(store.version(999).await.expect("version"), None);
 
     let mut muted = member(2, Role::Member);
     muted.muted_until_ms = 77;

@@ -176,12 +176,18 @@ async fn start_logic(
     let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
     let fanout = Arc::new(Fanout::new(directory, registry));
     let publisher = GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), registry);
-    let groups = Arc::new(Groups::new(
+    let groups = Groups::new(
         group_store,
         store.clone(),
         Arc::new(publisher),
         config.groups.clone(),
-    ));
+    );
+    // SQLite files belong to this process alone.
+    let groups = Arc::new(if config.store.mysql_url.is_empty() {
+        groups.sole_writer()
+    } else {
+        groups
+    });
     let logic = Arc::new(Logic::new(
         LogicParts {
             tokens: tokens.clone(),
