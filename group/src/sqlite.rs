@@ -316,18 +316,8 @@ impl GroupStore for SqliteGroupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::suite::member;
     use natter_proto::api::{JoinType, Role};
-
-    fn member(uid: u64, role: Role) -> MemberRecord {
-        MemberRecord {
-            uid,
-            role,
-            nickname: String::new(),
-            joined_ms: 1,
-            join_seq: 1,
-            muted_until_ms: 0,
-        }
-    }
 
     #[tokio::test]
     async fn sqlite_passes_the_group_store_suite() {

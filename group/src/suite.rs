@@ -4,7 +4,7 @@ use natter_proto::api::{JoinType, Role};
 
 use crate::store::*;
 
-fn member(uid: u64, role: Role) -> MemberRecord {
+pub(crate) fn member(uid: u64, role: Role) -> MemberRecord {
     MemberRecord {
         uid,
         role,

@@ -336,29 +336,7 @@ impl Logic {
             count(e.code.as_str());
             return Err(e.into());
         }
-        if !self.limiter.allow(from.uid) {
-            count("rate_limited");
-            return Err(Rejection::new(
-                ErrorCode::RateLimited,
-                "too many messages; slow down",
-            ));
-        }
-        let body = message.body.unwrap_or_default();
-        let msg_type = body.validate().map_err(|reason| {
-            count("invalid");
-            Rejection::new(ErrorCode::InvalidMessage, reason)
-        })?;
-        let mid = self.ids.next();
-        let new = NewMessage {
-            mid,
-            time_ms: natter_node::ids::mid_time_ms(mid),
-            sender: from.uid,
-            sender_device: from.device.clone(),
-            client_seq: message.client_seq,
-            receiver: group,
-            msg_type: msg_type as u32,
-            content: body.encode_to_vec(),
-        };
+        let new = self.new_message(from, message, group, &count)?;
         let stored = self.store_write(Write::GroupMessage(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
@@ -378,6 +356,40 @@ impl Logic {
             user_seq: 0,
             repeat: stored.repeat,
             conversation: m.conversation.clone(),
+        })
+    }
+
+    /// The steps every message takes before it is stored: the sender's rate
+    /// limit, the envelope's check, and its time-ordered id.
+    fn new_message(
+        &self,
+        from: &Session,
+        message: SendMessage,
+        receiver: u64,
+        count: &(dyn Fn(&str) + Sync),
+    ) -> Result<NewMessage, Rejection> {
+        if !self.limiter.allow(from.uid) {
+            count("rate_limited");
+            return Err(Rejection::new(
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
+            ));
+        }
+        let body = message.body.unwrap_or_default();
+        let msg_type = body.validate().map_err(|reason| {
+            count("invalid");
+            Rejection::new(ErrorCode::InvalidMessage, reason)
+        })?;
+        let mid = self.ids.next();
+        Ok(NewMessage {
+            mid,
+            time_ms: natter_node::ids::mid_time_ms(mid),
+            sender: from.uid,
+            sender_device: from.device.clone(),
+            client_seq: message.client_seq,
+            receiver,
+            msg_type: msg_type as u32,
+            content: body.encode_to_vec(),
         })
     }
 
@@ -601,29 +613,8 @@ impl LogicService for Logic {
                 "receiver must be a user id",
             ));
         }
-        if !self.limiter.allow(from.uid) {
-            count("rate_limited");
-            return Err(Rejection::new(
-                ErrorCode::RateLimited,
-                "too many messages; slow down",
-            ));
-        }
-        let body = message.body.unwrap_or_default();
-        let msg_type = body.validate().map_err(|reason| {
-            count("invalid");
-            Rejection::new(ErrorCode::InvalidMessage, reason)
-        })?;
-        let mid = self.ids.next();
-        let new = NewMessage {
-            mid,
-            time_ms: natter_node::ids::mid_time_ms(mid),
-            sender: from.uid,
-            sender_device: from.device.clone(),
-            client_seq: message.client_seq,
-            receiver: message.receiver,
-            msg_type: msg_type as u32,
-            content: body.encode_to_vec(),
-        };
+        let receiver = message.receiver;
+        let new = self.new_message(from, message, receiver, &count)?;
         let stored = self.store_write(Write::Message(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
