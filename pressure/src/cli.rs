@@ -24,6 +24,10 @@ pub struct TargetArgs {
     /// Address of a natter gateway.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:3102")]
     server: String,
+    /// Address of the HTTP API, where group scenarios create their groups
+    /// (a logic node in the distributed shape) [default: --server].
+    #[arg(long, value_name = "HOST:PORT")]
+    api: Option<String>,
     /// The server's data dir; the token secret is read from DIR/secret.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -55,6 +59,7 @@ impl TargetArgs {
         };
         Ok(Target {
             server: self.server.clone(),
+            api: self.api.clone(),
             secret,
             report_dir: self.report_dir.clone(),
             server_probe: match (self.server_pid, &self.server_metrics) {

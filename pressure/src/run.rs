@@ -23,6 +23,8 @@ pub const SECRET_ENV: &str = "NATTER_PRESSURE_SECRET";
 #[derive(Clone, Debug)]
 pub struct Target {
     pub server: String,
+    /// Where the HTTP API is (group scenarios create groups there); `None`: `server`.
+    pub api: Option<String>,
     pub secret: Vec<u8>,
     pub report_dir: PathBuf,
     /// Where to read the server's CPU and memory from, if anywhere.
@@ -387,7 +389,10 @@ async fn create_groups(
             ..Default::default()
         };
         let response = http
-            .post(format!("http://{}/v1/groups", target.server))
+            .post(format!(
+                "http://{}/v1/groups",
+                target.api.as_deref().unwrap_or(&target.server)
+            ))
             .bearer_auth(token)
             .json(&request)
             .send()

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 fn target(server: &TestServer, addr: String, dir: &std::path::Path) -> Target {
     Target {
         server: addr,
+        api: None,
         secret: server.tokens_secret(),
         report_dir: dir.join("report"),
         server_probe: Some(ServerProbe::Metrics(server.url("/metrics"))),
