@@ -349,14 +349,7 @@ impl Logic {
             repeat = stored.repeat,
             "group message stored"
         );
-        Ok(MessageReply {
-            mid: m.mid,
-            time_ms: m.time_ms,
-            conv_seq: m.conv_seq,
-            user_seq: 0,
-            repeat: stored.repeat,
-            conversation: m.conversation.clone(),
-        })
+        Ok(stored.reply())
     }
 
     /// The steps every message takes before it is stored: the sender's rate
@@ -629,14 +622,7 @@ impl LogicService for Logic {
             repeat = stored.repeat,
             "message stored"
         );
-        Ok(MessageReply {
-            mid: m.mid,
-            time_ms: m.time_ms,
-            conv_seq: m.conv_seq,
-            user_seq: stored.sender_seq,
-            repeat: stored.repeat,
-            conversation: m.conversation.clone(),
-        })
+        Ok(stored.reply())
     }
 
     async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64) {

@@ -230,18 +230,7 @@ pub(crate) fn walk(
                 } else {
                     next_user(m.receiver)
                 };
-                let stored = StoredMessage {
-                    mid: m.mid,
-                    conversation: conversation.clone(),
-                    conv_seq,
-                    sender: m.sender,
-                    sender_device: m.sender_device.clone(),
-                    client_seq: m.client_seq,
-                    receiver: m.receiver,
-                    msg_type: m.msg_type,
-                    content: m.content.clone(),
-                    time_ms: m.time_ms,
-                };
+                let stored = m.stored(conversation.clone(), conv_seq);
                 let row = |owner, user_seq, other, direction| RelationRow {
                     owner,
                     user_seq,
@@ -279,18 +268,7 @@ pub(crate) fn walk(
                 }
                 let conv_seq = conv.get(&conversation).copied().unwrap_or(0) + 1;
                 conv.insert(conversation.clone(), conv_seq);
-                let stored = StoredMessage {
-                    mid: m.mid,
-                    conversation: conversation.clone(),
-                    conv_seq,
-                    sender: m.sender,
-                    sender_device: m.sender_device.clone(),
-                    client_seq: m.client_seq,
-                    receiver: m.receiver,
-                    msg_type: m.msg_type,
-                    content: m.content.clone(),
-                    time_ms: m.time_ms,
-                };
+                let stored = m.stored(conversation.clone(), conv_seq);
                 if !m.sender_device.is_empty() {
                     devices
                         .entry((m.sender, m.sender_device.clone(), m.receiver))

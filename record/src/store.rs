@@ -58,6 +58,24 @@ pub struct NewMessage {
     pub content: Vec<u8>,
 }
 
+impl NewMessage {
+    /// This message as stored at `conv_seq` of `conversation`.
+    pub fn stored(&self, conversation: String, conv_seq: u64) -> StoredMessage {
+        StoredMessage {
+            mid: self.mid,
+            conversation,
+            conv_seq,
+            sender: self.sender,
+            sender_device: self.sender_device.clone(),
+            client_seq: self.client_seq,
+            receiver: self.receiver,
+            msg_type: self.msg_type,
+            content: self.content.clone(),
+            time_ms: self.time_ms,
+        }
+    }
+}
+
 /// A message as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -154,6 +172,22 @@ pub struct Stored {
     pub receiver_seq: u64,
     /// The message had been stored before; this is the earlier copy.
     pub repeat: bool,
+}
+
+impl Stored {
+    /// The sender's ack: a `MessageReply` (its `user_seq` is 0 for a group
+    /// message, which has no place in the sender's stream).
+    pub fn reply(&self) -> natter_proto::msg::MessageReply {
+        let m = &self.message;
+        natter_proto::msg::MessageReply {
+            mid: m.mid,
+            time_ms: m.time_ms,
+            conv_seq: m.conv_seq,
+            user_seq: self.sender_seq,
+            repeat: self.repeat,
+            conversation: m.conversation.clone(),
+        }
+    }
 }
 
 /// The result of one write.
