@@ -489,16 +489,16 @@ impl Logic {
         }
         let ids: Vec<u64> = mine.iter().map(|(g, _)| *g).collect();
         let seqs = self.store.group_seqs(&ids).await.map_err(Logic::storage)?;
+        let cursors = self
+            .store
+            .group_cursors(uid, device, &ids)
+            .await
+            .map_err(Logic::storage)?;
         let mut out = Vec::new();
-        for ((group, join_seq), last_seq) in mine.into_iter().zip(seqs) {
+        for (((group, join_seq), last_seq), cursor) in mine.into_iter().zip(seqs).zip(cursors) {
             if last_seq < join_seq {
                 continue;
             }
-            let cursor = self
-                .store
-                .cursor(uid, device, group)
-                .await
-                .map_err(Logic::storage)?;
             // A device holds nothing from before its user joined.
             let cursor = cursor.max(join_seq.saturating_sub(1));
             if last_seq > cursor {

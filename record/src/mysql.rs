@@ -576,6 +576,36 @@ impl MessageStore for MySqlStore {
         Ok(cursor.unwrap_or(0) as u64)
     }
 
+    async fn group_cursors(
+        &self,
+        owner: u64,
+        device: &str,
+        groups: &[u64],
+    ) -> Result<Vec<u64>, StoreError> {
+        self.closed()?;
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut b =
+            QueryBuilder::<MySql>::new("SELECT gid, cursor_seq FROM device_cursor WHERE owner = ");
+        b.push_bind(i(owner))
+            .push(" AND device = ")
+            .push_bind(device)
+            .push(" AND gid IN ");
+        b.push_tuples(groups, |mut t, g| {
+            t.push_bind(i(*g));
+        });
+        let rows: Vec<(i64, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
+        let stored: HashMap<u64, u64> = rows
+            .into_iter()
+            .map(|(g, c)| (g as u64, c as u64))
+            .collect();
+        Ok(groups
+            .iter()
+            .map(|g| stored.get(g).copied().unwrap_or(0))
+            .collect())
+    }
+
     async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         self.closed()?;
         let mut tx = self.pool.begin().await?;

@@ -819,6 +819,38 @@ impl MessageStore for SqliteStore {
         Ok(cursor.unwrap_or(0) as u64)
     }
 
+    async fn group_cursors(
+        &self,
+        owner: u64,
+        device: &str,
+        groups: &[u64],
+    ) -> Result<Vec<u64>, StoreError> {
+        self.closed()?;
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<(u64, &str, u64)> = groups.iter().map(|g| (owner, device, *g)).collect();
+        let rows: Vec<(i64, String, i64, i64)> = sqlx::query_as(GROUP_CURSORS_SQL)
+            .bind(json(&keys))
+            .fetch_all(&self.pool)
+            .await?;
+        let stored: HashMap<u64, u64> = rows
+            .into_iter()
+            .map(|(_, _, gid, cursor)| (gid as u64, cursor as u64))
+            .collect();
+        let unflushed = self.unflushed();
+        Ok(groups
+            .iter()
+            .map(|g| {
+                unflushed
+                    .get(&(owner, device.to_string(), *g))
+                    .or_else(|| stored.get(g))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+
     async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         self.closed()?;
         // Through the writer lock: expiry is a write like any other. Each

@@ -267,6 +267,14 @@ pub trait MessageStore: Send + Sync + 'static {
     /// group's (0 for a device never seen).
     async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError>;
 
+    /// The device's stored cursors for each of `groups`, in order (0 for none).
+    async fn group_cursors(
+        &self,
+        owner: u64,
+        device: &str,
+        groups: &[u64],
+    ) -> Result<Vec<u64>, StoreError>;
+
     /// Deletes up to `limit` messages stored before `before_ms` (Unix ms),
     /// with their relation rows; returns how many went. Sequence counters
     /// are kept, so numbering continues after expired messages.

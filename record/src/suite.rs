@@ -226,6 +226,20 @@ async fn group_cursors_are_per_device_and_group(store: &dyn MessageStore) {
         .await
         .expect("set");
     assert_eq!(store.cursor(2, "laptop", 4).await.expect("cursor"), 2);
+    assert_eq!(
+        store
+            .group_cursors(2, "laptop", &[4, 5])
+            .await
+            .expect("cursors"),
+        vec![2, 0]
+    );
+    assert_eq!(
+        store
+            .group_cursors(2, "phone", &[9, 4])
+            .await
+            .expect("cursors"),
+        vec![0, 3]
+    );
 }
 
 async fn sequences_are_contiguous(store: &dyn MessageStore) {
