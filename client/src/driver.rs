@@ -156,6 +156,16 @@ pub(crate) struct Driver {
     group_syncs: usize,
     waiting: Vec<Report>,
     seen: Seen,
+    /// Pushes handed to the application but not yet acknowledged: the last
+    /// one's seq (the ack covers it and all before it), how many, and when
+    /// the ack is due.
+    unacked: Option<Unacked>,
+}
+
+struct Unacked {
+    last: u32,
+    count: u32,
+    due: Instant,
 }
 
 impl Driver {
@@ -177,6 +187,7 @@ impl Driver {
             group_syncs: 0,
             waiting: Vec::new(),
             seen: Seen::default(),
+            unacked: None,
         }
     }
 
@@ -319,8 +330,23 @@ impl Driver {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let silence = heartbeat * 3;
         let mut last_heard = Instant::now();
+        // Acks of the previous connection's pushes mean nothing on this one.
+        self.unacked = None;
+        let ack_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack_timer);
         loop {
+            let ack_due = self.unacked.as_ref().map(|u| u.due);
+            if let Some(due) = ack_due {
+                if ack_timer.deadline() != due {
+                    ack_timer.as_mut().reset(due);
+                }
+            }
             tokio::select! {
+                _ = &mut ack_timer, if ack_due.is_some() => {
+                    if let Err(e) = self.send_ack(conn).await {
+                        return End::Closed(e);
+                    }
+                }
                 incoming = conn.recv() => {
                     last_heard = Instant::now();
                     let result = match incoming {
@@ -338,7 +364,11 @@ impl Driver {
                     }
                 }
                 command = self.commands.recv() => match command {
-                    None | Some(Command::Close) => return End::Shut,
+                    None | Some(Command::Close) => {
+                        // What the application has is acknowledged before leaving.
+                        let _ = self.send_ack(conn).await;
+                        return End::Shut;
+                    }
                     Some(Command::Request { op, body, reply }) => {
                         if reply.is_closed() {
                             continue; // Its sender gave up waiting; a resend follows.
@@ -366,6 +396,33 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The push numbered `seq` is with the application: its ack (which
+    /// covers every push before it) goes out now or after the configured
+    /// delay, with those that arrive meanwhile.
+    async fn handled(&mut self, conn: &mut Connection, seq: u32) -> Result<(), ClientError> {
+        let delay = self.config.push_ack_delay;
+        let unacked = self.unacked.get_or_insert(Unacked {
+            last: seq,
+            count: 0,
+            due: Instant::now() + delay,
+        });
+        unacked.last = seq;
+        unacked.count += 1;
+        if delay.is_zero() || unacked.count >= crate::PUSH_ACK_BATCH {
+            self.send_ack(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges every push handled so far, if any.
+    async fn send_ack(&mut self, conn: &mut Connection) -> Result<(), ClientError> {
+        if let Some(unacked) = self.unacked.take() {
+            conn.send(&Frame::empty(Op::PushAck, 0, unacked.last))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Hands a message to the application unless it was seen before.
@@ -397,9 +454,7 @@ impl Driver {
                 self.shared.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 self.deliver(message).await?;
                 // Acknowledged only once the application has it.
-                conn.send(&Frame::empty(Op::PushAck, 0, frame.seq))
-                    .await
-                    .map_err(End::Closed)
+                self.handled(conn, frame.seq).await.map_err(End::Closed)
             }
             Op::Notify => {
                 let notify: Notify = frame.message().map_err(protocol)?;
@@ -415,10 +470,8 @@ impl Driver {
                         .await
                         .map_err(|_| End::Shut)?;
                 }
-                // Notifies are numbered and resent like pushes.
-                conn.send(&Frame::empty(Op::PushAck, 0, frame.seq))
-                    .await
-                    .map_err(End::Closed)
+                // Notifies are numbered and acknowledged like pushes.
+                self.handled(conn, frame.seq).await.map_err(End::Closed)
             }
             Op::Disconnect => {
                 let d: Disconnect = frame.message().map_err(protocol)?;

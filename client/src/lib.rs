@@ -160,7 +160,15 @@ pub struct ClientConfig {
     pub event_buffer: usize,
     /// Free-form client name sent with auth.
     pub client_name: String,
+    /// How long a received push may wait for its `PushAck`. One ack covers
+    /// every push received before it, so a delay lets one frame acknowledge
+    /// several pushes. Zero acknowledges each push at once. Keep it well
+    /// under the server's `push_rto_ms`.
+    pub push_ack_delay: Duration,
 }
+
+/// Pushes acknowledged by one `PushAck` at most, whatever the delay.
+pub const PUSH_ACK_BATCH: u32 = 64;
 
 impl ClientConfig {
     pub fn new(server: impl Into<String>, token: impl Into<String>) -> ClientConfig {
@@ -176,6 +184,7 @@ impl ClientConfig {
             heartbeat: None,
             event_buffer: 1024,
             client_name: format!("natter-client/{}", env!("CARGO_PKG_VERSION")),
+            push_ack_delay: Duration::from_millis(200),
         }
     }
 }

@@ -1,50 +1,44 @@
 //! One connection, in phases: authenticate → register → work → clean up.
 //!
-//! Three tasks serve a connection. The control task (this module's `run`)
-//! owns the read half of the socket; the writer task owns the write half and
-//! drains a bounded queue; the request task runs messages and syncs through
-//! logic one at a time, in the order the client sent them, so a slow store
-//! never stalls heartbeats or pushes. Pushes do not pass through a task:
-//! whoever pushes numbers the frame and queues it for the writer under the
-//! connection's [`Pushes`] lock, which the control task shares for acks and
-//! resends.
+//! Two tasks serve a connection. The control task (this module's `run`)
+//! reads the socket and writes what the socket could not take at once
+//! (see [`Wire`]); the request task runs messages and syncs through logic
+//! one at a time, in the order the client sent them, so a slow store never
+//! stalls heartbeats or pushes. Pushes do not pass through a task: whoever
+//! pushes numbers the frame and writes it under the connection's [`Pushes`]
+//! lock, which the control task shares for acks and resends.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use natter_logic::{Delivery, LogicService, Session};
 use natter_proto::msg::{
     AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest,
 };
 use natter_proto::{ErrorCode, Frame, Op};
+use tokio::io::{AsyncRead, ReadHalf};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Comet, ConnHandle};
+use crate::wire::SendError;
+use crate::ws::{Incoming, ReadError, Reader};
+use crate::{Comet, ConnHandle, Socket, Wire};
 
 /// Requests (messages, syncs) a client may have in flight on one connection.
 const MAX_PENDING_REQUESTS: usize = 128;
-/// Frames the writer sends with one flush at most.
-const WRITE_BATCH: usize = 64;
-/// Time the writer gets to flush a goodbye before the socket is dropped.
+/// Time a goodbye gets to be written before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// What the writer sends.
-pub(crate) enum Out {
-    Frame(Bytes),
-    Close(u16, String),
-}
 
 /// Why the work phase ended.
 enum Exit {
     /// The peer closed or the socket failed.
     Peer,
+    /// The peer broke the WebSocket protocol: a close frame with this
+    /// code, and no `Disconnect` frame.
+    Protocol(u16, String),
     /// The server closes, with a reason.
     Close(ErrorCode, String),
 }
@@ -54,10 +48,13 @@ fn close(code: ErrorCode, reason: impl Into<String>) -> Exit {
 }
 
 pub(crate) struct Inflight {
+    /// The push's number on this connection.
+    wire_seq: u32,
     /// The stream the push belongs to (0: the user's) and its position there.
     group: u64,
     seq: u64,
-    frame: Bytes,
+    op: Op,
+    body: Bytes,
     attempts: u32,
     deadline: Instant,
 }
@@ -73,17 +70,26 @@ enum Job {
 pub(crate) struct Pushes {
     ready: bool,
     parked: Vec<Delivery>,
+    /// The last number given to a push (0: none yet).
     next_seq: u32,
-    inflight: BTreeMap<u32, Inflight>,
+    /// Un-acked pushes in the order they were numbered and written.
+    inflight: VecDeque<Inflight>,
+}
+
+/// Whether push number `a` was numbered no later than `b`, counting across
+/// the wrap from 2^32−1 to 1 (the window of pushes in flight is far smaller
+/// than 2^31).
+fn not_after(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) >= 0
 }
 
 impl Pushes {
-    /// Numbers `delivery` and queues it for the writer (or parks it until
-    /// the connection is authenticated). An error closes the connection.
+    /// Numbers `delivery` and writes it (or parks it until the connection
+    /// is authenticated). An error closes the connection.
     pub(crate) fn push(
         &mut self,
         delivery: Delivery,
-        out: &mpsc::Sender<Out>,
+        wire: &Wire,
         comet: &crate::Inner,
     ) -> Result<(), (ErrorCode, &'static str)> {
         let config = &comet.config;
@@ -99,9 +105,11 @@ impl Pushes {
         }
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         let seq = self.next_seq;
-        let frame = Frame::raw(delivery.op, seq, 0, delivery.body).encode();
-        if out.try_send(Out::Frame(frame.clone())).is_err() {
-            return Err((ErrorCode::SlowConsumer, "send queue full"));
+        match wire.send_frame(&Frame::raw(delivery.op, seq, 0, delivery.body.clone())) {
+            Ok(()) => {}
+            Err(SendError::Full) => return Err((ErrorCode::SlowConsumer, "send queue full")),
+            // The connection is closing; the device syncs when it is back.
+            Err(SendError::Closed) => return Ok(()),
         }
         let metrics = &comet.metrics;
         metrics
@@ -109,29 +117,41 @@ impl Pushes {
             .observe(delivery.acked_at.elapsed().as_secs_f64());
         metrics.push_first.inc();
         let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
-        self.inflight.insert(
-            seq,
-            Inflight {
-                group: delivery.group,
-                seq: delivery.seq,
-                frame,
-                attempts: 0,
-                deadline,
-            },
-        );
+        self.inflight.push_back(Inflight {
+            wire_seq: seq,
+            group: delivery.group,
+            seq: delivery.seq,
+            op: delivery.op,
+            body: delivery.body,
+            attempts: 0,
+            deadline,
+        });
         Ok(())
+    }
+
+    /// Takes out every push in flight numbered up to `ack` (a `PushAck`
+    /// acknowledges its push and all before it: they arrived in order). An
+    /// ack for a number not yet given out acknowledges nothing.
+    fn acknowledge(&mut self, ack: u32) -> Vec<Inflight> {
+        if ack == 0 || self.next_seq == 0 || !not_after(ack, self.next_seq) {
+            return Vec::new();
+        }
+        let mut acked = Vec::new();
+        while let Some(front) = self.inflight.front() {
+            if !not_after(front.wire_seq, ack) {
+                break;
+            }
+            acked.extend(self.inflight.pop_front());
+        }
+        acked
     }
 
     /// The connection is authenticated: pushes go out from now on, the
     /// parked ones first.
-    fn open(
-        &mut self,
-        out: &mpsc::Sender<Out>,
-        comet: &crate::Inner,
-    ) -> Result<(), (ErrorCode, &'static str)> {
+    fn open(&mut self, wire: &Wire, comet: &crate::Inner) -> Result<(), (ErrorCode, &'static str)> {
         self.ready = true;
         for delivery in std::mem::take(&mut self.parked) {
-            self.push(delivery, out, comet)?;
+            self.push(delivery, wire, comet)?;
         }
         Ok(())
     }
@@ -141,19 +161,16 @@ struct Conn {
     comet: Comet,
     session: Session,
     handle: ConnHandle,
-    out: mpsc::Sender<Out>,
-    writer_kill: CancellationToken,
     jobs: mpsc::Sender<Job>,
     errors: u32,
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn run(comet: Comet, socket: WebSocket) {
+pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
     let config = comet.inner.config.clone();
-    let (sink, mut stream) = socket.split();
-    let (out, out_rx) = mpsc::channel(config.send_queue);
-    let writer_kill = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(sink, out_rx, writer_kill.clone()));
+    let (mut read, write) = tokio::io::split(socket);
+    let wire = Arc::new(Wire::new(write, config.send_queue));
+    let mut reader = Reader::new(max_message, Bytes::new());
 
     // Phase: register a handle first, so pushes that race the auth reply
     // find the connection.
@@ -162,7 +179,7 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let handle = ConnHandle {
-        out: out.clone(),
+        wire: wire.clone(),
         pushes: Arc::new(Mutex::new(Pushes::default())),
         kill: CancellationToken::new(),
         reason: Arc::new(Mutex::new(None)),
@@ -179,7 +196,7 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
     let auth = tokio::select! {
         auth = tokio::time::timeout(
             Duration::from_millis(config.auth_timeout_ms),
-            authenticate(&comet, &mut stream, conn_id),
+            authenticate(&comet, &mut reader, &mut read, &wire, conn_id),
         ) => auth.unwrap_or_else(|_| Err(close(ErrorCode::AuthTimeout, "no auth frame in time"))),
         _ = shutdown.cancelled() => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
     };
@@ -191,10 +208,9 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&conn_id);
-            goodbye(&comet, &out, &writer_kill, exit);
-            drop(out);
+            goodbye(&comet, &wire, exit);
             drop(handle);
-            finish_writer(writer, &writer_kill).await;
+            finish(&wire).await;
             return;
         }
     };
@@ -206,16 +222,14 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         max_body: config.max_body as u32,
         cursor,
     };
-    let _ = out.try_send(Out::Frame(
-        Frame::new(Op::AuthReply, auth_seq, 0, &reply).encode(),
-    ));
+    let _ = wire.send_frame(&Frame::new(Op::AuthReply, auth_seq, 0, &reply));
     let _ = handle.session.set(session.clone());
     // Pushes may be written now, after the auth reply.
     let opened = handle
         .pushes
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .open(&out, &comet.inner);
+        .open(&wire, &comet.inner);
     if let Err((code, reason)) = opened {
         handle.kick(code, reason);
     }
@@ -229,7 +243,6 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         comet.inner.logic.clone(),
         session.clone(),
         jobs_rx,
-        out.clone(),
         handle.clone(),
         closing.clone(),
     ));
@@ -237,12 +250,10 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
         comet: comet.clone(),
         session,
         handle,
-        out,
-        writer_kill,
         jobs,
         errors: 0,
     };
-    let exit = conn.work(&mut stream).await;
+    let exit = conn.work(&mut reader, &mut read).await;
 
     // Phase: clean up.
     comet
@@ -254,52 +265,44 @@ pub(crate) async fn run(comet: Comet, socket: WebSocket) {
     // Un-acked pushes need nothing: the device's stored cursor only advances
     // over acknowledged positions, so its next sync returns them.
     comet.inner.metrics.connections.dec();
-    match exit {
-        Exit::Peer => comet
-            .inner
-            .metrics
-            .disconnects
-            .with_label_values(&["peer"])
-            .inc(),
-        exit => goodbye(&comet, &conn.out, &conn.writer_kill, exit),
-    }
-    let Conn {
-        out,
-        jobs,
-        writer_kill,
-        handle,
-        ..
-    } = conn;
-    // The handle holds a sender of the writer's queue: the writer ends only
-    // once every sender is gone.
+    goodbye(&comet, &wire, exit);
+    let Conn { jobs, handle, .. } = conn;
     drop(handle);
     // Requests still queued are dropped unrun; the one running finishes (or
     // is stopped after the grace period). Either way the client resends
     // what it has no ack for, and the resend is deduplicated.
     closing.cancel();
     drop(jobs);
-    drop(out);
     if tokio::time::timeout(CLOSE_GRACE, &mut requests)
         .await
         .is_err()
     {
         requests.abort();
     }
-    finish_writer(writer, &writer_kill).await;
+    finish(&wire).await;
 }
 
-/// Queues the `Disconnect` frame and the close; drops the socket when the
-/// queue has no room for them (a slow consumer).
-fn goodbye(comet: &Comet, out: &mpsc::Sender<Out>, writer_kill: &CancellationToken, exit: Exit) {
-    let Exit::Close(code, reason) = exit else {
-        return;
+/// Queues what the peer is told on the way out: for a server close, the
+/// `Disconnect` frame and the close frame; for a protocol error, the close
+/// frame alone. A slow consumer's socket is dropped instead.
+fn goodbye(comet: &Comet, wire: &Wire, exit: Exit) {
+    let disconnects = &comet.inner.metrics.disconnects;
+    let (code, reason) = match exit {
+        Exit::Peer => {
+            disconnects.with_label_values(&["peer"]).inc();
+            return;
+        }
+        Exit::Protocol(close_code, reason) => {
+            disconnects.with_label_values(&["websocket"]).inc();
+            tracing::debug!(close_code, %reason, "websocket protocol error");
+            if wire.close(close_code, &reason).is_err() {
+                wire.abort();
+            }
+            return;
+        }
+        Exit::Close(code, reason) => (code, reason),
     };
-    comet
-        .inner
-        .metrics
-        .disconnects
-        .with_label_values(&[code.as_str()])
-        .inc();
+    disconnects.with_label_values(&[code.as_str()]).inc();
     tracing::debug!(%code, %reason, "closing connection");
     let frame = Frame::new(
         Op::Disconnect,
@@ -310,98 +313,61 @@ fn goodbye(comet: &Comet, out: &mpsc::Sender<Out>, writer_kill: &CancellationTok
             reason: reason.clone(),
         },
     );
-    let sent = out.try_send(Out::Frame(frame.encode())).is_ok()
-        && out.try_send(Out::Close(code.close_code(), reason)).is_ok();
+    let sent = wire.send_frame(&frame).is_ok() && wire.close(code.close_code(), &reason).is_ok();
     if !sent {
-        writer_kill.cancel();
+        wire.abort();
     }
 }
 
-async fn finish_writer(mut writer: tokio::task::JoinHandle<()>, writer_kill: &CancellationToken) {
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+/// Writes what is queued, for at most the grace period, and ends the socket.
+async fn finish(wire: &Wire) {
+    if tokio::time::timeout(CLOSE_GRACE, wire.finish())
         .await
         .is_err()
     {
-        writer_kill.cancel();
-        let _ = writer.await;
+        wire.abort();
     }
 }
 
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, WsMessage>,
-    mut rx: mpsc::Receiver<Out>,
-    kill: CancellationToken,
-) {
-    let killed = kill.cancelled();
-    tokio::pin!(killed);
+type ReadSide = ReadHalf<Socket>;
+
+/// The next data message; pings are answered, pongs skipped.
+async fn next_message(
+    reader: &mut Reader,
+    read: &mut (impl AsyncRead + Unpin),
+    wire: &Wire,
+) -> Result<Incoming, Exit> {
     loop {
-        let out = tokio::select! {
-            biased;
-            _ = &mut killed => break,
-            out = rx.recv() => out,
-        };
-        let Some(mut out) = out else { break };
-        // Everything already queued goes out with one flush (one write
-        // call for a burst of frames, not one each).
-        let mut last = false;
-        let write = async {
-            let mut queued = 0;
-            loop {
-                let message = match out {
-                    Out::Frame(bytes) => WsMessage::Binary(bytes),
-                    Out::Close(code, reason) => {
-                        last = true;
-                        WsMessage::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        }))
-                    }
-                };
-                sink.feed(message).await?;
-                queued += 1;
-                if last || queued == WRITE_BATCH {
-                    break;
-                }
-                match rx.try_recv() {
-                    Ok(next) => out = next,
-                    Err(_) => break,
-                }
+        match reader.next(read).await {
+            Ok(Incoming::Ping(payload)) => {
+                let _ = wire.pong(&payload);
             }
-            sink.flush().await
-        };
-        let sent = tokio::select! {
-            biased;
-            _ = &mut killed => break,
-            sent = write => sent,
-        };
-        if sent.is_err() || last {
-            break;
+            Ok(Incoming::Pong) => {}
+            Ok(Incoming::Close(_)) => return Err(Exit::Peer),
+            Ok(message) => return Ok(message),
+            Err(e) => return Err(read_failed(e)),
         }
     }
-    // Dropping the sink closes the TCP connection once both halves are gone.
 }
 
-/// The next data message; pings and pongs are answered by the WebSocket layer.
-async fn next_message(stream: &mut SplitStream<WebSocket>) -> Option<WsMessage> {
-    loop {
-        match stream.next().await {
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-            Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return None,
-            Some(Ok(message)) => return Some(message),
-        }
+fn read_failed(e: ReadError) -> Exit {
+    match e.close_code() {
+        Some(code) => Exit::Protocol(code, e.to_string()),
+        None => Exit::Peer,
     }
 }
 
 async fn authenticate(
     comet: &Comet,
-    stream: &mut SplitStream<WebSocket>,
+    reader: &mut Reader,
+    read: &mut ReadSide,
+    wire: &Wire,
     conn_id: u64,
 ) -> Result<(Session, u64, u32), Exit> {
     let max_body = comet.inner.config.max_body;
-    let bytes = match next_message(stream).await {
-        None => return Err(Exit::Peer),
-        Some(WsMessage::Binary(bytes)) => bytes,
-        Some(_) => {
+    let bytes = match next_message(reader, read, wire).await? {
+        Incoming::Binary(bytes) => bytes,
+        _ => {
             return Err(close(
                 ErrorCode::AuthRequired,
                 "frames are binary WebSocket messages; the first must be auth",
@@ -434,7 +400,7 @@ async fn authenticate(
 }
 
 impl Conn {
-    async fn work(&mut self, stream: &mut SplitStream<WebSocket>) -> Exit {
+    async fn work(&mut self, reader: &mut Reader, read: &mut ReadSide) -> Exit {
         let config = self.comet.inner.config.clone();
         let idle = Duration::from_millis(config.heartbeat_timeout_ms);
         let rto = Duration::from_millis(config.push_rto_ms);
@@ -443,6 +409,7 @@ impl Conn {
         let mut deadline = Instant::now() + idle;
         let shutdown = self.comet.inner.shutdown.clone();
         let kill = self.handle.kill.clone();
+        let wire = self.handle.wire.clone();
         // The timer and the cancellation futures live across iterations: a
         // busy connection wakes for every frame, and re-creating them on each
         // wake-up registered a timer and two waiters every time. The timer
@@ -453,21 +420,26 @@ impl Conn {
         tokio::pin!(heartbeat, killed, stopping);
         loop {
             let step = tokio::select! {
-                message = stream.next() => match message {
-                    None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => Err(Exit::Peer),
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
-                        deadline = Instant::now() + idle;
-                        Ok(())
+                incoming = reader.next(read) => {
+                    deadline = Instant::now() + idle;
+                    match incoming {
+                        Err(e) => Err(read_failed(e)),
+                        Ok(Incoming::Close(_)) => Err(Exit::Peer),
+                        Ok(Incoming::Ping(payload)) => {
+                            let _ = wire.pong(&payload);
+                            Ok(())
+                        }
+                        Ok(Incoming::Pong) => Ok(()),
+                        Ok(Incoming::Text(_)) => {
+                            self.error(0, ErrorCode::BadFrame, "frames are binary WebSocket messages")
+                        }
+                        Ok(Incoming::Binary(bytes)) => self.frame(&bytes).await,
                     }
-                    Some(Ok(WsMessage::Text(_))) => {
-                        deadline = Instant::now() + idle;
-                        self.error(0, ErrorCode::BadFrame, "frames are binary WebSocket messages")
-                    }
-                    Some(Ok(WsMessage::Binary(bytes))) => {
-                        deadline = Instant::now() + idle;
-                        self.frame(&bytes).await
-                    }
-                },
+                }
+                error = std::future::poll_fn(|cx| wire.poll_drive(cx)) => {
+                    tracing::debug!(%error, "write failed");
+                    Err(Exit::Peer)
+                }
                 _ = resend.tick() => self.resend(rto, config.push_retries),
                 _ = &mut heartbeat => {
                     if Instant::now() >= deadline {
@@ -490,10 +462,12 @@ impl Conn {
         }
     }
 
-    fn send_out(&self, bytes: Bytes) -> Result<(), Exit> {
-        self.out
-            .try_send(Out::Frame(bytes))
-            .map_err(|_| close(ErrorCode::SlowConsumer, "send queue full"))
+    fn send_out(&self, frame: Frame) -> Result<(), Exit> {
+        match self.handle.wire.send_frame(&frame) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full) => Err(close(ErrorCode::SlowConsumer, "send queue full")),
+            Err(SendError::Closed) => Err(Exit::Peer),
+        }
     }
 
     fn error(&mut self, seq: u32, code: ErrorCode, message: impl Into<String>) -> Result<(), Exit> {
@@ -509,7 +483,7 @@ impl Conn {
             message: message.into(),
             until_ms: 0,
         };
-        self.send_out(Frame::new(Op::Error, seq, 0, &reply).encode())?;
+        self.send_out(Frame::new(Op::Error, seq, 0, &reply))?;
         if self.errors > self.comet.inner.config.max_errors {
             return Err(close(ErrorCode::TooManyErrors, "too many malformed frames"));
         }
@@ -527,7 +501,7 @@ impl Conn {
                 let reply = HeartbeatReply {
                     server_time_ms: natter_node::ids::now_ms(),
                 };
-                self.send_out(Frame::new(Op::HeartbeatReply, frame.seq, 0, &reply).encode())
+                self.send_out(Frame::new(Op::HeartbeatReply, frame.seq, 0, &reply))
             }
             Op::Message => match frame.message() {
                 Ok(message) => self.request(Job::Send {
@@ -544,17 +518,21 @@ impl Conn {
                 Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
             },
             Op::PushAck => {
-                // An ack for a seq no longer in flight is a duplicate ack of a resent push.
+                // An ack for pushes no longer in flight (a duplicate ack of
+                // a resent push, say) acknowledges nothing.
                 let acked = self
                     .handle
                     .pushes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .inflight
-                    .remove(&frame.ack);
-                if let Some(acked) = acked {
-                    self.comet.inner.metrics.push_acked.inc();
-                    let logic = &self.comet.inner.logic;
+                    .acknowledge(frame.ack);
+                self.comet
+                    .inner
+                    .metrics
+                    .push_acked
+                    .inc_by(acked.len() as u64);
+                let logic = &self.comet.inner.logic;
+                for acked in acked {
                     logic
                         .push_acked(
                             self.session.uid,
@@ -592,39 +570,34 @@ impl Conn {
     fn resend(&mut self, rto: Duration, retries: u32) -> Result<(), Exit> {
         let now = Instant::now();
         let mut pushes = self.handle.pushes.lock().unwrap_or_else(|e| e.into_inner());
-        let mut due = Vec::new();
-        for (seq, inflight) in &pushes.inflight {
-            if inflight.deadline <= now {
-                if inflight.attempts >= retries {
-                    return Err(close(
-                        ErrorCode::PushAckTimeout,
-                        format!("push {seq} was not acknowledged"),
-                    ));
-                }
-                due.push(*seq);
+        for inflight in pushes.inflight.iter_mut() {
+            if inflight.deadline > now {
+                continue;
             }
-        }
-        for seq in due {
-            // Resend only what the queue has room for now; the rest stays due
-            // for the next tick, so a burst of resends is not taken for a
-            // slow consumer.
-            if self.out.capacity() == 0 {
-                break;
+            let seq = inflight.wire_seq;
+            if inflight.attempts >= retries {
+                return Err(close(
+                    ErrorCode::PushAckTimeout,
+                    format!("push {seq} was not acknowledged"),
+                ));
             }
-            if let Some(inflight) = pushes.inflight.get_mut(&seq) {
-                inflight.attempts += 1;
-                inflight.deadline = now + rto;
-                let frame = inflight.frame.clone();
-                self.comet
-                    .inner
-                    .metrics
-                    .pushes
-                    .with_label_values(&["resend"])
-                    .inc();
-                self.out
-                    .try_send(Out::Frame(frame))
-                    .map_err(|_| close(ErrorCode::SlowConsumer, "send queue full"))?;
+            let frame = Frame::raw(inflight.op, seq, 0, inflight.body.clone());
+            match self.handle.wire.send_frame(&frame) {
+                Ok(()) => {}
+                // Resend only what the socket has room for now; the rest
+                // stays due for the next tick, so a burst of resends is not
+                // taken for a slow consumer.
+                Err(SendError::Full) => break,
+                Err(SendError::Closed) => return Err(Exit::Peer),
             }
+            inflight.attempts += 1;
+            inflight.deadline = now + rto;
+            self.comet
+                .inner
+                .metrics
+                .pushes
+                .with_label_values(&["resend"])
+                .inc();
         }
         Ok(())
     }
@@ -634,10 +607,17 @@ async fn request_loop(
     logic: Arc<dyn LogicService>,
     session: Session,
     mut jobs: mpsc::Receiver<Job>,
-    out: mpsc::Sender<Out>,
     handle: ConnHandle,
     closing: CancellationToken,
 ) {
+    let rejected = |seq, r: natter_logic::Rejection| {
+        let reply = ErrorReply {
+            code: r.code as u32,
+            message: r.message,
+            until_ms: r.until_ms,
+        };
+        Frame::new(Op::Error, seq, 0, &reply)
+    };
     while let Some(job) = jobs.recv().await {
         if closing.is_cancelled() {
             break;
@@ -645,35 +625,80 @@ async fn request_loop(
         let frame = match job {
             Job::Send { seq, message } => match logic.send(&session, message).await {
                 Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),
-                Err(r) => Frame::new(
-                    Op::Error,
-                    seq,
-                    0,
-                    &ErrorReply {
-                        code: r.code as u32,
-                        message: r.message,
-                        until_ms: r.until_ms,
-                    },
-                ),
+                Err(r) => rejected(seq, r),
             },
             Job::Sync { seq, request } => {
                 match logic.sync(session.uid, &session.device, request).await {
                     Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
-                    Err(r) => Frame::new(
-                        Op::Error,
-                        seq,
-                        0,
-                        &ErrorReply {
-                            code: r.code as u32,
-                            message: r.message,
-                            until_ms: r.until_ms,
-                        },
-                    ),
+                    Err(r) => rejected(seq, r),
                 }
             }
         };
-        if out.try_send(Out::Frame(frame.encode())).is_err() {
+        if handle.wire.send_frame(&frame) == Err(SendError::Full) {
             handle.kick(ErrorCode::SlowConsumer, "send queue full");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pushes(seqs: impl IntoIterator<Item = u32>) -> Pushes {
+        let mut pushes = Pushes {
+            ready: true,
+            ..Pushes::default()
+        };
+        for wire_seq in seqs {
+            pushes.next_seq = wire_seq;
+            pushes.inflight.push_back(Inflight {
+                wire_seq,
+                group: 0,
+                seq: u64::from(wire_seq),
+                op: Op::Push,
+                body: Bytes::new(),
+                attempts: 0,
+                deadline: Instant::now(),
+            });
+        }
+        pushes
+    }
+
+    fn acked(pushes: &mut Pushes, ack: u32) -> Vec<u32> {
+        pushes
+            .acknowledge(ack)
+            .into_iter()
+            .map(|i| i.wire_seq)
+            .collect()
+    }
+
+    #[test]
+    fn an_ack_takes_its_push_and_every_one_before_it() {
+        let mut p = pushes(1..=5);
+        assert_eq!(acked(&mut p, 1), [1]);
+        assert_eq!(acked(&mut p, 4), [2, 3, 4]);
+        // Again, or older: nothing more.
+        assert_eq!(acked(&mut p, 4), Vec::<u32>::new());
+        assert_eq!(acked(&mut p, 2), Vec::<u32>::new());
+        assert_eq!(acked(&mut p, 5), [5]);
+        assert!(p.inflight.is_empty());
+    }
+
+    #[test]
+    fn an_ack_for_a_push_not_yet_sent_takes_nothing() {
+        let mut p = pushes(1..=3);
+        assert_eq!(acked(&mut p, 4), Vec::<u32>::new());
+        assert_eq!(acked(&mut p, u32::MAX), Vec::<u32>::new());
+        assert_eq!(acked(&mut p, 0), Vec::<u32>::new());
+        assert_eq!(p.inflight.len(), 3);
+        assert_eq!(acked(&mut Pushes::default(), 1), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn numbering_wraps_past_zero() {
+        let mut p = pushes([u32::MAX - 1, u32::MAX, 1, 2]);
+        assert_eq!(acked(&mut p, u32::MAX), [u32::MAX - 1, u32::MAX]);
+        assert_eq!(acked(&mut p, 3), Vec::<u32>::new());
+        assert_eq!(acked(&mut p, 2), [1, 2]);
     }
 }

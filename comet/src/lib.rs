@@ -12,24 +12,28 @@
 
 mod conn;
 mod metrics;
+mod wire;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::TokioIo;
 use natter_logic::{Delivery, Gateway, LogicService};
 use natter_node::config::CometConfig;
 use natter_node::Shutdown;
 use natter_proto::ErrorCode;
 use prometheus::Registry;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::io::WriteHalf;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,11 +42,16 @@ pub use metrics::Metrics;
 /// Routes served by [`Comet::router`].
 pub const ROUTES: &[(&str, &str)] = &[("get", "/sub")];
 
+/// An upgraded connection.
+type Socket = TokioIo<hyper::upgrade::Upgraded>;
+/// A connection's outgoing side.
+type Wire = wire::Wire<WriteHalf<Socket>>;
+
 /// How other tasks reach one connection.
 #[derive(Clone)]
 struct ConnHandle {
-    /// The writer's queue: pushes go straight into it.
-    out: mpsc::Sender<conn::Out>,
+    /// The connection's socket: pushes are written straight into it.
+    wire: Arc<Wire>,
     /// Push numbering and the un-acked pushes, shared by whoever pushes and
     /// the connection task (acks, resends).
     pushes: Arc<Mutex<conn::Pushes>>,
@@ -208,7 +217,7 @@ impl Gateway for Comet {
                 .pushes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(delivery, &handle.out, &self.inner);
+                .push(delivery, &handle.wire, &self.inner);
             if let Err((code, reason)) = pushed {
                 handle.kick(code, reason);
             }
@@ -222,7 +231,77 @@ impl Gateway for Comet {
     }
 }
 
-async fn upgrade(State(comet): State<Comet>, ws: WebSocketUpgrade) -> Response {
+/// Why a request to `/sub` is not a WebSocket handshake we accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    NotUpgrade,
+    Version,
+    NoKey,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::NotUpgrade => (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, "websocket")],
+                "this is a WebSocket endpoint: upgrade to websocket",
+            )
+                .into_response(),
+            Refusal::Version => (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::SEC_WEBSOCKET_VERSION, "13")],
+                "only WebSocket version 13 is supported",
+            )
+                .into_response(),
+            Refusal::NoKey => {
+                (StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key").into_response()
+            }
+        }
+    }
+}
+
+/// The client's `Sec-WebSocket-Key`, once the request is checked to be a
+/// WebSocket upgrade (RFC 6455, section 4.2.1).
+fn handshake_key(headers: &HeaderMap) -> Result<HeaderValue, Refusal> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(Refusal::NotUpgrade);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(Refusal::Version);
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key) if !key.is_empty() => Ok(key.clone()),
+        _ => Err(Refusal::NoKey),
+    }
+}
+
+async fn upgrade(State(comet): State<Comet>, mut request: Request) -> Response {
+    let key = match handshake_key(request.headers()) {
+        Ok(key) => key,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded",
+        )
+            .into_response();
+    };
     if comet.inner.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
@@ -236,20 +315,71 @@ async fn upgrade(State(comet): State<Comet>, ws: WebSocketUpgrade) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
     };
     // Bodies up to a few times the limit are read and answered with
-    // `frame_too_large`; beyond that the WebSocket layer closes with 1009.
+    // `frame_too_large`; beyond that the connection closes with 1009.
     let max_message =
         comet.inner.config.max_body.saturating_mul(4).max(64 * 1024) + natter_proto::HEADER_LEN;
     let tasks = comet.inner.tasks.clone();
-    // Small buffers that grow on demand: an idle connection should cost
-    // kilobytes, not the 128 KiB read buffer the WebSocket layer defaults to.
-    ws.max_message_size(max_message)
-        .max_frame_size(max_message)
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| {
-            tasks.track_future(async move {
-                conn::run(comet, socket).await;
-                drop(permit);
-            })
-        })
+    tokio::spawn(tasks.track_future(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => conn::run(comet, TokioIo::new(upgraded), max_message).await,
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+        drop(permit);
+    }));
+    let accept = ws::accept_key(key.as_bytes());
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn a_handshake_needs_upgrade_version_13_and_a_key() {
+        let good = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        assert_eq!(
+            handshake_key(&headers(&good)),
+            Ok(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
+        );
+        let without =
+            |name: &str| -> Vec<_> { good.iter().filter(|(n, _)| *n != name).copied().collect() };
+        assert_eq!(
+            handshake_key(&headers(&without("connection"))),
+            Err(Refusal::NotUpgrade)
+        );
+        assert_eq!(
+            handshake_key(&headers(&without("upgrade"))),
+            Err(Refusal::NotUpgrade)
+        );
+        assert_eq!(
+            handshake_key(&headers(&without("sec-websocket-version"))),
+            Err(Refusal::Version)
+        );
+        assert_eq!(
+            handshake_key(&headers(&without("sec-websocket-key"))),
+            Err(Refusal::NoKey)
+        );
+        let mut old = without("sec-websocket-version");
+        old.push(("sec-websocket-version", "8"));
+        assert_eq!(handshake_key(&headers(&old)), Err(Refusal::Version));
+    }
 }

@@ -11,7 +11,7 @@ use crate::scenario::{parse_duration, Pattern, Scenario};
 #[derive(clap::Subcommand)]
 pub enum PressureCommand {
     /// Send chat traffic from simulated users, measure latency and reconcile acked against received.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Hold idle authenticated connections with heartbeats and measure what they cost the server.
     Keep(KeepArgs),
     /// One worker process of a run (started by `run` and `keep`).
@@ -129,6 +129,11 @@ pub struct RunArgs {
     /// SDK reply time-out before a resend, e.g. 5s [default: 5s].
     #[arg(long, value_parser = parse_duration)]
     ack_timeout: Option<std::time::Duration>,
+    /// How long the SDK may wait before acknowledging pushes (one ack
+    /// covers every push before it), e.g. 200ms; 0 acks each at once
+    /// [default: 200ms].
+    #[arg(long, value_parser = parse_duration)]
+    push_ack_delay: Option<std::time::Duration>,
 }
 
 impl RunArgs {
@@ -201,6 +206,9 @@ impl RunArgs {
         }
         if let Some(v) = self.ack_timeout {
             s.ack_timeout_ms = ms(v);
+        }
+        if let Some(v) = self.push_ack_delay {
+            s.push_ack_delay_ms = ms(v);
         }
         s.validate().map_err(anyhow::Error::msg)?;
         Ok(s)

@@ -179,8 +179,8 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "scenario: {} users × {} devices, {:?}, {}/s per user, {} B, warm-up {} ms, {} ms measured, drain {} ms",
-            s.users, s.devices, s.pattern, s.rate, s.message_size, s.warmup_ms, s.duration_ms, s.drain_ms
+            "scenario: {} users × {} devices, {:?}, {}/s per user, {} B, warm-up {} ms, {} ms measured, drain {} ms, push-acks within {} ms",
+            s.users, s.devices, s.pattern, s.rate, s.message_size, s.warmup_ms, s.duration_ms, s.drain_ms, s.push_ack_delay_ms
         );
         let c = &self.connections;
         let _ = writeln!(

@@ -117,6 +117,13 @@ pub struct Scenario {
     pub late_ms: u64,
     /// Reply time-out of the SDK before it resends.
     pub ack_timeout_ms: u64,
+    /// How long the SDK may wait before acknowledging pushes.
+    #[serde(default = "default_push_ack_delay_ms")]
+    pub push_ack_delay_ms: u64,
+}
+
+fn default_push_ack_delay_ms() -> u64 {
+    200
 }
 
 impl Default for Scenario {
@@ -136,6 +143,7 @@ impl Default for Scenario {
             source_ips: Vec::new(),
             late_ms: 10,
             ack_timeout_ms: 5000,
+            push_ack_delay_ms: default_push_ack_delay_ms(),
         }
     }
 }

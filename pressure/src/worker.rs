@@ -293,6 +293,7 @@ async fn connect_all(shared: &Arc<Shared>, secret: &[u8]) -> Vec<(u64, u16, Clie
             };
             let mut config = ClientConfig::new(plan.server.clone(), token);
             config.ack_timeout = Duration::from_millis(scenario.ack_timeout_ms);
+            config.push_ack_delay = Duration::from_millis(scenario.push_ack_delay_ms);
             config.event_buffer = 4096;
             config.heartbeat = plan.heartbeat_ms.map(Duration::from_millis);
             if !plan.sources.is_empty() {

@@ -419,3 +419,118 @@ async fn a_user_sending_too_fast_is_told_to_slow_down_and_nothing_is_stored() {
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(2));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_the_websocket_route_without_an_upgrade_is_refused() {
+    let server = TestServer::start(|_| {}).await;
+    let response = reqwest::get(server.url("/sub")).await.expect("answer");
+    assert_eq!(response.status(), 426);
+    assert_eq!(
+        response.headers().get("upgrade").map(|v| v.as_bytes()),
+        Some(&b"websocket"[..])
+    );
+    server.stop().await;
+}
+
+/// A WebSocket connection opened by hand, to send what no client library would.
+async fn handshake_by_hand(server: &TestServer) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.server())
+        .await
+        .expect("connects");
+    let request = format!(
+        "GET /sub HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.server()
+    );
+    tcp.write_all(request.as_bytes()).await.expect("request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.expect("response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).expect("text");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    tcp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_protocol_error_closes_with_1002() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(|_| {}).await;
+    let (alice, _events) = server.client(2, "phone").await;
+    let mut tcp = handshake_by_hand(&server).await;
+    // A client frame without a mask.
+    tcp.write_all(&[0x82, 0x01, 0x00]).await.expect("frame");
+    let mut header = [0u8; 4];
+    tokio::time::timeout(PATIENCE, tcp.read_exact(&mut header))
+        .await
+        .expect("answer")
+        .expect("close frame");
+    assert_eq!(header[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([header[2], header[3]]), 1002);
+    alice
+        .send(3, MessageBody::text("fine"))
+        .await
+        .expect("server still up");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_and_pings_by_hand_are_understood() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(|_| {}).await;
+    let mut tcp = handshake_by_hand(&server).await;
+    let masked = |first: u8, payload: &[u8]| -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![first];
+        if payload.len() < 126 {
+            out.push(0x80 | payload.len() as u8);
+        } else {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    };
+    // The auth frame in two fragments with a ping between them.
+    let auth = Frame::new(
+        Op::Auth,
+        1,
+        0,
+        &AuthRequest {
+            token: server.token(1, "raw"),
+            client: "by hand".into(),
+        },
+    )
+    .encode();
+    let (a, b) = auth.split_at(10);
+    let mut bytes = masked(0x02, a);
+    bytes.extend(masked(0x89, b"hi"));
+    bytes.extend(masked(0x80, b));
+    tcp.write_all(&bytes).await.expect("frames");
+    // The pong comes first, then the auth reply as one binary message.
+    let mut pong = [0u8; 4];
+    tcp.read_exact(&mut pong).await.expect("pong");
+    assert_eq!(pong, [0x8A, 2, b'h', b'i']);
+    let mut header = [0u8; 2];
+    tcp.read_exact(&mut header).await.expect("reply header");
+    assert_eq!(header[0], 0x82);
+    let len = usize::from(header[1] & 0x7F);
+    assert!(len < 126);
+    let mut body = vec![0u8; len];
+    tcp.read_exact(&mut body).await.expect("reply");
+    let reply = Frame::decode(&body, usize::MAX).expect("frame");
+    let said = reply
+        .message::<natter_proto::msg::Disconnect>()
+        .map(|d| d.reason);
+    assert_eq!(reply.op, Op::AuthReply, "{said:?}");
+    server.stop().await;
+}

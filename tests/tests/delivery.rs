@@ -78,6 +78,118 @@ async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_ack_covers_every_push_before_it() {
+    let server = TestServer::start(|c| c.comet.push_rto_ms = 100).await;
+    let mut bob_raw = server.raw(2, "phone").await;
+    let (alice, _events) = server.client(1, "phone").await;
+    for text in ["one", "two", "three"] {
+        alice.send(2, MessageBody::text(text)).await.expect("sent");
+    }
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        let push = next_frame(&mut bob_raw).await;
+        assert_eq!(push.op, Op::Push);
+        seqs.push(push.seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // An ack for a push not sent yet acknowledges nothing; the last one's
+    // ack acknowledges all three.
+    bob_raw
+        .send(&Frame::empty(Op::PushAck, 0, seqs[2] + 5))
+        .await
+        .expect("ack");
+    let resent = next_frame(&mut bob_raw).await;
+    assert_eq!(
+        (resent.op, resent.seq),
+        (Op::Push, seqs[0]),
+        "still in flight"
+    );
+    bob_raw
+        .send(&Frame::empty(Op::PushAck, 0, seqs[2]))
+        .await
+        .expect("ack");
+    // Frames are handled in order: once the heartbeat after the ack is
+    // answered, the ack has been taken; resends written before it may
+    // still be on their way, and nothing is resent after it.
+    bob_raw
+        .send(&Frame::empty(Op::Heartbeat, 9, 0))
+        .await
+        .expect("heartbeat");
+    while next_frame(&mut bob_raw).await.op != Op::HeartbeatReply {}
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        bob_raw
+            .send(&Frame::empty(Op::Heartbeat, 9, 0))
+            .await
+            .expect("heartbeat");
+        let f = next_frame(&mut bob_raw).await;
+        assert_eq!(f.op, Op::HeartbeatReply, "no resend after the ack");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, page) = server.get_json("/v1/sync", 2, "phone").await;
+    assert_eq!(status, 200);
+    assert_eq!(page["messages"].as_array().map(Vec::len), Some(0), "{page}");
+    assert_eq!(page["cursor"], 3);
+    server.stop().await;
+}
+
+/// A counter's value in the server's metrics text.
+async fn metric(server: &TestServer, series: &str) -> u64 {
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_acknowledges_a_burst_of_pushes_with_few_acks() {
+    let server = TestServer::start(|_| {}).await;
+    let mut config = server.client_config(2, "phone");
+    config.push_ack_delay = Duration::from_millis(300);
+    let (bob, mut bob_events) = natter_client::Client::connect(config)
+        .await
+        .expect("connects");
+    bob.sync().await.expect("initial sync");
+    let (alice, _events) = server.client(1, "phone").await;
+    let acks_before = metric(&server, "natter_frames_in_total{op=\"PushAck\"}").await;
+    for i in 0..20 {
+        alice
+            .send(2, MessageBody::text(format!("m{i}")))
+            .await
+            .expect("sent");
+    }
+    for i in 0..20 {
+        let m = next_message(&mut bob_events).await;
+        assert_eq!(text_of(&m), format!("m{i}"));
+    }
+    // Every push is acknowledged, with fewer acks than pushes.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        // The stored cursor covers everything: nothing left to sync.
+        let (_, page) = server.get_json("/v1/sync", 2, "phone").await;
+        if page["messages"].as_array().is_some_and(Vec::is_empty) {
+            assert_eq!(page["cursor"], 20);
+            break;
+        }
+        assert!(Instant::now() < deadline, "not acknowledged: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acks = metric(&server, "natter_frames_in_total{op=\"PushAck\"}").await - acks_before;
+    assert_eq!(
+        metric(&server, "natter_pushes_total{kind=\"acked\"}").await,
+        20
+    );
+    assert!((1..20).contains(&acks), "{acks} acks for 20 pushes");
+    drop(bob);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_and_others_keep_their_latency() {
     let server = TestServer::start(|c| {
         c.comet.send_queue = 8;

@@ -1,0 +1,283 @@
+//! A connection's outgoing bytes, written by whoever sends.
+//!
+//! A push (or a reply) is framed into the connection's buffer and written to
+//! the socket at once by the task that produced it, when nothing else is
+//! waiting to be written: no hand-off to a writer task, no wake-up, one
+//! `send` per frame. Only when the socket's buffer is full do the remaining
+//! bytes wait, and then the connection's own task writes them as the socket
+//! drains ([`Wire::poll_drive`]); frames sent meanwhile queue behind them,
+//! in order.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, BytesMut};
+use natter_proto::Frame;
+use tokio::io::AsyncWrite;
+
+use crate::ws::{self, Opcode};
+
+/// Why a frame was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// More frames wait unwritten than the connection may hold.
+    Full,
+    /// The connection is closing, or its socket failed.
+    Closed,
+}
+
+pub(crate) struct Wire<W> {
+    state: Mutex<State<W>>,
+    /// Frames that may wait unwritten before the connection counts as a
+    /// slow consumer.
+    max_queued: usize,
+}
+
+struct State<W> {
+    /// `None` once shut down.
+    io: Option<W>,
+    /// Bytes not yet written, in order.
+    pending: BytesMut,
+    /// Frames queued since `pending` was last empty.
+    queued: usize,
+    /// A close frame is queued: nothing follows it.
+    closing: bool,
+    /// The last write failed.
+    error: Option<io::ErrorKind>,
+    /// The connection task, waiting for bytes to write.
+    driver: Option<Waker>,
+}
+
+impl<W: AsyncWrite + Unpin> Wire<W> {
+    pub(crate) fn new(io: W, max_queued: usize) -> Wire<W> {
+        Wire {
+            state: Mutex::new(State {
+                io: Some(io),
+                pending: BytesMut::with_capacity(256),
+                queued: 0,
+                closing: false,
+                error: None,
+                driver: None,
+            }),
+            max_queued,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<W>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a binary message holding `frame` and writes what the socket
+    /// takes now.
+    pub(crate) fn send_frame(&self, frame: &Frame) -> Result<(), SendError> {
+        self.send(false, |dst| {
+            ws::put_header(dst, Opcode::Binary, frame.wire_len());
+            frame.encode_to(dst);
+        })
+    }
+
+    /// Queues a pong answering a ping.
+    pub(crate) fn pong(&self, payload: &[u8]) -> Result<(), SendError> {
+        self.send(false, |dst| ws::put_frame(dst, Opcode::Pong, payload))
+    }
+
+    /// Queues the close frame; nothing can be sent after it.
+    pub(crate) fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        self.send(true, |dst| ws::put_close(dst, code, reason))
+    }
+
+    fn send(&self, last: bool, put: impl FnOnce(&mut BytesMut)) -> Result<(), SendError> {
+        let mut state = self.lock();
+        if state.closing || state.error.is_some() || state.io.is_none() {
+            return Err(SendError::Closed);
+        }
+        if state.queued >= self.max_queued {
+            return Err(SendError::Full);
+        }
+        let idle = state.pending.is_empty();
+        put(&mut state.pending);
+        state.queued += 1;
+        state.closing = last;
+        if !idle {
+            // The connection task is already waiting for the socket to drain.
+            return Ok(());
+        }
+        // Nobody waits on the socket: write now, without a waker. What the
+        // socket does not take is left to the connection task, which polls
+        // with its own waker (replacing the no-op one registered here).
+        let mut cx = Context::from_waker(Waker::noop());
+        match state.write(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) | Poll::Pending => {
+                if let Some(driver) = state.driver.take() {
+                    driver.wake();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes waiting bytes as the socket takes them. Resolves only when
+    /// the socket fails; the connection task keeps it in its select loop.
+    pub(crate) fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let mut state = self.lock();
+        match state.write(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(e),
+            Poll::Ready(Ok(())) => {
+                match &state.driver {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => state.driver = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Writes what is queued (up to the caller's time-out) and shuts the
+    /// socket's write side, which ends the TCP connection once the read
+    /// half is dropped too.
+    pub(crate) async fn finish(&self) {
+        let written = poll_fn(|cx| self.lock().write(cx)).await;
+        let io = self.lock().io.take();
+        if let (Ok(()), Some(mut io)) = (written, io) {
+            let _ = poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
+        }
+    }
+
+    /// Drops the socket at once, with whatever is still queued.
+    pub(crate) fn abort(&self) {
+        let mut state = self.lock();
+        state.io = None;
+        state.pending.clear();
+    }
+}
+
+impl<W: AsyncWrite + Unpin> State<W> {
+    /// Writes `pending` until it is empty or the socket is full.
+    fn write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(kind) = self.error {
+            return Poll::Ready(Err(kind.into()));
+        }
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        while !self.pending.is_empty() {
+            match Pin::new(&mut *io).poll_write(cx, &self.pending) {
+                Poll::Ready(Ok(0)) => {
+                    self.error = Some(io::ErrorKind::WriteZero);
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.pending.advance(n),
+                Poll::Ready(Err(e)) => {
+                    self.error = Some(e.kind());
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.queued = 0;
+        // Keep a small buffer for the next frames, not the largest burst.
+        if self.pending.capacity() > 64 * 1024 {
+            self.pending = BytesMut::with_capacity(256);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natter_proto::Op;
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+
+    fn frame(n: u32) -> Frame {
+        Frame::raw(Op::Push, n, 0, vec![n as u8; 100])
+    }
+
+    fn expected(frames: impl IntoIterator<Item = Frame>) -> Vec<u8> {
+        let mut dst = BytesMut::new();
+        for f in frames {
+            ws::put_header(&mut dst, Opcode::Binary, f.wire_len());
+            f.encode_to(&mut dst);
+        }
+        dst.to_vec()
+    }
+
+    #[tokio::test]
+    async fn writes_at_once_when_the_socket_has_room() {
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let wire = Wire::new(a, 8);
+        wire.send_frame(&frame(1)).unwrap();
+        wire.send_frame(&frame(2)).unwrap();
+        // Nothing drives the wire: the bytes are already in the socket.
+        let want = expected([frame(1), frame(2)]);
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        assert!(wire.lock().pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_queues_in_order_and_the_driver_drains_it() {
+        // A socket that takes 150 bytes at a time.
+        let (a, mut b) = tokio::io::duplex(150);
+        let wire = Arc::new(Wire::new(a, 100));
+        for n in 0..20 {
+            wire.send_frame(&frame(n)).unwrap();
+        }
+        assert!(!wire.lock().pending.is_empty());
+        let driver = {
+            let wire = wire.clone();
+            tokio::spawn(async move { poll_fn(|cx| wire.poll_drive(cx)).await })
+        };
+        let want = expected((0..20).map(frame));
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        // Frames sent while the driver waits are written too.
+        wire.send_frame(&frame(99)).unwrap();
+        let want = expected([frame(99)]);
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        drop(b);
+        // A closed peer fails the next write, which ends the driver.
+        let _ = wire.send_frame(&frame(100));
+        let _ = wire.send_frame(&frame(101));
+        let error = tokio::time::timeout(std::time::Duration::from_secs(5), driver)
+            .await
+            .expect("the driver ends")
+            .unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(wire.send_frame(&frame(102)), Err(SendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn too_many_unwritten_frames_is_a_slow_consumer() {
+        let (a, _b) = tokio::io::duplex(10);
+        let wire = Wire::new(a, 3);
+        for n in 0..3 {
+            wire.send_frame(&frame(n)).unwrap();
+        }
+        assert_eq!(wire.send_frame(&frame(3)), Err(SendError::Full));
+    }
+
+    #[tokio::test]
+    async fn nothing_follows_the_close_frame() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let wire = Wire::new(a, 8);
+        wire.close(4006, "bye").unwrap();
+        assert_eq!(wire.send_frame(&frame(1)), Err(SendError::Closed));
+        wire.finish().await;
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        let mut want = BytesMut::new();
+        ws::put_close(&mut want, 4006, "bye");
+        assert_eq!(got, want.to_vec());
+    }
+}
