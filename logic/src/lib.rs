@@ -643,6 +643,14 @@ impl LogicService for Logic {
             seq,
             floor,
         };
+        // Most group acks only move a cursor the store keeps in memory: done
+        // here, without waking the committer. (One that overtakes a queued
+        // `SetCursor` of the same device can only leave the cursor lower
+        // than it could be: the device is sent a message again, never
+        // skipped.)
+        if self.store.received_now(&write) {
+            return;
+        }
         // Never wait on storage here: the caller is a connection's control
         // loop. A dropped ack costs only a cursor update; the device's next
         // sync sets its cursor anyway.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::serve::ListenerExt as _;
 use axum::Router;
 use natter_comet::Comet;
 use natter_group::mysql::MySqlGroupStore;
@@ -580,6 +581,13 @@ impl Server {
 
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
+            // Pushes are small writes that must leave at once: no Nagle
+            // delay behind an unacknowledged earlier one.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .await;

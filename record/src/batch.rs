@@ -30,7 +30,10 @@ pub(crate) struct DeviceCursor {
 
 impl DeviceCursor {
     pub(crate) fn mark(&mut self, seq: u64) {
-        if seq > self.contiguous {
+        if seq == self.contiguous + 1 && self.above.is_empty() {
+            // The common case: the next position, no gap.
+            self.contiguous = seq;
+        } else if seq > self.contiguous {
             self.above.insert(seq);
             while self.above.remove(&(self.contiguous + 1)) {
                 self.contiguous += 1;

@@ -627,6 +627,19 @@ impl SqliteStore {
 
 #[async_trait]
 impl MessageStore for SqliteStore {
+    fn received_now(&self, write: &Write) -> bool {
+        if self.closed().is_err() {
+            return false;
+        }
+        // The committer holds the lock through its transactions: then the
+        // ack waits its turn in the queue instead.
+        let Ok(mut counters) = self.writer.try_lock() else {
+            return false;
+        };
+        self.in_memory(&mut counters, std::slice::from_ref(write))
+            .is_some()
+    }
+
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         self.closed()?;
         let mut counters = self.writer.lock().await;
@@ -988,6 +1001,50 @@ mod tests {
             .expect("reopen");
         assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
         assert_eq!(store.cursor(1, "phone", 9).await.expect("cursor"), 3);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_group_ack_of_a_cached_cursor_is_recorded_without_a_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("natter.db");
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("open");
+        for seq in 1..=3 {
+            crate::suite::store_group_one(&store, 1, 9, seq).await;
+        }
+        let ack = |seq| Write::Received {
+            floor: 0,
+            owner: 2,
+            device: "phone".into(),
+            group: 9,
+            seq,
+        };
+        // Not cached yet: the store declines, and the batch path loads it.
+        assert!(!store.received_now(&ack(1)));
+        store.write_batch(&[ack(1)]).await.expect("ack");
+        assert!(store.received_now(&ack(2)));
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
+        // One-to-one acks always take the batch path.
+        assert!(!store.received_now(&Write::Received {
+            floor: 0,
+            owner: 2,
+            device: "phone".into(),
+            group: 0,
+            seq: 1,
+        }));
+        // Not while the writer is busy.
+        let busy = store.writer.lock().await;
+        assert!(!store.received_now(&ack(3)));
+        drop(busy);
+        assert!(store.received_now(&ack(3)));
+        // Written out on close like any other cursor.
+        store.close().await;
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("reopen");
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
         store.close().await;
     }
 

@@ -240,6 +240,14 @@ pub trait MessageStore: Send + Sync + 'static {
     /// in order. Either all of them are durable when this returns `Ok`, or none is.
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError>;
 
+    /// Records a group push-ack (`Write::Received` with a group) at once,
+    /// without a transaction, when the store keeps that cursor in memory
+    /// and nothing is due to be written out. `false`: nothing was done, and
+    /// the write goes through [`MessageStore::write_batch`]. Never waits.
+    fn received_now(&self, _write: &Write) -> bool {
+        false
+    }
+
     /// A page of the conversation between `owner` and `other`, newest first.
     async fn history(&self, query: &HistoryQuery) -> Result<Vec<StoredMessage>, StoreError>;
 
