@@ -32,6 +32,16 @@ const MAX_PENDING_REQUESTS: usize = 128;
 /// Time a goodbye gets to be written before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// What woke a connection's task.
+enum Wake {
+    Incoming(Result<Incoming, ReadError>),
+    WriteFailed(std::io::Error),
+    Resend,
+    Heartbeat,
+    Killed,
+    Stopping,
+}
+
 /// Why the work phase ended.
 enum Exit {
     /// The peer closed or the socket failed.
@@ -418,9 +428,24 @@ impl Conn {
         let killed = kill.cancelled();
         let stopping = shutdown.cancelled();
         tokio::pin!(heartbeat, killed, stopping);
+        // Frames first: a busy connection wakes for each one, and polling
+        // every timer and token on each wake-up cost more than reading the
+        // frame. A client that never stops sending still yields to the
+        // others: the socket read draws on the runtime's cooperative budget
+        // and reports "not ready" once it is spent, and then the branches
+        // after it are polled.
         loop {
-            let step = tokio::select! {
-                incoming = reader.next(read) => {
+            let wake = tokio::select! {
+                biased;
+                incoming = reader.next(read) => Wake::Incoming(incoming),
+                error = std::future::poll_fn(|cx| wire.poll_drive(cx)) => Wake::WriteFailed(error),
+                _ = resend.tick() => Wake::Resend,
+                _ = &mut heartbeat => Wake::Heartbeat,
+                _ = &mut killed => Wake::Killed,
+                _ = &mut stopping => Wake::Stopping,
+            };
+            let step = match wake {
+                Wake::Incoming(incoming) => {
                     deadline = Instant::now() + idle;
                     match incoming {
                         Err(e) => Err(read_failed(e)),
@@ -430,31 +455,41 @@ impl Conn {
                             Ok(())
                         }
                         Ok(Incoming::Pong) => Ok(()),
-                        Ok(Incoming::Text(_)) => {
-                            self.error(0, ErrorCode::BadFrame, "frames are binary WebSocket messages")
-                        }
+                        Ok(Incoming::Text(_)) => self.error(
+                            0,
+                            ErrorCode::BadFrame,
+                            "frames are binary WebSocket messages",
+                        ),
                         Ok(Incoming::Binary(bytes)) => self.frame(&bytes).await,
                     }
                 }
-                error = std::future::poll_fn(|cx| wire.poll_drive(cx)) => {
+                Wake::WriteFailed(error) => {
                     tracing::debug!(%error, "write failed");
                     Err(Exit::Peer)
                 }
-                _ = resend.tick() => self.resend(rto, config.push_retries),
-                _ = &mut heartbeat => {
+                Wake::Resend => self.resend(rto, config.push_retries),
+                Wake::Heartbeat => {
                     if Instant::now() >= deadline {
-                        Err(close(ErrorCode::HeartbeatTimeout, "no frame within the heartbeat time-out"))
+                        Err(close(
+                            ErrorCode::HeartbeatTimeout,
+                            "no frame within the heartbeat time-out",
+                        ))
                     } else {
                         heartbeat.as_mut().reset(deadline);
                         Ok(())
                     }
                 }
-                _ = &mut killed => {
-                    let reason = self.handle.reason.lock().unwrap_or_else(|e| e.into_inner()).take();
+                Wake::Killed => {
+                    let reason = self
+                        .handle
+                        .reason
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
                     let (code, reason) = reason.unwrap_or((ErrorCode::Internal, "closed".into()));
                     Err(Exit::Close(code, reason))
                 }
-                _ = &mut stopping => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
+                Wake::Stopping => Err(close(ErrorCode::ServerShutdown, "server is shutting down")),
             };
             if let Err(exit) = step {
                 return exit;

@@ -534,3 +534,50 @@ async fn fragments_and_pings_by_hand_are_understood() {
     assert_eq!(reply.op, Op::AuthReply, "{said:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_stops_sending_is_still_told_of_a_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(|_| {}).await;
+    let mut tcp = handshake_by_hand(&server).await;
+    let masked = |payload: &[u8]| -> Vec<u8> {
+        let mut out = vec![0x82, 0x80 | 126];
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(payload);
+        out
+    };
+    let auth = Frame::new(
+        Op::Auth,
+        1,
+        0,
+        &AuthRequest {
+            token: server.token(1, "raw"),
+            client: "flood".into(),
+        },
+    )
+    .encode();
+    tcp.write_all(&masked(&auth)).await.expect("auth");
+    // Acks of nothing, read and dropped without a reply, written far
+    // faster than the server parses them: its reader always has a frame.
+    let ack = Frame::empty(Op::PushAck, 0, 0).encode();
+    let mut one = vec![0x82, 0x80 | ack.len() as u8, 0, 0, 0, 0];
+    one.extend_from_slice(&ack);
+    let chunk = one.repeat(40_000);
+    let stop = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        server.stop().await;
+    });
+    let started = std::time::Instant::now();
+    // The server closes the connection while the flood goes on.
+    while tcp.write_all(&chunk).await.is_ok() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "still open after {PATIENCE:?}"
+        );
+    }
+    tokio::time::timeout(PATIENCE, stop)
+        .await
+        .expect("the server stops in time")
+        .expect("stop");
+}
