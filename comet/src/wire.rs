@@ -8,7 +8,7 @@
 //! drains ([`Wire::poll_drive`]); frames sent meanwhile queue behind them,
 //! in order.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
@@ -108,8 +108,16 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         // Nobody waits on the socket: write now, without a waker. What the
         // socket does not take is left to the connection task, which polls
         // with its own waker (replacing the no-op one registered here).
-        let mut cx = Context::from_waker(Waker::noop());
-        match state.write(&mut cx) {
+        // Outside the runtime's cooperative budget: a fan-out writes to
+        // thousands of sockets from one task, and once the budget of a task
+        // poll is spent every socket reports "not ready" without trying,
+        // which would hand each of those writes to a task wake-up after all.
+        let written = {
+            let mut cx = Context::from_waker(Waker::noop());
+            let write = std::pin::pin!(tokio::task::unconstrained(poll_fn(|cx| state.write(cx))));
+            write.poll(&mut cx)
+        };
+        match written {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(_)) | Poll::Pending => {
                 if let Some(driver) = state.driver.take() {
@@ -220,6 +228,28 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got, want);
         assert!(wire.lock().pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_writes_every_frame_itself_whatever_the_task_budget() {
+        // One task pushing to many connections writes far more than the
+        // runtime's per-poll budget; none of it may be left to the drivers.
+        let mut peers = Vec::new();
+        let mut wires = Vec::new();
+        for _ in 0..300 {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            wires.push(Wire::new(a, 8));
+            peers.push(b);
+        }
+        for wire in &wires {
+            wire.send_frame(&frame(1)).unwrap();
+        }
+        for (i, wire) in wires.iter().enumerate() {
+            assert!(
+                wire.lock().pending.is_empty(),
+                "connection {i} was left waiting"
+            );
+        }
     }
 
     #[tokio::test]
