@@ -968,9 +968,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn cursor_writes_are_coalesced_and_written_out_on_close() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A store in `dir` with three messages from user 1 in group 9.
+    async fn group_of_three(dir: &tempfile::TempDir) -> (std::path::PathBuf, SqliteStore) {
         let path = dir.path().join("natter.db");
         let store = SqliteStore::open(&path, &SqliteOptions::default())
             .await
@@ -978,6 +977,13 @@ mod tests {
         for seq in 1..=3 {
             crate::suite::store_group_one(&store, 1, 9, seq).await;
         }
+        (path, store)
+    }
+
+    #[tokio::test]
+    async fn cursor_writes_are_coalesced_and_written_out_on_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, store) = group_of_three(&dir).await;
         let acks: Vec<Write> = (1..=3)
             .map(|seq| Write::Received {
                 floor: 0,
@@ -1007,13 +1013,7 @@ mod tests {
     #[tokio::test]
     async fn a_group_ack_of_a_cached_cursor_is_recorded_without_a_transaction() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("natter.db");
-        let store = SqliteStore::open(&path, &SqliteOptions::default())
-            .await
-            .expect("open");
-        for seq in 1..=3 {
-            crate::suite::store_group_one(&store, 1, 9, seq).await;
-        }
+        let (path, store) = group_of_three(&dir).await;
         let ack = |seq| Write::Received {
             floor: 0,
             owner: 2,

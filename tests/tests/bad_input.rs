@@ -432,6 +432,21 @@ async fn a_request_to_the_websocket_route_without_an_upgrade_is_refused() {
     server.stop().await;
 }
 
+/// A client frame, masked, with `first` as its first byte (FIN and opcode).
+fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut out = vec![first];
+    if payload.len() < 126 {
+        out.push(0x80 | payload.len() as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 /// A WebSocket connection opened by hand, to send what no client library would.
 async fn handshake_by_hand(server: &TestServer) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -487,19 +502,6 @@ async fn fragments_and_pings_by_hand_are_understood() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = TestServer::start(|_| {}).await;
     let mut tcp = handshake_by_hand(&server).await;
-    let masked = |first: u8, payload: &[u8]| -> Vec<u8> {
-        let mask = [0x11, 0x22, 0x33, 0x44];
-        let mut out = vec![first];
-        if payload.len() < 126 {
-            out.push(0x80 | payload.len() as u8);
-        } else {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    };
     // The auth frame in two fragments with a ping between them.
     let auth = Frame::new(
         Op::Auth,
@@ -540,13 +542,6 @@ async fn a_client_that_never_stops_sending_is_still_told_of_a_shutdown() {
     use tokio::io::AsyncWriteExt;
     let server = TestServer::start(|_| {}).await;
     let mut tcp = handshake_by_hand(&server).await;
-    let masked = |payload: &[u8]| -> Vec<u8> {
-        let mut out = vec![0x82, 0x80 | 126];
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(payload);
-        out
-    };
     let auth = Frame::new(
         Op::Auth,
         1,
@@ -557,13 +552,10 @@ async fn a_client_that_never_stops_sending_is_still_told_of_a_shutdown() {
         },
     )
     .encode();
-    tcp.write_all(&masked(&auth)).await.expect("auth");
+    tcp.write_all(&masked(0x82, &auth)).await.expect("auth");
     // Acks of nothing, read and dropped without a reply, written far
     // faster than the server parses them: its reader always has a frame.
-    let ack = Frame::empty(Op::PushAck, 0, 0).encode();
-    let mut one = vec![0x82, 0x80 | ack.len() as u8, 0, 0, 0, 0];
-    one.extend_from_slice(&ack);
-    let chunk = one.repeat(40_000);
+    let chunk = masked(0x82, &Frame::empty(Op::PushAck, 0, 0).encode()).repeat(40_000);
     let stop = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         server.stop().await;

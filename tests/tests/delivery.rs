@@ -43,6 +43,24 @@ async fn an_unacked_push_is_resent_then_the_connection_closes_and_sync_recovers_
     server.stop().await;
 }
 
+/// Heartbeats keep `conn` open for `quiet`; only their replies may arrive,
+/// no resent push.
+async fn no_resend_for(conn: &mut natter_client::raw::Connection, quiet: Duration) {
+    let deadline = Instant::now() + quiet;
+    while Instant::now() < deadline {
+        conn.send(&Frame::empty(Op::Heartbeat, 9, 0))
+            .await
+            .expect("heartbeat");
+        let f = next_frame(conn).await;
+        assert_eq!(
+            f.op,
+            Op::HeartbeatReply,
+            "only heartbeat replies, no resent push"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
     let server = TestServer::start(|c| c.comet.push_rto_ms = 100).await;
@@ -55,20 +73,7 @@ async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
         .await
         .expect("ack");
     // Heartbeats keep it open; no resend arrives within a few RTOs.
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < deadline {
-        bob_raw
-            .send(&Frame::empty(Op::Heartbeat, 9, 0))
-            .await
-            .expect("heartbeat");
-        let f = next_frame(&mut bob_raw).await;
-        assert_eq!(
-            f.op,
-            Op::HeartbeatReply,
-            "only heartbeat replies, no resent push"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    no_resend_for(&mut bob_raw, Duration::from_millis(500)).await;
     // The server's cursor for the device now covers the message.
     let (status, page) = server.get_json("/v1/sync", 2, "phone").await;
     assert_eq!(status, 200);
@@ -116,16 +121,7 @@ async fn one_push_ack_covers_every_push_before_it() {
         .await
         .expect("heartbeat");
     while next_frame(&mut bob_raw).await.op != Op::HeartbeatReply {}
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < deadline {
-        bob_raw
-            .send(&Frame::empty(Op::Heartbeat, 9, 0))
-            .await
-            .expect("heartbeat");
-        let f = next_frame(&mut bob_raw).await;
-        assert_eq!(f.op, Op::HeartbeatReply, "no resend after the ack");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    no_resend_for(&mut bob_raw, Duration::from_millis(500)).await;
     let (status, page) = server.get_json("/v1/sync", 2, "phone").await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(0), "{page}");
