@@ -628,7 +628,18 @@ impl SqliteStore {
 #[async_trait]
 impl MessageStore for SqliteStore {
     fn received_now(&self, write: &Write) -> bool {
-        if self.closed().is_err() {
+        let Write::Received {
+            owner,
+            device,
+            group,
+            seq,
+            floor,
+        } = write
+        else {
+            return false;
+        };
+        // A stream ack also sets the relation row's `received` flag.
+        if *group == 0 || self.closed().is_err() {
             return false;
         }
         // The committer holds the lock through its transactions: then the
@@ -636,8 +647,27 @@ impl MessageStore for SqliteStore {
         let Ok(mut counters) = self.writer.try_lock() else {
             return false;
         };
-        self.in_memory(&mut counters, std::slice::from_ref(write))
-            .is_some()
+        if counters.flush_due() {
+            return false;
+        }
+        let key = (*owner, device.clone(), *group);
+        let Some(cursor) = counters.devices.get_mut(&key) else {
+            return false;
+        };
+        cursor.raise_to(*floor);
+        cursor.mark(*seq);
+        let contiguous = cursor.contiguous;
+        let mut unflushed = self.unflushed();
+        match unflushed.get_mut(&key) {
+            Some(held) => *held = contiguous,
+            None => {
+                unflushed.insert(key.clone(), contiguous);
+            }
+        }
+        if !counters.dirty.contains(&key) {
+            counters.dirty.insert(key);
+        }
+        true
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
