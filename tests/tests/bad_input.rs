@@ -447,6 +447,15 @@ fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The encoded `Auth` frame of user 1's device "raw".
+fn auth_frame(server: &TestServer, client: &str) -> Vec<u8> {
+    let auth = AuthRequest {
+        token: server.token(1, "raw"),
+        client: client.into(),
+    };
+    Frame::new(Op::Auth, 1, 0, &auth).encode().to_vec()
+}
+
 /// A WebSocket connection opened by hand, to send what no client library would.
 async fn handshake_by_hand(server: &TestServer) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -503,16 +512,7 @@ async fn fragments_and_pings_by_hand_are_understood() {
     let server = TestServer::start(|_| {}).await;
     let mut tcp = handshake_by_hand(&server).await;
     // The auth frame in two fragments with a ping between them.
-    let auth = Frame::new(
-        Op::Auth,
-        1,
-        0,
-        &AuthRequest {
-            token: server.token(1, "raw"),
-            client: "by hand".into(),
-        },
-    )
-    .encode();
+    let auth = auth_frame(&server, "by hand");
     let (a, b) = auth.split_at(10);
     let mut bytes = masked(0x02, a);
     bytes.extend(masked(0x89, b"hi"));
@@ -542,16 +542,7 @@ async fn a_client_that_never_stops_sending_is_still_told_of_a_shutdown() {
     use tokio::io::AsyncWriteExt;
     let server = TestServer::start(|_| {}).await;
     let mut tcp = handshake_by_hand(&server).await;
-    let auth = Frame::new(
-        Op::Auth,
-        1,
-        0,
-        &AuthRequest {
-            token: server.token(1, "raw"),
-            client: "flood".into(),
-        },
-    )
-    .encode();
+    let auth = auth_frame(&server, "flood");
     tcp.write_all(&masked(0x82, &auth)).await.expect("auth");
     // Acks of nothing, read and dropped without a reply, written far
     // faster than the server parses them: its reader always has a frame.
