@@ -578,11 +578,14 @@ async fn flush_cursors(
 }
 
 impl SqliteStore {
-    /// Applies a batch of push-acks without the database when it can: every
-    /// cursor is cached and no write-out is due. (Most batches under fan-out
-    /// are only acks.) `None` when the batch needs a transaction.
+    /// Applies a batch of group push-acks without the database when it can:
+    /// every cursor is cached and no write-out is due. (Most batches under
+    /// fan-out are only acks.) `None` when the batch needs a transaction.
     fn in_memory(&self, counters: &mut Counters, writes: &[Write]) -> Option<Vec<Outcome>> {
-        let mut keys = Vec::with_capacity(writes.len());
+        if counters.flush_due() {
+            return None;
+        }
+        let mut acks = Vec::with_capacity(writes.len());
         for write in writes {
             match write {
                 // A stream ack also sets the relation row's `received` flag.
@@ -590,31 +593,34 @@ impl SqliteStore {
                     owner,
                     device,
                     group,
-                    ..
-                } if *group != 0 => keys.push((*owner, device.clone(), *group)),
+                    seq,
+                    floor,
+                } if *group != 0 => {
+                    let key = (*owner, device.clone(), *group);
+                    if !counters.devices.contains_key(&key) {
+                        return None;
+                    }
+                    acks.push((key, *seq, *floor));
+                }
                 _ => return None,
             }
         }
-        if keys.iter().any(|k| !counters.devices.contains_key(k)) {
-            return None;
-        }
-        for (write, key) in writes.iter().zip(&keys) {
-            if let (Write::Received { seq, floor, .. }, Some(cursor)) =
-                (write, counters.devices.get_mut(key))
-            {
-                cursor.raise_to(*floor);
-                cursor.mark(*seq);
-            }
-        }
-        counters.dirty.extend(keys.iter().cloned());
-        if counters.flush_due() {
-            // Marking is idempotent: the transaction marks them again and writes them out.
-            return None;
-        }
         let mut unflushed = self.unflushed();
-        for key in keys {
-            if let Some(c) = counters.devices.get(&key) {
-                unflushed.insert(key, c.contiguous);
+        for (key, seq, floor) in acks {
+            let Some(cursor) = counters.devices.get_mut(&key) else {
+                continue;
+            };
+            cursor.raise_to(floor);
+            cursor.mark(seq);
+            let contiguous = cursor.contiguous;
+            match unflushed.get_mut(&key) {
+                Some(held) => *held = contiguous,
+                None => {
+                    unflushed.insert(key.clone(), contiguous);
+                }
+            }
+            if !counters.dirty.contains(&key) {
+                counters.dirty.insert(key);
             }
         }
         Some(vec![Outcome::Done; writes.len()])
@@ -628,18 +634,7 @@ impl SqliteStore {
 #[async_trait]
 impl MessageStore for SqliteStore {
     fn received_now(&self, write: &Write) -> bool {
-        let Write::Received {
-            owner,
-            device,
-            group,
-            seq,
-            floor,
-        } = write
-        else {
-            return false;
-        };
-        // A stream ack also sets the relation row's `received` flag.
-        if *group == 0 || self.closed().is_err() {
+        if self.closed().is_err() {
             return false;
         }
         // The committer holds the lock through its transactions: then the
@@ -647,27 +642,8 @@ impl MessageStore for SqliteStore {
         let Ok(mut counters) = self.writer.try_lock() else {
             return false;
         };
-        if counters.flush_due() {
-            return false;
-        }
-        let key = (*owner, device.clone(), *group);
-        let Some(cursor) = counters.devices.get_mut(&key) else {
-            return false;
-        };
-        cursor.raise_to(*floor);
-        cursor.mark(*seq);
-        let contiguous = cursor.contiguous;
-        let mut unflushed = self.unflushed();
-        match unflushed.get_mut(&key) {
-            Some(held) => *held = contiguous,
-            None => {
-                unflushed.insert(key.clone(), contiguous);
-            }
-        }
-        if !counters.dirty.contains(&key) {
-            counters.dirty.insert(key);
-        }
-        true
+        self.in_memory(&mut counters, std::slice::from_ref(write))
+            .is_some()
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
