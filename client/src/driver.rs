@@ -128,11 +128,27 @@ enum Waiter {
     /// application's `sync()` once the stream and every group it names are done.
     Sync {
         report: Option<Report>,
+        /// The `after` the request carried.
+        after: u64,
     },
     /// A sync of one group, started by a stream sync.
     GroupSync {
         group: u64,
+        after: u64,
     },
+}
+
+impl Waiter {
+    /// Whether a reply up to `cursor` with `has_more` false still needs
+    /// one more page: the server records a sync's `after` as the device's
+    /// cursor, so a driver's sync that returned messages ends with a page
+    /// asked from its end, which vouches for what it returned.
+    fn vouch_needed(&self, cursor: u64) -> bool {
+        match self {
+            Waiter::Sync { after, .. } | Waiter::GroupSync { after, .. } => cursor > *after,
+            Waiter::App(_) => false,
+        }
+    }
 }
 
 /// Why one connection ended.
@@ -220,6 +236,7 @@ impl Driver {
                 if let Waiter::App(reply)
                 | Waiter::Sync {
                     report: Some(reply),
+                    ..
                 } = waiter
                 {
                     let _ = reply.send(Err(ClientError::Disconnected));
@@ -284,13 +301,14 @@ impl Driver {
         report: Option<oneshot::Sender<Result<Frame, ClientError>>>,
     ) -> Result<(), ClientError> {
         let seq = self.seq();
+        let after = self.cursor.contiguous;
         let request = SyncRequest {
-            after: Some(self.cursor.contiguous),
+            after: Some(after),
             limit: SYNC_PAGE,
             group: 0,
         };
         conn.send(&Frame::new(Op::Sync, seq, 0, &request)).await?;
-        self.pending.insert(seq, Waiter::Sync { report });
+        self.pending.insert(seq, Waiter::Sync { report, after });
         Ok(())
     }
 
@@ -300,13 +318,14 @@ impl Driver {
         group: u64,
     ) -> Result<(), ClientError> {
         let seq = self.seq();
+        let after = self.groups.entry(group).or_default().contiguous;
         let request = SyncRequest {
-            after: Some(self.groups.entry(group).or_default().contiguous),
+            after: Some(after),
             limit: SYNC_PAGE,
             group,
         };
         conn.send(&Frame::new(Op::Sync, seq, 0, &request)).await?;
-        self.pending.insert(seq, Waiter::GroupSync { group });
+        self.pending.insert(seq, Waiter::GroupSync { group, after });
         Ok(())
     }
 
@@ -486,12 +505,13 @@ impl Driver {
                     return Ok(());
                 };
                 let reply: SyncReply = frame.message().map_err(protocol)?;
-                let (has_more, cursor) = (reply.has_more, reply.cursor);
+                let cursor = reply.cursor;
+                let has_more = reply.has_more || waiter.vouch_needed(cursor);
                 for message in reply.messages {
                     self.shared.stats.synced.fetch_add(1, Ordering::Relaxed);
                     self.deliver(message).await?;
                 }
-                if let Waiter::GroupSync { group } = waiter {
+                if let Waiter::GroupSync { group, .. } = waiter {
                     self.groups.entry(group).or_default().advance_to(cursor);
                     if has_more {
                         return self.send_group_sync(conn, group).await.map_err(End::Closed);
@@ -502,6 +522,8 @@ impl Driver {
                 // The reply covers everything up to its cursor.
                 self.cursor.advance_to(cursor);
                 if !has_more && !reply.groups.is_empty() {
+                    // (A page that needs vouching for comes back with the
+                    // groups once more.)
                     // The stream is done; the groups it names follow.
                     for g in &reply.groups {
                         self.groups.entry(g.group).or_default().advance_to(g.cursor);
@@ -512,6 +534,7 @@ impl Driver {
                     }
                     if let Waiter::Sync {
                         report: Some(report),
+                        ..
                     }
                     | Waiter::App(report) = waiter
                     {
@@ -522,6 +545,7 @@ impl Driver {
                 if !has_more && self.group_syncs > 0 {
                     if let Waiter::Sync {
                         report: Some(report),
+                        ..
                     }
                     | Waiter::App(report) = waiter
                     {
@@ -530,17 +554,18 @@ impl Driver {
                     return Ok(());
                 }
                 match waiter {
-                    Waiter::Sync { report } if has_more => {
+                    Waiter::Sync { report, .. } if has_more => {
                         self.send_sync(conn, report).await.map_err(End::Closed)
                     }
                     Waiter::Sync {
                         report: Some(report),
+                        ..
                     }
                     | Waiter::App(report) => {
                         let _ = report.send(Ok(Frame::empty(Op::SyncReply, frame.seq, 0)));
                         Ok(())
                     }
-                    Waiter::Sync { report: None } => Ok(()),
+                    Waiter::Sync { report: None, .. } => Ok(()),
                     Waiter::GroupSync { .. } => Ok(()),
                 }
             }
@@ -568,12 +593,13 @@ impl Driver {
                     Some(Waiter::App(reply))
                     | Some(Waiter::Sync {
                         report: Some(reply),
+                        ..
                     }) => {
                         let _ = reply.send(Ok(frame));
                     }
                     // The connect-time sync failed: reconnect (with back-off) and sync again,
                     // rather than stay connected with messages missing.
-                    Some(Waiter::Sync { report: None }) if frame.op == Op::Error => {
+                    Some(Waiter::Sync { report: None, .. }) if frame.op == Op::Error => {
                         let error = frame
                             .message::<natter_proto::msg::ErrorReply>()
                             .map(|e| ClientError::Rejected {
@@ -584,7 +610,7 @@ impl Driver {
                             .unwrap_or_else(|e| ClientError::Protocol(e.to_string()));
                         return Err(End::Closed(error));
                     }
-                    Some(Waiter::Sync { report: None }) => {}
+                    Some(Waiter::Sync { report: None, .. }) => {}
                     None if frame.op == Op::Error => {
                         let text = frame
                             .message::<natter_proto::msg::ErrorReply>()

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use natter_logic::{Delivery, LogicService, Session};
+use natter_logic::{Acked, LogicService, Push, Session};
 use natter_proto::msg::{
     AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest,
 };
@@ -79,7 +79,7 @@ enum Job {
 #[derive(Default)]
 pub(crate) struct Pushes {
     ready: bool,
-    parked: Vec<Delivery>,
+    parked: Vec<Push>,
     /// The last number given to a push (0: none yet).
     next_seq: u32,
     /// Un-acked pushes in the order they were numbered and written.
@@ -94,48 +94,52 @@ fn not_after(a: u32, b: u32) -> bool {
 }
 
 impl Pushes {
-    /// Numbers `delivery` and writes it (or parks it until the connection
-    /// is authenticated). An error closes the connection.
+    /// Numbers `pushes` and writes them together (or parks them until the
+    /// connection is authenticated). An error closes the connection.
     pub(crate) fn push(
         &mut self,
-        delivery: Delivery,
+        pushes: &[Push],
         wire: &Wire,
         comet: &crate::Inner,
+        deadline: Instant,
     ) -> Result<(), (ErrorCode, &'static str)> {
         let config = &comet.config;
         if !self.ready {
-            if self.parked.len() >= config.max_inflight {
+            if self.parked.len() + pushes.len() > config.max_inflight {
                 return Err((ErrorCode::SlowConsumer, "too many pushes before auth"));
             }
-            self.parked.push(delivery);
+            self.parked.extend_from_slice(pushes);
             return Ok(());
         }
-        if self.inflight.len() >= config.max_inflight {
+        if self.inflight.len() + pushes.len() > config.max_inflight {
             return Err((ErrorCode::SlowConsumer, "too many unacknowledged pushes"));
         }
-        self.next_seq = self.next_seq.wrapping_add(1).max(1);
-        let seq = self.next_seq;
-        match wire.send_frame(&Frame::raw(delivery.op, seq, 0, delivery.body.clone())) {
+        let first = self.next_seq;
+        let sent = wire.send_with(pushes.len(), |put| {
+            let mut seq = first;
+            for push in pushes {
+                seq = seq.wrapping_add(1).max(1);
+                put(&Frame::raw(push.op, seq, 0, push.body.clone()));
+            }
+        });
+        match sent {
             Ok(()) => {}
             Err(SendError::Full) => return Err((ErrorCode::SlowConsumer, "send queue full")),
             // The connection is closing; the device syncs when it is back.
             Err(SendError::Closed) => return Ok(()),
         }
-        let metrics = &comet.metrics;
-        metrics
-            .ack_to_push
-            .observe(delivery.acked_at.elapsed().as_secs_f64());
-        metrics.push_first.inc();
-        let deadline = Instant::now() + Duration::from_millis(config.push_rto_ms);
-        self.inflight.push_back(Inflight {
-            wire_seq: seq,
-            group: delivery.group,
-            seq: delivery.seq,
-            op: delivery.op,
-            body: delivery.body,
-            attempts: 0,
-            deadline,
-        });
+        for push in pushes {
+            self.next_seq = self.next_seq.wrapping_add(1).max(1);
+            self.inflight.push_back(Inflight {
+                wire_seq: self.next_seq,
+                group: push.group,
+                seq: push.seq,
+                op: push.op,
+                body: push.body.clone(),
+                attempts: 0,
+                deadline,
+            });
+        }
         Ok(())
     }
 
@@ -160,10 +164,9 @@ impl Pushes {
     /// parked ones first.
     fn open(&mut self, wire: &Wire, comet: &crate::Inner) -> Result<(), (ErrorCode, &'static str)> {
         self.ready = true;
-        for delivery in std::mem::take(&mut self.parked) {
-            self.push(delivery, wire, comet)?;
-        }
-        Ok(())
+        let parked = std::mem::take(&mut self.parked);
+        let deadline = Instant::now() + Duration::from_millis(comet.config.push_rto_ms);
+        self.push(&parked, wire, comet, deadline)
     }
 }
 
@@ -561,22 +564,26 @@ impl Conn {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .acknowledge(frame.ack);
+                if acked.is_empty() {
+                    return Ok(());
+                }
                 self.comet
                     .inner
                     .metrics
                     .push_acked
                     .inc_by(acked.len() as u64);
-                let logic = &self.comet.inner.logic;
-                for acked in acked {
-                    logic
-                        .push_acked(
-                            self.session.uid,
-                            &self.session.device,
-                            acked.group,
-                            acked.seq,
-                        )
-                        .await;
-                }
+                let acked: Vec<Acked> = acked
+                    .iter()
+                    .map(|a| Acked {
+                        group: a.group,
+                        seq: a.seq,
+                    })
+                    .collect();
+                self.comet
+                    .inner
+                    .logic
+                    .push_acked(self.session.uid, &self.session.device, &acked)
+                    .await;
                 Ok(())
             }
             Op::Auth => self.error(frame.seq, ErrorCode::BadRequest, "already authenticated"),

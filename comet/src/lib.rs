@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use natter_logic::{Delivery, Gateway, LogicService};
+use natter_logic::{Gateway, LogicService, PushBatch};
 use natter_node::config::CometConfig;
 use natter_node::Shutdown;
 use natter_proto::ErrorCode;
@@ -196,30 +196,48 @@ impl Comet {
 }
 
 impl Gateway for Comet {
-    fn push(&self, deliveries: Vec<Delivery>) {
-        for delivery in deliveries {
-            let conn = delivery.conn;
+    fn push(&self, batch: PushBatch) {
+        let inner = &self.inner;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(inner.config.push_rto_ms);
+        let mut delivered = 0;
+        for target in &batch.targets {
+            let Some(pushes) = batch.slice(target) else {
+                continue;
+            };
+            let conn = target.conn;
             // Queued under the bucket's read lock: no handle is cloned per push.
             let bucket = self.bucket(conn).read().unwrap_or_else(|e| e.into_inner());
             let Some(handle) = bucket.get(&conn) else {
                 drop(bucket);
                 // Gone since the lookup; the device syncs when it reconnects.
-                self.inner
+                inner
                     .metrics
                     .pushes
                     .with_label_values(&["no_connection"])
-                    .inc();
+                    .inc_by(pushes.len() as u64);
                 continue;
             };
-            // Numbered and queued for the writer here, in the caller: no
-            // hand-off to the connection's task per push.
+            // Numbered and written here, in the caller: no hand-off to the
+            // connection's task.
             let pushed = handle
                 .pushes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(delivery, &handle.wire, &self.inner);
-            if let Err((code, reason)) = pushed {
-                handle.kick(code, reason);
+                .push(pushes, &handle.wire, inner, deadline);
+            match pushed {
+                Ok(()) => delivered += pushes.len() as u64,
+                Err((code, reason)) => handle.kick(code, reason),
+            }
+        }
+        inner.metrics.push_first.inc_by(delivered);
+        // Once per push, when every connection of this node has it.
+        if delivered > 0 {
+            for push in batch.pushes.iter() {
+                inner
+                    .metrics
+                    .ack_to_push
+                    .observe(push.acked_at.elapsed().as_secs_f64());
             }
         }
     }

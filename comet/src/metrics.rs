@@ -57,7 +57,7 @@ impl Metrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "natter_ack_to_push_seconds",
-                        "Time from the sender's ack to the push being written to a receiver's socket queue.",
+                        "Time from the sender's ack to the push being written to the socket queues of all its receivers on this node.",
                     )
                     .buckets(vec![0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
                 )

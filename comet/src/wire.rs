@@ -73,23 +73,51 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// Queues a binary message holding `frame` and writes what the socket
     /// takes now.
     pub(crate) fn send_frame(&self, frame: &Frame) -> Result<(), SendError> {
-        self.send(false, |dst| {
-            ws::put_header(dst, Opcode::Binary, frame.wire_len());
-            frame.encode_to(dst);
+        self.send_frames(std::slice::from_ref(frame))
+    }
+
+    /// Queues binary messages holding `frames`, in order, and writes them
+    /// together: one `send` for all when the socket has room.
+    pub(crate) fn send_frames(&self, frames: &[Frame]) -> Result<(), SendError> {
+        self.send_with(frames.len(), |put| {
+            for frame in frames {
+                put(frame);
+            }
+        })
+    }
+
+    /// Queues the `count` binary messages that `frames` hands to its
+    /// argument, in order, and writes them together.
+    pub(crate) fn send_with(
+        &self,
+        count: usize,
+        frames: impl FnOnce(&mut dyn FnMut(&Frame)),
+    ) -> Result<(), SendError> {
+        self.send(false, count, |dst| {
+            frames(&mut |frame: &Frame| {
+                ws::put_header(dst, Opcode::Binary, frame.wire_len());
+                frame.encode_to(dst);
+            })
         })
     }
 
     /// Queues a pong answering a ping.
     pub(crate) fn pong(&self, payload: &[u8]) -> Result<(), SendError> {
-        self.send(false, |dst| ws::put_frame(dst, Opcode::Pong, payload))
+        self.send(false, 1, |dst| ws::put_frame(dst, Opcode::Pong, payload))
     }
 
     /// Queues the close frame; nothing can be sent after it.
     pub(crate) fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
-        self.send(true, |dst| ws::put_close(dst, code, reason))
+        self.send(true, 1, |dst| ws::put_close(dst, code, reason))
     }
 
-    fn send(&self, last: bool, put: impl FnOnce(&mut BytesMut)) -> Result<(), SendError> {
+    /// Queues `frames` frames, which `put` writes into the buffer.
+    fn send(
+        &self,
+        last: bool,
+        frames: usize,
+        put: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), SendError> {
         let mut state = self.lock();
         if state.closing || state.error.is_some() || state.io.is_none() {
             return Err(SendError::Closed);
@@ -99,7 +127,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         }
         let idle = state.pending.is_empty();
         put(&mut state.pending);
-        state.queued += 1;
+        state.queued += frames;
         state.closing = last;
         if !idle {
             // The connection task is already waiting for the socket to drain.
@@ -228,6 +256,18 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got, want);
         assert!(wire.lock().pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn frames_sent_together_arrive_in_one_piece_in_order() {
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let wire = Wire::new(a, 8);
+        wire.send_frames(&[frame(1), frame(2), frame(3)]).unwrap();
+        wire.send_frame(&frame(4)).unwrap();
+        let want = expected([frame(1), frame(2), frame(3), frame(4)]);
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

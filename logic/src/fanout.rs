@@ -1,38 +1,112 @@
 //! Routing pushes: from users to their online sessions, grouped per gateway
-//! node, so that one call reaches every connection a node holds for a
-//! message (a group message to 2,000 members is a handful of calls, not
-//! 2,000).
+//! node, so that one call reaches every connection a node holds (a group
+//! message to 2,000 members is a handful of calls, not 2,000), with one
+//! copy of each body per call.
+//!
+//! A group's pushes (messages and events alike) pass through its room: they
+//! leave in the order they were queued, and a busy group's pushes leave at
+//! most once per push window, together. The first push after a quiet window
+//! leaves at once; those that follow within the window wait for its end and
+//! then go out as one batch, which each connection receives in one write.
+//! That trades at most one window of latency, only under load, for far
+//! fewer writes and wake-ups per delivery.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
-use bytes::Bytes;
-use natter_proto::Op;
-use prometheus::{IntCounter, Registry};
+use natter_group::Snapshot;
+use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use tokio::time::Instant;
 
-use crate::sessions::{Session, SessionDirectory};
-use crate::{Delivery, Gateway};
+use crate::sessions::{Route, Session, SessionDirectory};
+use crate::{Gateway, Push, PushBatch, Target};
 
-/// One push to fan out: the same body for everyone it reaches.
-pub struct Outbound {
-    pub op: Op,
-    pub mid: u64,
-    pub group: u64,
-    pub seq: u64,
-    pub body: Bytes,
-    pub acked_at: Instant,
+/// Who a group push is for.
+#[derive(Clone)]
+pub enum Audience {
+    /// The group's members in this snapshot, each from their join point on.
+    Members(Arc<Snapshot>),
+    /// These users (sorted, without repeats).
+    Users(Arc<[u64]>),
+}
+
+impl Audience {
+    /// These users, in any order.
+    pub fn users(mut users: Vec<u64>) -> Audience {
+        users.sort_unstable();
+        users.dedup();
+        Audience::Users(users.into())
+    }
+
+    fn reaches(&self, uid: u64, seq: u64) -> bool {
+        match self {
+            Audience::Members(snapshot) => snapshot
+                .members
+                .get(&uid)
+                .is_some_and(|m| m.join_seq <= seq),
+            Audience::Users(users) => users.binary_search(&uid).is_ok(),
+        }
+    }
+}
+
+/// A push waiting in its group's room.
+struct Queued {
+    push: Push,
+    audience: Audience,
+    /// The connection (node, conn) the push came from, which does not get it.
+    except: Option<(Arc<str>, u64)>,
+}
+
+impl Queued {
+    fn reaches(&self, route: &Route) -> bool {
+        if let Some((node, conn)) = &self.except {
+            if route.conn == *conn && route.node == *node {
+                return false;
+            }
+        }
+        self.audience.reaches(route.uid, self.push.seq)
+    }
+}
+
+#[derive(Default)]
+struct Room {
+    queue: Vec<Queued>,
+    /// When the room last sent.
+    last_flush: Option<Instant>,
+    /// A flush at the end of the window is on its way.
+    scheduled: bool,
+    /// Held while a batch is sent, so batches leave in order.
+    sending: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Rooms are swept of idle entries when there are more than this many.
+const ROOMS_SWEEP_AT: usize = 1024;
+
+struct Rooms {
+    by_group: HashMap<u64, Room>,
+    /// The next sweep happens at this many rooms.
+    sweep_at: usize,
 }
 
 /// The sessions directory and the gateway nodes it points at.
 pub struct Fanout {
     sessions: Arc<dyn SessionDirectory>,
     gateways: RwLock<HashMap<Arc<str>, Arc<dyn Gateway>>>,
+    window: Duration,
+    rooms: Mutex<Rooms>,
     directory_errors: IntCounter,
+    batch_size: Histogram,
 }
 
 impl Fanout {
-    pub fn new(sessions: Arc<dyn SessionDirectory>, registry: &Registry) -> Fanout {
+    /// A fan-out over `sessions`; a group's pushes leave at most once per
+    /// `window` (zero: each at once).
+    pub fn new(
+        sessions: Arc<dyn SessionDirectory>,
+        window: Duration,
+        registry: &Registry,
+    ) -> Fanout {
         let directory_errors = natter_node::telemetry::register(
             registry,
             IntCounter::new(
@@ -41,10 +115,27 @@ impl Fanout {
             )
             .expect("valid counter"),
         );
+        let batch_size = natter_node::telemetry::register(
+            registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "natter_group_push_batch_size",
+                    "Group pushes sent together by a group's room.",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            )
+            .expect("valid histogram"),
+        );
         Fanout {
             sessions,
             gateways: RwLock::new(HashMap::new()),
+            window,
+            rooms: Mutex::new(Rooms {
+                by_group: HashMap::new(),
+                sweep_at: ROOMS_SWEEP_AT,
+            }),
             directory_errors,
+            batch_size,
         }
     }
 
@@ -81,46 +172,362 @@ impl Fanout {
             .cloned()
     }
 
-    /// The online sessions of `users`; a failed look-up is logged and
-    /// skipped (those users sync on reconnect; nothing acked is lost).
-    pub async fn sessions_of(&self, users: &[u64]) -> Vec<Session> {
-        match self.sessions.lookup_many(users).await {
-            Ok(sessions) => sessions,
-            Err(e) => {
-                self.directory_failed();
-                tracing::warn!(error = %e, "session look-up failed; receivers will sync");
-                Vec::new()
+    /// Sends `pushes` to their targets (a device's route and the range of
+    /// `pushes` it gets), one call per gateway node.
+    pub fn push(&self, pushes: Vec<Push>, targets: impl IntoIterator<Item = (Route, u32, u32)>) {
+        let pushes: Arc<[Push]> = pushes.into();
+        // Few nodes, many devices: a list beats hashing each node name.
+        let mut by_node: Vec<(Arc<str>, Vec<Target>)> = Vec::new();
+        for (route, from, to) in targets {
+            let target = Target {
+                conn: route.conn,
+                from,
+                to,
+            };
+            let found = by_node
+                .iter_mut()
+                .find(|(node, _)| Arc::ptr_eq(node, &route.node) || *node == route.node);
+            match found {
+                Some((_, list)) => list.push(target),
+                None => by_node.push((route.node, vec![target])),
             }
         }
-    }
-
-    /// Pushes `out` to `targets`, one call per gateway node.
-    pub fn push(&self, out: &Outbound, targets: impl IntoIterator<Item = Session>) {
-        let mut by_node: HashMap<Arc<str>, Vec<Delivery>> = HashMap::new();
-        for session in targets {
-            by_node
-                .entry(session.node.clone())
-                .or_default()
-                .push(Delivery {
-                    conn: session.conn,
-                    op: out.op,
-                    mid: out.mid,
-                    group: out.group,
-                    seq: out.seq,
-                    body: out.body.clone(),
-                    acked_at: out.acked_at,
-                });
-        }
-        self.send(by_node);
-    }
-
-    /// Hands each node its deliveries.
-    pub fn send(&self, by_node: HashMap<Arc<str>, Vec<Delivery>>) {
-        for (node, deliveries) in by_node {
+        for (node, targets) in by_node {
             match self.gateway(&node) {
-                Some(gateway) => gateway.push(deliveries),
+                Some(gateway) => gateway.push(PushBatch {
+                    pushes: pushes.clone(),
+                    targets,
+                }),
                 None => tracing::warn!(%node, "no route to gateway node; receivers will sync"),
             }
         }
+    }
+
+    /// Queues a push to a group's audience, except the connection it came
+    /// from; it leaves with the group's next batch (see the module notes).
+    pub async fn to_group(
+        self: &Arc<Self>,
+        group: u64,
+        push: Push,
+        audience: Audience,
+        except: Option<&Session>,
+    ) {
+        let queued = Queued {
+            push,
+            audience,
+            except: except.map(|s| (s.node.clone(), s.conn)),
+        };
+        let now = Instant::now();
+        let sending = {
+            let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            self.sweep(&mut rooms, now);
+            let room = rooms.by_group.entry(group).or_default();
+            room.queue.push(queued);
+            if room.scheduled {
+                return;
+            }
+            match room.last_flush.map(|last| last + self.window) {
+                Some(due) if due > now => {
+                    room.scheduled = true;
+                    let fanout = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(due).await;
+                        let sending = {
+                            let mut rooms = fanout.rooms.lock().unwrap_or_else(|e| e.into_inner());
+                            let Some(room) = rooms.by_group.get_mut(&group) else {
+                                return;
+                            };
+                            room.scheduled = false;
+                            room.last_flush = Some(Instant::now());
+                            room.sending.clone()
+                        };
+                        fanout.flush(group, sending).await;
+                    });
+                    return;
+                }
+                _ => {
+                    room.last_flush = Some(now);
+                    room.sending.clone()
+                }
+            }
+        };
+        self.flush(group, sending).await;
+    }
+
+    /// Forgets rooms that are idle (nothing queued, nothing sent within the
+    /// window) once there are many.
+    fn sweep(&self, rooms: &mut Rooms, now: Instant) {
+        if rooms.by_group.len() < rooms.sweep_at {
+            return;
+        }
+        rooms.by_group.retain(|_, room| {
+            // A clone of `sending` is a flush on its way.
+            !room.queue.is_empty()
+                || room.scheduled
+                || Arc::strong_count(&room.sending) > 1
+                || room.last_flush.is_some_and(|last| last + self.window > now)
+        });
+        rooms.sweep_at = (rooms.by_group.len() * 2).max(ROOMS_SWEEP_AT);
+    }
+
+    /// Sends what the group's room holds, as one batch.
+    async fn flush(&self, group: u64, sending: Arc<tokio::sync::Mutex<()>>) {
+        // Whoever holds `sending` takes everything queued so far: batches
+        // leave in the order their pushes were queued.
+        let _sending = sending.lock().await;
+        let items = {
+            let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            match rooms.by_group.get_mut(&group) {
+                Some(room) => std::mem::take(&mut room.queue),
+                None => return,
+            }
+        };
+        if items.is_empty() {
+            return;
+        }
+        self.batch_size.observe(items.len() as f64);
+        let users = audience_users(&items);
+        let routes = match self.sessions.routes_of(&users).await {
+            Ok(routes) => routes,
+            Err(e) => {
+                self.directory_failed();
+                tracing::warn!(error = %e, group, "session look-up failed; members will sync");
+                return;
+            }
+        };
+        let mut targets = Vec::with_capacity(routes.len());
+        for route in routes {
+            // Each run of consecutive pushes this device gets is one target.
+            let mut start = None;
+            for (i, item) in items.iter().enumerate() {
+                match (item.reaches(&route), start) {
+                    (true, None) => start = Some(i as u32),
+                    (false, Some(from)) => {
+                        targets.push((route.clone(), from, i as u32));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(from) = start {
+                targets.push((route, from, items.len() as u32));
+            }
+        }
+        self.push(items.into_iter().map(|q| q.push).collect(), targets);
+    }
+}
+
+/// Every user any of `items` is for, sorted, without repeats.
+fn audience_users(items: &[Queued]) -> Vec<u64> {
+    if let [only] = items {
+        return match &only.audience {
+            // Already sorted and unique.
+            Audience::Members(snapshot) => snapshot.members.keys().copied().collect(),
+            Audience::Users(users) => users.to_vec(),
+        };
+    }
+    let mut users = Vec::new();
+    let mut last: Option<&Arc<Snapshot>> = None;
+    for item in items {
+        match &item.audience {
+            Audience::Members(snapshot) => {
+                if last.is_some_and(|l| Arc::ptr_eq(l, snapshot)) {
+                    continue;
+                }
+                last = Some(snapshot);
+                users.extend(snapshot.members.keys().copied());
+            }
+            Audience::Users(list) => users.extend_from_slice(list),
+        }
+    }
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use natter_group::store::{GroupRecord, MemberRecord};
+    use natter_proto::api::{JoinType, Role};
+    use natter_proto::Op;
+
+    use super::*;
+    use crate::sessions::MemoryDirectory;
+
+    /// A batch as (conn, seqs) per target.
+    type Batch = Vec<(u64, Vec<u64>)>;
+
+    /// Every batch a node got.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Batch>>);
+
+    impl Gateway for Recorder {
+        fn push(&self, batch: PushBatch) {
+            let targets = batch
+                .targets
+                .iter()
+                .map(|t| {
+                    let seqs = batch.slice(t).expect("in range").iter().map(|p| p.seq);
+                    (t.conn, seqs.collect())
+                })
+                .collect();
+            self.0.lock().expect("lock").push(targets);
+        }
+        fn kick(&self, _conn: u64, _code: natter_proto::ErrorCode, _reason: &str) {}
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<Batch> {
+            let mut batches = std::mem::take(&mut *self.0.lock().expect("lock"));
+            for batch in &mut batches {
+                batch.sort();
+            }
+            batches
+        }
+    }
+
+    fn push(seq: u64) -> Push {
+        Push {
+            op: Op::Push,
+            mid: seq,
+            group: 7,
+            seq,
+            body: Bytes::from(vec![seq as u8]),
+            acked_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Users 1..=n online on node "a", user u on connection 10·u.
+    async fn fanout(window_ms: u64, users: u64) -> (Arc<Fanout>, Arc<Recorder>) {
+        let directory = Arc::new(MemoryDirectory::default());
+        for uid in 1..=users {
+            directory
+                .register(Session {
+                    uid,
+                    device: "phone".into(),
+                    node: Arc::from("a"),
+                    conn: uid * 10,
+                })
+                .await
+                .expect("register");
+        }
+        let fanout = Arc::new(Fanout::new(
+            directory,
+            Duration::from_millis(window_ms),
+            &Registry::new(),
+        ));
+        let recorder = Arc::new(Recorder::default());
+        fanout.attach_gateway("a", recorder.clone());
+        (fanout, recorder)
+    }
+
+    fn members(joins: &[(u64, u64)]) -> Audience {
+        let group = GroupRecord {
+            id: 7,
+            name: "g".into(),
+            avatar: String::new(),
+            owner: 1,
+            join_type: JoinType::Open,
+            mute_all: false,
+            dissolved: false,
+            created_ms: 0,
+            version: 1,
+        };
+        let members: BTreeMap<u64, MemberRecord> = joins
+            .iter()
+            .map(|&(uid, join_seq)| {
+                let member = MemberRecord {
+                    uid,
+                    role: Role::Member,
+                    nickname: String::new(),
+                    joined_ms: 0,
+                    join_seq,
+                    muted_until_ms: 0,
+                };
+                (uid, member)
+            })
+            .collect();
+        Audience::Members(Arc::new(Snapshot { group, members }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_group_sends_once_per_window_and_a_quiet_one_at_once() {
+        let (fanout, recorder) = fanout(100, 2).await;
+        let everyone = || Audience::users(vec![1, 2]);
+        fanout.to_group(7, push(1), everyone(), None).await;
+        assert_eq!(recorder.take(), [vec![(10, vec![1]), (20, vec![1])]]);
+        // Within the window: held, then sent together, in order.
+        fanout.to_group(7, push(2), everyone(), None).await;
+        fanout.to_group(7, push(3), everyone(), None).await;
+        assert!(recorder.take().is_empty());
+        tokio::time::sleep(Duration::from_millis(101)).await;
+        assert_eq!(recorder.take(), [vec![(10, vec![2, 3]), (20, vec![2, 3])]]);
+        // Another group is not held by this one's window.
+        fanout.to_group(8, push(1), everyone(), None).await;
+        assert_eq!(recorder.take().len(), 1);
+        // After a quiet window, at once again.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        fanout.to_group(7, push(4), everyone(), None).await;
+        assert_eq!(recorder.take(), [vec![(10, vec![4]), (20, vec![4])]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_connection_gets_only_what_is_for_it() {
+        let (fanout, recorder) = fanout(100, 4).await;
+        fanout
+            .to_group(7, push(1), Audience::users(vec![1]), None)
+            .await;
+        recorder.take();
+        // User 2 joined at 3, user 3 is not a member; user 1 sent 3 from
+        // connection 10; the event at 4 is for user 4 alone.
+        let snapshot = members(&[(1, 1), (2, 3)]);
+        let from = Session {
+            uid: 1,
+            device: "phone".into(),
+            node: Arc::from("a"),
+            conn: 10,
+        };
+        fanout.to_group(7, push(2), snapshot.clone(), None).await;
+        fanout
+            .to_group(7, push(3), snapshot.clone(), Some(&from))
+            .await;
+        fanout
+            .to_group(7, push(4), Audience::users(vec![4]), None)
+            .await;
+        fanout.to_group(7, push(5), snapshot, None).await;
+        tokio::time::sleep(Duration::from_millis(101)).await;
+        // One batch: user 1 gets 2 and 5 (two runs), user 2 from 3 on
+        // except the event, user 4 the event only.
+        assert_eq!(
+            recorder.take(),
+            [vec![
+                (10, vec![2]),
+                (10, vec![5]),
+                (20, vec![3]),
+                (20, vec![5]),
+                (40, vec![4]),
+            ]]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_window_every_push_leaves_at_once() {
+        let (fanout, recorder) = fanout(0, 1).await;
+        for seq in 1..=3 {
+            fanout
+                .to_group(7, push(seq), Audience::users(vec![1]), None)
+                .await;
+        }
+        assert_eq!(
+            recorder.take(),
+            [
+                vec![(10, vec![1])],
+                vec![(10, vec![2])],
+                vec![(10, vec![3])]
+            ]
+        );
     }
 }

@@ -13,7 +13,6 @@ pub mod redis_sessions;
 pub mod sessions;
 pub mod token;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,9 +30,9 @@ use natter_record::{CommitError, Committer, MessageStore};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 
-pub use fanout::Fanout;
+pub use fanout::{Audience, Fanout};
 pub use publish::GroupPublisher;
-pub use sessions::{MemoryDirectory, Session, SessionDirectory};
+pub use sessions::{MemoryDirectory, Route, Session, SessionDirectory};
 pub use token::Tokens;
 
 /// A request logic refused, with the code and a human-readable reason.
@@ -80,11 +79,11 @@ impl From<CommitError> for Rejection {
     }
 }
 
-/// One push for one connection: an encoded `Message` body (op `Push`) or
-/// `Notify` body (op `Notify`), resent until the client acknowledges it.
+/// One push: an encoded `Message` body (op `Push`) or `Notify` body (op
+/// `Notify`), the same bytes for every connection it reaches; each of them
+/// numbers it and resends it until the client acknowledges it.
 #[derive(Clone, Debug)]
-pub struct Delivery {
-    pub conn: u64,
+pub struct Push {
     /// `Push` or `Notify`.
     pub op: Op,
     pub mid: u64,
@@ -99,10 +98,50 @@ pub struct Delivery {
     pub acked_at: Instant,
 }
 
+/// Which pushes of a [`PushBatch`] one connection gets: `pushes[from..to]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub conn: u64,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// Pushes for one gateway node. Each target gets its slice of `pushes`, in
+/// order and written together; a connection may appear in several targets
+/// (its slices are then written in the order of the targets).
+#[derive(Clone, Debug, Default)]
+pub struct PushBatch {
+    pub pushes: Arc<[Push]>,
+    pub targets: Vec<Target>,
+}
+
+impl PushBatch {
+    /// Deliveries in the batch: pushes summed over targets.
+    pub fn deliveries(&self) -> usize {
+        self.targets
+            .iter()
+            .map(|t| t.to.saturating_sub(t.from) as usize)
+            .sum()
+    }
+
+    /// The pushes `target` gets, or `None` if its range is out of bounds.
+    pub fn slice(&self, target: &Target) -> Option<&[Push]> {
+        self.pushes.get(target.from as usize..target.to as usize)
+    }
+}
+
+/// A push a device acknowledged: its stream (0: the user's, else a group)
+/// and its position there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acked {
+    pub group: u64,
+    pub seq: u64,
+}
+
 /// What logic needs from a gateway node.
 pub trait Gateway: Send + Sync + 'static {
     /// Queues pushes to connections of this node; never blocks.
-    fn push(&self, deliveries: Vec<Delivery>);
+    fn push(&self, batch: PushBatch);
     /// Closes one connection with a reason.
     fn kick(&self, conn: u64, code: ErrorCode, reason: &str);
 }
@@ -127,9 +166,9 @@ pub trait LogicService: Send + Sync + 'static {
     async fn heartbeat(&self, sessions: &[Session]);
     /// Runs the pipeline for one message; returns the ack once it is durable.
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection>;
-    /// The device acknowledged the push at `seq` of a stream (its user's
-    /// when `group` is 0, else the group's); never waits on storage.
-    async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64);
+    /// The device acknowledged these pushes (one `PushAck` covers every
+    /// push before it); never waits on storage.
+    async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]);
     /// What the device has not received.
     async fn sync(
         &self,
@@ -264,43 +303,44 @@ impl Logic {
             }
         }
         targets.retain(|(s, _)| !(s.node == from.node && s.conn == from.conn));
-        let mut bodies: HashMap<u64, Bytes> = HashMap::new();
-        let mut by_node: HashMap<Arc<str>, Vec<Delivery>> = HashMap::new();
+        // One body per stream position (the receiver's and the sender's).
+        let mut pushes: Vec<Push> = Vec::with_capacity(2);
+        let mut ranged = Vec::with_capacity(targets.len());
         for (session, user_seq) in targets {
-            let body = bodies
-                .entry(user_seq)
-                .or_insert_with(|| Bytes::from(m.to_proto(user_seq).encode_to_vec()))
-                .clone();
-            by_node
-                .entry(session.node.clone())
-                .or_default()
-                .push(Delivery {
-                    conn: session.conn,
-                    op: Op::Push,
-                    mid: m.mid,
-                    group: 0,
-                    seq: user_seq,
-                    body,
-                    acked_at,
-                });
+            let index = match pushes.iter().position(|p| p.seq == user_seq) {
+                Some(index) => index,
+                None => {
+                    pushes.push(Push {
+                        op: Op::Push,
+                        mid: m.mid,
+                        group: 0,
+                        seq: user_seq,
+                        body: Bytes::from(m.to_proto(user_seq).encode_to_vec()),
+                        acked_at,
+                    });
+                    pushes.len() - 1
+                }
+            } as u32;
+            ranged.push((session.into(), index, index + 1));
         }
-        self.fanout.send(by_node);
+        self.fanout.push(pushes, ranged);
     }
 
-    /// Pushes a stored group message to every online device of the group's
-    /// members as they are now (one body for all), except the sending connection.
+    /// Queues a stored group message for every online device of the group's
+    /// members as they are now (one body for all), except the sending
+    /// connection; it leaves with the group's next batch.
     async fn route_group(&self, stored: &Stored, from: &Session, acked_at: Instant) {
         let m = &stored.message;
         let group = m.receiver;
         // Read after the commit: a member removed meanwhile gets nothing.
-        let members = match self.groups.snapshot(group).await {
-            Ok(snapshot) => snapshot.member_ids(),
+        let snapshot = match self.groups.snapshot(group).await {
+            Ok(snapshot) => snapshot,
             Err(e) => {
                 tracing::warn!(error = %e, group, mid = m.mid, "group look-up failed; members will sync");
                 return;
             }
         };
-        let out = fanout::Outbound {
+        let push = Push {
             op: Op::Push,
             mid: m.mid,
             group,
@@ -308,13 +348,9 @@ impl Logic {
             body: Bytes::from(m.to_proto(0).encode_to_vec()),
             acked_at,
         };
-        let targets = self
-            .fanout
-            .sessions_of(&members)
-            .await
-            .into_iter()
-            .filter(|s| !(s.node == from.node && s.conn == from.conn));
-        self.fanout.push(&out, targets);
+        self.fanout
+            .to_group(group, push, Audience::Members(snapshot), Some(from))
+            .await;
     }
 
     /// The sending half of a group message: rules, then store, then fan-out.
@@ -625,38 +661,46 @@ impl LogicService for Logic {
         Ok(stored.reply())
     }
 
-    async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64) {
+    async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]) {
         // In a group, the positions before the member's join point count as
         // held (from the cached group only: this must not wait on storage).
-        let floor = if group == 0 {
-            0
-        } else {
-            self.groups
-                .cached_join_seq(group, uid)
-                .map(|join| join.saturating_sub(1))
-                .unwrap_or(0)
-        };
-        let write = Write::Received {
-            owner: uid,
-            device: device.into(),
-            group,
-            seq,
-            floor,
-        };
-        // Most group acks only move a cursor the store keeps in memory: done
-        // here, without waking the committer. (One that overtakes a queued
-        // `SetCursor` of the same device can only leave the cursor lower
-        // than it could be: the device is sent a message again, never
-        // skipped.)
-        if self.store.received_now(&write) {
+        // An ack usually covers a run of pushes of one stream.
+        let mut floor = (u64::MAX, 0);
+        let writes: Vec<Write> = acked
+            .iter()
+            .map(|a| {
+                if floor.0 != a.group {
+                    let join = match a.group {
+                        0 => None,
+                        group => self.groups.cached_join_seq(group, uid),
+                    };
+                    floor = (a.group, join.map(|j| j.saturating_sub(1)).unwrap_or(0));
+                }
+                Write::Received {
+                    owner: uid,
+                    device: device.into(),
+                    group: a.group,
+                    seq: a.seq,
+                    floor: floor.1,
+                }
+            })
+            .collect();
+        // Most group acks only move cursors the store keeps in memory: done
+        // here, all at once, without waking the committer. (One that
+        // overtakes a queued `SetCursor` of the same device can only leave
+        // the cursor lower than it could be: the device is sent a message
+        // again, never skipped.)
+        if writes.is_empty() || self.store.received_now(&writes) {
             return;
         }
         // Never wait on storage here: the caller is a connection's control
         // loop. A dropped ack costs only a cursor update; the device's next
         // sync sets its cursor anyway.
-        if let Err(e) = self.committer.try_enqueue(write) {
-            self.metrics.acks_dropped.inc();
-            tracing::debug!(error = %e, "push ack not recorded");
+        for write in writes {
+            if let Err(e) = self.committer.try_enqueue(write) {
+                self.metrics.acks_dropped.inc();
+                tracing::debug!(error = %e, "push ack not recorded");
+            }
         }
     }
 

@@ -18,7 +18,8 @@ use natter_record::Committer;
 use prometheus::{IntCounterVec, Opts, Registry};
 use prost::Message as _;
 
-use crate::fanout::{Fanout, Outbound};
+use crate::fanout::{Audience, Fanout};
+use crate::Push;
 
 /// The [`Publisher`] of the groups role.
 pub struct GroupPublisher {
@@ -126,7 +127,7 @@ impl Publisher for GroupPublisher {
             payload: message.to_proto(0).encode_to_vec(),
             time_ms: message.time_ms,
         };
-        let out = Outbound {
+        let push = Push {
             op: Op::Notify,
             mid: message.mid,
             group,
@@ -134,8 +135,9 @@ impl Publisher for GroupPublisher {
             body: Bytes::from(notify.encode_to_vec()),
             acked_at: Instant::now(),
         };
-        let targets = self.fanout.sessions_of(&audience).await;
-        self.fanout.push(&out, targets);
+        self.fanout
+            .to_group(group, push, Audience::users(audience), None)
+            .await;
         self.events.with_label_values(&[kind, "ok"]).inc();
         Ok(())
     }

@@ -19,6 +19,24 @@ pub struct Session {
     pub conn: u64,
 }
 
+/// Where one online device is reached: what a push needs of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub uid: u64,
+    pub node: Arc<str>,
+    pub conn: u64,
+}
+
+impl From<Session> for Route {
+    fn from(s: Session) -> Route {
+        Route {
+            uid: s.uid,
+            node: s.node,
+            conn: s.conn,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("sessions directory unavailable: {0}")]
 pub struct DirectoryError(pub String);
@@ -47,6 +65,12 @@ pub trait SessionDirectory: Send + Sync + 'static {
             out.extend(self.lookup(uid).await?);
         }
         Ok(out)
+    }
+    /// The routes of every online device of each of `uids`, like
+    /// [`SessionDirectory::lookup_many`] without the device names.
+    async fn routes_of(&self, uids: &[u64]) -> Result<Vec<Route>, DirectoryError> {
+        let sessions = self.lookup_many(uids).await?;
+        Ok(sessions.into_iter().map(Route::from).collect())
     }
 }
 
@@ -116,6 +140,21 @@ impl SessionDirectory for MemoryDirectory {
             let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
             if let Some(sessions) = map.get(&uid) {
                 out.extend(sessions.iter().cloned());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn routes_of(&self, uids: &[u64]) -> Result<Vec<Route>, DirectoryError> {
+        let mut out = Vec::with_capacity(uids.len());
+        for &uid in uids {
+            let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
+            if let Some(sessions) = map.get(&uid) {
+                out.extend(sessions.iter().map(|s| Route {
+                    uid,
+                    node: s.node.clone(),
+                    conn: s.conn,
+                }));
             }
         }
         Ok(out)

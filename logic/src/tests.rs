@@ -7,15 +7,32 @@ use natter_record::sqlite::SqliteStore;
 
 use super::*;
 
+/// One push as one connection got it.
+#[derive(Clone, Debug)]
+struct Pushed {
+    conn: u64,
+    seq: u64,
+    body: Bytes,
+}
+
 #[derive(Default)]
 struct FakeGateway {
-    pushed: Mutex<Vec<Delivery>>,
+    pushed: Mutex<Vec<Pushed>>,
     kicked: Mutex<Vec<(u64, ErrorCode)>>,
 }
 
 impl Gateway for FakeGateway {
-    fn push(&self, deliveries: Vec<Delivery>) {
-        self.pushed.lock().expect("lock").extend(deliveries);
+    fn push(&self, batch: PushBatch) {
+        let mut pushed = self.pushed.lock().expect("lock");
+        for target in &batch.targets {
+            for push in batch.slice(target).expect("target in range") {
+                pushed.push(Pushed {
+                    conn: target.conn,
+                    seq: push.seq,
+                    body: push.body.clone(),
+                });
+            }
+        }
     }
     fn kick(&self, conn: u64, code: ErrorCode, _reason: &str) {
         self.kicked.lock().expect("lock").push((conn, code));
@@ -39,7 +56,11 @@ async fn logic_with(
     let registry = Registry::new();
     let (committer, _task) = Committer::start(store.clone(), 64, 64, &registry, Shutdown::new());
     let ids = Arc::new(MidGenerator::new(0).expect("worker"));
-    let fanout = Arc::new(Fanout::new(Arc::new(MemoryDirectory::default()), &registry));
+    let fanout = Arc::new(Fanout::new(
+        Arc::new(MemoryDirectory::default()),
+        std::time::Duration::ZERO,
+        &registry,
+    ));
     let publisher = GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), &registry);
     let groups = Arc::new(Groups::new(
         Arc::new(SqliteGroupStore::memory().await.expect("group store")),
@@ -203,14 +224,18 @@ async fn sync_follows_the_device_cursor() {
     assert_eq!(all.cursor, 3);
     assert!(!all.has_more);
     // An ack past a gap does not move the cursor; closing the gap does.
-    logic.push_acked(2, "phone", 0, 2).await;
+    logic
+        .push_acked(2, "phone", &[Acked { group: 0, seq: 2 }])
+        .await;
     logic
         .send(&alice, text(10, 3, "flush"))
         .await
         .expect("sent");
     let gap = from_stored_cursor(&logic).await;
     assert_eq!(gap.messages.len(), 3, "the cursor waits for 1");
-    logic.push_acked(2, "phone", 0, 1).await;
+    logic
+        .push_acked(2, "phone", &[Acked { group: 0, seq: 1 }])
+        .await;
     // Acks are committed asynchronously; a write through the same queue orders after it.
     logic.send(&alice, text(4, 3, "flush")).await.expect("sent");
     let rest = from_stored_cursor(&logic).await;
@@ -335,7 +360,9 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
     let seqs: Vec<u64> = synced.messages.iter().map(|m| m.conv_seq).collect();
     assert_eq!((seqs, synced.cursor), (vec![5], 5));
     // The acknowledged event advances the stored cursor past the join point.
-    logic.push_acked(3, "phone", g, 5).await;
+    logic
+        .push_acked(3, "phone", &[Acked { group: g, seq: 5 }])
+        .await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while store.cursor(3, "phone", g).await.expect("cursor") != 5 {
         assert!(

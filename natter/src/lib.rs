@@ -175,7 +175,11 @@ async fn start_logic(
     };
     let tokens = Tokens::new(secret);
     let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
-    let fanout = Arc::new(Fanout::new(directory, registry));
+    let fanout = Arc::new(Fanout::new(
+        directory,
+        Duration::from_millis(config.groups.push_window_ms),
+        registry,
+    ));
     let publisher = GroupPublisher::new(committer.clone(), ids.clone(), fanout.clone(), registry);
     let groups = Groups::new(
         group_store,

@@ -227,6 +227,10 @@ pub struct GroupsConfig {
     pub max_admins: u32,
     /// The longest timed mute, seconds (a mute "forever" is allowed besides).
     pub max_mute_secs: u64,
+    /// A busy group's pushes leave at most once per this many ms, together
+    /// (one write per connection for all of them); the first push after a
+    /// quiet window leaves at once. 0 sends each push at once.
+    pub push_window_ms: u64,
 }
 
 impl Default for GroupsConfig {
@@ -235,6 +239,7 @@ impl Default for GroupsConfig {
             max_members: 2000,
             max_admins: 10,
             max_mute_secs: 30 * 86_400,
+            push_window_ms: 100,
         }
     }
 }

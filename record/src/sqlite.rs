@@ -606,12 +606,18 @@ impl SqliteStore {
             }
         }
         let mut unflushed = self.unflushed();
-        for (key, seq, floor) in acks {
+        // Acks come in runs for one cursor: each run is looked up once.
+        let mut acks = acks.into_iter().peekable();
+        while let Some((key, seq, floor)) = acks.next() {
             let Some(cursor) = counters.devices.get_mut(&key) else {
                 continue;
             };
             cursor.raise_to(floor);
             cursor.mark(seq);
+            while let Some((_, seq, floor)) = acks.next_if(|(next, _, _)| *next == key) {
+                cursor.raise_to(floor);
+                cursor.mark(seq);
+            }
             let contiguous = cursor.contiguous;
             match unflushed.get_mut(&key) {
                 Some(held) => *held = contiguous,
@@ -633,7 +639,7 @@ impl SqliteStore {
 
 #[async_trait]
 impl MessageStore for SqliteStore {
-    fn received_now(&self, write: &Write) -> bool {
+    fn received_now(&self, writes: &[Write]) -> bool {
         if self.closed().is_err() {
             return false;
         }
@@ -642,8 +648,7 @@ impl MessageStore for SqliteStore {
         let Ok(mut counters) = self.writer.try_lock() else {
             return false;
         };
-        self.in_memory(&mut counters, std::slice::from_ref(write))
-            .is_some()
+        self.in_memory(&mut counters, writes).is_some()
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
@@ -1028,23 +1033,35 @@ mod tests {
             seq,
         };
         // Not cached yet: the store declines, and the batch path loads it.
-        assert!(!store.received_now(&ack(1)));
+        assert!(!store.received_now(&[ack(1)]));
         store.write_batch(&[ack(1)]).await.expect("ack");
-        assert!(store.received_now(&ack(2)));
+        assert!(store.received_now(&[ack(2)]));
         assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
         // One-to-one acks always take the batch path.
-        assert!(!store.received_now(&Write::Received {
+        assert!(!store.received_now(&[Write::Received {
             floor: 0,
             owner: 2,
             device: "phone".into(),
             group: 0,
             seq: 1,
-        }));
+        }]));
+        // All or nothing: one ack the store cannot take here declines them all.
+        assert!(!store.received_now(&[
+            ack(3),
+            Write::Received {
+                floor: 0,
+                owner: 3,
+                device: "phone".into(),
+                group: 9,
+                seq: 3,
+            },
+        ]));
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
         // Not while the writer is busy.
         let busy = store.writer.lock().await;
-        assert!(!store.received_now(&ack(3)));
+        assert!(!store.received_now(&[ack(3)]));
         drop(busy);
-        assert!(store.received_now(&ack(3)));
+        assert!(store.received_now(&[ack(3)]));
         // Written out on close like any other cursor.
         store.close().await;
         let store = SqliteStore::open(&path, &SqliteOptions::default())

@@ -240,11 +240,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// in order. Either all of them are durable when this returns `Ok`, or none is.
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError>;
 
-    /// Records a group push-ack (`Write::Received` with a group) at once,
-    /// without a transaction, when the store keeps that cursor in memory
-    /// and nothing is due to be written out. `false`: nothing was done, and
-    /// the write goes through [`MessageStore::write_batch`]. Never waits.
-    fn received_now(&self, _write: &Write) -> bool {
+    /// Records group push-acks (`Write::Received` with a group) at once,
+    /// without a transaction, when the store keeps all of those cursors in
+    /// memory and nothing is due to be written out. `false`: nothing was
+    /// done, and the writes go through [`MessageStore::write_batch`]. Never
+    /// waits.
+    fn received_now(&self, _writes: &[Write]) -> bool {
         false
     }
 

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use natter_logic::{Connected, Delivery, Gateway, LogicService, Rejection, Session};
+use natter_logic::{
+    Acked, Connected, Gateway, LogicService, Push, PushBatch, Rejection, Session, Target,
+};
 use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
 use natter_proto::{ErrorCode, Op};
 use natter_record::http::Identity;
@@ -154,7 +156,15 @@ impl pb::logic_server::Logic for LogicServer {
 
     async fn acked(&self, request: Request<pb::PushAck>) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
-        self.0.push_acked(r.uid, &r.device, r.group, r.seq).await;
+        let acked: Vec<Acked> = r
+            .acked
+            .iter()
+            .map(|a| Acked {
+                group: a.group,
+                seq: a.seq,
+            })
+            .collect();
+        self.0.push_acked(r.uid, &r.device, &acked).await;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -183,31 +193,8 @@ impl GatewayServer {
 #[async_trait]
 impl pb::gateway_server::Gateway for GatewayServer {
     async fn push(&self, request: Request<pb::Deliveries>) -> Result<Response<pb::Empty>, Status> {
-        let now = Instant::now();
-        let mut deliveries = Vec::new();
-        for d in request.into_inner().deliveries {
-            let op = match Op::from_u32(d.op) {
-                Some(op @ (Op::Push | Op::Notify)) => op,
-                _ => {
-                    return Err(Status::invalid_argument(format!(
-                        "op {} is not a push",
-                        d.op
-                    )))
-                }
-            };
-            deliveries.push(Delivery {
-                conn: d.conn,
-                op,
-                mid: d.mid,
-                group: d.group,
-                seq: d.seq,
-                body: Bytes::from(d.body),
-                // The sender's ack happened in another process; ack-to-push
-                // is measured from here.
-                acked_at: now,
-            });
-        }
-        self.0.push(deliveries);
+        let batch = batch_from_pb(request.into_inner(), Instant::now())?;
+        self.0.push(batch);
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -397,12 +384,17 @@ impl LogicService for RemoteLogic {
         unanswer(answer)
     }
 
-    async fn push_acked(&self, uid: u64, device: &str, group: u64, seq: u64) {
+    async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]) {
         let ack = pb::PushAck {
             uid,
             device: device.to_string(),
-            group,
-            seq,
+            acked: acked
+                .iter()
+                .map(|a| pb::Acked {
+                    group: a.group,
+                    seq: a.seq,
+                })
+                .collect(),
         };
         if let Err(e) = self
             .call("acked", |mut c| {
@@ -438,11 +430,11 @@ impl LogicService for RemoteLogic {
 
 /// Deliveries queued for one gateway node before new ones are dropped.
 const GATEWAY_QUEUE: usize = 65_536;
-/// Deliveries sent in one call at most.
+/// Targets sent in one call at most (more wait for the next call).
 const GATEWAY_BATCH: usize = 4096;
 
 enum ToGateway {
-    Push(Vec<Delivery>),
+    Push(PushBatch),
     Kick(u64, ErrorCode, String),
 }
 
@@ -475,15 +467,66 @@ impl Drop for RemoteGateway {
     }
 }
 
-fn delivery_to_pb(d: Delivery) -> pb::Delivery {
-    pb::Delivery {
-        conn: d.conn,
-        op: d.op as u32,
-        mid: d.mid,
-        group: d.group,
-        seq: d.seq,
-        body: d.body.to_vec(),
+/// A batch as it travels: each body once, targets as ranges.
+fn batch_to_pb(batch: &PushBatch, into: &mut pb::Deliveries) {
+    let offset = into.pushes.len() as u32;
+    into.pushes.extend(batch.pushes.iter().map(|p| pb::Push {
+        op: p.op as u32,
+        mid: p.mid,
+        group: p.group,
+        seq: p.seq,
+        body: p.body.to_vec(),
+    }));
+    into.targets
+        .extend(batch.targets.iter().map(|t| pb::Target {
+            conn: t.conn,
+            from: t.from + offset,
+            to: t.to + offset,
+        }));
+}
+
+/// A batch received; `now` stands for the sender's ack time, which happened
+/// in another process (ack-to-push is measured from here).
+fn batch_from_pb(d: pb::Deliveries, now: Instant) -> Result<PushBatch, Status> {
+    let mut pushes = Vec::with_capacity(d.pushes.len());
+    for p in d.pushes {
+        let op = match Op::from_u32(p.op) {
+            Some(op @ (Op::Push | Op::Notify)) => op,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "op {} is not a push",
+                    p.op
+                )))
+            }
+        };
+        pushes.push(Push {
+            op,
+            mid: p.mid,
+            group: p.group,
+            seq: p.seq,
+            body: Bytes::from(p.body),
+            acked_at: now,
+        });
     }
+    let count = pushes.len() as u32;
+    let mut targets = Vec::with_capacity(d.targets.len());
+    for t in d.targets {
+        if t.from > t.to || t.to > count {
+            return Err(Status::invalid_argument(format!(
+                "target {}: pushes {}..{} of {count}",
+                t.conn, t.from, t.to
+            )));
+        }
+        targets.push(Target {
+            conn: t.conn,
+            from: t.from,
+            to: t.to,
+        });
+    }
+    Ok(PushBatch {
+        pushes: pushes.into(),
+        targets,
+    })
 }
 
 async fn send_loop(
@@ -493,19 +536,23 @@ async fn send_loop(
     queued: Arc<AtomicUsize>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut batch = Vec::new();
+        let mut request = pb::Deliveries::default();
+        let mut targets = 0;
         let mut kicks = Vec::new();
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
-                ToGateway::Push(deliveries) => batch.extend(deliveries),
+                ToGateway::Push(push) => {
+                    targets += push.targets.len();
+                    batch_to_pb(&push, &mut request);
+                }
                 ToGateway::Kick(conn, code, reason) => kicks.push((conn, code, reason)),
             }
-            if batch.len() < GATEWAY_BATCH {
+            if targets < GATEWAY_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        queued.fetch_sub(targets, Ordering::Relaxed);
         for (conn, code, reason) in kicks {
             let kick = pb::Kick {
                 conn,
@@ -516,31 +563,27 @@ async fn send_loop(
                 tracing::warn!(%addr, error = %e, "kick not delivered");
             }
         }
-        if batch.is_empty() {
+        if targets == 0 {
             continue;
         }
-        let count = batch.len();
-        let request = pb::Deliveries {
-            deliveries: batch.into_iter().map(delivery_to_pb).collect(),
-        };
         if let Err(e) = client.push(request).await {
             // Nothing acked is lost: these devices sync when they reconnect.
-            tracing::warn!(%addr, deliveries = count, error = %e, "push to gateway failed; dropped");
+            tracing::warn!(%addr, targets, error = %e, "push to gateway failed; dropped");
         }
     }
 }
 
 impl Gateway for RemoteGateway {
-    fn push(&self, deliveries: Vec<Delivery>) {
-        let count = deliveries.len();
+    fn push(&self, batch: PushBatch) {
+        let count = batch.targets.len();
         if self.queued.load(Ordering::Relaxed) + count > GATEWAY_QUEUE {
-            tracing::warn!(deliveries = count, "gateway queue full; pushes dropped");
+            tracing::warn!(targets = count, "gateway queue full; pushes dropped");
             return;
         }
         self.queued.fetch_add(count, Ordering::Relaxed);
-        if self.queue.try_send(ToGateway::Push(deliveries)).is_err() {
+        if self.queue.try_send(ToGateway::Push(batch)).is_err() {
             self.queued.fetch_sub(count, Ordering::Relaxed);
-            tracing::warn!(deliveries = count, "gateway queue full; pushes dropped");
+            tracing::warn!(targets = count, "gateway queue full; pushes dropped");
         }
     }
 

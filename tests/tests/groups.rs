@@ -668,6 +668,25 @@ async fn offline_members_catch_up_on_reconnect_and_late_joiners_see_from_their_j
         "in conv_seq order: {seqs:?}"
     );
     no_chat(&mut bob_events, Duration::from_millis(200)).await;
+    // The client vouched for the last page it synced: the server's cursor
+    // for bob's phone covers it, and a reconnect would resend nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = server
+            .get_json(&format!("/v1/sync?group={g}"), 2, "phone")
+            .await;
+        assert_eq!(status, 200);
+        let page: SyncPage = serde_json::from_value(body).expect("sync page");
+        if page.messages.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stored cursor stays behind what was synced: {} unreceived",
+            page.messages.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Carol's history and sync start at her join.
     let page = carol
