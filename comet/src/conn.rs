@@ -119,7 +119,7 @@ impl Pushes {
             let mut seq = first;
             for push in pushes {
                 seq = seq.wrapping_add(1).max(1);
-                put(&Frame::raw(push.op, seq, 0, push.body.clone()));
+                put(push.op, seq, 0, &push.body);
             }
         });
         match sent {

@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
-use natter_proto::Frame;
+use natter_proto::{Frame, Op, HEADER_LEN};
 use tokio::io::AsyncWrite;
 
 use crate::ws::{self, Opcode};
@@ -81,22 +81,23 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     pub(crate) fn send_frames(&self, frames: &[Frame]) -> Result<(), SendError> {
         self.send_with(frames.len(), |put| {
             for frame in frames {
-                put(frame);
+                put(frame.op, frame.seq, frame.ack, &frame.body);
             }
         })
     }
 
     /// Queues the `count` binary messages that `frames` hands to its
-    /// argument, in order, and writes them together.
+    /// argument as frame parts (op, seq, ack, body), in order, and writes
+    /// them together.
     pub(crate) fn send_with(
         &self,
         count: usize,
-        frames: impl FnOnce(&mut dyn FnMut(&Frame)),
+        frames: impl FnOnce(&mut dyn FnMut(Op, u32, u32, &[u8])),
     ) -> Result<(), SendError> {
         self.send(false, count, |dst| {
-            frames(&mut |frame: &Frame| {
-                ws::put_header(dst, Opcode::Binary, frame.wire_len());
-                frame.encode_to(dst);
+            frames(&mut |op, seq, ack, body: &[u8]| {
+                ws::put_header(dst, Opcode::Binary, HEADER_LEN + body.len());
+                Frame::encode_parts(dst, op, seq, ack, body);
             })
         })
     }
@@ -227,7 +228,6 @@ impl<W: AsyncWrite + Unpin> State<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use natter_proto::Op;
     use std::sync::Arc;
     use tokio::io::AsyncReadExt;
 

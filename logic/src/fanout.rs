@@ -11,6 +11,7 @@
 //! That trades at most one window of latency, only under load, for far
 //! fewer writes and wake-ups per delivery.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -78,6 +79,15 @@ struct Room {
     scheduled: bool,
     /// Held while a batch is sent, so batches leave in order.
     sending: Arc<tokio::sync::Mutex<()>>,
+    /// The routes of the last batch's audience, reused while the audience
+    /// and the directory stay the same.
+    routes: Option<Arc<CachedRoutes>>,
+}
+
+struct CachedRoutes {
+    users: Vec<u64>,
+    version: u64,
+    routes: Vec<Route>,
 }
 
 /// Rooms are swept of idle entries when there are more than this many.
@@ -174,11 +184,16 @@ impl Fanout {
 
     /// Sends `pushes` to their targets (a device's route and the range of
     /// `pushes` it gets), one call per gateway node.
-    pub fn push(&self, pushes: Vec<Push>, targets: impl IntoIterator<Item = (Route, u32, u32)>) {
+    pub fn push<R: Borrow<Route>>(
+        &self,
+        pushes: Vec<Push>,
+        targets: impl IntoIterator<Item = (R, u32, u32)>,
+    ) {
         let pushes: Arc<[Push]> = pushes.into();
         // Few nodes, many devices: a list beats hashing each node name.
         let mut by_node: Vec<(Arc<str>, Vec<Target>)> = Vec::new();
         for (route, from, to) in targets {
+            let route = route.borrow();
             let target = Target {
                 conn: route.conn,
                 from,
@@ -189,7 +204,7 @@ impl Fanout {
                 .find(|(node, _)| Arc::ptr_eq(node, &route.node) || *node == route.node);
             match found {
                 Some((_, list)) => list.push(target),
-                None => by_node.push((route.node, vec![target])),
+                None => by_node.push((route.node.clone(), vec![target])),
             }
         }
         for (node, targets) in by_node {
@@ -275,10 +290,10 @@ impl Fanout {
         // Whoever holds `sending` takes everything queued so far: batches
         // leave in the order their pushes were queued.
         let _sending = sending.lock().await;
-        let items = {
+        let (items, cached) = {
             let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
             match rooms.by_group.get_mut(&group) {
-                Some(room) => std::mem::take(&mut room.queue),
+                Some(room) => (std::mem::take(&mut room.queue), room.routes.clone()),
                 None => return,
             }
         };
@@ -287,23 +302,44 @@ impl Fanout {
         }
         self.batch_size.observe(items.len() as f64);
         let users = audience_users(&items);
-        let routes = match self.sessions.routes_of(&users).await {
-            Ok(routes) => routes,
-            Err(e) => {
-                self.directory_failed();
-                tracing::warn!(error = %e, group, "session look-up failed; members will sync");
-                return;
+        // Read before the look-up: a change meanwhile makes the next batch
+        // look again.
+        let version = self.sessions.version();
+        let routes = match cached {
+            Some(c) if version == Some(c.version) && c.users == users => c,
+            _ => {
+                let routes = match self.sessions.routes_of(&users).await {
+                    Ok(routes) => routes,
+                    Err(e) => {
+                        self.directory_failed();
+                        tracing::warn!(error = %e, group, "session look-up failed; members will sync");
+                        return;
+                    }
+                };
+                let fresh = Arc::new(CachedRoutes {
+                    users,
+                    version: version.unwrap_or(0),
+                    routes,
+                });
+                if version.is_some() {
+                    let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(room) = rooms.by_group.get_mut(&group) {
+                        room.routes = Some(fresh.clone());
+                    }
+                }
+                fresh
             }
         };
+        let routes = &routes.routes;
         let mut targets = Vec::with_capacity(routes.len());
-        for route in routes {
+        for route in routes.iter() {
             // Each run of consecutive pushes this device gets is one target.
             let mut start = None;
             for (i, item) in items.iter().enumerate() {
-                match (item.reaches(&route), start) {
+                match (item.reaches(route), start) {
                     (true, None) => start = Some(i as u32),
                     (false, Some(from)) => {
-                        targets.push((route.clone(), from, i as u32));
+                        targets.push((route, from, i as u32));
                         start = None;
                     }
                     _ => {}
@@ -510,6 +546,49 @@ mod tests {
                 (20, vec![5]),
                 (40, vec![4]),
             ]]
+        );
+    }
+
+    #[tokio::test]
+    async fn routes_are_reused_only_while_the_directory_is_unchanged() {
+        let (fanout, recorder) = fanout(0, 1).await;
+        let both = || Audience::users(vec![1, 2]);
+        fanout.to_group(7, push(1), both(), None).await;
+        fanout.to_group(7, push(2), both(), None).await;
+        let user_2 = Session {
+            uid: 2,
+            device: "phone".into(),
+            node: Arc::from("a"),
+            conn: 20,
+        };
+        fanout
+            .sessions()
+            .register(user_2.clone())
+            .await
+            .expect("register");
+        fanout.to_group(7, push(3), both(), None).await;
+        fanout
+            .sessions()
+            .unregister(&user_2)
+            .await
+            .expect("unregister");
+        fanout.to_group(7, push(4), both(), None).await;
+        // A different audience is looked up afresh, the directory unchanged.
+        fanout.sessions().register(user_2).await.expect("register");
+        fanout
+            .to_group(7, push(5), Audience::users(vec![1]), None)
+            .await;
+        fanout.to_group(7, push(6), both(), None).await;
+        assert_eq!(
+            recorder.take(),
+            [
+                vec![(10, vec![1])],
+                vec![(10, vec![2])],
+                vec![(10, vec![3]), (20, vec![3])],
+                vec![(10, vec![4])],
+                vec![(10, vec![5])],
+                vec![(10, vec![6]), (20, vec![6])],
+            ]
         );
     }
 

@@ -321,7 +321,7 @@ impl Logic {
                     pushes.len() - 1
                 }
             } as u32;
-            ranged.push((session.into(), index, index + 1));
+            ranged.push((Route::from(session), index, index + 1));
         }
         self.fanout.push(pushes, ranged);
     }

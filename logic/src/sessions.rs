@@ -4,6 +4,7 @@
 //! gateways renew).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -66,6 +67,13 @@ pub trait SessionDirectory: Send + Sync + 'static {
         }
         Ok(out)
     }
+    /// A number that changes whenever an entry changes, so that routes read
+    /// under one version can be reused while it holds; `None` (the
+    /// default) when the directory cannot tell (entries change elsewhere,
+    /// or expire).
+    fn version(&self) -> Option<u64> {
+        None
+    }
     /// The routes of every online device of each of `uids`, like
     /// [`SessionDirectory::lookup_many`] without the device names.
     async fn routes_of(&self, uids: &[u64]) -> Result<Vec<Route>, DirectoryError> {
@@ -79,12 +87,15 @@ const SHARDS: usize = 64;
 /// The in-process directory, sharded by user so lookups rarely contend.
 pub struct MemoryDirectory {
     shards: Vec<RwLock<HashMap<u64, Vec<Session>>>>,
+    /// Bumped by every change, under the changed shard's lock.
+    version: AtomicU64,
 }
 
 impl Default for MemoryDirectory {
     fn default() -> Self {
         MemoryDirectory {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            version: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +121,7 @@ impl SessionDirectory for MemoryDirectory {
                 None
             }
         };
+        self.version.fetch_add(1, Ordering::Release);
         Ok(replaced)
     }
 
@@ -125,6 +137,7 @@ impl SessionDirectory for MemoryDirectory {
             if devices.is_empty() {
                 map.remove(&session.uid);
             }
+            self.version.fetch_add(1, Ordering::Release);
         }
         Ok(())
     }
@@ -143,6 +156,10 @@ impl SessionDirectory for MemoryDirectory {
             }
         }
         Ok(out)
+    }
+
+    fn version(&self) -> Option<u64> {
+        Some(self.version.load(Ordering::Acquire))
     }
 
     async fn routes_of(&self, uids: &[u64]) -> Result<Vec<Route>, DirectoryError> {

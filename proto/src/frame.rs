@@ -223,14 +223,21 @@ impl Frame {
 
     /// Appends the frame's wire bytes to `dst`.
     pub fn encode_to(&self, dst: &mut BytesMut) {
-        dst.reserve(self.wire_len());
-        dst.put_u32(self.wire_len() as u32);
+        Frame::encode_parts(dst, self.op, self.seq, self.ack, &self.body);
+    }
+
+    /// Appends the wire bytes of a frame made of these parts, without
+    /// building the frame.
+    pub fn encode_parts(dst: &mut BytesMut, op: Op, seq: u32, ack: u32, body: &[u8]) {
+        let len = HEADER_LEN + body.len();
+        dst.reserve(len);
+        dst.put_u32(len as u32);
         dst.put_u16(HEADER_LEN as u16);
         dst.put_u16(VERSION);
-        dst.put_u32(self.op as u32);
-        dst.put_u32(self.seq);
-        dst.put_u32(self.ack);
-        dst.put_slice(&self.body);
+        dst.put_u32(op as u32);
+        dst.put_u32(seq);
+        dst.put_u32(ack);
+        dst.put_slice(body);
     }
 
     /// The frame's wire bytes.
