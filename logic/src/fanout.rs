@@ -5,11 +5,13 @@
 //!
 //! A group's pushes (messages and events alike) pass through its room: they
 //! leave in the order they were queued, and a busy group's pushes leave at
-//! most once per push window, together. The first push after a quiet window
-//! leaves at once; those that follow within the window wait for its end and
-//! then go out as one batch, which each connection receives in one write.
-//! That trades at most one window of latency, only under load, for far
-//! fewer writes and wake-ups per delivery.
+//! most once per push window, together. A group is busy while its pushes
+//! come less than half a window apart. A push of a group that is not busy,
+//! or the first after a quiet window, leaves at once; the pushes of a busy
+//! group wait for the end of the window and then go out as one batch, which
+//! each connection receives in one write. That trades at most one window of
+//! latency, only where at least two pushes share each write, for far fewer
+//! writes and wake-ups per delivery.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -75,6 +77,8 @@ struct Room {
     queue: Vec<Queued>,
     /// When the room last sent.
     last_flush: Option<Instant>,
+    /// When the room's previous push arrived.
+    last_push: Option<Instant>,
     /// A flush at the end of the window is on its way.
     scheduled: bool,
     /// Held while a batch is sent, so batches leave in order.
@@ -239,10 +243,18 @@ impl Fanout {
             let room = rooms.by_group.entry(group).or_default();
             room.queue.push(queued);
             if room.scheduled {
+                room.last_push = Some(now);
                 return;
             }
+            // Held only while the group sends at least two pushes a window
+            // (the previous one came within half a window): a slower group
+            // would wait without sharing a write.
+            let busy = room
+                .last_push
+                .is_some_and(|last| now.duration_since(last) < self.window / 2);
+            room.last_push = Some(now);
             match room.last_flush.map(|last| last + self.window) {
-                Some(due) if due > now => {
+                Some(due) if busy && due > now => {
                     room.scheduled = true;
                     let fanout = self.clone();
                     tokio::spawn(async move {
@@ -253,7 +265,10 @@ impl Fanout {
                                 return;
                             };
                             room.scheduled = false;
-                            room.last_flush = Some(Instant::now());
+                            // The window this batch closes ended at `due`,
+                            // however late the timer fired: windows keep to
+                            // their grid instead of drifting later each time.
+                            room.last_flush = Some(due);
                             room.sending.clone()
                         };
                         fanout.flush(group, sending).await;
@@ -281,6 +296,7 @@ impl Fanout {
                 || room.scheduled
                 || Arc::strong_count(&room.sending) > 1
                 || room.last_flush.is_some_and(|last| last + self.window > now)
+                || room.last_push.is_some_and(|last| last + self.window > now)
         });
         rooms.sweep_at = (rooms.by_group.len() * 2).max(ROOMS_SWEEP_AT);
     }
@@ -508,6 +524,48 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         fanout.to_group(7, push(4), everyone(), None).await;
         assert_eq!(recorder.take(), [vec![(10, vec![4]), (20, vec![4])]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_timer_does_not_push_the_next_window_later() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        let one = || Audience::users(vec![1]);
+        fanout.to_group(7, push(1), one(), None).await;
+        fanout.to_group(7, push(2), one(), None).await;
+        tokio::time::advance(Duration::from_millis(80)).await;
+        fanout.to_group(7, push(3), one(), None).await;
+        // The window ends at 100 ms; its batch leaves at 110.
+        tokio::time::advance(Duration::from_millis(30)).await;
+        settle().await;
+        assert_eq!(
+            recorder.take(),
+            [vec![(10, vec![1])], vec![(10, vec![2, 3])]]
+        );
+        // Still busy: the next window ends at 200 ms, not 210.
+        fanout.to_group(7, push(4), one(), None).await;
+        assert!(recorder.take().is_empty());
+        tokio::time::advance(Duration::from_millis(91)).await;
+        settle().await;
+        assert_eq!(recorder.take(), [vec![(10, vec![4])]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_sending_about_once_a_window_never_waits() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        for seq in 1..=4 {
+            fanout
+                .to_group(7, push(seq), Audience::users(vec![1]), None)
+                .await;
+            assert_eq!(recorder.take(), [vec![(10, vec![seq])]], "push {seq}");
+            tokio::time::advance(Duration::from_millis(60)).await;
+        }
+    }
+
+    /// Lets spawned tasks run to their next wait, time standing still.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
