@@ -227,9 +227,9 @@ pub struct GroupsConfig {
     pub max_admins: u32,
     /// The longest timed mute, seconds (a mute "forever" is allowed besides).
     pub max_mute_secs: u64,
-    /// A busy group's pushes leave at most once per this many ms, together
-    /// (one write per connection for all of them); the first push after a
-    /// quiet window leaves at once. 0 sends each push at once.
+    /// A busy group's pushes (less than half a window apart) leave at most
+    /// once per this many ms, together (one write per connection for all of
+    /// them); any other push leaves at once. 0 sends each push at once.
     pub push_window_ms: u64,
 }
 

@@ -597,3 +597,78 @@ impl Gateway for RemoteGateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(seq: u64) -> Push {
+        Push {
+            op: Op::Push,
+            mid: seq,
+            group: 9,
+            seq,
+            body: Bytes::from(vec![seq as u8; 3]),
+            acked_at: Instant::now(),
+        }
+    }
+
+    fn target(conn: u64, from: u32, to: u32) -> Target {
+        Target { conn, from, to }
+    }
+
+    #[test]
+    fn batches_merged_into_one_call_keep_each_targets_pushes() {
+        let first = PushBatch {
+            pushes: vec![push(1), push(2)].into(),
+            targets: vec![target(10, 0, 2), target(11, 1, 2)],
+        };
+        let second = PushBatch {
+            pushes: vec![push(3)].into(),
+            targets: vec![target(10, 0, 1)],
+        };
+        let mut call = pb::Deliveries::default();
+        batch_to_pb(&first, &mut call);
+        batch_to_pb(&second, &mut call);
+        // Each body travels once.
+        assert_eq!(call.pushes.len(), 3);
+        let got = batch_from_pb(call, Instant::now()).expect("valid");
+        let seqs = |t: &Target| {
+            got.slice(t)
+                .expect("in range")
+                .iter()
+                .map(|p| p.seq)
+                .collect::<Vec<_>>()
+        };
+        let per_target: Vec<(u64, Vec<u64>)> =
+            got.targets.iter().map(|t| (t.conn, seqs(t))).collect();
+        assert_eq!(
+            per_target,
+            vec![(10, vec![1, 2]), (11, vec![2]), (10, vec![3])]
+        );
+        assert_eq!(got.pushes[2].body.as_ref(), &[3, 3, 3]);
+    }
+
+    #[test]
+    fn a_call_with_a_range_beyond_its_pushes_or_a_non_push_op_is_refused() {
+        let mut call = pb::Deliveries::default();
+        batch_to_pb(
+            &PushBatch {
+                pushes: vec![push(1)].into(),
+                targets: vec![target(10, 0, 1)],
+            },
+            &mut call,
+        );
+        let mut beyond = call.clone();
+        beyond.targets[0].to = 2;
+        let refused = batch_from_pb(beyond, Instant::now()).expect_err("out of range");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        let mut reversed = call.clone();
+        reversed.targets[0].from = 1;
+        reversed.targets[0].to = 0;
+        assert!(batch_from_pb(reversed, Instant::now()).is_err());
+        let mut not_a_push = call;
+        not_a_push.pushes[0].op = Op::Message as u32;
+        assert!(batch_from_pb(not_a_push, Instant::now()).is_err());
+    }
+}
