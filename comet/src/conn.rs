@@ -104,6 +104,9 @@ impl Pushes {
         deadline: Instant,
     ) -> Result<(), (ErrorCode, &'static str)> {
         let config = &comet.config;
+        if pushes.is_empty() {
+            return Ok(());
+        }
         if !self.ready {
             if self.parked.len() + pushes.len() > config.max_inflight {
                 return Err((ErrorCode::SlowConsumer, "too many pushes before auth"));

@@ -281,7 +281,11 @@ impl Fanout {
                 }
             }
         };
-        self.flush(group, sending).await;
+        // In a task of its own, awaited: the caller waits for its batch to
+        // leave, but a caller that gives up (a cancelled request) cannot
+        // stop a batch half-way, which holds other senders' pushes too.
+        let fanout = self.clone();
+        let _ = tokio::spawn(async move { fanout.flush(group, sending).await }).await;
     }
 
     /// Forgets rooms that are idle (nothing queued, nothing sent within the
@@ -306,7 +310,7 @@ impl Fanout {
         // Whoever holds `sending` takes everything queued so far: batches
         // leave in the order their pushes were queued.
         let _sending = sending.lock().await;
-        let (items, cached) = {
+        let (mut items, cached) = {
             let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
             match rooms.by_group.get_mut(&group) {
                 Some(room) => (std::mem::take(&mut room.queue), room.routes.clone()),
@@ -316,6 +320,10 @@ impl Fanout {
         if items.is_empty() {
             return;
         }
+        // Queued in the order their senders got here, which two messages
+        // committed together may reach in either order; they leave in the
+        // group's order. (Stable: a repeat keeps its place.)
+        items.sort_by_key(|q| q.push.seq);
         self.batch_size.observe(items.len() as f64);
         let users = audience_users(&items);
         // Read before the look-up: a change meanwhile makes the next batch
@@ -648,6 +656,108 @@ mod tests {
                 vec![(10, vec![6]), (20, vec![6])],
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_leaves_in_the_groups_order_whatever_order_it_was_queued_in() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        let one = || Audience::users(vec![1]);
+        fanout.to_group(7, push(1), one(), None).await;
+        // Committed together, queued by whichever sender got here first.
+        fanout.to_group(7, push(3), one(), None).await;
+        fanout.to_group(7, push(2), one(), None).await;
+        tokio::time::sleep(Duration::from_millis(101)).await;
+        assert_eq!(
+            recorder.take(),
+            [vec![(10, vec![1])], vec![(10, vec![2, 3])]]
+        );
+    }
+
+    /// A directory whose look-ups wait for a permit.
+    struct Gated {
+        inner: MemoryDirectory,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl SessionDirectory for Gated {
+        async fn register(
+            &self,
+            session: Session,
+        ) -> Result<Option<Session>, crate::sessions::DirectoryError> {
+            self.inner.register(session).await
+        }
+        async fn unregister(
+            &self,
+            session: &Session,
+        ) -> Result<(), crate::sessions::DirectoryError> {
+            self.inner.unregister(session).await
+        }
+        async fn lookup(&self, uid: u64) -> Result<Vec<Session>, crate::sessions::DirectoryError> {
+            self.inner.lookup(uid).await
+        }
+        async fn routes_of(
+            &self,
+            uids: &[u64],
+        ) -> Result<Vec<Route>, crate::sessions::DirectoryError> {
+            let _permit = self.gate.acquire().await.expect("open");
+            self.inner.routes_of(uids).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_gives_up_does_not_take_the_batch_with_it() {
+        let directory = Arc::new(Gated {
+            inner: MemoryDirectory::default(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        directory
+            .register(Session {
+                uid: 1,
+                device: "phone".into(),
+                node: Arc::from("a"),
+                conn: 10,
+            })
+            .await
+            .expect("register");
+        let fanout = Arc::new(Fanout::new(
+            directory.clone(),
+            Duration::ZERO,
+            &Registry::new(),
+        ));
+        let recorder = Arc::new(Recorder::default());
+        fanout.attach_gateway("a", recorder.clone());
+        // Two senders; the first one's batch waits on the directory, the
+        // second waits for the first; both give up (cancelled requests).
+        let first = {
+            let fanout = fanout.clone();
+            tokio::spawn(async move {
+                fanout
+                    .to_group(7, push(1), Audience::users(vec![1]), None)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = {
+            let fanout = fanout.clone();
+            tokio::spawn(async move {
+                fanout
+                    .to_group(7, push(2), Audience::users(vec![1]), None)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.abort();
+        second.abort();
+        directory.gate.add_permits(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(recorder.take());
+            assert!(std::time::Instant::now() < deadline, "lost: {got:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(got, [vec![(10, vec![1])], vec![(10, vec![2])]]);
     }
 
     #[tokio::test]

@@ -408,6 +408,9 @@ impl Config {
         if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
             return bad("groups.max_members must be at least 2 and groups.max_mute_secs between 1 and 100 years");
         }
+        if g.push_window_ms > 10_000 {
+            return bad("groups.push_window_ms must be at most 10000 (10 s)");
+        }
         let sessions = &self.sessions;
         if sessions.ttl_ms < 3000 || sessions.timeout_ms == 0 {
             return bad("sessions.ttl_ms must be at least 3000 and sessions.timeout_ms positive");
@@ -588,6 +591,9 @@ mod tests {
         assert!(Config::load(None, env(&[("NATTER_LISTEN__X", "1")])).is_err());
         let mut config = Config::default();
         config.comet.heartbeat_timeout_ms = 1;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.groups.push_window_ms = 10_001;
         assert!(config.validate().is_err());
         config = Config::default();
         config.auth.secret = "short".into();
