@@ -25,7 +25,7 @@ use natter_node::telemetry::register;
 use natter_proto::msg::{GroupCursor, MessageReply, SendMessage, SyncReply, SyncRequest};
 use natter_proto::{ErrorCode, Op};
 use natter_record::http::Identity;
-use natter_record::store::{NewMessage, Outcome, Stored, Write};
+use natter_record::store::{GroupAck, NewMessage, Outcome, Stored, Write};
 use natter_record::{CommitError, Committer, MessageStore};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
@@ -666,32 +666,37 @@ impl LogicService for Logic {
         // held (from the cached group only: this must not wait on storage).
         // An ack usually covers a run of pushes of one stream.
         let mut floor = (u64::MAX, 0);
-        let writes: Vec<Write> = acked
-            .iter()
-            .map(|a| {
-                if floor.0 != a.group {
-                    let join = match a.group {
-                        0 => None,
-                        group => self.groups.cached_join_seq(group, uid),
-                    };
-                    floor = (a.group, join.map(|j| j.saturating_sub(1)).unwrap_or(0));
-                }
-                Write::Received {
-                    owner: uid,
-                    device: device.into(),
-                    group: a.group,
-                    seq: a.seq,
-                    floor: floor.1,
-                }
-            })
-            .collect();
+        let mut group_acks = Vec::with_capacity(acked.len());
+        let mut writes = Vec::new();
+        let received = |group, seq, floor| Write::Received {
+            owner: uid,
+            device: device.into(),
+            group,
+            seq,
+            floor,
+        };
+        for a in acked {
+            if a.group == 0 {
+                writes.push(received(0, a.seq, 0));
+                continue;
+            }
+            if floor.0 != a.group {
+                let join = self.groups.cached_join_seq(a.group, uid);
+                floor = (a.group, join.map(|j| j.saturating_sub(1)).unwrap_or(0));
+            }
+            group_acks.push(GroupAck {
+                group: a.group,
+                seq: a.seq,
+                floor: floor.1,
+            });
+        }
         // Most group acks only move cursors the store keeps in memory: done
         // here, all at once, without waking the committer. (One that
         // overtakes a queued `SetCursor` of the same device can only leave
         // the cursor lower than it could be: the device is sent a message
         // again, never skipped.)
-        if writes.is_empty() || self.store.received_now(&writes) {
-            return;
+        if !group_acks.is_empty() && !self.store.received_now(uid, device, &group_acks) {
+            writes.extend(group_acks.iter().map(|a| received(a.group, a.seq, a.floor)));
         }
         // Never wait on storage here: the caller is a connection's control
         // loop. A dropped ack costs only a cursor update; the device's next

@@ -577,46 +577,68 @@ async fn flush_cursors(
     Ok(())
 }
 
-impl SqliteStore {
-    /// Applies a batch of group push-acks without the database when it can:
-    /// every cursor is cached and no write-out is due. (Most batches under
-    /// fan-out are only acks.) `None` when the batch needs a transaction.
-    fn in_memory(&self, counters: &mut Counters, writes: &[Write]) -> Option<Vec<Outcome>> {
-        if counters.flush_due() {
-            return None;
+/// `writes` as group push-acks, or none if any of them is something else.
+fn group_acks(writes: &[Write]) -> Vec<(u64, &str, GroupAck)> {
+    let mut acks = Vec::with_capacity(writes.len());
+    for write in writes {
+        match write {
+            Write::Received {
+                owner,
+                device,
+                group,
+                seq,
+                floor,
+            } if *group != 0 => acks.push((
+                *owner,
+                device.as_str(),
+                GroupAck {
+                    group: *group,
+                    seq: *seq,
+                    floor: *floor,
+                },
+            )),
+            _ => return Vec::new(),
         }
-        let mut acks = Vec::with_capacity(writes.len());
-        for write in writes {
-            match write {
-                // A stream ack also sets the relation row's `received` flag.
-                Write::Received {
-                    owner,
-                    device,
-                    group,
-                    seq,
-                    floor,
-                } if *group != 0 => {
-                    let key = (*owner, device.clone(), *group);
-                    if !counters.devices.contains_key(&key) {
-                        return None;
-                    }
-                    acks.push((key, *seq, *floor));
-                }
-                _ => return None,
+    }
+    acks
+}
+
+impl SqliteStore {
+    /// Applies group push-acks (owner, device, ack) without the database
+    /// when it can: every cursor is cached and no write-out is due. (Most
+    /// batches under fan-out are only acks.) `false` when they need a
+    /// transaction; then nothing was applied.
+    fn in_memory(&self, counters: &mut Counters, acks: &[(u64, &str, GroupAck)]) -> bool {
+        if acks.is_empty() || counters.flush_due() {
+            return false;
+        }
+        // Acks come in runs for one cursor (a PushAck covers several pushes
+        // of a group): each run is checked and applied with one look-up.
+        let mut runs: Vec<(CursorKey, std::ops::Range<usize>)> = Vec::new();
+        for (i, (owner, device, ack)) in acks.iter().enumerate() {
+            if ack.group == 0 {
+                return false;
             }
+            if let Some((key, range)) = runs.last_mut() {
+                if key.0 == *owner && key.2 == ack.group && key.1 == *device {
+                    range.end = i + 1;
+                    continue;
+                }
+            }
+            let key = (*owner, device.to_string(), ack.group);
+            if !counters.devices.contains_key(&key) {
+                return false;
+            }
+            runs.push((key, i..i + 1));
         }
         let mut unflushed = self.unflushed();
-        // Acks come in runs for one cursor: each run is looked up once.
-        let mut acks = acks.into_iter().peekable();
-        while let Some((key, seq, floor)) = acks.next() {
+        for (key, range) in runs {
             let Some(cursor) = counters.devices.get_mut(&key) else {
                 continue;
             };
-            cursor.raise_to(floor);
-            cursor.mark(seq);
-            while let Some((_, seq, floor)) = acks.next_if(|(next, _, _)| *next == key) {
-                cursor.raise_to(floor);
-                cursor.mark(seq);
+            for (_, _, ack) in &acks[range] {
+                cursor.raise_to(ack.floor);
+                cursor.mark(ack.seq);
             }
             let contiguous = cursor.contiguous;
             match unflushed.get_mut(&key) {
@@ -629,7 +651,7 @@ impl SqliteStore {
                 counters.dirty.insert(key);
             }
         }
-        Some(vec![Outcome::Done; writes.len()])
+        true
     }
 
     fn unflushed(&self) -> std::sync::MutexGuard<'_, HashMap<CursorKey, u64>> {
@@ -639,23 +661,25 @@ impl SqliteStore {
 
 #[async_trait]
 impl MessageStore for SqliteStore {
-    fn received_now(&self, writes: &[Write]) -> bool {
+    fn received_now(&self, owner: u64, device: &str, acks: &[GroupAck]) -> bool {
         if self.closed().is_err() {
             return false;
         }
         // The committer holds the lock through its transactions: then the
-        // ack waits its turn in the queue instead.
+        // acks wait their turn in the queue instead.
         let Ok(mut counters) = self.writer.try_lock() else {
             return false;
         };
-        self.in_memory(&mut counters, writes).is_some()
+        let acks: Vec<(u64, &str, GroupAck)> =
+            acks.iter().map(|ack| (owner, device, *ack)).collect();
+        self.in_memory(&mut counters, &acks)
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         self.closed()?;
         let mut counters = self.writer.lock().await;
-        if let Some(outcomes) = self.in_memory(&mut counters, writes) {
-            return Ok(outcomes);
+        if self.in_memory(&mut counters, &group_acks(writes)) {
+            return Ok(vec![Outcome::Done; writes.len()]);
         }
         // IMMEDIATE takes the write lock up front, through the busy handler: a
         // deferred transaction that meets a checkpoint restart fails at once.
@@ -1032,42 +1056,44 @@ mod tests {
             group: 9,
             seq,
         };
+        let acks = |group, seqs: &[u64]| -> Vec<GroupAck> {
+            seqs.iter()
+                .map(|&seq| GroupAck {
+                    group,
+                    seq,
+                    floor: 0,
+                })
+                .collect()
+        };
         // Not cached yet: the store declines, and the batch path loads it.
-        assert!(!store.received_now(&[ack(1)]));
+        assert!(!store.received_now(2, "phone", &acks(9, &[1])));
         store.write_batch(&[ack(1)]).await.expect("ack");
-        assert!(store.received_now(&[ack(2)]));
+        assert!(store.received_now(2, "phone", &acks(9, &[2])));
         assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
         // One-to-one acks always take the batch path.
-        assert!(!store.received_now(&[Write::Received {
-            floor: 0,
-            owner: 2,
-            device: "phone".into(),
-            group: 0,
-            seq: 1,
-        }]));
+        assert!(!store.received_now(2, "phone", &acks(0, &[1])));
         // All or nothing: one ack the store cannot take here declines them all.
-        assert!(!store.received_now(&[
-            ack(3),
-            Write::Received {
-                floor: 0,
-                owner: 3,
-                device: "phone".into(),
-                group: 9,
-                seq: 3,
-            },
-        ]));
+        let mut mixed = acks(9, &[3]);
+        mixed.extend(acks(10, &[1]));
+        assert!(!store.received_now(2, "phone", &mixed));
+        assert!(!store.received_now(3, "phone", &acks(9, &[3])));
         assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
         // Not while the writer is busy.
         let busy = store.writer.lock().await;
-        assert!(!store.received_now(&[ack(3)]));
+        assert!(!store.received_now(2, "phone", &acks(9, &[3])));
         drop(busy);
-        assert!(store.received_now(&[ack(3)]));
+        assert!(store.received_now(2, "phone", &acks(9, &[3])));
+        // A run of acks for one cursor, recorded together.
+        crate::suite::store_group_one(&store, 1, 9, 4).await;
+        crate::suite::store_group_one(&store, 1, 9, 5).await;
+        assert!(store.received_now(2, "phone", &acks(9, &[5, 4])));
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 5);
         // Written out on close like any other cursor.
         store.close().await;
         let store = SqliteStore::open(&path, &SqliteOptions::default())
             .await
             .expect("reopen");
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 5);
         store.close().await;
     }
 

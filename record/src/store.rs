@@ -234,18 +234,28 @@ pub struct SyncItem {
 
 /// Message storage. Implementations: SQLite ([`crate::sqlite::SqliteStore`]);
 /// every implementation passes the suite in [`crate::suite`].
+/// A device's push-ack of a group message: the group, the `conv_seq`, and
+/// the position below which the member holds everything (its join point).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupAck {
+    pub group: u64,
+    pub seq: u64,
+    pub floor: u64,
+}
+
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
     /// Applies `writes` in one transaction and returns one outcome per write,
     /// in order. Either all of them are durable when this returns `Ok`, or none is.
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError>;
 
-    /// Records group push-acks (`Write::Received` with a group) at once,
-    /// without a transaction, when the store keeps all of those cursors in
-    /// memory and nothing is due to be written out. `false`: nothing was
-    /// done, and the writes go through [`MessageStore::write_batch`]. Never
+    /// Records group push-acks of one device at once, without a
+    /// transaction, when the store keeps all of those cursors in memory and
+    /// nothing is due to be written out: each is what a `Write::Received`
+    /// with these `owner` and `device` would record. `false`: nothing was
+    /// done, and the acks go through [`MessageStore::write_batch`]. Never
     /// waits.
-    fn received_now(&self, _writes: &[Write]) -> bool {
+    fn received_now(&self, _owner: u64, _device: &str, _acks: &[GroupAck]) -> bool {
         false
     }
 
