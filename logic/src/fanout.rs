@@ -5,8 +5,9 @@
 //!
 //! A group's pushes (messages and events alike) pass through its room: they
 //! leave in the order they were queued, and a busy group's pushes leave at
-//! most once per push window, together. A group is busy while its pushes
-//! come less than half a window apart. A push of a group that is not busy,
+//! most once per push window, together. A group becomes busy when a push
+//! follows the previous one within half a window, and stays busy while its
+//! pushes keep coming within a window. A push of a group that is not busy,
 //! or the first after a quiet window, leaves at once; the pushes of a busy
 //! group wait for the end of the window and then go out as one batch, which
 //! each connection receives in one write. That trades at most one window of
@@ -79,6 +80,8 @@ struct Room {
     last_flush: Option<Instant>,
     /// When the room's previous push arrived.
     last_push: Option<Instant>,
+    /// The group sends often enough for its pushes to share writes.
+    busy: bool,
     /// A flush at the end of the window is on its way.
     scheduled: bool,
     /// Held while a batch is sent, so batches leave in order.
@@ -244,17 +247,19 @@ impl Fanout {
             room.queue.push(queued);
             if room.scheduled {
                 room.last_push = Some(now);
+                room.busy = true;
                 return;
             }
-            // Held only while the group sends at least two pushes a window
-            // (the previous one came within half a window): a slower group
-            // would wait without sharing a write.
-            let busy = room
-                .last_push
-                .is_some_and(|last| now.duration_since(last) < self.window / 2);
+            // Held only while the group is busy: it becomes busy when a push
+            // follows the previous one within half a window (two a window),
+            // and stays busy while they keep coming within a window. A
+            // slower group would wait without sharing a write.
+            let gap = room.last_push.map(|last| now.duration_since(last));
+            room.busy =
+                gap.is_some_and(|gap| gap < self.window / 2 || (room.busy && gap < self.window));
             room.last_push = Some(now);
             match room.last_flush.map(|last| last + self.window) {
-                Some(due) if busy && due > now => {
+                Some(due) if room.busy && due > now => {
                     room.scheduled = true;
                     let fanout = self.clone();
                     tokio::spawn(async move {
@@ -555,6 +560,37 @@ mod tests {
         tokio::time::advance(Duration::from_millis(91)).await;
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![4])]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_group_stays_busy_while_pushes_come_within_a_window() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        let one = || Audience::users(vec![1]);
+        // A burst makes the group busy.
+        fanout.to_group(7, push(1), one(), None).await;
+        fanout.to_group(7, push(2), one(), None).await;
+        // Then 70 ms apart (more than half a window, less than one): still
+        // held, and pushes that fall in one window leave together.
+        for seq in 3..=6 {
+            tokio::time::advance(Duration::from_millis(70)).await;
+            settle().await;
+            fanout.to_group(7, push(seq), one(), None).await;
+        }
+        tokio::time::advance(Duration::from_millis(100)).await;
+        settle().await;
+        assert_eq!(
+            recorder.take(),
+            [
+                vec![(10, vec![1])],
+                vec![(10, vec![2, 3])],
+                vec![(10, vec![4])],
+                vec![(10, vec![5, 6])],
+            ]
+        );
+        // A pause of more than a window ends it: the next push leaves at once.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        fanout.to_group(7, push(7), one(), None).await;
+        assert_eq!(recorder.take(), [vec![(10, vec![7])]]);
     }
 
     #[tokio::test(start_paused = true)]
