@@ -284,6 +284,7 @@ fn pressure_runs_worker_processes_and_fails_loudly_on_a_wrong_secret() {
         .as_u64()
         .is_some_and(|n| n > 100));
     assert!(report["server_cost"]["rss_per_connection_bytes"].is_number());
+    assert!(report["server_cost"]["steady_cpu_us_per_delivered"].is_number());
     assert!(out.join("report.html").exists());
 
     let status = natter()

@@ -71,6 +71,12 @@ pub struct ServerCost {
     pub source: String,
     pub cpu_seconds: f64,
     pub cpu_us_per_delivered: Option<f64>,
+    /// CPU over the measured sending window alone, and per delivery of a
+    /// message sent in it.
+    #[serde(default)]
+    pub steady_cpu_seconds: Option<f64>,
+    #[serde(default)]
+    pub steady_cpu_us_per_delivered: Option<f64>,
     pub rss_start_bytes: u64,
     pub rss_connected_bytes: u64,
     pub rss_end_bytes: u64,
@@ -245,10 +251,13 @@ impl Report {
                 .unwrap_or_else(|| "n/a".into());
             let _ = writeln!(
                 o,
-                "server ({}): {:.2} cpu-s, {} cpu per delivered message; rss {:.1} → {:.1} → {:.1} MiB, {} per connection",
+                "server ({}): {:.2} cpu-s, {} cpu per delivered message{}; rss {:.1} → {:.1} → {:.1} MiB, {} per connection",
                 sc.source,
                 sc.cpu_seconds,
                 per_msg,
+                sc.steady_cpu_us_per_delivered
+                    .map(|v| format!(" ({v:.1} µs while sending)"))
+                    .unwrap_or_default(),
                 sc.rss_start_bytes as f64 / 1048576.0,
                 sc.rss_connected_bytes as f64 / 1048576.0,
                 sc.rss_end_bytes as f64 / 1048576.0,

@@ -194,6 +194,24 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         })
     };
 
+    // Server CPU over the measured sending window alone (no connects,
+    // warm-up or final syncs): what steady traffic costs.
+    let server_steady = {
+        let probe = target.server_probe.clone();
+        let from = send_at_ms + scenario.warmup_ms as i64;
+        let to = from + scenario.duration_ms as i64;
+        tokio::spawn(async move {
+            let probe = probe?;
+            let until =
+                |at: i64| Duration::from_millis((at - natter_node::ids::now_ms()).max(0) as u64);
+            tokio::time::sleep(until(from)).await;
+            let start = probe.sample().await?;
+            tokio::time::sleep(until(to)).await;
+            let end = probe.sample().await?;
+            Some(end.cpu_seconds - start.cpu_seconds)
+        })
+    };
+
     let mut merged = WorkerResult::default();
     if workers == 1 {
         let live = live.clone();
@@ -226,6 +244,7 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         None => None,
     };
     let server_connected = server_connected.await.ok().flatten();
+    let server_steady = server_steady.await.ok().flatten();
 
     let topology: Topology = merged
         .devices
@@ -282,6 +301,10 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
                 cpu_seconds,
                 cpu_us_per_delivered: (reconciliation.delivered > 0)
                     .then(|| cpu_seconds * 1e6 / reconciliation.delivered as f64),
+                steady_cpu_seconds: server_steady,
+                steady_cpu_us_per_delivered: server_steady
+                    .filter(|_| measured_delivered > 0)
+                    .map(|cpu| cpu * 1e6 / measured_delivered as f64),
                 rss_start_bytes: start.rss_bytes,
                 rss_connected_bytes: connected_rss,
                 rss_end_bytes: end.rss_bytes,

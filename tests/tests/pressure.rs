@@ -104,10 +104,16 @@ async fn a_smoke_run_is_clean_and_writes_every_report() {
     assert!(report.latency.end_to_end.count > 0 && report.latency.end_to_end.count <= r.delivered);
     assert!(report.latency.ack.p99_us > 0);
     assert_eq!(report.conditions.client_lag.count, r.sent);
-    assert!(report
-        .server_cost
-        .as_ref()
-        .is_some_and(|s| s.cpu_seconds > 0.0));
+    let cost = report.server_cost.as_ref().expect("server cost");
+    assert!(cost.cpu_seconds > 0.0);
+    // The sending window alone: part of the whole run's CPU.
+    let steady = cost.steady_cpu_seconds.expect("steady cpu");
+    assert!(
+        steady > 0.0 && steady <= cost.cpu_seconds,
+        "{steady} of {}",
+        cost.cpu_seconds
+    );
+    assert!(cost.steady_cpu_us_per_delivered.is_some_and(|us| us > 0.0));
     for file in ["report.json", "report.html", "summary.txt"] {
         assert!(
             out.path().join("report").join(file).exists(),
