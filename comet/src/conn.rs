@@ -95,24 +95,25 @@ fn not_after(a: u32, b: u32) -> bool {
 
 impl Pushes {
     /// Numbers `pushes` and writes them together (or parks them until the
-    /// connection is authenticated). An error closes the connection.
+    /// connection is authenticated); returns how many were written. An
+    /// error closes the connection.
     pub(crate) fn push(
         &mut self,
         pushes: &[Push],
         wire: &Wire,
         comet: &crate::Inner,
         deadline: Instant,
-    ) -> Result<(), (ErrorCode, &'static str)> {
+    ) -> Result<usize, (ErrorCode, &'static str)> {
         let config = &comet.config;
         if pushes.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         if !self.ready {
             if self.parked.len() + pushes.len() > config.max_inflight {
                 return Err((ErrorCode::SlowConsumer, "too many pushes before auth"));
             }
             self.parked.extend_from_slice(pushes);
-            return Ok(());
+            return Ok(0);
         }
         if self.inflight.len() + pushes.len() > config.max_inflight {
             return Err((ErrorCode::SlowConsumer, "too many unacknowledged pushes"));
@@ -129,8 +130,9 @@ impl Pushes {
             Ok(()) => {}
             Err(SendError::Full) => return Err((ErrorCode::SlowConsumer, "send queue full")),
             // The connection is closing; the device syncs when it is back.
-            Err(SendError::Closed) => return Ok(()),
+            Err(SendError::Closed) => return Ok(0),
         }
+        comet.metrics.push_first.inc_by(pushes.len() as u64);
         for push in pushes {
             self.next_seq = self.next_seq.wrapping_add(1).max(1);
             self.inflight.push_back(Inflight {
@@ -143,13 +145,13 @@ impl Pushes {
                 deadline,
             });
         }
-        Ok(())
+        Ok(pushes.len())
     }
 
     /// Takes out every push in flight numbered up to `ack` (a `PushAck`
     /// acknowledges its push and all before it: they arrived in order). An
     /// ack for a number not yet given out acknowledges nothing.
-    fn acknowledge(&mut self, ack: u32) -> Vec<Inflight> {
+    fn acknowledge(&mut self, ack: u32) -> Vec<Acked> {
         if ack == 0 || self.next_seq == 0 || !not_after(ack, self.next_seq) {
             return Vec::new();
         }
@@ -158,7 +160,11 @@ impl Pushes {
             if !not_after(front.wire_seq, ack) {
                 break;
             }
-            acked.extend(self.inflight.pop_front());
+            acked.push(Acked {
+                group: front.group,
+                seq: front.seq,
+            });
+            self.inflight.pop_front();
         }
         acked
     }
@@ -169,7 +175,7 @@ impl Pushes {
         self.ready = true;
         let parked = std::mem::take(&mut self.parked);
         let deadline = Instant::now() + Duration::from_millis(comet.config.push_rto_ms);
-        self.push(&parked, wire, comet, deadline)
+        self.push(&parked, wire, comet, deadline).map(|_| ())
     }
 }
 
@@ -575,13 +581,6 @@ impl Conn {
                     .metrics
                     .push_acked
                     .inc_by(acked.len() as u64);
-                let acked: Vec<Acked> = acked
-                    .iter()
-                    .map(|a| Acked {
-                        group: a.group,
-                        seq: a.seq,
-                    })
-                    .collect();
                 self.comet
                     .inner
                     .logic
@@ -709,11 +708,13 @@ mod tests {
         pushes
     }
 
+    /// The wire numbers an ack takes out (the helper numbers each push's
+    /// stream position like its wire number).
     fn acked(pushes: &mut Pushes, ack: u32) -> Vec<u32> {
         pushes
             .acknowledge(ack)
             .into_iter()
-            .map(|i| i.wire_seq)
+            .map(|a| a.seq as u32)
             .collect()
     }
 

@@ -226,11 +226,10 @@ impl Gateway for Comet {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(pushes, &handle.wire, inner, deadline);
             match pushed {
-                Ok(()) => delivered += pushes.len() as u64,
+                Ok(written) => delivered += written,
                 Err((code, reason)) => handle.kick(code, reason),
             }
         }
-        inner.metrics.push_first.inc_by(delivered);
         // Once per push, when every connection of this node has it.
         if delivered > 0 {
             for push in batch.pushes.iter() {

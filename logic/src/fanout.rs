@@ -467,7 +467,15 @@ mod tests {
 
     /// Users 1..=n online on node "a", user u on connection 10·u.
     async fn fanout(window_ms: u64, users: u64) -> (Arc<Fanout>, Arc<Recorder>) {
-        let directory = Arc::new(MemoryDirectory::default());
+        fanout_over(Arc::new(MemoryDirectory::default()), window_ms, users).await
+    }
+
+    /// A fan-out over `directory` with users 1..=n online on node "a".
+    async fn fanout_over(
+        directory: Arc<dyn SessionDirectory>,
+        window_ms: u64,
+        users: u64,
+    ) -> (Arc<Fanout>, Arc<Recorder>) {
         for uid in 1..=users {
             directory
                 .register(Session {
@@ -747,41 +755,20 @@ mod tests {
             inner: MemoryDirectory::default(),
             gate: tokio::sync::Semaphore::new(0),
         });
-        directory
-            .register(Session {
-                uid: 1,
-                device: "phone".into(),
-                node: Arc::from("a"),
-                conn: 10,
+        let (fanout, recorder) = fanout_over(directory.clone(), 0, 1).await;
+        let send = |seq| {
+            let fanout = fanout.clone();
+            tokio::spawn(async move {
+                fanout
+                    .to_group(7, push(seq), Audience::users(vec![1]), None)
+                    .await
             })
-            .await
-            .expect("register");
-        let fanout = Arc::new(Fanout::new(
-            directory.clone(),
-            Duration::ZERO,
-            &Registry::new(),
-        ));
-        let recorder = Arc::new(Recorder::default());
-        fanout.attach_gateway("a", recorder.clone());
+        };
         // Two senders; the first one's batch waits on the directory, the
         // second waits for the first; both give up (cancelled requests).
-        let first = {
-            let fanout = fanout.clone();
-            tokio::spawn(async move {
-                fanout
-                    .to_group(7, push(1), Audience::users(vec![1]), None)
-                    .await
-            })
-        };
+        let first = send(1);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = {
-            let fanout = fanout.clone();
-            tokio::spawn(async move {
-                fanout
-                    .to_group(7, push(2), Audience::users(vec![1]), None)
-                    .await
-            })
-        };
+        let second = send(2);
         tokio::time::sleep(Duration::from_millis(20)).await;
         first.abort();
         second.abort();
