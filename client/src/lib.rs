@@ -184,7 +184,7 @@ impl ClientConfig {
             heartbeat: None,
             event_buffer: 1024,
             client_name: format!("natter-client/{}", env!("CARGO_PKG_VERSION")),
-            push_ack_delay: Duration::from_millis(200),
+            push_ack_delay: Duration::from_secs(1),
         }
     }
 }

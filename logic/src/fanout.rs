@@ -4,15 +4,15 @@
 //! copy of each body per call.
 //!
 //! A group's pushes (messages and events alike) pass through its room: they
-//! leave in the order they were queued, and a busy group's pushes leave at
-//! most once per push window, together. A group becomes busy when a push
-//! follows the previous one within half a window, and stays busy while its
-//! pushes keep coming within a window. A push of a group that is not busy,
-//! or the first after a quiet window, leaves at once; the pushes of a busy
-//! group wait for the end of the window and then go out as one batch, which
-//! each connection receives in one write. That trades at most one window of
-//! latency, only where at least two pushes share each write, for far fewer
-//! writes and wake-ups per delivery.
+//! leave in the order they were queued, and a busy group's pushes share
+//! writes. A group is busy while its pushes come less than a push window
+//! apart (a smoothed gap; a pause of a window or more ends it). A push of a
+//! group that is not busy leaves at once. A busy group's push opens a batch
+//! that later pushes join; the batch leaves when the next push is not
+//! expected (with some room to spare) before the batch's first push has
+//! waited a window, and at the latest when it has. Each connection receives a batch in one write: no
+//! push waits more than a window, and a push waits only when another is
+//! expected to share its write.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -73,17 +73,16 @@ impl Queued {
     }
 }
 
-#[derive(Default)]
 struct Room {
     queue: Vec<Queued>,
-    /// When the room last sent.
-    last_flush: Option<Instant>,
     /// When the room's previous push arrived.
     last_push: Option<Instant>,
-    /// The group sends often enough for its pushes to share writes.
-    busy: bool,
-    /// A flush at the end of the window is on its way.
-    scheduled: bool,
+    /// The smoothed gap between pushes, at most a window.
+    gap: Duration,
+    /// The end of the held batch's window, when a batch is held.
+    held: Option<Instant>,
+    /// Batches closed so far: a held batch's timer flushes only its own.
+    closed: u64,
     /// Held while a batch is sent, so batches leave in order.
     sending: Arc<tokio::sync::Mutex<()>>,
     /// The routes of the last batch's audience, reused while the audience
@@ -243,24 +242,45 @@ impl Fanout {
         let sending = {
             let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
             self.sweep(&mut rooms, now);
-            let room = rooms.by_group.entry(group).or_default();
+            let window = self.window;
+            let room = rooms.by_group.entry(group).or_insert_with(|| Room {
+                queue: Vec::new(),
+                last_push: None,
+                gap: window,
+                held: None,
+                closed: 0,
+                sending: Arc::default(),
+                routes: None,
+            });
             room.queue.push(queued);
-            if room.scheduled {
-                room.last_push = Some(now);
-                room.busy = true;
-                return;
-            }
-            // Held only while the group is busy: it becomes busy when a push
-            // follows the previous one within half a window (two a window),
-            // and stays busy while they keep coming within a window. A
-            // slower group would wait without sharing a write.
-            let gap = room.last_push.map(|last| now.duration_since(last));
-            room.busy =
-                gap.is_some_and(|gap| gap < self.window / 2 || (room.busy && gap < self.window));
+            let gap = room
+                .last_push
+                .map_or(window, |last| now.duration_since(last));
             room.last_push = Some(now);
-            match room.last_flush.map(|last| last + self.window) {
-                Some(due) if room.busy && due > now => {
-                    room.scheduled = true;
+            // Smoothed, so one early or late push does not flip the group;
+            // a pause of a window or more starts afresh.
+            room.gap = if gap >= window {
+                window
+            } else {
+                (room.gap + gap) / 2
+            };
+            match room.held {
+                // The batch waits while the next push is expected before
+                // its window ends, with a quarter of a gap to spare: a push
+                // expected right at the end would as often miss it, and
+                // the batch would have waited the whole window for nothing.
+                Some(due) if now + room.gap + room.gap / 4 < due => return,
+                Some(_) => {
+                    room.held = None;
+                    room.closed += 1;
+                    room.sending.clone()
+                }
+                // Busy: another push is expected within a window to share
+                // this one's write.
+                None if room.gap < window => {
+                    let due = now + window;
+                    room.held = Some(due);
+                    let batch = room.closed;
                     let fanout = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep_until(due).await;
@@ -269,21 +289,19 @@ impl Fanout {
                             let Some(room) = rooms.by_group.get_mut(&group) else {
                                 return;
                             };
-                            room.scheduled = false;
-                            // The window this batch closes ended at `due`,
-                            // however late the timer fired: windows keep to
-                            // their grid instead of drifting later each time.
-                            room.last_flush = Some(due);
+                            if room.held.is_none() || room.closed != batch {
+                                // Closed by a push; a later batch has its own timer.
+                                return;
+                            }
+                            room.held = None;
+                            room.closed += 1;
                             room.sending.clone()
                         };
                         fanout.flush(group, sending).await;
                     });
                     return;
                 }
-                _ => {
-                    room.last_flush = Some(now);
-                    room.sending.clone()
-                }
+                None => room.sending.clone(),
             }
         };
         // In a task of its own, awaited: the caller waits for its batch to
@@ -302,9 +320,8 @@ impl Fanout {
         rooms.by_group.retain(|_, room| {
             // A clone of `sending` is a flush on its way.
             !room.queue.is_empty()
-                || room.scheduled
+                || room.held.is_some()
                 || Arc::strong_count(&room.sending) > 1
-                || room.last_flush.is_some_and(|last| last + self.window > now)
                 || room.last_push.is_some_and(|last| last + self.window > now)
         });
         rooms.sweep_at = (rooms.by_group.len() * 2).max(ROOMS_SWEEP_AT);
@@ -527,12 +544,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_busy_group_sends_once_per_window_and_a_quiet_one_at_once() {
+    async fn a_busy_group_shares_writes_and_a_quiet_one_sends_at_once() {
         let (fanout, recorder) = fanout(100, 2).await;
         let everyone = || Audience::users(vec![1, 2]);
         fanout.to_group(7, push(1), everyone(), None).await;
         assert_eq!(recorder.take(), [vec![(10, vec![1]), (20, vec![1])]]);
-        // Within the window: held, then sent together, in order.
+        // A burst: held, then sent together, in order.
         fanout.to_group(7, push(2), everyone(), None).await;
         fanout.to_group(7, push(3), everyone(), None).await;
         assert!(recorder.take().is_empty());
@@ -548,68 +565,101 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_late_timer_does_not_push_the_next_window_later() {
+    async fn a_batch_leaves_when_the_next_push_would_come_after_its_window() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
-        fanout.to_group(7, push(2), one(), None).await;
-        tokio::time::advance(Duration::from_millis(80)).await;
-        fanout.to_group(7, push(3), one(), None).await;
-        // The window ends at 100 ms; its batch leaves at 110.
-        tokio::time::advance(Duration::from_millis(30)).await;
-        settle().await;
-        assert_eq!(
-            recorder.take(),
-            [vec![(10, vec![1])], vec![(10, vec![2, 3])]]
-        );
-        // Still busy: the next window ends at 200 ms, not 210.
-        fanout.to_group(7, push(4), one(), None).await;
-        assert!(recorder.take().is_empty());
-        tokio::time::advance(Duration::from_millis(91)).await;
-        settle().await;
-        assert_eq!(recorder.take(), [vec![(10, vec![4])]]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_busy_group_stays_busy_while_pushes_come_within_a_window() {
-        let (fanout, recorder) = fanout(100, 1).await;
-        let one = || Audience::users(vec![1]);
-        // A burst makes the group busy.
-        fanout.to_group(7, push(1), one(), None).await;
-        fanout.to_group(7, push(2), one(), None).await;
-        // Then 70 ms apart (more than half a window, less than one): still
-        // held, and pushes that fall in one window leave together.
-        for seq in 3..=6 {
-            tokio::time::advance(Duration::from_millis(70)).await;
-            settle().await;
+        // Every 40 ms: the first leaves at once, then each batch opens and
+        // leaves with the push after which the next one would fall beyond
+        // its window: three fit (at 0, 40 and 80 ms of it) once the gap is
+        // known; the first batch, still measuring it, takes two.
+        for seq in 1..=9 {
             fanout.to_group(7, push(seq), one(), None).await;
+            tokio::time::advance(Duration::from_millis(40)).await;
+            settle().await;
         }
-        tokio::time::advance(Duration::from_millis(100)).await;
-        settle().await;
         assert_eq!(
             recorder.take(),
             [
                 vec![(10, vec![1])],
                 vec![(10, vec![2, 3])],
-                vec![(10, vec![4])],
-                vec![(10, vec![5, 6])],
+                vec![(10, vec![4, 5, 6])],
+                vec![(10, vec![7, 8, 9])],
             ]
         );
-        // A pause of more than a window ends it: the next push leaves at once.
-        tokio::time::advance(Duration::from_millis(300)).await;
-        fanout.to_group(7, push(7), one(), None).await;
-        assert_eq!(recorder.take(), [vec![(10, vec![7])]]);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_group_sending_about_once_a_window_never_waits() {
+    async fn a_pair_a_window_shares_one_write_and_waits_one_gap() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        let one = || Audience::users(vec![1]);
+        // 20 a second against a 100 ms window: pairs, the first of each
+        // waiting 50 ms, not the whole window.
+        fanout.to_group(7, push(1), one(), None).await;
+        assert_eq!(recorder.take().len(), 1);
+        for seq in 2..=5 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            fanout.to_group(7, push(seq), one(), None).await;
+            let want: &[Batch] = match seq {
+                2 | 4 => &[],
+                _ => &[vec![(10, vec![seq - 1, seq])]],
+            };
+            assert_eq!(recorder.take(), want, "after push {seq}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_batch_leaves_at_the_end_of_its_window_at_the_latest() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        let one = || Audience::users(vec![1]);
+        fanout.to_group(7, push(1), one(), None).await;
+        fanout.to_group(7, push(2), one(), None).await;
+        recorder.take();
+        // Held; nothing follows.
+        tokio::time::advance(Duration::from_millis(99)).await;
+        settle().await;
+        assert!(recorder.take().is_empty());
+        tokio::time::advance(Duration::from_millis(2)).await;
+        settle().await;
+        assert_eq!(recorder.take(), [vec![(10, vec![2])]]);
+        // After a pause of a window, at once again.
+        fanout.to_group(7, push(3), one(), None).await;
+        assert_eq!(recorder.take(), [vec![(10, vec![3])]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closed_early_leaves_the_next_one_its_own_window() {
+        let (fanout, recorder) = fanout(100, 1).await;
+        let one = || Audience::users(vec![1]);
+        fanout.to_group(7, push(1), one(), None).await;
+        // Opens a batch due at 100 ms.
+        fanout.to_group(7, push(2), one(), None).await;
+        tokio::time::advance(Duration::from_millis(60)).await;
+        // Closes it (the next push is expected after 100 ms) ...
+        fanout.to_group(7, push(3), one(), None).await;
+        // ... and this one opens the next, due at 160 ms.
+        fanout.to_group(7, push(4), one(), None).await;
+        assert_eq!(
+            recorder.take(),
+            [vec![(10, vec![1])], vec![(10, vec![2, 3])]]
+        );
+        // The first batch's timer finds its batch gone.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        settle().await;
+        assert!(recorder.take().is_empty());
+        tokio::time::advance(Duration::from_millis(51)).await;
+        settle().await;
+        assert_eq!(recorder.take(), [vec![(10, vec![4])]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_sending_less_than_once_a_window_never_waits() {
         let (fanout, recorder) = fanout(100, 1).await;
         for seq in 1..=4 {
             fanout
                 .to_group(7, push(seq), Audience::users(vec![1]), None)
                 .await;
             assert_eq!(recorder.take(), [vec![(10, vec![seq])]], "push {seq}");
-            tokio::time::advance(Duration::from_millis(60)).await;
+            tokio::time::advance(Duration::from_millis(110)).await;
         }
     }
 

@@ -131,7 +131,7 @@ pub struct RunArgs {
     ack_timeout: Option<std::time::Duration>,
     /// How long the SDK may wait before acknowledging pushes (one ack
     /// covers every push before it), e.g. 200ms; 0 acks each at once
-    /// [default: 200ms].
+    /// [default: 1s].
     #[arg(long, value_parser = parse_duration)]
     push_ack_delay: Option<std::time::Duration>,
 }

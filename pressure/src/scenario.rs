@@ -123,7 +123,7 @@ pub struct Scenario {
 }
 
 fn default_push_ack_delay_ms() -> u64 {
-    200
+    1000
 }
 
 impl Default for Scenario {
