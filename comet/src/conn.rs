@@ -6,7 +6,8 @@
 //! one at a time, in the order the client sent them, so a slow store never
 //! stalls heartbeats or pushes. Pushes do not pass through a task: whoever
 //! pushes numbers the frame and writes it under the connection's [`Pushes`]
-//! lock, which the control task shares for acks and resends.
+//! lock, which the control task shares for acks and the node's resend round
+//! ([`crate::Comet::resend_pushes`]) for resends.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 enum Wake {
     Incoming(Result<Incoming, ReadError>),
     WriteFailed(std::io::Error),
-    Resend,
     Heartbeat,
     Killed,
     Stopping,
@@ -167,6 +167,46 @@ impl Pushes {
             self.inflight.pop_front();
         }
         acked
+    }
+
+    /// Resends, byte for byte, every push whose ack is overdue (as far as
+    /// the socket has room now; the rest stay due); returns how many. A
+    /// push resent `retries` times without an ack is an error that closes
+    /// the connection.
+    pub(crate) fn resend(
+        &mut self,
+        wire: &Wire,
+        comet: &crate::Inner,
+        now: Instant,
+    ) -> Result<u64, (ErrorCode, String)> {
+        let rto = Duration::from_millis(comet.config.push_rto_ms);
+        let mut resent = 0;
+        for inflight in self.inflight.iter_mut() {
+            if inflight.deadline > now {
+                continue;
+            }
+            let seq = inflight.wire_seq;
+            if inflight.attempts >= comet.config.push_retries {
+                return Err((
+                    ErrorCode::PushAckTimeout,
+                    format!("push {seq} was not acknowledged"),
+                ));
+            }
+            let frame = Frame::raw(inflight.op, seq, 0, inflight.body.clone());
+            match wire.send_frame(&frame) {
+                Ok(()) => {}
+                // Resend only what the socket has room for now; the rest
+                // stays due for the next round, so a burst of resends is
+                // not taken for a slow consumer.
+                Err(SendError::Full) => break,
+                // The connection is closing; its task sees to it.
+                Err(SendError::Closed) => break,
+            }
+            inflight.attempts += 1;
+            inflight.deadline = now + rto;
+            resent += 1;
+        }
+        Ok(resent)
     }
 
     /// The connection is authenticated: pushes go out from now on, the
@@ -425,9 +465,6 @@ impl Conn {
     async fn work(&mut self, reader: &mut Reader, read: &mut ReadSide) -> Exit {
         let config = self.comet.inner.config.clone();
         let idle = Duration::from_millis(config.heartbeat_timeout_ms);
-        let rto = Duration::from_millis(config.push_rto_ms);
-        let mut resend = tokio::time::interval((rto / 4).max(Duration::from_millis(10)));
-        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = Instant::now() + idle;
         let shutdown = self.comet.inner.shutdown.clone();
         let kill = self.handle.kill.clone();
@@ -451,7 +488,6 @@ impl Conn {
                 biased;
                 incoming = reader.next(read) => Wake::Incoming(incoming),
                 error = std::future::poll_fn(|cx| wire.poll_drive(cx)) => Wake::WriteFailed(error),
-                _ = resend.tick() => Wake::Resend,
                 _ = &mut heartbeat => Wake::Heartbeat,
                 _ = &mut killed => Wake::Killed,
                 _ = &mut stopping => Wake::Stopping,
@@ -479,7 +515,6 @@ impl Conn {
                     tracing::debug!(%error, "write failed");
                     Err(Exit::Peer)
                 }
-                Wake::Resend => self.resend(rto, config.push_retries),
                 Wake::Heartbeat => {
                     if Instant::now() >= deadline {
                         Err(close(
@@ -609,41 +644,6 @@ impl Conn {
                 "too many requests in flight; wait for replies",
             ),
         }
-    }
-
-    fn resend(&mut self, rto: Duration, retries: u32) -> Result<(), Exit> {
-        let now = Instant::now();
-        let mut pushes = self.handle.pushes.lock().unwrap_or_else(|e| e.into_inner());
-        for inflight in pushes.inflight.iter_mut() {
-            if inflight.deadline > now {
-                continue;
-            }
-            let seq = inflight.wire_seq;
-            if inflight.attempts >= retries {
-                return Err(close(
-                    ErrorCode::PushAckTimeout,
-                    format!("push {seq} was not acknowledged"),
-                ));
-            }
-            let frame = Frame::raw(inflight.op, seq, 0, inflight.body.clone());
-            match self.handle.wire.send_frame(&frame) {
-                Ok(()) => {}
-                // Resend only what the socket has room for now; the rest
-                // stays due for the next tick, so a burst of resends is not
-                // taken for a slow consumer.
-                Err(SendError::Full) => break,
-                Err(SendError::Closed) => return Err(Exit::Peer),
-            }
-            inflight.attempts += 1;
-            inflight.deadline = now + rto;
-            self.comet
-                .inner
-                .metrics
-                .pushes
-                .with_label_values(&["resend"])
-                .inc();
-        }
-        Ok(())
     }
 }
 

@@ -150,6 +150,56 @@ impl Comet {
         }
     }
 
+    /// Resends overdue pushes on every connection of this node, a round
+    /// every quarter of `push_rto_ms`, until shutdown. One timer for the
+    /// node rather than one per connection: an idle connection costs no
+    /// wake-ups.
+    pub async fn resend_pushes(self) {
+        let rto = Duration::from_millis(self.inner.config.push_rto_ms);
+        let mut tick = tokio::time::interval((rto / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            self.resend_round();
+        }
+    }
+
+    /// One resend round over every connection.
+    fn resend_round(&self) {
+        let inner = &self.inner;
+        let now = tokio::time::Instant::now();
+        let mut handles = Vec::new();
+        for bucket in &inner.buckets {
+            handles.clear();
+            handles.extend(
+                bucket
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned(),
+            );
+            for handle in &handles {
+                let resent = handle
+                    .pushes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .resend(&handle.wire, inner, now);
+                match resent {
+                    Ok(0) => {}
+                    Ok(n) => inner
+                        .metrics
+                        .pushes
+                        .with_label_values(&["resend"])
+                        .inc_by(n),
+                    Err((code, reason)) => handle.kick(code, &reason),
+                }
+            }
+        }
+    }
+
     /// The `/sub` route.
     pub fn router(&self) -> Router {
         Router::new()

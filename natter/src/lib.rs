@@ -509,6 +509,9 @@ impl Server {
                     .renew_sessions(Duration::from_millis(config.sessions.ttl_ms / 3)),
             )
         });
+        let resends = comet
+            .as_ref()
+            .map(|comet| tokio::spawn(comet.clone().resend_pushes()));
 
         let mut app = Router::new();
         if let Some(comet) = &comet {
@@ -603,6 +606,9 @@ impl Server {
             }
             if let Some(renewal) = renewal {
                 let _ = renewal.await;
+            }
+            if let Some(resends) = resends {
+                let _ = resends.await;
             }
             // A gateway leaves discovery once no connection is left: logic
             // stops pushing to it at once.
