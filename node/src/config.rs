@@ -227,9 +227,10 @@ pub struct GroupsConfig {
     pub max_admins: u32,
     /// The longest timed mute, seconds (a mute "forever" is allowed besides).
     pub max_mute_secs: u64,
-    /// A busy group's pushes (see `natter_logic::fanout`) leave at most
-    /// once per this many ms, together (one write per connection for all of
-    /// them); any other push leaves at once. 0 sends each push at once.
+    /// The longest a busy group's push (see `natter_logic::fanout`) waits,
+    /// in ms, to leave together with the next ones (one write per
+    /// connection for all of them); any other push leaves at once. 0 sends
+    /// each push at once.
     pub push_window_ms: u64,
 }
 
