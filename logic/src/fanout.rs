@@ -226,8 +226,9 @@ impl Fanout {
     }
 
     /// Queues a push to a group's audience, except the connection it came
-    /// from; it leaves with the group's next batch (see the module notes).
-    pub async fn to_group(
+    /// from; it leaves with the group's next batch (see the module notes),
+    /// sent by a task of its own.
+    pub fn to_group(
         self: &Arc<Self>,
         group: u64,
         push: Push,
@@ -305,11 +306,13 @@ impl Fanout {
                 None => room.sending.clone(),
             }
         };
-        // In a task of its own, awaited: the caller waits for its batch to
-        // leave, but a caller that gives up (a cancelled request) cannot
-        // stop a batch half-way, which holds other senders' pushes too.
+        // In a task of its own: the sender's reply does not wait for a
+        // fan-out to thousands of connections, and nothing the caller does
+        // afterwards (a cancelled request) can stop a batch half-way.
+        // Flushes that queue up behind one another take everything queued
+        // so far when their turn comes, so a burst shares writes anyway.
         let fanout = self.clone();
-        let _ = tokio::spawn(async move { fanout.flush(group, sending).await }).await;
+        tokio::spawn(async move { fanout.flush(group, sending).await });
     }
 
     /// Forgets rooms that are idle (nothing queued, nothing sent within the
@@ -548,20 +551,25 @@ mod tests {
     async fn a_busy_group_shares_writes_and_a_quiet_one_sends_at_once() {
         let (fanout, recorder) = fanout(100, 2).await;
         let everyone = || Audience::users(vec![1, 2]);
-        fanout.to_group(7, push(1), everyone(), None).await;
+        fanout.to_group(7, push(1), everyone(), None);
+        settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![1]), (20, vec![1])]]);
         // A burst: held, then sent together, in order.
-        fanout.to_group(7, push(2), everyone(), None).await;
-        fanout.to_group(7, push(3), everyone(), None).await;
+        fanout.to_group(7, push(2), everyone(), None);
+        settle().await;
+        fanout.to_group(7, push(3), everyone(), None);
+        settle().await;
         assert!(recorder.take().is_empty());
         tokio::time::sleep(Duration::from_millis(101)).await;
         assert_eq!(recorder.take(), [vec![(10, vec![2, 3]), (20, vec![2, 3])]]);
         // Another group is not held by this one's window.
-        fanout.to_group(8, push(1), everyone(), None).await;
+        fanout.to_group(8, push(1), everyone(), None);
+        settle().await;
         assert_eq!(recorder.take().len(), 1);
         // After a quiet window, at once again.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        fanout.to_group(7, push(4), everyone(), None).await;
+        fanout.to_group(7, push(4), everyone(), None);
+        settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![4]), (20, vec![4])]]);
     }
 
@@ -574,7 +582,8 @@ mod tests {
         // its window: three fit (at 0, 40 and 80 ms of it) once the gap is
         // known; the first batch, still measuring it, takes two.
         for seq in 1..=9 {
-            fanout.to_group(7, push(seq), one(), None).await;
+            fanout.to_group(7, push(seq), one(), None);
+            settle().await;
             tokio::time::advance(Duration::from_millis(40)).await;
             settle().await;
         }
@@ -595,11 +604,13 @@ mod tests {
         let one = || Audience::users(vec![1]);
         // 20 a second against a 100 ms window: pairs, the first of each
         // waiting 50 ms, not the whole window.
-        fanout.to_group(7, push(1), one(), None).await;
+        fanout.to_group(7, push(1), one(), None);
+        settle().await;
         assert_eq!(recorder.take().len(), 1);
         for seq in 2..=5 {
             tokio::time::advance(Duration::from_millis(50)).await;
-            fanout.to_group(7, push(seq), one(), None).await;
+            fanout.to_group(7, push(seq), one(), None);
+            settle().await;
             let want: &[Batch] = match seq {
                 2 | 4 => &[],
                 _ => &[vec![(10, vec![seq - 1, seq])]],
@@ -612,8 +623,10 @@ mod tests {
     async fn a_held_batch_leaves_at_the_end_of_its_window_at_the_latest() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
-        fanout.to_group(7, push(2), one(), None).await;
+        fanout.to_group(7, push(1), one(), None);
+        settle().await;
+        fanout.to_group(7, push(2), one(), None);
+        settle().await;
         recorder.take();
         // Held; nothing follows.
         tokio::time::advance(Duration::from_millis(99)).await;
@@ -623,7 +636,8 @@ mod tests {
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![2])]]);
         // After a pause of a window, at once again.
-        fanout.to_group(7, push(3), one(), None).await;
+        fanout.to_group(7, push(3), one(), None);
+        settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![3])]]);
     }
 
@@ -631,14 +645,18 @@ mod tests {
     async fn a_batch_closed_early_leaves_the_next_one_its_own_window() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
+        fanout.to_group(7, push(1), one(), None);
+        settle().await;
         // Opens a batch due at 100 ms.
-        fanout.to_group(7, push(2), one(), None).await;
+        fanout.to_group(7, push(2), one(), None);
+        settle().await;
         tokio::time::advance(Duration::from_millis(60)).await;
         // Closes it (the next push is expected after 100 ms) ...
-        fanout.to_group(7, push(3), one(), None).await;
+        fanout.to_group(7, push(3), one(), None);
+        settle().await;
         // ... and this one opens the next, due at 160 ms.
-        fanout.to_group(7, push(4), one(), None).await;
+        fanout.to_group(7, push(4), one(), None);
+        settle().await;
         assert_eq!(
             recorder.take(),
             [vec![(10, vec![1])], vec![(10, vec![2, 3])]]
@@ -658,9 +676,8 @@ mod tests {
         // 100 ms window to be worth holding this one for.
         let (fanout, recorder) = fanout(100, 1).await;
         for seq in 1..=6 {
-            fanout
-                .to_group(7, push(seq), Audience::users(vec![1]), None)
-                .await;
+            fanout.to_group(7, push(seq), Audience::users(vec![1]), None);
+            settle().await;
             assert_eq!(recorder.take(), [vec![(10, vec![seq])]], "push {seq}");
             tokio::time::advance(Duration::from_millis(95)).await;
         }
@@ -676,9 +693,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_connection_gets_only_what_is_for_it() {
         let (fanout, recorder) = fanout(100, 4).await;
-        fanout
-            .to_group(7, push(1), Audience::users(vec![1]), None)
-            .await;
+        fanout.to_group(7, push(1), Audience::users(vec![1]), None);
+        settle().await;
         recorder.take();
         // User 2 joined at 3, user 3 is not a member; user 1 sent 3 from
         // connection 10; the event at 4 is for user 4 alone.
@@ -689,14 +705,14 @@ mod tests {
             node: Arc::from("a"),
             conn: 10,
         };
-        fanout.to_group(7, push(2), snapshot.clone(), None).await;
-        fanout
-            .to_group(7, push(3), snapshot.clone(), Some(&from))
-            .await;
-        fanout
-            .to_group(7, push(4), Audience::users(vec![4]), None)
-            .await;
-        fanout.to_group(7, push(5), snapshot, None).await;
+        fanout.to_group(7, push(2), snapshot.clone(), None);
+        settle().await;
+        fanout.to_group(7, push(3), snapshot.clone(), Some(&from));
+        settle().await;
+        fanout.to_group(7, push(4), Audience::users(vec![4]), None);
+        settle().await;
+        fanout.to_group(7, push(5), snapshot, None);
+        settle().await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         // One batch: user 1 gets 2 and 5 (two runs), user 2 from 3 on
         // except the event, user 4 the event only.
@@ -716,8 +732,10 @@ mod tests {
     async fn routes_are_reused_only_while_the_directory_is_unchanged() {
         let (fanout, recorder) = fanout(0, 1).await;
         let both = || Audience::users(vec![1, 2]);
-        fanout.to_group(7, push(1), both(), None).await;
-        fanout.to_group(7, push(2), both(), None).await;
+        fanout.to_group(7, push(1), both(), None);
+        settle().await;
+        fanout.to_group(7, push(2), both(), None);
+        settle().await;
         let user_2 = Session {
             uid: 2,
             device: "phone".into(),
@@ -729,19 +747,21 @@ mod tests {
             .register(user_2.clone())
             .await
             .expect("register");
-        fanout.to_group(7, push(3), both(), None).await;
+        fanout.to_group(7, push(3), both(), None);
+        settle().await;
         fanout
             .sessions()
             .unregister(&user_2)
             .await
             .expect("unregister");
-        fanout.to_group(7, push(4), both(), None).await;
+        fanout.to_group(7, push(4), both(), None);
+        settle().await;
         // A different audience is looked up afresh, the directory unchanged.
         fanout.sessions().register(user_2).await.expect("register");
-        fanout
-            .to_group(7, push(5), Audience::users(vec![1]), None)
-            .await;
-        fanout.to_group(7, push(6), both(), None).await;
+        fanout.to_group(7, push(5), Audience::users(vec![1]), None);
+        settle().await;
+        fanout.to_group(7, push(6), both(), None);
+        settle().await;
         assert_eq!(
             recorder.take(),
             [
@@ -759,10 +779,13 @@ mod tests {
     async fn a_batch_leaves_in_the_groups_order_whatever_order_it_was_queued_in() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
+        fanout.to_group(7, push(1), one(), None);
+        settle().await;
         // Committed together, queued by whichever sender got here first.
-        fanout.to_group(7, push(3), one(), None).await;
-        fanout.to_group(7, push(2), one(), None).await;
+        fanout.to_group(7, push(3), one(), None);
+        settle().await;
+        fanout.to_group(7, push(2), one(), None);
+        settle().await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         assert_eq!(
             recorder.take(),
@@ -803,28 +826,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sender_that_gives_up_does_not_take_the_batch_with_it() {
+    async fn batches_wait_in_order_behind_a_slow_look_up() {
         let directory = Arc::new(Gated {
             inner: MemoryDirectory::default(),
             gate: tokio::sync::Semaphore::new(0),
         });
         let (fanout, recorder) = fanout_over(directory.clone(), 0, 1).await;
-        let send = |seq| {
-            let fanout = fanout.clone();
-            tokio::spawn(async move {
-                fanout
-                    .to_group(7, push(seq), Audience::users(vec![1]), None)
-                    .await
-            })
-        };
-        // Two senders; the first one's batch waits on the directory, the
-        // second waits for the first; both give up (cancelled requests).
-        let first = send(1);
+        // The first batch waits on the directory, the second behind it; the
+        // senders are not held meanwhile.
+        fanout.to_group(7, push(1), Audience::users(vec![1]), None);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = send(2);
+        fanout.to_group(7, push(2), Audience::users(vec![1]), None);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        first.abort();
-        second.abort();
+        assert!(recorder.take().is_empty());
         directory.gate.add_permits(10);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut got = Vec::new();
@@ -840,9 +854,8 @@ mod tests {
     async fn without_a_window_every_push_leaves_at_once() {
         let (fanout, recorder) = fanout(0, 1).await;
         for seq in 1..=3 {
-            fanout
-                .to_group(7, push(seq), Audience::users(vec![1]), None)
-                .await;
+            fanout.to_group(7, push(seq), Audience::users(vec![1]), None);
+            settle().await;
         }
         assert_eq!(
             recorder.take(),

@@ -349,8 +349,7 @@ impl Logic {
             acked_at,
         };
         self.fanout
-            .to_group(group, push, Audience::Members(snapshot), Some(from))
-            .await;
+            .to_group(group, push, Audience::Members(snapshot), Some(from));
     }
 
     /// The sending half of a group message: rules, then store, then fan-out.

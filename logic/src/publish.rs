@@ -136,8 +136,7 @@ impl Publisher for GroupPublisher {
             acked_at: Instant::now(),
         };
         self.fanout
-            .to_group(group, push, Audience::users(audience), None)
-            .await;
+            .to_group(group, push, Audience::users(audience), None);
         self.events.with_label_values(&[kind, "ok"]).inc();
         Ok(())
     }
