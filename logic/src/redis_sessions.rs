@@ -9,7 +9,8 @@
 //! - `P{uid}:devices` → the set of the user's devices, with the same TTL.
 //!
 //! Gateways renew their sessions' TTLs every third of it ([`renew`]);
-//! disconnects delete them at once. A look-up of many users (a group's
+//! disconnects take them out at once, leaving the entry `gone` for one TTL
+//! so that a renewal already on its way cannot write it back. A look-up of many users (a group's
 //! members) is two pipelined round trips, whatever their number.
 //!
 //! [`renew`]: SessionDirectory::renew
@@ -26,8 +27,9 @@ use crate::sessions::{DirectoryError, Session, SessionDirectory};
 /// Keys renewed or looked up per pipeline.
 const CHUNK: usize = 1000;
 
-/// Renews a device's entry, writing it again if it is gone (Redis was
-/// restarted or flushed) but never over a newer connection's entry.
+/// Renews a device's entry, writing it again if it is missing (Redis was
+/// restarted or flushed) but never over a newer connection's entry nor over
+/// the `gone` left by the connection's own disconnect.
 const RENEW: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current == false or current == ARGV[1] then
@@ -38,11 +40,13 @@ end
 return 1
 ";
 
-/// Deletes a device's entry only if it still names this connection (a
-/// newer connection of the same device may have replaced it).
+/// Takes out a device's entry only if it still names this connection (a
+/// newer connection of the same device may have replaced it), leaving
+/// `gone` in its place for one TTL: a renewal that read its sessions before
+/// the disconnect finds it and writes nothing.
 const UNREGISTER: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], 'gone', 'PX', ARGV[3])
   redis.call('SREM', KEYS[2], ARGV[2])
 end
 return 1
@@ -97,6 +101,7 @@ impl RedisDirectory {
         format!("{}|{}", session.node, session.conn)
     }
 
+    /// The session an entry names; `None` for anything else (`gone`).
     fn parse(uid: u64, device: &str, value: &str) -> Option<Session> {
         let (node, conn) = value.rsplit_once('|')?;
         Some(Session {
@@ -152,6 +157,7 @@ impl SessionDirectory for RedisDirectory {
             .key(self.devices_key(session.uid))
             .arg(Self::value(session))
             .arg(&session.device)
+            .arg(self.ttl_ms)
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|_| ())
@@ -335,9 +341,16 @@ mod tests {
             vec![s(7, "phone", "gw-a", 1)],
             "8 expired, 7 renewed"
         );
-        // A renewal writes back an entry that is gone, but never over a
-        // newer connection of the same device.
-        dir.unregister(&s(7, "phone", "gw-a", 1)).await.expect("ok");
+        // A renewal writes back an entry Redis lost (a restart, a flush),
+        // but never over a newer connection of the same device.
+        let mut raw = dir.conn.clone();
+        redis::cmd("DEL")
+            .arg(dir.device_key(7, "phone"))
+            .arg(dir.devices_key(7))
+            .query_async::<i64>(&mut raw)
+            .await
+            .expect("del");
+        assert!(dir.lookup(7).await.expect("ok").is_empty());
         dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
         assert_eq!(
             dir.lookup(7).await.expect("ok"),
@@ -354,6 +367,25 @@ mod tests {
             dir.lookup(7).await.expect("ok").is_empty(),
             "expires once renewals stop"
         );
+    }
+
+    #[tokio::test]
+    async fn a_renewal_racing_a_disconnect_does_not_bring_the_session_back() {
+        let Some(dir) = redis(&prefix(), Duration::from_secs(60)).await else {
+            return;
+        };
+        let phone = s(7, "phone", "gw-a", 1);
+        dir.register(phone.clone()).await.expect("ok");
+        // The gateway read its sessions for a renewal; the device
+        // disconnects before the renewal reaches Redis.
+        dir.unregister(&phone).await.expect("ok");
+        dir.renew(std::slice::from_ref(&phone)).await.expect("ok");
+        assert!(dir.lookup(7).await.expect("ok").is_empty(), "stays offline");
+        // The device comes back: registered as usual, replacing nothing.
+        let again = s(7, "phone", "gw-b", 2);
+        assert_eq!(dir.register(again.clone()).await.expect("ok"), None);
+        dir.renew(std::slice::from_ref(&again)).await.expect("ok");
+        assert_eq!(dir.lookup(7).await.expect("ok"), vec![again]);
     }
 
     #[tokio::test]

@@ -25,13 +25,24 @@ use crate::store::*;
 
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("messages"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/mysql/0001_messages.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("messages"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/mysql/0001_messages.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("device ids case-sensitive"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!(
+                    "../migrations/mysql/0002_device_ids_case_sensitive.sql"
+                )),
+                false,
+            ),
+        ]),
         // The group store's migrations (1001 on) live in the same database.
         ignore_missing: true,
         ..Migrator::DEFAULT
@@ -67,13 +78,19 @@ fn i(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// A device id column. Device ids compare byte for byte (`utf8mb4_bin`),
+/// which MySQL reports as `VARBINARY`, so they are read as bytes.
+fn device_id(bytes: Vec<u8>) -> Result<String, sqlx::Error> {
+    String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
 fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
     Ok(StoredMessage {
         mid: row.try_get::<i64, _>("mid")? as u64,
         conversation: row.try_get("conv_id")?,
         conv_seq: row.try_get::<i64, _>("conv_seq")? as u64,
         sender: row.try_get::<i64, _>("sender")? as u64,
-        sender_device: row.try_get("sender_device")?,
+        sender_device: device_id(row.try_get("sender_device")?)?,
         client_seq: row.try_get::<i64, _>("client_seq")? as u64,
         receiver: row.try_get::<i64, _>("receiver")? as u64,
         msg_type: row.try_get::<i32, _>("msg_type")? as u32,
@@ -305,11 +322,11 @@ async fn lock_cursors(
             .push_bind(i(*gid));
     });
     q.push(" ORDER BY owner, device, gid FOR UPDATE");
-    let rows: Vec<(i64, String, i64, i64, String)> =
+    let rows: Vec<(i64, Vec<u8>, i64, i64, String)> =
         q.build_query_as().fetch_all(&mut *conn).await?;
     for (owner, device, gid, cursor, above) in rows {
         cursors.insert(
-            (owner as u64, device, gid as u64),
+            (owner as u64, device_id(device)?, gid as u64),
             DeviceCursor {
                 contiguous: cursor as u64,
                 above: parse_above(&above),

@@ -68,6 +68,7 @@ where
     group_messages_are_stored_once_and_numbered(&make().await).await;
     group_history_pages_from_a_join_point(&make().await).await;
     group_cursors_are_per_device_and_group(&make().await).await;
+    device_ids_are_case_sensitive(&make().await).await;
 }
 
 /// A text message from `sender` ("phone") to `group` with `client_seq`.
@@ -289,6 +290,47 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
     assert_eq!(stored[2].message.conv_seq, 3);
     let all = store.sync(2, 0, 100).await.expect("sync");
     assert_eq!(all.len(), 3, "one row per distinct message");
+}
+
+async fn device_ids_are_case_sensitive(store: &dyn MessageStore) {
+    let from = |device: &str| {
+        let mut m = text(1, 2, 7);
+        m.sender_device = device.into();
+        Write::Message(m)
+    };
+    let mut stored = Vec::new();
+    for device in ["phone", "Phone"] {
+        match store
+            .write_batch(&[from(device)])
+            .await
+            .expect("write")
+            .pop()
+        {
+            Some(Outcome::Stored(s)) => stored.push(s),
+            other => panic!("expected a stored message, got {other:?}"),
+        }
+    }
+    // The same client seq from another device is another message ...
+    assert!(!stored[1].repeat, "\"Phone\" is not \"phone\"");
+    assert_ne!(stored[0].message.mid, stored[1].message.mid);
+    assert_eq!(stored[1].message.sender_device, "Phone");
+    // ... and each device has its own cursor: each holds its own message,
+    // and "Phone" has not had "phone"'s, which comes first.
+    assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 1);
+    assert_eq!(store.cursor(1, "Phone", 0).await.expect("cursor"), 0);
+    let ack = |device: &str, seq| Write::Received {
+        floor: 0,
+        owner: 2,
+        device: device.into(),
+        group: 0,
+        seq,
+    };
+    store
+        .write_batch(&[ack("tablet", 1), ack("tablet", 2), ack("Tablet", 1)])
+        .await
+        .expect("acks");
+    assert_eq!(store.cursor(2, "tablet", 0).await.expect("cursor"), 2);
+    assert_eq!(store.cursor(2, "Tablet", 0).await.expect("cursor"), 1);
 }
 
 async fn history_pages_before_a_mid(store: &dyn MessageStore) {
