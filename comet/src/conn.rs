@@ -39,6 +39,7 @@ enum Wake {
     WriteFailed(std::io::Error),
     Heartbeat,
     Killed,
+    Overdue,
     Stopping,
 }
 
@@ -170,15 +171,15 @@ impl Pushes {
     }
 
     /// Resends, byte for byte, every push whose ack is overdue (as far as
-    /// the socket has room now; the rest stay due); returns how many. A
-    /// push resent `retries` times without an ack is an error that closes
-    /// the connection.
+    /// the socket has room now; the rest stay due); returns how many, or
+    /// `Err` when a push has been resent `retries` times without an ack
+    /// (the connection's task then checks [`Pushes::timed_out`] and closes).
     pub(crate) fn resend(
         &mut self,
         wire: &Wire,
         comet: &crate::Inner,
         now: Instant,
-    ) -> Result<u64, (ErrorCode, String)> {
+    ) -> Result<u64, ()> {
         let rto = Duration::from_millis(comet.config.push_rto_ms);
         let mut resent = 0;
         for inflight in self.inflight.iter_mut() {
@@ -187,10 +188,7 @@ impl Pushes {
             }
             let seq = inflight.wire_seq;
             if inflight.attempts >= comet.config.push_retries {
-                return Err((
-                    ErrorCode::PushAckTimeout,
-                    format!("push {seq} was not acknowledged"),
-                ));
+                return Err(());
             }
             let frame = Frame::raw(inflight.op, seq, 0, inflight.body.clone());
             match wire.send_frame(&frame) {
@@ -207,6 +205,15 @@ impl Pushes {
             resent += 1;
         }
         Ok(resent)
+    }
+
+    /// The first push still unacknowledged after `retries` resends and one
+    /// more RTO, if any.
+    fn timed_out(&self, now: Instant, retries: u32) -> Option<u32> {
+        self.inflight
+            .iter()
+            .find(|p| p.attempts >= retries && p.deadline <= now)
+            .map(|p| p.wire_seq)
     }
 
     /// The connection is authenticated: pushes go out from now on, the
@@ -244,6 +251,7 @@ pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
         wire: wire.clone(),
         pushes: Arc::new(Mutex::new(Pushes::default())),
         kill: CancellationToken::new(),
+        overdue: Arc::new(tokio::sync::Notify::new()),
         reason: Arc::new(Mutex::new(None)),
         session: Arc::new(std::sync::OnceLock::new()),
     };
@@ -476,7 +484,9 @@ impl Conn {
         let heartbeat = sleep_until(deadline);
         let killed = kill.cancelled();
         let stopping = shutdown.cancelled();
-        tokio::pin!(heartbeat, killed, stopping);
+        let overdue_signal = self.handle.overdue.clone();
+        let overdue = overdue_signal.notified();
+        tokio::pin!(heartbeat, killed, stopping, overdue);
         // Frames first: a busy connection wakes for each one, and polling
         // every timer and token on each wake-up cost more than reading the
         // frame. A client that never stops sending still yields to the
@@ -490,6 +500,7 @@ impl Conn {
                 error = std::future::poll_fn(|cx| wire.poll_drive(cx)) => Wake::WriteFailed(error),
                 _ = &mut heartbeat => Wake::Heartbeat,
                 _ = &mut killed => Wake::Killed,
+                _ = &mut overdue => Wake::Overdue,
                 _ = &mut stopping => Wake::Stopping,
             };
             let step = match wake {
@@ -524,6 +535,24 @@ impl Conn {
                     } else {
                         heartbeat.as_mut().reset(deadline);
                         Ok(())
+                    }
+                }
+                Wake::Overdue => {
+                    overdue.set(overdue_signal.notified());
+                    // The resend round found a push out of retries; acks
+                    // read since (frames come first) may have taken it.
+                    let timed_out = self
+                        .handle
+                        .pushes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .timed_out(Instant::now(), config.push_retries);
+                    match timed_out {
+                        Some(seq) => Err(close(
+                            ErrorCode::PushAckTimeout,
+                            format!("push {seq} was not acknowledged"),
+                        )),
+                        None => Ok(()),
                     }
                 }
                 Wake::Killed => {
@@ -738,6 +767,22 @@ mod tests {
         assert_eq!(acked(&mut p, 0), Vec::<u32>::new());
         assert_eq!(p.inflight.len(), 3);
         assert_eq!(acked(&mut Pushes::default(), 1), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_push_times_out_only_after_its_last_resend_and_unless_acked() {
+        let now = Instant::now();
+        let mut p = pushes([1, 2]);
+        p.inflight[0].attempts = 3;
+        p.inflight[0].deadline = now + Duration::from_millis(10);
+        // Resent three times, but its last RTO has not run out.
+        assert_eq!(p.timed_out(now, 3), None);
+        assert_eq!(p.timed_out(now + Duration::from_millis(10), 3), Some(1));
+        // Fewer resends than allowed: not yet.
+        assert_eq!(p.timed_out(now + Duration::from_millis(10), 4), None);
+        // An ack read after the resend round raised it takes it out.
+        acked(&mut p, 1);
+        assert_eq!(p.timed_out(now + Duration::from_millis(10), 3), None);
     }
 
     #[test]

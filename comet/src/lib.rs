@@ -52,10 +52,13 @@ type Wire = wire::Wire<WriteHalf<Socket>>;
 struct ConnHandle {
     /// The connection's socket: pushes are written straight into it.
     wire: Arc<Wire>,
-    /// Push numbering and the un-acked pushes, shared by whoever pushes and
-    /// the connection task (acks, resends).
+    /// Push numbering and the un-acked pushes, shared by whoever pushes,
+    /// the connection task (acks) and the node's resend round.
     pushes: Arc<Mutex<conn::Pushes>>,
     kill: CancellationToken,
+    /// Raised by the resend round when a push ran out of retries; the
+    /// connection's task checks and closes.
+    overdue: Arc<tokio::sync::Notify>,
     reason: Arc<Mutex<Option<(ErrorCode, String)>>>,
     /// Set once authenticated; the renewal loop reports it to logic.
     session: Arc<std::sync::OnceLock<natter_logic::Session>>,
@@ -163,12 +166,12 @@ impl Comet {
                 _ = tick.tick() => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
-            self.resend_round();
+            self.resend_round().await;
         }
     }
 
-    /// One resend round over every connection.
-    fn resend_round(&self) {
+    /// One resend round over every connection, a bucket at a time.
+    async fn resend_round(&self) {
         let inner = &self.inner;
         let now = tokio::time::Instant::now();
         let mut handles = Vec::new();
@@ -194,9 +197,11 @@ impl Comet {
                         .pushes
                         .with_label_values(&["resend"])
                         .inc_by(n),
-                    Err((code, reason)) => handle.kick(code, &reason),
+                    Err(()) => handle.overdue.notify_one(),
                 }
             }
+            // Thousands of connections: let other tasks run between buckets.
+            tokio::task::yield_now().await;
         }
     }
 

@@ -13,7 +13,10 @@
 //! expected (with some room to spare) before the batch's first push has
 //! waited a window, and at the latest when it has. Each connection receives a batch in one write: no
 //! push waits more than a window, and a push waits only when another is
-//! expected to share its write.
+//! expected to share its write. Batches are sent by tasks of their own, so
+//! a sender's reply does not wait for the fan-out, unless batches cannot
+//! leave as fast as pushes come (a room holds `QUEUE_HIGH` pushes): then
+//! pushes stop waiting in batches and their senders wait for them to leave.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -80,10 +83,9 @@ struct Room {
     last_push: Option<Instant>,
     /// The smoothed gap between pushes, at most a window.
     gap: Duration,
-    /// The end of the held batch's window, when a batch is held.
-    held: Option<Instant>,
-    /// Batches closed so far: a held batch's timer flushes only its own.
-    closed: u64,
+    /// The held batch, if any: its number and the end of its window. Its
+    /// timer flushes only that batch.
+    held: Option<(u64, Instant)>,
     /// Held while a batch is sent, so batches leave in order.
     sending: Arc<tokio::sync::Mutex<()>>,
     /// The routes of the last batch's audience, reused while the audience
@@ -96,6 +98,10 @@ struct CachedRoutes {
     version: u64,
     routes: Vec<Route>,
 }
+
+/// Pushes a room may hold before a sender waits for its push to leave
+/// (far fewer than a connection may have unacknowledged).
+const QUEUE_HIGH: usize = 256;
 
 /// Rooms are swept of idle entries when there are more than this many.
 const ROOMS_SWEEP_AT: usize = 1024;
@@ -112,13 +118,16 @@ pub struct Fanout {
     gateways: RwLock<HashMap<Arc<str>, Arc<dyn Gateway>>>,
     window: Duration,
     rooms: Mutex<Rooms>,
+    /// Numbers held batches, across rooms: a room forgotten and made again
+    /// never reuses the number a timer of the old one is waiting with.
+    batches: std::sync::atomic::AtomicU64,
     directory_errors: IntCounter,
     batch_size: Histogram,
 }
 
 impl Fanout {
-    /// A fan-out over `sessions`; a group's pushes leave at most once per
-    /// `window` (zero: each at once).
+    /// A fan-out over `sessions`; a busy group's push waits at most `window`
+    /// to share its writes with the next ones (zero: each leaves at once).
     pub fn new(
         sessions: Arc<dyn SessionDirectory>,
         window: Duration,
@@ -151,6 +160,7 @@ impl Fanout {
                 by_group: HashMap::new(),
                 sweep_at: ROOMS_SWEEP_AT,
             }),
+            batches: std::sync::atomic::AtomicU64::new(0),
             directory_errors,
             batch_size,
         }
@@ -227,8 +237,9 @@ impl Fanout {
 
     /// Queues a push to a group's audience, except the connection it came
     /// from; it leaves with the group's next batch (see the module notes),
-    /// sent by a task of its own.
-    pub fn to_group(
+    /// sent by a task of its own. Returns at once, unless the group's room
+    /// holds `QUEUE_HIGH` pushes or more: then once this push has left.
+    pub async fn to_group(
         self: &Arc<Self>,
         group: u64,
         push: Push,
@@ -241,6 +252,7 @@ impl Fanout {
             except: except.map(|s| (s.node.clone(), s.conn)),
         };
         let now = Instant::now();
+        let overloaded;
         let sending = {
             let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
             self.sweep(&mut rooms, now);
@@ -250,7 +262,6 @@ impl Fanout {
                 last_push: None,
                 gap: window,
                 held: None,
-                closed: 0,
                 sending: Arc::default(),
                 routes: None,
             });
@@ -266,23 +277,28 @@ impl Fanout {
             } else {
                 (room.gap + gap) / 2
             };
+            // Batches are not leaving as fast as pushes come (a slow
+            // directory, say): this push does not wait in a batch, and its
+            // sender waits for it to leave.
+            overloaded = room.queue.len() >= QUEUE_HIGH;
             match room.held {
                 // The batch waits while the next push is expected before
                 // its window ends, with a quarter of a gap to spare: a push
                 // expected right at the end would as often miss it, and
                 // the batch would have waited the whole window for nothing.
-                Some(due) if now + room.gap + room.gap / 4 < due => return,
+                Some((_, due)) if !overloaded && now + room.gap + room.gap / 4 < due => return,
                 Some(_) => {
                     room.held = None;
-                    room.closed += 1;
                     room.sending.clone()
                 }
                 // Busy: another push is expected within the window (with
                 // the same room to spare) to share this one's write.
-                None if room.gap + room.gap / 4 < window => {
+                None if !overloaded && room.gap + room.gap / 4 < window => {
                     let due = now + window;
-                    room.held = Some(due);
-                    let batch = room.closed;
+                    let batch = self
+                        .batches
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    room.held = Some((batch, due));
                     let fanout = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep_until(due).await;
@@ -291,12 +307,11 @@ impl Fanout {
                             let Some(room) = rooms.by_group.get_mut(&group) else {
                                 return;
                             };
-                            if room.held.is_none() || room.closed != batch {
+                            if room.held.map(|(held, _)| held) != Some(batch) {
                                 // Closed by a push; a later batch has its own timer.
                                 return;
                             }
                             room.held = None;
-                            room.closed += 1;
                             room.sending.clone()
                         };
                         fanout.flush(group, sending).await;
@@ -307,12 +322,15 @@ impl Fanout {
             }
         };
         // In a task of its own: the sender's reply does not wait for a
-        // fan-out to thousands of connections, and nothing the caller does
-        // afterwards (a cancelled request) can stop a batch half-way.
-        // Flushes that queue up behind one another take everything queued
-        // so far when their turn comes, so a burst shares writes anyway.
+        // fan-out to thousands of connections, and a caller that gives up
+        // (a cancelled request) cannot stop a batch half-way. Flushes that
+        // queue up behind one another take everything queued so far when
+        // their turn comes, so a burst shares writes anyway.
         let fanout = self.clone();
-        tokio::spawn(async move { fanout.flush(group, sending).await });
+        let flush = tokio::spawn(async move { fanout.flush(group, sending).await });
+        if overloaded {
+            let _ = flush.await;
+        }
     }
 
     /// Forgets rooms that are idle (nothing queued, nothing sent within the
@@ -551,24 +569,24 @@ mod tests {
     async fn a_busy_group_shares_writes_and_a_quiet_one_sends_at_once() {
         let (fanout, recorder) = fanout(100, 2).await;
         let everyone = || Audience::users(vec![1, 2]);
-        fanout.to_group(7, push(1), everyone(), None);
+        fanout.to_group(7, push(1), everyone(), None).await;
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![1]), (20, vec![1])]]);
         // A burst: held, then sent together, in order.
-        fanout.to_group(7, push(2), everyone(), None);
+        fanout.to_group(7, push(2), everyone(), None).await;
         settle().await;
-        fanout.to_group(7, push(3), everyone(), None);
+        fanout.to_group(7, push(3), everyone(), None).await;
         settle().await;
         assert!(recorder.take().is_empty());
         tokio::time::sleep(Duration::from_millis(101)).await;
         assert_eq!(recorder.take(), [vec![(10, vec![2, 3]), (20, vec![2, 3])]]);
         // Another group is not held by this one's window.
-        fanout.to_group(8, push(1), everyone(), None);
+        fanout.to_group(8, push(1), everyone(), None).await;
         settle().await;
         assert_eq!(recorder.take().len(), 1);
         // After a quiet window, at once again.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        fanout.to_group(7, push(4), everyone(), None);
+        fanout.to_group(7, push(4), everyone(), None).await;
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![4]), (20, vec![4])]]);
     }
@@ -582,7 +600,7 @@ mod tests {
         // its window: three fit (at 0, 40 and 80 ms of it) once the gap is
         // known; the first batch, still measuring it, takes two.
         for seq in 1..=9 {
-            fanout.to_group(7, push(seq), one(), None);
+            fanout.to_group(7, push(seq), one(), None).await;
             settle().await;
             tokio::time::advance(Duration::from_millis(40)).await;
             settle().await;
@@ -604,12 +622,12 @@ mod tests {
         let one = || Audience::users(vec![1]);
         // 20 a second against a 100 ms window: pairs, the first of each
         // waiting 50 ms, not the whole window.
-        fanout.to_group(7, push(1), one(), None);
+        fanout.to_group(7, push(1), one(), None).await;
         settle().await;
         assert_eq!(recorder.take().len(), 1);
         for seq in 2..=5 {
             tokio::time::advance(Duration::from_millis(50)).await;
-            fanout.to_group(7, push(seq), one(), None);
+            fanout.to_group(7, push(seq), one(), None).await;
             settle().await;
             let want: &[Batch] = match seq {
                 2 | 4 => &[],
@@ -623,9 +641,9 @@ mod tests {
     async fn a_held_batch_leaves_at_the_end_of_its_window_at_the_latest() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None);
+        fanout.to_group(7, push(1), one(), None).await;
         settle().await;
-        fanout.to_group(7, push(2), one(), None);
+        fanout.to_group(7, push(2), one(), None).await;
         settle().await;
         recorder.take();
         // Held; nothing follows.
@@ -636,7 +654,7 @@ mod tests {
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![2])]]);
         // After a pause of a window, at once again.
-        fanout.to_group(7, push(3), one(), None);
+        fanout.to_group(7, push(3), one(), None).await;
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![3])]]);
     }
@@ -645,17 +663,17 @@ mod tests {
     async fn a_batch_closed_early_leaves_the_next_one_its_own_window() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None);
+        fanout.to_group(7, push(1), one(), None).await;
         settle().await;
         // Opens a batch due at 100 ms.
-        fanout.to_group(7, push(2), one(), None);
+        fanout.to_group(7, push(2), one(), None).await;
         settle().await;
         tokio::time::advance(Duration::from_millis(60)).await;
         // Closes it (the next push is expected after 100 ms) ...
-        fanout.to_group(7, push(3), one(), None);
+        fanout.to_group(7, push(3), one(), None).await;
         settle().await;
         // ... and this one opens the next, due at 160 ms.
-        fanout.to_group(7, push(4), one(), None);
+        fanout.to_group(7, push(4), one(), None).await;
         settle().await;
         assert_eq!(
             recorder.take(),
@@ -676,7 +694,9 @@ mod tests {
         // 100 ms window to be worth holding this one for.
         let (fanout, recorder) = fanout(100, 1).await;
         for seq in 1..=6 {
-            fanout.to_group(7, push(seq), Audience::users(vec![1]), None);
+            fanout
+                .to_group(7, push(seq), Audience::users(vec![1]), None)
+                .await;
             settle().await;
             assert_eq!(recorder.take(), [vec![(10, vec![seq])]], "push {seq}");
             tokio::time::advance(Duration::from_millis(95)).await;
@@ -693,7 +713,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_connection_gets_only_what_is_for_it() {
         let (fanout, recorder) = fanout(100, 4).await;
-        fanout.to_group(7, push(1), Audience::users(vec![1]), None);
+        fanout
+            .to_group(7, push(1), Audience::users(vec![1]), None)
+            .await;
         settle().await;
         recorder.take();
         // User 2 joined at 3, user 3 is not a member; user 1 sent 3 from
@@ -705,13 +727,17 @@ mod tests {
             node: Arc::from("a"),
             conn: 10,
         };
-        fanout.to_group(7, push(2), snapshot.clone(), None);
+        fanout.to_group(7, push(2), snapshot.clone(), None).await;
         settle().await;
-        fanout.to_group(7, push(3), snapshot.clone(), Some(&from));
+        fanout
+            .to_group(7, push(3), snapshot.clone(), Some(&from))
+            .await;
         settle().await;
-        fanout.to_group(7, push(4), Audience::users(vec![4]), None);
+        fanout
+            .to_group(7, push(4), Audience::users(vec![4]), None)
+            .await;
         settle().await;
-        fanout.to_group(7, push(5), snapshot, None);
+        fanout.to_group(7, push(5), snapshot, None).await;
         settle().await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         // One batch: user 1 gets 2 and 5 (two runs), user 2 from 3 on
@@ -732,9 +758,9 @@ mod tests {
     async fn routes_are_reused_only_while_the_directory_is_unchanged() {
         let (fanout, recorder) = fanout(0, 1).await;
         let both = || Audience::users(vec![1, 2]);
-        fanout.to_group(7, push(1), both(), None);
+        fanout.to_group(7, push(1), both(), None).await;
         settle().await;
-        fanout.to_group(7, push(2), both(), None);
+        fanout.to_group(7, push(2), both(), None).await;
         settle().await;
         let user_2 = Session {
             uid: 2,
@@ -747,20 +773,22 @@ mod tests {
             .register(user_2.clone())
             .await
             .expect("register");
-        fanout.to_group(7, push(3), both(), None);
+        fanout.to_group(7, push(3), both(), None).await;
         settle().await;
         fanout
             .sessions()
             .unregister(&user_2)
             .await
             .expect("unregister");
-        fanout.to_group(7, push(4), both(), None);
+        fanout.to_group(7, push(4), both(), None).await;
         settle().await;
         // A different audience is looked up afresh, the directory unchanged.
         fanout.sessions().register(user_2).await.expect("register");
-        fanout.to_group(7, push(5), Audience::users(vec![1]), None);
+        fanout
+            .to_group(7, push(5), Audience::users(vec![1]), None)
+            .await;
         settle().await;
-        fanout.to_group(7, push(6), both(), None);
+        fanout.to_group(7, push(6), both(), None).await;
         settle().await;
         assert_eq!(
             recorder.take(),
@@ -779,12 +807,12 @@ mod tests {
     async fn a_batch_leaves_in_the_groups_order_whatever_order_it_was_queued_in() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None);
+        fanout.to_group(7, push(1), one(), None).await;
         settle().await;
         // Committed together, queued by whichever sender got here first.
-        fanout.to_group(7, push(3), one(), None);
+        fanout.to_group(7, push(3), one(), None).await;
         settle().await;
-        fanout.to_group(7, push(2), one(), None);
+        fanout.to_group(7, push(2), one(), None).await;
         settle().await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         assert_eq!(
@@ -834,9 +862,13 @@ mod tests {
         let (fanout, recorder) = fanout_over(directory.clone(), 0, 1).await;
         // The first batch waits on the directory, the second behind it; the
         // senders are not held meanwhile.
-        fanout.to_group(7, push(1), Audience::users(vec![1]), None);
+        fanout
+            .to_group(7, push(1), Audience::users(vec![1]), None)
+            .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
-        fanout.to_group(7, push(2), Audience::users(vec![1]), None);
+        fanout
+            .to_group(7, push(2), Audience::users(vec![1]), None)
+            .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(recorder.take().is_empty());
         directory.gate.add_permits(10);
@@ -851,10 +883,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn senders_wait_when_batches_cannot_keep_up() {
+        let directory = Arc::new(Gated {
+            inner: MemoryDirectory::default(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let (fanout, recorder) = fanout_over(directory.clone(), 0, 1).await;
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sender = {
+            let (fanout, sent) = (fanout.clone(), sent.clone());
+            tokio::spawn(async move {
+                for seq in 1..=300 {
+                    fanout
+                        .to_group(7, push(seq), Audience::users(vec![1]), None)
+                        .await;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        // The first batch waits on the directory: once the room holds
+        // QUEUE_HIGH pushes, the sender waits too.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held_at = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(held_at <= QUEUE_HIGH, "sent {held_at}");
+        assert!(!sender.is_finished());
+        directory.gate.add_permits(1000);
+        sender.await.expect("sender");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut seqs = Vec::new();
+        while seqs.len() < 300 {
+            for batch in recorder.take() {
+                for (_, got) in batch {
+                    seqs.extend(got);
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "got {}", seqs.len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test]
     async fn without_a_window_every_push_leaves_at_once() {
         let (fanout, recorder) = fanout(0, 1).await;
         for seq in 1..=3 {
-            fanout.to_group(7, push(seq), Audience::users(vec![1]), None);
+            fanout
+                .to_group(7, push(seq), Audience::users(vec![1]), None)
+                .await;
             settle().await;
         }
         assert_eq!(

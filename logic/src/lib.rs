@@ -349,7 +349,8 @@ impl Logic {
             acked_at,
         };
         self.fanout
-            .to_group(group, push, Audience::Members(snapshot), Some(from));
+            .to_group(group, push, Audience::Members(snapshot), Some(from))
+            .await;
     }
 
     /// The sending half of a group message: rules, then store, then fan-out.

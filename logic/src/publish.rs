@@ -136,7 +136,8 @@ impl Publisher for GroupPublisher {
             acked_at: Instant::now(),
         };
         self.fanout
-            .to_group(group, push, Audience::users(audience), None);
+            .to_group(group, push, Audience::users(audience), None)
+            .await;
         self.events.with_label_values(&[kind, "ok"]).inc();
         Ok(())
     }

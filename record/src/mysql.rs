@@ -42,6 +42,15 @@ fn migrator() -> Migrator {
                 )),
                 false,
             ),
+            Migration::new(
+                3,
+                Cow::Borrowed("cursor device ids case-sensitive"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!(
+                    "../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"
+                )),
+                false,
+            ),
         ]),
         // The group store's migrations (1001 on) live in the same database.
         ignore_missing: true,
