@@ -569,14 +569,11 @@ mod tests {
     async fn a_busy_group_shares_writes_and_a_quiet_one_sends_at_once() {
         let (fanout, recorder) = fanout(100, 2).await;
         let everyone = || Audience::users(vec![1, 2]);
-        fanout.to_group(7, push(1), everyone(), None).await;
-        settle().await;
+        queue(&fanout, 1, everyone()).await;
         assert_eq!(recorder.take(), [vec![(10, vec![1]), (20, vec![1])]]);
         // A burst: held, then sent together, in order.
-        fanout.to_group(7, push(2), everyone(), None).await;
-        settle().await;
-        fanout.to_group(7, push(3), everyone(), None).await;
-        settle().await;
+        queue(&fanout, 2, everyone()).await;
+        queue(&fanout, 3, everyone()).await;
         assert!(recorder.take().is_empty());
         tokio::time::sleep(Duration::from_millis(101)).await;
         assert_eq!(recorder.take(), [vec![(10, vec![2, 3]), (20, vec![2, 3])]]);
@@ -586,8 +583,7 @@ mod tests {
         assert_eq!(recorder.take().len(), 1);
         // After a quiet window, at once again.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        fanout.to_group(7, push(4), everyone(), None).await;
-        settle().await;
+        queue(&fanout, 4, everyone()).await;
         assert_eq!(recorder.take(), [vec![(10, vec![4]), (20, vec![4])]]);
     }
 
@@ -600,8 +596,7 @@ mod tests {
         // its window: three fit (at 0, 40 and 80 ms of it) once the gap is
         // known; the first batch, still measuring it, takes two.
         for seq in 1..=9 {
-            fanout.to_group(7, push(seq), one(), None).await;
-            settle().await;
+            queue(&fanout, seq, one()).await;
             tokio::time::advance(Duration::from_millis(40)).await;
             settle().await;
         }
@@ -622,13 +617,11 @@ mod tests {
         let one = || Audience::users(vec![1]);
         // 20 a second against a 100 ms window: pairs, the first of each
         // waiting 50 ms, not the whole window.
-        fanout.to_group(7, push(1), one(), None).await;
-        settle().await;
+        queue(&fanout, 1, one()).await;
         assert_eq!(recorder.take().len(), 1);
         for seq in 2..=5 {
             tokio::time::advance(Duration::from_millis(50)).await;
-            fanout.to_group(7, push(seq), one(), None).await;
-            settle().await;
+            queue(&fanout, seq, one()).await;
             let want: &[Batch] = match seq {
                 2 | 4 => &[],
                 _ => &[vec![(10, vec![seq - 1, seq])]],
@@ -641,10 +634,8 @@ mod tests {
     async fn a_held_batch_leaves_at_the_end_of_its_window_at_the_latest() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
-        settle().await;
-        fanout.to_group(7, push(2), one(), None).await;
-        settle().await;
+        queue(&fanout, 1, one()).await;
+        queue(&fanout, 2, one()).await;
         recorder.take();
         // Held; nothing follows.
         tokio::time::advance(Duration::from_millis(99)).await;
@@ -654,8 +645,7 @@ mod tests {
         settle().await;
         assert_eq!(recorder.take(), [vec![(10, vec![2])]]);
         // After a pause of a window, at once again.
-        fanout.to_group(7, push(3), one(), None).await;
-        settle().await;
+        queue(&fanout, 3, one()).await;
         assert_eq!(recorder.take(), [vec![(10, vec![3])]]);
     }
 
@@ -663,18 +653,14 @@ mod tests {
     async fn a_batch_closed_early_leaves_the_next_one_its_own_window() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
-        settle().await;
+        queue(&fanout, 1, one()).await;
         // Opens a batch due at 100 ms.
-        fanout.to_group(7, push(2), one(), None).await;
-        settle().await;
+        queue(&fanout, 2, one()).await;
         tokio::time::advance(Duration::from_millis(60)).await;
         // Closes it (the next push is expected after 100 ms) ...
-        fanout.to_group(7, push(3), one(), None).await;
-        settle().await;
+        queue(&fanout, 3, one()).await;
         // ... and this one opens the next, due at 160 ms.
-        fanout.to_group(7, push(4), one(), None).await;
-        settle().await;
+        queue(&fanout, 4, one()).await;
         assert_eq!(
             recorder.take(),
             [vec![(10, vec![1])], vec![(10, vec![2, 3])]]
@@ -694,13 +680,17 @@ mod tests {
         // 100 ms window to be worth holding this one for.
         let (fanout, recorder) = fanout(100, 1).await;
         for seq in 1..=6 {
-            fanout
-                .to_group(7, push(seq), Audience::users(vec![1]), None)
-                .await;
-            settle().await;
+            queue(&fanout, seq, Audience::users(vec![1])).await;
             assert_eq!(recorder.take(), [vec![(10, vec![seq])]], "push {seq}");
             tokio::time::advance(Duration::from_millis(95)).await;
         }
+    }
+
+    /// Queues push `seq` of group 7 for `audience` and lets its batch go
+    /// out if it leaves now.
+    async fn queue(fanout: &Arc<Fanout>, seq: u64, audience: Audience) {
+        fanout.to_group(7, push(seq), audience, None).await;
+        settle().await;
     }
 
     /// Lets spawned tasks run to their next wait, time standing still.
@@ -713,10 +703,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_connection_gets_only_what_is_for_it() {
         let (fanout, recorder) = fanout(100, 4).await;
-        fanout
-            .to_group(7, push(1), Audience::users(vec![1]), None)
-            .await;
-        settle().await;
+        queue(&fanout, 1, Audience::users(vec![1])).await;
         recorder.take();
         // User 2 joined at 3, user 3 is not a member; user 1 sent 3 from
         // connection 10; the event at 4 is for user 4 alone.
@@ -727,18 +714,13 @@ mod tests {
             node: Arc::from("a"),
             conn: 10,
         };
-        fanout.to_group(7, push(2), snapshot.clone(), None).await;
-        settle().await;
+        queue(&fanout, 2, snapshot.clone()).await;
         fanout
             .to_group(7, push(3), snapshot.clone(), Some(&from))
             .await;
         settle().await;
-        fanout
-            .to_group(7, push(4), Audience::users(vec![4]), None)
-            .await;
-        settle().await;
-        fanout.to_group(7, push(5), snapshot, None).await;
-        settle().await;
+        queue(&fanout, 4, Audience::users(vec![4])).await;
+        queue(&fanout, 5, snapshot).await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         // One batch: user 1 gets 2 and 5 (two runs), user 2 from 3 on
         // except the event, user 4 the event only.
@@ -758,10 +740,8 @@ mod tests {
     async fn routes_are_reused_only_while_the_directory_is_unchanged() {
         let (fanout, recorder) = fanout(0, 1).await;
         let both = || Audience::users(vec![1, 2]);
-        fanout.to_group(7, push(1), both(), None).await;
-        settle().await;
-        fanout.to_group(7, push(2), both(), None).await;
-        settle().await;
+        queue(&fanout, 1, both()).await;
+        queue(&fanout, 2, both()).await;
         let user_2 = Session {
             uid: 2,
             device: "phone".into(),
@@ -773,23 +753,17 @@ mod tests {
             .register(user_2.clone())
             .await
             .expect("register");
-        fanout.to_group(7, push(3), both(), None).await;
-        settle().await;
+        queue(&fanout, 3, both()).await;
         fanout
             .sessions()
             .unregister(&user_2)
             .await
             .expect("unregister");
-        fanout.to_group(7, push(4), both(), None).await;
-        settle().await;
+        queue(&fanout, 4, both()).await;
         // A different audience is looked up afresh, the directory unchanged.
         fanout.sessions().register(user_2).await.expect("register");
-        fanout
-            .to_group(7, push(5), Audience::users(vec![1]), None)
-            .await;
-        settle().await;
-        fanout.to_group(7, push(6), both(), None).await;
-        settle().await;
+        queue(&fanout, 5, Audience::users(vec![1])).await;
+        queue(&fanout, 6, both()).await;
         assert_eq!(
             recorder.take(),
             [
@@ -807,13 +781,10 @@ mod tests {
     async fn a_batch_leaves_in_the_groups_order_whatever_order_it_was_queued_in() {
         let (fanout, recorder) = fanout(100, 1).await;
         let one = || Audience::users(vec![1]);
-        fanout.to_group(7, push(1), one(), None).await;
-        settle().await;
+        queue(&fanout, 1, one()).await;
         // Committed together, queued by whichever sender got here first.
-        fanout.to_group(7, push(3), one(), None).await;
-        settle().await;
-        fanout.to_group(7, push(2), one(), None).await;
-        settle().await;
+        queue(&fanout, 3, one()).await;
+        queue(&fanout, 2, one()).await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         assert_eq!(
             recorder.take(),
@@ -927,10 +898,7 @@ mod tests {
     async fn without_a_window_every_push_leaves_at_once() {
         let (fanout, recorder) = fanout(0, 1).await;
         for seq in 1..=3 {
-            fanout
-                .to_group(7, push(seq), Audience::users(vec![1]), None)
-                .await;
-            settle().await;
+            queue(&fanout, seq, Audience::users(vec![1])).await;
         }
         assert_eq!(
             recorder.take(),
