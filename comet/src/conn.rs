@@ -87,6 +87,15 @@ pub(crate) struct Pushes {
     inflight: VecDeque<Inflight>,
 }
 
+/// What a resend round did on one connection.
+pub(crate) enum Resend {
+    /// This many pushes were resent.
+    Sent(u64),
+    /// A push was resent `push_retries` times and its last RTO ran out: the
+    /// connection's task checks [`Pushes::timed_out`] and closes.
+    OutOfRetries,
+}
+
 /// Whether push number `a` was numbered no later than `b`, counting across
 /// the wrap from 2^32−1 to 1 (the window of pushes in flight is far smaller
 /// than 2^31).
@@ -170,27 +179,19 @@ impl Pushes {
         acked
     }
 
-    /// Resends, byte for byte, every push whose ack is overdue (as far as
-    /// the socket has room now; the rest stay due); returns how many, or
-    /// `Err` when a push has been resent `retries` times without an ack
-    /// (the connection's task then checks [`Pushes::timed_out`] and closes).
-    pub(crate) fn resend(
-        &mut self,
-        wire: &Wire,
-        comet: &crate::Inner,
-        now: Instant,
-    ) -> Result<u64, ()> {
+    /// Resends, byte for byte, every push whose ack is overdue, as far as
+    /// the socket has room now (the rest stay due).
+    pub(crate) fn resend(&mut self, wire: &Wire, comet: &crate::Inner, now: Instant) -> Resend {
+        if self.timed_out(now, comet.config.push_retries).is_some() {
+            return Resend::OutOfRetries;
+        }
         let rto = Duration::from_millis(comet.config.push_rto_ms);
         let mut resent = 0;
         for inflight in self.inflight.iter_mut() {
             if inflight.deadline > now {
                 continue;
             }
-            let seq = inflight.wire_seq;
-            if inflight.attempts >= comet.config.push_retries {
-                return Err(());
-            }
-            let frame = Frame::raw(inflight.op, seq, 0, inflight.body.clone());
+            let frame = Frame::raw(inflight.op, inflight.wire_seq, 0, inflight.body.clone());
             match wire.send_frame(&frame) {
                 Ok(()) => {}
                 // Resend only what the socket has room for now; the rest
@@ -204,7 +205,7 @@ impl Pushes {
             inflight.deadline = now + rto;
             resent += 1;
         }
-        Ok(resent)
+        Resend::Sent(resent)
     }
 
     /// The first push still unacknowledged after `retries` resends and one

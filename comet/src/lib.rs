@@ -191,13 +191,13 @@ impl Comet {
                     .unwrap_or_else(|e| e.into_inner())
                     .resend(&handle.wire, inner, now);
                 match resent {
-                    Ok(0) => {}
-                    Ok(n) => inner
+                    conn::Resend::Sent(0) => {}
+                    conn::Resend::Sent(n) => inner
                         .metrics
                         .pushes
                         .with_label_values(&["resend"])
                         .inc_by(n),
-                    Err(()) => handle.overdue.notify_one(),
+                    conn::Resend::OutOfRetries => handle.overdue.notify_one(),
                 }
             }
             // Thousands of connections: let other tasks run between buckets.

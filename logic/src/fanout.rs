@@ -281,19 +281,21 @@ impl Fanout {
             // directory, say): this push does not wait in a batch, and its
             // sender waits for it to leave.
             overloaded = room.queue.len() >= QUEUE_HIGH;
+            // When the next push is expected, with a quarter of a gap to
+            // spare: one expected right at a window's end would as often
+            // miss it, and its batch would have waited for nothing.
+            let next = room.gap + room.gap / 4;
             match room.held {
                 // The batch waits while the next push is expected before
-                // its window ends, with a quarter of a gap to spare: a push
-                // expected right at the end would as often miss it, and
-                // the batch would have waited the whole window for nothing.
-                Some((_, due)) if !overloaded && now + room.gap + room.gap / 4 < due => return,
+                // its window ends.
+                Some((_, due)) if !overloaded && now + next < due => return,
                 Some(_) => {
                     room.held = None;
                     room.sending.clone()
                 }
-                // Busy: another push is expected within the window (with
-                // the same room to spare) to share this one's write.
-                None if !overloaded && room.gap + room.gap / 4 < window => {
+                // Busy: another push is expected within the window to share
+                // this one's write.
+                None if !overloaded && next < window => {
                     let due = now + window;
                     let batch = self
                         .batches
@@ -302,19 +304,9 @@ impl Fanout {
                     let fanout = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep_until(due).await;
-                        let sending = {
-                            let mut rooms = fanout.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                            let Some(room) = rooms.by_group.get_mut(&group) else {
-                                return;
-                            };
-                            if room.held.map(|(held, _)| held) != Some(batch) {
-                                // Closed by a push; a later batch has its own timer.
-                                return;
-                            }
-                            room.held = None;
-                            room.sending.clone()
-                        };
-                        fanout.flush(group, sending).await;
+                        if let Some(sending) = fanout.close_held(group, batch) {
+                            fanout.flush(group, sending).await;
+                        }
                     });
                     return;
                 }
@@ -331,6 +323,18 @@ impl Fanout {
         if overloaded {
             let _ = flush.await;
         }
+    }
+
+    /// Closes held batch `batch` of `group` at the end of its window, unless
+    /// a push closed it already (a later batch has its own timer).
+    fn close_held(&self, group: u64, batch: u64) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let room = rooms.by_group.get_mut(&group)?;
+        if room.held.map(|(held, _)| held) != Some(batch) {
+            return None;
+        }
+        room.held = None;
+        Some(room.sending.clone())
     }
 
     /// Forgets rooms that are idle (nothing queued, nothing sent within the
