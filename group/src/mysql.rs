@@ -2,29 +2,25 @@
 //! distributed shape. It shares its database with the message store; its
 //! migrations are numbered from 1001 so the two sets never collide.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use crate::store::*;
 
 fn migrator() -> Migrator {
-    Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
+    natter_record::migrations::migrator(
+        &[(
             1001,
-            Cow::Borrowed("groups"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/mysql/1001_groups.sql")),
-            false,
-        )]),
+            "groups",
+            include_str!("../migrations/mysql/1001_groups.sql"),
+        )],
         // The message store's migrations live in the same database.
-        ignore_missing: true,
-        ..Migrator::DEFAULT
-    }
+        true,
+    )
 }
 
 fn id(v: u64) -> i64 {

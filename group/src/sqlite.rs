@@ -1,13 +1,12 @@
 //! The SQLite implementation of [`GroupStore`], for the embedded shape: its
 //! own database file beside the message store's, in WAL mode.
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -16,32 +15,26 @@ use sqlx::{Row, SqlitePool};
 use crate::store::*;
 
 fn migrator() -> Migrator {
-    Migrator {
-        migrations: Cow::Owned(vec![
-            Migration::new(
+    natter_record::migrations::migrator(
+        &[
+            (
                 1,
-                Cow::Borrowed("groups"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/sqlite/0001_groups.sql")),
-                false,
+                "groups",
+                include_str!("../migrations/sqlite/0001_groups.sql"),
             ),
-            Migration::new(
+            (
                 2,
-                Cow::Borrowed("read cursors"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/sqlite/0002_read.sql")),
-                false,
+                "read cursors",
+                include_str!("../migrations/sqlite/0002_read.sql"),
             ),
-            Migration::new(
+            (
                 3,
-                Cow::Borrowed("group versions"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/sqlite/0003_version.sql")),
-                false,
+                "group versions",
+                include_str!("../migrations/sqlite/0003_version.sql"),
             ),
-        ]),
-        ..Migrator::DEFAULT
-    }
+        ],
+        false,
+    )
 }
 
 fn group_from(row: &SqliteRow) -> Result<GroupRecord, GroupStoreError> {

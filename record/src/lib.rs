@@ -14,6 +14,7 @@
 mod batch;
 pub mod committer;
 pub mod http;
+pub mod migrations;
 pub mod mysql;
 pub mod retention;
 pub mod sqlite;

@@ -9,12 +9,11 @@
 //! a deadlock or a duplicate from a racing insert rolls the batch back and
 //! runs it again, where the dedupe finds what the other node stored.
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
 
@@ -24,38 +23,27 @@ use crate::batch::{
 use crate::store::*;
 
 fn migrator() -> Migrator {
-    Migrator {
-        migrations: Cow::Owned(vec![
-            Migration::new(
+    crate::migrations::migrator(
+        &[
+            (
                 1,
-                Cow::Borrowed("messages"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/mysql/0001_messages.sql")),
-                false,
+                "messages",
+                include_str!("../migrations/mysql/0001_messages.sql"),
             ),
-            Migration::new(
+            (
                 2,
-                Cow::Borrowed("device ids case-sensitive"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!(
-                    "../migrations/mysql/0002_device_ids_case_sensitive.sql"
-                )),
-                false,
+                "device ids case-sensitive",
+                include_str!("../migrations/mysql/0002_device_ids_case_sensitive.sql"),
             ),
-            Migration::new(
+            (
                 3,
-                Cow::Borrowed("cursor device ids case-sensitive"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!(
-                    "../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"
-                )),
-                false,
+                "cursor device ids case-sensitive",
+                include_str!("../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"),
             ),
-        ]),
+        ],
         // The group store's migrations (1001 on) live in the same database.
-        ignore_missing: true,
-        ..Migrator::DEFAULT
-    }
+        true,
+    )
 }
 
 /// Options for [`MySqlStore::connect`].

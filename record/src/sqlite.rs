@@ -6,14 +6,13 @@
 //! per-conversation and per-user sequence counters are cached in memory
 //! while the process is the only writer of the file.
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -27,25 +26,21 @@ use crate::batch::{
 use crate::store::*;
 
 fn migrator() -> Migrator {
-    Migrator {
-        migrations: Cow::Owned(vec![
-            Migration::new(
+    crate::migrations::migrator(
+        &[
+            (
                 1,
-                Cow::Borrowed("messages"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/sqlite/0001_messages.sql")),
-                false,
+                "messages",
+                include_str!("../migrations/sqlite/0001_messages.sql"),
             ),
-            Migration::new(
+            (
                 2,
-                Cow::Borrowed("groups"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/sqlite/0002_groups.sql")),
-                false,
+                "groups",
+                include_str!("../migrations/sqlite/0002_groups.sql"),
             ),
-        ]),
-        ..Migrator::DEFAULT
-    }
+        ],
+        false,
+    )
 }
 
 /// Options for [`SqliteStore::open`].
