@@ -12,6 +12,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
+use natter_record::sqlite::WriteTx;
+
 use crate::store::*;
 
 fn migrator() -> Migrator {
@@ -69,6 +71,8 @@ pub struct SqliteGroupStore {
 impl SqliteGroupStore {
     /// Opens (creating if needed) the database file and runs the migrations.
     pub async fn open(path: &Path, synchronous: bool) -> Result<SqliteGroupStore, GroupStoreError> {
+        // Private to the server's user, like the messages (0600).
+        natter_node::private::prepare_private_file(path).map_err(sqlx::Error::Io)?;
         let connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -133,7 +137,7 @@ impl GroupStore for SqliteGroupStore {
         group: &GroupRecord,
         members: &[MemberRecord],
     ) -> Result<u64, GroupStoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool).await?;
         let gid: i64 = sqlx::query_scalar(
             "INSERT INTO grp (name, avatar, owner, join_type, mute_all, dissolved, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING gid",
@@ -160,7 +164,7 @@ impl GroupStore for SqliteGroupStore {
         version: u64,
         changes: &[Change],
     ) -> Result<bool, GroupStoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool).await?;
         let bumped =
             sqlx::query("UPDATE grp SET version = version + 1 WHERE gid = ? AND version = ?")
                 .bind(id(gid))
@@ -316,6 +320,69 @@ mod tests {
     async fn sqlite_passes_the_group_store_suite() {
         let store = SqliteGroupStore::memory().await.expect("store");
         crate::suite::round_trip(&store).await;
+    }
+
+    fn record(name: String) -> GroupRecord {
+        GroupRecord {
+            id: 0,
+            name,
+            avatar: String::new(),
+            owner: 1,
+            join_type: JoinType::Open,
+            mute_all: false,
+            dissolved: false,
+            created_ms: 1,
+            version: 0,
+        }
+    }
+
+    /// A full database (deterministic with `max_page_count` on a store of
+    /// one connection): SQLite rolls back the whole transaction by itself,
+    /// and once there is room again the store writes without a restart.
+    #[tokio::test]
+    async fn writing_resumes_after_the_database_was_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let connect = SqliteConnectOptions::new()
+            .filename(dir.path().join("groups.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect)
+            .await
+            .expect("pool");
+        migrator().run(&pool).await.expect("migrated");
+        let store = SqliteGroupStore { pool };
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&store.pool)
+            .await
+            .expect("page count");
+        sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 1))
+            .execute(&store.pool)
+            .await
+            .expect("limit");
+        let mut full = None;
+        for n in 0..100 {
+            let name = format!("{n}{}", "x".repeat(2000));
+            if let Err(e) = store.create(&record(name), &[member(1, Role::Owner)]).await {
+                full = Some(e);
+                break;
+            }
+        }
+        let full = full.expect("the database filled up");
+        assert!(full.to_string().contains("full"), "{full}");
+        sqlx::query("PRAGMA max_page_count = 1073741823")
+            .execute(&store.pool)
+            .await
+            .expect("lift");
+        let gid = store
+            .create(&record("after".into()), &[member(1, Role::Owner)])
+            .await
+            .expect("writes resume once there is room");
+        assert_eq!(
+            store.group(gid).await.expect("read").map(|g| g.name),
+            Some("after".to_string())
+        );
     }
 
     #[tokio::test]

@@ -355,7 +355,7 @@ impl Server {
                 role.name()
             );
         }
-        std::fs::create_dir_all(&config.data_dir)
+        natter_node::private::create_private_dir(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         // Bound first: the addresses are what this node registers under.
         let listener = TcpListener::bind(config.listen)

@@ -483,7 +483,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::create_dir_all(data_dir).map_err(err)?;
+    crate::private::create_private_dir(data_dir).map_err(err)?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| err(std::io::Error::other(e.to_string())))?;
     let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();

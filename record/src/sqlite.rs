@@ -38,6 +38,11 @@ fn migrator() -> Migrator {
                 "groups",
                 include_str!("../migrations/sqlite/0002_groups.sql"),
             ),
+            (
+                3,
+                "health",
+                include_str!("../migrations/sqlite/0003_health.sql"),
+            ),
         ],
         false,
     )
@@ -124,11 +129,22 @@ pub struct SqliteStore {
     writer: Mutex<Counters>,
     /// Committed cursor values not yet in the tables, for [`MessageStore::cursor`].
     unflushed: std::sync::Mutex<HashMap<CursorKey, u64>>,
+    /// When the last write failed, while no write has succeeded since:
+    /// the store then reports itself not ready (see [`MessageStore::ping`]).
+    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long after a failed write `ping` reports the store down without
+/// trying; after that, `ping` tries a write of its own, so that an idle
+/// store becomes ready again once it can write (a disk that has room again).
+const PROBE_AFTER: Duration = Duration::from_secs(2);
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the migrations.
     pub async fn open(path: &Path, options: &SqliteOptions) -> Result<SqliteStore, StoreError> {
+        // Messages are private to the server's user: the file (and so its
+        // -wal and -shm) is 0600.
+        natter_node::private::prepare_private_file(path).map_err(sqlx::Error::Io)?;
         let connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -166,6 +182,7 @@ impl SqliteStore {
             pool,
             writer: Mutex::new(Counters::default()),
             unflushed: std::sync::Mutex::new(HashMap::new()),
+            failing_since: std::sync::Mutex::new(None),
         })
     }
 
@@ -209,6 +226,64 @@ async fn checkpoint_loop(pool: SqlitePool) {
                 return;
             }
             tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+}
+
+/// A write transaction (`BEGIN IMMEDIATE`) on a pooled connection of its
+/// own. A connection whose transaction did not commit is closed, never
+/// handed back to the pool: on errors such as `SQLITE_FULL` SQLite may roll
+/// the transaction back by itself, the `ROLLBACK` sqlx then issues fails,
+/// and sqlx's `Transaction` would return a connection that believes it is
+/// still inside a transaction, failing every later `BEGIN` on it until a
+/// restart. Closing it costs one reconnect on a path that already failed.
+pub struct WriteTx {
+    conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    open: bool,
+}
+
+impl WriteTx {
+    pub async fn begin(pool: &SqlitePool) -> Result<WriteTx, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            conn.close_on_drop();
+            return Err(e);
+        }
+        Ok(WriteTx { conn, open: true })
+    }
+
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Ends the transaction without writing (the connection is closed if
+    /// even that fails).
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("ROLLBACK").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
         }
     }
 }
@@ -654,23 +729,8 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl MessageStore for SqliteStore {
-    fn received_now(&self, owner: u64, device: &str, acks: &[GroupAck]) -> bool {
-        if self.closed().is_err() {
-            return false;
-        }
-        // The committer holds the lock through its transactions: then the
-        // acks wait their turn in the queue instead.
-        let Ok(mut counters) = self.writer.try_lock() else {
-            return false;
-        };
-        let acks: Vec<(u64, &str, GroupAck)> =
-            acks.iter().map(|ack| (owner, device, *ack)).collect();
-        self.in_memory(&mut counters, &acks)
-    }
-
-    async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
+impl SqliteStore {
+    async fn try_write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         self.closed()?;
         let mut counters = self.writer.lock().await;
         if self.in_memory(&mut counters, &group_acks(writes)) {
@@ -678,7 +738,7 @@ impl MessageStore for SqliteStore {
         }
         // IMMEDIATE takes the write lock up front, through the busy handler: a
         // deferred transaction that meets a checkpoint restart fails at once.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool).await?;
         match apply(&mut tx, &mut counters, writes).await {
             Ok(outcomes) => match tx.commit().await {
                 Ok(()) => {
@@ -708,6 +768,51 @@ impl MessageStore for SqliteStore {
                 Err(e.into())
             }
         }
+    }
+
+    /// Records a write's outcome for readiness.
+    fn wrote(&self, ok: bool) {
+        let mut failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (ok, *failing) {
+            (true, _) => *failing = None,
+            (false, None) => *failing = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// A small write of its own, to learn whether the store can write.
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        sqlx::query("INSERT INTO health (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
+            .bind(natter_node::ids::now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MessageStore for SqliteStore {
+    fn received_now(&self, owner: u64, device: &str, acks: &[GroupAck]) -> bool {
+        if self.closed().is_err() {
+            return false;
+        }
+        // The committer holds the lock through its transactions: then the
+        // acks wait their turn in the queue instead.
+        let Ok(mut counters) = self.writer.try_lock() else {
+            return false;
+        };
+        let acks: Vec<(u64, &str, GroupAck)> =
+            acks.iter().map(|ack| (owner, device, *ack)).collect();
+        self.in_memory(&mut counters, &acks)
+    }
+
+    async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
+        let result = self.try_write_batch(writes).await;
+        self.wrote(result.is_ok());
+        result
     }
 
     async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
@@ -900,7 +1005,7 @@ impl MessageStore for SqliteStore {
         // row is deleted through its key or index, so a batch costs the same
         // however large the tables are.
         let _writer = self.writer.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool).await?;
         let rows: Vec<(i64, i64, i64)> =
             sqlx::query_as("SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ?")
                 .bind(expiry_mid_bound(before_ms))
@@ -926,10 +1031,28 @@ impl MessageStore for SqliteStore {
         Ok(rows.len() as u64)
     }
 
+    /// Down while writes fail: a failed commit (a full disk, say) makes the
+    /// store not ready at once; after [`PROBE_AFTER`] each ping tries a write
+    /// of its own, and the first write that succeeds (a batch or a probe)
+    /// makes it ready again.
     async fn ping(&self) -> Result<(), StoreError> {
         self.closed()?;
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let failing = *self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match failing {
+            None => {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+            Some(since) if since.elapsed() < PROBE_AFTER => Err(StoreError::Unwritable),
+            Some(_) => {
+                let probed = self.probe_write().await;
+                self.wrote(probed.is_ok());
+                probed.map_err(|e| {
+                    tracing::warn!(error = %e, "the store still cannot write");
+                    StoreError::Unwritable
+                })
+            }
+        }
     }
 
     async fn close(&self) {
@@ -938,7 +1061,7 @@ impl MessageStore for SqliteStore {
         let mut counters = self.writer.lock().await;
         if !counters.dirty.is_empty() && !self.pool.is_closed() {
             let flushed = async {
-                let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut tx = WriteTx::begin(&self.pool).await?;
                 flush_cursors(&mut tx, &mut counters).await?;
                 tx.commit().await
             };
@@ -954,6 +1077,126 @@ impl MessageStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool of one connection to a fresh database file.
+    async fn one_connection(dir: &tempfile::TempDir) -> SqlitePool {
+        let connect = SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_with(connect)
+            .await
+            .expect("pool")
+    }
+
+    /// Whatever state a failed transaction left its connection in (still
+    /// open, or rolled back by SQLite itself as on some full-disk errors),
+    /// the connection is not handed out again: the next write starts clean.
+    #[tokio::test]
+    async fn a_failed_write_transaction_never_returns_its_connection_to_the_pool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = one_connection(&dir).await;
+        sqlx::query("CREATE TABLE t (v INTEGER)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        // A statement fails and the transaction is left open.
+        {
+            let mut tx = WriteTx::begin(&pool).await.expect("begin");
+            sqlx::query("INSERT INTO t VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            assert!(sqlx::query("INSERT INTO missing VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .is_err());
+        }
+        // SQLite ended the transaction by itself: the commit fails.
+        {
+            let mut tx = WriteTx::begin(&pool)
+                .await
+                .expect("begin after a dropped transaction");
+            sqlx::query("ROLLBACK")
+                .execute(&mut *tx)
+                .await
+                .expect("rolled back underneath");
+            assert!(tx.commit().await.is_err());
+        }
+        let mut tx = WriteTx::begin(&pool)
+            .await
+            .expect("begin after a failed commit");
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit");
+        let rows: Vec<i64> = sqlx::query_scalar("SELECT v FROM t")
+            .fetch_all(&pool)
+            .await
+            .expect("read");
+        assert_eq!(rows, vec![2], "only the committed write is there");
+    }
+
+    /// A full disk, made deterministic with `max_page_count` on the one
+    /// pooled connection: batches fail while it is full, the store reports
+    /// itself down, and once there is room again writing resumes without a
+    /// restart and the store is ready.
+    #[tokio::test]
+    async fn a_full_disk_fails_batches_and_writing_resumes_when_room_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SqliteOptions {
+            readers: 0,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&dir.path().join("natter.db"), &options)
+            .await
+            .expect("store");
+        let big = |seq: u64| {
+            let mut m = crate::suite::text(1, 2, seq);
+            m.content = vec![7; 3000];
+            Write::Message(m)
+        };
+        store.write_batch(&[big(1)]).await.expect("first write");
+        store.ping().await.expect("ready while writing works");
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&store.pool)
+            .await
+            .expect("page count");
+        sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 2))
+            .execute(&store.pool)
+            .await
+            .expect("limit");
+        let mut failed = None;
+        for seq in 2..50 {
+            if let Err(e) = store.write_batch(&[big(seq)]).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let failed = failed.expect("the database filled up");
+        assert!(failed.to_string().contains("full"), "{failed}");
+        assert!(
+            matches!(store.ping().await, Err(StoreError::Unwritable)),
+            "a store whose last commit failed is not ready"
+        );
+        // Room again (a new connection has no limit; the old one, if it were
+        // still pooled, gets the limit lifted).
+        sqlx::query("PRAGMA max_page_count = 1073741823")
+            .execute(&store.pool)
+            .await
+            .expect("lift");
+        let outcomes = store
+            .write_batch(&[big(100)])
+            .await
+            .expect("writes resume once there is room, without a restart");
+        assert_eq!(outcomes.len(), 1);
+        store.ping().await.expect("ready again");
+        store.close().await;
+    }
 
     #[tokio::test]
     async fn sqlite_passes_the_store_suite() {

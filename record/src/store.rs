@@ -16,6 +16,8 @@ pub enum StoreError {
     Closed,
     #[error("the store is overloaded")]
     Overloaded,
+    #[error("the store cannot write (its last commit failed)")]
+    Unwritable,
 }
 
 /// The id of a one-to-one conversation: `p:{smaller uid}:{larger uid}`.
