@@ -221,6 +221,18 @@ impl GroupStore for MySqlGroupStore {
         rows.iter().map(member_from).collect()
     }
 
+    async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError> {
+        // Through the member index by user: a user's own rows, not all groups.
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM member m JOIN grp g ON g.gid = m.gid \
+             WHERE m.uid = ? AND g.owner = m.uid AND g.dissolved = 0",
+        )
+        .bind(id(uid))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count as u64)
+    }
+
     async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError> {
         let rows: Vec<(i64, i64)> =
             sqlx::query_as("SELECT gid, join_seq FROM member WHERE uid = ? ORDER BY gid")

@@ -1,8 +1,8 @@
 //! The rules of groups: who may do what, limits, mute rules, join points,
 //! and the event every change publishes.
 //!
-//! Changes to one process's groups are serialized (they are rare next to
-//! messages), each reads the group fresh from the store, checks its rules,
+//! Changes to one group are serialized in a process (a lock per group, so
+//! one busy group does not hold up the others), each reads the group fresh from the store, checks its rules,
 //! writes in one transaction, refreshes the cache the message path reads,
 //! and then publishes its event while still in order with the next change.
 
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use natter_node::config::GroupsConfig;
+use natter_node::limit::RateLimiter;
 use natter_proto::api::{
     ApplicationView, CreateGroup, GroupView, JoinOutcome, JoinType, MemberPage, MemberView,
     ReadState, Role, UpdateGroup,
@@ -178,21 +179,75 @@ const MAX_TEXT: usize = 512;
 /// Groups kept in the cache before it is emptied (entries reload on demand).
 const CACHE_LIMIT: usize = 10_000;
 
-fn check_name(name: &str) -> Result<(), GroupError> {
-    if name.trim().is_empty() || name.chars().count() > MAX_NAME {
+/// Invisible formatting characters (Unicode category Cf) a name may not
+/// hold: bidirectional controls that reorder what follows (U+202E shows
+/// "evil.exe" as "exe.live"), zero-width spaces, and the like. The zero-width
+/// joiner (inside emoji sequences) and the tag characters (inside flag
+/// emoji) are allowed, and so is the zero-width non-joiner (Persian).
+fn is_hidden_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{0600}'..='\u{0605}' | '\u{061C}' | '\u{06DD}' | '\u{070F}'
+        | '\u{0890}'..='\u{0891}' | '\u{08E2}' | '\u{180E}' | '\u{200B}'
+        | '\u{200E}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{110BD}'
+        | '\u{110CD}' | '\u{13430}'..='\u{1343F}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0001}')
+}
+
+/// Bidirectional controls: they reorder the text shown after them.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether `c` shows as something: not a space, a control, a hidden format
+/// character, a joiner or a variation selector.
+fn is_visible(c: char) -> bool {
+    !(c.is_whitespace()
+        || c.is_control()
+        || is_hidden_format(c)
+        || matches!(c, '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0020}'..='\u{E007F}'))
+}
+
+/// A name (of a group, or a member's nickname): 1 to [`MAX_NAME`]
+/// characters, at least one of them visible, no control characters and no
+/// hidden formatting characters.
+fn check_name_of(what: &str, name: &str) -> Result<(), GroupError> {
+    if !name.chars().any(is_visible) || name.chars().count() > MAX_NAME {
         return refuse(
             ErrorCode::BadRequest,
-            format!("a group name is 1 to {MAX_NAME} characters"),
+            format!("{what} is 1 to {MAX_NAME} characters, at least one of them visible"),
+        );
+    }
+    if name.chars().any(|c| c.is_control() || is_hidden_format(c)) {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!("{what} may not hold control characters or invisible formatting (such as U+202E or U+200B)"),
         );
     }
     Ok(())
 }
 
+fn check_name(name: &str) -> Result<(), GroupError> {
+    check_name_of("a group name", name)
+}
+
+/// Free text (an application's message, an avatar URL): at most
+/// [`MAX_TEXT`] characters; line breaks and tabs are allowed, other
+/// control characters and bidirectional controls are not.
 fn check_text(what: &str, text: &str) -> Result<(), GroupError> {
     if text.chars().count() > MAX_TEXT {
         return refuse(
             ErrorCode::BadRequest,
             format!("{what} is at most {MAX_TEXT} characters"),
+        );
+    }
+    if text
+        .chars()
+        .any(|c| (c.is_control() && c != '\n' && c != '\t') || is_bidi_control(c))
+    {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!("{what} may not hold control characters other than line breaks and tabs, or bidirectional controls"),
         );
     }
     Ok(())
@@ -245,8 +300,18 @@ pub struct Groups {
     /// cached groups are checked against the store's version once they are
     /// [`SNAPSHOT_TTL`] old.
     shared: bool,
-    changes: tokio::sync::Mutex<()>,
+    /// Changes of one group are made one at a time (their events and
+    /// versions are in order); changes of different groups do not wait for
+    /// each other, but for the rare two groups sharing a shard.
+    changes: Vec<tokio::sync::Mutex<()>>,
+    /// Groups each user may create, and users each user may add to groups,
+    /// per hour.
+    creations: RateLimiter,
+    invitations: RateLimiter,
 }
+
+/// Shards of the per-group change lock.
+const CHANGE_SHARDS: usize = 256;
 
 impl Groups {
     pub fn new(
@@ -259,10 +324,20 @@ impl Groups {
             store,
             messages,
             publisher,
-            limits,
             cache: Mutex::new(Cache::default()),
             shared: true,
-            changes: tokio::sync::Mutex::new(()),
+            changes: (0..CHANGE_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            creations: RateLimiter::new(
+                f64::from(limits.creates_per_hour) / 3600.0,
+                limits.creates_per_hour,
+            ),
+            invitations: RateLimiter::new(
+                f64::from(limits.invites_per_hour) / 3600.0,
+                limits.invites_per_hour,
+            ),
+            limits,
         }
     }
 
@@ -291,6 +366,29 @@ impl Groups {
                 .insert(gid, (snapshot.clone(), std::time::Instant::now()));
         }
         Ok(snapshot)
+    }
+
+    /// The change lock of `gid`.
+    async fn lock(&self, gid: u64) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes[(gid % CHANGE_SHARDS as u64) as usize]
+            .lock()
+            .await
+    }
+
+    /// Takes `users` from the actor's hourly allowance of users added to
+    /// groups.
+    fn may_add(&self, actor: u64, users: usize) -> Result<(), GroupError> {
+        let n = u32::try_from(users).unwrap_or(u32::MAX);
+        if n > 0 && !self.invitations.allow_n(actor, n) {
+            return refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "a user may add at most {} users to groups per hour; try later",
+                    self.limits.invites_per_hour
+                ),
+            );
+        }
+        Ok(())
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -427,10 +525,23 @@ impl Groups {
         gid: u64,
         mut plan: impl FnMut(&Snapshot, u64, i64) -> Result<Plan, GroupError>,
     ) -> Result<Arc<Snapshot>, GroupError> {
+        self.change_with(gid, false, |s, _, next_seq, now| plan(s, next_seq, now))
+            .await
+    }
+
+    /// [`Groups::change`] whose rules also see the group's pending
+    /// applications, read fresh with the group (under its lock, and checked
+    /// by the same version as the group).
+    async fn change_with(
+        &self,
+        gid: u64,
+        with_applications: bool,
+        mut plan: impl FnMut(&Snapshot, &[ApplicationRecord], u64, i64) -> Result<Plan, GroupError>,
+    ) -> Result<Arc<Snapshot>, GroupError> {
         if gid == 0 || gid > i64::MAX as u64 {
             return refuse(ErrorCode::NotFound, format!("no group {gid}"));
         }
-        let _serial = self.changes.lock().await;
+        let _serial = self.lock(gid).await;
         let mut attempt = 0;
         let (before, plan) = loop {
             let before = self.load(gid).await?;
@@ -449,7 +560,12 @@ impl Groups {
                 .copied()
                 .unwrap_or(0)
                 + 1;
-            let plan = plan(&before, next_seq, now_ms())?;
+            let applications = if with_applications {
+                self.store.applications(gid).await?
+            } else {
+                Vec::new()
+            };
+            let plan = plan(&before, &applications, next_seq, now_ms())?;
             if plan.changes.is_empty()
                 || self
                     .store
@@ -543,9 +659,30 @@ impl Groups {
                 .iter()
                 .map(|&u| self.new_member(u, Role::Member, 1, now)),
         );
+        if self.store.owned_count(actor).await? >= u64::from(self.limits.max_owned) {
+            return refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "a user owns at most {} groups; dissolve or hand over one first",
+                    self.limits.max_owned
+                ),
+            );
+        }
+        if !self.creations.allow(actor) {
+            return refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "a user may create at most {} groups per hour; try later",
+                    self.limits.creates_per_hour
+                ),
+            );
+        }
+        self.may_add(actor, others.len())?;
         let gid = {
-            let _serial = self.changes.lock().await;
             let gid = self.store.create(&group, &members).await?;
+            // Nothing else knows the new id yet: its "created" event is the
+            // group's first.
+            let _serial = self.lock(gid).await;
             let snapshot = self.load(gid).await?;
             let created = event("created", actor, others, group.name.clone());
             if let Err(e) = self
@@ -623,6 +760,10 @@ impl Groups {
         for &uid in &users {
             check_user(uid)?;
         }
+        let mut distinct = users.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        self.may_add(actor, distinct.len())?;
         let mut added = Vec::new();
         self.change(gid, |s, next_seq, now| {
             let inviter = s.member(actor)?;
@@ -734,8 +875,7 @@ impl Groups {
         uid: u64,
         approve: bool,
     ) -> Result<(), GroupError> {
-        let pending = self.store.applications(gid).await?;
-        self.change(gid, |s, next_seq, now| {
+        self.change_with(gid, true, |s, pending, next_seq, now| {
             s.manager(actor)?;
             if !pending.iter().any(|a| a.uid == uid) {
                 return refuse(
@@ -1036,11 +1176,9 @@ impl Groups {
         uid: u64,
         nickname: String,
     ) -> Result<MemberView, GroupError> {
-        if nickname.chars().count() > MAX_NAME {
-            return refuse(
-                ErrorCode::BadRequest,
-                format!("a nickname is at most {MAX_NAME} characters"),
-            );
+        // An empty nickname clears it.
+        if !nickname.is_empty() {
+            check_name_of("a nickname", &nickname)?;
         }
         let after = self
             .change(gid, |s, _, _| {
@@ -1083,5 +1221,234 @@ impl GroupAccess for Groups {
     async fn readable_from(&self, uid: u64, group: u64) -> Result<u64, ApiError> {
         let snapshot = self.snapshot(group).await?;
         Ok(snapshot.member(uid)?.join_seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteGroupStore;
+    use natter_record::sqlite::SqliteStore;
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    /// Publishes nothing; holds events of `hold` until released, to keep a
+    /// change in progress (its group's lock taken).
+    #[derive(Default)]
+    struct Held {
+        hold: std::sync::Mutex<Option<u64>>,
+        entered: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl Publisher for Held {
+        async fn publish(&self, group: u64, _: GroupEvent, _: Vec<u64>) -> Result<(), GroupError> {
+            let held = *self.hold.lock().expect("lock") == Some(group);
+            if held {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+            Ok(())
+        }
+    }
+
+    async fn groups(limits: GroupsConfig) -> (Arc<Groups>, Arc<Held>, Arc<SqliteGroupStore>) {
+        let store = Arc::new(SqliteGroupStore::memory().await.expect("group store"));
+        let messages = Arc::new(SqliteStore::memory().await.expect("message store"));
+        let held = Arc::new(Held::default());
+        let groups = Groups::new(store.clone(), messages, held.clone(), limits);
+        (Arc::new(groups), held, store)
+    }
+
+    fn create(name: &str, members: &[u64], join_type: JoinType) -> CreateGroup {
+        CreateGroup {
+            name: name.into(),
+            avatar: String::new(),
+            join_type,
+            members: members.to_vec(),
+        }
+    }
+
+    fn rename(name: &str) -> UpdateGroup {
+        UpdateGroup {
+            name: Some(name.into()),
+            ..UpdateGroup::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_in_progress_holds_up_its_own_group_only() {
+        let (groups, held, _) = groups(GroupsConfig::default()).await;
+        let a = groups
+            .create(1, create("a", &[2], JoinType::Open))
+            .await
+            .expect("a");
+        let b = groups
+            .create(1, create("b", &[2], JoinType::Open))
+            .await
+            .expect("b");
+        *held.hold.lock().expect("lock") = Some(a.id);
+        let busy = {
+            let groups = groups.clone();
+            tokio::spawn(async move { groups.update(1, a.id, rename("a2")).await })
+        };
+        held.entered.notified().await;
+        // Group a's change is between its write and its event.
+        tokio::time::timeout(Duration::from_secs(5), groups.update(1, b.id, rename("b2")))
+            .await
+            .expect("another group's change does not wait for it")
+            .expect("renamed");
+        let waiting = {
+            let groups = groups.clone();
+            tokio::spawn(async move { groups.update(1, a.id, rename("a3")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a's next change waits for the one in progress"
+        );
+        held.release.notify_one();
+        busy.await.expect("task").expect("a2");
+        *held.hold.lock().expect("lock") = None;
+        let after = waiting.await.expect("task").expect("a3");
+        assert_eq!(after.name, "a3", "changes of one group stay in order");
+    }
+
+    #[tokio::test]
+    async fn creations_are_limited_per_hour_and_by_groups_owned() {
+        let limits = GroupsConfig {
+            max_owned: 2,
+            creates_per_hour: 3,
+            ..GroupsConfig::default()
+        };
+        let (groups, _, _) = groups(limits).await;
+        let first = groups
+            .create(1, create("1", &[], JoinType::Open))
+            .await
+            .expect("1");
+        groups
+            .create(1, create("2", &[], JoinType::Open))
+            .await
+            .expect("2");
+        let owned = groups.create(1, create("3", &[], JoinType::Open)).await;
+        assert_eq!(
+            owned.map(|_| ()).map_err(|e| e.code),
+            Err(ErrorCode::QuotaExceeded)
+        );
+        groups
+            .create(2, create("other", &[], JoinType::Open))
+            .await
+            .expect("others are not affected");
+        groups.dissolve(1, first.id).await.expect("dissolved");
+        let third = groups
+            .create(1, create("3", &[], JoinType::Open))
+            .await
+            .expect("room again");
+        // Owning fewer again, but three creations within the hour.
+        groups.dissolve(1, third.id).await.expect("dissolved");
+        let hourly = groups.create(1, create("4", &[], JoinType::Open)).await;
+        assert_eq!(
+            hourly.map(|_| ()).map_err(|e| e.code),
+            Err(ErrorCode::RateLimited)
+        );
+    }
+
+    #[tokio::test]
+    async fn users_added_to_groups_are_limited_per_hour() {
+        let limits = GroupsConfig {
+            invites_per_hour: 5,
+            ..GroupsConfig::default()
+        };
+        let (groups, _, _) = groups(limits).await;
+        let g = groups
+            .create(1, create("g", &[2, 3, 3], JoinType::Open))
+            .await
+            .expect("2 added");
+        let too_many = groups.invite(1, g.id, vec![4, 5, 6, 6, 7]).await;
+        assert_eq!(too_many.map_err(|e| e.code), Err(ErrorCode::RateLimited));
+        assert_eq!(
+            groups.invite(1, g.id, vec![4, 5, 6]).await.expect("3 left"),
+            vec![4, 5, 6]
+        );
+        let none_left = groups.invite(2, g.id, vec![8]).await;
+        assert!(
+            none_left.is_ok(),
+            "another member has an allowance of its own"
+        );
+        let mine = groups.invite(1, g.id, vec![9]).await;
+        assert_eq!(mine.map_err(|e| e.code), Err(ErrorCode::RateLimited));
+    }
+
+    /// An approval decides on the applications as they are when the change
+    /// is made, not as they were before it waited for the group's lock: an
+    /// application withdrawn meanwhile (here by another node, straight in the
+    /// store) admits nobody.
+    #[tokio::test]
+    async fn an_approval_reads_the_applications_with_the_group() {
+        let (groups, held, store) = groups(GroupsConfig::default()).await;
+        let g = groups
+            .create(1, create("g", &[], JoinType::Approval))
+            .await
+            .expect("g");
+        assert!(
+            !groups
+                .join(7, g.id, "me".into())
+                .await
+                .expect("applied")
+                .joined
+        );
+        *held.hold.lock().expect("lock") = Some(g.id);
+        let busy = {
+            let groups = groups.clone();
+            tokio::spawn(async move { groups.update(1, g.id, rename("g2")).await })
+        };
+        held.entered.notified().await;
+        let decide = {
+            let groups = groups.clone();
+            tokio::spawn(async move { groups.decide(1, g.id, 7, true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let version = store.version(g.id).await.expect("read").expect("group");
+        assert!(store
+            .write(g.id, version, &[Change::RemoveApplication(7)])
+            .await
+            .expect("withdrawn"));
+        *held.hold.lock().expect("lock") = None;
+        held.release.notify_one();
+        busy.await.expect("task").expect("renamed");
+        let decided = decide.await.expect("task");
+        assert_eq!(decided.map_err(|e| e.code), Err(ErrorCode::NotFound));
+        let members = store.members(g.id).await.expect("members");
+        assert!(members.iter().all(|m| m.uid != 7), "nobody was admitted");
+    }
+
+    #[test]
+    fn names_must_show_something_and_hide_nothing() {
+        for bad in [
+            "",
+            "   ",
+            "\u{200B}",
+            "\u{200B}\u{200D}",
+            "a\u{202E}b",
+            "a\u{0}b",
+            "a\nb",
+            "a\u{2066}b",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?} refused");
+        }
+        for good in [
+            "team",
+            "チーム",
+            "a b",
+            "👨\u{200D}👩\u{200D}👧",
+            "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}",
+            "می\u{200C}خواهم",
+        ] {
+            assert!(check_name(good).is_ok(), "{good:?} accepted");
+        }
+        assert!(check_text("message", "line one\nline two\tend").is_ok());
+        assert!(check_text("message", "a\u{202E}b").is_err());
+        assert!(check_text("message", "a\u{7}b").is_err());
     }
 }

@@ -90,6 +90,8 @@ pub trait GroupStore: Send + Sync + 'static {
     async fn members(&self, id: u64) -> Result<Vec<MemberRecord>, GroupStoreError>;
     /// The groups `uid` is a member of, with the member's join point, by id.
     async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError>;
+    /// How many groups, not dissolved, `uid` owns.
+    async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError>;
     /// Pending applications, oldest first.
     async fn applications(&self, id: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError>;
     /// Moves a member's read cursor forward to `seq` (never back); returns

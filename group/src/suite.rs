@@ -96,6 +96,12 @@ pub async fn round_trip(store: &dyn GroupStore) {
         store.groups_of(1).await.expect("mine"),
         vec![(gid, 1), (second, 1)]
     );
+    assert_eq!(store.owned_count(1).await.expect("owned"), 2);
+    assert_eq!(
+        store.owned_count(2).await.expect("owned"),
+        0,
+        "a member owns none"
+    );
     // Read cursors only move forward, and member updates keep them.
     assert_eq!(store.mark_read(gid, 3, 5).await.expect("read"), 5);
     assert_eq!(store.mark_read(gid, 3, 4).await.expect("read"), 5);

@@ -7,7 +7,6 @@
 //! knows no frame bytes beyond the protobuf bodies it fills in.
 
 pub mod fanout;
-pub mod limit;
 pub mod publish;
 pub mod redis_sessions;
 pub mod sessions;
@@ -202,7 +201,7 @@ pub struct Logic {
     committer: Committer,
     ids: Arc<MidGenerator>,
     groups: Arc<Groups>,
-    limiter: limit::RateLimiter,
+    limiter: natter_node::limit::RateLimiter,
     metrics: Metrics,
 }
 
@@ -249,7 +248,10 @@ impl Logic {
             committer,
             ids,
             groups,
-            limiter: limit::RateLimiter::new(limits.messages_per_sec, limits.message_burst),
+            limiter: natter_node::limit::RateLimiter::new(
+                limits.messages_per_sec,
+                limits.message_burst,
+            ),
             metrics,
         }
     }

@@ -518,17 +518,21 @@ impl Server {
             app = app.merge(comet.router());
         }
         if let Some(half) = &logic_half {
+            // One request limit per user across every route of the API.
+            let auth: Arc<dyn natter_record::http::Authenticate> =
+                Arc::new(natter_record::http::RateLimitedAuth::new(
+                    half.tokens.clone(),
+                    config.limits.http_requests_per_sec,
+                    config.limits.http_request_burst,
+                ));
             app = app.merge(natter_record::http::router(
                 half.store.clone(),
-                Arc::new(half.tokens.clone()),
+                auth.clone(),
                 half.groups.clone(),
             ));
             // Group changes publish events to gateways: not from a record node.
             if role != Role::Record {
-                app = app.merge(natter_group::http::router(
-                    half.groups.clone(),
-                    Arc::new(half.tokens.clone()),
-                ));
+                app = app.merge(natter_group::http::router(half.groups.clone(), auth));
             }
         }
         let app = app

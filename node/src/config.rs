@@ -206,6 +206,11 @@ pub struct LimitsConfig {
     pub messages_per_sec: f64,
     /// Messages a user may send at once before the rate applies.
     pub message_burst: u32,
+    /// HTTP API requests a user may make per second, sustained (over it:
+    /// 429 `rate_limited`).
+    pub http_requests_per_sec: f64,
+    /// HTTP API requests a user may make at once before the rate applies.
+    pub http_request_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -213,6 +218,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             messages_per_sec: 50.0,
             message_burst: 100,
+            http_requests_per_sec: 20.0,
+            http_request_burst: 100,
         }
     }
 }
@@ -232,6 +239,14 @@ pub struct GroupsConfig {
     /// connection for all of them); any other push leaves at once. 0 sends
     /// each push at once.
     pub push_window_ms: u64,
+    /// Groups one user may own at most.
+    pub max_owned: u32,
+    /// Groups one user may create per hour (a burst of this many, refilled
+    /// evenly over the hour).
+    pub creates_per_hour: u32,
+    /// Users one user may add to groups per hour, by invitation or as the
+    /// members of a group they create (refilled evenly over the hour).
+    pub invites_per_hour: u32,
 }
 
 impl Default for GroupsConfig {
@@ -241,6 +256,9 @@ impl Default for GroupsConfig {
             max_admins: 10,
             max_mute_secs: 30 * 86_400,
             push_window_ms: 100,
+            max_owned: 100,
+            creates_per_hour: 20,
+            invites_per_hour: 4000,
         }
     }
 }
@@ -405,12 +423,21 @@ impl Config {
         if !rate.is_finite() || rate <= 0.0 || self.limits.message_burst == 0 {
             return bad("limits.messages_per_sec and limits.message_burst must be positive");
         }
+        let rate = self.limits.http_requests_per_sec;
+        if !rate.is_finite() || rate <= 0.0 || self.limits.http_request_burst == 0 {
+            return bad(
+                "limits.http_requests_per_sec and limits.http_request_burst must be positive",
+            );
+        }
         let g = &self.groups;
         if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
             return bad("groups.max_members must be at least 2 and groups.max_mute_secs between 1 and 100 years");
         }
         if g.push_window_ms > 10_000 {
             return bad("groups.push_window_ms must be at most 10000 (10 s)");
+        }
+        if g.max_owned == 0 || g.creates_per_hour == 0 || g.invites_per_hour < g.max_members {
+            return bad("groups.max_owned and groups.creates_per_hour must be positive, and groups.invites_per_hour at least groups.max_members (a full group must be creatable)");
         }
         let sessions = &self.sessions;
         if sessions.ttl_ms < 3000 || sessions.timeout_ms == 0 {

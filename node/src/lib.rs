@@ -5,6 +5,7 @@
 pub mod config;
 pub mod discovery;
 pub mod ids;
+pub mod limit;
 pub mod private;
 pub mod process;
 pub mod shutdown;

@@ -99,6 +99,8 @@ codes! {
     GroupDissolved = 27 => "group_dissolved", 410,
     /// The request conflicts with the current state (already a member, an application pending, …).
     Conflict = 28 => "conflict", 409,
+    /// A per-user quota is used up (for example, groups owned).
+    QuotaExceeded = 30 => "quota_exceeded", 403,
 }
 
 impl ErrorCode {

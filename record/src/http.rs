@@ -39,6 +39,33 @@ pub trait Authenticate: Send + Sync + 'static {
     fn authenticate(&self, token: &str) -> Result<Identity, ErrorCode>;
 }
 
+/// The HTTP API's per-user request limit: a token bucket per user in front
+/// of any [`Authenticate`], so every authenticated route counts (over the
+/// limit: `rate_limited`, 429). The limit is per process.
+pub struct RateLimitedAuth<A> {
+    inner: A,
+    limiter: natter_node::limit::RateLimiter,
+}
+
+impl<A: Authenticate> RateLimitedAuth<A> {
+    pub fn new(inner: A, per_sec: f64, burst: u32) -> RateLimitedAuth<A> {
+        RateLimitedAuth {
+            inner,
+            limiter: natter_node::limit::RateLimiter::new(per_sec, burst),
+        }
+    }
+}
+
+impl<A: Authenticate> Authenticate for RateLimitedAuth<A> {
+    fn authenticate(&self, token: &str) -> Result<Identity, ErrorCode> {
+        let identity = self.inner.authenticate(token)?;
+        if !self.limiter.allow(identity.uid) {
+            return Err(ErrorCode::RateLimited);
+        }
+        Ok(identity)
+    }
+}
+
 /// Who may read a group's messages, and from where; implemented by `group`.
 #[async_trait::async_trait]
 pub trait GroupAccess: Send + Sync + 'static {
@@ -107,8 +134,11 @@ pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, 
                 "Authorization must be Bearer <token>",
             )
         })?;
-    auth.authenticate(token.trim())
-        .map_err(|code| ApiError::new(code, "token rejected"))
+    // The token exactly as sent, as over the WebSocket: no trimming.
+    auth.authenticate(token).map_err(|code| match code {
+        ErrorCode::RateLimited => ApiError::new(code, "too many requests; slow down"),
+        code => ApiError::new(code, "token rejected"),
+    })
 }
 
 /// The JSON view of a stored message.

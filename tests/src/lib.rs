@@ -59,6 +59,11 @@ impl TestServer {
         // Nor are rate limits, except where a test sets them.
         config.limits.messages_per_sec = 1_000_000.0;
         config.limits.message_burst = 1_000_000;
+        config.limits.http_requests_per_sec = 1_000_000.0;
+        config.limits.http_request_burst = 1_000_000;
+        config.groups.creates_per_hour = 1_000_000;
+        config.groups.invites_per_hour = 1_000_000;
+        config.groups.max_owned = 1_000_000;
         config.rpc.listen = "127.0.0.1:0".parse().expect("addr");
         tune(&mut config);
         let server = Server::start_role(config.clone(), role)

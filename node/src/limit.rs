@@ -1,4 +1,4 @@
-//! Per-user rate limits: a token bucket per user, sharded so senders rarely
+//! Per-key rate limits (messages, HTTP requests, group changes per user): a token bucket per key, sharded so senders rarely
 //! contend. Buckets of users who have been quiet long enough to be full again
 //! are dropped when a shard grows, so memory follows the active users.
 
@@ -48,6 +48,12 @@ impl RateLimiter {
 
     /// Takes one token for `key` at time `now`; false when there is none.
     pub fn allow_at(&self, key: u64, now: Instant) -> bool {
+        self.allow_n_at(key, 1, now)
+    }
+
+    /// Takes `n` tokens for `key` at time `now`, or none (and false) when
+    /// fewer are left. More than the burst is never allowed.
+    pub fn allow_n_at(&self, key: u64, n: u32, now: Instant) -> bool {
         let mut shard = self.shards[(key as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -65,8 +71,9 @@ impl RateLimiter {
         let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate;
         bucket.tokens = (bucket.tokens + refill).min(self.burst);
         bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        let n = f64::from(n);
+        if bucket.tokens >= n {
+            bucket.tokens -= n;
             true
         } else {
             false
@@ -75,6 +82,11 @@ impl RateLimiter {
 
     pub fn allow(&self, key: u64) -> bool {
         self.allow_at(key, Instant::now())
+    }
+
+    /// [`RateLimiter::allow_n_at`] now.
+    pub fn allow_n(&self, key: u64, n: u32) -> bool {
+        self.allow_n_at(key, n, Instant::now())
     }
 }
 
@@ -100,6 +112,16 @@ mod tests {
         let later = t + Duration::from_secs(60);
         assert!((0..3).all(|_| limiter.allow_at(1, later)));
         assert!(!limiter.allow_at(1, later));
+    }
+
+    #[test]
+    fn several_tokens_are_taken_at_once_or_not_at_all() {
+        let limiter = RateLimiter::new(1.0, 10);
+        let t = Instant::now();
+        assert!(limiter.allow_n_at(1, 7, t));
+        assert!(!limiter.allow_n_at(1, 4, t), "3 left");
+        assert!(limiter.allow_n_at(1, 3, t), "a refused take took nothing");
+        assert!(!limiter.allow_n_at(2, 11, t), "never more than the burst");
     }
 
     #[test]
