@@ -45,6 +45,7 @@ async fn logic() -> (Arc<Logic>, Arc<FakeGateway>, Arc<dyn MessageStore>) {
     logic_with(&natter_node::config::LimitsConfig {
         messages_per_sec: 1000.0,
         message_burst: 1000,
+        ..Default::default()
     })
     .await
 }
@@ -277,6 +278,7 @@ async fn a_user_over_the_rate_is_refused_until_the_bucket_refills() {
     let limits = natter_node::config::LimitsConfig {
         messages_per_sec: 1.0,
         message_burst: 5,
+        ..Default::default()
     };
     let (logic, _, store) = logic_with(&limits).await;
     let alice = connect(&logic, 1, "phone", 10).await;
