@@ -124,7 +124,7 @@ impl Tokens {
         let header: Header = URL_SAFE_NO_PAD
             .decode(header)
             .ok()
-            .and_then(|h| serde_json::from_slice(&h).ok())
+            .and_then(|h| json_object(&h))
             .ok_or(ErrorCode::AuthFailed)?;
         if header.alg != "HS256" {
             return Err(ErrorCode::AuthFailed);
@@ -132,7 +132,7 @@ impl Tokens {
         let claims: Claims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
-            .and_then(|p| serde_json::from_slice(&p).ok())
+            .and_then(|p| json_object(&p))
             .ok_or(ErrorCode::AuthFailed)?;
         if claims.uid == 0 || claims.uid > i64::MAX as u64 || !valid_device(&claims.dev) {
             return Err(ErrorCode::AuthFailed);
@@ -149,6 +149,15 @@ impl Tokens {
     pub fn verify(&self, token: &str) -> Result<Identity, ErrorCode> {
         self.verify_at(token, natter_node::ids::now_ms() / 1000)
     }
+}
+
+/// `bytes` as `T`, only from a JSON object: serde's derived structs also
+/// accept an array of the fields in order, which the token format does not.
+fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
+    (*first == b'{')
+        .then(|| serde_json::from_slice(bytes).ok())
+        .flatten()
 }
 
 impl Authenticate for Tokens {
@@ -210,6 +219,17 @@ mod tests {
             );
         }
         assert!(tokens.mint_at(0, "phone", 0, 1).is_err());
+        // Claims as a JSON array, correctly signed: still not a token.
+        let array = URL_SAFE_NO_PAD.encode(r#"[42,"phone",0,99999999999]"#);
+        let signing_input = format!("{}.{array}", parts[0]);
+        let mut mac = tokens.mac();
+        mac.update(signing_input.as_bytes());
+        let signed = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        assert_eq!(
+            tokens.verify_at(&format!("{signing_input}.{signed}"), 1_000),
+            Err(ErrorCode::AuthFailed),
+            "an array payload"
+        );
         assert!(tokens.mint_at(1, "has space", 0, 1).is_err());
         assert!(tokens.mint_at(1, &"x".repeat(65), 0, 1).is_err());
     }
