@@ -472,7 +472,9 @@ async fn next_message(
                 let _ = wire.pong(&payload);
             }
             Ok(Incoming::Pong) => {}
-            Ok(Incoming::Close(close)) => return Err(Exit::PeerClosed(close.map(|(code, _)| code))),
+            Ok(Incoming::Close(close)) => {
+                return Err(Exit::PeerClosed(close.map(|(code, _)| code)))
+            }
             Ok(message) => return Ok(message),
             Err(e) => return Err(read_failed(e)),
         }

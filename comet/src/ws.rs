@@ -449,11 +449,26 @@ mod tests {
                 client_frame(true, 9, &[0u8; 126], [1, 2, 3, 4]),
             ),
             ("one-byte close", client_frame(true, 8, b"x", [1, 2, 3, 4])),
-            ("close code 999", client_frame(true, 8, &[3, 231], [1, 2, 3, 4])),
-            ("close code 1005", client_frame(true, 8, &[3, 237], [1, 2, 3, 4])),
-            ("close code 1006", client_frame(true, 8, &[3, 238], [1, 2, 3, 4])),
-            ("close code 2000", client_frame(true, 8, &[7, 208], [1, 2, 3, 4])),
-            ("close code 5000", client_frame(true, 8, &[19, 136], [1, 2, 3, 4])),
+            (
+                "close code 999",
+                client_frame(true, 8, &[3, 231], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 1005",
+                client_frame(true, 8, &[3, 237], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 1006",
+                client_frame(true, 8, &[3, 238], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 2000",
+                client_frame(true, 8, &[7, 208], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 5000",
+                client_frame(true, 8, &[19, 136], [1, 2, 3, 4]),
+            ),
             (
                 "close reason not UTF-8",
                 client_frame(true, 8, &[3, 232, 0xff], [1, 2, 3, 4]),
@@ -476,7 +491,9 @@ mod tests {
 
     #[test]
     fn close_codes_follow_the_rfc_ranges() {
-        for code in [1000, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 4000, 4999] {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 4000, 4999,
+        ] {
             assert!(close_code_allowed(code), "{code}");
         }
         for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {

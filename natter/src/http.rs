@@ -382,11 +382,8 @@ async fn respond(
         })
     });
     request.extensions_mut().insert(slot);
-    let answered = tokio::time::timeout(
-        limits.request,
-        hyper::service::Service::call(&app, request),
-    )
-    .await;
+    let answered =
+        tokio::time::timeout(limits.request, hyper::service::Service::call(&app, request)).await;
     let response = match answered {
         Ok(Ok(response)) if !stalled.load(Ordering::Relaxed) => response,
         Ok(Ok(_)) => {
@@ -572,9 +569,7 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         let written = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written {
-            this.activity
-                .written
-                .fetch_add(n as u64, Ordering::Relaxed);
+            this.activity.written.fetch_add(n as u64, Ordering::Relaxed);
         }
         written
     }
@@ -587,9 +582,7 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = written {
-            this.activity
-                .written
-                .fetch_add(n as u64, Ordering::Relaxed);
+            this.activity.written.fetch_add(n as u64, Ordering::Relaxed);
         }
         written
     }

@@ -590,9 +590,10 @@ impl Server {
 
         // One cap for every connection on the listener: the gateway's slots,
         // or slots of the same number where there is no gateway.
-        let slots = comet.as_ref().map(|c| c.slots()).unwrap_or_else(|| {
-            Arc::new(tokio::sync::Semaphore::new(config.comet.max_connections))
-        });
+        let slots = comet
+            .as_ref()
+            .map(|c| c.slots())
+            .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(config.comet.max_connections)));
         http::check_open_file_limit(config.comet.max_connections);
         let limits = http::Limits::new(&config.http, &config.comet);
         let stop = shutdown.clone();

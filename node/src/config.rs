@@ -649,10 +649,12 @@ mod tests {
         config = Config::default();
         config.http.body_timeout_ms = 3_600_001;
         assert!(config.validate().is_err());
-        assert!(Config::load(None, env(&[("NATTER_HTTP__IDLE_TIMEOUT_MS", "0")]))
-            .expect("loads")
-            .validate()
-            .is_err());
+        assert!(
+            Config::load(None, env(&[("NATTER_HTTP__IDLE_TIMEOUT_MS", "0")]))
+                .expect("loads")
+                .validate()
+                .is_err()
+        );
         config = Config::default();
         config.auth.secret = "short".into();
         assert!(config.validate().is_err());

@@ -31,7 +31,9 @@ async fn answer(tcp: &mut TcpStream) -> Answer {
             }
             head.push(byte[0]);
         }
-        let head = String::from_utf8(head).expect("text head").to_ascii_lowercase();
+        let head = String::from_utf8(head)
+            .expect("text head")
+            .to_ascii_lowercase();
         let status = head
             .split(' ')
             .nth(1)
@@ -59,22 +61,22 @@ async fn answer(tcp: &mut TcpStream) -> Answer {
 async fn closed(tcp: &mut TcpStream) -> Duration {
     let started = Instant::now();
     let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(PATIENCE, tcp.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
-            Ok(Ok(n)) => panic!(
-                "expected the connection to close, got {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            ),
-            Err(_) => panic!("still open after {PATIENCE:?}"),
-        }
+    match tokio::time::timeout(PATIENCE, tcp.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(n)) => panic!(
+            "expected the connection to close, got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => panic!("still open after {PATIENCE:?}"),
     }
 }
 
 /// Whether the connection is still open after `wait` (nothing arrives).
 async fn still_open(tcp: &mut TcpStream, wait: Duration) -> bool {
     let mut buf = [0u8; 1];
-    tokio::time::timeout(wait, tcp.read(&mut buf)).await.is_err()
+    tokio::time::timeout(wait, tcp.read(&mut buf))
+        .await
+        .is_err()
 }
 
 async fn connect(server: &TestServer) -> TcpStream {
@@ -103,7 +105,9 @@ async fn a_silent_or_slow_head_is_cut_at_the_header_time_out() {
     assert!(took >= Duration::from_millis(250), "closed after {took:?}");
     // A head a line at a time, each line well within the time-out.
     let mut tcp = connect(&server).await;
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("line");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .expect("line");
     let started = Instant::now();
     let mut cut = false;
     for i in 0..40 {
@@ -118,7 +122,9 @@ async fn a_silent_or_slow_head_is_cut_at_the_header_time_out() {
         }
     }
     assert!(
-        cut || tokio::time::timeout(PATIENCE, closed(&mut tcp)).await.is_ok(),
+        cut || tokio::time::timeout(PATIENCE, closed(&mut tcp))
+            .await
+            .is_ok(),
         "a slow head was let run for {:?}",
         started.elapsed()
     );
@@ -269,10 +275,10 @@ async fn http_and_websocket_connections_share_one_cap() {
     drop(open.pop());
     let _ = served_again(&server).await;
     let mut ws = loop {
-        match tokio::time::timeout(PATIENCE, natter_client::raw::Connection::connect(
-            &server.server(),
-            None,
-        ))
+        match tokio::time::timeout(
+            PATIENCE,
+            natter_client::raw::Connection::connect(&server.server(), None),
+        )
         .await
         .expect("connect in time")
         {

@@ -166,9 +166,10 @@ fn find_close(bytes: &[u8]) -> Option<usize> {
     let mut at = 0;
     while at + 2 <= bytes.len() {
         let (len, header) = match bytes[at + 1] & 0x7F {
-            126 if at + 4 <= bytes.len() => {
-                (usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])), 4)
-            }
+            126 if at + 4 <= bytes.len() => (
+                usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])),
+                4,
+            ),
             126 => return None,
             n => (usize::from(n), 2),
         };
