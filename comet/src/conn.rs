@@ -19,13 +19,13 @@ use natter_proto::msg::{
     AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest,
 };
 use natter_proto::{ErrorCode, Frame, Op};
-use tokio::io::{AsyncRead, ReadHalf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, ReadHalf};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::wire::SendError;
-use crate::ws::{Incoming, ReadError, Reader};
+use crate::ws::{self, Incoming, ReadError, Reader};
 use crate::{Comet, ConnHandle, Socket, Wire};
 
 /// Requests (messages, syncs) a client may have in flight on one connection.
@@ -45,8 +45,11 @@ enum Wake {
 
 /// Why the work phase ended.
 enum Exit {
-    /// The peer closed or the socket failed.
+    /// The socket ended or failed without a close frame.
     Peer,
+    /// The peer sent a close frame, with this code if it gave one: the
+    /// server answers with a close frame echoing it (RFC 6455, section 5.5.1).
+    PeerClosed(Option<u16>),
     /// The peer broke the WebSocket protocol: a close frame with this
     /// code, and no `Disconnect` frame.
     Protocol(u16, String),
@@ -279,9 +282,9 @@ pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&conn_id);
-            goodbye(&comet, &wire, exit);
+            let ending = goodbye(&comet, &wire, exit);
             drop(handle);
-            finish(&wire).await;
+            finish(&wire, &mut reader, &mut read, ending).await;
             return;
         }
     };
@@ -336,7 +339,7 @@ pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
     // Un-acked pushes need nothing: the device's stored cursor only advances
     // over acknowledged positions, so its next sync returns them.
     comet.inner.metrics.connections.dec();
-    goodbye(&comet, &wire, exit);
+    let ending = goodbye(&comet, &wire, exit);
     let Conn { jobs, handle, .. } = conn;
     drop(handle);
     // Requests still queued are dropped unrun; the one running finishes (or
@@ -350,18 +353,41 @@ pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
     {
         requests.abort();
     }
-    finish(&wire).await;
+    finish(&wire, &mut reader, &mut read, ending).await;
+}
+
+/// How the socket ends once the last frame is queued.
+enum Ending {
+    /// Nothing more to wait for: the peer is gone, or its close frame was
+    /// answered.
+    Now,
+    /// The server sent a close frame: the peer's close frame is awaited
+    /// (RFC 6455, section 5.5.1), then the connection ends.
+    AwaitClose,
+    /// The peer broke the protocol: what it still sends is read and
+    /// dropped until it closes, so that the close frame is not lost to a
+    /// reset.
+    Discard,
 }
 
 /// Queues what the peer is told on the way out: for a server close, the
 /// `Disconnect` frame and the close frame; for a protocol error, the close
-/// frame alone. A slow consumer's socket is dropped instead.
-fn goodbye(comet: &Comet, wire: &Wire, exit: Exit) {
+/// frame alone; for the peer's close frame, a close frame echoing its code.
+/// A slow consumer's socket is dropped instead.
+fn goodbye(comet: &Comet, wire: &Wire, exit: Exit) -> Ending {
     let disconnects = &comet.inner.metrics.disconnects;
     let (code, reason) = match exit {
         Exit::Peer => {
             disconnects.with_label_values(&["peer"]).inc();
-            return;
+            return Ending::Now;
+        }
+        Exit::PeerClosed(code) => {
+            disconnects.with_label_values(&["peer"]).inc();
+            // A close frame without a code is answered as a normal close.
+            if wire.close(code.unwrap_or(ws::CLOSE_NORMAL), "").is_err() {
+                wire.abort();
+            }
+            return Ending::Now;
         }
         Exit::Protocol(close_code, reason) => {
             disconnects.with_label_values(&["websocket"]).inc();
@@ -369,7 +395,7 @@ fn goodbye(comet: &Comet, wire: &Wire, exit: Exit) {
             if wire.close(close_code, &reason).is_err() {
                 wire.abort();
             }
-            return;
+            return Ending::Discard;
         }
         Exit::Close(code, reason) => (code, reason),
     };
@@ -387,16 +413,48 @@ fn goodbye(comet: &Comet, wire: &Wire, exit: Exit) {
     let sent = wire.send_frame(&frame).is_ok() && wire.close(code.close_code(), &reason).is_ok();
     if !sent {
         wire.abort();
+        return Ending::Now;
     }
+    Ending::AwaitClose
 }
 
-/// Writes what is queued, for at most the grace period, and ends the socket.
-async fn finish(wire: &Wire) {
-    if tokio::time::timeout(CLOSE_GRACE, wire.finish())
+/// Ends the socket as `ending` says, within the grace period: writes what
+/// is queued, and shuts the write side, which ends the TCP connection once
+/// the read half is dropped too.
+async fn finish(wire: &Wire, reader: &mut Reader, read: &mut ReadSide, ending: Ending) {
+    let deadline = Instant::now() + CLOSE_GRACE;
+    if let Ending::AwaitClose = ending {
+        // The close frame goes out while the peer's is awaited; the socket
+        // stays open both ways until it comes (or the grace period ends).
+        let _ = tokio::time::timeout_at(deadline, async {
+            loop {
+                tokio::select! {
+                    incoming = reader.next(read) => match incoming {
+                        Ok(Incoming::Close(_)) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    _ = std::future::poll_fn(|cx| wire.poll_drive(cx)) => return,
+                }
+            }
+        })
+        .await;
+    }
+    if tokio::time::timeout_at(deadline, wire.finish())
         .await
         .is_err()
     {
         wire.abort();
+        return;
+    }
+    if let Ending::Discard = ending {
+        // What the peer still sends is read and dropped until it closes:
+        // closing with unread bytes would reset the connection, and the
+        // reset may overtake the close frame.
+        let _ = tokio::time::timeout_at(deadline, async {
+            let mut scratch = [0u8; 4096];
+            while matches!(read.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 }
 
@@ -414,7 +472,9 @@ async fn next_message(
                 let _ = wire.pong(&payload);
             }
             Ok(Incoming::Pong) => {}
-            Ok(Incoming::Close(_)) => return Err(Exit::Peer),
+            Ok(Incoming::Close(close)) => {
+                return Err(Exit::PeerClosed(close.map(|(code, _)| code)))
+            }
             Ok(message) => return Ok(message),
             Err(e) => return Err(read_failed(e)),
         }
@@ -509,7 +569,9 @@ impl Conn {
                     deadline = Instant::now() + idle;
                     match incoming {
                         Err(e) => Err(read_failed(e)),
-                        Ok(Incoming::Close(_)) => Err(Exit::Peer),
+                        Ok(Incoming::Close(close)) => {
+                            Err(Exit::PeerClosed(close.map(|(code, _)| code)))
+                        }
                         Ok(Incoming::Ping(payload)) => {
                             let _ = wire.pong(&payload);
                             Ok(())

@@ -33,7 +33,7 @@ use natter_node::Shutdown;
 use natter_proto::ErrorCode;
 use prometheus::Registry;
 use tokio::io::WriteHalf;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,6 +46,24 @@ pub const ROUTES: &[(&str, &str)] = &[("get", "/sub")];
 type Socket = TokioIo<hyper::upgrade::Upgraded>;
 /// A connection's outgoing side.
 type Wire = wire::Wire<WriteHalf<Socket>>;
+
+/// A connection's place under `comet.max_connections`. The listener takes
+/// one for every TCP connection it accepts and hands it to each request as
+/// an extension; a WebSocket upgrade takes it along, so plain HTTP and
+/// WebSocket connections count against one cap.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl ConnectionSlot {
+    pub fn new(permit: OwnedSemaphorePermit) -> ConnectionSlot {
+        ConnectionSlot(Arc::new(Mutex::new(Some(permit))))
+    }
+
+    /// The permit, for the one request that keeps the connection.
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 /// How other tasks reach one connection.
 #[derive(Clone)]
@@ -118,6 +136,12 @@ impl Comet {
                 tasks: TaskTracker::new(),
             }),
         }
+    }
+
+    /// The connection slots (`comet.max_connections`), shared with the
+    /// listener that takes one per accepted connection.
+    pub fn slots(&self) -> Arc<Semaphore> {
+        self.inner.slots.clone()
     }
 
     /// The node id this gateway registers sessions under.
@@ -377,7 +401,17 @@ async fn upgrade(State(comet): State<Comet>, mut request: Request) -> Response {
     if comet.inner.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let Ok(permit) = comet.inner.slots.clone().try_acquire_owned() else {
+    // The connection's slot, taken when it was accepted; without one (a
+    // listener that does not take them), a slot of its own.
+    let permit = match request
+        .extensions_mut()
+        .remove::<ConnectionSlot>()
+        .and_then(|slot| slot.take())
+    {
+        Some(permit) => Ok(permit),
+        None => comet.inner.slots.clone().try_acquire_owned(),
+    };
+    let Ok(permit) = permit else {
         comet
             .inner
             .metrics

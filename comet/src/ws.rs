@@ -57,8 +57,18 @@ impl Opcode {
 }
 
 /// Close codes the server uses for WebSocket-level failures.
+pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Whether a peer may send `code` in a close frame (RFC 6455, section 7.4):
+/// the codes defined for use on the wire, those registered since (1012 to
+/// 1014), and the ranges for libraries and applications. 1004 is reserved,
+/// and 1005, 1006 and 1015 only ever stand for a missing close frame.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
 
 /// One complete message (fragments reassembled) or control frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -80,6 +90,9 @@ pub enum ReadError {
     /// A message over the limit; the server closes with 1009.
     #[error("message of at least {len} bytes exceeds the limit of {max}")]
     TooBig { len: u64, max: usize },
+    /// A text message that is not UTF-8; the server closes with 1007.
+    #[error("text message is not UTF-8")]
+    NotUtf8,
     /// The socket ended (cleanly or not) without a close frame.
     #[error("connection ended")]
     Eof,
@@ -93,6 +106,7 @@ impl ReadError {
         match self {
             ReadError::Protocol(_) => Some(CLOSE_PROTOCOL_ERROR),
             ReadError::TooBig { .. } => Some(CLOSE_TOO_BIG),
+            ReadError::NotUtf8 => Some(CLOSE_INVALID_DATA),
             ReadError::Eof | ReadError::Io(_) => None,
         }
     }
@@ -161,14 +175,14 @@ impl Reader {
                     }
                     so_far.extend_from_slice(&payload);
                     if fin {
-                        return Ok(Some(data(first, so_far.freeze())));
+                        return data(first, so_far.freeze()).map(Some);
                     }
                     self.partial = Some((first, so_far));
                 }
                 (_, Some(_)) => {
                     return Err(ReadError::Protocol("new message inside a fragmented one"))
                 }
-                (opcode, None) if fin => return Ok(Some(data(opcode, payload.freeze()))),
+                (opcode, None) if fin => return data(opcode, payload.freeze()).map(Some),
                 (opcode, None) => self.partial = Some((opcode, payload)),
             }
         }
@@ -234,10 +248,11 @@ struct RawFrame {
     payload: BytesMut,
 }
 
-fn data(opcode: Opcode, payload: Bytes) -> Incoming {
+fn data(opcode: Opcode, payload: Bytes) -> Result<Incoming, ReadError> {
     match opcode {
-        Opcode::Text => Incoming::Text(payload),
-        _ => Incoming::Binary(payload),
+        Opcode::Text if std::str::from_utf8(&payload).is_err() => Err(ReadError::NotUtf8),
+        Opcode::Text => Ok(Incoming::Text(payload)),
+        _ => Ok(Incoming::Binary(payload)),
     }
 }
 
@@ -250,6 +265,9 @@ fn control(opcode: Opcode, payload: BytesMut) -> Result<Incoming, ReadError> {
             1 => return Err(ReadError::Protocol("close payload of one byte")),
             _ => {
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
+                if !close_code_allowed(code) {
+                    return Err(ReadError::Protocol("close code not allowed on the wire"));
+                }
                 let reason = std::str::from_utf8(&payload[2..])
                     .map_err(|_| ReadError::Protocol("close reason is not UTF-8"))?;
                 Incoming::Close(Some((code, reason.to_string())))
@@ -432,6 +450,26 @@ mod tests {
             ),
             ("one-byte close", client_frame(true, 8, b"x", [1, 2, 3, 4])),
             (
+                "close code 999",
+                client_frame(true, 8, &[3, 231], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 1005",
+                client_frame(true, 8, &[3, 237], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 1006",
+                client_frame(true, 8, &[3, 238], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 2000",
+                client_frame(true, 8, &[7, 208], [1, 2, 3, 4]),
+            ),
+            (
+                "close code 5000",
+                client_frame(true, 8, &[19, 136], [1, 2, 3, 4]),
+            ),
+            (
                 "close reason not UTF-8",
                 client_frame(true, 8, &[3, 232, 0xff], [1, 2, 3, 4]),
             ),
@@ -449,6 +487,32 @@ mod tests {
                 "{name}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn close_codes_follow_the_rfc_ranges() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 4000, 4999,
+        ] {
+            assert!(close_code_allowed(code), "{code}");
+        }
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            assert!(!close_code_allowed(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_text_message_must_be_utf8_even_across_fragments() {
+        let mut bytes = client_frame(false, 1, &[0xE2, 0x82], [1, 2, 3, 4]);
+        bytes.extend(client_frame(true, 0, &[0xAC], [1, 2, 3, 4]));
+        assert_eq!(
+            reader(&bytes).parse().unwrap(),
+            Some(Incoming::Text(Bytes::from_static("€".as_bytes())))
+        );
+        let err = reader(&client_frame(true, 1, &[0xE2, 0x82], [1, 2, 3, 4]))
+            .parse()
+            .unwrap_err();
+        assert_eq!(err.close_code(), Some(CLOSE_INVALID_DATA));
     }
 
     #[test]

@@ -55,8 +55,7 @@ impl HttpState {
 
 /// A JSON body, with a clear error when it does not parse.
 fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    json.map(|Json(v)| v)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))
+    json.map(|Json(v)| v).map_err(ApiError::from)
 }
 
 /// Path ids, with a clear error when they are not numbers.

@@ -3,13 +3,14 @@
 //! SQLite under the data dir, sessions in memory — used by `natter serve`
 //! and by the end-to-end tests.
 
+mod http;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::serve::ListenerExt as _;
 use axum::Router;
 use natter_comet::Comet;
 use natter_group::mysql::MySqlGroupStore;
@@ -535,6 +536,7 @@ impl Server {
                 app = app.merge(natter_group::http::router(half.groups.clone(), auth));
             }
         }
+        let http_metrics = http::Metrics::new(&registry);
         let app = app
             .merge(health_router(registry, ready.clone()))
             .fallback(|| async {
@@ -590,24 +592,27 @@ impl Server {
         tracing::info!(role = role.name(), %addr, rpc = ?rpc_addr, worker, node = %node_name, data_dir = %config.data_dir.display(), "natter serving");
         ready.set(true);
 
+        // One cap for every connection on the listener: the gateway's slots,
+        // or slots of the same number where there is no gateway.
+        let slots = comet
+            .as_ref()
+            .map(|c| c.slots())
+            .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(config.comet.max_connections)));
+        http::check_open_file_limit(config.comet.max_connections);
+        let limits = http::Limits::new(&config.http, &config.comet);
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            // Pushes are small writes that must leave at once: no Nagle
-            // delay behind an unacknowledged earlier one.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+            // HTTP connections and WebSockets drain side by side, each
+            // within the drain time.
+            let serving = http::serve(listener, app, slots, limits, stop.clone(), http_metrics);
+            let draining = async {
+                stop.cancelled().await;
+                ready.set(false);
+                if let Some(comet) = &comet {
+                    comet.drain().await;
                 }
-            });
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .await;
-            // However serving ended, every connection is told to go.
-            stop.cancel();
-            ready.set(false);
-            if let Some(comet) = &comet {
-                comet.drain().await;
-            }
+            };
+            tokio::join!(serving, draining);
             if let Some(renewal) = renewal {
                 let _ = renewal.await;
             }
@@ -655,8 +660,7 @@ impl Server {
                 }
             }
             tracing::info!("natter stopped");
-            committed.context("committer task")?;
-            served.context("HTTP server")
+            committed.context("committer task")
         });
         Ok(Server {
             addr,

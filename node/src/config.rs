@@ -53,6 +53,7 @@ pub struct Config {
     pub sessions: SessionsConfig,
     pub discovery: DiscoveryConfig,
     pub rpc: RpcConfig,
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -69,6 +70,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             discovery: DiscoveryConfig::default(),
             rpc: RpcConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -129,13 +131,15 @@ pub struct CometConfig {
     pub push_rto_ms: u64,
     /// Resends of one push before the connection is closed (the client then syncs).
     pub push_retries: u32,
-    /// Open connections accepted at most.
+    /// Open connections on the public listener at most: plain HTTP and
+    /// WebSocket connections take from this one cap, on every role.
     pub max_connections: usize,
     /// Shards of the connection map.
     pub buckets: usize,
     /// Malformed frames tolerated on one connection before it is closed.
     pub max_errors: u32,
-    /// Time allowed for open connections to close on shutdown.
+    /// Time allowed for open connections (WebSocket and HTTP) to close on
+    /// shutdown; HTTP connections still open then are dropped.
     pub drain_ms: u64,
 }
 
@@ -341,6 +345,33 @@ impl Default for RpcConfig {
     }
 }
 
+/// The public listener's HTTP/1.1 connections (every role). A connection
+/// that overruns a time-out is closed (a request, with `408 request_timeout`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Time a request's head may take to arrive: from the connection's
+    /// accept for its first request, from the first byte for later ones.
+    pub header_read_timeout_ms: u64,
+    /// Time a keep-alive connection may wait for its next request.
+    pub idle_timeout_ms: u64,
+    /// Time a request may take from its head to the response, body included.
+    pub request_timeout_ms: u64,
+    /// Time a request body may go without a byte arriving.
+    pub body_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 30_000,
+            body_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -454,6 +485,22 @@ impl Config {
             || store.mysql_max_connections == 0
         {
             return bad("store.mysql_url must be empty or a mysql:// URL, and store.mysql_max_connections positive");
+        }
+        let h = &self.http;
+        let hour = 3_600_000;
+        if [
+            h.header_read_timeout_ms,
+            h.idle_timeout_ms,
+            h.request_timeout_ms,
+            h.body_timeout_ms,
+        ]
+        .iter()
+        .any(|&ms| ms == 0 || ms > hour)
+        {
+            return bad("http.header_read_timeout_ms, idle_timeout_ms, request_timeout_ms and body_timeout_ms must be between 1 and 3600000 (1 h)");
+        }
+        if c.drain_ms > hour {
+            return bad("comet.drain_ms must be at most 3600000 (1 h)");
         }
         if self.rpc.timeout_ms == 0 {
             return bad("rpc.timeout_ms must be positive");
@@ -623,6 +670,18 @@ mod tests {
         config = Config::default();
         config.groups.push_window_ms = 10_001;
         assert!(config.validate().is_err());
+        config = Config::default();
+        config.http.header_read_timeout_ms = 0;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.http.body_timeout_ms = 3_600_001;
+        assert!(config.validate().is_err());
+        assert!(
+            Config::load(None, env(&[("NATTER_HTTP__IDLE_TIMEOUT_MS", "0")]))
+                .expect("loads")
+                .validate()
+                .is_err()
+        );
         config = Config::default();
         config.auth.secret = "short".into();
         assert!(config.validate().is_err());

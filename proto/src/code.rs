@@ -99,8 +99,13 @@ codes! {
     GroupDissolved = 27 => "group_dissolved", 410,
     /// The request conflicts with the current state (already a member, an application pending, …).
     Conflict = 28 => "conflict", 409,
+    /// An HTTP request body is over the server's limit.
+    PayloadTooLarge = 29 => "payload_too_large", 413,
+    /// An HTTP request's body stopped arriving, or the request was not
+    /// answered, within the server's time-outs; the connection is closed.
+    RequestTimeout = 30 => "request_timeout", 408,
     /// A per-user quota is used up (for example, groups owned).
-    QuotaExceeded = 30 => "quota_exceeded", 403,
+    QuotaExceeded = 31 => "quota_exceeded", 403,
 }
 
 impl ErrorCode {
