@@ -299,6 +299,12 @@ async fn a_logic_node_killed_20_times_under_traffic_keeps_every_promise() {
         );
         let (report, restarted) = run_with_a_crash(i, target, &logic_launch, logic).await;
         logic = restarted;
+        // The sends the crash caught were resent.
+        assert!(
+            report.sdk.resends > 0,
+            "cycle {i}: the kill did not hit the run:\n{}",
+            report.text()
+        );
         verdict(i, &report, &mut failures);
         // The next run connects only once the gateway reaches logic again.
         wait_for_logic(&comet.addr).await;
