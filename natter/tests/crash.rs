@@ -6,11 +6,15 @@
 //! for (a send stored just before the crash whose ack was lost must not
 //! come back to its own device as an incoming message).
 //!
-//! In the distributed shape the gateway keeps running: it holds the
-//! clients' connections, so the sends caught by the crash are answered
-//! with `internal` or time out and are resent over the same connection to
-//! the restarted logic node, which must answer them with the first mid.
-//! (A gateway crash is the embedded case again: reconnect, sync, resend.)
+//! In the distributed shape the logic node dies in every cycle; in every
+//! other cycle its gateway dies with it (one machine running both goes
+//! down), and both come back on their ports. With the gateway alive the
+//! clients keep their connections: the sends the crash caught are answered
+//! with `internal` or time out, and are resent over the same connection to
+//! the restarted logic node, which must answer them with the first mid
+//! (the dedupe key is in MariaDB). With the gateway dead too, the clients
+//! reconnect and sync, and a send stored just before the crash comes back
+//! to its own device, as in the embedded shape.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -161,20 +165,26 @@ fn target(server: &str, api: &str, secret: Vec<u8>, report_dir: &Path) -> Target
     }
 }
 
-/// One run with a kill -9 of `victim` in its sending window and a restart
-/// at once; returns the report and the restarted node.
+/// One run with a kill -9 of each of `victims` (at the same moment) in its
+/// sending window and a restart at once; returns the report and the
+/// restarted nodes, in order.
 async fn run_with_a_crash(
     i: u64,
     target: Target,
-    launch: &Launch,
-    mut victim: Node,
-) -> (Report, Node) {
+    victims: Vec<(&Launch, Node)>,
+) -> (Report, Vec<Node>) {
     let run = tokio::spawn(execute(scenario(), target, Mode::Run));
     tokio::time::sleep(kill_after(i)).await;
     assert!(!run.is_finished(), "cycle {i}: the run ended before the kill");
-    victim.kill_9().await;
-    let restarted = launch.restart(&victim).await;
-    drop(victim);
+    let mut killed = Vec::new();
+    for (launch, mut victim) in victims {
+        victim.kill_9().await;
+        killed.push((launch, victim));
+    }
+    let mut restarted = Vec::new();
+    for (launch, victim) in killed {
+        restarted.push(launch.restart(&victim).await);
+    }
     let report = run
         .await
         .expect("the run task")
@@ -228,8 +238,8 @@ async fn natter_serve_killed_20_times_under_traffic_keeps_every_promise() {
             secret.clone(),
             &dir.path().join(format!("report-{i}")),
         );
-        let (report, restarted) = run_with_a_crash(i, target, &launch, server).await;
-        server = restarted;
+        let (report, mut restarted) = run_with_a_crash(i, target, vec![(&launch, server)]).await;
+        server = restarted.remove(0);
         // Every device lost its connection and came back.
         assert!(
             report.sdk.reconnects >= scenario().users,
@@ -284,7 +294,8 @@ async fn a_logic_node_killed_20_times_under_traffic_keeps_every_promise() {
         .start("127.0.0.1:0", Some("127.0.0.1:0"))
         .await
         .expect("logic serves");
-    let comet = role("comet", "comet-a")
+    let comet_launch = role("comet", "comet-a");
+    let mut comet = comet_launch
         .start("127.0.0.1:0", Some("127.0.0.1:0"))
         .await
         .expect("comet serves");
@@ -297,11 +308,25 @@ async fn a_logic_node_killed_20_times_under_traffic_keeps_every_promise() {
             SECRET.as_bytes().to_vec(),
             &dir.path().join(format!("report-{i}")),
         );
-        let (report, restarted) = run_with_a_crash(i, target, &logic_launch, logic).await;
-        logic = restarted;
+        // Every other cycle the gateway dies with the logic node (a machine
+        // running both goes down).
+        let both = i % 2 == 1;
+        let (report, restarted) = if both {
+            let (report, mut restarted) = run_with_a_crash(
+                i,
+                target,
+                vec![(&logic_launch, logic), (&comet_launch, comet)],
+            )
+            .await;
+            comet = restarted.remove(1);
+            (report, restarted)
+        } else {
+            run_with_a_crash(i, target, vec![(&logic_launch, logic)]).await
+        };
+        logic = restarted.into_iter().next().expect("logic restarted");
         // The sends the crash caught were resent.
         assert!(
-            report.sdk.resends > 0,
+            report.sdk.resends > 0 || (both && report.sdk.reconnects > 0),
             "cycle {i}: the kill did not hit the run:\n{}",
             report.text()
         );
