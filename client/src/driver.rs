@@ -758,10 +758,7 @@ mod tests {
         let (_commands, commands_rx) = mpsc::channel(1);
         let (events, events_rx) = mpsc::channel(16);
         let config = Arc::new(ClientConfig::new("127.0.0.1:1", "token"));
-        (
-            Driver::new(config, shared, commands_rx, events),
-            events_rx,
-        )
+        (Driver::new(config, shared, commands_rx, events), events_rx)
     }
 
     /// Message `mid` from 7 to 8 with `client_seq`, sent from `device`.

@@ -397,7 +397,10 @@ impl Client {
             if attempt > 0 {
                 self.shared.stats.resends.fetch_add(1, Ordering::Relaxed);
             }
-            match self.request_send(Op::Message, body.clone(), Some(key)).await {
+            match self
+                .request_send(Op::Message, body.clone(), Some(key))
+                .await
+            {
                 Ok(frame) => return decode_reply(&frame),
                 Err(e) if e.retryable() => {
                     if e != ClientError::Timeout {

@@ -175,7 +175,10 @@ async fn run_with_a_crash(
 ) -> (Report, Vec<Node>) {
     let run = tokio::spawn(execute(scenario(), target, Mode::Run));
     tokio::time::sleep(kill_after(i)).await;
-    assert!(!run.is_finished(), "cycle {i}: the run ended before the kill");
+    assert!(
+        !run.is_finished(),
+        "cycle {i}: the run ended before the kill"
+    );
     let mut killed = Vec::new();
     for (launch, mut victim) in victims {
         victim.kill_9().await;

@@ -104,7 +104,10 @@ impl SendRecord {
         if self.group {
             format!("g:{}", self.receiver)
         } else {
-            let (a, b) = (self.sender.min(self.receiver), self.sender.max(self.receiver));
+            let (a, b) = (
+                self.sender.min(self.receiver),
+                self.sender.max(self.receiver),
+            );
             format!("p:{a}:{b}")
         }
     }

@@ -419,7 +419,11 @@ async fn look_up_examples(r: &mut crate::reconcile::Reconciliation, target: &Tar
                 return None;
             }
             let page: natter_proto::api::HistoryPage = response.json().await.ok()?;
-            Some(page.messages.first().is_some_and(|m| m.mid == mid.to_string()))
+            Some(
+                page.messages
+                    .first()
+                    .is_some_and(|m| m.mid == mid.to_string()),
+            )
         }
     };
     for m in &mut r.lost_examples {

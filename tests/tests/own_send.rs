@@ -39,7 +39,12 @@ async fn a_send_whose_ack_was_lost_comes_back_by_sync_as_its_answer_never_as_inc
         .await
         .expect("the resend is answered");
     assert_eq!(
-        (answer.mid, answer.conv_seq, answer.user_seq, &answer.conversation),
+        (
+            answer.mid,
+            answer.conv_seq,
+            answer.user_seq,
+            &answer.conversation
+        ),
         (
             stored.mid,
             stored.conv_seq,
