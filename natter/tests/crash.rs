@@ -16,7 +16,7 @@
 //! reconnect and sync, and a send stored just before the crash comes back
 //! to its own device, as in the embedded shape.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -370,5 +370,5 @@ async fn wait_for_logic(gateway: &str) {
 }
 
 fn path(p: &Path) -> String {
-    PathBuf::from(p).display().to_string()
+    p.display().to_string()
 }
