@@ -17,10 +17,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::raw::{Connection, Incoming};
-use crate::{ClientConfig, ClientError, Command, Event, Shared};
+use crate::{ClientConfig, ClientError, Command, Event, SendKey, Shared};
 
 /// Mids remembered for de-duplication.
 const SEEN_CAPACITY: usize = 100_000;
+/// This device's own messages remembered, when they came back by sync or
+/// push with no send waiting for them, to answer a resend still queued.
+const OWN_CAPACITY: usize = 1024;
 const SYNC_PAGE: u32 = 200;
 
 /// Connects and authenticates once.
@@ -120,10 +123,48 @@ impl Seen {
     }
 }
 
+/// This device's own messages that came back (by sync or push) before
+/// any send of theirs was waiting: the answer to a resend of one of them
+/// that is still in the command queue.
+#[derive(Default)]
+struct Own {
+    replies: HashMap<u64, (SendKey, MessageReply)>,
+    order: VecDeque<u64>,
+}
+
+impl Own {
+    fn remember(&mut self, key: SendKey, reply: MessageReply) {
+        if self.replies.insert(key.client_seq, (key, reply)).is_none() {
+            self.order.push_back(key.client_seq);
+            if self.order.len() > OWN_CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.replies.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The stored message a send of `key` would be answered with. (A
+    /// `client_seq` reused for another receiver is left to the server,
+    /// which refuses it.)
+    fn answer(&self, key: &SendKey) -> Option<&MessageReply> {
+        self.replies
+            .get(&key.client_seq)
+            .filter(|(k, _)| k == key)
+            .map(|(_, reply)| reply)
+    }
+}
+
 type Report = oneshot::Sender<Result<Frame, ClientError>>;
 
 enum Waiter {
     App(Report),
+    /// A `Message` request: its reply may also come from the stored
+    /// message itself, when it reaches this device by sync or push first.
+    Send {
+        report: Report,
+        key: SendKey,
+    },
     /// The driver's own sync of the user's stream; `report` answers an
     /// application's `sync()` once the stream and every group it names are done.
     Sync {
@@ -146,7 +187,7 @@ impl Waiter {
     fn vouch_needed(&self, cursor: u64) -> bool {
         match self {
             Waiter::Sync { after, .. } | Waiter::GroupSync { after, .. } => cursor > *after,
-            Waiter::App(_) => false,
+            Waiter::App(_) | Waiter::Send { .. } => false,
         }
     }
 }
@@ -172,6 +213,7 @@ pub(crate) struct Driver {
     group_syncs: usize,
     waiting: Vec<Report>,
     seen: Seen,
+    own: Own,
     /// Pushes handed to the application but not yet acknowledged: the last
     /// one's seq (the ack covers it and all before it), how many, and when
     /// the ack is due.
@@ -203,6 +245,7 @@ impl Driver {
             group_syncs: 0,
             waiting: Vec::new(),
             seen: Seen::default(),
+            own: Own::default(),
             unacked: None,
         }
     }
@@ -234,6 +277,7 @@ impl Driver {
             // Whatever was waiting on this connection may be retried by its owner.
             for (_, waiter) in self.pending.drain() {
                 if let Waiter::App(reply)
+                | Waiter::Send { report: reply, .. }
                 | Waiter::Sync {
                     report: Some(reply),
                     ..
@@ -388,15 +432,24 @@ impl Driver {
                         let _ = self.send_ack(conn).await;
                         return End::Shut;
                     }
-                    Some(Command::Request { op, body, reply }) => {
+                    Some(Command::Request { op, body, reply, send }) => {
                         if reply.is_closed() {
                             continue; // Its sender gave up waiting; a resend follows.
+                        }
+                        if let Some(answer) = send.as_ref().and_then(|key| self.own.answer(key)) {
+                            // The message is stored: it came back to this device already.
+                            let _ = reply.send(Ok(Frame::new(Op::MessageReply, 0, 0, answer)));
+                            continue;
                         }
                         let sent = if op == Op::Sync {
                             self.send_sync(conn, Some(reply)).await
                         } else {
                             let seq = self.seq();
-                            self.pending.insert(seq, Waiter::App(reply));
+                            let waiter = match send {
+                                Some(key) => Waiter::Send { report: reply, key },
+                                None => Waiter::App(reply),
+                            };
+                            self.pending.insert(seq, waiter);
                             conn.send(&Frame::raw(op, seq, 0, body)).await
                         };
                         if let Err(e) = sent {
@@ -444,7 +497,8 @@ impl Driver {
         Ok(())
     }
 
-    /// Hands a message to the application unless it was seen before.
+    /// Hands a message to the application unless it was seen before or
+    /// this device sent it.
     async fn deliver(&mut self, message: Message) -> Result<(), End> {
         if message.group != 0 {
             self.groups
@@ -454,6 +508,10 @@ impl Driver {
         } else {
             self.cursor.mark(message.user_seq);
         }
+        if self.is_own(&message) {
+            self.own_message(&message);
+            return Ok(());
+        }
         if !self.seen.insert(message.mid) {
             self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -462,6 +520,52 @@ impl Driver {
             .send(Event::Message(message))
             .await
             .map_err(|_| End::Shut)
+    }
+
+    /// Whether this device sent `message`. (Group events carry no device.)
+    fn is_own(&self, message: &Message) -> bool {
+        message.sender == self.shared.uid
+            && !message.sender_device.is_empty()
+            && message.sender_device == self.shared.device
+    }
+
+    /// This device's own message, back by sync or push: the server holds
+    /// it, so it answers every send of its `client_seq` still waiting (its
+    /// ack may have been lost, say in a crash just after the commit), and
+    /// the application, which sent it, is not told of it again.
+    fn own_message(&mut self, message: &Message) {
+        self.shared.stats.own_copies.fetch_add(1, Ordering::Relaxed);
+        let fresh = self.seen.insert(message.mid);
+        let key = SendKey {
+            client_seq: message.client_seq,
+            receiver: message.receiver,
+            group: message.group,
+        };
+        let reply = MessageReply {
+            mid: message.mid,
+            time_ms: message.time_ms,
+            conv_seq: message.conv_seq,
+            user_seq: message.user_seq,
+            repeat: true,
+            conversation: message.conversation.clone(),
+        };
+        let waiting: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, w)| matches!(w, Waiter::Send { key: k, .. } if *k == key))
+            .map(|(seq, _)| *seq)
+            .collect();
+        if waiting.is_empty() {
+            if fresh {
+                self.own.remember(key, reply);
+            }
+            return;
+        }
+        for seq in waiting {
+            if let Some(Waiter::Send { report, .. }) = self.pending.remove(&seq) {
+                let _ = report.send(Ok(Frame::new(Op::MessageReply, seq, 0, &reply)));
+            }
+        }
     }
 
     async fn frame(&mut self, conn: &mut Connection, frame: Frame) -> Result<(), End> {
@@ -561,7 +665,8 @@ impl Driver {
                         report: Some(report),
                         ..
                     }
-                    | Waiter::App(report) => {
+                    | Waiter::App(report)
+                    | Waiter::Send { report, .. } => {
                         let _ = report.send(Ok(Frame::empty(Op::SyncReply, frame.seq, 0)));
                         Ok(())
                     }
@@ -591,6 +696,7 @@ impl Driver {
                     Some(Waiter::GroupSync { .. }) => self.group_sync_done(),
                     // A sync answered by an error is reported too; the next connect syncs again.
                     Some(Waiter::App(reply))
+                    | Some(Waiter::Send { report: reply, .. })
                     | Some(Waiter::Sync {
                         report: Some(reply),
                         ..
@@ -639,6 +745,140 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A driver for uid 7, device "phone", with no connection.
+    fn driver() -> (Driver, mpsc::Receiver<Event>) {
+        let shared = Arc::new(Shared {
+            uid: 7,
+            device: "phone".into(),
+            next_client_seq: std::sync::atomic::AtomicU64::new(1),
+            stats: crate::Stats::default(),
+            http: std::sync::Mutex::new(None),
+        });
+        let (_commands, commands_rx) = mpsc::channel(1);
+        let (events, events_rx) = mpsc::channel(16);
+        let config = Arc::new(ClientConfig::new("127.0.0.1:1", "token"));
+        (Driver::new(config, shared, commands_rx, events), events_rx)
+    }
+
+    /// Message `mid` from 7 to 8 with `client_seq`, sent from `device`.
+    fn from_device(device: &str, mid: u64, client_seq: u64) -> Message {
+        Message {
+            mid,
+            conversation: "p:7:8".into(),
+            conv_seq: 3,
+            user_seq: 1,
+            sender: 7,
+            sender_device: device.into(),
+            receiver: 8,
+            client_seq,
+            time_ms: 1_700_000_000_000,
+            body: None,
+            group: 0,
+        }
+    }
+
+    fn key(client_seq: u64) -> SendKey {
+        SendKey {
+            client_seq,
+            receiver: 8,
+            group: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_devices_own_message_answers_its_waiting_sends_and_is_no_event() {
+        let (mut d, mut events) = driver();
+        // The send was tried twice (the first attempt's reply never came).
+        let (first, first_answer) = oneshot::channel();
+        let (second, second_answer) = oneshot::channel();
+        d.pending.insert(
+            5,
+            Waiter::Send {
+                report: first,
+                key: key(42),
+            },
+        );
+        d.pending.insert(
+            9,
+            Waiter::Send {
+                report: second,
+                key: key(42),
+            },
+        );
+        let (other, mut other_answer) = oneshot::channel();
+        d.pending.insert(
+            11,
+            Waiter::Send {
+                report: other,
+                key: key(43),
+            },
+        );
+        // Its copy arrives (by sync or push: both come through `deliver`).
+        assert!(d.deliver(from_device("phone", 900, 42)).await.is_ok());
+        for answer in [first_answer, second_answer] {
+            let frame = answer.await.expect("answered").expect("a reply");
+            assert_eq!(frame.op, Op::MessageReply);
+            let reply: MessageReply = frame.message().expect("body");
+            assert_eq!(
+                reply,
+                MessageReply {
+                    mid: 900,
+                    time_ms: 1_700_000_000_000,
+                    conv_seq: 3,
+                    user_seq: 1,
+                    repeat: true,
+                    conversation: "p:7:8".into(),
+                }
+            );
+        }
+        assert!(other_answer.try_recv().is_err(), "another send still waits");
+        assert_eq!(d.pending.len(), 1);
+        assert_eq!(d.cursor.contiguous, 1, "its place in the stream is held");
+        // The same copy again (a push after the sync), then the same
+        // message as another device of the user sent it: only that one is
+        // for the application.
+        assert!(d.deliver(from_device("phone", 900, 42)).await.is_ok());
+        assert!(d.deliver(from_device("laptop", 901, 42)).await.is_ok());
+        match events.try_recv() {
+            Ok(Event::Message(m)) => assert_eq!(m.mid, 901),
+            other => panic!("expected the laptop's message, got {other:?}"),
+        }
+        assert!(events.try_recv().is_err(), "nothing else");
+    }
+
+    #[tokio::test]
+    async fn the_devices_own_message_with_no_send_waiting_answers_a_later_resend() {
+        let (mut d, mut events) = driver();
+        assert!(d.deliver(from_device("phone", 900, 42)).await.is_ok());
+        assert!(events.try_recv().is_err(), "not an event");
+        let reply = d.own.answer(&key(42)).expect("remembered");
+        assert_eq!((reply.mid, reply.repeat), (900, true));
+        // The same client_seq to someone else is the server's to refuse.
+        assert!(d
+            .own
+            .answer(&SendKey {
+                receiver: 9,
+                ..key(42)
+            })
+            .is_none());
+        // A group event carries the actor's uid and no device: it is an event.
+        let mut event = from_device("", 902, 902);
+        event.group = 5;
+        assert!(d.deliver(event).await.is_ok());
+        assert!(matches!(events.try_recv(), Ok(Event::Message(m)) if m.mid == 902));
+    }
+
+    #[test]
+    fn own_replies_are_bounded() {
+        let mut own = Own::default();
+        for seq in 0..(OWN_CAPACITY as u64 + 10) {
+            own.remember(key(seq), MessageReply::default());
+        }
+        assert_eq!(own.replies.len(), OWN_CAPACITY);
+        assert!(own.answer(&key(0)).is_none(), "the oldest is forgotten");
+        assert!(own.answer(&key(OWN_CAPACITY as u64 + 9)).is_some());
+    }
 
     #[test]
     fn cursor_advances_only_over_contiguous_runs() {

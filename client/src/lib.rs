@@ -21,6 +21,9 @@
 //!   lost ack never duplicates a message;
 //! - pushes are acknowledged once handed to your event stream, and messages
 //!   are de-duplicated by `mid` (the wire is at-least-once);
+//! - a message this device sent never comes back as an event: when its copy
+//!   arrives by sync or push before the ack (which a crash may have lost),
+//!   it answers the waiting send instead;
 //! - on every (re)connect it syncs what it missed from its cursor (the highest
 //!   contiguous `user_seq` it has seen), so nothing acked goes missing;
 //! - heartbeats, and reconnects with back-off unless the server said the
@@ -192,7 +195,9 @@ impl ClientConfig {
 /// What the client tells the application.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A message for this device (pushed or synced), once per `mid`.
+    /// A message for this device (pushed or synced), once per `mid`. Never
+    /// one this device sent: that one answers its send (with `repeat` set
+    /// when its copy came back before the server's reply).
     Message(Message),
     Notify(Notify),
     /// Authenticated (first connect and every reconnect).
@@ -235,6 +240,9 @@ pub struct Stats {
     pub resends: AtomicU64,
     pub reconnects: AtomicU64,
     pub synced: AtomicU64,
+    /// This device's own messages that came back by sync or push: they
+    /// answer its sends and are never events.
+    pub own_copies: AtomicU64,
 }
 
 struct Shared {
@@ -250,8 +258,19 @@ enum Command {
         op: Op,
         body: Bytes,
         reply: oneshot::Sender<Result<Frame, ClientError>>,
+        /// With a `Message` request: what the server dedupes it on.
+        send: Option<SendKey>,
     },
     Close,
+}
+
+/// What identifies a send for this device: its `client_seq`, and where it
+/// goes (the server refuses a `client_seq` reused for another receiver).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SendKey {
+    client_seq: u64,
+    receiver: u64,
+    group: u64,
 }
 
 /// A connected client. Clones share one connection.
@@ -366,6 +385,11 @@ impl Client {
 
     /// Sends an envelope as given, resending the same client seq on time-outs.
     pub async fn send_message(&self, message: SendMessage) -> Result<MessageReply, ClientError> {
+        let key = SendKey {
+            client_seq: message.client_seq,
+            receiver: message.receiver,
+            group: message.group,
+        };
         let body = Bytes::from(message.encode_to_vec());
         let mut backoff = Duration::from_millis(50);
         let mut last = ClientError::Timeout;
@@ -373,7 +397,10 @@ impl Client {
             if attempt > 0 {
                 self.shared.stats.resends.fetch_add(1, Ordering::Relaxed);
             }
-            match self.request(Op::Message, body.clone()).await {
+            match self
+                .request_send(Op::Message, body.clone(), Some(key))
+                .await
+            {
                 Ok(frame) => return decode_reply(&frame),
                 Err(e) if e.retryable() => {
                     if e != ClientError::Timeout {
@@ -390,9 +417,24 @@ impl Client {
 
     /// One request/reply exchange; an `Error` reply becomes `Rejected`.
     async fn request(&self, op: Op, body: Bytes) -> Result<Frame, ClientError> {
+        self.request_send(op, body, None).await
+    }
+
+    /// [`Client::request`], for a send with its key.
+    async fn request_send(
+        &self,
+        op: Op,
+        body: Bytes,
+        send: Option<SendKey>,
+    ) -> Result<Frame, ClientError> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Request { op, body, reply })
+            .send(Command::Request {
+                op,
+                body,
+                reply,
+                send,
+            })
             .await
             .map_err(|_| ClientError::Shut)?;
         let frame = match tokio::time::timeout(self.config.ack_timeout, answer).await {
@@ -436,6 +478,7 @@ impl Client {
                 op: Op::Sync,
                 body: Bytes::new(),
                 reply,
+                send: None,
             })
             .await
             .map_err(|_| ClientError::Shut)?;

@@ -69,6 +69,48 @@ pub struct Missing {
     pub client_seq: u64,
     pub uid: u64,
     pub device: u16,
+    #[serde(default)]
+    pub conversation: String,
+    /// Whether the store holds the mid, looked up after the run; `None`
+    /// when it was not or could not be.
+    #[serde(default)]
+    pub in_store: Option<bool>,
+}
+
+/// One delivery nobody expected: a device that was not meant to get the
+/// message, or a message under another mid than its sender was given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unexpected {
+    /// The device that got it.
+    pub uid: u64,
+    pub device: u16,
+    pub mid: u64,
+    /// Who sent it, from its payload (`None`: not a pressure message).
+    pub origin: Option<Origin>,
+    /// Its conversation, from the send of that origin; empty when this run
+    /// has no such send.
+    pub conversation: String,
+    /// Whether the store holds the mid, as for [`Missing`].
+    #[serde(default)]
+    pub in_store: Option<bool>,
+}
+
+/// Examples of each kind kept in a reconciliation.
+pub const EXAMPLES: usize = 10;
+
+impl SendRecord {
+    /// The conversation of this send, as the server names it.
+    pub fn conversation(&self) -> String {
+        if self.group {
+            format!("g:{}", self.receiver)
+        } else {
+            let (a, b) = (
+                self.sender.min(self.receiver),
+                self.sender.max(self.receiver),
+            );
+            format!("p:{a}:{b}")
+        }
+    }
 }
 
 /// The verdict.
@@ -96,6 +138,25 @@ pub struct Reconciliation {
     pub stale: u64,
     /// The first few losses, to look up in the server's logs.
     pub lost_examples: Vec<Missing>,
+    /// The first few unexpected deliveries, likewise.
+    #[serde(default)]
+    pub unexpected_examples: Vec<Unexpected>,
+}
+
+impl Reconciliation {
+    fn count_unexpected(&mut self, d: &DeliveryRecord, sent: Option<&SendRecord>) {
+        self.unexpected += 1;
+        if self.unexpected_examples.len() < EXAMPLES {
+            self.unexpected_examples.push(Unexpected {
+                uid: d.uid,
+                device: d.device,
+                mid: d.mid,
+                origin: d.origin,
+                conversation: sent.map(SendRecord::conversation).unwrap_or_default(),
+                in_store: None,
+            });
+        }
+    }
 }
 
 impl Reconciliation {
@@ -170,13 +231,15 @@ pub fn reconcile(
             match counts.get(&(uid, device, mid)).copied().unwrap_or(0) {
                 0 => {
                     r.lost += 1;
-                    if r.lost_examples.len() < 10 {
+                    if r.lost_examples.len() < EXAMPLES {
                         r.lost_examples.push(Missing {
                             mid,
                             sender: send.sender,
                             client_seq: send.client_seq,
                             uid,
                             device,
+                            conversation: send.conversation(),
+                            in_store: None,
                         });
                     }
                 }
@@ -189,6 +252,17 @@ pub fn reconcile(
     // Deliveries of sends that failed but were stored anyway, by device and
     // origin: the mid each device first got for that origin.
     let mut unacked_seen: HashMap<(u64, u16, Origin), u64> = HashMap::new();
+    // The send of a delivery's origin, for its conversation.
+    let by_origin: HashMap<(u64, u16, u64), &SendRecord> = ledger
+        .sends
+        .iter()
+        .map(|s| ((s.sender, s.device, s.client_seq), s))
+        .collect();
+    let sent_by = |d: &DeliveryRecord| {
+        d.origin
+            .filter(|o| o.run == run)
+            .and_then(|o| by_origin.get(&(o.sender, o.device, o.client_seq)).copied())
+    };
     for d in &ledger.deliveries {
         let key = (d.uid, d.device, d.mid);
         if !expected_keys.contains_key(&key) {
@@ -206,10 +280,10 @@ pub fn reconcile(
                         // The same message again.
                         Some(mid) if *mid == d.mid => r.duplicates += 1,
                         // One send stored twice under two ids: a dedupe failure.
-                        Some(_) => r.unexpected += 1,
+                        Some(_) => r.count_unexpected(d, sent_by(d)),
                     }
                 }
-                _ => r.unexpected += 1,
+                _ => r.count_unexpected(d, sent_by(d)),
             }
             continue;
         }
@@ -300,7 +374,9 @@ mod tests {
                 sender: 1,
                 client_seq: 2,
                 uid: 2,
-                device: 0
+                device: 0,
+                conversation: "p:1:2".into(),
+                in_store: None,
             }]
         );
         assert!(!r.clean());
@@ -419,5 +495,52 @@ mod tests {
         assert_eq!(r.stale, 1);
         assert_eq!(r.lost, 0);
         assert!(!r.clean());
+    }
+
+    #[test]
+    fn unexpected_deliveries_are_listed_with_their_device_origin_and_conversation() {
+        // The failure: the sending device got its own acked message.
+        let mut ledger = perfect();
+        ledger.deliveries.push(got(1, 0, 101, 1, 2));
+        // And a device got a message never sent.
+        ledger.deliveries.push(got(3, 0, 555, 1, 77));
+        let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
+        assert_eq!((r.unexpected, r.lost, r.duplicates), (2, 0, 0));
+        let origin = |seq| {
+            Some(Origin {
+                run: RUN,
+                sender: 1,
+                device: 0,
+                client_seq: seq,
+            })
+        };
+        assert_eq!(
+            r.unexpected_examples,
+            vec![
+                Unexpected {
+                    uid: 1,
+                    device: 0,
+                    mid: 101,
+                    origin: origin(2),
+                    conversation: "p:1:2".into(),
+                    in_store: None,
+                },
+                Unexpected {
+                    uid: 3,
+                    device: 0,
+                    mid: 555,
+                    origin: origin(77),
+                    conversation: String::new(),
+                    in_store: None,
+                },
+            ]
+        );
+        // At most a few examples, however many there are.
+        for mid in 1000..1100 {
+            ledger.deliveries.push(got(4, 0, mid, 1, mid));
+        }
+        let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
+        assert_eq!(r.unexpected, 102);
+        assert_eq!(r.unexpected_examples.len(), EXAMPLES);
     }
 }

@@ -89,6 +89,10 @@ pub struct Sdk {
     pub wire_duplicates_dropped: u64,
     pub resends: u64,
     pub reconnects: u64,
+    /// Sending devices' own messages back by sync or push, which answered
+    /// their sends instead of being delivered.
+    #[serde(default)]
+    pub own_copies: u64,
     pub final_sync_errors: u64,
 }
 
@@ -158,6 +162,14 @@ fn fmt_us(us: u64) -> String {
     }
 }
 
+fn in_store(known: Option<bool>) -> &'static str {
+    match known {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    }
+}
+
 fn summary_line(s: &Summary) -> String {
     if s.count == 0 {
         return "no samples".into();
@@ -223,8 +235,38 @@ impl Report {
         for m in &r.lost_examples {
             let _ = writeln!(
                 o,
-                "  lost: mid {} from {} (seq {}) to {}/p{}",
-                m.mid, m.sender, m.client_seq, m.uid, m.device
+                "  lost: mid {} from {} (seq {}) to {}/p{} in {}; in store: {}",
+                m.mid,
+                m.sender,
+                m.client_seq,
+                m.uid,
+                m.device,
+                m.conversation,
+                in_store(m.in_store)
+            );
+        }
+        for u in &r.unexpected_examples {
+            let origin = match u.origin {
+                Some(o) => format!(
+                    "from {}/p{} (seq {}, run {:016x})",
+                    o.sender, o.device, o.client_seq, o.run
+                ),
+                None => "not a pressure message".into(),
+            };
+            let conversation = if u.conversation.is_empty() {
+                "no send of this run"
+            } else {
+                &u.conversation
+            };
+            let _ = writeln!(
+                o,
+                "  unexpected: mid {} to {}/p{} {} in {}; in store: {}",
+                u.mid,
+                u.uid,
+                u.device,
+                origin,
+                conversation,
+                in_store(u.in_store)
             );
         }
         let k = &self.conditions;
@@ -267,8 +309,8 @@ impl Report {
         let d = &self.sdk;
         let _ = writeln!(
             o,
-            "sdk: {} wire duplicates dropped, {} resends, {} reconnects, {} final sync errors",
-            d.wire_duplicates_dropped, d.resends, d.reconnects, d.final_sync_errors
+            "sdk: {} wire duplicates dropped, {} resends, {} reconnects, {} own copies back, {} final sync errors",
+            d.wire_duplicates_dropped, d.resends, d.reconnects, d.own_copies, d.final_sync_errors
         );
         let _ = writeln!(
             o,
@@ -494,16 +536,55 @@ mod tests {
         let mut timeline = Timeline::default();
         timeline.at(0).sent = 10;
         timeline.at(1500).e2e.record_us(2500);
+        let origin = crate::reconcile::Origin {
+            run: 0xab,
+            sender: 1,
+            device: 0,
+            client_seq: 2,
+        };
         let report = Report {
             kind: "run".into(),
             run: "abc".into(),
             timeline: points(&timeline),
             clean: false,
             problems: vec!["1 lost <x>".into()],
+            reconciliation: Reconciliation {
+                lost: 1,
+                lost_examples: vec![crate::reconcile::Missing {
+                    mid: 100,
+                    sender: 1,
+                    client_seq: 1,
+                    uid: 2,
+                    device: 1,
+                    conversation: "p:1:2".into(),
+                    in_store: Some(false),
+                }],
+                unexpected: 1,
+                unexpected_examples: vec![crate::reconcile::Unexpected {
+                    uid: 1,
+                    device: 0,
+                    mid: 101,
+                    origin: Some(origin),
+                    conversation: "p:1:2".into(),
+                    in_store: Some(true),
+                }],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let text = report.text();
         assert!(text.contains("FAILED: 1 lost <x>"));
+        assert!(
+            text.contains("lost: mid 100 from 1 (seq 1) to 2/p1 in p:1:2; in store: no"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "unexpected: mid 101 to 1/p0 from 1/p0 (seq 2, run 00000000000000ab) in p:1:2; in store: yes"
+            ),
+            "{text}"
+        );
+        assert!(report.html().contains("unexpected: mid 101 to 1/p0"));
         let html = report.html();
         assert!(html.contains("<svg") && html.contains("polyline"));
         assert!(html.contains("1 lost &lt;x&gt;"), "escaped");
@@ -513,6 +594,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("read"))
                 .expect("json");
         assert_eq!(back.timeline.len(), 2);
+        assert_eq!(back.reconciliation, report.reconciliation);
         assert!(
             (2.49..2.51).contains(&back.timeline[1].p50_ms),
             "{}",

@@ -251,7 +251,8 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         .iter()
         .map(|(uid, d)| (*uid, d.clone()))
         .collect();
-    let reconciliation = reconcile(&merged.ledger, run, &topology, &members);
+    let mut reconciliation = reconcile(&merged.ledger, run, &topology, &members);
+    look_up_examples(&mut reconciliation, &target).await;
     // Rates over the time the measured work actually took: a server that
     // falls behind takes longer, and its rate says so.
     let measure_from_ns = (send_at_ms as u64 + scenario.warmup_ms) * 1_000_000;
@@ -372,6 +373,7 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
             wire_duplicates_dropped: merged.wire_duplicates,
             resends: merged.resends,
             reconnects: merged.reconnects,
+            own_copies: merged.own_copies,
             final_sync_errors: merged.final_sync_errors,
         },
         timeline: points(&merged.timeline),
@@ -383,6 +385,55 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         .write(&target.report_dir)
         .with_context(|| format!("writing the report to {}", target.report_dir.display()))?;
     Ok(report)
+}
+
+/// Looks up each lost and unexpected example's mid in the server's store,
+/// through the HTTP history of its conversation (as the receiver of a lost
+/// one: its own copy), so that a failed run says whether the message was
+/// stored at all. Works for either shape, given the API's address.
+async fn look_up_examples(r: &mut crate::reconcile::Reconciliation, target: &Target) {
+    if r.lost_examples.is_empty() && r.unexpected_examples.is_empty() {
+        return;
+    }
+    let tokens = natter_logic::Tokens::new(target.secret.clone());
+    let http = reqwest::Client::new();
+    let api = target.api.as_deref().unwrap_or(&target.server);
+    let look_up = |uid: u64, conversation: String, mid: u64| {
+        let token = tokens.mint(uid, "pressure-check", 600);
+        let http = http.clone();
+        async move {
+            if conversation.is_empty() {
+                return None;
+            }
+            let response = http
+                .get(format!(
+                    "http://{api}/v1/conversations/{conversation}/messages"
+                ))
+                .query(&[("before", (mid + 1).to_string()), ("limit", "1".into())])
+                .bearer_auth(token.ok()?)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            let page: natter_proto::api::HistoryPage = response.json().await.ok()?;
+            Some(
+                page.messages
+                    .first()
+                    .is_some_and(|m| m.mid == mid.to_string()),
+            )
+        }
+    };
+    for m in &mut r.lost_examples {
+        m.in_store = look_up(m.uid, m.conversation.clone(), m.mid).await;
+    }
+    // As the sender, who is in the conversation whoever got it.
+    for u in &mut r.unexpected_examples {
+        let uid = u.origin.map(|o| o.sender).unwrap_or(u.uid);
+        u.in_store = look_up(uid, u.conversation.clone(), u.mid).await;
+    }
 }
 
 /// Creates the groups of a group scenario, each owned by its first user,

@@ -90,6 +90,9 @@ pub struct WorkerResult {
     pub wire_duplicates: u64,
     pub resends: u64,
     pub reconnects: u64,
+    /// Devices' own messages back by sync or push (see `natter_client::Stats`).
+    #[serde(default)]
+    pub own_copies: u64,
     pub cpu_seconds: f64,
     /// Unix ns of the last ack and the last delivery of a measured message.
     pub last_ack_ns: u64,
@@ -119,6 +122,7 @@ impl WorkerResult {
         self.wire_duplicates += other.wire_duplicates;
         self.resends += other.resends;
         self.reconnects += other.reconnects;
+        self.own_copies += other.own_copies;
         self.cpu_seconds += other.cpu_seconds;
         self.last_ack_ns = self.last_ack_ns.max(other.last_ack_ns);
         self.last_delivery_ns = self.last_delivery_ns.max(other.last_delivery_ns);
@@ -243,11 +247,12 @@ pub async fn run(
         }
     }
     // Closing ends each event stream after its buffered events are recorded.
-    let (mut dups, mut resends, mut reconnects) = (0, 0, 0);
+    let (mut dups, mut resends, mut reconnects, mut own_copies) = (0, 0, 0, 0);
     for (_, _, client) in &clients {
         dups += client.stats().duplicates.load(Ordering::Relaxed);
         resends += client.stats().resends.load(Ordering::Relaxed);
         reconnects += client.stats().reconnects.load(Ordering::Relaxed);
+        own_copies += client.stats().own_copies.load(Ordering::Relaxed);
         client.close().await;
     }
     let receivers: Vec<_> = std::mem::take(&mut *shared.receivers());
@@ -260,6 +265,7 @@ pub async fn run(
     result.wire_duplicates = dups;
     result.resends = resends;
     result.reconnects = reconnects;
+    result.own_copies = own_copies;
     result.cpu_seconds = natter_node::process::cpu_seconds(None).unwrap_or(0.0) - cpu_start;
     progress(snapshot(&shared, true));
     result

@@ -253,13 +253,14 @@ async fn a_lost_message_is_reported_and_fails_the_run() {
     let server = TestServer::start(|_| {}).await;
     let (proxy, victim) = lossy_proxy(server.addr, 25).await;
     let out = tempfile::tempdir().expect("tempdir");
-    let report = execute(
-        small_run(40),
-        target(&server, proxy.to_string(), out.path()),
-        Mode::Run,
-    )
-    .await
-    .expect("run");
+    // Clients go through the proxy; the store is looked up at the server.
+    let target = Target {
+        api: Some(server.server()),
+        ..target(&server, proxy.to_string(), out.path())
+    };
+    let report = execute(small_run(40), target, Mode::Run)
+        .await
+        .expect("run");
     let victim = victim
         .lock()
         .expect("lock")
@@ -267,6 +268,12 @@ async fn a_lost_message_is_reported_and_fails_the_run() {
     let r = &report.reconciliation;
     assert_eq!(r.lost, 1, "{}", report.text());
     assert_eq!(r.lost_examples[0].mid, victim);
+    assert_eq!(
+        r.lost_examples[0].in_store,
+        Some(true),
+        "stored, only never delivered: {}",
+        report.text()
+    );
     assert_eq!(r.duplicates, 0);
     assert!(!report.clean);
     assert!(report
