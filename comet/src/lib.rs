@@ -130,7 +130,7 @@ impl Comet {
                 config,
                 logic,
                 buckets,
-                next_conn: AtomicU64::new(1),
+                next_conn: AtomicU64::new(first_conn_id()),
                 metrics: Metrics::new(registry),
                 shutdown,
                 tasks: TaskTracker::new(),
@@ -442,9 +442,33 @@ async fn upgrade(State(comet): State<Comet>, mut request: Request) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Where this process's connection ids start: at random below 2^52. The
+/// sessions directory outlives a crashed gateway (Redis entries until their
+/// TTL), and a restarted node may keep its name: were ids to start at 1
+/// again, a push for a stale entry of one user would reach whichever user
+/// now holds that id on the node.
+fn first_conn_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No randomness: the time still differs between incarnations.
+        return ((natter_node::ids::now_ms() as u64 % (1 << 40)) << 12) | 1;
+    }
+    (u64::from_le_bytes(bytes) % (1 << 52)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_ids_do_not_repeat_across_incarnations() {
+        let firsts: std::collections::HashSet<u64> = (0..64).map(|_| first_conn_id()).collect();
+        assert_eq!(firsts.len(), 64, "each process starts its ids elsewhere");
+        assert!(
+            firsts.iter().all(|&id| id >= 1 && id < (1 << 52)),
+            "ids fit a JSON number"
+        );
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
