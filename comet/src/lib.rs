@@ -350,9 +350,11 @@ impl IntoResponse for Refusal {
                 "only WebSocket version 13 is supported",
             )
                 .into_response(),
-            Refusal::NoKey => {
-                (StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key").into_response()
-            }
+            Refusal::NoKey => (
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            )
+                .into_response(),
         }
     }
 }
@@ -377,8 +379,17 @@ fn handshake_key(headers: &HeaderMap) -> Result<HeaderValue, Refusal> {
     {
         return Err(Refusal::Version);
     }
+    // RFC 6455 4.1: the key is 16 random bytes in base64 (24 characters).
+    use base64::Engine as _;
     match headers.get(header::SEC_WEBSOCKET_KEY) {
-        Some(key) if !key.is_empty() => Ok(key.clone()),
+        Some(key)
+            if key.len() == 24
+                && base64::engine::general_purpose::STANDARD
+                    .decode(key.as_bytes())
+                    .is_ok_and(|raw| raw.len() == 16) =>
+        {
+            Ok(key.clone())
+        }
         _ => Err(Refusal::NoKey),
     }
 }
@@ -508,6 +519,21 @@ mod tests {
             handshake_key(&headers(&without("sec-websocket-key"))),
             Err(Refusal::NoKey)
         );
+        for bad in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+            "dGhlIHNhbXBsZSBub25jZSE=",
+        ] {
+            let mut odd = without("sec-websocket-key");
+            odd.push(("sec-websocket-key", bad));
+            assert_eq!(
+                handshake_key(&headers(&odd)),
+                Err(Refusal::NoKey),
+                "{bad:?}"
+            );
+        }
         let mut old = without("sec-websocket-version");
         old.push(("sec-websocket-version", "8"));
         assert_eq!(handshake_key(&headers(&old)), Err(Refusal::Version));
