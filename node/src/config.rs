@@ -137,6 +137,10 @@ pub struct CometConfig {
     pub max_errors: u32,
     /// Time allowed for open connections to close on shutdown.
     pub drain_ms: u64,
+    /// Bytes queued for one connection (written by the server, not yet
+    /// taken by the socket) before it counts as a slow consumer; one frame
+    /// larger than this is still sent when nothing else waits.
+    pub send_queue_bytes: usize,
 }
 
 impl Default for CometConfig {
@@ -154,6 +158,7 @@ impl Default for CometConfig {
             buckets: 32,
             max_errors: 16,
             drain_ms: 5_000,
+            send_queue_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -206,6 +211,10 @@ pub struct LimitsConfig {
     pub messages_per_sec: f64,
     /// Messages a user may send at once before the rate applies.
     pub message_burst: u32,
+    /// Bytes of stored messages in one page of sync (WebSocket and HTTP) or
+    /// history: a page stops before the message that would take it past
+    /// this and says more follow; a page always holds at least one message.
+    pub page_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -213,6 +222,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             messages_per_sec: 50.0,
             message_burst: 100,
+            page_bytes: 1024 * 1024,
         }
     }
 }
@@ -392,6 +402,9 @@ impl Config {
                 "comet.send_queue, max_inflight, buckets and max_connections must be positive",
             );
         }
+        if c.send_queue_bytes < 64 * 1024 || c.send_queue_bytes > 1024 * 1024 * 1024 {
+            return bad("comet.send_queue_bytes must be between 65536 and 1073741824");
+        }
         if c.push_rto_ms == 0
             || c.auth_timeout_ms == 0
             || u32::try_from(c.heartbeat_interval_ms).is_err()
@@ -404,6 +417,11 @@ impl Config {
         let rate = self.limits.messages_per_sec;
         if !rate.is_finite() || rate <= 0.0 || self.limits.message_burst == 0 {
             return bad("limits.messages_per_sec and limits.message_burst must be positive");
+        }
+        if self.limits.page_bytes < 1024 || self.limits.page_bytes > self.comet.send_queue_bytes {
+            return bad(
+                "limits.page_bytes must be at least 1024 and at most comet.send_queue_bytes",
+            );
         }
         let g = &self.groups;
         if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
@@ -595,6 +613,12 @@ mod tests {
         assert!(config.validate().is_err());
         config = Config::default();
         config.groups.push_window_ms = 10_001;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.comet.send_queue_bytes = 1000;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.limits.page_bytes = config.comet.send_queue_bytes + 1;
         assert!(config.validate().is_err());
         config = Config::default();
         config.auth.secret = "short".into();
