@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The largest `limits.page_bytes`: a page must fit a role-to-role gRPC
+/// message (4 MiB) with room to spare.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -214,6 +218,7 @@ pub struct LimitsConfig {
     /// Bytes of stored messages in one page of sync (WebSocket and HTTP) or
     /// history: a page stops before the message that would take it past
     /// this and says more follow; a page always holds at least one message.
+    /// At most [`MAX_PAGE_BYTES`] and `comet.send_queue_bytes`.
     pub page_bytes: usize,
 }
 
@@ -418,10 +423,12 @@ impl Config {
         if !rate.is_finite() || rate <= 0.0 || self.limits.message_burst == 0 {
             return bad("limits.messages_per_sec and limits.message_burst must be positive");
         }
-        if self.limits.page_bytes < 1024 || self.limits.page_bytes > self.comet.send_queue_bytes {
-            return bad(
-                "limits.page_bytes must be at least 1024 and at most comet.send_queue_bytes",
-            );
+        // A sync page waits in a connection's send queue, and in the
+        // distributed shape crosses the role-to-role gRPC, whose messages
+        // are limited to 4 MiB.
+        let pages = self.limits.page_bytes;
+        if !(1024..=MAX_PAGE_BYTES).contains(&pages) || pages > self.comet.send_queue_bytes {
+            return bad("limits.page_bytes must be between 1024 and 3145728, and at most comet.send_queue_bytes");
         }
         let g = &self.groups;
         if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
@@ -618,8 +625,19 @@ mod tests {
         config.comet.send_queue_bytes = 1000;
         assert!(config.validate().is_err());
         config = Config::default();
-        config.limits.page_bytes = config.comet.send_queue_bytes + 1;
-        assert!(config.validate().is_err());
+        config.limits.page_bytes = 2 * 1024 * 1024;
+        config.comet.send_queue_bytes = 1024 * 1024;
+        assert!(
+            config.validate().is_err(),
+            "a page larger than the send queue"
+        );
+        config = Config::default();
+        config.limits.page_bytes = MAX_PAGE_BYTES + 1;
+        config.comet.send_queue_bytes = 64 * 1024 * 1024;
+        assert!(
+            config.validate().is_err(),
+            "a page larger than a gRPC message"
+        );
         config = Config::default();
         config.auth.secret = "short".into();
         assert!(config.validate().is_err());
