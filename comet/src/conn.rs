@@ -242,7 +242,12 @@ struct Conn {
 pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
     let config = comet.inner.config.clone();
     let (mut read, write) = tokio::io::split(socket);
-    let wire = Arc::new(Wire::new(write, config.send_queue));
+    let budget = crate::wire::Budget {
+        frames: config.send_queue,
+        bytes: config.send_queue_bytes,
+        gauge: comet.inner.metrics.queued_bytes.clone(),
+    };
+    let wire = Arc::new(Wire::new(write, budget));
     let mut reader = Reader::new(max_message, Bytes::new());
 
     // Phase: register a handle first, so pushes that race the auth reply

@@ -8,6 +8,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 #[derive(Clone)]
 pub struct Metrics {
     pub connections: IntGauge,
+    /// Bytes queued for connections and not yet taken by their sockets.
+    pub queued_bytes: IntGauge,
     pub frames_in: IntCounterVec,
     pub pushes: IntCounterVec,
     pub errors: IntCounterVec,
@@ -49,6 +51,14 @@ impl Metrics {
             connections: register(
                 registry,
                 IntGauge::new("natter_connections", "Open authenticated connections.").expect("valid gauge"),
+            ),
+            queued_bytes: register(
+                registry,
+                IntGauge::new(
+                    "natter_comet_queued_bytes",
+                    "Bytes queued for this node's connections that their sockets have not taken yet (each connection holds at most comet.send_queue_bytes, or one frame).",
+                )
+                .expect("valid gauge"),
             ),
             errors: counter("natter_frame_errors_total", "Error frames sent, by reason.", "reason"),
             disconnects: counter("natter_disconnects_total", "Connections closed, by reason.", "reason"),

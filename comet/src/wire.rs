@@ -7,6 +7,13 @@
 //! bytes wait, and then the connection's own task writes them as the socket
 //! drains ([`Wire::poll_drive`]); frames sent meanwhile queue behind them,
 //! in order.
+//!
+//! What waits is bounded in frames and in bytes ([`Budget`]): replies,
+//! pushes and resends alike. A frame that does not fit is refused with
+//! [`SendError::Full`] and the connection is closed as a slow consumer, so
+//! a client that asks for much and reads nothing holds at most the budget
+//! (or one frame larger than it) of the server's memory. The node's
+//! unwritten bytes are a gauge, `natter_comet_queued_bytes`.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -16,6 +23,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
 use natter_proto::{Frame, Op, HEADER_LEN};
+use prometheus::IntGauge;
 use tokio::io::AsyncWrite;
 
 use crate::ws::{self, Opcode};
@@ -23,17 +31,29 @@ use crate::ws::{self, Opcode};
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SendError {
-    /// More frames wait unwritten than the connection may hold.
+    /// More frames, or more bytes, wait unwritten than the connection may
+    /// hold.
     Full,
     /// The connection is closing, or its socket failed.
     Closed,
 }
 
+/// How much may wait unwritten on one connection before it counts as a
+/// slow consumer.
+#[derive(Clone, Debug)]
+pub(crate) struct Budget {
+    /// Frames.
+    pub(crate) frames: usize,
+    /// Bytes: a frame that would take the unwritten bytes past this is
+    /// refused, unless nothing else waits (so any one frame can be sent).
+    pub(crate) bytes: usize,
+    /// The node's unwritten bytes, over every connection.
+    pub(crate) gauge: IntGauge,
+}
+
 pub(crate) struct Wire<W> {
     state: Mutex<State<W>>,
-    /// Frames that may wait unwritten before the connection counts as a
-    /// slow consumer.
-    max_queued: usize,
+    budget: Budget,
 }
 
 struct State<W> {
@@ -49,10 +69,12 @@ struct State<W> {
     error: Option<io::ErrorKind>,
     /// The connection task, waiting for bytes to write.
     driver: Option<Waker>,
+    /// `pending.len()` as last added to the budget's gauge.
+    counted: usize,
 }
 
 impl<W: AsyncWrite + Unpin> Wire<W> {
-    pub(crate) fn new(io: W, max_queued: usize) -> Wire<W> {
+    pub(crate) fn new(io: W, budget: Budget) -> Wire<W> {
         Wire {
             state: Mutex::new(State {
                 io: Some(io),
@@ -61,8 +83,9 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
                 closing: false,
                 error: None,
                 driver: None,
+                counted: 0,
             }),
-            max_queued,
+            budget,
         }
     }
 
@@ -123,15 +146,25 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         if state.closing || state.error.is_some() || state.io.is_none() {
             return Err(SendError::Closed);
         }
-        if state.queued >= self.max_queued {
+        if state.queued >= self.budget.frames {
             return Err(SendError::Full);
         }
-        let idle = state.pending.is_empty();
+        let before = state.pending.len();
+        let idle = before == 0;
         put(&mut state.pending);
+        // Over the byte budget: take the frames back out. Any one frame
+        // goes when nothing waits, so a frame larger than the budget (a
+        // reply near `max_body`, say) is sent, and the unwritten bytes stay
+        // under the budget or under one frame.
+        if !idle && state.pending.len() > self.budget.bytes {
+            state.pending.truncate(before);
+            return Err(SendError::Full);
+        }
         state.queued += frames;
         state.closing = last;
         if !idle {
             // The connection task is already waiting for the socket to drain.
+            state.count(&self.budget.gauge);
             return Ok(());
         }
         // Nobody waits on the socket: write now, without a waker. What the
@@ -154,6 +187,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
                 }
             }
         }
+        state.count(&self.budget.gauge);
         Ok(())
     }
 
@@ -161,7 +195,9 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// the socket fails; the connection task keeps it in its select loop.
     pub(crate) fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let mut state = self.lock();
-        match state.write(cx) {
+        let written = state.write(cx);
+        state.count(&self.budget.gauge);
+        match written {
             Poll::Ready(Err(e)) => Poll::Ready(e),
             Poll::Ready(Ok(())) => {
                 match &state.driver {
@@ -178,7 +214,13 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// socket's write side, which ends the TCP connection once the read
     /// half is dropped too.
     pub(crate) async fn finish(&self) {
-        let written = poll_fn(|cx| self.lock().write(cx)).await;
+        let written = poll_fn(|cx| {
+            let mut state = self.lock();
+            let written = state.write(cx);
+            state.count(&self.budget.gauge);
+            written
+        })
+        .await;
         let io = self.lock().io.take();
         if let (Ok(()), Some(mut io)) = (written, io) {
             let _ = poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
@@ -190,6 +232,32 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         let mut state = self.lock();
         state.io = None;
         state.pending.clear();
+        state.count(&self.budget.gauge);
+    }
+
+    /// Bytes waiting to be written.
+    #[cfg(test)]
+    pub(crate) fn unwritten(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+impl<W> Drop for Wire<W> {
+    fn drop(&mut self) {
+        // What never got written leaves the node's gauge with the connection.
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.budget.gauge.sub(state.counted as i64);
+    }
+}
+
+impl<W> State<W> {
+    /// Brings the node's gauge of unwritten bytes up to date with `pending`.
+    fn count(&mut self, gauge: &IntGauge) {
+        let now = self.pending.len();
+        if now != self.counted {
+            gauge.add(now as i64 - self.counted as i64);
+            self.counted = now;
+        }
     }
 }
 
@@ -235,6 +303,19 @@ mod tests {
         Frame::raw(Op::Push, n, 0, vec![n as u8; 100])
     }
 
+    fn gauge() -> IntGauge {
+        IntGauge::new("unwritten", "test").expect("gauge")
+    }
+
+    /// A budget of `n` frames and no byte limit.
+    fn frames(n: usize) -> Budget {
+        Budget {
+            frames: n,
+            bytes: usize::MAX,
+            gauge: gauge(),
+        }
+    }
+
     fn expected(frames: impl IntoIterator<Item = Frame>) -> Vec<u8> {
         let mut dst = BytesMut::new();
         for f in frames {
@@ -247,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn writes_at_once_when_the_socket_has_room() {
         let (a, mut b) = tokio::io::duplex(64 * 1024);
-        let wire = Wire::new(a, 8);
+        let wire = Wire::new(a, frames(8));
         wire.send_frame(&frame(1)).unwrap();
         wire.send_frame(&frame(2)).unwrap();
         // Nothing drives the wire: the bytes are already in the socket.
@@ -261,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn frames_sent_together_arrive_in_one_piece_in_order() {
         let (a, mut b) = tokio::io::duplex(64 * 1024);
-        let wire = Wire::new(a, 8);
+        let wire = Wire::new(a, frames(8));
         wire.send_frames(&[frame(1), frame(2), frame(3)]).unwrap();
         wire.send_frame(&frame(4)).unwrap();
         let want = expected([frame(1), frame(2), frame(3), frame(4)]);
@@ -278,7 +359,7 @@ mod tests {
         let mut wires = Vec::new();
         for _ in 0..300 {
             let (a, b) = tokio::io::duplex(64 * 1024);
-            wires.push(Wire::new(a, 8));
+            wires.push(Wire::new(a, frames(8)));
             peers.push(b);
         }
         for wire in &wires {
@@ -296,7 +377,7 @@ mod tests {
     async fn a_full_socket_queues_in_order_and_the_driver_drains_it() {
         // A socket that takes 150 bytes at a time.
         let (a, mut b) = tokio::io::duplex(150);
-        let wire = Arc::new(Wire::new(a, 100));
+        let wire = Arc::new(Wire::new(a, frames(100)));
         for n in 0..20 {
             wire.send_frame(&frame(n)).unwrap();
         }
@@ -330,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn too_many_unwritten_frames_is_a_slow_consumer() {
         let (a, _b) = tokio::io::duplex(10);
-        let wire = Wire::new(a, 3);
+        let wire = Wire::new(a, frames(3));
         for n in 0..3 {
             wire.send_frame(&frame(n)).unwrap();
         }
@@ -338,9 +419,96 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn too_many_unwritten_bytes_is_a_slow_consumer_and_the_gauge_shows_them() {
+        // Each frame is 100 bytes of body plus the frame and WebSocket
+        // headers; the budget holds five of them, the frame count many more.
+        let one = expected([frame(0)]).len();
+        let gauge = gauge();
+        let (a, _b) = tokio::io::duplex(1);
+        let wire = Wire::new(
+            a,
+            Budget {
+                frames: 1000,
+                bytes: 5 * one,
+                gauge: gauge.clone(),
+            },
+        );
+        let mut sent = 0;
+        while wire.send_frame(&frame(sent)).is_ok() {
+            sent += 1;
+            assert!(sent < 100, "the byte budget never filled");
+        }
+        // One byte went into the socket; five frames less that byte wait.
+        assert_eq!(sent, 5);
+        assert!(
+            wire.unwritten() <= 5 * one,
+            "{} unwritten",
+            wire.unwritten()
+        );
+        assert_eq!(gauge.get(), wire.unwritten() as i64);
+        // A batch that does not fit is refused whole.
+        assert_eq!(
+            wire.send_frames(&[frame(1), frame(2)]),
+            Err(SendError::Full)
+        );
+        assert_eq!(gauge.get(), wire.unwritten() as i64);
+        // A resend counts the same as a first send.
+        assert_eq!(wire.send_frame(&frame(3)), Err(SendError::Full));
+        drop(wire);
+        assert_eq!(gauge.get(), 0, "a dropped connection leaves the gauge");
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_the_byte_budget_goes_when_nothing_waits() {
+        let gauge = gauge();
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let wire = Arc::new(Wire::new(
+            a,
+            Budget {
+                frames: 8,
+                bytes: 50,
+                gauge: gauge.clone(),
+            },
+        ));
+        wire.send_frame(&frame(1)).unwrap();
+        let want = expected([frame(1)]);
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        assert_eq!(gauge.get(), 0);
+        // Written as the socket drains, the gauge goes back to zero.
+        let (a, mut b) = tokio::io::duplex(10);
+        let wire = Arc::new(Wire::new(
+            a,
+            Budget {
+                frames: 8,
+                bytes: 50,
+                gauge: gauge.clone(),
+            },
+        ));
+        wire.send_frame(&frame(1)).unwrap();
+        assert_eq!(wire.send_frame(&frame(2)), Err(SendError::Full));
+        assert!(gauge.get() > 50);
+        let driver = {
+            let wire = wire.clone();
+            tokio::spawn(async move { poll_fn(|cx| wire.poll_drive(cx)).await })
+        };
+        let mut got = vec![0u8; want.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while gauge.get() != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "gauge stuck");
+            tokio::task::yield_now().await;
+        }
+        wire.abort();
+        driver.abort();
+    }
+
+    #[tokio::test]
     async fn nothing_follows_the_close_frame() {
         let (a, mut b) = tokio::io::duplex(1024);
-        let wire = Wire::new(a, 8);
+        let wire = Wire::new(a, frames(8));
         wire.close(4006, "bye").unwrap();
         assert_eq!(wire.send_frame(&frame(1)), Err(SendError::Closed));
         wire.finish().await;

@@ -24,7 +24,7 @@ use natter_node::telemetry::register;
 use natter_proto::msg::{GroupCursor, MessageReply, SendMessage, SyncReply, SyncRequest};
 use natter_proto::{ErrorCode, Op};
 use natter_record::http::Identity;
-use natter_record::store::{GroupAck, NewMessage, Outcome, Stored, Write};
+use natter_record::store::{GroupAck, NewMessage, Outcome, PageLimit, Stored, Write};
 use natter_record::{CommitError, Committer, MessageStore};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
@@ -202,6 +202,8 @@ pub struct Logic {
     ids: Arc<MidGenerator>,
     groups: Arc<Groups>,
     limiter: natter_node::limit::RateLimiter,
+    /// Stored bytes per sync page at most (`limits.page_bytes`).
+    page_bytes: usize,
     metrics: Metrics,
 }
 
@@ -252,6 +254,7 @@ impl Logic {
                 limits.messages_per_sec,
                 limits.message_burst,
             ),
+            page_bytes: limits.page_bytes,
             metrics,
         }
     }
@@ -500,16 +503,15 @@ impl Logic {
                 .map_err(Logic::storage)?,
         };
         let after = after.max(member.join_seq.saturating_sub(1));
-        let limit = sync_limit(request.limit);
-        let items = self
+        let page = self
             .store
-            .group_sync(group, after, limit)
+            .group_sync(group, after, self.page_limit(request.limit))
             .await
             .map_err(Logic::storage)?;
         Ok(SyncReply {
-            has_more: items.len() == limit as usize,
-            cursor: items.last().map(|m| m.conv_seq).unwrap_or(after),
-            messages: items.iter().map(|m| m.to_proto(0)).collect(),
+            has_more: page.more,
+            cursor: page.items.last().map(|m| m.conv_seq).unwrap_or(after),
+            messages: page.items.iter().map(|m| m.to_proto(0)).collect(),
             groups: Vec::new(),
             group,
         })
@@ -554,10 +556,16 @@ impl Logic {
 /// Ids and sequence numbers are stored as signed 64-bit integers.
 const MAX_ID: u64 = i64::MAX as u64;
 
-fn sync_limit(requested: u32) -> u32 {
-    match requested {
-        0 => 100,
-        n => n.min(500),
+impl Logic {
+    /// A sync page: the messages asked for (0 means 100, at most 500), and
+    /// at most `limits.page_bytes` of them, so one `SyncReply` (which waits
+    /// in the connection's send queue) stays small whatever the messages.
+    fn page_limit(&self, requested: u32) -> PageLimit {
+        let count = match requested {
+            0 => 100,
+            n => n.min(500),
+        };
+        PageLimit::new(count, self.page_bytes)
     }
 }
 
@@ -741,9 +749,12 @@ impl LogicService for Logic {
             }
             None => self.store.cursor(uid, device, 0).await.map_err(storage)?,
         };
-        let limit = sync_limit(request.limit);
-        let items = self.store.sync(uid, after, limit).await.map_err(storage)?;
-        let has_more = items.len() == limit as usize;
+        let page = self
+            .store
+            .sync(uid, after, self.page_limit(request.limit))
+            .await
+            .map_err(storage)?;
+        let has_more = page.more;
         // With the last page of the stream: which groups to sync next.
         let groups = if has_more {
             Vec::new()
@@ -762,8 +773,9 @@ impl LogicService for Logic {
             groups,
             group: 0,
             has_more,
-            cursor: items.last().map(|i| i.user_seq).unwrap_or(after),
-            messages: items
+            cursor: page.items.last().map(|i| i.user_seq).unwrap_or(after),
+            messages: page
+                .items
                 .iter()
                 .map(|i| i.message.to_proto(i.user_seq))
                 .collect(),

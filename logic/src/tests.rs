@@ -144,7 +144,10 @@ async fn a_resend_gets_the_same_mid() {
     let again = logic.send(&alice, text(5, 2, "once")).await.expect("sent");
     assert!(again.repeat);
     assert_eq!(again.mid, first.mid);
-    assert_eq!(store.sync(2, 0, 10).await.expect("sync").len(), 1);
+    assert_eq!(
+        store.sync(2, 0, 10.into()).await.expect("sync").items.len(),
+        1
+    );
     assert!(
         gateway.pushed.lock().expect("lock").is_empty(),
         "receiver offline: nothing pushed"
@@ -172,7 +175,12 @@ async fn invalid_envelopes_are_rejected_with_a_reason() {
         let err = logic.send(&alice, bad).await.expect_err("rejected");
         assert_eq!(err.code, ErrorCode::InvalidMessage);
     }
-    assert!(store.sync(2, 0, 10).await.expect("sync").is_empty());
+    assert!(store
+        .sync(2, 0, 10.into())
+        .await
+        .expect("sync")
+        .items
+        .is_empty());
 }
 
 #[tokio::test]
@@ -274,6 +282,59 @@ async fn sync_follows_the_device_cursor() {
 }
 
 #[tokio::test]
+async fn a_sync_reply_stops_at_the_page_byte_budget_and_says_more_follow() {
+    let limits = natter_node::config::LimitsConfig {
+        messages_per_sec: 1000.0,
+        message_burst: 1000,
+        page_bytes: 3000,
+        ..Default::default()
+    };
+    let (logic, _, _) = logic_with(&limits).await;
+    let alice = connect(&logic, 1, "phone", 10).await;
+    let kilobyte = "x".repeat(1000);
+    for i in 1..=4 {
+        logic
+            .send(&alice, text(i, 2, &kilobyte))
+            .await
+            .expect("sent");
+    }
+    // Larger than the whole budget.
+    let large = "y".repeat(5000);
+    logic.send(&alice, text(5, 2, &large)).await.expect("sent");
+    let after = |after| SyncRequest {
+        after: Some(after),
+        limit: 0,
+        group: 0,
+    };
+    let seqs = |reply: &natter_proto::msg::SyncReply| {
+        reply
+            .messages
+            .iter()
+            .map(|m| m.user_seq)
+            .collect::<Vec<_>>()
+    };
+    // Two messages of about 1 KB fit in 3000 bytes, a third does not.
+    let first = logic.sync(2, "phone", after(0)).await.expect("sync");
+    assert_eq!(seqs(&first), vec![1, 2]);
+    assert!(first.has_more);
+    assert_eq!(first.cursor, 2);
+    let second = logic
+        .sync(2, "phone", after(first.cursor))
+        .await
+        .expect("sync");
+    assert_eq!(seqs(&second), vec![3, 4]);
+    assert!(second.has_more);
+    // The large one comes alone; then the stream is done.
+    let third = logic
+        .sync(2, "phone", after(second.cursor))
+        .await
+        .expect("sync");
+    assert_eq!(seqs(&third), vec![5]);
+    assert!(!third.has_more, "the last page of the stream");
+    assert_eq!(third.cursor, 5);
+}
+
+#[tokio::test]
 async fn a_user_over_the_rate_is_refused_until_the_bucket_refills() {
     let limits = natter_node::config::LimitsConfig {
         messages_per_sec: 1.0,
@@ -291,7 +352,12 @@ async fn a_user_over_the_rate_is_refused_until_the_bucket_refills() {
     }
     // A burst of 5 at 1/s: the rest of 10 quick sends is refused (one may refill).
     assert!((4..=5).contains(&refused), "{refused} refused");
-    let stored = store.sync(2, 0, 100).await.expect("sync").len();
+    let stored = store
+        .sync(2, 0, 100.into())
+        .await
+        .expect("sync")
+        .items
+        .len();
     assert_eq!(stored, 10 - refused, "refused messages are not stored");
     // Another user is not affected.
     let bob = connect(&logic, 3, "phone", 11).await;

@@ -530,6 +530,7 @@ impl Server {
                 half.store.clone(),
                 auth.clone(),
                 half.groups.clone(),
+                config.limits.page_bytes,
             ));
             // Group changes publish events to gateways: not from a record node.
             if role != Role::Record {

@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The largest `limits.page_bytes`: a page must fit a role-to-role gRPC
+/// message (4 MiB) with room to spare.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -141,6 +145,10 @@ pub struct CometConfig {
     /// Time allowed for open connections (WebSocket and HTTP) to close on
     /// shutdown; HTTP connections still open then are dropped.
     pub drain_ms: u64,
+    /// Bytes queued for one connection (written by the server, not yet
+    /// taken by the socket) before it counts as a slow consumer; one frame
+    /// larger than this is still sent when nothing else waits.
+    pub send_queue_bytes: usize,
 }
 
 impl Default for CometConfig {
@@ -158,6 +166,7 @@ impl Default for CometConfig {
             buckets: 32,
             max_errors: 16,
             drain_ms: 5_000,
+            send_queue_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -215,6 +224,11 @@ pub struct LimitsConfig {
     pub http_requests_per_sec: f64,
     /// HTTP API requests a user may make at once before the rate applies.
     pub http_request_burst: u32,
+    /// Bytes of stored messages in one page of sync (WebSocket and HTTP) or
+    /// history: a page stops before the message that would take it past
+    /// this and says more follow; a page always holds at least one message.
+    /// At most [`MAX_PAGE_BYTES`] and `comet.send_queue_bytes`.
+    pub page_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -224,6 +238,7 @@ impl Default for LimitsConfig {
             message_burst: 100,
             http_requests_per_sec: 20.0,
             http_request_burst: 100,
+            page_bytes: 1024 * 1024,
         }
     }
 }
@@ -441,6 +456,9 @@ impl Config {
                 "comet.send_queue, max_inflight, buckets and max_connections must be positive",
             );
         }
+        if c.send_queue_bytes < 64 * 1024 || c.send_queue_bytes > 1024 * 1024 * 1024 {
+            return bad("comet.send_queue_bytes must be between 65536 and 1073741824");
+        }
         if c.push_rto_ms == 0
             || c.auth_timeout_ms == 0
             || u32::try_from(c.heartbeat_interval_ms).is_err()
@@ -459,6 +477,13 @@ impl Config {
             return bad(
                 "limits.http_requests_per_sec and limits.http_request_burst must be positive",
             );
+        }
+        // A sync page waits in a connection's send queue, and in the
+        // distributed shape crosses the role-to-role gRPC, whose messages
+        // are limited to 4 MiB.
+        let pages = self.limits.page_bytes;
+        if !(1024..=MAX_PAGE_BYTES).contains(&pages) || pages > self.comet.send_queue_bytes {
+            return bad("limits.page_bytes must be between 1024 and 3145728, and at most comet.send_queue_bytes");
         }
         let g = &self.groups;
         if g.max_members < 2 || g.max_mute_secs == 0 || g.max_mute_secs > 100 * 365 * 86_400 {
@@ -681,6 +706,23 @@ mod tests {
                 .expect("loads")
                 .validate()
                 .is_err()
+        );
+        config = Config::default();
+        config.comet.send_queue_bytes = 1000;
+        assert!(config.validate().is_err());
+        config = Config::default();
+        config.limits.page_bytes = 2 * 1024 * 1024;
+        config.comet.send_queue_bytes = 1024 * 1024;
+        assert!(
+            config.validate().is_err(),
+            "a page larger than the send queue"
+        );
+        config = Config::default();
+        config.limits.page_bytes = MAX_PAGE_BYTES + 1;
+        config.comet.send_queue_bytes = 64 * 1024 * 1024;
+        assert!(
+            config.validate().is_err(),
+            "a page larger than a gRPC message"
         );
         config = Config::default();
         config.auth.secret = "short".into();

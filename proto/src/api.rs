@@ -1,29 +1,46 @@
 //! The JSON bodies of the HTTP API, shared by the server's handlers and the
-//! client SDK so both sides read and write one definition.
+//! client SDK so both sides read and write one definition. Every 64-bit
+//! integer is a decimal string and bytes are base64 ([`crate::json`]);
+//! docs/openapi.json describes each body, and a test checks it against
+//! these types.
 
 use serde::{Deserialize, Serialize};
 
 use crate::msg::{Content, MessageType};
 use crate::ErrorCode;
 
-/// A message in JSON. `mid` is a string because it does not fit a JSON
+/// A message in JSON. Like every 64-bit integer in JSON (see
+/// [`crate::json`]), `mid` is a decimal string: it does not fit a JSON
 /// number exactly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageView {
     pub mid: String,
     pub conversation: String,
+    #[serde(with = "crate::json::int64")]
     pub conv_seq: u64,
     /// Position in the caller's own stream (sync only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
     pub user_seq: Option<u64>,
+    #[serde(with = "crate::json::int64")]
     pub sender: u64,
     pub sender_device: String,
     /// The receiving user; 0 for a group message.
+    #[serde(with = "crate::json::int64")]
     pub receiver: u64,
     /// The group of a group message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
     pub group: Option<u64>,
+    #[serde(with = "crate::json::int64")]
     pub client_seq: u64,
+    #[serde(with = "crate::json::int64")]
     pub time_ms: i64,
     #[serde(rename = "type")]
     pub msg_type: Option<MessageType>,
@@ -51,6 +68,7 @@ pub struct SyncPage {
     pub messages: Vec<MessageView>,
     pub has_more: bool,
     /// The highest `user_seq` covered; pass as `after` next time.
+    #[serde(with = "crate::json::int64")]
     pub cursor: u64,
 }
 
@@ -61,7 +79,11 @@ pub struct ErrorBody {
     pub code: String,
     pub message: String,
     /// With `muted`: when the mute ends, Unix ms (9223372036854775807 for never).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
     pub until_ms: Option<i64>,
 }
 
@@ -130,54 +152,70 @@ impl JoinType {
     }
 }
 
-/// A group as its members see it. Ids are JSON numbers (they stay below 2^53).
+/// A group as its members see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupView {
+    #[serde(with = "crate::json::int64")]
     pub id: u64,
     pub name: String,
     pub avatar: String,
+    #[serde(with = "crate::json::int64")]
     pub owner: u64,
     pub join_type: JoinType,
     /// Everyone but the owner and admins is muted.
     pub mute_all: bool,
     pub member_count: u32,
+    #[serde(with = "crate::json::int64")]
     pub created_ms: i64,
     pub dissolved: bool,
     /// The group's newest `conv_seq`.
+    #[serde(with = "crate::json::int64")]
     pub last_seq: u64,
     /// The caller's role.
     pub role: Role,
     /// The highest `conv_seq` the caller marked read (on any device).
+    #[serde(with = "crate::json::int64")]
     pub read_seq: u64,
     /// Messages after the caller's read cursor (and join point).
+    #[serde(with = "crate::json::int64")]
     pub unread: u64,
 }
 
 /// `PUT /v1/groups/{id}/read`: the caller has read up to `seq`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MarkRead {
+    #[serde(with = "crate::json::int64")]
     pub seq: u64,
 }
 
 /// A member's read state in a group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReadState {
+    #[serde(with = "crate::json::int64")]
     pub read_seq: u64,
+    #[serde(with = "crate::json::int64")]
     pub unread: u64,
 }
 
 /// One member.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemberView {
+    #[serde(with = "crate::json::int64")]
     pub uid: u64,
     pub role: Role,
     pub nickname: String,
+    #[serde(with = "crate::json::int64")]
     pub joined_ms: i64,
     /// The first `conv_seq` of the group's history this member may read.
+    #[serde(with = "crate::json::int64")]
     pub join_seq: u64,
     /// The end of the member's mute, Unix ms (9223372036854775807 for never);
     /// absent when not muted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
     pub muted_until_ms: Option<i64>,
 }
 
@@ -186,14 +224,17 @@ pub struct MemberView {
 pub struct MemberPage {
     pub members: Vec<MemberView>,
     /// Pass as `after` for the next page; absent on the last page.
+    #[serde(default, with = "crate::json::opt_int64")]
     pub next_after: Option<u64>,
 }
 
 /// An application to join a group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApplicationView {
+    #[serde(with = "crate::json::int64")]
     pub uid: u64,
     pub message: String,
+    #[serde(with = "crate::json::int64")]
     pub time_ms: i64,
 }
 
@@ -206,7 +247,7 @@ pub struct CreateGroup {
     #[serde(default)]
     pub join_type: JoinType,
     /// Initial members besides the creator, who becomes the owner.
-    #[serde(default)]
+    #[serde(default, with = "crate::json::int64_list")]
     pub members: Vec<u64>,
 }
 
@@ -226,6 +267,7 @@ pub struct UpdateGroup {
 /// A list of users (invite).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Users {
+    #[serde(with = "crate::json::int64_list")]
     pub users: Vec<u64>,
 }
 
@@ -258,6 +300,7 @@ pub struct SetRole {
 /// `POST /v1/groups/{id}/transfer`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Transfer {
+    #[serde(with = "crate::json::int64")]
     pub to: u64,
 }
 
@@ -265,6 +308,7 @@ pub struct Transfer {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Mute {
     /// Seconds from now; 0 unmutes; -1 mutes until unmuted.
+    #[serde(with = "crate::json::int64")]
     pub duration_secs: i64,
 }
 
@@ -305,6 +349,20 @@ mod tests {
             "{json}"
         );
         assert!(!json.contains("user_seq"));
+        // 64-bit integers are strings; they come back exact.
+        assert!(
+            json.contains("\"conv_seq\":\"1\"")
+                && json.contains("\"client_seq\":\"9\"")
+                && json.contains("\"time_ms\":\"5\""),
+            "{json}"
+        );
+        let big = MessageView {
+            sender: (1 << 53) + 1,
+            user_seq: Some(u64::MAX),
+            ..view.clone()
+        };
+        let back: MessageView = serde_json::from_str(&serde_json_like(&big)).expect("parses");
+        assert_eq!(back, big);
         let error = ErrorBody::new(ErrorCode::Forbidden, "no");
         assert_eq!(error.error_code(), Some(ErrorCode::Forbidden));
         assert_eq!(

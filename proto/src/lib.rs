@@ -1,6 +1,7 @@
 //! natter's wire protocol: the frame codec ([`frame`]), the error and close
-//! codes ([`code`]), the protobuf bodies ([`msg`]) and the HTTP API's JSON
-//! bodies ([`api`]).
+//! codes ([`code`]), the protobuf bodies ([`msg`]), the HTTP API's JSON
+//! bodies ([`api`]) and their one rule for 64-bit integers and bytes in
+//! JSON ([`json`]).
 //!
 //! This crate is the only place that knows frame bytes. It does no IO: the
 //! gateway and the client SDK move whole frames over WebSocket messages and
@@ -9,6 +10,7 @@
 pub mod api;
 pub mod code;
 pub mod frame;
+pub mod json;
 pub mod msg;
 
 pub use code::ErrorCode;

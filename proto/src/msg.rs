@@ -207,6 +207,7 @@ pub const MUTED_FOREVER: i64 = i64::MAX;
 /// The content of a chat message: exactly one of the typed bodies. The
 /// message type is the number of the field that is set.
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct MessageBody {
     #[prost(oneof = "Content", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub content: Option<Content>,
@@ -387,15 +388,18 @@ impl MessageBody {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Text {
     #[prost(string, tag = "1")]
     pub text: String,
     /// Users mentioned in the text.
+    #[serde(with = "crate::json::int64_list")]
     #[prost(uint64, repeated, tag = "2")]
     pub mentions: Vec<u64>,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Image {
     #[prost(string, tag = "1")]
     pub url: String,
@@ -403,6 +407,7 @@ pub struct Image {
     pub width: u32,
     #[prost(uint32, tag = "3")]
     pub height: u32,
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "4")]
     pub size: u64,
     #[prost(string, tag = "5")]
@@ -412,11 +417,13 @@ pub struct Image {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Audio {
     #[prost(string, tag = "1")]
     pub url: String,
     #[prost(uint32, tag = "2")]
     pub duration_ms: u32,
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "3")]
     pub size: u64,
     #[prost(string, tag = "4")]
@@ -424,6 +431,7 @@ pub struct Audio {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Video {
     #[prost(string, tag = "1")]
     pub url: String,
@@ -433,6 +441,7 @@ pub struct Video {
     pub width: u32,
     #[prost(uint32, tag = "4")]
     pub height: u32,
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "5")]
     pub size: u64,
     #[prost(string, tag = "6")]
@@ -440,11 +449,13 @@ pub struct Video {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct File {
     #[prost(string, tag = "1")]
     pub url: String,
     #[prost(string, tag = "2")]
     pub name: String,
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "3")]
     pub size: u64,
     #[prost(string, tag = "4")]
@@ -452,6 +463,7 @@ pub struct File {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Location {
     #[prost(double, tag = "1")]
     pub latitude: f64,
@@ -465,10 +477,12 @@ pub struct Location {
 
 /// A shared contact or group card.
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Card {
     /// `user` or `group`.
     #[prost(string, tag = "1")]
     pub kind: String,
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "2")]
     pub id: u64,
     #[prost(string, tag = "3")]
@@ -478,6 +492,7 @@ pub struct Card {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Notice {
     #[prost(string, tag = "1")]
     pub title: String,
@@ -487,6 +502,7 @@ pub struct Notice {
 
 /// Several messages forwarded as one ("merged forward").
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Forward {
     #[prost(string, tag = "1")]
     pub title: String,
@@ -495,11 +511,15 @@ pub struct Forward {
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct ForwardItem {
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "1")]
     pub mid: u64,
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "2")]
     pub sender: u64,
+    #[serde(with = "crate::json::int64")]
     #[prost(int64, tag = "3")]
     pub time_ms: i64,
     #[prost(string, tag = "4")]
@@ -508,9 +528,11 @@ pub struct ForwardItem {
 
 /// An application-defined message; `data` is opaque to the server.
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct Custom {
     #[prost(string, tag = "1")]
     pub kind: String,
+    #[serde(with = "crate::json::bytes")]
     #[prost(bytes = "vec", tag = "2")]
     pub data: Vec<u8>,
 }
@@ -518,6 +540,7 @@ pub struct Custom {
 /// A change to a group. `kind` names it; the other fields are set as the
 /// kind needs (see docs/protocol.md for the table).
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
 pub struct GroupEvent {
     /// `created`, `joined`, `invited`, `left`, `kicked`, `role_changed`,
     /// `owner_transferred`, `renamed`, `avatar_changed`, `join_type_changed`,
@@ -525,15 +548,18 @@ pub struct GroupEvent {
     #[prost(string, tag = "1")]
     pub kind: String,
     /// The user who made the change.
+    #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "2")]
     pub actor: u64,
     /// The users it applies to.
+    #[serde(with = "crate::json::int64_list")]
     #[prost(uint64, repeated, tag = "3")]
     pub targets: Vec<u64>,
     /// A new name, avatar URL, role, join type or nickname.
     #[prost(string, tag = "4")]
     pub value: String,
     /// For `muted`: the end of the mute, Unix ms ([`MUTED_FOREVER`] for never).
+    #[serde(with = "crate::json::int64")]
     #[prost(int64, tag = "5")]
     pub until_ms: i64,
 }
@@ -558,6 +584,58 @@ mod tests {
             MessageBody::custom("k", vec![]).validate(),
             Ok(MessageType::Custom)
         );
+    }
+
+    #[test]
+    fn bodies_in_json_keep_64_bit_ids_exact_and_bytes_as_base64() {
+        let custom = Content::Custom(Custom {
+            kind: "k".into(),
+            data: vec![1, 2, 3, 255],
+        });
+        let json = serde_json::to_string(&custom).expect("serializes");
+        assert_eq!(json, r#"{"custom":{"kind":"k","data":"AQID/w=="}}"#);
+        let forward = Content::Forward(Forward {
+            title: "t".into(),
+            items: vec![ForwardItem {
+                mid: u64::MAX,
+                sender: (1 << 53) + 1,
+                time_ms: 5,
+                summary: "s".into(),
+            }],
+        });
+        let json = serde_json::to_string(&forward).expect("serializes");
+        assert_eq!(
+            json,
+            r#"{"forward":{"title":"t","items":[{"mid":"18446744073709551615","sender":"9007199254740993","time_ms":"5","summary":"s"}]}}"#
+        );
+        let card = Content::Card(Card {
+            kind: "user".into(),
+            id: (1 << 53) + 1,
+            ..Default::default()
+        });
+        let event = Content::GroupEvent(GroupEvent {
+            kind: "muted".into(),
+            actor: 1,
+            targets: vec![u64::MAX],
+            value: String::new(),
+            until_ms: MUTED_FOREVER,
+        });
+        for content in [custom, forward, card, event] {
+            let json = serde_json::to_string(&content).expect("serializes");
+            let back: Content = serde_json::from_str(&json).expect("parses");
+            assert!(back == content, "{json}");
+        }
+        // Input may leave fields at their defaults and give ids as numbers.
+        let text: Content =
+            serde_json::from_str(r#"{"text":{"text":"hi","mentions":[1,"2"]}}"#).expect("parses");
+        assert!(
+            text == Content::Text(Text {
+                text: "hi".into(),
+                mentions: vec![1, 2],
+            })
+        );
+        let image: Content = serde_json::from_str(r#"{"image":{"url":"u"}}"#).expect("parses");
+        assert!(matches!(image, Content::Image(Image { size: 0, .. })));
     }
 
     #[test]

@@ -252,7 +252,15 @@ mod tests {
         for h in handles {
             assert!(matches!(h.await.expect("join"), Ok(Outcome::Stored(_))));
         }
-        assert_eq!(store.sync(2, 0, 500).await.expect("sync").len(), 200);
+        assert_eq!(
+            store
+                .sync(2, 0, 500.into())
+                .await
+                .expect("sync")
+                .items
+                .len(),
+            200
+        );
         let batches = metrics_count(&registry, "natter_store_batch_size");
         assert!(batches < 200, "writes were batched ({batches} batches)");
 

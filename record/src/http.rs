@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::store::{
     parse_group_conversation, parse_p2p_conversation, GroupHistoryQuery, HistoryQuery,
-    MessageStore, StoredMessage,
+    MessageStore, Page, PageLimit, StoredMessage,
 };
 
 /// Routes served by this module, as written in the OpenAPI document.
@@ -176,13 +176,17 @@ struct HttpState {
     store: Arc<dyn MessageStore>,
     auth: Arc<dyn Authenticate>,
     groups: Arc<dyn GroupAccess>,
+    /// Stored bytes per page at most (`limits.page_bytes`).
+    page_bytes: usize,
 }
 
-/// The record routes.
+/// The record routes. A page of history or sync holds at most `page_bytes`
+/// of stored messages (or one message larger than that).
 pub fn router(
     store: Arc<dyn MessageStore>,
     auth: Arc<dyn Authenticate>,
     groups: Arc<dyn GroupAccess>,
+    page_bytes: usize,
 ) -> Router {
     Router::new()
         .route("/v1/conversations/{conversation}/messages", get(history))
@@ -191,8 +195,12 @@ pub fn router(
             store,
             auth,
             groups,
+            page_bytes,
         })
 }
+
+/// Ids and sequence numbers are stored as signed 64-bit integers.
+const MAX_ID: u64 = i64::MAX as u64;
 
 #[derive(Deserialize)]
 struct HistoryParams {
@@ -239,6 +247,7 @@ async fn history(
         ),
     };
     let types = parse_types(params.types.as_deref().unwrap_or(""))?;
+    let limit = PageLimit::new(limit, state.page_bytes);
     if let Some(group) = parse_group_conversation(&conversation) {
         let from_seq = state.groups.readable_from(me.uid, group).await?;
         let query = GroupHistoryQuery {
@@ -249,7 +258,7 @@ async fn history(
             types,
         };
         let rows = state.store.group_history(&query).await?;
-        return Ok(Json(page(rows, limit)));
+        return Ok(Json(page(rows)));
     }
     let (a, b) = parse_p2p_conversation(&conversation).ok_or_else(|| {
         ApiError::new(
@@ -275,15 +284,16 @@ async fn history(
         types,
     };
     let rows = state.store.history(&query).await?;
-    Ok(Json(page(rows, limit)))
+    Ok(Json(page(rows)))
 }
 
-fn page(rows: Vec<StoredMessage>, limit: u32) -> HistoryPage {
-    let next_before = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|m| m.mid.to_string()))
+fn page(rows: Page<StoredMessage>) -> HistoryPage {
+    let next_before = rows
+        .more
+        .then(|| rows.items.last().map(|m| m.mid.to_string()))
         .flatten();
     HistoryPage {
-        messages: rows.iter().map(|m| view(m, None)).collect(),
+        messages: rows.items.iter().map(|m| view(m, None)).collect(),
         next_before,
     }
 }
@@ -309,6 +319,13 @@ async fn sync(
             "limit must be between 1 and 500",
         ));
     }
+    if params.after.is_some_and(|after| after > MAX_ID) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "after must be at most 2^63-1",
+        ));
+    }
+    let limit = PageLimit::new(limit, state.page_bytes);
     let group = params.group.unwrap_or(0);
     if group != 0 {
         let from_seq = state.groups.readable_from(me.uid, group).await?;
@@ -320,20 +337,21 @@ async fn sync(
         let after = after.max(from_seq.saturating_sub(1));
         let rows = state.store.group_sync(group, after, limit).await?;
         return Ok(Json(SyncPage {
-            has_more: rows.len() == limit as usize,
-            cursor: rows.last().map(|m| m.conv_seq).unwrap_or(after),
-            messages: rows.iter().map(|m| view(m, None)).collect(),
+            has_more: rows.more,
+            cursor: rows.items.last().map(|m| m.conv_seq).unwrap_or(after),
+            messages: rows.items.iter().map(|m| view(m, None)).collect(),
         }));
     }
     let after = match params.after {
         Some(after) => after,
         None => state.store.cursor(me.uid, &me.device, 0).await?,
     };
-    let items = state.store.sync(me.uid, after, limit).await?;
-    let cursor = items.last().map(|i| i.user_seq).unwrap_or(after);
+    let page = state.store.sync(me.uid, after, limit).await?;
+    let cursor = page.items.last().map(|i| i.user_seq).unwrap_or(after);
     Ok(Json(SyncPage {
-        has_more: items.len() == limit as usize,
-        messages: items
+        has_more: page.more,
+        messages: page
+            .items
             .iter()
             .map(|i| view(&i.message, Some(i.user_seq)))
             .collect(),

@@ -456,7 +456,7 @@ impl MessageStore for MySqlStore {
         }
     }
 
-    async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn history(&self, q: &HistoryQuery) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
         let mut b = QueryBuilder::<MySql>::new(format!(
             "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid WHERE r.owner = "
@@ -473,38 +473,40 @@ impl MessageStore for MySqlStore {
             });
         }
         b.push(" ORDER BY r.mid DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
-        let rows = b.build().fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+            .push_bind(i64::from(q.limit.count));
+        let rows = b.build().fetch(&self.pool);
+        Ok(Page::collect(rows, q.limit, message_from_row, StoredMessage::page_bytes).await?)
     }
 
-    async fn sync(&self, owner: u64, after: u64, limit: u32) -> Result<Vec<SyncItem>, StoreError> {
+    async fn sync(
+        &self,
+        owner: u64,
+        after: u64,
+        limit: PageLimit,
+    ) -> Result<Page<SyncItem>, StoreError> {
         self.closed()?;
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid
              WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
-        ))
-        .bind(i(owner))
-        .bind(i(after))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(|row| {
-                Ok(SyncItem {
-                    user_seq: row.try_get::<i64, _>("user_seq")? as u64,
-                    message: message_from_row(row)?,
-                })
+        );
+        let rows = sqlx::query(&sql)
+            .bind(i(owner))
+            .bind(i(after))
+            .bind(i64::from(limit.count))
+            .fetch(&self.pool);
+        let item = |row: &MySqlRow| {
+            Ok(SyncItem {
+                user_seq: row.try_get::<i64, _>("user_seq")? as u64,
+                message: message_from_row(row)?,
             })
-            .collect::<Result<_, sqlx::Error>>()?;
-        Ok(items)
+        };
+        Ok(Page::collect(rows, limit, item, |i: &SyncItem| i.message.page_bytes()).await?)
     }
 
-    async fn group_history(&self, q: &GroupHistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn group_history(
+        &self,
+        q: &GroupHistoryQuery,
+    ) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
         let conv = group_conversation(q.group);
         let mut b = QueryBuilder::<MySql>::new(format!(
@@ -528,33 +530,27 @@ impl MessageStore for MySqlStore {
             });
         }
         b.push(" ORDER BY m.conv_seq DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
-        let rows = b.build().fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+            .push_bind(i64::from(q.limit.count));
+        let rows = b.build().fetch(&self.pool);
+        Ok(Page::collect(rows, q.limit, message_from_row, StoredMessage::page_bytes).await?)
     }
 
     async fn group_sync(
         &self,
         group: u64,
         after: u64,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+        limit: PageLimit,
+    ) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.conv_id = ? AND m.conv_seq > ? ORDER BY m.conv_seq LIMIT ?"
-        ))
-        .bind(group_conversation(group))
-        .bind(i(after))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(group_conversation(group))
+            .bind(i(after))
+            .bind(i64::from(limit.count))
+            .fetch(&self.pool);
+        Ok(Page::collect(rows, limit, message_from_row, StoredMessage::page_bytes).await?)
     }
 
     async fn group_seqs(&self, groups: &[u64]) -> Result<Vec<u64>, StoreError> {
@@ -805,18 +801,20 @@ mod tests {
                 owner: 1,
                 other: 2,
                 before: None,
-                limit: 100,
+                limit: 100.into(),
                 types: vec![],
             })
             .await
-            .expect("history");
+            .expect("history")
+            .items;
         let mut seqs: Vec<u64> = page.iter().map(|m| m.conv_seq).collect();
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
         let stream: Vec<u64> = b
-            .sync(2, 0, 500)
+            .sync(2, 0, 500.into())
             .await
             .expect("sync")
+            .items
             .iter()
             .map(|s| s.user_seq)
             .collect();

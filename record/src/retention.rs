@@ -79,14 +79,14 @@ mod tests {
             shutdown.clone(),
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while store.sync(2, 0, 10).await.expect("sync").len() != 1 {
+        while store.sync(2, 0, 10.into()).await.expect("sync").items.len() != 1 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "retention did not run"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left = store.sync(2, 0, 10).await.expect("sync");
+        let left = store.sync(2, 0, 10.into()).await.expect("sync").items;
         assert_eq!(left[0].message.client_seq, 3, "the day-old message stays");
         shutdown.cancel();
         job.await.expect("the job stops on shutdown");

@@ -815,7 +815,7 @@ impl MessageStore for SqliteStore {
         result
     }
 
-    async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn history(&self, q: &HistoryQuery) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
         let mut sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid
@@ -837,37 +837,39 @@ impl MessageStore for SqliteStore {
         for t in &q.types {
             query = query.bind(i64::from(*t));
         }
-        let rows = query.bind(i64::from(q.limit)).fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        let rows = query.bind(i64::from(q.limit.count)).fetch(&self.pool);
+        Ok(Page::collect(rows, q.limit, message_from_row, StoredMessage::page_bytes).await?)
     }
 
-    async fn sync(&self, owner: u64, after: u64, limit: u32) -> Result<Vec<SyncItem>, StoreError> {
+    async fn sync(
+        &self,
+        owner: u64,
+        after: u64,
+        limit: PageLimit,
+    ) -> Result<Page<SyncItem>, StoreError> {
         self.closed()?;
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid
              WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
-        ))
-        .bind(owner as i64)
-        .bind(after.min(i64::MAX as u64) as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(|row| {
-                Ok(SyncItem {
-                    user_seq: row.try_get::<i64, _>("user_seq")? as u64,
-                    message: message_from_row(row)?,
-                })
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner as i64)
+            .bind(after.min(i64::MAX as u64) as i64)
+            .bind(i64::from(limit.count))
+            .fetch(&self.pool);
+        let item = |row: &SqliteRow| {
+            Ok(SyncItem {
+                user_seq: row.try_get::<i64, _>("user_seq")? as u64,
+                message: message_from_row(row)?,
             })
-            .collect::<Result<_, sqlx::Error>>()?;
-        Ok(items)
+        };
+        Ok(Page::collect(rows, limit, item, |i: &SyncItem| i.message.page_bytes()).await?)
     }
 
-    async fn group_history(&self, q: &GroupHistoryQuery) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn group_history(
+        &self,
+        q: &GroupHistoryQuery,
+    ) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
         // Pages walk the (conv_id, conv_seq) index; `before` is a mid, so
         // its conv_seq bounds the page.
@@ -893,33 +895,27 @@ impl MessageStore for SqliteStore {
         for t in &q.types {
             query = query.bind(i64::from(*t));
         }
-        let rows = query.bind(i64::from(q.limit)).fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        let rows = query.bind(i64::from(q.limit.count)).fetch(&self.pool);
+        Ok(Page::collect(rows, q.limit, message_from_row, StoredMessage::page_bytes).await?)
     }
 
     async fn group_sync(
         &self,
         group: u64,
         after: u64,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+        limit: PageLimit,
+    ) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM message m
              WHERE m.conv_id = ? AND m.conv_seq > ? ORDER BY m.conv_seq LIMIT ?"
-        ))
-        .bind(group_conversation(group))
-        .bind(after.min(i64::MAX as u64) as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<_, _>>()?)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(group_conversation(group))
+            .bind(after.min(i64::MAX as u64) as i64)
+            .bind(i64::from(limit.count))
+            .fetch(&self.pool);
+        Ok(Page::collect(rows, limit, message_from_row, StoredMessage::page_bytes).await?)
     }
 
     async fn group_seqs(&self, groups: &[u64]) -> Result<Vec<u64>, StoreError> {

@@ -1,6 +1,7 @@
 //! The storage trait for messages and the types that cross it.
 
 use async_trait::async_trait;
+use futures_util::{Stream, TryStreamExt};
 use natter_proto::msg::{Message, MessageBody};
 use prost::Message as _;
 
@@ -94,7 +95,19 @@ pub struct StoredMessage {
     pub time_ms: i64,
 }
 
+/// What a stored message counts towards a page's byte budget besides its
+/// content and strings: its numbers and their encoding, generously.
+const MESSAGE_OVERHEAD: usize = 64;
+
 impl StoredMessage {
+    /// The bytes this message counts towards a page's budget
+    /// ([`PageLimit::bytes`]): its content, its strings and a fixed
+    /// overhead, about the size of its protobuf encoding. (Its JSON form is
+    /// larger by a constant factor: base64 content, escaped strings.)
+    pub fn page_bytes(&self) -> usize {
+        self.content.len() + self.conversation.len() + self.sender_device.len() + MESSAGE_OVERHEAD
+    }
+
     /// The decoded body; `None` if the stored bytes do not decode (they were
     /// validated on the way in, so this means corruption, which is logged).
     pub fn body(&self) -> Option<MessageBody> {
@@ -202,6 +215,73 @@ pub enum Outcome {
     Reused,
 }
 
+/// How much one page of messages may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLimit {
+    /// Messages at most.
+    pub count: u32,
+    /// Bytes at most, counted by [`StoredMessage::page_bytes`]: the page
+    /// stops before the message that would take it past this. The first
+    /// message always goes in, however large, so every page makes progress.
+    pub bytes: usize,
+}
+
+impl PageLimit {
+    pub fn new(count: u32, bytes: usize) -> PageLimit {
+        PageLimit { count, bytes }
+    }
+}
+
+impl From<u32> for PageLimit {
+    /// `count` messages, whatever their size.
+    fn from(count: u32) -> PageLimit {
+        PageLimit::new(count, usize::MAX)
+    }
+}
+
+/// A page of messages, in the order asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The page stopped at its limit, of messages (the next page may still
+    /// be empty) or of bytes (a message did not fit): ask again after the
+    /// last item.
+    pub more: bool,
+}
+
+impl<T> Page<T> {
+    /// Collects a page from `rows` in order, converting each with `item`,
+    /// until `limit` is reached. Stops reading there: rows past the budget
+    /// are never held.
+    pub(crate) async fn collect<R>(
+        rows: impl Stream<Item = Result<R, sqlx::Error>>,
+        limit: PageLimit,
+        item: impl Fn(&R) -> Result<T, sqlx::Error>,
+        bytes: impl Fn(&T) -> usize,
+    ) -> Result<Page<T>, sqlx::Error> {
+        let mut rows = std::pin::pin!(rows);
+        let mut items = Vec::new();
+        let mut used = 0usize;
+        while items.len() < limit.count as usize {
+            let Some(row) = rows.try_next().await? else {
+                return Ok(Page { items, more: false });
+            };
+            let next = item(&row)?;
+            let size = bytes(&next);
+            if !items.is_empty() && used.saturating_add(size) > limit.bytes {
+                return Ok(Page { items, more: true });
+            }
+            used = used.saturating_add(size);
+            items.push(next);
+        }
+        // A full page: more may follow.
+        Ok(Page {
+            more: limit.count > 0,
+            items,
+        })
+    }
+}
+
 /// A page of one user's conversation history, newest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryQuery {
@@ -209,7 +289,7 @@ pub struct HistoryQuery {
     pub other: u64,
     /// Only messages with a smaller mid; `None` for the newest.
     pub before: Option<u64>,
-    pub limit: u32,
+    pub limit: PageLimit,
     /// Only these message types; empty for all.
     pub types: Vec<u32>,
 }
@@ -222,7 +302,7 @@ pub struct GroupHistoryQuery {
     pub from_seq: u64,
     /// Only messages older than this one; `None` for the newest.
     pub before: Option<u64>,
-    pub limit: u32,
+    pub limit: PageLimit,
     /// Only these message types; empty for all.
     pub types: Vec<u32>,
 }
@@ -262,24 +342,29 @@ pub trait MessageStore: Send + Sync + 'static {
     }
 
     /// A page of the conversation between `owner` and `other`, newest first.
-    async fn history(&self, query: &HistoryQuery) -> Result<Vec<StoredMessage>, StoreError>;
+    async fn history(&self, query: &HistoryQuery) -> Result<Page<StoredMessage>, StoreError>;
 
-    /// Up to `limit` messages of `owner`'s stream with `user_seq > after`, in order.
-    async fn sync(&self, owner: u64, after: u64, limit: u32) -> Result<Vec<SyncItem>, StoreError>;
+    /// A page (up to `limit`) of `owner`'s stream with `user_seq > after`, in order.
+    async fn sync(
+        &self,
+        owner: u64,
+        after: u64,
+        limit: PageLimit,
+    ) -> Result<Page<SyncItem>, StoreError>;
 
     /// A page of a group's history, newest first.
     async fn group_history(
         &self,
         query: &GroupHistoryQuery,
-    ) -> Result<Vec<StoredMessage>, StoreError>;
+    ) -> Result<Page<StoredMessage>, StoreError>;
 
-    /// Up to `limit` messages of `group` with `conv_seq > after`, in order.
+    /// A page (up to `limit`) of `group`'s messages with `conv_seq > after`, in order.
     async fn group_sync(
         &self,
         group: u64,
         after: u64,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError>;
+        limit: PageLimit,
+    ) -> Result<Page<StoredMessage>, StoreError>;
 
     /// The newest committed `conv_seq` of each group (0 for none yet), in order.
     async fn group_seqs(&self, groups: &[u64]) -> Result<Vec<u64>, StoreError>;

@@ -69,6 +69,105 @@ where
     group_history_pages_from_a_join_point(&make().await).await;
     group_cursors_are_per_device_and_group(&make().await).await;
     device_ids_are_case_sensitive(&make().await).await;
+    pages_stop_at_their_byte_budget(&make().await).await;
+}
+
+/// Stores a message of `size` bytes of custom data (to a group with `group`).
+async fn store_large(store: &dyn MessageStore, to: u64, client_seq: u64, size: usize, group: bool) {
+    let message = typed(
+        1,
+        to,
+        client_seq,
+        MessageBody::custom("blob", vec![7; size]),
+    );
+    let write = if group {
+        Write::GroupMessage(message)
+    } else {
+        Write::Message(message)
+    };
+    store.write_batch(&[write]).await.expect("write");
+}
+
+async fn pages_stop_at_their_byte_budget(store: &dyn MessageStore) {
+    for i in 1..=5 {
+        store_large(store, 2, i, 1000, false).await;
+        store_large(store, 9, 100 + i, 1000, true).await;
+    }
+    let all = store.sync(2, 0, 100.into()).await.expect("sync");
+    assert_eq!((all.items.len(), all.more), (5, false));
+    let one = all.items[0].message.page_bytes();
+    assert!(one > 1000, "{one}");
+    let seqs = |page: &Page<SyncItem>| page.items.iter().map(|i| i.user_seq).collect::<Vec<_>>();
+
+    // Two and a half messages' worth: two, and more follow.
+    let page = store
+        .sync(2, 0, PageLimit::new(100, 2 * one + one / 2))
+        .await
+        .expect("sync");
+    assert_eq!((seqs(&page), page.more), (vec![1, 2], true));
+    // Exactly two fit.
+    let page = store
+        .sync(2, 2, PageLimit::new(100, 2 * one))
+        .await
+        .expect("sync");
+    assert_eq!((seqs(&page), page.more), (vec![3, 4], true));
+    // A message larger than the budget comes alone, so paging progresses.
+    let page = store
+        .sync(2, 0, PageLimit::new(100, one / 2))
+        .await
+        .expect("sync");
+    assert_eq!((seqs(&page), page.more), (vec![1], true));
+    // The rest fits: the last page says so.
+    let page = store
+        .sync(2, 3, PageLimit::new(100, 10 * one))
+        .await
+        .expect("sync");
+    assert_eq!((seqs(&page), page.more), (vec![4, 5], false));
+    // A page full by count may have more.
+    let page = store.sync(2, 0, 5.into()).await.expect("sync");
+    assert!(page.more);
+
+    let group = store
+        .group_sync(9, 0, PageLimit::new(100, 2 * one + one / 2))
+        .await
+        .expect("sync");
+    let conv_seqs =
+        |page: &Page<StoredMessage>| page.items.iter().map(|m| m.conv_seq).collect::<Vec<_>>();
+    assert_eq!((conv_seqs(&group), group.more), (vec![1, 2], true));
+    let history = store
+        .history(&HistoryQuery {
+            owner: 2,
+            other: 1,
+            before: None,
+            limit: PageLimit::new(100, 2 * one + one / 2),
+            types: vec![],
+        })
+        .await
+        .expect("history");
+    assert_eq!((conv_seqs(&history), history.more), (vec![5, 4], true));
+    let history = store
+        .group_history(&GroupHistoryQuery {
+            group: 9,
+            from_seq: 1,
+            before: None,
+            limit: PageLimit::new(100, one / 2),
+            types: vec![],
+        })
+        .await
+        .expect("history");
+    assert_eq!((conv_seqs(&history), history.more), (vec![5], true));
+    let history = store
+        .group_history(&GroupHistoryQuery {
+            group: 9,
+            from_seq: 1,
+            before: None,
+            limit: PageLimit::new(100, 10 * one),
+            types: vec![],
+        })
+        .await
+        .expect("history");
+    assert_eq!(history.items.len(), 5);
+    assert!(!history.more);
 }
 
 /// A text message from `sender` ("phone") to `group` with `client_seq`.
@@ -108,8 +207,18 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     assert_eq!(other.message.conv_seq, 1, "each group numbers its own");
     assert_eq!((a.sender_seq, a.receiver_seq), (0, 0));
     // A group message is in no user's stream.
-    assert!(store.sync(1, 0, 10).await.expect("sync").is_empty());
-    assert!(store.sync(7, 0, 10).await.expect("sync").is_empty());
+    assert!(store
+        .sync(1, 0, 10.into())
+        .await
+        .expect("sync")
+        .items
+        .is_empty());
+    assert!(store
+        .sync(7, 0, 10.into())
+        .await
+        .expect("sync")
+        .items
+        .is_empty());
     // The same (sender, device, client seq) is the same message, across
     // batches and within one.
     let again = store_group_one(store, 1, 7, 1).await;
@@ -140,12 +249,12 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
         .await
         .expect("batch");
     assert_eq!(reused, vec![Outcome::Reused, Outcome::Reused]);
-    let synced = store.group_sync(7, 0, 10).await.expect("sync");
+    let synced = store.group_sync(7, 0, 10.into()).await.expect("sync").items;
     let numbers: Vec<u64> = synced.iter().map(|m| m.conv_seq).collect();
     assert_eq!(numbers, vec![1, 2, 3]);
     assert_eq!(synced[0].to_proto(0).group, 7);
     assert_eq!(synced[0].to_proto(0).receiver, 0);
-    let after = store.group_sync(7, 2, 10).await.expect("sync");
+    let after = store.group_sync(7, 2, 10.into()).await.expect("sync").items;
     assert_eq!(after.len(), 1);
     assert_eq!(
         store.group_seqs(&[7, 8, 9]).await.expect("seqs"),
@@ -158,27 +267,33 @@ async fn group_history_pages_from_a_join_point(store: &dyn MessageStore) {
     for i in 1..=10 {
         mids.push(store_group_one(store, 1 + i % 3, 5, i).await.message.mid);
     }
-    let page = |from_seq, before, limit| GroupHistoryQuery {
+    let page = |from_seq, before, limit: u32| GroupHistoryQuery {
         group: 5,
         from_seq,
         before,
-        limit,
+        limit: limit.into(),
         types: vec![],
     };
-    let first = store.group_history(&page(1, None, 4)).await.expect("page");
+    let first = store
+        .group_history(&page(1, None, 4))
+        .await
+        .expect("page")
+        .items;
     let seqs: Vec<u64> = first.iter().map(|m| m.conv_seq).collect();
     assert_eq!(seqs, vec![10, 9, 8, 7]);
     let next = store
         .group_history(&page(1, Some(first[3].mid), 4))
         .await
-        .expect("page");
+        .expect("page")
+        .items;
     let seqs: Vec<u64> = next.iter().map(|m| m.conv_seq).collect();
     assert_eq!(seqs, vec![6, 5, 4, 3]);
     // A reader who joined at 5 sees nothing before it.
     let late = store
         .group_history(&page(5, Some(first[3].mid), 10))
         .await
-        .expect("page");
+        .expect("page")
+        .items;
     let seqs: Vec<u64> = late.iter().map(|m| m.conv_seq).collect();
     assert_eq!(seqs, vec![6, 5]);
     // A mid from elsewhere bounds nothing in this group.
@@ -187,12 +302,18 @@ async fn group_history_pages_from_a_join_point(store: &dyn MessageStore) {
         .group_history(&page(1, Some(foreign), 10))
         .await
         .expect("page")
+        .items
         .is_empty());
     let typed = GroupHistoryQuery {
         types: vec![MessageType::Image as u32],
         ..page(1, None, 10)
     };
-    assert!(store.group_history(&typed).await.expect("page").is_empty());
+    assert!(store
+        .group_history(&typed)
+        .await
+        .expect("page")
+        .items
+        .is_empty());
     assert_eq!(mids.len(), 10);
 }
 
@@ -288,7 +409,7 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
     assert!(!stored[0].repeat && stored[1].repeat && !stored[2].repeat);
     assert_eq!(stored[0].message.mid, stored[1].message.mid);
     assert_eq!(stored[2].message.conv_seq, 3);
-    let all = store.sync(2, 0, 100).await.expect("sync");
+    let all = store.sync(2, 0, 100.into()).await.expect("sync").items;
     assert_eq!(all.len(), 3, "one row per distinct message");
 }
 
@@ -355,17 +476,18 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
     else {
         panic!("not stored")
     };
-    let query = |before, limit, types: Vec<u32>| HistoryQuery {
+    let query = |before, limit: u32, types: Vec<u32>| HistoryQuery {
         owner: 1,
         other: 2,
         before,
-        limit,
+        limit: limit.into(),
         types,
     };
     let page = store
         .history(&query(None, 3, vec![]))
         .await
-        .expect("history");
+        .expect("history")
+        .items;
     assert_eq!(
         page.iter().map(|m| m.mid).collect::<Vec<_>>(),
         vec![img.message.mid, mids[4], mids[3]]
@@ -373,7 +495,8 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
     let next = store
         .history(&query(Some(mids[3]), 10, vec![]))
         .await
-        .expect("history");
+        .expect("history")
+        .items;
     assert_eq!(
         next.iter().map(|m| m.mid).collect::<Vec<_>>(),
         vec![mids[2], mids[1], mids[0]]
@@ -381,7 +504,8 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
     let images = store
         .history(&query(None, 10, vec![MessageType::Image as u32]))
         .await
-        .expect("history");
+        .expect("history")
+        .items;
     assert_eq!(images.len(), 1);
     assert_eq!(
         images[0].body().and_then(|b| b.message_type()),
@@ -392,18 +516,26 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
         owner: 2,
         other: 1,
         before: None,
-        limit: 100,
+        limit: 100.into(),
         types: vec![],
     };
-    assert_eq!(store.history(&theirs).await.expect("history").len(), 6);
+    assert_eq!(
+        store.history(&theirs).await.expect("history").items.len(),
+        6
+    );
     let nobody = HistoryQuery {
         owner: 3,
         other: 2,
         before: None,
-        limit: 100,
+        limit: 100.into(),
         types: vec![],
     };
-    assert!(store.history(&nobody).await.expect("history").is_empty());
+    assert!(store
+        .history(&nobody)
+        .await
+        .expect("history")
+        .items
+        .is_empty());
 }
 
 async fn sync_returns_the_stream_in_order(store: &dyn MessageStore) {
@@ -411,18 +543,18 @@ async fn sync_returns_the_stream_in_order(store: &dyn MessageStore) {
         store_one(store, 1, 2, i).await;
         store_one(store, 3, 2, i).await;
     }
-    let all = store.sync(2, 0, 100).await.expect("sync");
+    let all = store.sync(2, 0, 100.into()).await.expect("sync").items;
     assert_eq!(
         all.iter().map(|i| i.user_seq).collect::<Vec<_>>(),
         (1..=8).collect::<Vec<_>>()
     );
-    let page = store.sync(2, 5, 2).await.expect("sync");
+    let page = store.sync(2, 5, 2.into()).await.expect("sync").items;
     assert_eq!(
         page.iter().map(|i| i.user_seq).collect::<Vec<_>>(),
         vec![6, 7]
     );
     // The sender's own stream holds its outbox.
-    let outbox = store.sync(1, 0, 100).await.expect("sync");
+    let outbox = store.sync(1, 0, 100.into()).await.expect("sync").items;
     assert_eq!(outbox.len(), 4);
     assert!(outbox.iter().all(|i| i.message.sender == 1));
     let proto = all[0].message.to_proto(all[0].user_seq);
@@ -485,7 +617,10 @@ async fn message_to_oneself(store: &dyn MessageStore) {
     let note = store_one(store, 5, 5, 1).await;
     assert_eq!(note.message.conversation, "p:5:5");
     assert_eq!(note.sender_seq, note.receiver_seq);
-    assert_eq!(store.sync(5, 0, 10).await.expect("sync").len(), 1);
+    assert_eq!(
+        store.sync(5, 0, 10.into()).await.expect("sync").items.len(),
+        1
+    );
     let again = store_one(store, 5, 5, 1).await;
     assert!(again.repeat);
 }
@@ -508,11 +643,16 @@ async fn expiry_deletes_old_messages_only(store: &dyn MessageStore) {
     assert_eq!(store.expire(t0 + 500, 2).await.expect("expire"), 2);
     assert_eq!(store.expire(t0 + 500, 100).await.expect("expire"), 3);
     assert_eq!(store.expire(t0 + 500, 100).await.expect("expire"), 0);
-    let left = store.sync(2, 0, 100).await.expect("sync");
+    let left = store.sync(2, 0, 100.into()).await.expect("sync").items;
     assert_eq!(left.len(), 1, "the newer message stays");
     assert_eq!(left[0].message.client_seq, 9);
     assert_eq!(
-        store.sync(1, 0, 100).await.expect("sync").len(),
+        store
+            .sync(1, 0, 100.into())
+            .await
+            .expect("sync")
+            .items
+            .len(),
         1,
         "both sides' relation rows went"
     );
@@ -520,10 +660,13 @@ async fn expiry_deletes_old_messages_only(store: &dyn MessageStore) {
         owner: 1,
         other: 2,
         before: None,
-        limit: 100,
+        limit: 100.into(),
         types: vec![],
     };
-    assert_eq!(store.history(&history).await.expect("history").len(), 1);
+    assert_eq!(
+        store.history(&history).await.expect("history").items.len(),
+        1
+    );
     // Numbering continues after expired messages.
     let next = store_one(store, 1, 2, 10).await;
     assert_eq!(next.message.conv_seq, 7);

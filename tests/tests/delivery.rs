@@ -78,7 +78,7 @@ async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
     let (status, page) = server.get_json("/v1/sync", 2, "phone").await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(0), "{page}");
-    assert_eq!(page["cursor"], 1);
+    assert_eq!(page["cursor"], "1");
     server.stop().await;
 }
 
@@ -125,7 +125,7 @@ async fn one_push_ack_covers_every_push_before_it() {
     let (status, page) = server.get_json("/v1/sync", 2, "phone").await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(0), "{page}");
-    assert_eq!(page["cursor"], 3);
+    assert_eq!(page["cursor"], "3");
     server.stop().await;
 }
 
@@ -169,7 +169,7 @@ async fn the_sdk_acknowledges_a_burst_of_pushes_with_few_acks() {
         // The stored cursor covers everything: nothing left to sync.
         let (_, page) = server.get_json("/v1/sync", 2, "phone").await;
         if page["messages"].as_array().is_some_and(Vec::is_empty) {
-            assert_eq!(page["cursor"], 20);
+            assert_eq!(page["cursor"], "20");
             break;
         }
         assert!(Instant::now() < deadline, "not acknowledged: {page}");
@@ -321,11 +321,16 @@ async fn history_pages_and_filters_over_http() {
         .as_array()
         .expect("messages")
         .iter()
-        .map(|m| m["user_seq"].as_u64().expect("seq"))
+        .map(|m| {
+            m["user_seq"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("seq, a decimal string")
+        })
         .collect();
     assert_eq!(seqs, vec![21, 22, 23]);
     assert_eq!(page["has_more"], true);
-    assert_eq!(page["cursor"], 23);
+    assert_eq!(page["cursor"], "23");
     server.stop().await;
 }
 
