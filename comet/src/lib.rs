@@ -476,7 +476,7 @@ mod tests {
         let firsts: std::collections::HashSet<u64> = (0..64).map(|_| first_conn_id()).collect();
         assert_eq!(firsts.len(), 64, "each process starts its ids elsewhere");
         assert!(
-            firsts.iter().all(|&id| id >= 1 && id < (1 << 52)),
+            firsts.iter().all(|id| (1..(1 << 52)).contains(id)),
             "ids fit a JSON number"
         );
     }
