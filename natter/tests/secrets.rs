@@ -21,11 +21,29 @@ fn natter(args: &[&str]) -> Command {
     command
 }
 
-/// Runs a command that must fail before serving; its error output.
+/// Runs a command that must fail before serving; its error output. One that
+/// is still running after a few seconds started: it is killed and the test
+/// fails.
 fn refused(command: &mut Command) -> String {
-    let Output { status, stderr, .. } = command.output().expect("natter runs");
+    let mut child = command.spawn().expect("natter runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let Output { stderr, .. } = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&stderr).to_string();
-    assert!(!status.success(), "started: {stderr}");
+    match status {
+        Some(status) => assert!(!status.success(), "succeeded: {stderr}"),
+        None => panic!("started and kept running: {stderr}"),
+    }
     assert!(!stderr.contains("natter serving"), "{stderr}");
     stderr
 }
