@@ -23,7 +23,8 @@ fn natter(args: &[&str]) -> Command {
 
 /// Runs a command that must fail before serving; its error output. One that
 /// is still running after a few seconds started: it is killed and the test
-/// fails.
+/// fails. (A plain thread waiting on a child process: no runtime to yield to.)
+#[allow(clippy::disallowed_methods)]
 fn refused(command: &mut Command) -> String {
     let mut child = command.spawn().expect("natter runs");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
