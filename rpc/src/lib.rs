@@ -10,7 +10,6 @@
 //!   [`RemoteGateway`] is the [`Gateway`] logic uses for one gateway node:
 //!   pushes are queued and sent in batches, one call for many connections;
 //!   a push to a dead gateway is dropped (its devices sync on reconnect).
-//!
 //! - [`auth`]: every call is signed with the cluster secret, and logic
 //!   acts only for sessions it granted at `Authenticate`.
 //!
