@@ -64,16 +64,38 @@ fn failed(e: redis::RedisError) -> DirectoryError {
     DirectoryError(e.to_string())
 }
 
+/// Where and as whom to connect: the URL, with `username` and `password`
+/// in place of its own when given.
+fn connection_info(
+    url: &str,
+    username: &str,
+    password: &str,
+) -> Result<redis::ConnectionInfo, DirectoryError> {
+    use redis::IntoConnectionInfo as _;
+    let info = url.into_connection_info().map_err(failed)?;
+    let mut redis = info.redis_settings().clone();
+    if !username.is_empty() {
+        redis = redis.set_username(username);
+    }
+    if !password.is_empty() {
+        redis = redis.set_password(password);
+    }
+    Ok(info.set_redis_settings(redis))
+}
+
 impl RedisDirectory {
     /// A directory on the Redis at `url`. Connects lazily and reconnects by
-    /// itself; every command gives up after `timeout`.
+    /// itself; every command gives up after `timeout`. A non-empty
+    /// `username` or `password` replaces the URL's (`redis://user:pass@…`).
     pub fn new(
         url: &str,
+        username: &str,
+        password: &str,
         prefix: &str,
         ttl: Duration,
         timeout: Duration,
     ) -> Result<RedisDirectory, DirectoryError> {
-        let client = Client::open(url).map_err(failed)?;
+        let client = Client::open(connection_info(url, username, password)?).map_err(failed)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout))
@@ -243,8 +265,8 @@ mod tests {
     async fn redis(prefix: &str, ttl: Duration) -> Option<RedisDirectory> {
         let url = std::env::var("NATTER_TEST_REDIS")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string());
-        let dir =
-            RedisDirectory::new(&url, prefix, ttl, Duration::from_secs(2)).expect("valid URL");
+        let dir = RedisDirectory::new(&url, "", "", prefix, ttl, Duration::from_secs(2))
+            .expect("valid URL");
         match dir.ping().await {
             Ok(()) => Some(dir),
             Err(e) => panic!(
@@ -391,6 +413,8 @@ mod tests {
         // Nothing listens on port 1.
         let dir = RedisDirectory::new(
             "redis://127.0.0.1:1/0",
+            "",
+            "",
             "x:",
             Duration::from_secs(60),
             Duration::from_millis(200),
@@ -401,5 +425,92 @@ mod tests {
         assert!(dir.register(s(1, "phone", "gw", 1)).await.is_err());
         assert!(dir.ping().await.is_err());
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A Redis of its own that requires a password, killed on drop.
+    struct PrivateRedis {
+        child: std::process::Child,
+        url: String,
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_configured_password_is_used_and_a_missing_or_wrong_one_is_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--requirepass", "a redis password"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!(
+                    "SKIPPED: cannot start redis-server ({e}); set CI=1 to make this a failure"
+                );
+                return;
+            }
+            Err(e) => panic!("redis-server is needed in CI: {e}"),
+        };
+        let server = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        };
+        let open = |user: &str, password: &str| {
+            RedisDirectory::new(
+                &server.url,
+                user,
+                password,
+                &prefix(),
+                Duration::from_secs(60),
+                Duration::from_secs(2),
+            )
+            .expect("valid URL")
+        };
+        let with_password = open("", "a redis password");
+        let mut up = false;
+        for _ in 0..100 {
+            if with_password.ping().await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "Redis with requirepass answers the right password");
+        with_password
+            .register(s(1, "phone", "gw", 1))
+            .await
+            .expect("authenticated write");
+        // Redis 6+ names requirepass's user `default`.
+        open("default", "a redis password")
+            .ping()
+            .await
+            .expect("user and password");
+        assert!(open("", "").ping().await.is_err(), "no password");
+        assert!(open("", "wrong").ping().await.is_err(), "wrong password");
+        // The password may also come in the URL; the setting wins over it.
+        let in_url = RedisDirectory::new(
+            &server
+                .url
+                .replace("redis://", "redis://:a%20redis%20password@"),
+            "",
+            "",
+            &prefix(),
+            Duration::from_secs(60),
+            Duration::from_secs(2),
+        )
+        .expect("valid URL");
+        in_url.ping().await.expect("password in the URL");
     }
 }

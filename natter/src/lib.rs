@@ -165,6 +165,8 @@ async fn start_logic(
         let redis = Arc::new(
             RedisDirectory::new(
                 &config.sessions.redis_url,
+                &config.sessions.redis_username,
+                config.sessions.redis_password.expose(),
                 &config.sessions.key_prefix,
                 Duration::from_millis(config.sessions.ttl_ms),
                 Duration::from_millis(config.sessions.timeout_ms),
@@ -174,7 +176,7 @@ async fn start_logic(
         dependencies.push(Arc::new(RedisCheck(redis.clone())));
         redis
     };
-    let tokens = Tokens::new(secret);
+    let tokens = Tokens::new(secret.clone());
     let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
     let fanout = Arc::new(Fanout::new(
         directory,
@@ -220,6 +222,7 @@ async fn start_logic(
         store,
         groups,
         tokens,
+        auth_secret: secret,
         committer_task,
         retention,
     })
@@ -231,6 +234,7 @@ async fn follow_gateways(
     mut members: discovery::Members,
     logic: Arc<Logic>,
     timeout: Duration,
+    plane: natter_rpc::PlaneKey,
     stop: Shutdown,
 ) {
     let mut attached: std::collections::HashMap<String, String> = Default::default();
@@ -238,7 +242,7 @@ async fn follow_gateways(
         let now = members.now();
         for node in &now {
             if attached.get(&node.node) != Some(&node.addr) {
-                match natter_rpc::RemoteGateway::new(&node.addr, timeout) {
+                match natter_rpc::RemoteGateway::new(&node.addr, timeout, &plane) {
                     Ok(gateway) => {
                         logic.attach_gateway(&node.node, Arc::new(gateway));
                         attached.insert(node.node.clone(), node.addr.clone());
@@ -329,6 +333,8 @@ struct LogicHalf {
     store: Arc<dyn MessageStore>,
     groups: Arc<Groups>,
     tokens: Tokens,
+    /// Logic's session grants are signed with a key derived from it.
+    auth_secret: Vec<u8>,
     committer_task: JoinHandle<()>,
     retention: Option<JoinHandle<()>>,
 }
@@ -356,6 +362,21 @@ impl Server {
                 role.name()
             );
         }
+        // Calls between roles are signed with the cluster secret.
+        let plane = if role.serves_rpc() {
+            if config.rpc.secret.is_empty() {
+                anyhow::bail!(
+                    "natter {} needs rpc.secret: every call between comet and logic nodes is signed with it",
+                    role.name()
+                );
+            }
+            Some(natter_rpc::PlaneKey::new(
+                config.rpc.secret.expose().trim().as_bytes(),
+                Duration::from_millis(config.rpc.max_clock_skew_ms),
+            ))
+        } else {
+            None
+        };
         natter_node::private::create_private_dir(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         // Bound first: the addresses are what this node registers under.
@@ -379,7 +400,14 @@ impl Server {
         } else {
             let d = &config.discovery;
             let etcd = Etcd::new(&d.etcd_url, Duration::from_millis(d.timeout_ms))
-                .map_err(|e| anyhow::anyhow!("discovery.etcd_url: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("discovery.etcd_url: {e}"))?
+                .with_credentials(&d.username, d.password.expose());
+            // Comet and logic nodes follow each other: only sealed entries.
+            let etcd = if role.serves_rpc() {
+                etcd.with_seal(config.rpc.secret.expose().trim().as_bytes())
+            } else {
+                etcd
+            };
             let node = if d.node.is_empty() {
                 random_node_name()
             } else {
@@ -441,8 +469,8 @@ impl Server {
             None
         };
         // Logic nodes follow the gateways, to push to them.
-        let gateways_watch = match (&registration, &logic_half, role) {
-            (Some((etcd, _)), Some(half), Role::Logic) => {
+        let gateways_watch = match (&registration, &logic_half, &plane, role) {
+            (Some((etcd, _)), Some(half), Some(plane), Role::Logic) => {
                 let (members, task) = discovery::watch_role(
                     etcd.clone(),
                     &config.discovery.prefix,
@@ -455,6 +483,7 @@ impl Server {
                         members,
                         half.logic.clone(),
                         rpc_timeout,
+                        plane.clone(),
                         background_stop.clone(),
                     )),
                 ))
@@ -463,9 +492,9 @@ impl Server {
         };
 
         let comet = if role.runs_gateway() {
-            let logic: Arc<dyn LogicService> = match (&logic_half, &registration) {
-                (Some(half), _) => half.logic.clone(),
-                (None, Some((etcd, _))) => {
+            let logic: Arc<dyn LogicService> = match (&logic_half, &registration, &plane) {
+                (Some(half), _, _) => half.logic.clone(),
+                (None, Some((etcd, _)), Some(plane)) => {
                     let (members, _task) = discovery::watch_role(
                         etcd.clone(),
                         &config.discovery.prefix,
@@ -474,9 +503,13 @@ impl Server {
                     );
                     let targets: natter_rpc::Targets =
                         Arc::new(move || members.now().into_iter().map(|n| n.addr).collect());
-                    Arc::new(natter_rpc::RemoteLogic::new(targets, rpc_timeout))
+                    Arc::new(natter_rpc::RemoteLogic::new(
+                        targets,
+                        rpc_timeout,
+                        plane.clone(),
+                    ))
                 }
-                (None, None) => unreachable!("validated: a gateway alone has discovery"),
+                _ => unreachable!("validated: a gateway alone has discovery and rpc.secret"),
             };
             let comet = Comet::new(
                 &node_name,
@@ -552,17 +585,24 @@ impl Server {
 
         // The role's gRPC service.
         let rpc_stop = Shutdown::new();
-        let rpc = rpc_listener.map(|listener| {
+        let rpc = match (rpc_listener, &plane) {
+            (Some(listener), Some(plane)) => Some((listener, plane.clone())),
+            _ => None,
+        };
+        let rpc = rpc.map(|(listener, plane)| {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
             let stop = rpc_stop.clone();
             let mut server = tonic::transport::Server::builder();
             let router = match (&logic_half, &comet) {
                 (Some(half), _) => server.add_service(natter_rpc::LogicServer::service(
                     half.logic.clone() as Arc<dyn LogicService>,
+                    natter_rpc::SessionKey::new(&half.auth_secret),
+                    plane,
                 )),
-                (None, Some(comet)) => {
-                    server.add_service(natter_rpc::GatewayServer::service(Arc::new(comet.clone())))
-                }
+                (None, Some(comet)) => server.add_service(natter_rpc::GatewayServer::service(
+                    Arc::new(comet.clone()),
+                    plane,
+                )),
                 (None, None) => unreachable!("every role runs logic or a gateway"),
             };
             tokio::spawn(async move {

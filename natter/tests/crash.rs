@@ -31,6 +31,8 @@ use tokio::process::{Child, Command};
 /// Kill-and-restart cycles per shape.
 const CYCLES: u64 = 20;
 const SECRET: &str = "a shared secret for every node of the crash test";
+/// The cluster secret that signs every call between the test's nodes.
+const RPC_SECRET: &str = "the cluster secret of the crash test's comet and logic";
 /// Sending starts this long after a run starts (pressure's connect phase
 /// with no connect rate).
 const SENDING_AFTER: Duration = Duration::from_millis(1300);
@@ -279,6 +281,7 @@ async fn a_logic_node_killed_20_times_under_traffic_keeps_every_promise() {
                 format!("natter-crash-{}:", std::process::id()),
             ),
             ("NATTER_RPC__TIMEOUT_MS", "1000".to_string()),
+            ("NATTER_RPC__SECRET", RPC_SECRET.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

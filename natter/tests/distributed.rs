@@ -16,6 +16,8 @@ use natter_proto::msg::MessageBody;
 use natter_record::mysql::testing::{drop_database, fresh_database};
 
 const SECRET: &str = "a shared secret for every logic node";
+/// The cluster secret of every comet and logic node.
+const RPC_SECRET: &str = "the cluster secret of every comet and logic node";
 
 struct Node {
     child: Child,
@@ -51,6 +53,7 @@ impl Stack {
             .arg(self.dir.path().join(name))
             .env("NATTER_LOG__FORMAT", "json")
             .env("NATTER_AUTH__SECRET", SECRET)
+            .env("NATTER_RPC__SECRET", RPC_SECRET)
             .env("NATTER_DISCOVERY__ETCD_URL", &self.etcd)
             .env("NATTER_DISCOVERY__NODE", name)
             .env("NATTER_DISCOVERY__TTL_SECS", "2")

@@ -38,6 +38,54 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("secret file {path} refused: {reason}")]
+    SecretRefused { path: PathBuf, reason: String },
+}
+
+/// Shortest secret accepted (after trimming white space), in bytes: an HMAC
+/// key of 256 bits.
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// A secret setting (a password, a shared key): never printed.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<empty>"
+        } else {
+            "<set>"
+        })
+    }
 }
 
 /// The whole configuration of a natter process.
@@ -296,6 +344,11 @@ pub struct SessionsConfig {
     pub key_prefix: String,
     /// Time a Redis command may take before it counts as failed.
     pub timeout_ms: u64,
+    /// Redis ACL user (Redis 6+); empty: the URL's, or none.
+    pub redis_username: String,
+    /// Redis password (`requirepass` or the ACL user's); empty: the URL's,
+    /// or none. Kept apart from the URL so that the URL can be logged.
+    pub redis_password: Secret,
 }
 
 impl Default for SessionsConfig {
@@ -305,6 +358,8 @@ impl Default for SessionsConfig {
             ttl_ms: 120_000,
             key_prefix: "natter:".into(),
             timeout_ms: 1000,
+            redis_username: String::new(),
+            redis_password: Secret::default(),
         }
     }
 }
@@ -325,6 +380,10 @@ pub struct DiscoveryConfig {
     pub ttl_secs: u64,
     /// Time an etcd call may take before it counts as failed.
     pub timeout_ms: u64,
+    /// etcd user (etcd auth enabled); empty: no authentication.
+    pub username: String,
+    /// That user's password.
+    pub password: Secret,
 }
 
 impl Default for DiscoveryConfig {
@@ -336,6 +395,8 @@ impl Default for DiscoveryConfig {
             advertise: String::new(),
             ttl_secs: 10,
             timeout_ms: 2000,
+            username: String::new(),
+            password: Secret::default(),
         }
     }
 }
@@ -349,6 +410,13 @@ pub struct RpcConfig {
     /// Time a call to another node may take before it counts as failed
     /// (and, where safe, is tried on the next node).
     pub timeout_ms: u64,
+    /// The cluster secret every comet and logic node shares: each call
+    /// between them carries an HMAC made with it (at least 32 bytes;
+    /// required by `natter comet` and `natter logic`).
+    pub secret: Secret,
+    /// How far a call's time stamp may be from this node's clock (both
+    /// ways) before the call is refused as stale.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for RpcConfig {
@@ -356,6 +424,8 @@ impl Default for RpcConfig {
         RpcConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3202)),
             timeout_ms: 3000,
+            secret: Secret::default(),
+            max_clock_skew_ms: 30_000,
         }
     }
 }
@@ -530,6 +600,18 @@ impl Config {
         if self.rpc.timeout_ms == 0 {
             return bad("rpc.timeout_ms must be positive");
         }
+        if !self.rpc.secret.is_empty() && self.rpc.secret.expose().trim().len() < MIN_SECRET_LEN {
+            return bad(
+                "rpc.secret must be at least 32 bytes (not counting white space around it)",
+            );
+        }
+        if !self.rpc.secret.is_empty() && self.rpc.secret.expose().trim() == self.auth.secret.trim()
+        {
+            return bad("rpc.secret must differ from auth.secret: gateways hold rpc.secret, and must not be able to sign tokens or sessions");
+        }
+        if !(1000..=600_000).contains(&self.rpc.max_clock_skew_ms) {
+            return bad("rpc.max_clock_skew_ms must be between 1000 and 600000");
+        }
         let d = &self.discovery;
         if !(d.etcd_url.is_empty()
             || d.etcd_url.starts_with("http://")
@@ -542,11 +624,19 @@ impl Config {
                 "discovery.ttl_secs must be 2..=3600, timeout_ms positive and prefix non-empty",
             );
         }
+        if d.username.is_empty() != d.password.is_empty() {
+            return bad("discovery.username and discovery.password go together");
+        }
+        if !self.sessions.redis_password.is_empty() && self.sessions.redis_url.is_empty() {
+            return bad("sessions.redis_password is set but sessions.redis_url is not");
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json");
         }
-        if !self.auth.secret.is_empty() && self.auth.secret.len() < 16 {
-            return bad("auth.secret must be at least 16 bytes");
+        if !self.auth.secret.is_empty() && self.auth.secret.trim().len() < MIN_SECRET_LEN {
+            return bad(
+                "auth.secret must be at least 32 bytes (not counting white space around it)",
+            );
         }
         Ok(())
     }
@@ -561,26 +651,72 @@ impl Config {
     }
 }
 
-/// Reads `DIR/secret`; an error if it does not exist.
+/// Reads `DIR/secret`; an error if it does not exist or is refused (see
+/// [`check_secret_file`]).
 pub fn read_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     let path = data_dir.join("secret");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(text.trim().as_bytes().to_vec()),
-        Err(source) => Err(ConfigError::Secret { path, source }),
+    match check_secret_file(&path) {
+        Ok(secret) => Ok(secret),
+        Err(SecretFile::Io(source)) => Err(ConfigError::Secret { path, source }),
+        Err(SecretFile::Refused(reason)) => Err(ConfigError::SecretRefused { path, reason }),
     }
 }
 
-/// Reads `DIR/secret`, creating it (and `DIR`) with 32 random bytes in hex if absent.
+/// Why a secret file was not used.
+enum SecretFile {
+    Io(std::io::Error),
+    Refused(String),
+}
+
+/// Reads a secret file: a regular file (not a directory, device or pipe),
+/// readable by its owner alone, holding at least [`MIN_SECRET_LEN`] bytes
+/// once the white space around them is trimmed. Anything less would make
+/// an HMAC key anyone can guess or read, so it is refused, not warned of.
+fn check_secret_file(path: &Path) -> Result<Vec<u8>, SecretFile> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(SecretFile::Io)?;
+    let meta = file.metadata().map_err(SecretFile::Io)?;
+    if !meta.is_file() {
+        return Err(SecretFile::Refused("not a regular file".into()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(SecretFile::Refused(format!(
+                "mode {mode:04o} lets other users read it; chmod 600 it"
+            )));
+        }
+    }
+    let mut text = String::new();
+    // A secret is short; a huge file is a mistake, not a key.
+    file.take(64 * 1024)
+        .read_to_string(&mut text)
+        .map_err(SecretFile::Io)?;
+    let secret = text.trim();
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(SecretFile::Refused(format!(
+            "it holds {} bytes after trimming; a secret must have at least {MIN_SECRET_LEN} \
+             (delete the file to have a new random one made)",
+            secret.len()
+        )));
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
+/// Reads `DIR/secret`, creating it (and `DIR`) with 32 random bytes in hex if
+/// absent. An existing file must pass [`check_secret_file`].
 pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     let path = data_dir.join("secret");
     let err = |source| ConfigError::Secret {
         path: path.clone(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => return Ok(text.trim().as_bytes().to_vec()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
+    match read_secret(data_dir) {
+        Err(ConfigError::Secret { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other,
     }
     crate::private::create_private_dir(data_dir).map_err(err)?;
     let mut raw = [0u8; 32];
@@ -595,11 +731,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
         Err(e) => return Err(err(e)),
     }
     let _ = std::fs::remove_file(&tmp);
-    Ok(std::fs::read_to_string(&path)
-        .map_err(err)?
-        .trim()
-        .as_bytes()
-        .to_vec())
+    read_secret(data_dir)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -734,6 +866,91 @@ mod tests {
     }
 
     #[test]
+    fn secrets_shorter_than_32_bytes_are_refused_and_never_printed() {
+        let long = "x".repeat(32);
+        let padded_short = format!("  {}\n\t ", "y".repeat(31));
+        for (name, set) in [
+            (
+                "auth.secret",
+                (|c: &mut Config, v: &str| c.auth.secret = v.into()) as fn(&mut Config, &str),
+            ),
+            ("rpc.secret", |c, v| c.rpc.secret = v.into()),
+        ] {
+            let mut config = Config::default();
+            set(&mut config, &"y".repeat(31));
+            let refused = config.validate().expect_err(name).to_string();
+            assert!(refused.contains(name), "{refused}");
+            set(&mut config, &padded_short);
+            assert!(
+                config.validate().is_err(),
+                "{name}: white space does not count"
+            );
+            set(&mut config, &long);
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!format!("{config:?}").contains(&long), "{name} printed");
+        }
+        let mut config = Config::default();
+        config.discovery.username = "natter".into();
+        assert!(config.validate().is_err(), "a user without a password");
+        config.discovery.password = "pw".into();
+        config.validate().expect("etcd credentials");
+        assert!(!format!("{config:?}").contains("pw"));
+        config.sessions.redis_password = "hunter2".into();
+        assert!(config.validate().is_err(), "a Redis password without Redis");
+        config.sessions.redis_url = "redis://127.0.0.1:6379/0".into();
+        config.validate().expect("Redis credentials");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_short_empty_or_blank_secret_file_refuses_to_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        let short = "z".repeat(31);
+        for content in ["", "   \n", "\t\n\n", short.as_str()] {
+            write_private(&path, content.as_bytes()).expect("write");
+            let refused = read_secret(dir.path()).expect_err(content);
+            assert!(
+                matches!(refused, ConfigError::SecretRefused { .. }),
+                "{content:?}: {refused}"
+            );
+            // Never replaced by a new one either: the operator must look.
+            assert!(load_or_create_secret(dir.path()).is_err(), "{content:?}");
+            let config = Config {
+                data_dir: dir.path().into(),
+                ..Config::default()
+            };
+            assert!(config.secret().is_err(), "{content:?}");
+        }
+        write_private(&path, format!(" {} \n", "z".repeat(32)).as_bytes()).expect("write");
+        assert_eq!(
+            read_secret(dir.path()).expect("32 bytes"),
+            "z".repeat(32).into_bytes()
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_others_can_read_or_that_is_not_a_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        write_private(&path, "s".repeat(40).as_bytes()).expect("write");
+        read_secret(dir.path()).expect("0600 is fine");
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let refused = read_secret(dir.path()).expect_err("readable by others");
+            assert!(refused.to_string().contains("chmod 600"), "{refused}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        read_secret(dir.path()).expect("0400 is fine");
+        let other = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(other.path().join("secret")).expect("a directory named secret");
+        let refused = load_or_create_secret(other.path()).expect_err("a directory");
+        assert!(refused.to_string().contains("regular file"), "{refused}");
+    }
+
+    #[test]
     fn the_example_config_states_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/natter.toml");
         let example = Config::load(Some(&path), vec![]).expect("example parses");
@@ -749,20 +966,70 @@ mod tests {
             config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!config.discovery.etcd_url.is_empty(), "{name} uses etcd");
         }
-        // Every NATTER_… setting of docker-compose.yml names a key and validates.
+        // Every NATTER_… setting of docker-compose.yml names a key and
+        // validates once the environment's values are filled in, and every
+        // secret comes from the environment, never from the file.
         let compose = std::fs::read_to_string(deploy.join("docker-compose.yml")).expect("compose");
         let mut env = Vec::new();
         for line in compose.lines() {
             let line = line.trim();
-            if let Some((key, value)) = line.split_once(": ") {
-                if key.starts_with("NATTER_") {
-                    env.push((key.to_string(), value.trim().to_string()));
-                }
+            let Some((key, value)) = line.split_once(": ") else {
+                continue;
+            };
+            if !key.starts_with("NATTER_") {
+                continue;
             }
+            // `&name value` defines a YAML anchor; `*name` repeats one.
+            let value = value.trim();
+            if value.starts_with('*') {
+                continue;
+            }
+            let value = match value.strip_prefix('&') {
+                Some(anchored) => anchored.split_once(' ').map(|(_, v)| v).unwrap_or(""),
+                None => value,
+            };
+            let secret = ["SECRET", "PASSWORD"].iter().any(|s| key.contains(s));
+            let filled = fill_compose_variables(value);
+            if secret {
+                assert!(
+                    value.starts_with("${") && value.contains(":?"),
+                    "{key} must come from the environment, required: {value}"
+                );
+            }
+            if key == "NATTER_STORE__MYSQL_URL" {
+                assert!(value.contains(":${NATTER_DB_PASSWORD:?"), "{value}");
+            }
+            env.push((key.to_string(), filled));
         }
-        assert!(env.len() >= 5, "{env:?}");
+        assert!(env.len() >= 8, "{env:?}");
         let config = Config::load(None, env).expect("compose settings are config keys");
         config.validate().expect("compose settings validate");
+        assert!(!config.rpc.secret.is_empty() && !config.discovery.password.is_empty());
+        assert!(!config.sessions.redis_password.is_empty());
+        let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).expect("Dockerfile");
+        assert!(
+            !dockerfile.contains("3202") && !dockerfile.contains("3210"),
+            "the gRPC plane is not exposed"
+        );
+        assert!(
+            !compose.contains(":3202\"]") && !compose.contains(":3210\"]"),
+            "the gRPC plane is not published"
+        );
+    }
+
+    /// Compose's `${VAR:?message}` with a value of 40 bytes naming VAR.
+    fn fill_compose_variables(value: &str) -> String {
+        let mut out = String::new();
+        let mut rest = value;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..].find('}').expect("closed") + start;
+            let var = rest[start + 2..end].split(':').next().unwrap_or("");
+            out.push_str(&format!("{var:-<40}"));
+            rest = &rest[end + 1..];
+        }
+        out.push_str(rest);
+        out
     }
 
     #[test]
@@ -771,6 +1038,15 @@ mod tests {
         let data = dir.path().join("data");
         let first = load_or_create_secret(&data).expect("create");
         assert_eq!(first.len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(data.join("secret"))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         assert_eq!(load_or_create_secret(&data).expect("read"), first);
     }
 }

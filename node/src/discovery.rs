@@ -10,6 +10,19 @@
 //! discovery needs — lease grant, keep-alive and revoke, put, a
 //! create-if-absent transaction, range and watch — are all there.
 //!
+//! With etcd's authentication on, the node logs in with its user and
+//! password (`POST /v3/auth/authenticate`) and sends the token it gets in
+//! the `Authorization` header of every call; when etcd no longer knows the
+//! token (it expired, etcd restarted), the node logs in again and retries
+//! once.
+//!
+//! Registrations can be sealed ([`Etcd::with_seal`]): a node writes an
+//! HMAC of its role, name, address and worker id under a key derived from
+//! the cluster secret, and [`watch_role`] ignores entries whose seal does
+//! not verify. Whoever can write to etcd but does not hold the secret then
+//! cannot pose as a logic node (which gateways would send users' tokens
+//! to) or as a gateway.
+//!
 //! Keys, under a prefix (`natter/` by default):
 //!
 //! - `P nodes/ROLE/NODE` → the [`NodeInfo`] as JSON, under the node's lease;
@@ -51,6 +64,23 @@ pub struct NodeInfo {
     pub addr: String,
     /// Its worker id, unique among live nodes.
     pub worker: u16,
+    /// HMAC-SHA256 (hex) of the fields above under the cluster's sealing
+    /// key; empty when the cluster does not seal its registrations.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub seal: String,
+}
+
+/// The key registrations are sealed with.
+type SealKey = [u8; 32];
+
+fn seal_of(key: &SealKey, info: &NodeInfo) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    // JSON of a tuple: no two field lists give the same bytes.
+    let fields = json!([info.role, info.node, info.addr, info.worker]).to_string();
+    mac.update(fields.as_bytes());
+    mac
 }
 
 /// An etcd client over the JSON gateway.
@@ -58,6 +88,24 @@ pub struct NodeInfo {
 pub struct Etcd {
     http: reqwest::Client,
     base: String,
+    login: Option<std::sync::Arc<Login>>,
+    seal: Option<SealKey>,
+}
+
+/// An etcd user's name and password, and the token of its last login.
+struct Login {
+    name: String,
+    password: String,
+    token: std::sync::Mutex<Option<String>>,
+}
+
+/// Whether etcd refused a call for its token (expired, or unknown after a
+/// restart): worth a new login.
+fn token_refused(e: &DiscoveryError) -> bool {
+    match e {
+        DiscoveryError::Status { status, body } => *status == 401 || body.contains("auth token"),
+        _ => false,
+    }
 }
 
 fn b64(s: &str) -> String {
@@ -105,14 +153,109 @@ impl Etcd {
         Ok(Etcd {
             http,
             base: endpoint.trim_end_matches('/').to_string(),
+            login: None,
+            seal: None,
         })
     }
 
+    /// Seals this node's registration, and follows only sealed ones, with a
+    /// key derived from `secret` (the cluster secret).
+    pub fn with_seal(mut self, secret: &[u8]) -> Etcd {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"natter registration v1");
+        self.seal = Some(mac.finalize().into_bytes().into());
+        self
+    }
+
+    /// Whether a registration read from etcd is to be followed.
+    fn accepts(&self, info: &NodeInfo) -> bool {
+        use hmac::Mac as _;
+        let Some(key) = &self.seal else {
+            return true;
+        };
+        let tag = (0..info.seal.len())
+            .step_by(2)
+            .map(|i| {
+                info.seal
+                    .get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>();
+        match tag {
+            Some(tag) => seal_of(key, info).verify_slice(&tag).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Logs in as `name` (etcd's authentication on); an empty name: no login.
+    pub fn with_credentials(mut self, name: &str, password: &str) -> Etcd {
+        self.login = (!name.is_empty()).then(|| {
+            std::sync::Arc::new(Login {
+                name: name.to_string(),
+                password: password.to_string(),
+                token: std::sync::Mutex::new(None),
+            })
+        });
+        self
+    }
+
+    /// The token to send: the last login's, or a new login's when there is
+    /// none or `fresh`; `None` without credentials.
+    async fn token(&self, fresh: bool) -> Result<Option<String>, DiscoveryError> {
+        let Some(login) = &self.login else {
+            return Ok(None);
+        };
+        if !fresh {
+            if let Some(token) = login
+                .token
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                return Ok(Some(token));
+            }
+        }
+        let answer = self
+            .post(
+                "/v3/auth/authenticate",
+                &json!({"name": login.name, "password": login.password}),
+                None,
+            )
+            .await?;
+        let token = answer["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| DiscoveryError::Answer("etcd login answered no token".into()))?
+            .to_string();
+        *login.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        Ok(Some(token))
+    }
+
     async fn call(&self, path: &str, body: Value) -> Result<Value, DiscoveryError> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(&body)
+        let token = self.token(false).await?;
+        match self.post(path, &body, token.as_deref()).await {
+            Err(e) if self.login.is_some() && token_refused(&e) => {
+                tracing::debug!(error = %e, "etcd refused the token; logging in again");
+                let token = self.token(true).await?;
+                self.post(path, &body, token.as_deref()).await
+            }
+            other => other,
+        }
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value, DiscoveryError> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(token) = token {
+            request = request.header(reqwest::header::AUTHORIZATION, token);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| DiscoveryError::Http(e.to_string()))?;
@@ -218,7 +361,13 @@ impl Etcd {
     ) -> Result<(), DiscoveryError> {
         // Watches stay open: a client without the per-request time-out.
         let http = reqwest::Client::new();
-        let request = http.post(format!("{}/v3/watch", self.base)).json(&json!({
+        let mut request = http.post(format!("{}/v3/watch", self.base));
+        // A refused token shows in the full read that precedes every watch,
+        // which logs in again.
+        if let Some(token) = self.token(false).await? {
+            request = request.header(reqwest::header::AUTHORIZATION, token);
+        }
+        let request = request.json(&json!({
             "create_request": {
                 "key": b64(prefix),
                 "range_end": prefix_end(prefix),
@@ -362,12 +511,18 @@ pub async fn register(
         let _ = etcd.revoke(lease).await;
         return Err(DiscoveryError::NoWorker);
     };
-    let info = NodeInfo {
+    let mut info = NodeInfo {
         role: role.to_string(),
         node: node.to_string(),
         addr: addr.to_string(),
         worker,
+        seal: String::new(),
     };
+    if let Some(key) = &etcd.seal {
+        use hmac::Mac as _;
+        let tag = seal_of(key, &info).finalize().into_bytes();
+        info.seal = tag.iter().map(|b| format!("{b:02x}")).collect();
+    }
     let value = serde_json::to_string(&info).map_err(|e| DiscoveryError::Answer(e.to_string()))?;
     etcd.put(&format!("{prefix}nodes/{role}/{node}"), &value, lease)
         .await?;
@@ -449,15 +604,26 @@ pub fn watch_role(
         loop {
             let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
             let result = async {
+                // Entries that do not parse, or whose seal does not verify,
+                // are not nodes of this cluster.
+                let follow = |key: &str, value: &str| {
+                    let info = serde_json::from_str::<NodeInfo>(value).ok()?;
+                    if etcd.accepts(&info) {
+                        Some(info)
+                    } else {
+                        tracing::warn!(%key, addr = %info.addr, "etcd entry without a valid seal ignored");
+                        None
+                    }
+                };
                 let (kvs, revision) = etcd.range_prefix(&dir).await?;
                 for (key, value) in kvs {
-                    if let Ok(info) = serde_json::from_str::<NodeInfo>(&value) {
+                    if let Some(info) = follow(&key, &value) {
                         nodes.insert(key, info);
                     }
                 }
                 tx.send_replace(nodes.values().cloned().collect());
                 let mut apply = |key: String, value: Option<String>| {
-                    match value.and_then(|v| serde_json::from_str::<NodeInfo>(&v).ok()) {
+                    match value.and_then(|v| follow(&key, &v)) {
                         Some(info) => nodes.insert(key, info),
                         None => nodes.remove(&key),
                     };
@@ -558,6 +724,47 @@ pub mod testing {
             Err("etcd did not answer in time".into())
         }
 
+        /// Turns etcd's authentication on, with a `root` user (password
+        /// `root_password`) and a user `name` who may read and write the
+        /// keys under `prefix` only.
+        pub async fn enable_auth(&self, name: &str, password: &str, prefix: &str) {
+            let etcd = Etcd::new(&self.url, Duration::from_secs(2)).expect("client");
+            let calls = [
+                ("/v3/auth/role/add", serde_json::json!({"name": "root"})),
+                (
+                    "/v3/auth/user/add",
+                    serde_json::json!({"name": "root", "password": "root password"}),
+                ),
+                (
+                    "/v3/auth/user/grant",
+                    serde_json::json!({"user": "root", "role": "root"}),
+                ),
+                ("/v3/auth/role/add", serde_json::json!({"name": name})),
+                (
+                    "/v3/auth/role/grant",
+                    serde_json::json!({"name": name, "perm": {
+                        "permType": "READWRITE",
+                        "key": super::b64(prefix),
+                        "range_end": super::prefix_end(prefix),
+                    }}),
+                ),
+                (
+                    "/v3/auth/user/add",
+                    serde_json::json!({"name": name, "password": password}),
+                ),
+                (
+                    "/v3/auth/user/grant",
+                    serde_json::json!({"user": name, "role": name}),
+                ),
+                ("/v3/auth/enable", serde_json::json!({})),
+            ];
+            for (path, body) in calls {
+                etcd.call(path, body)
+                    .await
+                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+            }
+        }
+
         /// Kills it (as a crash would; its data dir stays).
         pub fn stop(&mut self) {
             if let Some(mut child) = self.child.take() {
@@ -635,6 +842,100 @@ mod tests {
         assert_eq!(workers.len(), 1, "only the comet's worker id is still held");
         stop.cancel();
         watcher.await.expect("watcher stops");
+    }
+
+    #[tokio::test]
+    async fn with_etcd_auth_on_the_configured_user_registers_and_watches_and_logs_in_again() {
+        let Some(server) = EtcdServer::start().await else {
+            return;
+        };
+        server
+            .enable_auth("natter", "the natter password", "natter/")
+            .await;
+        let ttl = Duration::from_secs(5);
+        let anonymous = Etcd::new(&server.url, Duration::from_secs(2)).expect("client");
+        let refused = register(&anonymous, "natter/", "logic", "a", "10.0.0.1:1", ttl).await;
+        assert!(refused.is_err(), "no credentials: refused");
+        let wrong = Etcd::new(&server.url, Duration::from_secs(2))
+            .expect("client")
+            .with_credentials("natter", "not the password");
+        assert!(wrong.status().await.is_err(), "a wrong password: refused");
+        let etcd = Etcd::new(&server.url, Duration::from_secs(2))
+            .expect("client")
+            .with_credentials("natter", "the natter password");
+        let stop = CancellationToken::new();
+        let (mut members, watcher) = watch_role(etcd.clone(), "natter/", "logic", stop.clone());
+        let a = register(&etcd, "natter/", "logic", "a", "10.0.0.1:1", ttl)
+            .await
+            .expect("registered with credentials");
+        wait_for(&mut members, |n| n.len() == 1).await;
+        // The role is confined to its prefix.
+        assert!(etcd.put("elsewhere/x", "1", 0).await.is_err());
+        // A token etcd no longer knows (expired, etcd restarted): log in again.
+        let login = etcd.login.as_ref().expect("credentials");
+        *login.token.lock().expect("lock") = Some("no.such.token".into());
+        let b = register(&etcd, "natter/", "logic", "b", "10.0.0.2:1", ttl)
+            .await
+            .expect("logged in again");
+        wait_for(&mut members, |n| n.len() == 2).await;
+        a.close().await;
+        b.close().await;
+        wait_for(&mut members, |n| n.is_empty()).await;
+        stop.cancel();
+        watcher.await.expect("watcher stops");
+    }
+
+    #[tokio::test]
+    async fn with_sealed_registrations_an_entry_written_without_the_key_is_not_followed() {
+        let Some(server) = EtcdServer::start().await else {
+            return;
+        };
+        let secret = b"the cluster secret, at least 32 bytes long";
+        let etcd = Etcd::new(&server.url, Duration::from_secs(2))
+            .expect("client")
+            .with_seal(secret);
+        let stop = CancellationToken::new();
+        let (mut members, watcher) = watch_role(etcd.clone(), "natter/", "logic", stop.clone());
+        let ttl = Duration::from_secs(5);
+        // Anyone who can write to etcd, without the secret: an unsealed
+        // entry, one sealed with another key, and a genuine entry moved to
+        // another address.
+        let plain = Etcd::new(&server.url, Duration::from_secs(2)).expect("client");
+        let _fake = register(&plain, "natter/", "logic", "fake", "10.6.6.6:1", ttl)
+            .await
+            .expect("written");
+        let other = plain
+            .clone()
+            .with_seal(b"another secret of at least 32 bytes!!");
+        let _other = register(&other, "natter/", "logic", "other", "10.6.6.7:1", ttl)
+            .await
+            .expect("written");
+        let real = register(&etcd, "natter/", "logic", "real", "10.0.0.1:1", ttl)
+            .await
+            .expect("registered");
+        let lease = plain.grant(ttl).await.expect("lease");
+        let mut moved = real.info().clone();
+        moved.node = "moved".into();
+        moved.addr = "10.6.6.8:1".into();
+        plain
+            .put(
+                "natter/nodes/logic/moved",
+                &serde_json::to_string(&moved).expect("json"),
+                lease,
+            )
+            .await
+            .expect("written");
+        let seen = wait_for(&mut members, |n| !n.is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = members.now();
+        assert_eq!(now.len(), 1, "{now:?} (first seen: {seen:?})");
+        assert_eq!(now[0].addr, "10.0.0.1:1");
+        // Without a seal key, a node follows every entry (and its own is unsealed).
+        let (mut all, all_watcher) = watch_role(plain.clone(), "natter/", "logic", stop.clone());
+        wait_for(&mut all, |n| n.len() == 4).await;
+        stop.cancel();
+        watcher.await.expect("watcher stops");
+        all_watcher.await.expect("watcher stops");
     }
 
     #[tokio::test]

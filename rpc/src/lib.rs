@@ -10,10 +10,15 @@
 //!   [`RemoteGateway`] is the [`Gateway`] logic uses for one gateway node:
 //!   pushes are queued and sent in batches, one call for many connections;
 //!   a push to a dead gateway is dropped (its devices sync on reconnect).
+//! - [`auth`]: every call is signed with the cluster secret, and logic
+//!   acts only for sessions it granted at `Authenticate`.
 //!
 //! This crate knows neither sockets of clients nor storage: it moves the
 //! calls of the two traits between processes.
 
+pub mod auth;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,8 +33,14 @@ use natter_proto::{ErrorCode, Op};
 use natter_record::http::Identity;
 use prost::Message as _;
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+
+pub use auth::{Guarded, PlaneKey, SessionKey, Signer};
+
+/// A channel whose every call is signed for the plane.
+type Signed = InterceptedService<Channel, Signer>;
 
 /// The generated messages, clients and servers.
 #[allow(clippy::all, unreachable_pub, missing_docs)]
@@ -84,12 +95,24 @@ fn bad_request(what: &str, e: prost::DecodeError) -> Status {
     Status::invalid_argument(format!("{what} does not decode: {e}"))
 }
 
-/// Serves a [`LogicService`] to gateways.
-pub struct LogicServer(pub Arc<dyn LogicService>);
+/// Serves a [`LogicService`] to gateways: signs a grant for each session it
+/// authenticates and acts only for sessions named by such a grant.
+pub struct LogicServer {
+    logic: Arc<dyn LogicService>,
+    sessions: SessionKey,
+}
 
 impl LogicServer {
-    pub fn service(logic: Arc<dyn LogicService>) -> pb::logic_server::LogicServer<LogicServer> {
-        pb::logic_server::LogicServer::new(LogicServer(logic))
+    /// The service, behind the plane's check of every call.
+    pub fn service(
+        logic: Arc<dyn LogicService>,
+        sessions: SessionKey,
+        plane: PlaneKey,
+    ) -> Guarded<pb::logic_server::LogicServer<LogicServer>> {
+        Guarded::new(
+            pb::logic_server::LogicServer::new(LogicServer { logic, sessions }),
+            plane,
+        )
     }
 }
 
@@ -100,12 +123,23 @@ impl pb::logic_server::Logic for LogicServer {
         request: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::ConnectResult>, Status> {
         let r = request.into_inner();
-        let result = match self.0.connect(&r.token, &r.node, r.conn).await {
-            Ok(c) => pb::connect_result::Result::Connected(pb::Connected {
-                uid: c.identity.uid,
-                device: c.identity.device,
-                cursor: c.cursor,
-            }),
+        let result = match self.logic.connect(&r.token, &r.node, r.conn).await {
+            Ok(c) => {
+                // The session exactly as registered: the token's user and
+                // device on the connection the gateway named.
+                let session = Session {
+                    uid: c.identity.uid,
+                    device: c.identity.device.clone(),
+                    node: Arc::from(r.node.as_str()),
+                    conn: r.conn,
+                };
+                pb::connect_result::Result::Connected(pb::Connected {
+                    uid: c.identity.uid,
+                    device: c.identity.device,
+                    cursor: c.cursor,
+                    grant: Some(self.sessions.grant(&session)),
+                })
+            }
             Err(e) => pb::connect_result::Result::Rejected(rejection_to_pb(e)),
         };
         Ok(Response::new(pb::ConnectResult {
@@ -113,25 +147,26 @@ impl pb::logic_server::Logic for LogicServer {
         }))
     }
 
-    async fn disconnect(
-        &self,
-        request: Request<pb::Session>,
-    ) -> Result<Response<pb::Empty>, Status> {
-        self.0.disconnect(&from_pb(request.into_inner())).await;
+    async fn disconnect(&self, request: Request<pb::Grant>) -> Result<Response<pb::Empty>, Status> {
+        let session = self.sessions.verify(Some(&request.into_inner()))?;
+        self.logic.disconnect(&session).await;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn heartbeat(
-        &self,
-        request: Request<pb::Sessions>,
-    ) -> Result<Response<pb::Empty>, Status> {
-        let sessions: Vec<Session> = request
-            .into_inner()
-            .sessions
-            .into_iter()
-            .map(from_pb)
-            .collect();
-        self.0.heartbeat(&sessions).await;
+    async fn heartbeat(&self, request: Request<pb::Grants>) -> Result<Response<pb::Empty>, Status> {
+        let grants = request.into_inner().grants;
+        let mut sessions = Vec::with_capacity(grants.len());
+        for grant in &grants {
+            match self.sessions.verify(Some(grant)) {
+                Ok(session) => sessions.push(session),
+                // One bad grant does not cost the others their renewal.
+                Err(e) => tracing::warn!(error = %e.message(), "session renewal refused"),
+            }
+        }
+        if sessions.is_empty() && !grants.is_empty() {
+            return Err(Status::unauthenticated("no session grant verifies"));
+        }
+        self.logic.heartbeat(&sessions).await;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -140,14 +175,11 @@ impl pb::logic_server::Logic for LogicServer {
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::Answer>, Status> {
         let r = request.into_inner();
-        let from = r
-            .from
-            .map(from_pb)
-            .ok_or_else(|| Status::invalid_argument("no session"))?;
+        let from = self.sessions.verify(r.from.as_ref())?;
         let message =
             SendMessage::decode(r.message.as_slice()).map_err(|e| bad_request("message", e))?;
         let result = self
-            .0
+            .logic
             .send(&from, message)
             .await
             .map(|reply| reply.encode_to_vec());
@@ -156,6 +188,7 @@ impl pb::logic_server::Logic for LogicServer {
 
     async fn acked(&self, request: Request<pb::PushAck>) -> Result<Response<pb::Empty>, Status> {
         let r = request.into_inner();
+        let from = self.sessions.verify(r.from.as_ref())?;
         let acked: Vec<Acked> = r
             .acked
             .iter()
@@ -164,17 +197,18 @@ impl pb::logic_server::Logic for LogicServer {
                 seq: a.seq,
             })
             .collect();
-        self.0.push_acked(r.uid, &r.device, &acked).await;
+        self.logic.push_acked(from.uid, &from.device, &acked).await;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn sync(&self, request: Request<pb::SyncCall>) -> Result<Response<pb::Answer>, Status> {
         let r = request.into_inner();
+        let from = self.sessions.verify(r.from.as_ref())?;
         let sync =
             SyncRequest::decode(r.request.as_slice()).map_err(|e| bad_request("request", e))?;
         let result = self
-            .0
-            .sync(r.uid, &r.device, sync)
+            .logic
+            .sync(from.uid, &from.device, sync)
             .await
             .map(|reply| reply.encode_to_vec());
         Ok(Response::new(answer(result)))
@@ -185,8 +219,15 @@ impl pb::logic_server::Logic for LogicServer {
 pub struct GatewayServer(pub Arc<dyn Gateway>);
 
 impl GatewayServer {
-    pub fn service(gateway: Arc<dyn Gateway>) -> pb::gateway_server::GatewayServer<GatewayServer> {
-        pb::gateway_server::GatewayServer::new(GatewayServer(gateway))
+    /// The service, behind the plane's check of every call.
+    pub fn service(
+        gateway: Arc<dyn Gateway>,
+        plane: PlaneKey,
+    ) -> Guarded<pb::gateway_server::GatewayServer<GatewayServer>> {
+        Guarded::new(
+            pb::gateway_server::GatewayServer::new(GatewayServer(gateway)),
+            plane,
+        )
     }
 }
 
@@ -209,20 +250,64 @@ impl pb::gateway_server::Gateway for GatewayServer {
 /// Where a [`RemoteLogic`] finds logic nodes: their gRPC addresses now.
 pub type Targets = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
-/// A [`LogicService`] in other processes.
+type LogicClient = pb::logic_client::LogicClient<Signed>;
+
+/// The session grants of one gateway node's connections.
+#[derive(Default)]
+struct Grants {
+    by_conn: HashMap<u64, pb::Grant>,
+    /// The connections of each (uid, device), latest last: sync and
+    /// push-acks name a device, not a connection, and any grant of the
+    /// device vouches for it.
+    by_device: HashMap<(u64, String), Vec<u64>>,
+}
+
+impl Grants {
+    fn insert(&mut self, uid: u64, device: &str, conn: u64, grant: pb::Grant) {
+        self.by_conn.insert(conn, grant);
+        let conns = self.by_device.entry((uid, device.to_string())).or_default();
+        conns.retain(|c| *c != conn);
+        conns.push(conn);
+    }
+
+    fn remove(&mut self, session: &Session) -> Option<pb::Grant> {
+        let key = (session.uid, session.device.clone());
+        if let Some(conns) = self.by_device.get_mut(&key) {
+            conns.retain(|c| *c != session.conn);
+            if conns.is_empty() {
+                self.by_device.remove(&key);
+            }
+        }
+        self.by_conn.remove(&session.conn)
+    }
+
+    fn of_device(&self, uid: u64, device: &str) -> Option<pb::Grant> {
+        let conn = self.by_device.get(&(uid, device.to_string()))?.last()?;
+        self.by_conn.get(conn).cloned()
+    }
+}
+
+/// A [`LogicService`] in other processes, for one gateway node. It keeps the
+/// grant logic gave each of the node's connections at `connect` and
+/// presents it on every later call for that session.
 pub struct RemoteLogic {
     targets: Targets,
-    clients: Mutex<Vec<(String, pb::logic_client::LogicClient<Channel>)>>,
+    plane: PlaneKey,
+    clients: Mutex<Vec<(String, LogicClient)>>,
+    grants: Mutex<Grants>,
     next: AtomicUsize,
     timeout: Duration,
 }
 
-fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
+fn channel(addr: &str, timeout: Duration, plane: &PlaneKey) -> Result<Signed, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(timeout)
         .timeout(timeout);
-    Ok(endpoint.connect_lazy())
+    Ok(InterceptedService::new(
+        endpoint.connect_lazy(),
+        Signer(plane.clone()),
+    ))
 }
 
 /// Status codes after which the same call may succeed on another node.
@@ -239,24 +324,37 @@ fn try_elsewhere(status: &Status) -> bool {
 }
 
 impl RemoteLogic {
-    pub fn new(targets: Targets, timeout: Duration) -> RemoteLogic {
+    pub fn new(targets: Targets, timeout: Duration, plane: PlaneKey) -> RemoteLogic {
         RemoteLogic {
             targets,
+            plane,
             clients: Mutex::new(Vec::new()),
+            grants: Mutex::new(Grants::default()),
             next: AtomicUsize::new(0),
             timeout,
         }
     }
 
+    fn grants(&self) -> std::sync::MutexGuard<'_, Grants> {
+        self.grants.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn no_grant() -> Rejection {
+        Rejection::new(
+            ErrorCode::Internal,
+            "this connection holds no session grant from logic",
+        )
+    }
+
     /// The clients of the live nodes, starting with the next in turn.
-    fn rotation(&self) -> Vec<(String, pb::logic_client::LogicClient<Channel>)> {
+    fn rotation(&self) -> Vec<(String, LogicClient)> {
         let addrs = (self.targets)();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         // Follow joins and leaves: keep clients of live nodes, add new ones.
         clients.retain(|(addr, _)| addrs.contains(addr));
         for addr in &addrs {
             if !clients.iter().any(|(a, _)| a == addr) {
-                match channel(addr, self.timeout) {
+                match channel(addr, self.timeout, &self.plane) {
                     Ok(ch) => clients.push((addr.clone(), pb::logic_client::LogicClient::new(ch))),
                     Err(e) => tracing::warn!(%addr, error = %e, "bad logic address"),
                 }
@@ -274,7 +372,7 @@ impl RemoteLogic {
     /// Runs `call` on the live nodes in turn until one answers.
     async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Rejection>
     where
-        F: Fn(pb::logic_client::LogicClient<Channel>) -> Fut,
+        F: Fn(LogicClient) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let nodes = self.rotation();
@@ -330,24 +428,33 @@ impl LogicService for RemoteLogic {
             })
             .await?;
         match result.result {
-            Some(pb::connect_result::Result::Connected(c)) => Ok(Connected {
-                identity: Identity {
-                    uid: c.uid,
-                    device: c.device,
-                },
-                cursor: c.cursor,
-            }),
+            Some(pb::connect_result::Result::Connected(c)) => {
+                let grant = c
+                    .grant
+                    .ok_or_else(|| Rejection::new(ErrorCode::Internal, "no session grant"))?;
+                self.grants().insert(c.uid, &c.device, conn, grant);
+                Ok(Connected {
+                    identity: Identity {
+                        uid: c.uid,
+                        device: c.device,
+                    },
+                    cursor: c.cursor,
+                })
+            }
             Some(pb::connect_result::Result::Rejected(r)) => Err(rejection_from_pb(r)),
             None => Err(Rejection::new(ErrorCode::Internal, "empty answer")),
         }
     }
 
     async fn disconnect(&self, session: &Session) {
-        let s = to_pb(session);
+        let grant = self.grants().remove(session);
+        let Some(grant) = grant else {
+            return;
+        };
         if let Err(e) = self
             .call("disconnect", |mut c| {
-                let s = s.clone();
-                async move { c.disconnect(s).await }
+                let grant = grant.clone();
+                async move { c.disconnect(grant).await }
             })
             .await
         {
@@ -356,9 +463,18 @@ impl LogicService for RemoteLogic {
     }
 
     async fn heartbeat(&self, sessions: &[Session]) {
-        let batch = pb::Sessions {
-            sessions: sessions.iter().map(to_pb).collect(),
+        let batch = {
+            let grants = self.grants();
+            pb::Grants {
+                grants: sessions
+                    .iter()
+                    .filter_map(|s| grants.by_conn.get(&s.conn).cloned())
+                    .collect(),
+            }
         };
+        if batch.grants.is_empty() {
+            return;
+        }
         if let Err(e) = self
             .call("heartbeat", |mut c| {
                 let batch = batch.clone();
@@ -372,7 +488,13 @@ impl LogicService for RemoteLogic {
 
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection> {
         let request = pb::SendRequest {
-            from: Some(to_pb(from)),
+            from: Some(
+                self.grants()
+                    .by_conn
+                    .get(&from.conn)
+                    .cloned()
+                    .ok_or_else(Self::no_grant)?,
+            ),
             message: message.encode_to_vec(),
         };
         let answer = self
@@ -385,9 +507,12 @@ impl LogicService for RemoteLogic {
     }
 
     async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]) {
+        let Some(grant) = self.grants().of_device(uid, device) else {
+            tracing::debug!(uid, "push ack of a device without a grant");
+            return;
+        };
         let ack = pb::PushAck {
-            uid,
-            device: device.to_string(),
+            from: Some(grant),
             acked: acked
                 .iter()
                 .map(|a| pb::Acked {
@@ -414,8 +539,11 @@ impl LogicService for RemoteLogic {
         request: SyncRequest,
     ) -> Result<SyncReply, Rejection> {
         let call = pb::SyncCall {
-            uid,
-            device: device.to_string(),
+            from: Some(
+                self.grants()
+                    .of_device(uid, device)
+                    .ok_or_else(Self::no_grant)?,
+            ),
             request: request.encode_to_vec(),
         };
         let answer = self
@@ -448,8 +576,8 @@ pub struct RemoteGateway {
 
 impl RemoteGateway {
     /// A gateway at `addr` (its gRPC address).
-    pub fn new(addr: &str, timeout: Duration) -> Result<RemoteGateway, String> {
-        let client = pb::gateway_client::GatewayClient::new(channel(addr, timeout)?);
+    pub fn new(addr: &str, timeout: Duration, plane: &PlaneKey) -> Result<RemoteGateway, String> {
+        let client = pb::gateway_client::GatewayClient::new(channel(addr, timeout, plane)?);
         let (queue, rx) = mpsc::channel(1024);
         let queued = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(send_loop(addr.to_string(), client, rx, queued.clone()));
@@ -531,7 +659,7 @@ fn batch_from_pb(d: pb::Deliveries, now: Instant) -> Result<PushBatch, Status> {
 
 async fn send_loop(
     addr: String,
-    mut client: pb::gateway_client::GatewayClient<Channel>,
+    mut client: pb::gateway_client::GatewayClient<Signed>,
     mut rx: mpsc::Receiver<ToGateway>,
     queued: Arc<AtomicUsize>,
 ) {

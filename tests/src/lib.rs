@@ -14,6 +14,10 @@ use natter_proto::msg::{AuthRequest, Message};
 use natter_proto::{Frame, Op};
 use tempfile::TempDir;
 
+/// The cluster secret (`rpc.secret`) of every distributed role a test starts
+/// (unless its `tune` sets another).
+pub const RPC_SECRET: &str = "the cluster secret of the test nodes, 32+ bytes";
+
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -65,6 +69,7 @@ impl TestServer {
         config.groups.invites_per_hour = 1_000_000;
         config.groups.max_owned = 1_000_000;
         config.rpc.listen = "127.0.0.1:0".parse().expect("addr");
+        config.rpc.secret = RPC_SECRET.into();
         tune(&mut config);
         let server = Server::start_role(config.clone(), role)
             .await

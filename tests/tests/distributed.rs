@@ -185,3 +185,110 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
     record.stop().await;
     drop_database(&db).await;
 }
+
+/// The gRPC plane of running nodes: a caller without the cluster secret is
+/// refused by logic and gateways alike, and one with it (a gateway, say)
+/// still cannot act for a user who did not connect through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_nodes_refuse_unsigned_calls_and_forged_sessions() {
+    use natter_rpc::{pb, PlaneKey, SessionKey, Signer};
+    use prost::Message as _;
+    let Some(etcd_server) = EtcdServer::start().await else {
+        return;
+    };
+    let Some((mysql_url, db)) = fresh_database().await else {
+        return;
+    };
+    let prefix = format!("natter-plane-{}:", std::process::id());
+    let tune = |node: &'static str| {
+        let (etcd_url, mysql_url, prefix) =
+            (etcd_server.url.clone(), mysql_url.clone(), prefix.clone());
+        move |c: &mut natter_node::Config| {
+            c.auth.secret = SECRET.into();
+            c.discovery.etcd_url = etcd_url;
+            c.discovery.node = node.into();
+            c.store.mysql_url = mysql_url;
+            c.sessions.redis_url = "redis://127.0.0.1:6379/0".into();
+            c.sessions.key_prefix = prefix;
+            c.rpc.timeout_ms = 1000;
+        }
+    };
+    let logic = TestServer::start_role(Role::Logic, tune("logic-p")).await;
+    let gateway = TestServer::start_role(Role::Comet, tune("comet-p")).await;
+    let (alice, _alice_events) = connect(&gateway, 1, "phone").await;
+    let (_bob, mut bob_events) = connect(&gateway, 2, "phone").await;
+    let channel = |addr: std::net::SocketAddr| {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy()
+    };
+    let logic_rpc = logic.rpc_addr.expect("logic serves gRPC");
+    let gateway_rpc = gateway.rpc_addr.expect("a gateway serves gRPC");
+
+    // No credentials: nothing gets in, neither a token check nor a kick.
+    let mut bare = pb::logic_client::LogicClient::new(channel(logic_rpc));
+    let refused = bare
+        .authenticate(pb::ConnectRequest {
+            token: logic.token(1, "phone"),
+            node: "comet-p".into(),
+            conn: 1,
+        })
+        .await
+        .expect_err("unsigned");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut bare_gateway = pb::gateway_client::GatewayClient::new(channel(gateway_rpc));
+    for conn in 0..8 {
+        let refused = bare_gateway
+            .kick(pb::Kick {
+                conn,
+                code: natter_proto::ErrorCode::Replaced as u32,
+                reason: "forged".into(),
+            })
+            .await
+            .expect_err("unsigned");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+
+    // With the cluster secret but no grant from logic: a gateway's forgery.
+    let plane = PlaneKey::new(RPC_SECRET.as_bytes(), Duration::from_secs(30));
+    let mut signed =
+        pb::logic_client::LogicClient::with_interceptor(channel(logic_rpc), Signer(plane));
+    let forged = SessionKey::new(RPC_SECRET.as_bytes()).grant(&natter_logic::Session {
+        uid: 1,
+        device: "phone".into(),
+        node: std::sync::Arc::from("comet-p"),
+        conn: 1,
+    });
+    let message = natter_proto::msg::SendMessage {
+        client_seq: 1,
+        receiver: 2,
+        body: Some(MessageBody::text("forged")),
+        ..Default::default()
+    };
+    let refused = signed
+        .send(pb::SendRequest {
+            from: Some(forged.clone()),
+            message: message.encode_to_vec(),
+        })
+        .await
+        .expect_err("forged session");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let refused = signed
+        .sync(pb::SyncCall {
+            from: Some(forged),
+            request: natter_proto::msg::SyncRequest::default().encode_to_vec(),
+        })
+        .await
+        .expect_err("forged session");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    // The real gateway's sessions work as before, and nobody was kicked.
+    let ack = alice
+        .send(2, MessageBody::text("through the gateway"))
+        .await
+        .expect("acked");
+    assert_eq!(next_message(&mut bob_events).await.mid, ack.mid);
+    gateway.stop().await;
+    logic.stop().await;
+    drop_database(&db).await;
+}
