@@ -222,14 +222,10 @@ impl GroupStore for MySqlGroupStore {
     }
 
     async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError> {
-        // Through the member index by user: a user's own rows, not all groups.
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM member m JOIN grp g ON g.gid = m.gid \
-             WHERE m.uid = ? AND g.owner = m.uid AND g.dissolved = 0",
-        )
-        .bind(id(uid))
-        .fetch_one(&self.pool)
-        .await?;
+        let count: i64 = sqlx::query_scalar(OWNED_COUNT_SQL)
+            .bind(id(uid))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(count as u64)
     }
 

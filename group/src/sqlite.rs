@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
-use natter_record::sqlite::WriteTx;
+use natter_record::sqlite::{probe_write, HealthCheck, WriteHealth, WriteTx};
 
 use crate::store::*;
 
@@ -33,6 +33,11 @@ fn migrator() -> Migrator {
                 3,
                 "group versions",
                 include_str!("../migrations/sqlite/0003_version.sql"),
+            ),
+            (
+                4,
+                "health",
+                include_str!("../migrations/sqlite/0004_health.sql"),
             ),
         ],
         false,
@@ -66,6 +71,8 @@ fn member_from(row: &SqliteRow) -> Result<MemberRecord, GroupStoreError> {
 
 pub struct SqliteGroupStore {
     pool: SqlitePool,
+    /// Whether writes fail (see `ping`).
+    health: WriteHealth,
 }
 
 impl SqliteGroupStore {
@@ -89,7 +96,10 @@ impl SqliteGroupStore {
             .connect_with(connect)
             .await?;
         migrator().run(&pool).await?;
-        Ok(SqliteGroupStore { pool })
+        Ok(SqliteGroupStore {
+            pool,
+            health: WriteHealth::default(),
+        })
     }
 
     /// An in-memory database, for tests.
@@ -99,7 +109,10 @@ impl SqliteGroupStore {
             .connect_with(SqliteConnectOptions::from_str("sqlite::memory:")?)
             .await?;
         migrator().run(&pool).await?;
-        Ok(SqliteGroupStore { pool })
+        Ok(SqliteGroupStore {
+            pool,
+            health: WriteHealth::default(),
+        })
     }
 }
 
@@ -130,9 +143,8 @@ async fn put_member(
     Ok(())
 }
 
-#[async_trait]
-impl GroupStore for SqliteGroupStore {
-    async fn create(
+impl SqliteGroupStore {
+    async fn try_create(
         &self,
         group: &GroupRecord,
         members: &[MemberRecord],
@@ -158,7 +170,7 @@ impl GroupStore for SqliteGroupStore {
         Ok(gid as u64)
     }
 
-    async fn write(
+    async fn try_write(
         &self,
         gid: u64,
         version: u64,
@@ -224,6 +236,30 @@ impl GroupStore for SqliteGroupStore {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+#[async_trait]
+impl GroupStore for SqliteGroupStore {
+    async fn create(
+        &self,
+        group: &GroupRecord,
+        members: &[MemberRecord],
+    ) -> Result<u64, GroupStoreError> {
+        let created = self.try_create(group, members).await;
+        self.health.wrote(created.is_ok());
+        created
+    }
+
+    async fn write(
+        &self,
+        gid: u64,
+        version: u64,
+        changes: &[Change],
+    ) -> Result<bool, GroupStoreError> {
+        let written = self.try_write(gid, version, changes).await;
+        self.health.wrote(written.is_ok());
+        written
+    }
 
     async fn group(&self, gid: u64) -> Result<Option<GroupRecord>, GroupStoreError> {
         let row = sqlx::query("SELECT * FROM grp WHERE gid = ?")
@@ -250,14 +286,10 @@ impl GroupStore for SqliteGroupStore {
     }
 
     async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError> {
-        // Through the member index by user: a user's own rows, not all groups.
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM member m JOIN grp g ON g.gid = m.gid \
-             WHERE m.uid = ? AND g.owner = m.uid AND g.dissolved = 0",
-        )
-        .bind(id(uid))
-        .fetch_one(&self.pool)
-        .await?;
+        let count: i64 = sqlx::query_scalar(OWNED_COUNT_SQL)
+            .bind(id(uid))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(count as u64)
     }
 
@@ -312,9 +344,25 @@ impl GroupStore for SqliteGroupStore {
         Ok(read.unwrap_or(0) as u64)
     }
 
+    /// Down while writes fail, as the message store's: a failed write makes
+    /// the store not ready at once, and after a moment each ping tries a
+    /// write of its own until one succeeds.
     async fn ping(&self) -> Result<(), GroupStoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        match self.health.check() {
+            HealthCheck::Read => {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+            HealthCheck::Down => Err(GroupStoreError::Unwritable),
+            HealthCheck::Probe => {
+                let probed = probe_write(&self.pool).await;
+                self.health.wrote(probed.is_ok());
+                probed.map_err(|e| {
+                    tracing::warn!(error = %e, "the group store still cannot write");
+                    GroupStoreError::Unwritable
+                })
+            }
+        }
     }
 
     async fn close(&self) {
@@ -364,7 +412,10 @@ mod tests {
             .await
             .expect("pool");
         migrator().run(&pool).await.expect("migrated");
-        let store = SqliteGroupStore { pool };
+        let store = SqliteGroupStore {
+            pool,
+            health: WriteHealth::default(),
+        };
         let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
             .fetch_one(&store.pool)
             .await
@@ -383,6 +434,10 @@ mod tests {
         }
         let full = full.expect("the database filled up");
         assert!(full.to_string().contains("full"), "{full}");
+        assert!(
+            matches!(store.ping().await, Err(GroupStoreError::Unwritable)),
+            "a store whose last write failed is not ready"
+        );
         sqlx::query("PRAGMA max_page_count = 1073741823")
             .execute(&store.pool)
             .await
@@ -395,6 +450,7 @@ mod tests {
             store.group(gid).await.expect("read").map(|g| g.name),
             Some("after".to_string())
         );
+        store.ping().await.expect("ready again");
     }
 
     #[tokio::test]
@@ -403,20 +459,7 @@ mod tests {
         let path = dir.path().join("groups.db");
         let store = SqliteGroupStore::open(&path, true).await.expect("open");
         let gid = store
-            .create(
-                &GroupRecord {
-                    id: 0,
-                    name: "kept".into(),
-                    avatar: String::new(),
-                    owner: 1,
-                    join_type: JoinType::Open,
-                    mute_all: false,
-                    dissolved: false,
-                    created_ms: 1,
-                    version: 0,
-                },
-                &[member(1, Role::Owner)],
-            )
+            .create(&record("kept".into()), &[member(1, Role::Owner)])
             .await
             .expect("create");
         store.close().await;

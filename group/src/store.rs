@@ -12,7 +12,16 @@ pub enum GroupStoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    #[error("the store cannot write (its last write failed)")]
+    Unwritable,
 }
+
+/// How many groups, not dissolved, a user owns (the same SQL in both
+/// dialects): through the member index by user, a user's own rows, not all
+/// groups.
+pub(crate) const OWNED_COUNT_SQL: &str =
+    "SELECT COUNT(*) FROM member m JOIN grp g ON g.gid = m.gid \
+     WHERE m.uid = ? AND g.owner = m.uid AND g.dissolved = 0";
 
 /// A group as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use natter_node::telemetry::register;
 use natter_proto::msg::{GroupCursor, MessageReply, SendMessage, SyncReply, SyncRequest};
 use natter_proto::{ErrorCode, Op};
 use natter_record::http::Identity;
-use natter_record::store::{GroupAck, NewMessage, Outcome, PageLimit, Stored, Write};
+use natter_record::store::{GroupAck, NewMessage, Outcome, PageLimit, Stored, Write, MAX_ID};
 use natter_record::{CommitError, Committer, MessageStore};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
@@ -552,9 +552,6 @@ impl Logic {
         Ok(out)
     }
 }
-
-/// Ids and sequence numbers are stored as signed 64-bit integers.
-const MAX_ID: u64 = i64::MAX as u64;
 
 impl Logic {
     /// A sync page: the messages asked for (0 means 100, at most 500), and

@@ -1012,6 +1012,10 @@ mod tests {
             "the gRPC plane is not exposed"
         );
         assert!(
+            dockerfile.contains("\nUSER natter") && dockerfile.contains("-m 0700 /data"),
+            "the image runs as a user of its own with a private data dir"
+        );
+        assert!(
             !compose.contains(":3202\"]") && !compose.contains(":3210\"]"),
             "the gRPC plane is not published"
         );

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::store::{
     parse_group_conversation, parse_p2p_conversation, GroupHistoryQuery, HistoryQuery,
-    MessageStore, Page, PageLimit, StoredMessage,
+    MessageStore, Page, PageLimit, StoredMessage, MAX_ID,
 };
 
 /// Routes served by this module, as written in the OpenAPI document.
@@ -198,9 +198,6 @@ pub fn router(
             page_bytes,
         })
 }
-
-/// Ids and sequence numbers are stored as signed 64-bit integers.
-const MAX_ID: u64 = i64::MAX as u64;
 
 #[derive(Deserialize)]
 struct HistoryParams {

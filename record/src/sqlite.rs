@@ -129,15 +129,68 @@ pub struct SqliteStore {
     writer: Mutex<Counters>,
     /// Committed cursor values not yet in the tables, for [`MessageStore::cursor`].
     unflushed: std::sync::Mutex<HashMap<CursorKey, u64>>,
-    /// When the last write failed, while no write has succeeded since:
-    /// the store then reports itself not ready (see [`MessageStore::ping`]).
-    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether writes fail (see [`MessageStore::ping`]).
+    health: WriteHealth,
 }
 
 /// How long after a failed write `ping` reports the store down without
 /// trying; after that, `ping` tries a write of its own, so that an idle
 /// store becomes ready again once it can write (a disk that has room again).
 const PROBE_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether a SQLite database can write, for readiness: down from a failed
+/// write until a write succeeds (a batch, or a probe of the caller's).
+#[derive(Default)]
+pub struct WriteHealth {
+    /// When the last write failed, while no write has succeeded since.
+    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// What a readiness check should do, by [`WriteHealth::check`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// Writes work: a read will do.
+    Read,
+    /// A write failed moments ago: report down without trying.
+    Down,
+    /// A write failed a while ago: try a small write to learn whether it
+    /// works again, and report its outcome with [`WriteHealth::wrote`].
+    Probe,
+}
+
+impl WriteHealth {
+    /// Records a write's outcome.
+    pub fn wrote(&self, ok: bool) {
+        let mut failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (ok, *failing) {
+            (true, _) => *failing = None,
+            (false, None) => *failing = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    pub fn check(&self) -> HealthCheck {
+        let failing = *self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match failing {
+            None => HealthCheck::Read,
+            Some(since) if since.elapsed() < PROBE_AFTER => HealthCheck::Down,
+            Some(_) => HealthCheck::Probe,
+        }
+    }
+}
+
+/// The probe of [`HealthCheck::Probe`]: rewrites the one row of a `health`
+/// table (`id` 1, `at`) in a write transaction of its own.
+pub async fn probe_write(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let mut tx = WriteTx::begin(pool).await?;
+    sqlx::query(
+        "INSERT INTO health (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+    )
+    .bind(natter_node::ids::now_ms())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the migrations.
@@ -182,7 +235,7 @@ impl SqliteStore {
             pool,
             writer: Mutex::new(Counters::default()),
             unflushed: std::sync::Mutex::new(HashMap::new()),
-            failing_since: std::sync::Mutex::new(None),
+            health: WriteHealth::default(),
         })
     }
 
@@ -770,25 +823,10 @@ impl SqliteStore {
         }
     }
 
-    /// Records a write's outcome for readiness.
-    fn wrote(&self, ok: bool) {
-        let mut failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
-        match (ok, *failing) {
-            (true, _) => *failing = None,
-            (false, None) => *failing = Some(std::time::Instant::now()),
-            (false, Some(_)) => {}
-        }
-    }
-
     /// A small write of its own, to learn whether the store can write.
     async fn probe_write(&self) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        let mut tx = WriteTx::begin(&self.pool).await?;
-        sqlx::query("INSERT INTO health (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
-            .bind(natter_node::ids::now_ms())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        probe_write(&self.pool).await?;
         Ok(())
     }
 }
@@ -811,7 +849,7 @@ impl MessageStore for SqliteStore {
 
     async fn write_batch(&self, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
         let result = self.try_write_batch(writes).await;
-        self.wrote(result.is_ok());
+        self.health.wrote(result.is_ok());
         result
     }
 
@@ -1033,16 +1071,15 @@ impl MessageStore for SqliteStore {
     /// makes it ready again.
     async fn ping(&self) -> Result<(), StoreError> {
         self.closed()?;
-        let failing = *self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
-        match failing {
-            None => {
+        match self.health.check() {
+            HealthCheck::Read => {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
-            Some(since) if since.elapsed() < PROBE_AFTER => Err(StoreError::Unwritable),
-            Some(_) => {
+            HealthCheck::Down => Err(StoreError::Unwritable),
+            HealthCheck::Probe => {
                 let probed = self.probe_write().await;
-                self.wrote(probed.is_ok());
+                self.health.wrote(probed.is_ok());
                 probed.map_err(|e| {
                     tracing::warn!(error = %e, "the store still cannot write");
                     StoreError::Unwritable

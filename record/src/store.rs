@@ -21,6 +21,10 @@ pub enum StoreError {
     Unwritable,
 }
 
+/// The largest id, sequence number or cursor the stores hold (their
+/// integers are signed 64-bit); anything above it is refused on input.
+pub const MAX_ID: u64 = i64::MAX as u64;
+
 /// The id of a one-to-one conversation: `p:{smaller uid}:{larger uid}`.
 pub fn p2p_conversation(a: u64, b: u64) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };

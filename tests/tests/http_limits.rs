@@ -324,7 +324,14 @@ async fn a_stop_with_half_sent_requests_ends_within_the_drain_time() {
     tokio::time::timeout(PATIENCE, server.stop())
         .await
         .expect("the server stops despite the half-sent requests");
-    assert!(started.elapsed() < PATIENCE);
+    // The drain time, the WebSocket's closing handshake (at most 1 s) and
+    // the final commit, with room for a busy machine; without the bound it
+    // would never end.
+    assert!(
+        started.elapsed() < Duration::from_millis(300) + Duration::from_secs(4),
+        "stopped in {:?}",
+        started.elapsed()
+    );
     closed(&mut head).await;
     closed(&mut body).await;
     drop(client);
