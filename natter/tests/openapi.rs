@@ -55,6 +55,30 @@ fn documented_error_codes_are_the_real_ones() {
     assert_eq!(types, real);
 }
 
+/// Every API route can answer the front door's refusals: the per-user
+/// request limit (429) and the request time-out (408), and a route that
+/// takes a body, the body limit (413).
+#[test]
+fn every_api_route_documents_the_front_doors_refusals() {
+    let doc = document();
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut missing = Vec::new();
+    for (path, ops) in paths.iter().filter(|(p, _)| p.starts_with("/v1/")) {
+        for (method, op) in ops.as_object().expect("operations") {
+            let mut needed = vec!["408", "429"];
+            if matches!(method.as_str(), "post" | "put" | "patch") {
+                needed.push("413");
+            }
+            for status in needed {
+                if op["responses"].get(status).is_none() {
+                    missing.push(format!("{method} {path}: {status}"));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "undocumented: {missing:?}");
+}
+
 // The JSON bodies: docs/openapi.json describes what the api types read and
 // write. Each body is serialized from the shared types and checked against
 // its schema: every field written is documented with its JSON type (64-bit
