@@ -456,7 +456,9 @@ async fn finish(wire: &Wire, reader: &mut Reader, read: &mut ReadSide, ending: E
         // closing with unread bytes would reset the connection, and the
         // reset may overtake the close frame.
         let _ = tokio::time::timeout_at(deadline, async {
-            let mut scratch = [0u8; 4096];
+            // On the heap: an array here would be part of every
+            // connection's task for its whole life (4 KiB each).
+            let mut scratch = vec![0u8; 4096];
             while matches!(read.read(&mut scratch).await, Ok(n) if n > 0) {}
         })
         .await;
