@@ -678,7 +678,7 @@ pub mod testing {
     impl EtcdServer {
         /// Starts one; a missing `etcd` binary fails the test, saying what
         /// to install (a test never passes without having run).
-        pub async fn start() -> Option<EtcdServer> {
+        pub async fn start() -> EtcdServer {
             let dir = tempfile::tempdir().expect("tempdir");
             let (client, peer) = (free_port(), free_port());
             let url = format!("http://127.0.0.1:{client}");
@@ -699,7 +699,7 @@ pub mod testing {
                 _dir: dir,
             };
             match server.spawn().await {
-                Ok(()) => Some(server),
+                Ok(()) => server,
                 Err(e) => panic!(
                     "cannot start etcd ({e}): install Debian's etcd-server, or run scripts/test, which does"
                 ),
@@ -807,9 +807,7 @@ mod tests {
 
     #[tokio::test]
     async fn nodes_register_with_distinct_workers_and_are_followed_until_they_leave() {
-        let Some(server) = EtcdServer::start().await else {
-            return;
-        };
+        let server = EtcdServer::start().await;
         let etcd = Etcd::new(&server.url, Duration::from_secs(2)).expect("client");
         let stop = CancellationToken::new();
         let (mut members, watcher) = watch_role(etcd.clone(), "natter/", "logic", stop.clone());
@@ -846,9 +844,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_etcd_auth_on_the_configured_user_registers_and_watches_and_logs_in_again() {
-        let Some(server) = EtcdServer::start().await else {
-            return;
-        };
+        let server = EtcdServer::start().await;
         server
             .enable_auth("natter", "the natter password", "natter/")
             .await;
@@ -887,9 +883,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_sealed_registrations_an_entry_written_without_the_key_is_not_followed() {
-        let Some(server) = EtcdServer::start().await else {
-            return;
-        };
+        let server = EtcdServer::start().await;
         let secret = b"the cluster secret, at least 32 bytes long";
         let etcd = Etcd::new(&server.url, Duration::from_secs(2))
             .expect("client")

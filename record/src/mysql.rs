@@ -670,9 +670,9 @@ pub mod testing {
         std::env::var("NATTER_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
     }
 
-    /// Creates an empty database and returns its URL (always `Some`; the
-    /// `Option` keeps the callers' `let … else` form). Panics without a server.
-    pub async fn fresh_database() -> Option<(String, String)> {
+    /// Creates an empty database; returns its URL and name. Panics without a
+    /// server, saying what to install.
+    pub async fn fresh_database() -> (String, String) {
         let admin = format!("{}/test", server_url());
         let pool = match MySqlPoolOptions::new()
             .max_connections(1)
@@ -696,7 +696,7 @@ pub mod testing {
             .await
             .expect("create database");
         pool.close().await;
-        Some((format!("{}/{name}", server_url()), name))
+        (format!("{}/{name}", server_url()), name)
     }
 
     /// Drops a database made by [`fresh_database`].
@@ -723,16 +723,14 @@ mod tests {
 
     #[tokio::test]
     async fn mysql_passes_the_store_suite() {
-        let Some((_, probe)) = fresh_database().await else {
-            return;
-        };
+        let (_, probe) = fresh_database().await;
         drop_database(&probe).await;
         let made: Arc<Mutex<Vec<String>>> = Arc::default();
         let record = made.clone();
         crate::suite::run_all(move || {
             let record = record.clone();
             async move {
-                let (url, name) = fresh_database().await.expect("database");
+                let (url, name) = fresh_database().await;
                 record.lock().expect("lock").push(name);
                 MySqlStore::connect(&url, &MySqlOptions::default())
                     .await
@@ -748,9 +746,7 @@ mod tests {
 
     #[tokio::test]
     async fn nodes_starting_together_migrate_one_database_once() {
-        let Some((url, name)) = fresh_database().await else {
-            return;
-        };
+        let (url, name) = fresh_database().await;
         let starts: Vec<_> = (0..4)
             .map(|_| {
                 let url = url.clone();
@@ -768,9 +764,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_writers_racing_on_one_conversation_number_it_without_gaps() {
-        let Some((url, name)) = fresh_database().await else {
-            return;
-        };
+        let (url, name) = fresh_database().await;
         // Two stores on one database: two logic nodes.
         let a = Arc::new(
             MySqlStore::connect(&url, &MySqlOptions::default())

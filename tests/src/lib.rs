@@ -160,6 +160,19 @@ impl TestServer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A series' value in the server's metrics text (0 when absent).
+    pub async fn metric<T: std::str::FromStr + Default>(&self, series: &str) -> T {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_default()
+    }
+
     /// GETs `path` as `uid`/`device`; the status and the JSON body.
     pub async fn get_json(&self, path: &str, uid: u64, device: &str) -> (u16, serde_json::Value) {
         let response = reqwest::Client::new()
@@ -251,14 +264,14 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    pub async fn start() -> Option<RedisServer> {
+    pub async fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let mut redis = RedisServer { child: None, port };
         match redis.spawn().await {
-            Ok(()) => Some(redis),
+            Ok(()) => redis,
             Err(e) => panic!(
                 "cannot start redis-server ({e}): install Debian's redis-server, or run scripts/test, which does"
             ),

@@ -8,19 +8,6 @@ use natter_proto::msg::{MessageBody, SyncRequest};
 use natter_proto::{Frame, Op};
 use natter_tests::*;
 
-/// A gauge's or counter's value in the server's metrics text.
-async fn metric(server: &TestServer, series: &str) -> i64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 const SEND_QUEUE_BYTES: usize = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,19 +44,16 @@ async fn a_client_that_never_reads_cannot_make_the_server_queue_past_its_budget(
     let deadline = Instant::now() + PATIENCE;
     let mut most = 0;
     loop {
-        let queued = metric(&server, "natter_comet_queued_bytes").await;
+        let queued: i64 = server.metric("natter_comet_queued_bytes").await;
         most = most.max(queued);
         assert!(
             queued <= SEND_QUEUE_BYTES as i64,
             "{queued} bytes queued for one connection, over its budget"
         );
-        if metric(
-            &server,
-            "natter_disconnects_total{reason=\"slow_consumer\"}",
-        )
-        .await
-            == 1
-        {
+        let closed: i64 = server
+            .metric("natter_disconnects_total{reason=\"slow_consumer\"}")
+            .await;
+        if closed == 1 {
             break;
         }
         assert!(
@@ -80,7 +64,7 @@ async fn a_client_that_never_reads_cannot_make_the_server_queue_past_its_budget(
     }
     // The connection's queue is gone with it.
     let deadline = Instant::now() + PATIENCE;
-    while metric(&server, "natter_comet_queued_bytes").await != 0 {
+    while server.metric::<i64>("natter_comet_queued_bytes").await != 0 {
         assert!(Instant::now() < deadline, "queued bytes left behind");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -129,19 +129,6 @@ async fn one_push_ack_covers_every_push_before_it() {
     server.stop().await;
 }
 
-/// A counter's value in the server's metrics text.
-async fn metric(server: &TestServer, series: &str) -> u64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_acknowledges_a_burst_of_pushes_with_few_acks() {
     let server = TestServer::start(|_| {}).await;
@@ -152,7 +139,9 @@ async fn the_sdk_acknowledges_a_burst_of_pushes_with_few_acks() {
         .expect("connects");
     bob.sync().await.expect("initial sync");
     let (alice, _events) = server.client(1, "phone").await;
-    let acks_before = metric(&server, "natter_frames_in_total{op=\"PushAck\"}").await;
+    let acks_before: u64 = server
+        .metric("natter_frames_in_total{op=\"PushAck\"}")
+        .await;
     for i in 0..20 {
         alice
             .send(2, MessageBody::text(format!("m{i}")))
@@ -175,9 +164,14 @@ async fn the_sdk_acknowledges_a_burst_of_pushes_with_few_acks() {
         assert!(Instant::now() < deadline, "not acknowledged: {page}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let acks = metric(&server, "natter_frames_in_total{op=\"PushAck\"}").await - acks_before;
+    let acks: u64 = server
+        .metric::<u64>("natter_frames_in_total{op=\"PushAck\"}")
+        .await
+        - acks_before;
     assert_eq!(
-        metric(&server, "natter_pushes_total{kind=\"acked\"}").await,
+        server
+            .metric::<u64>("natter_pushes_total{kind=\"acked\"}")
+            .await,
         20
     );
     assert!((1..20).contains(&acks), "{acks} acks for 20 pushes");

@@ -47,12 +47,8 @@ async fn registered(etcd: &Etcd, role: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_gateways_chat_through_any_logic_node() {
-    let Some(etcd_server) = EtcdServer::start().await else {
-        return;
-    };
-    let Some((mysql_url, db)) = fresh_database().await else {
-        return;
-    };
+    let etcd_server = EtcdServer::start().await;
+    let (mysql_url, db) = fresh_database().await;
     let prefix = format!("natter-dist-{}:", std::process::id());
     let etcd_url = etcd_server.url.clone();
     let tune = |node: &'static str| {
@@ -193,12 +189,8 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
 async fn running_nodes_refuse_unsigned_calls_and_forged_sessions() {
     use natter_rpc::{pb, PlaneKey, SessionKey, Signer};
     use prost::Message as _;
-    let Some(etcd_server) = EtcdServer::start().await else {
-        return;
-    };
-    let Some((mysql_url, db)) = fresh_database().await else {
-        return;
-    };
+    let etcd_server = EtcdServer::start().await;
+    let (mysql_url, db) = fresh_database().await;
     let prefix = format!("natter-plane-{}:", std::process::id());
     let tune = |node: &'static str| {
         let (etcd_url, mysql_url, prefix) =
