@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::msg::{Content, MessageType};
-use crate::ErrorCode;
+use crate::{ErrorCode, UserId};
 
 /// A message in JSON. Like every 64-bit integer in JSON (see
 /// [`crate::json`]), `mid` is a decimal string: it does not fit a JSON
@@ -25,12 +25,11 @@ pub struct MessageView {
         with = "crate::json::opt_int64"
     )]
     pub user_seq: Option<u64>,
-    #[serde(with = "crate::json::int64")]
-    pub sender: u64,
+    pub sender: UserId,
     pub sender_device: String,
-    /// The receiving user; 0 for a group message.
-    #[serde(with = "crate::json::int64")]
-    pub receiver: u64,
+    /// The receiving user; absent for a group message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<UserId>,
     /// The group of a group message.
     #[serde(
         default,
@@ -159,8 +158,7 @@ pub struct GroupView {
     pub id: u64,
     pub name: String,
     pub avatar: String,
-    #[serde(with = "crate::json::int64")]
-    pub owner: u64,
+    pub owner: UserId,
     pub join_type: JoinType,
     /// Everyone but the owner and admins is muted.
     pub mute_all: bool,
@@ -200,8 +198,7 @@ pub struct ReadState {
 /// One member.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemberView {
-    #[serde(with = "crate::json::int64")]
-    pub uid: u64,
+    pub uid: UserId,
     pub role: Role,
     pub nickname: String,
     #[serde(with = "crate::json::int64")]
@@ -219,20 +216,19 @@ pub struct MemberView {
     pub muted_until_ms: Option<i64>,
 }
 
-/// A page of members, ordered by uid.
+/// A page of members, ordered by uid (byte-wise).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemberPage {
     pub members: Vec<MemberView>,
     /// Pass as `after` for the next page; absent on the last page.
-    #[serde(default, with = "crate::json::opt_int64")]
-    pub next_after: Option<u64>,
+    #[serde(default)]
+    pub next_after: Option<UserId>,
 }
 
 /// An application to join a group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApplicationView {
-    #[serde(with = "crate::json::int64")]
-    pub uid: u64,
+    pub uid: UserId,
     pub message: String,
     #[serde(with = "crate::json::int64")]
     pub time_ms: i64,
@@ -247,8 +243,8 @@ pub struct CreateGroup {
     #[serde(default)]
     pub join_type: JoinType,
     /// Initial members besides the creator, who becomes the owner.
-    #[serde(default, with = "crate::json::int64_list")]
-    pub members: Vec<u64>,
+    #[serde(default)]
+    pub members: Vec<UserId>,
 }
 
 /// `PATCH /v1/groups/{id}`: the fields to change.
@@ -267,8 +263,7 @@ pub struct UpdateGroup {
 /// A list of users (invite).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Users {
-    #[serde(with = "crate::json::int64_list")]
-    pub users: Vec<u64>,
+    pub users: Vec<UserId>,
 }
 
 /// `POST /v1/groups/{id}/join`.
@@ -300,8 +295,7 @@ pub struct SetRole {
 /// `POST /v1/groups/{id}/transfer`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Transfer {
-    #[serde(with = "crate::json::int64")]
-    pub to: u64,
+    pub to: UserId,
 }
 
 /// `PUT /v1/groups/{id}/members/{uid}/mute`.
@@ -327,12 +321,12 @@ mod tests {
     fn views_round_trip_through_json() {
         let view = MessageView {
             mid: "384002140781150208".into(),
-            conversation: "p:1:2".into(),
+            conversation: "p:Bob:alice".into(),
             conv_seq: 1,
             user_seq: None,
-            sender: 1,
+            sender: UserId::parse("alice").unwrap(),
             sender_device: "phone".into(),
-            receiver: 2,
+            receiver: Some(UserId::parse("Bob").unwrap()),
             group: None,
             client_seq: 9,
             time_ms: 5,
@@ -357,7 +351,7 @@ mod tests {
             "{json}"
         );
         let big = MessageView {
-            sender: (1 << 53) + 1,
+            sender: UserId::parse(&"x".repeat(64)).unwrap(),
             user_seq: Some(u64::MAX),
             ..view.clone()
         };

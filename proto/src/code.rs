@@ -47,7 +47,7 @@ codes! {
     BadFrame = 1 => "bad_frame", 400,
     /// The frame body is over the server's limit.
     FrameTooLarge = 2 => "frame_too_large", 413,
-    /// The header's protocol version is not 1.
+    /// The header's protocol version is not 2.
     UnsupportedVersion = 3 => "unsupported_version", 400,
     /// The header's operation is unknown, or not one a client may send.
     UnknownOperation = 4 => "unknown_operation", 400,
@@ -106,6 +106,12 @@ codes! {
     RequestTimeout = 30 => "request_timeout", 408,
     /// A per-user quota is used up (for example, groups owned).
     QuotaExceeded = 31 => "quota_exceeded", 403,
+    /// The operator's account service, which checks tokens, did not answer
+    /// in time or failed; retry later (with back-off).
+    AuthUnavailable = 32 => "auth_unavailable", 503,
+    /// The operator logged the user out: every connection is closed and
+    /// tokens issued before the logout are refused.
+    LoggedOut = 33 => "logged_out", 401,
 }
 
 impl ErrorCode {

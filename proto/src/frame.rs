@@ -4,7 +4,7 @@
 //! offset  size  field
 //!      0     4  packet length (header + body), u32
 //!      4     2  header length, always 20, u16
-//!      6     2  protocol version, always 1, u16
+//!      6     2  protocol version, always 2, u16
 //!      8     4  operation, u32 (see [`Op`])
 //!     12     4  seq, u32
 //!     16     4  ack, u32
@@ -22,7 +22,7 @@ use crate::ErrorCode;
 /// Length of the fixed header in bytes.
 pub const HEADER_LEN: usize = 20;
 /// The only protocol version this codec speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Default upper bound of a frame body (64 KiB); servers make it configurable.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 
@@ -275,7 +275,7 @@ mod tests {
         let frame = Frame::empty(Op::Heartbeat, 7, 0);
         assert_eq!(
             hex(&frame.encode()),
-            "0000001400140001000000030000000700000000"
+            "0000001400140002000000030000000700000000"
         );
     }
 
@@ -284,12 +284,13 @@ mod tests {
         let body = AuthRequest {
             token: "abc".into(),
             client: String::new(),
+            device: String::new(),
         };
         let frame = Frame::new(Op::Auth, 1, 0, &body);
         // body: field 1 (token), wire type 2, length 3, "abc"
         assert_eq!(
             hex(&frame.encode()),
-            "00000019001400010000000100000001000000000a03616263"
+            "00000019001400020000000100000001000000000a03616263"
         );
         let back = Frame::decode(&frame.encode(), DEFAULT_MAX_BODY).expect("decodes");
         assert_eq!(back.message::<AuthRequest>().expect("body").token, "abc");
@@ -300,7 +301,7 @@ mod tests {
         let frame = Frame::empty(Op::PushAck, 0, 0x0102_0304);
         assert_eq!(
             hex(&frame.encode()),
-            "0000001400140001000000080000000001020304"
+            "0000001400140002000000080000000001020304"
         );
     }
 
@@ -348,9 +349,10 @@ mod tests {
     #[test]
     fn rejects_unknown_version_and_op_with_seq() {
         let mut bytes = Frame::empty(Op::Heartbeat, 9, 0).encode().to_vec();
-        bytes[7] = 2;
+        // Version 1 (integer user ids) is refused as any other.
+        bytes[7] = 1;
         let err = Frame::decode(&bytes, 100).unwrap_err();
-        assert_eq!(err, FrameError::UnsupportedVersion { version: 2, seq: 9 });
+        assert_eq!(err, FrameError::UnsupportedVersion { version: 1, seq: 9 });
         assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
 
         let mut bytes = Frame::empty(Op::Heartbeat, 9, 0).encode().to_vec();

@@ -12,6 +12,8 @@ pub mod code;
 pub mod frame;
 pub mod json;
 pub mod msg;
+pub mod user;
 
 pub use code::ErrorCode;
+pub use user::{UserId, UserIdError, MAX_USER_ID_LEN};
 pub use frame::{BodyError, Frame, FrameError, Op, DEFAULT_MAX_BODY, HEADER_LEN, VERSION};

@@ -4,22 +4,32 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::user::check_user_id;
+
+/// Most users one text may mention.
+pub const MAX_MENTIONS: usize = 100;
+
 /// `Auth` body: the first frame of every connection.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AuthRequest {
-    /// The HS256 token that names the user and the device.
+    /// The token that names the user (and, for natter's own tokens, the device).
     #[prost(string, tag = "1")]
     pub token: String,
     /// Free-form client name and version, for logs.
     #[prost(string, tag = "2")]
     pub client: String,
+    /// The device, when the token names none (a token from the operator's
+    /// account service); a token that names a device must name this one.
+    #[prost(string, tag = "3")]
+    pub device: String,
 }
 
 /// `AuthReply` body.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AuthReply {
-    #[prost(uint64, tag = "1")]
-    pub uid: u64,
+    /// The user the token names.
+    #[prost(string, tag = "1")]
+    pub uid: String,
     #[prost(string, tag = "2")]
     pub device: String,
     /// How often the client must send a frame (a heartbeat if nothing else).
@@ -48,9 +58,9 @@ pub struct SendMessage {
     /// Unique per sending device for the device's lifetime; a resend reuses it.
     #[prost(uint64, tag = "1")]
     pub client_seq: u64,
-    /// The receiving user; 0 when `group` is set.
-    #[prost(uint64, tag = "2")]
-    pub receiver: u64,
+    /// The receiving user; empty when `group` is set.
+    #[prost(string, tag = "2")]
+    pub receiver: String,
     #[prost(message, optional, tag = "3")]
     pub body: Option<MessageBody>,
     /// The receiving group; 0 for a one-to-one message. Exactly one of
@@ -86,7 +96,8 @@ pub struct MessageReply {
 pub struct Message {
     #[prost(uint64, tag = "1")]
     pub mid: u64,
-    /// `p:{smaller uid}:{larger uid}` for one-to-one conversations, `g:{group}` for groups.
+    /// `p:{a}:{b}` for one-to-one conversations (the two user ids, the
+    /// byte-wise smaller first), `g:{group}` for groups.
     #[prost(string, tag = "2")]
     pub conversation: String,
     #[prost(uint64, tag = "3")]
@@ -95,19 +106,20 @@ pub struct Message {
     /// sync cursor); 0 for group messages, whose position is `conv_seq`.
     #[prost(uint64, tag = "4")]
     pub user_seq: u64,
-    #[prost(uint64, tag = "5")]
-    pub sender: u64,
+    #[prost(string, tag = "5")]
+    pub sender: String,
     #[prost(string, tag = "6")]
     pub sender_device: String,
-    #[prost(uint64, tag = "7")]
-    pub receiver: u64,
+    /// The receiving user; empty for a group message.
+    #[prost(string, tag = "7")]
+    pub receiver: String,
     #[prost(uint64, tag = "8")]
     pub client_seq: u64,
     #[prost(int64, tag = "9")]
     pub time_ms: i64,
     #[prost(message, optional, tag = "10")]
     pub body: Option<MessageBody>,
-    /// The group of a group message (then `receiver` is 0); 0 otherwise.
+    /// The group of a group message (then `receiver` is empty); 0 otherwise.
     #[prost(uint64, tag = "11")]
     pub group: u64,
 }
@@ -353,7 +365,11 @@ impl MessageBody {
     pub fn validate(&self) -> Result<MessageType, &'static str> {
         let content = self.content.as_ref().ok_or("message body has no content")?;
         let ok = match content {
-            Content::Text(t) => !t.text.is_empty(),
+            Content::Text(t) => {
+                !t.text.is_empty()
+                    && t.mentions.len() <= MAX_MENTIONS
+                    && t.mentions.iter().all(|m| check_user_id(m).is_ok())
+            }
             Content::Image(m) => !m.url.is_empty(),
             Content::Audio(m) => !m.url.is_empty(),
             Content::Video(m) => !m.url.is_empty(),
@@ -361,9 +377,11 @@ impl MessageBody {
             Content::Location(l) => {
                 (-90.0..=90.0).contains(&l.latitude) && (-180.0..=180.0).contains(&l.longitude)
             }
-            Content::Card(c) => !c.kind.is_empty() && c.id != 0,
+            Content::Card(c) => !c.kind.is_empty() && !c.id.is_empty() && c.id.len() <= 64,
             Content::Notice(n) => !n.text.is_empty(),
-            Content::Forward(f) => !f.items.is_empty(),
+            Content::Forward(f) => {
+                !f.items.is_empty() && f.items.iter().all(|i| check_user_id(&i.sender).is_ok())
+            }
             Content::Custom(c) => !c.kind.is_empty(),
             Content::GroupEvent(_) => false,
         };
@@ -371,7 +389,8 @@ impl MessageBody {
             Ok(content.message_type())
         } else {
             Err(match content {
-                Content::Text(_) => "text message is empty",
+                Content::Text(t) if t.text.is_empty() => "text message is empty",
+                Content::Text(_) => "mentions must be at most 100 valid user ids",
                 Content::Image(_) | Content::Audio(_) | Content::Video(_) => {
                     "media message has no url"
                 }
@@ -379,7 +398,7 @@ impl MessageBody {
                 Content::Location(_) => "location is out of range",
                 Content::Card(_) => "card needs a kind and an id",
                 Content::Notice(_) => "notice text is empty",
-                Content::Forward(_) => "forward has no items",
+                Content::Forward(_) => "forward needs items, each with a valid sender",
                 Content::Custom(_) => "custom message needs a kind",
                 Content::GroupEvent(_) => "group events are written by the server",
             })
@@ -393,9 +412,8 @@ pub struct Text {
     #[prost(string, tag = "1")]
     pub text: String,
     /// Users mentioned in the text.
-    #[serde(with = "crate::json::int64_list")]
-    #[prost(uint64, repeated, tag = "2")]
-    pub mentions: Vec<u64>,
+    #[prost(string, repeated, tag = "2")]
+    pub mentions: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
@@ -482,9 +500,9 @@ pub struct Card {
     /// `user` or `group`.
     #[prost(string, tag = "1")]
     pub kind: String,
-    #[serde(with = "crate::json::int64")]
-    #[prost(uint64, tag = "2")]
-    pub id: u64,
+    /// A user id, or a group id in decimal.
+    #[prost(string, tag = "2")]
+    pub id: String,
     #[prost(string, tag = "3")]
     pub name: String,
     #[prost(string, tag = "4")]
@@ -516,9 +534,8 @@ pub struct ForwardItem {
     #[serde(with = "crate::json::int64")]
     #[prost(uint64, tag = "1")]
     pub mid: u64,
-    #[serde(with = "crate::json::int64")]
-    #[prost(uint64, tag = "2")]
-    pub sender: u64,
+    #[prost(string, tag = "2")]
+    pub sender: String,
     #[serde(with = "crate::json::int64")]
     #[prost(int64, tag = "3")]
     pub time_ms: i64,
@@ -548,13 +565,11 @@ pub struct GroupEvent {
     #[prost(string, tag = "1")]
     pub kind: String,
     /// The user who made the change.
-    #[serde(with = "crate::json::int64")]
-    #[prost(uint64, tag = "2")]
-    pub actor: u64,
+    #[prost(string, tag = "2")]
+    pub actor: String,
     /// The users it applies to.
-    #[serde(with = "crate::json::int64_list")]
-    #[prost(uint64, repeated, tag = "3")]
-    pub targets: Vec<u64>,
+    #[prost(string, repeated, tag = "3")]
+    pub targets: Vec<String>,
     /// A new name, avatar URL, role, join type or nickname.
     #[prost(string, tag = "4")]
     pub value: String,
@@ -598,7 +613,7 @@ mod tests {
             title: "t".into(),
             items: vec![ForwardItem {
                 mid: u64::MAX,
-                sender: (1 << 53) + 1,
+                sender: "u-1".into(),
                 time_ms: 5,
                 summary: "s".into(),
             }],
@@ -606,17 +621,17 @@ mod tests {
         let json = serde_json::to_string(&forward).expect("serializes");
         assert_eq!(
             json,
-            r#"{"forward":{"title":"t","items":[{"mid":"18446744073709551615","sender":"9007199254740993","time_ms":"5","summary":"s"}]}}"#
+            r#"{"forward":{"title":"t","items":[{"mid":"18446744073709551615","sender":"u-1","time_ms":"5","summary":"s"}]}}"#
         );
         let card = Content::Card(Card {
             kind: "user".into(),
-            id: (1 << 53) + 1,
+            id: "alice".into(),
             ..Default::default()
         });
         let event = Content::GroupEvent(GroupEvent {
             kind: "muted".into(),
-            actor: 1,
-            targets: vec![u64::MAX],
+            actor: "a".into(),
+            targets: vec!["b".into()],
             value: String::new(),
             until_ms: MUTED_FOREVER,
         });
@@ -627,11 +642,11 @@ mod tests {
         }
         // Input may leave fields at their defaults and give ids as numbers.
         let text: Content =
-            serde_json::from_str(r#"{"text":{"text":"hi","mentions":[1,"2"]}}"#).expect("parses");
+            serde_json::from_str(r#"{"text":{"text":"hi","mentions":["u-1","B"]}}"#).expect("parses");
         assert!(
             text == Content::Text(Text {
                 text: "hi".into(),
-                mentions: vec![1, 2],
+                mentions: vec!["u-1".into(), "B".into()],
             })
         );
         let image: Content = serde_json::from_str(r#"{"image":{"url":"u"}}"#).expect("parses");
