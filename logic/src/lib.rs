@@ -10,7 +10,6 @@ pub mod fanout;
 pub mod publish;
 pub mod redis_sessions;
 pub mod sessions;
-pub mod token;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,151 +30,11 @@ use prost::Message as _;
 
 pub use fanout::{Audience, Fanout};
 pub use publish::GroupPublisher;
-pub use sessions::{MemoryDirectory, Route, Session, SessionDirectory};
-pub use token::Tokens;
-
-/// A request logic refused, with the code and a human-readable reason.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct Rejection {
-    pub code: ErrorCode,
-    pub message: String,
-    /// With [`ErrorCode::Muted`]: the end of the mute (Unix ms); 0 otherwise.
-    pub until_ms: i64,
-}
-
-impl Rejection {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
-        Rejection {
-            code,
-            message: message.into(),
-            until_ms: 0,
-        }
-    }
-}
-
-impl From<GroupError> for Rejection {
-    fn from(e: GroupError) -> Rejection {
-        Rejection {
-            code: e.code,
-            message: e.message,
-            until_ms: e.until_ms.unwrap_or(0),
-        }
-    }
-}
-
-impl From<CommitError> for Rejection {
-    fn from(e: CommitError) -> Rejection {
-        match e {
-            CommitError::Closed => {
-                Rejection::new(ErrorCode::ServerShutdown, "server is shutting down")
-            }
-            CommitError::Failed(_) => Rejection::new(ErrorCode::Internal, "storage failed; retry"),
-            CommitError::Full => {
-                Rejection::new(ErrorCode::RateLimited, "the server is busy; retry")
-            }
-        }
-    }
-}
-
-/// One push: an encoded `Message` body (op `Push`) or `Notify` body (op
-/// `Notify`), the same bytes for every connection it reaches; each of them
-/// numbers it and resends it until the client acknowledges it.
-#[derive(Clone, Debug)]
-pub struct Push {
-    /// `Push` or `Notify`.
-    pub op: Op,
-    pub mid: u64,
-    /// The group of a group message or event; 0 for the user's stream.
-    pub group: u64,
-    /// The message's position: in the user's stream (`user_seq`), or for a
-    /// group, in the group (`conv_seq`). Acknowledging it advances the
-    /// device's cursor of that stream.
-    pub seq: u64,
-    pub body: Bytes,
-    /// When the message was acked to its sender (for ack-to-push latency).
-    pub acked_at: Instant,
-}
-
-/// Which pushes of a [`PushBatch`] one connection gets: `pushes[from..to]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub conn: u64,
-    pub from: u32,
-    pub to: u32,
-}
-
-/// Pushes for one gateway node. Each target gets its slice of `pushes`, in
-/// order and written together; a connection may appear in several targets
-/// (its slices are then written in the order of the targets).
-#[derive(Clone, Debug, Default)]
-pub struct PushBatch {
-    pub pushes: Arc<[Push]>,
-    pub targets: Vec<Target>,
-}
-
-impl PushBatch {
-    /// Deliveries in the batch: pushes summed over targets.
-    pub fn deliveries(&self) -> usize {
-        self.targets
-            .iter()
-            .map(|t| t.to.saturating_sub(t.from) as usize)
-            .sum()
-    }
-
-    /// The pushes `target` gets, or `None` if its range is out of bounds.
-    pub fn slice(&self, target: &Target) -> Option<&[Push]> {
-        self.pushes.get(target.from as usize..target.to as usize)
-    }
-}
-
-/// A push a device acknowledged: its stream (0: the user's, else a group)
-/// and its position there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Acked {
-    pub group: u64,
-    pub seq: u64,
-}
-
-/// What logic needs from a gateway node.
-pub trait Gateway: Send + Sync + 'static {
-    /// Queues pushes to connections of this node; never blocks.
-    fn push(&self, batch: PushBatch);
-    /// Closes one connection with a reason.
-    fn kick(&self, conn: u64, code: ErrorCode, reason: &str);
-}
-
-/// An authenticated connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Connected {
-    pub identity: Identity,
-    /// The device's stored sync cursor.
-    pub cursor: u64,
-}
-
-/// What a gateway needs from logic.
-#[async_trait]
-pub trait LogicService: Send + Sync + 'static {
-    /// Checks the token and registers the connection in the sessions directory.
-    async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Rejection>;
-    /// Forgets a closed connection.
-    async fn disconnect(&self, session: &Session);
-    /// A gateway's periodic proof of life for its open connections: their
-    /// sessions are renewed in the directory.
-    async fn heartbeat(&self, sessions: &[Session]);
-    /// Runs the pipeline for one message; returns the ack once it is durable.
-    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection>;
-    /// The device acknowledged these pushes (one `PushAck` covers every
-    /// push before it); never waits on storage.
-    async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]);
-    /// What the device has not received.
-    async fn sync(
-        &self,
-        uid: u64,
-        device: &str,
-        request: SyncRequest,
-    ) -> Result<SyncReply, Rejection>;
-}
+pub use sessions::{MemoryDirectory, SessionDirectory};
+pub use natter_roles::{
+    Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Route, Session,
+    Target, Tokens,
+};
 
 struct Metrics {
     messages: IntCounterVec,
@@ -273,10 +132,10 @@ impl Logic {
         self.fanout.gateway(node)
     }
 
-    fn directory_failed(&self, e: sessions::DirectoryError) -> Rejection {
+    fn directory_failed(&self, e: sessions::DirectoryError) -> Refusal {
         self.fanout.directory_failed();
         tracing::error!(error = %e, "sessions directory failed");
-        Rejection::new(ErrorCode::Internal, "sessions directory unavailable")
+        Refusal::new(ErrorCode::Internal, "sessions directory unavailable")
     }
 
     /// Pushes a stored message to every online device of the receiver and
@@ -363,12 +222,12 @@ impl Logic {
         &self,
         from: &Session,
         message: SendMessage,
-    ) -> Result<MessageReply, Rejection> {
+    ) -> Result<MessageReply, Refusal> {
         let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
         let group = message.group;
         if message.receiver != 0 {
             count("invalid");
-            return Err(Rejection::new(
+            return Err(Refusal::new(
                 ErrorCode::InvalidMessage,
                 "set receiver or group, not both",
             ));
@@ -401,10 +260,10 @@ impl Logic {
         message: SendMessage,
         receiver: u64,
         count: &(dyn Fn(&str) + Sync),
-    ) -> Result<NewMessage, Rejection> {
+    ) -> Result<NewMessage, Refusal> {
         if !self.limiter.allow(from.uid) {
             count("rate_limited");
-            return Err(Rejection::new(
+            return Err(Refusal::new(
                 ErrorCode::RateLimited,
                 "too many messages; slow down",
             ));
@@ -412,7 +271,7 @@ impl Logic {
         let body = message.body.unwrap_or_default();
         let msg_type = body.validate().map_err(|reason| {
             count("invalid");
-            Rejection::new(ErrorCode::InvalidMessage, reason)
+            Refusal::new(ErrorCode::InvalidMessage, reason)
         })?;
         let mid = self.ids.next();
         Ok(NewMessage {
@@ -432,19 +291,19 @@ impl Logic {
         &self,
         write: Write,
         count: &(dyn Fn(&str) + Sync),
-    ) -> Result<Stored, Rejection> {
+    ) -> Result<Stored, Refusal> {
         match self.committer.write(write).await {
             Ok(Outcome::Stored(stored)) => Ok(stored),
             Ok(Outcome::Reused) => {
                 count("invalid");
-                Err(Rejection::new(
+                Err(Refusal::new(
                     ErrorCode::InvalidMessage,
                     "client_seq was already used for a message to someone else",
                 ))
             }
             Ok(Outcome::Done) => {
                 count("error");
-                Err(Rejection::new(
+                Err(Refusal::new(
                     ErrorCode::Internal,
                     "store answered without a message",
                 ))
@@ -456,9 +315,9 @@ impl Logic {
         }
     }
 
-    fn storage(e: natter_record::StoreError) -> Rejection {
+    fn storage(e: natter_record::StoreError) -> Refusal {
         tracing::error!(error = %e, "sync failed");
-        Rejection::new(ErrorCode::Internal, "storage unavailable")
+        Refusal::new(ErrorCode::Internal, "storage unavailable")
     }
 
     /// One page of a group's messages after the device's position.
@@ -467,18 +326,18 @@ impl Logic {
         uid: u64,
         device: &str,
         request: SyncRequest,
-    ) -> Result<SyncReply, Rejection> {
+    ) -> Result<SyncReply, Refusal> {
         let group = request.group;
         let snapshot = self.groups.snapshot(group).await?;
         let Some(member) = snapshot.members.get(&uid) else {
-            return Err(Rejection::new(
+            return Err(Refusal::new(
                 ErrorCode::NotMember,
                 format!("not a member of group {group}"),
             ));
         };
         let after = match request.after {
             Some(after) if after > MAX_ID => {
-                return Err(Rejection::new(
+                return Err(Refusal::new(
                     ErrorCode::BadRequest,
                     "after must be at most 2^63-1",
                 ));
@@ -522,7 +381,7 @@ impl Logic {
         &self,
         uid: u64,
         device: &str,
-    ) -> Result<Vec<GroupCursor>, Rejection> {
+    ) -> Result<Vec<GroupCursor>, Refusal> {
         let mine = self.groups.groups_of(uid).await?;
         if mine.is_empty() {
             return Ok(Vec::new());
@@ -568,12 +427,12 @@ impl Logic {
 
 #[async_trait]
 impl LogicService for Logic {
-    async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Rejection> {
+    async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Refusal> {
         let identity = match self.tokens.verify(token) {
             Ok(identity) => identity,
             Err(code) => {
                 self.metrics.auths.with_label_values(&[code.as_str()]).inc();
-                return Err(Rejection::new(
+                return Err(Refusal::new(
                     code,
                     if code == ErrorCode::TokenExpired {
                         "token expired"
@@ -589,7 +448,7 @@ impl LogicService for Logic {
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cursor lookup failed");
-                Rejection::new(ErrorCode::Internal, "storage unavailable")
+                Refusal::new(ErrorCode::Internal, "storage unavailable")
             })?;
         let session = Session {
             uid: identity.uid,
@@ -630,11 +489,11 @@ impl LogicService for Logic {
         }
     }
 
-    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection> {
+    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Refusal> {
         let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
         if message.client_seq == 0 || message.client_seq > MAX_ID {
             count("invalid");
-            return Err(Rejection::new(
+            return Err(Refusal::new(
                 ErrorCode::InvalidMessage,
                 "client_seq must be between 1 and 2^63-1",
             ));
@@ -644,7 +503,7 @@ impl LogicService for Logic {
         }
         if message.receiver == 0 || message.receiver > MAX_ID {
             count("invalid");
-            return Err(Rejection::new(
+            return Err(Refusal::new(
                 ErrorCode::InvalidMessage,
                 "receiver must be a user id",
             ));
@@ -721,14 +580,14 @@ impl LogicService for Logic {
         uid: u64,
         device: &str,
         request: SyncRequest,
-    ) -> Result<SyncReply, Rejection> {
+    ) -> Result<SyncReply, Refusal> {
         if request.group != 0 {
             return self.sync_group(uid, device, request).await;
         }
         let storage = Logic::storage;
         let after = match request.after {
             Some(after) if after > MAX_ID => {
-                return Err(Rejection::new(
+                return Err(Refusal::new(
                     ErrorCode::BadRequest,
                     "after must be at most 2^63-1",
                 ));

@@ -9,34 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 
-/// One online device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Session {
-    pub uid: u64,
-    pub device: String,
-    /// The gateway node holding the connection.
-    pub node: Arc<str>,
-    /// The connection's id on that node.
-    pub conn: u64,
-}
-
-/// Where one online device is reached: what a push needs of a session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub uid: u64,
-    pub node: Arc<str>,
-    pub conn: u64,
-}
-
-impl From<Session> for Route {
-    fn from(s: Session) -> Route {
-        Route {
-            uid: s.uid,
-            node: s.node,
-            conn: s.conn,
-        }
-    }
-}
+pub use natter_roles::{Route, Session};
 
 #[derive(Debug, thiserror::Error)]
 #[error("sessions directory unavailable: {0}")]

@@ -25,6 +25,18 @@ pub enum CommitError {
     Full,
 }
 
+impl From<CommitError> for natter_roles::Refusal {
+    fn from(e: CommitError) -> natter_roles::Refusal {
+        use natter_proto::ErrorCode;
+        use natter_roles::Refusal;
+        match e {
+            CommitError::Closed => Refusal::new(ErrorCode::ServerShutdown, "server is shutting down"),
+            CommitError::Failed(_) => Refusal::new(ErrorCode::Internal, "storage failed; retry"),
+            CommitError::Full => Refusal::new(ErrorCode::RateLimited, "the server is busy; retry"),
+        }
+    }
+}
+
 type Reply = oneshot::Sender<Result<Outcome, CommitError>>;
 
 struct Job {
