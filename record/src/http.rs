@@ -13,7 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use natter_proto::api::{ErrorBody, HistoryPage, MessageView, SyncPage};
 use natter_proto::msg::MessageType;
-use natter_proto::ErrorCode;
+use natter_proto::{ErrorCode, UserId};
+use natter_roles::{Authenticate, Identity, Refusal};
 use serde::Deserialize;
 
 use crate::store::{
@@ -26,18 +27,6 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/conversations/{conversation}/messages"),
     ("get", "/v1/sync"),
 ];
-
-/// Who a token names.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub uid: u64,
-    pub device: String,
-}
-
-/// Checks tokens; implemented by `logic`.
-pub trait Authenticate: Send + Sync + 'static {
-    fn authenticate(&self, token: &str) -> Result<Identity, ErrorCode>;
-}
 
 /// The HTTP API's per-user request limit: a token bucket per user in front
 /// of any [`Authenticate`], so every authenticated route counts (over the
@@ -56,11 +45,15 @@ impl<A: Authenticate> RateLimitedAuth<A> {
     }
 }
 
+#[async_trait::async_trait]
 impl<A: Authenticate> Authenticate for RateLimitedAuth<A> {
-    fn authenticate(&self, token: &str) -> Result<Identity, ErrorCode> {
-        let identity = self.inner.authenticate(token)?;
-        if !self.limiter.allow(identity.uid) {
-            return Err(ErrorCode::RateLimited);
+    async fn authenticate(&self, token: &str, device: Option<&str>) -> Result<Identity, Refusal> {
+        let identity = self.inner.authenticate(token, device).await?;
+        if !self.limiter.allow(&identity.uid) {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "too many requests; slow down",
+            ));
         }
         Ok(identity)
     }
@@ -71,34 +64,42 @@ impl<A: Authenticate> Authenticate for RateLimitedAuth<A> {
 pub trait GroupAccess: Send + Sync + 'static {
     /// The first `conv_seq` of `group` that `uid` may read (their join
     /// point), or why they may not read it at all.
-    async fn readable_from(&self, uid: u64, group: u64) -> Result<u64, ApiError>;
+    async fn readable_from(&self, uid: &UserId, group: u64) -> Result<u64, Refusal>;
 }
 
-/// An error answer of the HTTP API.
+/// An error answer of the HTTP API: a [`Refusal`] as JSON `{"code",
+/// "message", "until_ms"?}` with the status of its code. This is the one
+/// place a refusal becomes an HTTP response.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub code: ErrorCode,
-    pub message: String,
-    /// With [`ErrorCode::Muted`]: the end of the mute.
-    pub until_ms: Option<i64>,
-}
+pub struct ApiError(pub Refusal);
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-            until_ms: None,
-        }
+        ApiError(Refusal::new(code, message))
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.0.code
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        ApiError(refusal)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut body = ErrorBody::new(self.code, self.message);
-        body.until_ms = self.until_ms;
+        let Refusal {
+            code,
+            message,
+            until_ms,
+        } = self.0;
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = ErrorBody::new(code, message);
+        body.until_ms = until_ms;
         (status, Json(body)).into_response()
     }
 }
@@ -128,8 +129,12 @@ impl From<crate::StoreError> for ApiError {
     }
 }
 
+/// The header naming the caller's device, for tokens that name none (see
+/// [`Authenticate`]).
+pub const DEVICE_HEADER: &str = "x-natter-device";
+
 /// The authenticated caller of an HTTP request.
-pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, ApiError> {
+pub async fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, ApiError> {
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
         ApiError::new(
             ErrorCode::AuthRequired,
@@ -146,11 +151,14 @@ pub fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Identity, 
                 "Authorization must be Bearer <token>",
             )
         })?;
+    let device = match headers.get(DEVICE_HEADER) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::new(ErrorCode::BadRequest, "X-Natter-Device must be ASCII")
+        })?),
+    };
     // The token exactly as sent, as over the WebSocket: no trimming.
-    auth.authenticate(token).map_err(|code| match code {
-        ErrorCode::RateLimited => ApiError::new(code, "too many requests; slow down"),
-        code => ApiError::new(code, "token rejected"),
-    })
+    Ok(auth.authenticate(token, device).await?)
 }
 
 /// The JSON view of a stored message.
@@ -160,10 +168,10 @@ pub fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
         conversation: m.conversation.clone(),
         conv_seq: m.conv_seq,
         user_seq,
-        sender: m.sender,
+        sender: m.sender.clone(),
         sender_device: m.sender_device.clone(),
-        receiver: if m.group().is_some() { 0 } else { m.receiver },
-        group: m.group(),
+        receiver: m.to.user().cloned(),
+        group: m.to.group(),
         client_seq: m.client_seq,
         time_ms: m.time_ms,
         msg_type: MessageType::from_u32(m.msg_type),
@@ -227,7 +235,7 @@ async fn history(
     Path(conversation): Path<String>,
     params: Result<Query<HistoryParams>, QueryRejection>,
 ) -> Result<Json<HistoryPage>, ApiError> {
-    let me = caller(&headers, state.auth.as_ref())?;
+    let me = caller(&headers, state.auth.as_ref()).await?;
     let Query(params) = params?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
@@ -246,7 +254,7 @@ async fn history(
     let types = parse_types(params.types.as_deref().unwrap_or(""))?;
     let limit = PageLimit::new(limit, state.page_bytes);
     if let Some(group) = parse_group_conversation(&conversation) {
-        let from_seq = state.groups.readable_from(me.uid, group).await?;
+        let from_seq = state.groups.readable_from(&me.uid, group).await?;
         let query = GroupHistoryQuery {
             group,
             from_seq,
@@ -263,9 +271,9 @@ async fn history(
             format!("{conversation:?} is not a conversation id"),
         )
     })?;
-    let other = match me.uid {
-        uid if uid == a => b,
-        uid if uid == b => a,
+    let other = match &me.uid {
+        uid if *uid == a => b,
+        uid if *uid == b => a,
         _ => {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
@@ -274,7 +282,7 @@ async fn history(
         }
     };
     let query = HistoryQuery {
-        owner: me.uid,
+        owner: me.uid.clone(),
         other,
         before,
         limit,
@@ -307,7 +315,7 @@ async fn sync(
     headers: HeaderMap,
     params: Result<Query<SyncParams>, QueryRejection>,
 ) -> Result<Json<SyncPage>, ApiError> {
-    let me = caller(&headers, state.auth.as_ref())?;
+    let me = caller(&headers, state.auth.as_ref()).await?;
     let Query(params) = params?;
     let limit = params.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
@@ -325,10 +333,10 @@ async fn sync(
     let limit = PageLimit::new(limit, state.page_bytes);
     let group = params.group.unwrap_or(0);
     if group != 0 {
-        let from_seq = state.groups.readable_from(me.uid, group).await?;
+        let from_seq = state.groups.readable_from(&me.uid, group).await?;
         let after = match params.after {
             Some(after) => after,
-            None => state.store.cursor(me.uid, &me.device, group).await?,
+            None => state.store.cursor(&me.uid, &me.device, group).await?,
         };
         // Nothing before the caller's join point.
         let after = after.max(from_seq.saturating_sub(1));
@@ -341,9 +349,9 @@ async fn sync(
     }
     let after = match params.after {
         Some(after) => after,
-        None => state.store.cursor(me.uid, &me.device, 0).await?,
+        None => state.store.cursor(&me.uid, &me.device, 0).await?,
     };
-    let page = state.store.sync(me.uid, after, limit).await?;
+    let page = state.store.sync(&me.uid, after, limit).await?;
     let cursor = page.items.last().map(|i| i.user_seq).unwrap_or(after);
     Ok(Json(SyncPage {
         has_more: page.more,
