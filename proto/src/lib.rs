@@ -15,5 +15,5 @@ pub mod msg;
 pub mod user;
 
 pub use code::ErrorCode;
-pub use user::{UserId, UserIdError, MAX_USER_ID_LEN};
 pub use frame::{BodyError, Frame, FrameError, Op, DEFAULT_MAX_BODY, HEADER_LEN, VERSION};
+pub use user::{UserId, UserIdError, MAX_USER_ID_LEN};

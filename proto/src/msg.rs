@@ -642,7 +642,8 @@ mod tests {
         }
         // Input may leave fields at their defaults and give ids as numbers.
         let text: Content =
-            serde_json::from_str(r#"{"text":{"text":"hi","mentions":["u-1","B"]}}"#).expect("parses");
+            serde_json::from_str(r#"{"text":{"text":"hi","mentions":["u-1","B"]}}"#)
+                .expect("parses");
         assert!(
             text == Content::Text(Text {
                 text: "hi".into(),

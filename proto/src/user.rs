@@ -195,7 +195,11 @@ mod tests {
         for bad in [
             "a:b", "a b", "a/b", "a%20", "a?b", "a#b", "a+b", "é", "a\0", "a\n", "😀", "a,b",
         ] {
-            assert_eq!(UserId::parse(bad), Err(UserIdError::BadCharacter), "{bad:?}");
+            assert_eq!(
+                UserId::parse(bad),
+                Err(UserIdError::BadCharacter),
+                "{bad:?}"
+            );
         }
     }
 
