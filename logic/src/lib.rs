@@ -237,7 +237,7 @@ impl Logic {
             return Err(e.into());
         }
         let new = self.new_message(from, message, group, &count)?;
-        let stored = self.store_write(Write::GroupMessage(new), &count).await?;
+        let stored = self.store_write(Write::Message(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
         self.route_group(&stored, from, acked_at).await;

@@ -107,7 +107,7 @@ impl Publisher for GroupPublisher {
             msg_type: MessageType::GroupEvent as u32,
             content: body.encode_to_vec(),
         };
-        let stored = match self.committer.write(Write::GroupMessage(new)).await {
+        let stored = match self.committer.write(Write::Message(new)).await {
             Ok(Outcome::Stored(stored)) => stored,
             Ok(Outcome::Done | Outcome::Reused) => {
                 self.events.with_label_values(&[kind, "error"]).inc();

@@ -81,7 +81,7 @@ async fn store_large(store: &dyn MessageStore, to: u64, client_seq: u64, size: u
         MessageBody::custom("blob", vec![7; size]),
     );
     let write = if group {
-        Write::GroupMessage(message)
+        Write::Message(message)
     } else {
         Write::Message(message)
     };
@@ -188,7 +188,7 @@ pub async fn store_group_one(
     client_seq: u64,
 ) -> Stored {
     let outcomes = store
-        .write_batch(&[Write::GroupMessage(group_text(sender, group, client_seq))])
+        .write_batch(&[Write::Message(group_text(sender, group, client_seq))])
         .await
         .expect("write");
     match outcomes.into_iter().next() {
@@ -226,8 +226,8 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     assert_eq!(again.message.mid, a.message.mid);
     let twice = store
         .write_batch(&[
-            Write::GroupMessage(group_text(3, 7, 1)),
-            Write::GroupMessage(group_text(3, 7, 1)),
+            Write::Message(group_text(3, 7, 1)),
+            Write::Message(group_text(3, 7, 1)),
         ])
         .await
         .expect("batch");
@@ -244,7 +244,7 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     let reused = store
         .write_batch(&[
             Write::Message(text(1, 7, 1)),
-            Write::GroupMessage(group_text(1, 8, 1)),
+            Write::Message(group_text(1, 8, 1)),
         ])
         .await
         .expect("batch");
