@@ -224,10 +224,12 @@ pub(crate) fn walk(
     let mut touched_users: Vec<UserId> = Vec::new();
     for write in writes {
         match write {
-            Write::Message(m @ NewMessage {
-                to: Peer::User(receiver),
-                ..
-            }) => {
+            Write::Message(
+                m @ NewMessage {
+                    to: Peer::User(receiver),
+                    ..
+                },
+            ) => {
                 let key = (&m.sender, m.sender_device.as_str(), m.client_seq);
                 let conversation = p2p_conversation(&m.sender, receiver);
                 if let Some(outcome) = repeat(&outcomes, &in_batch, existing, &key, &conversation) {

@@ -23,63 +23,63 @@ use crate::batch::{
 use crate::store::*;
 use natter_proto::UserId;
 
+/// The store's migrations, in order: (version, description, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "messages",
+        include_str!("../migrations/mysql/0001_messages.sql"),
+    ),
+    (
+        2,
+        "device ids case-sensitive",
+        include_str!("../migrations/mysql/0002_device_ids_case_sensitive.sql"),
+    ),
+    (
+        3,
+        "cursor device ids case-sensitive",
+        include_str!("../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"),
+    ),
+    (
+        4,
+        "message user ids",
+        include_str!("../migrations/mysql/0004_message_user_ids.sql"),
+    ),
+    (
+        5,
+        "message conversation order",
+        include_str!("../migrations/mysql/0005_message_conversation_order.sql"),
+    ),
+    (
+        6,
+        "relation user ids",
+        include_str!("../migrations/mysql/0006_relation_user_ids.sql"),
+    ),
+    (
+        7,
+        "conversation ids",
+        include_str!("../migrations/mysql/0007_conversation_ids.sql"),
+    ),
+    (
+        8,
+        "conversation order",
+        include_str!("../migrations/mysql/0008_conversation_order.sql"),
+    ),
+    (
+        9,
+        "user sequence ids",
+        include_str!("../migrations/mysql/0009_user_sequence_ids.sql"),
+    ),
+    (
+        10,
+        "cursor user ids",
+        include_str!("../migrations/mysql/0010_cursor_user_ids.sql"),
+    ),
+];
+
 fn migrator() -> Migrator {
-    crate::migrations::migrator(
-        &[
-            (
-                1,
-                "messages",
-                include_str!("../migrations/mysql/0001_messages.sql"),
-            ),
-            (
-                2,
-                "device ids case-sensitive",
-                include_str!("../migrations/mysql/0002_device_ids_case_sensitive.sql"),
-            ),
-            (
-                3,
-                "cursor device ids case-sensitive",
-                include_str!("../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"),
-            ),
-            (
-                4,
-                "message user ids",
-                include_str!("../migrations/mysql/0004_message_user_ids.sql"),
-            ),
-            (
-                5,
-                "message conversation order",
-                include_str!("../migrations/mysql/0005_message_conversation_order.sql"),
-            ),
-            (
-                6,
-                "relation user ids",
-                include_str!("../migrations/mysql/0006_relation_user_ids.sql"),
-            ),
-            (
-                7,
-                "conversation ids",
-                include_str!("../migrations/mysql/0007_conversation_ids.sql"),
-            ),
-            (
-                8,
-                "conversation order",
-                include_str!("../migrations/mysql/0008_conversation_order.sql"),
-            ),
-            (
-                9,
-                "user sequence ids",
-                include_str!("../migrations/mysql/0009_user_sequence_ids.sql"),
-            ),
-            (
-                10,
-                "cursor user ids",
-                include_str!("../migrations/mysql/0010_cursor_user_ids.sql"),
-            ),
-        ],
-        // The group store's migrations (1001 on) live in the same database.
-        true,
-    )
+    // The group store's migrations (1001 on) live in the same database.
+    crate::migrations::migrator(MIGRATIONS, true)
 }
 
 /// Options for [`MySqlStore::connect`].
@@ -768,6 +768,7 @@ pub mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
+    use crate::suite::u;
     use std::sync::{Arc, Mutex};
 
     #[tokio::test]
@@ -841,8 +842,8 @@ mod tests {
         }
         let page = a
             .history(&HistoryQuery {
-                owner: 1,
-                other: 2,
+                owner: u(1),
+                other: u(2),
                 before: None,
                 limit: 100.into(),
                 types: vec![],
@@ -854,7 +855,7 @@ mod tests {
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
         let stream: Vec<u64> = b
-            .sync(2, 0, 500.into())
+            .sync(&u(2), 0, 500.into())
             .await
             .expect("sync")
             .items

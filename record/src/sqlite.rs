@@ -26,32 +26,32 @@ use crate::batch::{
 use crate::store::*;
 use natter_proto::UserId;
 
+/// The store's migrations, in order: (version, description, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "messages",
+        include_str!("../migrations/sqlite/0001_messages.sql"),
+    ),
+    (
+        2,
+        "groups",
+        include_str!("../migrations/sqlite/0002_groups.sql"),
+    ),
+    (
+        3,
+        "health",
+        include_str!("../migrations/sqlite/0003_health.sql"),
+    ),
+    (
+        4,
+        "string user ids",
+        include_str!("../migrations/sqlite/0004_string_user_ids.sql"),
+    ),
+];
+
 fn migrator() -> Migrator {
-    crate::migrations::migrator(
-        &[
-            (
-                1,
-                "messages",
-                include_str!("../migrations/sqlite/0001_messages.sql"),
-            ),
-            (
-                2,
-                "groups",
-                include_str!("../migrations/sqlite/0002_groups.sql"),
-            ),
-            (
-                3,
-                "health",
-                include_str!("../migrations/sqlite/0003_health.sql"),
-            ),
-            (
-                4,
-                "string user ids",
-                include_str!("../migrations/sqlite/0004_string_user_ids.sql"),
-            ),
-        ],
-        false,
-    )
+    crate::migrations::migrator(MIGRATIONS, false)
 }
 
 /// Options for [`SqliteStore::open`].
@@ -465,10 +465,7 @@ async fn find_existing(
                 .map(|(_, s)| *s as u64)
                 .unwrap_or(0)
         };
-        let (sender_seq, receiver_seq) = (
-            seq_of(Some(&message.sender)),
-            seq_of(message.to.user()),
-        );
+        let (sender_seq, receiver_seq) = (seq_of(Some(&message.sender)), seq_of(message.to.user()));
         found.insert(
             (
                 message.sender.clone(),
@@ -639,7 +636,16 @@ async fn apply(
     if !relations.is_empty() {
         let rows: Vec<_> = relations
             .iter()
-            .map(|r| (&r.owner, r.user_seq, r.mid, &r.other, r.direction, r.time_ms))
+            .map(|r| {
+                (
+                    &r.owner,
+                    r.user_seq,
+                    r.mid,
+                    &r.other,
+                    r.direction,
+                    r.time_ms,
+                )
+            })
             .collect();
         write_rows(conn, INSERT_RELATIONS_SQL, rows).await?;
     }
@@ -1116,6 +1122,7 @@ impl MessageStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::suite::u;
 
     /// A pool of one connection to a fresh database file.
     async fn one_connection(dir: &tempfile::TempDir) -> SqlitePool {
@@ -1129,6 +1136,101 @@ mod tests {
             .connect_with(connect)
             .await
             .expect("pool")
+    }
+
+    /// A database written with integer user ids (protocol version 1) is
+    /// migrated in place: ids become their decimal strings, one-to-one
+    /// conversation ids take the new byte-wise order, group messages lose
+    /// their numeric receiver, and the store reads and extends all of it.
+    #[tokio::test]
+    async fn integer_user_ids_of_version_1_become_strings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v1.db");
+        {
+            let connect = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(connect).await.expect("pool");
+            crate::migrations::migrator(&MIGRATIONS[..3], false)
+                .run(&pool)
+                .await
+                .expect("version 1 schema");
+            for sql in [
+                // 2 -> 10 (p:2:10 numerically; p:10:2 byte-wise), and a group message.
+                "INSERT INTO message VALUES (100, 'p:2:10', 1, 2, 'phone', 1, 10, 1, x'0a040a026869', 1700000000000)",
+                "INSERT INTO message VALUES (101, 'g:7', 1, 2, 'phone', 2, 7, 1, x'0a040a026869', 1700000000001)",
+                "INSERT INTO relation VALUES (2, 1, 100, 10, 1, 0, 1700000000000)",
+                "INSERT INTO relation VALUES (10, 1, 100, 2, 2, 1, 1700000000000)",
+                "INSERT INTO conversation VALUES ('p:2:10', 1), ('g:7', 1)",
+                "INSERT INTO user_sequence VALUES (2, 1), (10, 1)",
+                "INSERT INTO device VALUES (10, 'phone', 1, 0)",
+                "INSERT INTO group_cursor VALUES (2, 'phone', 7, 1, 0)",
+            ] {
+                sqlx::query(sql).execute(&pool).await.expect(sql);
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("migrated");
+        let (two, ten) = (u_id("2"), u_id("10"));
+        let synced = store.sync(&ten, 0, 10.into()).await.expect("sync").items;
+        assert_eq!(synced.len(), 1);
+        assert_eq!(synced[0].message.conversation, "p:10:2");
+        assert_eq!(synced[0].message.sender, two);
+        assert_eq!(synced[0].message.to, Peer::User(ten.clone()));
+        assert_eq!(store.cursor(&ten, "phone", 0).await.expect("cursor"), 1);
+        assert_eq!(store.cursor(&two, "phone", 7).await.expect("cursor"), 1);
+        let group = store.group_sync(7, 0, 10.into()).await.expect("group");
+        assert_eq!(group.items[0].to, Peer::Group(7));
+        assert_eq!(group.items[0].sender, two);
+        // The conversation goes on where it was, in both streams.
+        let next = store
+            .write_batch(&[Write::Message(NewMessage {
+                mid: 200,
+                time_ms: 1_700_000_000_100,
+                sender: ten.clone(),
+                sender_device: "phone".into(),
+                client_seq: 1,
+                to: Peer::User(two.clone()),
+                msg_type: 1,
+                content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
+            })])
+            .await
+            .expect("write");
+        let Outcome::Stored(next) = &next[0] else {
+            panic!("stored")
+        };
+        assert!(!next.repeat, "(10, phone, 1) is a new key: 2 sent seq 1");
+        assert_eq!(next.message.conversation, "p:10:2");
+        assert_eq!(next.message.conv_seq, 2);
+        assert_eq!((next.sender_seq, next.receiver_seq), (2, 2));
+        let seqs = store.group_seqs(&[7]).await.expect("seqs");
+        assert_eq!(seqs, vec![1]);
+        // A resend of the version 1 message is still recognised.
+        let again = store
+            .write_batch(&[Write::Message(NewMessage {
+                mid: 201,
+                time_ms: 1_700_000_000_200,
+                sender: two.clone(),
+                sender_device: "phone".into(),
+                client_seq: 1,
+                to: Peer::User(ten.clone()),
+                msg_type: 1,
+                content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
+            })])
+            .await
+            .expect("write");
+        let Outcome::Stored(again) = &again[0] else {
+            panic!("stored")
+        };
+        assert!(again.repeat);
+        assert_eq!(again.message.mid, 100);
+        assert_eq!((again.sender_seq, again.receiver_seq), (1, 1));
+    }
+
+    fn u_id(s: &str) -> UserId {
+        UserId::parse(s).expect("user id")
     }
 
     /// Whatever state a failed transaction left its connection in (still
@@ -1299,7 +1401,7 @@ mod tests {
         let acks: Vec<Write> = (1..=3)
             .map(|seq| Write::Received {
                 floor: 0,
-                owner: 2,
+                owner: u(2),
                 device: "phone".into(),
                 group: 9,
                 seq,
@@ -1307,7 +1409,7 @@ mod tests {
             .collect();
         store.write_batch(&acks).await.expect("acks");
         // Served from memory at once; not in the table yet.
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 3);
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM group_cursor WHERE owner = 2")
             .fetch_one(&store.pool)
             .await
@@ -1317,8 +1419,8 @@ mod tests {
         let store = SqliteStore::open(&path, &SqliteOptions::default())
             .await
             .expect("reopen");
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
-        assert_eq!(store.cursor(1, "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(&u(1), "phone", 9).await.expect("cursor"), 3);
         store.close().await;
     }
 
@@ -1328,7 +1430,7 @@ mod tests {
         let (path, store) = group_of_three(&dir).await;
         let ack = |seq| Write::Received {
             floor: 0,
-            owner: 2,
+            owner: u(2),
             device: "phone".into(),
             group: 9,
             seq,
@@ -1343,34 +1445,34 @@ mod tests {
                 .collect()
         };
         // Not cached yet: the store declines, and the batch path loads it.
-        assert!(!store.received_now(2, "phone", &acks(9, &[1])));
+        assert!(!store.received_now(&u(2), "phone", &acks(9, &[1])));
         store.write_batch(&[ack(1)]).await.expect("ack");
-        assert!(store.received_now(2, "phone", &acks(9, &[2])));
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
+        assert!(store.received_now(&u(2), "phone", &acks(9, &[2])));
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 2);
         // One-to-one acks always take the batch path.
-        assert!(!store.received_now(2, "phone", &acks(0, &[1])));
+        assert!(!store.received_now(&u(2), "phone", &acks(0, &[1])));
         // All or nothing: one ack the store cannot take here declines them all.
         let mut mixed = acks(9, &[3]);
         mixed.extend(acks(10, &[1]));
-        assert!(!store.received_now(2, "phone", &mixed));
-        assert!(!store.received_now(3, "phone", &acks(9, &[3])));
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
+        assert!(!store.received_now(&u(2), "phone", &mixed));
+        assert!(!store.received_now(&u(3), "phone", &acks(9, &[3])));
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 2);
         // Not while the writer is busy.
         let busy = store.writer.lock().await;
-        assert!(!store.received_now(2, "phone", &acks(9, &[3])));
+        assert!(!store.received_now(&u(2), "phone", &acks(9, &[3])));
         drop(busy);
-        assert!(store.received_now(2, "phone", &acks(9, &[3])));
+        assert!(store.received_now(&u(2), "phone", &acks(9, &[3])));
         // A run of acks for one cursor, recorded together.
         crate::suite::store_group_one(&store, 1, 9, 4).await;
         crate::suite::store_group_one(&store, 1, 9, 5).await;
-        assert!(store.received_now(2, "phone", &acks(9, &[5, 4])));
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 5);
+        assert!(store.received_now(&u(2), "phone", &acks(9, &[5, 4])));
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 5);
         // Written out on close like any other cursor.
         store.close().await;
         let store = SqliteStore::open(&path, &SqliteOptions::default())
             .await
             .expect("reopen");
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 5);
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 5);
         store.close().await;
     }
 

@@ -246,7 +246,9 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let tokens = Tokens::new(b"0123456789abcdef".to_vec());
-        let token = tokens.mint_at(&uid("Alice"), "phone", 1_000, 60).expect("mint");
+        let token = tokens
+            .mint_at(&uid("Alice"), "phone", 1_000, 60)
+            .expect("mint");
         let claims = tokens.verify_at(&token, 1_030).expect("valid");
         assert_eq!(claims.uid, uid("Alice"));
         assert_ne!(claims.uid, uid("alice"), "ids compare byte for byte");
@@ -289,7 +291,9 @@ mod tests {
     fn tampered_or_foreign_tokens_fail() {
         let tokens = Tokens::new(b"0123456789abcdef".to_vec());
         let other = Tokens::new(b"fedcba9876543210".to_vec());
-        let token = tokens.mint_at(&uid("u-42"), "phone", 1_000, 60).expect("mint");
+        let token = tokens
+            .mint_at(&uid("u-42"), "phone", 1_000, 60)
+            .expect("mint");
         assert_eq!(other.verify_at(&token, 1_000), Err(ErrorCode::AuthFailed));
         let forged_payload =
             URL_SAFE_NO_PAD.encode(r#"{"uid":"u-1","dev":"phone","iat":0,"exp":99999999999}"#);
