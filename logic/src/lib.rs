@@ -11,6 +11,7 @@ pub mod publish;
 pub mod redis_sessions;
 pub mod sessions;
 pub mod token;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,6 +34,7 @@ pub use fanout::{Audience, Fanout};
 pub use publish::GroupPublisher;
 pub use sessions::{MemoryDirectory, Route, Session, SessionDirectory};
 pub use token::Tokens;
+pub use verify::{Verified, VerifyError, VerifyUrl};
 
 /// A request logic refused, with the code and a human-readable reason.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
