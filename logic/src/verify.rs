@@ -983,6 +983,11 @@ mod tests {
         assert_eq!(second.expect("accepted").uid, "grace");
         assert_eq!(accounts.calls("slowish"), 2);
         assert!(verify.lock().flights.is_empty());
+        // A flight every caller gave up on is removed, not left behind.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), verify.verify("slowish-too")).await;
+        assert!(gave_up.is_err());
+        assert!(verify.lock().flights.is_empty());
     }
 
     #[tokio::test]
