@@ -372,12 +372,9 @@ impl VerifyUrl {
             Ok(response) => response,
             // The URL may hold credentials: errors are reported without it.
             Err(e) if e.is_timeout() => {
-                return (
-                    Err(VerifyError::Unavailable(e.without_url().to_string())),
-                    "timeout",
-                )
+                return (Err(VerifyError::Unavailable(describe(e))), "timeout")
             }
-            Err(e) => return unavailable(e.without_url().to_string()),
+            Err(e) => return unavailable(describe(e)),
         };
         match response.status().as_u16() {
             200 => {}
@@ -536,6 +533,21 @@ impl Drop for Decrement<'_> {
     }
 }
 
+/// `e` with its causes (a refused connection, a certificate the TLS
+/// handshake rejected), for the log; without the URL, which may hold
+/// credentials.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The `Authorization` value for `token`, or `None` if it cannot be sent.
 fn bearer(token: &str) -> Option<HeaderValue> {
     if token.is_empty() || token.len() > MAX_TOKEN_LEN {
@@ -555,11 +567,7 @@ async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
         return Err(too_long());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| e.without_url().to_string())?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(describe)? {
         if body.len() + chunk.len() > MAX_ANSWER_BYTES {
             return Err(too_long());
         }
@@ -845,6 +853,16 @@ mod tests {
         unavailable(verify.verify("alice").await);
         unavailable(verify.verify("alice").await);
         assert_eq!(outcome(&registry, "unavailable"), 2, "not cached");
+    }
+
+    #[tokio::test]
+    async fn verify_https_urls_are_supported() {
+        // A TLS handshake with a plain HTTP server fails as a connection
+        // error; without TLS support the URL itself would be refused.
+        let (url, _accounts) = account_service().await;
+        let (verify, _registry) = provider(settings(&url.replacen("http:", "https:", 1)));
+        let why = unavailable(verify.verify("alice").await);
+        assert!(why.contains("corrupt message"), "the TLS layer ran: {why}");
     }
 
     #[tokio::test]
