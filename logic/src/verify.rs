@@ -734,7 +734,7 @@ mod tests {
     fn settings(url: &str) -> VerifySettings {
         VerifySettings {
             url: url.into(),
-            timeout: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
             max_concurrent: 8,
             cache_accepted: Duration::from_secs(60),
             cache_refused: Duration::from_secs(60),
@@ -883,14 +883,14 @@ mod tests {
     async fn verify_accepted_answers_are_cached_for_their_ttl() {
         let (url, accounts) = account_service().await;
         let (verify, registry) = provider(VerifySettings {
-            cache_accepted: Duration::from_millis(300),
+            cache_accepted: Duration::from_millis(500),
             ..settings(&url)
         });
         verify.verify("alice").await.expect("alice");
         assert_eq!(verify.verify("alice").await.expect("cached").uid, "alice");
         assert_eq!(accounts.calls("alice"), 1, "answered from the cache");
         assert_eq!(outcome(&registry, "cache_accepted"), 1);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         verify.verify("alice").await.expect("alice");
         assert_eq!(accounts.calls("alice"), 2, "asked again after the TTL");
         // The cache keeps digests, never tokens.
@@ -904,7 +904,7 @@ mod tests {
         let (url, accounts) = account_service().await;
         let (verify, registry) = provider(VerifySettings {
             cache_accepted: Duration::from_secs(60),
-            cache_refused: Duration::from_millis(200),
+            cache_refused: Duration::from_millis(500),
             ..settings(&url)
         });
         verify.verify("alice").await.expect("alice");
@@ -914,7 +914,7 @@ mod tests {
         }
         assert_eq!((accounts.calls("denied"), accounts.calls("past")), (1, 1));
         assert_eq!(outcome(&registry, "cache_refused"), 2);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(verify.verify("denied").await, Err(VerifyError::Refused));
         assert_eq!(verify.verify("past").await, Err(VerifyError::Expired));
         assert_eq!((accounts.calls("denied"), accounts.calls("past")), (2, 2));
@@ -945,7 +945,7 @@ mod tests {
         let (url, accounts) = account_service().await;
         let (verify, registry) = provider(VerifySettings {
             max_concurrent: 1,
-            timeout: Duration::from_millis(1000),
+            timeout: Duration::from_millis(1500),
             ..settings(&url)
         });
         // Two tokens at once: the second call waits for the first.
@@ -958,7 +958,7 @@ mod tests {
         let held = verify.permits.acquire().await.expect("permit");
         let started = Instant::now();
         unavailable(verify.verify("alice").await);
-        assert!(started.elapsed() >= Duration::from_millis(1000));
+        assert!(started.elapsed() >= Duration::from_millis(1500));
         assert_eq!(accounts.calls("alice"), 0, "alice waited for the permit");
         assert_eq!(outcome(&registry, "timeout"), 1);
         drop(held);
