@@ -10,6 +10,7 @@ pub mod fanout;
 pub mod publish;
 pub mod redis_sessions;
 pub mod sessions;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +36,7 @@ pub use natter_roles::{
     Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Route, Session,
     Target, Tokens,
 };
+pub use verify::{Verified, VerifyError, VerifyUrl};
 
 struct Metrics {
     messages: IntCounterVec,
