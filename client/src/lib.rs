@@ -687,4 +687,134 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
         held.abort();
     }
+
+    /// A gateway on port 0 that answers the auth of its n-th connection as
+    /// `script[n]` says: `None` accepts (as user "Ann") and then closes the
+    /// connection normally, a code refuses with that close code. Every
+    /// auth request it gets is passed on.
+    async fn scripted_gateway(
+        script: Vec<Option<ErrorCode>>,
+    ) -> (
+        String,
+        mpsc::Receiver<natter_proto::msg::AuthRequest>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        // One auth per connection of the script, so it never fills.
+        let (auths, auths_rx) = mpsc::channel(script.len().max(1));
+        let task = tokio::spawn(async move {
+            for answer in script {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                let Some(Ok(WsMessage::Binary(bytes))) = ws.next().await else {
+                    return;
+                };
+                let frame = Frame::decode(&bytes, natter_proto::frame::DEFAULT_MAX_BODY)
+                    .expect("an auth frame");
+                let _ = auths.try_send(frame.message().expect("an auth body"));
+                let close = match answer {
+                    None => {
+                        let reply = natter_proto::msg::AuthReply {
+                            uid: "Ann".into(),
+                            device: "tablet".into(),
+                            heartbeat_interval_ms: 30_000,
+                            ..Default::default()
+                        };
+                        let reply = Frame::new(Op::AuthReply, frame.seq, 0, &reply);
+                        let _ = ws.send(WsMessage::Binary(reply.encode())).await;
+                        CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "bye".into(),
+                        }
+                    }
+                    Some(code) => CloseFrame {
+                        code: CloseCode::from(4000 + code as u16),
+                        reason: code.to_string().into(),
+                    },
+                };
+                let _ = ws.close(Some(close)).await;
+            }
+        });
+        (addr, auths_rx, task)
+    }
+
+    #[tokio::test]
+    async fn auth_unavailable_is_retried_and_a_refused_session_is_final() {
+        for last in [
+            ErrorCode::AuthFailed,
+            ErrorCode::TokenExpired,
+            ErrorCode::LoggedOut,
+        ] {
+            let script = vec![
+                None,
+                Some(ErrorCode::AuthUnavailable),
+                Some(ErrorCode::AuthUnavailable),
+                Some(last),
+            ];
+            let (addr, mut auths, gateway) = scripted_gateway(script).await;
+            let mut config = ClientConfig::new(addr, "token");
+            config.device = Some("tablet".into());
+            config.ack_timeout = Duration::from_secs(2);
+            let (client, mut events) = Client::connect(config).await.expect("connects");
+            assert_eq!(client.uid().as_str(), "Ann");
+            let mut seen = Vec::new();
+            // The stream ends once the driver gives up.
+            while let Some(event) = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("the client settles")
+            {
+                seen.push(event);
+            }
+            let ann = UserId::parse("Ann").expect("valid");
+            assert!(
+                matches!(&seen[..], [
+                    Event::Connected { uid, .. },
+                    Event::Disconnected { fatal: false, .. },
+                    Event::Disconnected { error: ClientError::Closed { code, .. }, fatal: true },
+                ] if *uid == ann && *code == last),
+                "{last}: {seen:?}"
+            );
+            // Two refusals as unavailable were retried; the final one was not.
+            let mut devices = Vec::new();
+            while let Ok(auth) = auths.try_recv() {
+                devices.push(auth.device);
+            }
+            assert_eq!(devices, vec!["tablet"; 4], "{last}");
+            assert_eq!(client.stats().reconnects.load(Ordering::Relaxed), 0);
+            gateway.await.expect("the gateway ran its script");
+        }
+    }
+
+    #[test]
+    fn only_a_refused_session_is_over() {
+        let closed = |code| ClientError::Closed {
+            code,
+            reason: String::new(),
+        };
+        for code in [
+            ErrorCode::AuthFailed,
+            ErrorCode::TokenExpired,
+            ErrorCode::LoggedOut,
+            ErrorCode::Replaced,
+        ] {
+            assert!(closed(code).session_over(), "{code}");
+        }
+        for code in [ErrorCode::AuthUnavailable, ErrorCode::ServerShutdown] {
+            assert!(!closed(code).session_over(), "{code}");
+        }
+        assert!(!ClientError::Disconnected.session_over());
+        assert!(!ClientError::Timeout.session_over());
+    }
 }
