@@ -41,6 +41,13 @@ pub trait Authenticate: Send + Sync + 'static {
     async fn authenticate(&self, token: &str, device: Option<&str>) -> Result<Identity, Refusal>;
 }
 
+#[async_trait]
+impl<A: Authenticate + ?Sized> Authenticate for std::sync::Arc<A> {
+    async fn authenticate(&self, token: &str, device: Option<&str>) -> Result<Identity, Refusal> {
+        (**self).authenticate(token, device).await
+    }
+}
+
 /// Whether `device` is an acceptable device id: 1–64 printable ASCII
 /// characters without spaces.
 pub fn valid_device(device: &str) -> bool {
