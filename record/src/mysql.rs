@@ -75,6 +75,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "cursor user ids",
         include_str!("../migrations/mysql/0010_cursor_user_ids.sql"),
     ),
+    (
+        11,
+        "user logout",
+        include_str!("../migrations/mysql/0011_user_logout.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -695,6 +700,29 @@ impl MessageStore for MySqlStore {
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
+    }
+
+    async fn log_out(&self, uid: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        self.closed()?;
+        sqlx::query(
+            "INSERT INTO user_logout (uid, at) VALUES (?, ?) \
+             ON DUPLICATE KEY UPDATE at = GREATEST(at, VALUES(at))",
+        )
+        .bind(uid.as_str())
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn logged_out_at(&self, uid: &UserId) -> Result<Option<i64>, StoreError> {
+        self.closed()?;
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT at FROM user_logout WHERE uid = ?")
+                .bind(uid.as_str())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

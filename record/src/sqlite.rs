@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "string user ids",
         include_str!("../migrations/sqlite/0004_string_user_ids.sql"),
     ),
+    (
+        5,
+        "user logout",
+        include_str!("../migrations/sqlite/0005_user_logout.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -1075,6 +1080,33 @@ impl MessageStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
+    }
+
+    async fn log_out(&self, uid: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        self.closed()?;
+        // Through the writer lock: SQLite has one writer.
+        let _writer = self.writer.lock().await;
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO user_logout (uid, at) VALUES (?, ?) \
+             ON CONFLICT (uid) DO UPDATE SET at = MAX(at, excluded.at)",
+        )
+        .bind(uid.as_str())
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn logged_out_at(&self, uid: &UserId) -> Result<Option<i64>, StoreError> {
+        self.closed()?;
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT at FROM user_logout WHERE uid = ?")
+                .bind(uid.as_str())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Down while writes fail: a failed commit (a full disk, say) makes the

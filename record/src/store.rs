@@ -436,6 +436,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// are kept, so numbering continues after expired messages.
     async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
 
+    /// Records that the operator logged `uid` out everywhere at `at_ms`
+    /// (Unix ms): the user's tokens issued before it are refused. The time
+    /// never moves back: an earlier `at_ms` than the stored one is ignored.
+    /// Written at once, not through the committer: a logout is rare.
+    async fn log_out(&self, uid: &UserId, at_ms: i64) -> Result<(), StoreError>;
+
+    /// When `uid` was last logged out everywhere (Unix ms), if ever.
+    async fn logged_out_at(&self, uid: &UserId) -> Result<Option<i64>, StoreError>;
+
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 

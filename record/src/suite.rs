@@ -79,6 +79,44 @@ where
     device_ids_are_case_sensitive(&make().await).await;
     pages_stop_at_their_byte_budget(&make().await).await;
     user_ids_are_compared_byte_for_byte(&make().await).await;
+    logouts_are_kept_per_user_and_never_move_back(&make().await).await;
+}
+
+/// A user's logout time is kept byte for byte by id, a later logout
+/// replaces it, and an earlier one leaves it.
+async fn logouts_are_kept_per_user_and_never_move_back(store: &dyn MessageStore) {
+    let id = |s: &str| UserId::parse(s).expect("a valid user id");
+    let (upper, lower) = (id("Carol"), id("carol"));
+    assert_eq!(store.logged_out_at(&upper).await.expect("read"), None);
+    store
+        .log_out(&upper, 1_700_000_000_000)
+        .await
+        .expect("log out");
+    assert_eq!(
+        store.logged_out_at(&upper).await.expect("read"),
+        Some(1_700_000_000_000)
+    );
+    assert_eq!(
+        store.logged_out_at(&lower).await.expect("read"),
+        None,
+        "another user"
+    );
+    store
+        .log_out(&upper, 1_700_000_005_000)
+        .await
+        .expect("later");
+    store
+        .log_out(&upper, 1_600_000_000_000)
+        .await
+        .expect("earlier");
+    assert_eq!(
+        store.logged_out_at(&upper).await.expect("read"),
+        Some(1_700_000_005_000),
+        "the later time stays"
+    );
+    let long = id(&"L".repeat(64));
+    store.log_out(&long, 5).await.expect("a 64-byte id");
+    assert_eq!(store.logged_out_at(&long).await.expect("read"), Some(5));
 }
 
 /// Ids that differ only in case are two users with streams of their own;
