@@ -106,6 +106,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub rpc: RpcConfig,
     pub http: HttpConfig,
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -123,6 +124,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::default(),
             rpc: RpcConfig::default(),
             http: HttpConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -512,6 +514,33 @@ impl Default for HttpConfig {
     }
 }
 
+/// The admin API: the operator's own servers mint tokens, send messages,
+/// log users out and create groups through it (served by the roles that run
+/// logic: `natter serve` and `natter logic`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener, apart from the public one so that a
+    /// firewall can keep it for the operator's network.
+    pub listen: SocketAddr,
+    /// The key every admin request carries (`Authorization: Bearer <key>`;
+    /// at least 32 bytes). Empty: read `admin.key` in the data dir, creating
+    /// it if absent.
+    pub key: Secret,
+    /// The user id that system notices (`"from": null`) are sent as.
+    pub system_sender: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3104)),
+            key: Secret::default(),
+            system_sender: "system".into(),
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -709,6 +738,24 @@ impl Config {
         {
             return bad("auth.verify_timeout_ms, verify_max_concurrent, verify_cache_accepted_secs, verify_cache_refused_secs and verify_cache_entries must be positive");
         }
+        let admin = &self.admin;
+        let key = admin.key.expose().trim();
+        if !admin.key.is_empty() && key.len() < MIN_SECRET_LEN {
+            return bad("admin.key must be at least 32 bytes (not counting white space around it)");
+        }
+        if !admin.key.is_empty()
+            && (key == self.auth.secret.trim() || key == self.rpc.secret.expose().trim())
+        {
+            return bad("admin.key must differ from auth.secret and rpc.secret: whoever holds those must not be able to act as the operator");
+        }
+        // Port 0 asks for any free port: it cannot collide.
+        let same = |other: SocketAddr| admin.listen.port() != 0 && admin.listen == other;
+        if same(self.listen) || same(self.rpc.listen) {
+            return bad("admin.listen must differ from listen and rpc.listen: the admin API has a listener of its own");
+        }
+        if natter_proto::UserId::parse(&admin.system_sender).is_err() {
+            return bad("admin.system_sender must be a user id: 1-64 bytes of A-Z a-z 0-9 _ - . @, not . or ..");
+        }
         Ok(())
     }
 
@@ -720,12 +767,30 @@ impl Config {
         }
         load_or_create_secret(&self.data_dir)
     }
+
+    /// The admin API's key: the configured one (trimmed), or the data dir's
+    /// `admin.key` file, created with a fresh random value when absent.
+    pub fn admin_key(&self) -> Result<Vec<u8>, ConfigError> {
+        if !self.admin.key.is_empty() {
+            return Ok(self.admin.key.expose().trim().as_bytes().to_vec());
+        }
+        load_or_create_secret_file(&self.data_dir, ADMIN_KEY_FILE)
+    }
 }
+
+/// The admin key's file in the data dir, when `admin.key` is empty.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// Reads `DIR/secret`; an error if it does not exist or is refused (see
 /// [`check_secret_file`]).
 pub fn read_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
-    let path = data_dir.join("secret");
+    read_secret_file(data_dir, "secret")
+}
+
+/// Reads the secret file `DIR/name`; an error if it does not exist or is
+/// refused (see [`check_secret_file`]).
+pub fn read_secret_file(data_dir: &Path, name: &str) -> Result<Vec<u8>, ConfigError> {
+    let path = data_dir.join(name);
     match check_secret_file(&path) {
         Ok(secret) => Ok(secret),
         Err(SecretFile::Io(source)) => Err(ConfigError::Secret { path, source }),
@@ -779,12 +844,18 @@ fn check_secret_file(path: &Path) -> Result<Vec<u8>, SecretFile> {
 /// Reads `DIR/secret`, creating it (and `DIR`) with 32 random bytes in hex if
 /// absent. An existing file must pass [`check_secret_file`].
 pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
-    let path = data_dir.join("secret");
+    load_or_create_secret_file(data_dir, "secret")
+}
+
+/// Reads the secret file `DIR/name`, creating it (and `DIR`) with 32 random
+/// bytes in hex if absent. An existing file must pass [`check_secret_file`].
+pub fn load_or_create_secret_file(data_dir: &Path, name: &str) -> Result<Vec<u8>, ConfigError> {
+    let path = data_dir.join(name);
     let err = |source| ConfigError::Secret {
         path: path.clone(),
         source,
     };
-    match read_secret(data_dir) {
+    match read_secret_file(data_dir, name) {
         Err(ConfigError::Secret { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound => {}
         other => return other,
@@ -793,7 +864,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| err(std::io::Error::other(e.to_string())))?;
     let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = data_dir.join("secret.tmp");
+    let tmp = data_dir.join(format!("{name}.tmp"));
     write_private(&tmp, hex.as_bytes()).map_err(err)?;
     // Two processes racing to create it: the first rename wins for both.
     match std::fs::hard_link(&tmp, &path) {
@@ -802,7 +873,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
         Err(e) => return Err(err(e)),
     }
     let _ = std::fs::remove_file(&tmp);
-    read_secret(data_dir)
+    read_secret_file(data_dir, name)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -1198,6 +1269,91 @@ mod tests {
         }
         out.push_str(rest);
         out
+    }
+
+    #[test]
+    fn the_admin_settings_load_from_the_environment_and_are_checked() {
+        let defaults = Config::default().admin;
+        assert_eq!(defaults.listen, SocketAddr::from(([127, 0, 0, 1], 3104)));
+        assert!(defaults.key.is_empty(), "the data dir's key by default");
+        assert_eq!(defaults.system_sender, "system");
+        let key = "k".repeat(40);
+        let config = Config::load(
+            None,
+            env(&[
+                ("NATTER_ADMIN__LISTEN", "10.0.0.5:4000"),
+                ("NATTER_ADMIN__KEY", &key),
+                ("NATTER_ADMIN__SYSTEM_SENDER", "notices@app"),
+            ]),
+        )
+        .expect("loads");
+        config.validate().expect("valid");
+        assert_eq!(config.admin.listen, "10.0.0.5:4000".parse().expect("addr"));
+        assert_eq!(config.admin.system_sender, "notices@app");
+        assert_eq!(config.admin_key().expect("configured"), key.as_bytes());
+        assert!(!format!("{config:?}").contains(&key), "the key is printed");
+        for (what, set) in [
+            (
+                "a short key",
+                (|c: &mut Config| c.admin.key = "k".repeat(31).into()) as fn(&mut Config),
+            ),
+            ("the token secret as key", |c| {
+                c.auth.secret = "s".repeat(32);
+                c.admin.key = "s".repeat(32).into();
+            }),
+            ("the cluster secret as key", |c| {
+                c.rpc.secret = "r".repeat(32).into();
+                c.admin.key = "r".repeat(32).into();
+            }),
+            ("the public listener", |c| c.admin.listen = c.listen),
+            ("the gRPC listener", |c| c.admin.listen = c.rpc.listen),
+            ("an empty system sender", |c| {
+                c.admin.system_sender = "".into()
+            }),
+            ("a system sender with a space", |c| {
+                c.admin.system_sender = "the system".into()
+            }),
+            ("a system sender of 65 bytes", |c| {
+                c.admin.system_sender = "s".repeat(65)
+            }),
+        ] {
+            let mut config = Config::default();
+            set(&mut config);
+            let refused = config.validate().expect_err(what).to_string();
+            assert!(refused.contains("admin."), "{what}: {refused}");
+        }
+        let mut config = Config::default();
+        config.admin.listen = "127.0.0.1:0".parse().expect("addr");
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config
+            .validate()
+            .expect("port 0 on both: two different free ports");
+        assert!(Config::load(None, env(&[("NATTER_ADMIN__LISTEN", "nowhere")])).is_err());
+    }
+
+    #[test]
+    fn the_admin_key_is_created_in_the_data_dir_once_apart_from_the_secret() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let key = config.admin_key().expect("create");
+        assert_eq!(key.len(), 64);
+        assert_eq!(config.admin_key().expect("read"), key, "reused");
+        assert_ne!(config.secret().expect("secret"), key, "a key of its own");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(config.data_dir.join(ADMIN_KEY_FILE))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A key file anyone could read, or too short, refuses to start.
+        write_private(&config.data_dir.join(ADMIN_KEY_FILE), b"short").expect("write");
+        assert!(config.admin_key().is_err(), "a short key file");
     }
 
     #[test]
