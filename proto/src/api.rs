@@ -312,10 +312,125 @@ pub struct Nickname {
     pub nickname: String,
 }
 
+/// `POST /v1/admin/tokens`: a token for one device of a user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminTokenRequest {
+    pub uid: UserId,
+    /// The device the token is for (1-64 printable characters, no spaces).
+    pub device: String,
+    /// The token's life in seconds; absent: `auth.token_ttl_secs`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A token minted by the admin API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminToken {
+    pub token: String,
+    /// When it stops working, Unix seconds.
+    #[serde(with = "crate::json::int64")]
+    pub expires_at: i64,
+}
+
+/// `POST /v1/admin/messages`: a message sent as a user (`from`) or as the
+/// system (`from` null or absent: the configured `admin.system_sender`), to
+/// a user (`to`) or a group (`group`), one of the two.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminMessage {
+    #[serde(default)]
+    pub from: Option<UserId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<UserId>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub group: Option<u64>,
+    /// The body, as in [`MessageView::body`]: `{"text": {"text": "hi"}}`.
+    pub body: Content,
+    /// Makes a retry idempotent: the same `from`, `client_seq` and peer
+    /// store the message once. Absent: every request is a new message.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub client_seq: Option<u64>,
+}
+
+/// A message the admin API stored (and pushed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminSent {
+    #[serde(with = "crate::json::int64")]
+    pub mid: u64,
+    pub conversation: String,
+    #[serde(with = "crate::json::int64")]
+    pub conv_seq: u64,
+}
+
+/// `POST /v1/admin/users/{uid}/logout`: the connections it closed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoggedOut {
+    pub closed: u32,
+}
+
+/// `POST /v1/admin/groups`: a group created on `owner`'s behalf.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminCreateGroup {
+    pub owner: UserId,
+    #[serde(flatten)]
+    pub group: CreateGroup,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::msg::Text;
+
+    #[test]
+    fn admin_bodies_read_their_documented_json() {
+        let send: AdminMessage = serde_json::from_str(
+            r#"{"from": null, "group": "7", "body": {"text": {"text": "hi"}}}"#,
+        )
+        .expect("a system notice to a group");
+        assert_eq!((send.from, send.to, send.group), (None, None, Some(7)));
+        assert!(matches!(send.body, Content::Text(ref t) if t.text == "hi"));
+        let send: AdminMessage = serde_json::from_str(
+            r#"{"from": "alice", "to": "Bob", "client_seq": 3, "body": {"notice": {"text": "x"}}}"#,
+        )
+        .expect("a user's message");
+        assert_eq!(send.from, Some(UserId::parse("alice").unwrap()));
+        assert_eq!(send.to, Some(UserId::parse("Bob").unwrap()));
+        assert_eq!(send.client_seq, Some(3));
+        assert!(
+            serde_json::from_str::<AdminMessage>(r#"{"from": "a b", "to": "b", "body": {}}"#)
+                .is_err()
+        );
+        let sent = serde_json::to_string(&AdminSent {
+            mid: u64::MAX,
+            conversation: "p:a:b".into(),
+            conv_seq: 2,
+        })
+        .expect("serializes");
+        assert_eq!(
+            sent,
+            r#"{"mid":"18446744073709551615","conversation":"p:a:b","conv_seq":"2"}"#
+        );
+        let create: AdminCreateGroup =
+            serde_json::from_str(r#"{"owner": "alice", "name": "g", "members": ["bob"]}"#)
+                .expect("a group");
+        assert_eq!(create.owner, UserId::parse("alice").unwrap());
+        assert_eq!(create.group.name, "g");
+        assert_eq!(create.group.members, vec![UserId::parse("bob").unwrap()]);
+        let token: AdminTokenRequest =
+            serde_json::from_str(r#"{"uid": "alice", "device": "phone"}"#).expect("token");
+        assert_eq!(token.ttl_secs, None);
+    }
 
     #[test]
     fn views_round_trip_through_json() {
