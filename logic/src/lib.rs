@@ -6,6 +6,7 @@
 //! it runs in one process or across machines. Logic holds no sockets and
 //! knows no frame bytes beyond the protobuf bodies it fills in.
 
+pub mod admin;
 pub mod auth;
 pub mod fanout;
 pub mod publish;
@@ -278,6 +279,17 @@ impl Logic {
                 "too many messages; slow down",
             ));
         }
+        self.envelope(from, message, to, count)
+    }
+
+    /// The envelope's check and the message's time-ordered id.
+    fn envelope(
+        &self,
+        from: &Session,
+        message: SendMessage,
+        to: Peer,
+        count: &(dyn Fn(&str) + Sync),
+    ) -> Result<NewMessage, Refusal> {
         let body = message.body.unwrap_or_default();
         let msg_type = body.validate().map_err(|reason| {
             count("invalid");

@@ -3,6 +3,7 @@
 //! SQLite under the data dir, sessions in memory — used by `natter serve`
 //! and by the end-to-end tests.
 
+pub mod admin;
 mod http;
 
 use std::net::SocketAddr;
@@ -179,7 +180,9 @@ async fn start_logic(
     let verify = natter_logic::VerifyUrl::from_config(&config.auth, registry)
         .map_err(|e| anyhow::anyhow!("auth.verify_url: {e}"))?
         .map(Arc::new);
-    let auth = Arc::new(Auth::new(Tokens::new(secret.clone()), verify, registry));
+    let auth = Arc::new(
+        Auth::new(Tokens::new(secret.clone()), verify, registry).with_logouts(store.clone()),
+    );
     let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
     let fanout = Arc::new(Fanout::new(
         directory,
@@ -283,6 +286,12 @@ pub fn http_routes() -> Vec<(&'static str, &'static str)> {
     .concat()
 }
 
+/// Routes of the admin API (on its own listener), for checking the OpenAPI
+/// document against.
+pub fn admin_routes() -> Vec<(&'static str, &'static str)> {
+    admin::ROUTES.to_vec()
+}
+
 /// What a process runs: every role (the embedded shape), or one role of
 /// the distributed shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,12 +328,22 @@ impl Role {
     fn serves_rpc(self) -> bool {
         matches!(self, Role::Comet | Role::Logic)
     }
+
+    /// The roles that send messages and change groups serve the admin API.
+    fn serves_admin(self) -> bool {
+        matches!(self, Role::Serve | Role::Logic)
+    }
 }
+
+/// Open connections on the admin listener at most: the operator's own
+/// servers, a few pools of them.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// A running natter process (of any [`Role`]).
 pub struct Server {
     addr: SocketAddr,
     rpc_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     worker: u16,
     shutdown: Shutdown,
     task: JoinHandle<anyhow::Result<()>>,
@@ -398,6 +417,21 @@ impl Server {
             )
         };
         let rpc_addr = rpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        // The admin key is read (or made) before anything registers: a
+        // refused key file stops the node first.
+        let admin_listener = if !role.serves_admin() {
+            None
+        } else {
+            let key = config.admin_key().context("loading the admin key")?;
+            let listener = TcpListener::bind(config.admin.listen)
+                .await
+                .with_context(|| format!("binding {} (admin.listen)", config.admin.listen))?;
+            Some((listener, key))
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|(l, _)| l.local_addr())
+            .transpose()?;
         // Discovery: register in etcd and take a worker id no live node has.
         let registration = if config.discovery.etcd_url.is_empty() {
             None
@@ -575,6 +609,24 @@ impl Server {
             }
         }
         let http_metrics = http::Metrics::new(&registry);
+        // The admin API: its own listener, the key in front of every route.
+        let admin = match (admin_listener, &logic_half) {
+            (Some((listener, key)), Some(half)) => {
+                let system_sender = natter_proto::UserId::parse(&config.admin.system_sender)
+                    .map_err(|e| anyhow::anyhow!("admin.system_sender: {e}"))?;
+                let admin = admin::Admin {
+                    key: admin::AdminKey::new(&key),
+                    logic: half.logic.clone(),
+                    auth: half.auth.clone(),
+                    groups: half.groups.clone(),
+                    tokens: Tokens::new(half.auth_secret.clone()),
+                    max_ttl_secs: config.auth.token_ttl_secs,
+                    system_sender,
+                };
+                Some((listener, admin::router(Arc::new(admin))))
+            }
+            _ => None,
+        };
         let app = app
             .merge(health_router(registry, ready.clone()))
             .fallback(|| async {
@@ -634,7 +686,7 @@ impl Server {
                 }
             });
         }
-        tracing::info!(role = role.name(), %addr, rpc = ?rpc_addr, worker, node = %node_name, data_dir = %config.data_dir.display(), "natter serving");
+        tracing::info!(role = role.name(), %addr, rpc = ?rpc_addr, admin = ?admin_addr, worker, node = %node_name, data_dir = %config.data_dir.display(), "natter serving");
         ready.set(true);
 
         // One cap for every connection on the listener: the gateway's slots,
@@ -649,7 +701,21 @@ impl Server {
         let task = tokio::spawn(async move {
             // HTTP connections and WebSockets drain side by side, each
             // within the drain time.
-            let serving = http::serve(listener, app, slots, limits, stop.clone(), http_metrics);
+            let serving = http::serve(
+                listener,
+                app,
+                slots,
+                limits,
+                stop.clone(),
+                http_metrics.clone(),
+            );
+            // The admin listener drains with the public one.
+            let admin_serving = async {
+                if let Some((listener, app)) = admin {
+                    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+                    http::serve(listener, app, slots, limits, stop.clone(), http_metrics).await;
+                }
+            };
             let draining = async {
                 stop.cancelled().await;
                 ready.set(false);
@@ -657,7 +723,7 @@ impl Server {
                     comet.drain().await;
                 }
             };
-            tokio::join!(serving, draining);
+            tokio::join!(serving, admin_serving, draining);
             if let Some(renewal) = renewal {
                 let _ = renewal.await;
             }
@@ -710,6 +776,7 @@ impl Server {
         Ok(Server {
             addr,
             rpc_addr,
+            admin_addr,
             worker,
             shutdown,
             task,
@@ -719,6 +786,11 @@ impl Server {
     /// The gRPC address of a distributed role.
     pub fn rpc_addr(&self) -> Option<SocketAddr> {
         self.rpc_addr
+    }
+
+    /// The admin API's address, on the roles that serve it (`serve`, `logic`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The bound address (useful with port 0).

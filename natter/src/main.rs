@@ -22,12 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every role in one process: WebSocket /sub, HTTP API, /metrics and health checks on one address.
-    Serve(ServeArgs),
+    /// Run every role in one process: WebSocket /sub, HTTP API, /metrics and health checks on one address; the admin API on --admin-listen.
+    Serve(AdminServeArgs),
     /// Run a gateway node: WebSocket /sub and health on --listen, the Gateway gRPC service on --rpc-listen; finds logic nodes in etcd.
     Comet(RoleArgs),
-    /// Run a logic node: HTTP API and health on --listen, the Logic gRPC service on --rpc-listen; finds gateways in etcd.
-    Logic(RoleArgs),
+    /// Run a logic node: HTTP API and health on --listen, the Logic gRPC service on --rpc-listen, the admin API on --admin-listen; finds gateways in etcd.
+    Logic(LogicArgs),
     /// Run a history node: the read side of the HTTP API (conversation history and sync) and health on --listen.
     Record(ServeArgs),
     /// Print a token for a user and device, signed with the server's secret.
@@ -65,6 +65,31 @@ struct RoleArgs {
     rpc_listen: Option<std::net::SocketAddr>,
 }
 
+/// The admin API's listener, on the roles that serve it.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Address of the admin API's listener, for the operator's own servers
+    /// [default: 127.0.0.1:3104].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct AdminServeArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct LogicArgs {
+    #[command(flatten)]
+    role: RoleArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
 #[derive(clap::Args)]
 struct TokenArgs {
     #[command(flatten)]
@@ -97,6 +122,7 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
 fn run(
     args: &ServeArgs,
     rpc_listen: Option<std::net::SocketAddr>,
+    admin: Option<&AdminArgs>,
     role: Role,
 ) -> anyhow::Result<()> {
     let mut config = load(&args.config)?;
@@ -105,6 +131,9 @@ fn run(
     }
     if let Some(listen) = rpc_listen {
         config.rpc.listen = listen;
+    }
+    if let Some(listen) = admin.and_then(|a| a.admin_listen) {
+        config.admin.listen = listen;
     }
     config.validate()?;
     natter_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
@@ -120,10 +149,15 @@ fn run(
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => run(&args, None, Role::Serve),
-        Command::Comet(args) => run(&args.serve, args.rpc_listen, Role::Comet),
-        Command::Logic(args) => run(&args.serve, args.rpc_listen, Role::Logic),
-        Command::Record(args) => run(&args, None, Role::Record),
+        Command::Serve(args) => run(&args.serve, None, Some(&args.admin), Role::Serve),
+        Command::Comet(args) => run(&args.serve, args.rpc_listen, None, Role::Comet),
+        Command::Logic(args) => run(
+            &args.role.serve,
+            args.role.rpc_listen,
+            Some(&args.admin),
+            Role::Logic,
+        ),
+        Command::Record(args) => run(&args, None, None, Role::Record),
         Command::Token(args) => {
             let config = load(&args.config)?;
             config.validate()?;

@@ -20,7 +20,8 @@ struct Served {
 
 fn serve(data_dir: &std::path::Path) -> Served {
     let mut child = natter()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
         .arg(data_dir)
         .env("NATTER_LOG__FORMAT", "json")
         // These tests send faster than one user may by default.
@@ -86,12 +87,19 @@ fn help_describes_every_subcommand_and_flag() {
         "--config",
         "127.0.0.1:3102",
         "./natter-data",
+        "--admin-listen",
+        "127.0.0.1:3104",
     ] {
         assert!(
             text.contains(flag),
             "{flag} missing from serve --help:\n{text}"
         );
     }
+    // The admin API is served where logic runs, not by gateways.
+    let out = natter().args(["logic", "--help"]).output().expect("runs");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--admin-listen"));
+    let out = natter().args(["comet", "--help"]).output().expect("runs");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("--admin-listen"));
     let out = natter().args(["token", "--help"]).output().expect("runs");
     let text = String::from_utf8_lossy(&out.stdout);
     for flag in ["--uid", "--device", "--data-dir", "--ttl"] {

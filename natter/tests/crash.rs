@@ -99,6 +99,8 @@ impl Launch {
         let mut child = command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NATTER_LOG__FORMAT", "json")
+            // Nodes of one test run side by side: no fixed admin port.
+            .env("NATTER_ADMIN__LISTEN", "127.0.0.1:0")
             .env("NATTER_LIMITS__MESSAGES_PER_SEC", "100000")
             .env("NATTER_LIMITS__MESSAGE_BURST", "100000")
             .env_remove("RUST_LOG")

@@ -52,6 +52,8 @@ impl Stack {
             .arg("--data-dir")
             .arg(self.dir.path().join(name))
             .env("NATTER_LOG__FORMAT", "json")
+            // Nodes of one test run side by side: no fixed admin port.
+            .env("NATTER_ADMIN__LISTEN", "127.0.0.1:0")
             .env("NATTER_AUTH__SECRET", SECRET)
             .env("NATTER_RPC__SECRET", RPC_SECRET)
             .env("NATTER_DISCOVERY__ETCD_URL", &self.etcd)

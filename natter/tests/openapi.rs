@@ -23,6 +23,7 @@ fn every_route_is_documented_and_every_documented_route_exists() {
         .collect();
     let served: BTreeSet<(String, String)> = natter::http_routes()
         .into_iter()
+        .chain(natter::admin_routes())
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();
     assert_eq!(documented, served);
@@ -57,15 +58,27 @@ fn documented_error_codes_are_the_real_ones() {
 
 /// Every API route can answer the front door's refusals: the per-user
 /// request limit (429) and the request time-out (408), and a route that
-/// takes a body, the body limit (413).
+/// takes a body, the body limit (413). The admin API has no per-user limit,
+/// but its key: every admin route answers 401, and only admin routes take
+/// the admin key.
 #[test]
 fn every_api_route_documents_the_front_doors_refusals() {
     let doc = document();
     let paths = doc["paths"].as_object().expect("paths");
     let mut missing = Vec::new();
     for (path, ops) in paths.iter().filter(|(p, _)| p.starts_with("/v1/")) {
+        let admin = path.starts_with("/v1/admin/");
         for (method, op) in ops.as_object().expect("operations") {
-            let mut needed = vec!["408", "429"];
+            let security = op["security"][0]
+                .as_object()
+                .and_then(|s| s.keys().next().cloned());
+            let tagged = op["tags"]
+                .as_array()
+                .is_some_and(|t| t.contains(&Value::from("admin")));
+            if admin != (security.as_deref() == Some("adminKey")) || admin != tagged {
+                missing.push(format!("{method} {path}: admin key and tag"));
+            }
+            let mut needed = vec!["408", if admin { "401" } else { "429" }];
             if matches!(method.as_str(), "post" | "put" | "patch") {
                 needed.push("413");
             }
@@ -590,6 +603,70 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         }
     );
     request!(&doc, checked, "MarkRead", MarkRead, MarkRead { seq: BIG });
+
+    // The admin API's bodies.
+    let uid = |s: &str| natter_proto::UserId::parse(s).expect("a user id");
+    request!(
+        &doc,
+        checked,
+        "AdminTokenRequest",
+        AdminTokenRequest,
+        AdminTokenRequest {
+            uid: uid("alice"),
+            device: "phone".into(),
+            ttl_secs: Some(BIG),
+        }
+    );
+    let token = json(AdminToken {
+        token: "t".into(),
+        expires_at: BIG_SIGNED,
+    });
+    response(&doc, &mut checked, "AdminToken", token.clone(), token);
+    request!(
+        &doc,
+        checked,
+        "AdminMessage",
+        AdminMessage,
+        AdminMessage {
+            from: Some(uid("alice")),
+            to: Some(uid("bob")),
+            group: Some(BIG),
+            body: Content::Text(Text {
+                text: "hi".into(),
+                mentions: vec![],
+            }),
+            client_seq: Some(BIG),
+        }
+    );
+    // `from` null is the system sender, and is documented so.
+    valid(
+        &doc,
+        "AdminMessage",
+        &serde_json::json!({"from": null, "to": "bob", "body": {"text": {"text": "hi", "mentions": []}}}),
+    );
+    let sent = json(AdminSent {
+        mid: BIG,
+        conversation: "p:alice:bob".into(),
+        conv_seq: BIG,
+    });
+    response(&doc, &mut checked, "AdminSent", sent.clone(), sent);
+    let closed = json(LoggedOut { closed: 2 });
+    response(&doc, &mut checked, "LoggedOut", closed.clone(), closed);
+    request!(
+        &doc,
+        checked,
+        "AdminCreateGroup",
+        AdminCreateGroup,
+        AdminCreateGroup {
+            owner: uid("alice"),
+            group: CreateGroup {
+                name: "n".into(),
+                avatar: "a".into(),
+                join_type: JoinType::InviteOnly,
+                members: vec![uid("bob")],
+            },
+        }
+    );
 
     // Every object schema was checked against its type.
     let objects: Vec<String> = doc["components"]["schemas"]

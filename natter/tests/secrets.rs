@@ -8,6 +8,8 @@ fn natter(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_natter"));
     command
         .args(args)
+        // Tests run side by side: no fixed admin port.
+        .env("NATTER_ADMIN__LISTEN", "127.0.0.1:0")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

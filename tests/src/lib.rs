@@ -79,6 +79,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The gRPC address of a distributed role.
     pub rpc_addr: Option<SocketAddr>,
+    /// The admin API's address (`serve` and `logic`).
+    pub admin_addr: Option<SocketAddr>,
     tokens: Tokens,
     // Dropped last: removes the data dir.
     _dir: TempDir,
@@ -111,11 +113,13 @@ impl TestServer {
         config.groups.max_owned = 1_000_000;
         config.rpc.listen = "127.0.0.1:0".parse().expect("addr");
         config.rpc.secret = RPC_SECRET.into();
+        config.admin.listen = "127.0.0.1:0".parse().expect("addr");
         tune(&mut config);
         let server = Server::start_role(config.clone(), role)
             .await
             .expect("server starts");
         let rpc_addr = server.rpc_addr();
+        let admin_addr = server.admin_addr();
         let addr = server.addr();
         let tokens = Tokens::new(config.secret().expect("secret"));
         TestServer {
@@ -124,6 +128,7 @@ impl TestServer {
             config,
             addr,
             rpc_addr,
+            admin_addr,
             tokens,
             _dir: dir,
         }
@@ -190,6 +195,7 @@ impl TestServer {
             .await
             .expect("restarts");
         self.addr = server.addr();
+        self.admin_addr = server.admin_addr();
         self.server = Some(server);
     }
 
@@ -202,6 +208,31 @@ impl TestServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The admin API's URL of `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        let addr = self.admin_addr.expect("this role serves the admin API");
+        format!("http://{addr}{path}")
+    }
+
+    /// The admin key: the configured one, or the data dir's.
+    pub fn admin_key(&self) -> String {
+        String::from_utf8(self.config.admin_key().expect("admin key")).expect("a UTF-8 key")
+    }
+
+    /// POSTs `body` to the admin API's `path` with the key; the status and
+    /// the JSON body.
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .post(self.admin_url(path))
+            .bearer_auth(self.admin_key())
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
     }
 
     /// A series' value in the server's metrics text (0 when absent).
