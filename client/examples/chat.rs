@@ -1,12 +1,12 @@
 //! Two users chat through a running natter.
 //!
 //! Run with: `cargo run -p natter-client --example chat -- HOST:PORT ALICE_TOKEN BOB_TOKEN`
-//! (mint tokens with `natter token --uid 1 --device phone`).
+//! (mint tokens with `natter token --uid alice --device phone`).
 
 use natter_client::{Client, ClientConfig, Event, Events};
 use natter_proto::msg::{Content, MessageBody};
 
-async fn next_text(events: &mut Events) -> Option<(u64, String)> {
+async fn next_text(events: &mut Events) -> Option<(String, String)> {
     while let Some(event) = events.next().await {
         if let Event::Message(m) = event {
             if let Some(Content::Text(t)) = m.body.and_then(|b| b.content) {

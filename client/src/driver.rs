@@ -11,7 +11,7 @@ use natter_proto::msg::{
     AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, SyncReply, SyncRequest,
     NOTIFY_GROUP_EVENT,
 };
-use natter_proto::{ErrorCode, Frame, Op};
+use natter_proto::{ErrorCode, Frame, Op, UserId};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -26,8 +26,10 @@ const SEEN_CAPACITY: usize = 100_000;
 const OWN_CAPACITY: usize = 1024;
 const SYNC_PAGE: u32 = 200;
 
-/// Connects and authenticates once.
-pub(crate) async fn open(config: &ClientConfig) -> Result<(Connection, AuthReply), ClientError> {
+/// Connects and authenticates once; the user id is the reply's, parsed.
+pub(crate) async fn open(
+    config: &ClientConfig,
+) -> Result<(Connection, AuthReply, UserId), ClientError> {
     let connect = Connection::connect(&config.server, config.local_addr);
     let mut conn = tokio::time::timeout(config.ack_timeout, connect)
         .await
@@ -35,6 +37,7 @@ pub(crate) async fn open(config: &ClientConfig) -> Result<(Connection, AuthReply
     let auth = AuthRequest {
         token: config.token.clone(),
         client: config.client_name.clone(),
+        device: config.device.clone().unwrap_or_default(),
     };
     conn.send(&Frame::new(Op::Auth, 1, 0, &auth)).await?;
     let reply = tokio::time::timeout(config.ack_timeout, async {
@@ -68,7 +71,9 @@ pub(crate) async fn open(config: &ClientConfig) -> Result<(Connection, AuthReply
     })
     .await
     .map_err(|_| ClientError::Timeout)??;
-    Ok((conn, reply))
+    let uid = UserId::parse(&reply.uid)
+        .map_err(|e| ClientError::Protocol(format!("auth reply: {e}: {:?}", reply.uid)))?;
+    Ok((conn, reply, uid))
 }
 
 /// The highest `user_seq` below which this device has seen everything.
@@ -134,8 +139,9 @@ struct Own {
 
 impl Own {
     fn remember(&mut self, key: SendKey, reply: MessageReply) {
-        if self.replies.insert(key.client_seq, (key, reply)).is_none() {
-            self.order.push_back(key.client_seq);
+        let client_seq = key.client_seq;
+        if self.replies.insert(client_seq, (key, reply)).is_none() {
+            self.order.push_back(client_seq);
             if self.order.len() > OWN_CAPACITY {
                 if let Some(old) = self.order.pop_front() {
                     self.replies.remove(&old);
@@ -255,14 +261,14 @@ impl Driver {
         self.next_seq
     }
 
-    pub(crate) async fn run(mut self, mut conn: Connection, mut auth: AuthReply) {
+    pub(crate) async fn run(mut self, mut conn: Connection, mut auth: AuthReply, mut uid: UserId) {
         self.cursor.contiguous = self.config.cursor.unwrap_or(auth.cursor);
         let mut backoff = Duration::from_millis(100);
         loop {
             let _ = self
                 .events
                 .send(Event::Connected {
-                    uid: auth.uid,
+                    uid: uid.clone(),
                     device: auth.device.clone(),
                 })
                 .await;
@@ -294,14 +300,7 @@ impl Driver {
                 End::Shut => return,
                 End::Closed(error) => error,
             };
-            let fatal = !self.config.reconnect
-                || matches!(
-                    error,
-                    ClientError::Closed {
-                        code: ErrorCode::AuthFailed | ErrorCode::TokenExpired | ErrorCode::Replaced,
-                        ..
-                    }
-                );
+            let fatal = !self.config.reconnect || error.session_over();
             let _ = self.events.send(Event::Disconnected { error, fatal }).await;
             if fatal {
                 return;
@@ -311,19 +310,18 @@ impl Driver {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 match open(&self.config).await {
-                    Ok((c, a)) => {
+                    Ok((c, a, u)) => {
                         conn = c;
                         auth = a;
+                        uid = u;
                         backoff = Duration::from_millis(100);
                         self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    Err(
-                        error @ ClientError::Closed {
-                            code: ErrorCode::AuthFailed | ErrorCode::TokenExpired,
-                            ..
-                        },
-                    ) => {
+                    // A refused token (or a logged-out user) stays refused: say
+                    // so once and stop, rather than knock again every few seconds.
+                    // `auth_unavailable` is not among them and is retried below.
+                    Err(error) if error.session_over() => {
                         let _ = self
                             .events
                             .send(Event::Disconnected { error, fatal: true })
@@ -524,7 +522,8 @@ impl Driver {
 
     /// Whether this device sent `message`. (Group events carry no device.)
     fn is_own(&self, message: &Message) -> bool {
-        message.sender == self.shared.uid
+        // Byte for byte: ids that differ only in case are other users.
+        message.sender == self.shared.uid.as_str()
             && !message.sender_device.is_empty()
             && message.sender_device == self.shared.device
     }
@@ -538,7 +537,7 @@ impl Driver {
         let fresh = self.seen.insert(message.mid);
         let key = SendKey {
             client_seq: message.client_seq,
-            receiver: message.receiver,
+            receiver: message.receiver.clone(),
             group: message.group,
         };
         let reply = MessageReply {
@@ -746,10 +745,14 @@ impl Driver {
 mod tests {
     use super::*;
 
-    /// A driver for uid 7, device "phone", with no connection.
+    fn uid(s: &str) -> UserId {
+        UserId::parse(s).expect("a valid user id")
+    }
+
+    /// A driver for user "Ann", device "phone", with no connection.
     fn driver() -> (Driver, mpsc::Receiver<Event>) {
         let shared = Arc::new(Shared {
-            uid: 7,
+            uid: uid("Ann"),
             device: "phone".into(),
             next_client_seq: std::sync::atomic::AtomicU64::new(1),
             stats: crate::Stats::default(),
@@ -761,16 +764,21 @@ mod tests {
         (Driver::new(config, shared, commands_rx, events), events_rx)
     }
 
-    /// Message `mid` from 7 to 8 with `client_seq`, sent from `device`.
+    /// Message `mid` from Ann to bob with `client_seq`, sent from `device`.
     fn from_device(device: &str, mid: u64, client_seq: u64) -> Message {
+        from_user("Ann", device, mid, client_seq)
+    }
+
+    /// Message `mid` from `sender` to bob with `client_seq`, sent from `device`.
+    fn from_user(sender: &str, device: &str, mid: u64, client_seq: u64) -> Message {
         Message {
             mid,
-            conversation: "p:7:8".into(),
+            conversation: format!("p:{sender}:bob"),
             conv_seq: 3,
             user_seq: 1,
-            sender: 7,
+            sender: sender.into(),
             sender_device: device.into(),
-            receiver: 8,
+            receiver: "bob".into(),
             client_seq,
             time_ms: 1_700_000_000_000,
             body: None,
@@ -781,7 +789,7 @@ mod tests {
     fn key(client_seq: u64) -> SendKey {
         SendKey {
             client_seq,
-            receiver: 8,
+            receiver: "bob".into(),
             group: 0,
         }
     }
@@ -828,7 +836,7 @@ mod tests {
                     conv_seq: 3,
                     user_seq: 1,
                     repeat: true,
-                    conversation: "p:7:8".into(),
+                    conversation: "p:Ann:bob".into(),
                 }
             );
         }
@@ -848,6 +856,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sender_whose_id_differs_only_in_case_is_another_user() {
+        let (mut d, mut events) = driver();
+        let (send, mut answer) = oneshot::channel();
+        d.pending.insert(
+            5,
+            Waiter::Send {
+                report: send,
+                key: key(42),
+            },
+        );
+        // Same device name, same client_seq, same receiver: only the
+        // sender's id tells them apart, and it is compared byte for byte.
+        for (mid, sender) in [(910, "ann"), (911, "ANN"), (912, "Ann ")] {
+            assert!(d.deliver(from_user(sender, "phone", mid, 42)).await.is_ok());
+        }
+        assert!(answer.try_recv().is_err(), "the send still waits");
+        assert!(
+            d.own.answer(&key(42)).is_none(),
+            "nothing taken for its own"
+        );
+        assert_eq!(d.shared.stats.own_copies.load(Ordering::Relaxed), 0);
+        for mid in [910, 911, 912] {
+            assert!(matches!(events.try_recv(), Ok(Event::Message(m)) if m.mid == mid));
+        }
+        // The user's own id, exactly, is its own copy.
+        assert!(d.deliver(from_device("phone", 913, 42)).await.is_ok());
+        assert!(answer.try_recv().is_ok(), "answered by its copy");
+        assert!(events.try_recv().is_err(), "and no event");
+    }
+
+    #[tokio::test]
     async fn the_devices_own_message_with_no_send_waiting_answers_a_later_resend() {
         let (mut d, mut events) = driver();
         assert!(d.deliver(from_device("phone", 900, 42)).await.is_ok());
@@ -858,7 +897,7 @@ mod tests {
         assert!(d
             .own
             .answer(&SendKey {
-                receiver: 9,
+                receiver: "Bob".into(),
                 ..key(42)
             })
             .is_none());

@@ -4,9 +4,11 @@
 //! # async fn demo() -> Result<(), natter_client::ClientError> {
 //! use natter_client::{Client, ClientConfig, Event};
 //! use natter_proto::msg::MessageBody;
+//! use natter_proto::UserId;
 //!
 //! let (client, mut events) = Client::connect(ClientConfig::new("127.0.0.1:3102", "TOKEN")).await?;
-//! let ack = client.send(2, MessageBody::text("hello")).await?;
+//! let bob = UserId::parse("bob").expect("a valid user id");
+//! let ack = client.send(&bob, MessageBody::text("hello")).await?;
 //! println!("stored as {}", ack.mid);
 //! while let Some(event) = events.next().await {
 //!     if let Event::Message(m) = event {
@@ -27,7 +29,10 @@
 //! - on every (re)connect it syncs what it missed from its cursor (the highest
 //!   contiguous `user_seq` it has seen), so nothing acked goes missing;
 //! - heartbeats, and reconnects with back-off unless the server said the
-//!   session is over (bad token, replaced by the same device).
+//!   session is over (bad or expired token, logged out, replaced by the same
+//!   device; see [`ClientError::session_over`]). An account service that
+//!   does not answer (`auth_unavailable`) is not the end: the client keeps
+//!   reconnecting with back-off, as after a dropped connection.
 
 mod driver;
 pub mod raw;
@@ -41,7 +46,7 @@ use bytes::Bytes;
 use natter_proto::api::ErrorBody;
 pub use natter_proto::api::{CreateGroup, GroupView, HistoryPage, MessageView, SyncPage};
 use natter_proto::msg::{ErrorReply, Message, MessageBody, MessageReply, Notify, SendMessage};
-use natter_proto::{ErrorCode, Frame, Op};
+use natter_proto::{ErrorCode, Frame, Op, UserId};
 use prost::Message as _;
 pub use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -124,6 +129,26 @@ impl ClientError {
         }
     }
 
+    /// Whether the server said this session is over for good: the token is
+    /// bad or expired, the user was logged out, or the same device
+    /// connected elsewhere. Connecting again with the same token would be
+    /// refused the same way, so the client does not reconnect; the
+    /// application needs a new token (or the user). Anything else,
+    /// `auth_unavailable` included (the operator's account service did not
+    /// answer), is worth another attempt after a back-off.
+    pub fn session_over(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Closed {
+                code: ErrorCode::AuthFailed
+                    | ErrorCode::TokenExpired
+                    | ErrorCode::LoggedOut
+                    | ErrorCode::Replaced,
+                ..
+            }
+        )
+    }
+
     /// Whether the same request may succeed if sent again.
     fn retryable(&self) -> bool {
         match self {
@@ -145,6 +170,10 @@ pub struct ClientConfig {
     /// `host:port` of a gateway; WebSocket at `/sub`, HTTP API at `/v1`.
     pub server: String,
     pub token: String,
+    /// The device to connect as, for a token that names none (one from the
+    /// operator's account service). A token that names a device must name
+    /// this one, so leave it `None` for natter's own tokens.
+    pub device: Option<String>,
     /// Time to wait for a reply before resending.
     pub ack_timeout: Duration,
     /// Attempts per send before giving up.
@@ -178,6 +207,7 @@ impl ClientConfig {
         ClientConfig {
             server: server.into(),
             token: token.into(),
+            device: None,
             ack_timeout: Duration::from_secs(5),
             send_attempts: 6,
             reconnect: true,
@@ -202,7 +232,7 @@ pub enum Event {
     Notify(Notify),
     /// Authenticated (first connect and every reconnect).
     Connected {
-        uid: u64,
+        uid: UserId,
         device: String,
     },
     /// The connection ended; the client reconnects unless `fatal`.
@@ -246,7 +276,7 @@ pub struct Stats {
 }
 
 struct Shared {
-    uid: u64,
+    uid: UserId,
     device: String,
     next_client_seq: AtomicU64,
     stats: Stats,
@@ -266,10 +296,11 @@ enum Command {
 
 /// What identifies a send for this device: its `client_seq`, and where it
 /// goes (the server refuses a `client_seq` reused for another receiver).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SendKey {
     client_seq: u64,
-    receiver: u64,
+    /// The receiving user as on the wire; empty for a group send.
+    receiver: String,
     group: u64,
 }
 
@@ -284,14 +315,14 @@ pub struct Client {
 impl Client {
     /// Connects and authenticates; fails if the first attempt does.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
-        let (conn, auth) = driver::open(&config).await?;
+        let (conn, auth, uid) = driver::open(&config).await?;
         // Unique per device over its lifetime: microseconds at start, counting up.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
         let shared = Arc::new(Shared {
-            uid: auth.uid,
+            uid: uid.clone(),
             device: auth.device.clone(),
             next_client_seq: AtomicU64::new(start),
             stats: Stats::default(),
@@ -302,7 +333,7 @@ impl Client {
         let config = Arc::new(config);
         tokio::spawn(
             driver::Driver::new(config.clone(), shared.clone(), commands_rx, events_tx)
-                .run(conn, auth),
+                .run(conn, auth, uid),
         );
         Ok((
             Client {
@@ -314,8 +345,15 @@ impl Client {
         ))
     }
 
-    pub fn uid(&self) -> u64 {
-        self.shared.uid
+    /// The user the token names, as the server said.
+    pub fn uid(&self) -> &UserId {
+        &self.shared.uid
+    }
+
+    /// The one-to-one conversation id of this user and `other`, for
+    /// [`Client::history`].
+    pub fn conversation_with(&self, other: &UserId) -> String {
+        self.shared.uid.conversation_with(other)
     }
 
     pub fn device(&self) -> &str {
@@ -334,7 +372,7 @@ impl Client {
     /// Sends a message and waits for the durable ack, resending on time-outs.
     pub async fn send(
         &self,
-        receiver: u64,
+        receiver: &UserId,
         body: MessageBody,
     ) -> Result<MessageReply, ClientError> {
         self.send_with_seq(self.next_client_seq(), receiver, body)
@@ -345,12 +383,12 @@ impl Client {
     pub async fn send_with_seq(
         &self,
         client_seq: u64,
-        receiver: u64,
+        receiver: &UserId,
         body: MessageBody,
     ) -> Result<MessageReply, ClientError> {
         self.send_message(SendMessage {
             client_seq,
-            receiver,
+            receiver: receiver.as_str().to_owned(),
             body: Some(body),
             group: 0,
         })
@@ -376,7 +414,7 @@ impl Client {
     ) -> Result<MessageReply, ClientError> {
         self.send_message(SendMessage {
             client_seq,
-            receiver: 0,
+            receiver: String::new(),
             body: Some(body),
             group,
         })
@@ -387,7 +425,7 @@ impl Client {
     pub async fn send_message(&self, message: SendMessage) -> Result<MessageReply, ClientError> {
         let key = SendKey {
             client_seq: message.client_seq,
-            receiver: message.receiver,
+            receiver: message.receiver.clone(),
             group: message.group,
         };
         let body = Bytes::from(message.encode_to_vec());
@@ -398,7 +436,7 @@ impl Client {
                 self.shared.stats.resends.fetch_add(1, Ordering::Relaxed);
             }
             match self
-                .request_send(Op::Message, body.clone(), Some(key))
+                .request_send(Op::Message, body.clone(), Some(key.clone()))
                 .await
             {
                 Ok(frame) => return decode_reply(&frame),
@@ -648,5 +686,135 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(3));
         held.abort();
+    }
+
+    /// A gateway on port 0 that answers the auth of its n-th connection as
+    /// `script[n]` says: `None` accepts (as user "Ann") and then closes the
+    /// connection normally, a code refuses with that close code. Every
+    /// auth request it gets is passed on.
+    async fn scripted_gateway(
+        script: Vec<Option<ErrorCode>>,
+    ) -> (
+        String,
+        mpsc::Receiver<natter_proto::msg::AuthRequest>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        // One auth per connection of the script, so it never fills.
+        let (auths, auths_rx) = mpsc::channel(script.len().max(1));
+        let task = tokio::spawn(async move {
+            for answer in script {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
+                    return;
+                };
+                let Some(Ok(WsMessage::Binary(bytes))) = ws.next().await else {
+                    return;
+                };
+                let frame = Frame::decode(&bytes, natter_proto::frame::DEFAULT_MAX_BODY)
+                    .expect("an auth frame");
+                let _ = auths.try_send(frame.message().expect("an auth body"));
+                let close = match answer {
+                    None => {
+                        let reply = natter_proto::msg::AuthReply {
+                            uid: "Ann".into(),
+                            device: "tablet".into(),
+                            heartbeat_interval_ms: 30_000,
+                            ..Default::default()
+                        };
+                        let reply = Frame::new(Op::AuthReply, frame.seq, 0, &reply);
+                        let _ = ws.send(WsMessage::Binary(reply.encode())).await;
+                        CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "bye".into(),
+                        }
+                    }
+                    Some(code) => CloseFrame {
+                        code: CloseCode::from(4000 + code as u16),
+                        reason: code.to_string().into(),
+                    },
+                };
+                let _ = ws.close(Some(close)).await;
+            }
+        });
+        (addr, auths_rx, task)
+    }
+
+    #[tokio::test]
+    async fn auth_unavailable_is_retried_and_a_refused_session_is_final() {
+        for last in [
+            ErrorCode::AuthFailed,
+            ErrorCode::TokenExpired,
+            ErrorCode::LoggedOut,
+        ] {
+            let script = vec![
+                None,
+                Some(ErrorCode::AuthUnavailable),
+                Some(ErrorCode::AuthUnavailable),
+                Some(last),
+            ];
+            let (addr, mut auths, gateway) = scripted_gateway(script).await;
+            let mut config = ClientConfig::new(addr, "token");
+            config.device = Some("tablet".into());
+            config.ack_timeout = Duration::from_secs(2);
+            let (client, mut events) = Client::connect(config).await.expect("connects");
+            assert_eq!(client.uid().as_str(), "Ann");
+            let mut seen = Vec::new();
+            // The stream ends once the driver gives up.
+            while let Some(event) = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("the client settles")
+            {
+                seen.push(event);
+            }
+            let ann = UserId::parse("Ann").expect("valid");
+            assert!(
+                matches!(&seen[..], [
+                    Event::Connected { uid, .. },
+                    Event::Disconnected { fatal: false, .. },
+                    Event::Disconnected { error: ClientError::Closed { code, .. }, fatal: true },
+                ] if *uid == ann && *code == last),
+                "{last}: {seen:?}"
+            );
+            // Two refusals as unavailable were retried; the final one was not.
+            let mut devices = Vec::new();
+            while let Ok(auth) = auths.try_recv() {
+                devices.push(auth.device);
+            }
+            assert_eq!(devices, vec!["tablet"; 4], "{last}");
+            assert_eq!(client.stats().reconnects.load(Ordering::Relaxed), 0);
+            gateway.await.expect("the gateway ran its script");
+        }
+    }
+
+    #[test]
+    fn only_a_refused_session_is_over() {
+        let closed = |code| ClientError::Closed {
+            code,
+            reason: String::new(),
+        };
+        for code in [
+            ErrorCode::AuthFailed,
+            ErrorCode::TokenExpired,
+            ErrorCode::LoggedOut,
+            ErrorCode::Replaced,
+        ] {
+            assert!(closed(code).session_over(), "{code}");
+        }
+        for code in [ErrorCode::AuthUnavailable, ErrorCode::ServerShutdown] {
+            assert!(!closed(code).session_over(), "{code}");
+        }
+        assert!(!ClientError::Disconnected.session_over());
+        assert!(!ClientError::Timeout.session_over());
     }
 }

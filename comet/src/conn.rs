@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use natter_logic::{Acked, LogicService, Push, Session};
 use natter_proto::msg::{
     AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest,
 };
 use natter_proto::{ErrorCode, Frame, Op};
+use natter_roles::{Acked, LogicService, Push, Refusal, Session};
 use tokio::io::{AsyncRead, AsyncReadExt as _, ReadHalf};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -294,7 +294,7 @@ pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
         }
     };
     let reply = AuthReply {
-        uid: session.uid,
+        uid: session.uid.to_string(),
         device: session.device.clone(),
         heartbeat_interval_ms: config.heartbeat_interval_ms as u32,
         server_time_ms: natter_node::ids::now_ms(),
@@ -313,7 +313,7 @@ pub(crate) async fn run(comet: Comet, socket: Socket, max_message: usize) {
         handle.kick(code, reason);
     }
     comet.inner.metrics.connections.inc();
-    tracing::debug!(conn = conn_id, uid = session.uid, device = %session.device, "connection authenticated");
+    tracing::debug!(conn = conn_id, uid = %session.uid, device = %session.device, "connection authenticated");
 
     // Phase: work.
     let (jobs, jobs_rx) = mpsc::channel(MAX_PENDING_REQUESTS);
@@ -525,7 +525,7 @@ async fn authenticate(
     let connected = comet
         .inner
         .logic
-        .connect(&request.token, comet.node(), conn_id)
+        .connect(&request.token, &request.device, comet.node(), conn_id)
         .await
         .map_err(|r| close(r.code, r.message))?;
     let session = Session {
@@ -718,7 +718,7 @@ impl Conn {
                 self.comet
                     .inner
                     .logic
-                    .push_acked(self.session.uid, &self.session.device, &acked)
+                    .push_acked(&self.session.uid, &self.session.device, &acked)
                     .await;
                 Ok(())
             }
@@ -753,11 +753,12 @@ async fn request_loop(
     handle: ConnHandle,
     closing: CancellationToken,
 ) {
-    let rejected = |seq, r: natter_logic::Rejection| {
+    let refused = |seq, r: Refusal| {
         let reply = ErrorReply {
             code: r.code as u32,
             message: r.message,
-            until_ms: r.until_ms,
+            // The frame's 0 stands for "no end": only a mute has one.
+            until_ms: r.until_ms.unwrap_or(0),
         };
         Frame::new(Op::Error, seq, 0, &reply)
     };
@@ -768,12 +769,12 @@ async fn request_loop(
         let frame = match job {
             Job::Send { seq, message } => match logic.send(&session, message).await {
                 Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),
-                Err(r) => rejected(seq, r),
+                Err(r) => refused(seq, r),
             },
             Job::Sync { seq, request } => {
-                match logic.sync(session.uid, &session.device, request).await {
+                match logic.sync(&session.uid, &session.device, request).await {
                     Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
-                    Err(r) => rejected(seq, r),
+                    Err(r) => refused(seq, r),
                 }
             }
         };

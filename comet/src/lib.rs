@@ -27,10 +27,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use natter_logic::{Gateway, LogicService, PushBatch};
 use natter_node::config::CometConfig;
 use natter_node::Shutdown;
 use natter_proto::ErrorCode;
+use natter_roles::{Gateway, LogicService, PushBatch};
 use prometheus::Registry;
 use tokio::io::WriteHalf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -79,7 +79,7 @@ struct ConnHandle {
     overdue: Arc<tokio::sync::Notify>,
     reason: Arc<Mutex<Option<(ErrorCode, String)>>>,
     /// Set once authenticated; the renewal loop reports it to logic.
-    session: Arc<std::sync::OnceLock<natter_logic::Session>>,
+    session: Arc<std::sync::OnceLock<natter_roles::Session>>,
 }
 
 impl ConnHandle {
@@ -150,7 +150,7 @@ impl Comet {
     }
 
     /// The sessions of every authenticated connection of this node.
-    pub fn sessions(&self) -> Vec<natter_logic::Session> {
+    pub fn sessions(&self) -> Vec<natter_roles::Session> {
         let mut out = Vec::new();
         for bucket in &self.inner.buckets {
             let bucket = bucket.read().unwrap_or_else(|e| e.into_inner());

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use natter_group::Snapshot;
+use natter_proto::UserId;
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 use tokio::time::Instant;
 
@@ -36,24 +37,24 @@ pub enum Audience {
     /// The group's members in this snapshot, each from their join point on.
     Members(Arc<Snapshot>),
     /// These users (sorted, without repeats).
-    Users(Arc<[u64]>),
+    Users(Arc<[UserId]>),
 }
 
 impl Audience {
     /// These users, in any order.
-    pub fn users(mut users: Vec<u64>) -> Audience {
+    pub fn users(mut users: Vec<UserId>) -> Audience {
         users.sort_unstable();
         users.dedup();
         Audience::Users(users.into())
     }
 
-    fn reaches(&self, uid: u64, seq: u64) -> bool {
+    fn reaches(&self, uid: &UserId, seq: u64) -> bool {
         match self {
             Audience::Members(snapshot) => snapshot
                 .members
-                .get(&uid)
+                .get(uid)
                 .is_some_and(|m| m.join_seq <= seq),
-            Audience::Users(users) => users.binary_search(&uid).is_ok(),
+            Audience::Users(users) => users.binary_search(uid).is_ok(),
         }
     }
 }
@@ -73,7 +74,7 @@ impl Queued {
                 return false;
             }
         }
-        self.audience.reaches(route.uid, self.push.seq)
+        self.audience.reaches(&route.uid, self.push.seq)
     }
 }
 
@@ -94,7 +95,7 @@ struct Room {
 }
 
 struct CachedRoutes {
-    users: Vec<u64>,
+    users: Vec<UserId>,
     version: u64,
     routes: Vec<Route>,
 }
@@ -426,11 +427,11 @@ impl Fanout {
 }
 
 /// Every user any of `items` is for, sorted, without repeats.
-fn audience_users(items: &[Queued]) -> Vec<u64> {
+fn audience_users(items: &[Queued]) -> Vec<UserId> {
     if let [only] = items {
         return match &only.audience {
             // Already sorted and unique.
-            Audience::Members(snapshot) => snapshot.members.keys().copied().collect(),
+            Audience::Members(snapshot) => snapshot.members.keys().cloned().collect(),
             Audience::Users(users) => users.to_vec(),
         };
     }
@@ -443,7 +444,7 @@ fn audience_users(items: &[Queued]) -> Vec<u64> {
                     continue;
                 }
                 last = Some(snapshot);
-                users.extend(snapshot.members.keys().copied());
+                users.extend(snapshot.members.keys().cloned());
             }
             Audience::Users(list) => users.extend_from_slice(list),
         }
@@ -508,6 +509,14 @@ mod tests {
         }
     }
 
+    fn u(n: u64) -> UserId {
+        UserId::parse(&format!("u{n}")).expect("user id")
+    }
+
+    fn users(numbers: &[u64]) -> Vec<UserId> {
+        numbers.iter().map(|&n| u(n)).collect()
+    }
+
     /// Users 1..=n online on node "a", user u on connection 10·u.
     async fn fanout(window_ms: u64, users: u64) -> (Arc<Fanout>, Arc<Recorder>) {
         fanout_over(Arc::new(MemoryDirectory::default()), window_ms, users).await
@@ -522,7 +531,7 @@ mod tests {
         for uid in 1..=users {
             directory
                 .register(Session {
-                    uid,
+                    uid: u(uid),
                     device: "phone".into(),
                     node: Arc::from("a"),
                     conn: uid * 10,
@@ -545,25 +554,25 @@ mod tests {
             id: 7,
             name: "g".into(),
             avatar: String::new(),
-            owner: 1,
+            owner: u(1),
             join_type: JoinType::Open,
             mute_all: false,
             dissolved: false,
             created_ms: 0,
             version: 1,
         };
-        let members: BTreeMap<u64, MemberRecord> = joins
+        let members: BTreeMap<UserId, MemberRecord> = joins
             .iter()
             .map(|&(uid, join_seq)| {
                 let member = MemberRecord {
-                    uid,
+                    uid: u(uid),
                     role: Role::Member,
                     nickname: String::new(),
                     joined_ms: 0,
                     join_seq,
                     muted_until_ms: 0,
                 };
-                (uid, member)
+                (u(uid), member)
             })
             .collect();
         Audience::Members(Arc::new(Snapshot { group, members }))
@@ -572,7 +581,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_busy_group_shares_writes_and_a_quiet_one_sends_at_once() {
         let (fanout, recorder) = fanout(100, 2).await;
-        let everyone = || Audience::users(vec![1, 2]);
+        let everyone = || Audience::users(users(&[1, 2]));
         queue(&fanout, 1, everyone()).await;
         assert_eq!(recorder.take(), [vec![(10, vec![1]), (20, vec![1])]]);
         // A burst: held, then sent together, in order.
@@ -594,7 +603,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_leaves_when_the_next_push_would_come_after_its_window() {
         let (fanout, recorder) = fanout(100, 1).await;
-        let one = || Audience::users(vec![1]);
+        let one = || Audience::users(users(&[1]));
         // Every 40 ms: the first leaves at once, then each batch opens and
         // leaves with the push after which the next one would fall beyond
         // its window: three fit (at 0, 40 and 80 ms of it) once the gap is
@@ -618,7 +627,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pair_a_window_shares_one_write_and_waits_one_gap() {
         let (fanout, recorder) = fanout(100, 1).await;
-        let one = || Audience::users(vec![1]);
+        let one = || Audience::users(users(&[1]));
         // 20 a second against a 100 ms window: pairs, the first of each
         // waiting 50 ms, not the whole window.
         queue(&fanout, 1, one()).await;
@@ -637,7 +646,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_held_batch_leaves_at_the_end_of_its_window_at_the_latest() {
         let (fanout, recorder) = fanout(100, 1).await;
-        let one = || Audience::users(vec![1]);
+        let one = || Audience::users(users(&[1]));
         queue(&fanout, 1, one()).await;
         queue(&fanout, 2, one()).await;
         recorder.take();
@@ -656,7 +665,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_closed_early_leaves_the_next_one_its_own_window() {
         let (fanout, recorder) = fanout(100, 1).await;
-        let one = || Audience::users(vec![1]);
+        let one = || Audience::users(users(&[1]));
         queue(&fanout, 1, one()).await;
         // Opens a batch due at 100 ms.
         queue(&fanout, 2, one()).await;
@@ -684,7 +693,7 @@ mod tests {
         // 100 ms window to be worth holding this one for.
         let (fanout, recorder) = fanout(100, 1).await;
         for seq in 1..=6 {
-            queue(&fanout, seq, Audience::users(vec![1])).await;
+            queue(&fanout, seq, Audience::users(users(&[1]))).await;
             assert_eq!(recorder.take(), [vec![(10, vec![seq])]], "push {seq}");
             tokio::time::advance(Duration::from_millis(95)).await;
         }
@@ -707,13 +716,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_connection_gets_only_what_is_for_it() {
         let (fanout, recorder) = fanout(100, 4).await;
-        queue(&fanout, 1, Audience::users(vec![1])).await;
+        queue(&fanout, 1, Audience::users(users(&[1]))).await;
         recorder.take();
         // User 2 joined at 3, user 3 is not a member; user 1 sent 3 from
         // connection 10; the event at 4 is for user 4 alone.
         let snapshot = members(&[(1, 1), (2, 3)]);
         let from = Session {
-            uid: 1,
+            uid: u(1),
             device: "phone".into(),
             node: Arc::from("a"),
             conn: 10,
@@ -723,7 +732,7 @@ mod tests {
             .to_group(7, push(3), snapshot.clone(), Some(&from))
             .await;
         settle().await;
-        queue(&fanout, 4, Audience::users(vec![4])).await;
+        queue(&fanout, 4, Audience::users(users(&[4]))).await;
         queue(&fanout, 5, snapshot).await;
         tokio::time::sleep(Duration::from_millis(101)).await;
         // One batch: user 1 gets 2 and 5 (two runs), user 2 from 3 on
@@ -743,11 +752,11 @@ mod tests {
     #[tokio::test]
     async fn routes_are_reused_only_while_the_directory_is_unchanged() {
         let (fanout, recorder) = fanout(0, 1).await;
-        let both = || Audience::users(vec![1, 2]);
+        let both = || Audience::users(users(&[1, 2]));
         queue(&fanout, 1, both()).await;
         queue(&fanout, 2, both()).await;
         let user_2 = Session {
-            uid: 2,
+            uid: u(2),
             device: "phone".into(),
             node: Arc::from("a"),
             conn: 20,
@@ -766,7 +775,7 @@ mod tests {
         queue(&fanout, 4, both()).await;
         // A different audience is looked up afresh, the directory unchanged.
         fanout.sessions().register(user_2).await.expect("register");
-        queue(&fanout, 5, Audience::users(vec![1])).await;
+        queue(&fanout, 5, Audience::users(users(&[1]))).await;
         queue(&fanout, 6, both()).await;
         assert_eq!(
             recorder.take(),
@@ -784,7 +793,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_leaves_in_the_groups_order_whatever_order_it_was_queued_in() {
         let (fanout, recorder) = fanout(100, 1).await;
-        let one = || Audience::users(vec![1]);
+        let one = || Audience::users(users(&[1]));
         queue(&fanout, 1, one()).await;
         // Committed together, queued by whichever sender got here first.
         queue(&fanout, 3, one()).await;
@@ -816,12 +825,15 @@ mod tests {
         ) -> Result<(), crate::sessions::DirectoryError> {
             self.inner.unregister(session).await
         }
-        async fn lookup(&self, uid: u64) -> Result<Vec<Session>, crate::sessions::DirectoryError> {
+        async fn lookup(
+            &self,
+            uid: &UserId,
+        ) -> Result<Vec<Session>, crate::sessions::DirectoryError> {
             self.inner.lookup(uid).await
         }
         async fn routes_of(
             &self,
-            uids: &[u64],
+            uids: &[UserId],
         ) -> Result<Vec<Route>, crate::sessions::DirectoryError> {
             let _permit = self.gate.acquire().await.expect("open");
             self.inner.routes_of(uids).await
@@ -838,11 +850,11 @@ mod tests {
         // The first batch waits on the directory, the second behind it; the
         // senders are not held meanwhile.
         fanout
-            .to_group(7, push(1), Audience::users(vec![1]), None)
+            .to_group(7, push(1), Audience::users(users(&[1])), None)
             .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         fanout
-            .to_group(7, push(2), Audience::users(vec![1]), None)
+            .to_group(7, push(2), Audience::users(users(&[1])), None)
             .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(recorder.take().is_empty());
@@ -870,7 +882,7 @@ mod tests {
             tokio::spawn(async move {
                 for seq in 1..=300 {
                     fanout
-                        .to_group(7, push(seq), Audience::users(vec![1]), None)
+                        .to_group(7, push(seq), Audience::users(users(&[1])), None)
                         .await;
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -902,7 +914,7 @@ mod tests {
     async fn without_a_window_every_push_leaves_at_once() {
         let (fanout, recorder) = fanout(0, 1).await;
         for seq in 1..=3 {
-            queue(&fanout, seq, Audience::users(vec![1])).await;
+            queue(&fanout, seq, Audience::users(users(&[1]))).await;
         }
         assert_eq!(
             recorder.take(),

@@ -6,28 +6,31 @@
 //! it runs in one process or across machines. Logic holds no sockets and
 //! knows no frame bytes beyond the protobuf bodies it fills in.
 
+pub mod auth;
 pub mod fanout;
 pub mod publish;
 pub mod redis_sessions;
 pub mod sessions;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use natter_group::{GroupError, Groups};
+use natter_group::Groups;
 use natter_node::config::LimitsConfig;
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::register;
 use natter_proto::msg::{GroupCursor, MessageReply, SendMessage, SyncReply, SyncRequest};
-use natter_proto::{ErrorCode, Op};
-use natter_record::http::Identity;
-use natter_record::store::{GroupAck, NewMessage, Outcome, PageLimit, Stored, Write, MAX_ID};
-use natter_record::{CommitError, Committer, MessageStore};
+use natter_proto::{ErrorCode, Op, UserId};
+use natter_record::store::{GroupAck, NewMessage, Outcome, PageLimit, Peer, Stored, Write, MAX_ID};
+use natter_record::{Committer, MessageStore};
+use natter_roles::Authenticate;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 
+pub use auth::Auth;
 pub use fanout::{Audience, Fanout};
 pub use publish::GroupPublisher;
 pub use sessions::{MemoryDirectory, SessionDirectory};
@@ -35,6 +38,7 @@ pub use natter_roles::{
     Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Route, Session,
     Target, Tokens,
 };
+pub use verify::{Verified, VerifyError, VerifyUrl};
 
 struct Metrics {
     messages: IntCounterVec,
@@ -44,7 +48,8 @@ struct Metrics {
 
 /// What [`Logic::new`] is built from.
 pub struct LogicParts {
-    pub tokens: Tokens,
+    /// Who tokens name (see [`Auth`]).
+    pub auth: Arc<dyn Authenticate>,
     pub fanout: Arc<Fanout>,
     pub store: Arc<dyn MessageStore>,
     pub committer: Committer,
@@ -54,7 +59,7 @@ pub struct LogicParts {
 
 /// The logic role.
 pub struct Logic {
-    tokens: Tokens,
+    auth: Arc<dyn Authenticate>,
     fanout: Arc<Fanout>,
     store: Arc<dyn MessageStore>,
     committer: Committer,
@@ -69,7 +74,7 @@ pub struct Logic {
 impl Logic {
     pub fn new(parts: LogicParts, limits: &LimitsConfig, registry: &Registry) -> Logic {
         let LogicParts {
-            tokens,
+            auth,
             fanout,
             store,
             committer,
@@ -103,7 +108,7 @@ impl Logic {
             ),
         };
         Logic {
-            tokens,
+            auth,
             fanout,
             store,
             committer,
@@ -142,8 +147,11 @@ impl Logic {
     /// to the sender's devices other than the one it came from.
     async fn route(&self, stored: &Stored, from: &Session, acked_at: Instant) {
         let m = &stored.message;
+        let Peer::User(receiver) = &m.to else {
+            return;
+        };
         let sessions = self.fanout.sessions();
-        let mut targets = match sessions.lookup(m.receiver).await {
+        let mut targets = match sessions.lookup(receiver).await {
             Ok(sessions) => sessions
                 .into_iter()
                 .map(|s| (s, stored.receiver_seq))
@@ -155,8 +163,8 @@ impl Logic {
                 Vec::new()
             }
         };
-        if m.receiver != m.sender {
-            match sessions.lookup(m.sender).await {
+        if *receiver != m.sender {
+            match sessions.lookup(&m.sender).await {
                 Ok(sessions) => {
                     targets.extend(sessions.into_iter().map(|s| (s, stored.sender_seq)))
                 }
@@ -195,7 +203,9 @@ impl Logic {
     /// connection; it leaves with the group's next batch.
     async fn route_group(&self, stored: &Stored, from: &Session, acked_at: Instant) {
         let m = &stored.message;
-        let group = m.receiver;
+        let Peer::Group(group) = m.to else {
+            return;
+        };
         // Read after the commit: a member removed meanwhile gets nothing.
         let snapshot = match self.groups.snapshot(group).await {
             Ok(snapshot) => snapshot,
@@ -225,26 +235,26 @@ impl Logic {
     ) -> Result<MessageReply, Refusal> {
         let count = |outcome: &str| self.metrics.messages.with_label_values(&[outcome]).inc();
         let group = message.group;
-        if message.receiver != 0 {
+        if !message.receiver.is_empty() {
             count("invalid");
             return Err(Refusal::new(
                 ErrorCode::InvalidMessage,
                 "set receiver or group, not both",
             ));
         }
-        if let Err(e) = self.groups.check_send(from.uid, group).await {
+        if let Err(e) = self.groups.check_send(&from.uid, group).await {
             count(e.code.as_str());
-            return Err(e.into());
+            return Err(e);
         }
-        let new = self.new_message(from, message, group, &count)?;
-        let stored = self.store_write(Write::GroupMessage(new), &count).await?;
+        let new = self.new_message(from, message, Peer::Group(group), &count)?;
+        let stored = self.store_write(Write::Message(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
         self.route_group(&stored, from, acked_at).await;
         let m = &stored.message;
         tracing::debug!(
             mid = m.mid,
-            sender = m.sender,
+            sender = %m.sender,
             group,
             repeat = stored.repeat,
             "group message stored"
@@ -258,10 +268,10 @@ impl Logic {
         &self,
         from: &Session,
         message: SendMessage,
-        receiver: u64,
+        to: Peer,
         count: &(dyn Fn(&str) + Sync),
     ) -> Result<NewMessage, Refusal> {
-        if !self.limiter.allow(from.uid) {
+        if !self.limiter.allow(&from.uid) {
             count("rate_limited");
             return Err(Refusal::new(
                 ErrorCode::RateLimited,
@@ -277,10 +287,10 @@ impl Logic {
         Ok(NewMessage {
             mid,
             time_ms: natter_node::ids::mid_time_ms(mid),
-            sender: from.uid,
+            sender: from.uid.clone(),
             sender_device: from.device.clone(),
             client_seq: message.client_seq,
-            receiver,
+            to,
             msg_type: msg_type as u32,
             content: body.encode_to_vec(),
         })
@@ -323,13 +333,13 @@ impl Logic {
     /// One page of a group's messages after the device's position.
     async fn sync_group(
         &self,
-        uid: u64,
+        uid: &UserId,
         device: &str,
         request: SyncRequest,
     ) -> Result<SyncReply, Refusal> {
         let group = request.group;
         let snapshot = self.groups.snapshot(group).await?;
-        let Some(member) = snapshot.members.get(&uid) else {
+        let Some(member) = snapshot.members.get(uid) else {
             return Err(Refusal::new(
                 ErrorCode::NotMember,
                 format!("not a member of group {group}"),
@@ -347,7 +357,7 @@ impl Logic {
                 // starts there, so acks of later pushes can advance it.
                 let after = after.max(member.join_seq.saturating_sub(1));
                 let write = Write::SetCursor {
-                    owner: uid,
+                    owner: uid.clone(),
                     device: device.into(),
                     group,
                     cursor: after,
@@ -379,7 +389,7 @@ impl Logic {
     /// The caller's groups with messages past this device's cursor for them.
     async fn unreceived_groups(
         &self,
-        uid: u64,
+        uid: &UserId,
         device: &str,
     ) -> Result<Vec<GroupCursor>, Refusal> {
         let mine = self.groups.groups_of(uid).await?;
@@ -427,31 +437,34 @@ impl Logic {
 
 #[async_trait]
 impl LogicService for Logic {
-    async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Refusal> {
-        let identity = match self.tokens.verify(token) {
+    async fn connect(
+        &self,
+        token: &str,
+        device: &str,
+        node: &str,
+        conn: u64,
+    ) -> Result<Connected, Refusal> {
+        let device = (!device.is_empty()).then_some(device);
+        let identity = match self.auth.authenticate(token, device).await {
             Ok(identity) => identity,
-            Err(code) => {
-                self.metrics.auths.with_label_values(&[code.as_str()]).inc();
-                return Err(Refusal::new(
-                    code,
-                    if code == ErrorCode::TokenExpired {
-                        "token expired"
-                    } else {
-                        "invalid token"
-                    },
-                ));
+            Err(refusal) => {
+                self.metrics
+                    .auths
+                    .with_label_values(&[refusal.code.as_str()])
+                    .inc();
+                return Err(refusal);
             }
         };
         let cursor = self
             .store
-            .cursor(identity.uid, &identity.device, 0)
+            .cursor(&identity.uid, &identity.device, 0)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cursor lookup failed");
                 Refusal::new(ErrorCode::Internal, "storage unavailable")
             })?;
         let session = Session {
-            uid: identity.uid,
+            uid: identity.uid.clone(),
             device: identity.device.clone(),
             node: Arc::from(node),
             conn,
@@ -478,7 +491,7 @@ impl LogicService for Logic {
     async fn disconnect(&self, session: &Session) {
         if let Err(e) = self.fanout.sessions().unregister(session).await {
             self.fanout.directory_failed();
-            tracing::warn!(error = %e, uid = session.uid, "unregister failed");
+            tracing::warn!(error = %e, uid = %session.uid, "unregister failed");
         }
     }
 
@@ -501,15 +514,17 @@ impl LogicService for Logic {
         if message.group != 0 {
             return self.send_group(from, message).await;
         }
-        if message.receiver == 0 || message.receiver > MAX_ID {
-            count("invalid");
-            return Err(Refusal::new(
-                ErrorCode::InvalidMessage,
-                "receiver must be a user id",
-            ));
-        }
-        let receiver = message.receiver;
-        let new = self.new_message(from, message, receiver, &count)?;
+        let receiver = match UserId::parse(&message.receiver) {
+            Ok(receiver) => receiver,
+            Err(e) => {
+                count("invalid");
+                return Err(Refusal::new(
+                    ErrorCode::InvalidMessage,
+                    format!("receiver: {e}"),
+                ));
+            }
+        };
+        let new = self.new_message(from, message, Peer::User(receiver), &count)?;
         let stored = self.store_write(Write::Message(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
@@ -519,15 +534,15 @@ impl LogicService for Logic {
         let m = &stored.message;
         tracing::debug!(
             mid = m.mid,
-            sender = m.sender,
-            receiver = m.receiver,
+            sender = %m.sender,
+            receiver = ?m.to.user(),
             repeat = stored.repeat,
             "message stored"
         );
         Ok(stored.reply())
     }
 
-    async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]) {
+    async fn push_acked(&self, uid: &UserId, device: &str, acked: &[Acked]) {
         // In a group, the positions before the member's join point count as
         // held (from the cached group only: this must not wait on storage).
         // An ack usually covers a run of pushes of one stream.
@@ -535,7 +550,7 @@ impl LogicService for Logic {
         let mut group_acks = Vec::with_capacity(acked.len());
         let mut writes = Vec::new();
         let received = |group, seq, floor| Write::Received {
-            owner: uid,
+            owner: uid.clone(),
             device: device.into(),
             group,
             seq,
@@ -577,7 +592,7 @@ impl LogicService for Logic {
 
     async fn sync(
         &self,
-        uid: u64,
+        uid: &UserId,
         device: &str,
         request: SyncRequest,
     ) -> Result<SyncReply, Refusal> {
@@ -595,7 +610,7 @@ impl LogicService for Logic {
             Some(after) => {
                 // The device vouches for everything up to `after`.
                 let write = Write::SetCursor {
-                    owner: uid,
+                    owner: uid.clone(),
                     device: device.into(),
                     group: 0,
                     cursor: after,
@@ -620,7 +635,7 @@ impl LogicService for Logic {
             match self.unreceived_groups(uid, device).await {
                 Ok(groups) => groups,
                 Err(e) => {
-                    tracing::warn!(uid, error = %e.message, "groups not listed in sync");
+                    tracing::warn!(%uid, error = %e.message, "groups not listed in sync");
                     Vec::new()
                 }
             }

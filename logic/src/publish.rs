@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use natter_group::{GroupError, Publisher};
+use natter_group::Publisher;
 use natter_node::ids::MidGenerator;
 use natter_proto::msg::{
     Content, GroupEvent, MessageBody, MessageType, Notify, NOTIFY_GROUP_EVENT,
 };
-use natter_proto::{ErrorCode, Op};
-use natter_record::store::{NewMessage, Outcome, Write};
+use natter_proto::{ErrorCode, Op, UserId};
+use natter_record::store::{NewMessage, Outcome, Peer, Write};
+use natter_roles::Refusal;
 use natter_record::Committer;
 use prometheus::{IntCounterVec, Opts, Registry};
 use prost::Message as _;
@@ -89,9 +90,13 @@ impl Publisher for GroupPublisher {
         &self,
         group: u64,
         event: GroupEvent,
-        audience: Vec<u64>,
-    ) -> Result<(), GroupError> {
+        audience: Vec<UserId>,
+    ) -> Result<(), Refusal> {
         let kind = kind_label(&event.kind);
+        let actor = UserId::parse(&event.actor).map_err(|e| {
+            self.events.with_label_values(&[kind, "error"]).inc();
+            Refusal::new(ErrorCode::Internal, format!("group event actor: {e}"))
+        })?;
         let mid = self.ids.next();
         let body = MessageBody {
             content: Some(Content::GroupEvent(event.clone())),
@@ -100,25 +105,25 @@ impl Publisher for GroupPublisher {
         let new = NewMessage {
             mid,
             time_ms: natter_node::ids::mid_time_ms(mid),
-            sender: event.actor,
+            sender: actor,
             sender_device: String::new(),
             client_seq: mid,
-            receiver: group,
+            to: Peer::Group(group),
             msg_type: MessageType::GroupEvent as u32,
             content: body.encode_to_vec(),
         };
-        let stored = match self.committer.write(Write::GroupMessage(new)).await {
+        let stored = match self.committer.write(Write::Message(new)).await {
             Ok(Outcome::Stored(stored)) => stored,
             Ok(Outcome::Done | Outcome::Reused) => {
                 self.events.with_label_values(&[kind, "error"]).inc();
-                return Err(GroupError::new(
+                return Err(Refusal::new(
                     ErrorCode::Internal,
                     "store answered without a message",
                 ));
             }
             Err(e) => {
                 self.events.with_label_values(&[kind, "error"]).inc();
-                return Err(GroupError::new(ErrorCode::Internal, e.to_string()));
+                return Err(Refusal::new(ErrorCode::Internal, e.to_string()));
             }
         };
         let message = &stored.message;

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use natter_proto::UserId;
 use redis::{Client, Script};
 
 use crate::sessions::{DirectoryError, Session, SessionDirectory};
@@ -111,11 +112,11 @@ impl RedisDirectory {
         })
     }
 
-    fn device_key(&self, uid: u64, device: &str) -> String {
+    fn device_key(&self, uid: &UserId, device: &str) -> String {
         format!("{}{{{uid}}}:d:{device}", self.prefix)
     }
 
-    fn devices_key(&self, uid: u64) -> String {
+    fn devices_key(&self, uid: &UserId) -> String {
         format!("{}{{{uid}}}:devices", self.prefix)
     }
 
@@ -124,10 +125,10 @@ impl RedisDirectory {
     }
 
     /// The session an entry names; `None` for anything else (`gone`).
-    fn parse(uid: u64, device: &str, value: &str) -> Option<Session> {
+    fn parse(uid: &UserId, device: &str, value: &str) -> Option<Session> {
         let (node, conn) = value.rsplit_once('|')?;
         Some(Session {
-            uid,
+            uid: uid.clone(),
             device: device.to_string(),
             node: Arc::from(node),
             conn: conn.parse().ok()?,
@@ -151,32 +152,32 @@ impl SessionDirectory for RedisDirectory {
         let mut conn = self.conn.clone();
         let (old,): (Option<String>,) = redis::pipe()
             .cmd("SET")
-            .arg(self.device_key(session.uid, &session.device))
+            .arg(self.device_key(&session.uid, &session.device))
             .arg(Self::value(&session))
             .arg("PX")
             .arg(self.ttl_ms)
             .arg("GET")
             .cmd("SADD")
-            .arg(self.devices_key(session.uid))
+            .arg(self.devices_key(&session.uid))
             .arg(&session.device)
             .ignore()
             .cmd("PEXPIRE")
-            .arg(self.devices_key(session.uid))
+            .arg(self.devices_key(&session.uid))
             .arg(self.ttl_ms)
             .ignore()
             .query_async(&mut conn)
             .await
             .map_err(failed)?;
         Ok(old
-            .and_then(|value| Self::parse(session.uid, &session.device, &value))
+            .and_then(|value| Self::parse(&session.uid, &session.device, &value))
             .filter(|old| *old != session))
     }
 
     async fn unregister(&self, session: &Session) -> Result<(), DirectoryError> {
         let mut conn = self.conn.clone();
         self.unregister
-            .key(self.device_key(session.uid, &session.device))
-            .key(self.devices_key(session.uid))
+            .key(self.device_key(&session.uid, &session.device))
+            .key(self.devices_key(&session.uid))
             .arg(Self::value(session))
             .arg(&session.device)
             .arg(self.ttl_ms)
@@ -186,18 +187,18 @@ impl SessionDirectory for RedisDirectory {
             .map_err(failed)
     }
 
-    async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError> {
-        self.lookup_many(&[uid]).await
+    async fn lookup(&self, uid: &UserId) -> Result<Vec<Session>, DirectoryError> {
+        self.lookup_many(std::slice::from_ref(uid)).await
     }
 
-    async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {
+    async fn lookup_many(&self, uids: &[UserId]) -> Result<Vec<Session>, DirectoryError> {
         let mut out = Vec::new();
         let mut conn = self.conn.clone();
         for chunk in uids.chunks(CHUNK) {
             // Round trip 1: each user's devices.
             let mut pipe = redis::pipe();
             for uid in chunk {
-                pipe.cmd("SMEMBERS").arg(self.devices_key(*uid));
+                pipe.cmd("SMEMBERS").arg(self.devices_key(uid));
             }
             let devices: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(failed)?;
             // Round trip 2: the entries of those devices (expired ones are nil).
@@ -209,9 +210,9 @@ impl SessionDirectory for RedisDirectory {
                 }
                 let cmd = pipe.cmd("MGET");
                 for device in &devices {
-                    cmd.arg(self.device_key(*uid, device));
+                    cmd.arg(self.device_key(uid, device));
                 }
-                asked.push((*uid, devices));
+                asked.push((uid, devices));
             }
             if asked.is_empty() {
                 continue;
@@ -243,8 +244,8 @@ impl SessionDirectory for RedisDirectory {
                 pipe.cmd("EVALSHA")
                     .arg(self.renew.get_hash())
                     .arg(2)
-                    .arg(self.device_key(s.uid, &s.device))
-                    .arg(self.devices_key(s.uid))
+                    .arg(self.device_key(&s.uid, &s.device))
+                    .arg(self.devices_key(&s.uid))
                     .arg(Self::value(s))
                     .arg(&s.device)
                     .arg(self.ttl_ms)
@@ -281,9 +282,13 @@ mod tests {
         format!("natter-test:{}:", u64::from_le_bytes(bytes))
     }
 
+    fn u(n: u64) -> UserId {
+        UserId::parse(&format!("u{n}")).expect("user id")
+    }
+
     fn s(uid: u64, device: &str, node: &str, conn: u64) -> Session {
         Session {
-            uid,
+            uid: u(uid),
             device: device.into(),
             node: Arc::from(node),
             conn,
@@ -305,7 +310,7 @@ mod tests {
             dir.register(s(2, "phone", "gw-b", 3)).await.expect("ok"),
             None
         );
-        let mut found = dir.lookup(1).await.expect("ok");
+        let mut found = dir.lookup(&u(1)).await.expect("ok");
         found.sort_by_key(|s| s.conn);
         assert_eq!(
             found,
@@ -323,7 +328,7 @@ mod tests {
         );
         // The replaced connection's late unregister leaves the new one.
         dir.unregister(&s(1, "phone", "gw-a", 1)).await.expect("ok");
-        let mut many = dir.lookup_many(&[1, 2, 3]).await.expect("ok");
+        let mut many = dir.lookup_many(&[u(1), u(2), u(3)]).await.expect("ok");
         many.sort_by_key(|s| s.conn);
         assert_eq!(
             many,
@@ -338,7 +343,7 @@ mod tests {
             .await
             .expect("ok");
         dir.unregister(&s(2, "phone", "gw-b", 3)).await.expect("ok");
-        assert!(dir.lookup_many(&[1, 2]).await.expect("ok").is_empty());
+        assert!(dir.lookup_many(&[u(1), u(2)]).await.expect("ok").is_empty());
     }
 
     #[tokio::test]
@@ -351,7 +356,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(150)).await;
             dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
         }
-        let alive = dir.lookup_many(&[7, 8]).await.expect("ok");
+        let alive = dir.lookup_many(&[u(7), u(8)]).await.expect("ok");
         assert_eq!(
             alive,
             vec![s(7, "phone", "gw-a", 1)],
@@ -366,21 +371,21 @@ mod tests {
             .query_async::<i64>(&mut raw)
             .await
             .expect("del");
-        assert!(dir.lookup(7).await.expect("ok").is_empty());
+        assert!(dir.lookup(&u(7)).await.expect("ok").is_empty());
         dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
         assert_eq!(
-            dir.lookup(7).await.expect("ok"),
+            dir.lookup(&u(7)).await.expect("ok"),
             vec![s(7, "phone", "gw-a", 1)]
         );
         dir.register(s(7, "phone", "gw-b", 5)).await.expect("ok");
         dir.renew(&[s(7, "phone", "gw-a", 1)]).await.expect("ok");
         assert_eq!(
-            dir.lookup(7).await.expect("ok"),
+            dir.lookup(&u(7)).await.expect("ok"),
             vec![s(7, "phone", "gw-b", 5)]
         );
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(
-            dir.lookup(7).await.expect("ok").is_empty(),
+            dir.lookup(&u(7)).await.expect("ok").is_empty(),
             "expires once renewals stop"
         );
     }
@@ -394,12 +399,12 @@ mod tests {
         // disconnects before the renewal reaches Redis.
         dir.unregister(&phone).await.expect("ok");
         dir.renew(std::slice::from_ref(&phone)).await.expect("ok");
-        assert!(dir.lookup(7).await.expect("ok").is_empty(), "stays offline");
+        assert!(dir.lookup(&u(7)).await.expect("ok").is_empty(), "stays offline");
         // The device comes back: registered as usual, replacing nothing.
         let again = s(7, "phone", "gw-b", 2);
         assert_eq!(dir.register(again.clone()).await.expect("ok"), None);
         dir.renew(std::slice::from_ref(&again)).await.expect("ok");
-        assert_eq!(dir.lookup(7).await.expect("ok"), vec![again]);
+        assert_eq!(dir.lookup(&u(7)).await.expect("ok"), vec![again]);
     }
 
     #[tokio::test]
@@ -415,7 +420,7 @@ mod tests {
         )
         .expect("valid URL");
         let started = std::time::Instant::now();
-        assert!(dir.lookup(1).await.is_err());
+        assert!(dir.lookup(&u(1)).await.is_err());
         assert!(dir.register(s(1, "phone", "gw", 1)).await.is_err());
         assert!(dir.ping().await.is_err());
         assert!(started.elapsed() < Duration::from_secs(5));

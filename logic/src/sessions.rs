@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
+use natter_proto::user::shard_of;
+use natter_proto::UserId;
 
 pub use natter_roles::{Route, Session};
 
@@ -23,7 +25,7 @@ pub trait SessionDirectory: Send + Sync + 'static {
     /// Forgets `session`, if it is still the registered one for its device.
     async fn unregister(&self, session: &Session) -> Result<(), DirectoryError>;
     /// Every online device of `uid`.
-    async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError>;
+    async fn lookup(&self, uid: &UserId) -> Result<Vec<Session>, DirectoryError>;
     /// Extends the lifetime of `sessions` (a gateway's live connections);
     /// entries that are never renewed expire. The in-memory directory needs
     /// none: it dies with its process.
@@ -33,9 +35,9 @@ pub trait SessionDirectory: Send + Sync + 'static {
     }
     /// Every online device of each of `uids` (a group's members): one call,
     /// which a networked directory answers in one round trip.
-    async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {
+    async fn lookup_many(&self, uids: &[UserId]) -> Result<Vec<Session>, DirectoryError> {
         let mut out = Vec::new();
-        for &uid in uids {
+        for uid in uids {
             out.extend(self.lookup(uid).await?);
         }
         Ok(out)
@@ -49,7 +51,7 @@ pub trait SessionDirectory: Send + Sync + 'static {
     }
     /// The routes of every online device of each of `uids`, like
     /// [`SessionDirectory::lookup_many`] without the device names.
-    async fn routes_of(&self, uids: &[u64]) -> Result<Vec<Route>, DirectoryError> {
+    async fn routes_of(&self, uids: &[UserId]) -> Result<Vec<Route>, DirectoryError> {
         let sessions = self.lookup_many(uids).await?;
         Ok(sessions.into_iter().map(Route::from).collect())
     }
@@ -59,7 +61,7 @@ const SHARDS: usize = 64;
 
 /// The in-process directory, sharded by user so lookups rarely contend.
 pub struct MemoryDirectory {
-    shards: Vec<RwLock<HashMap<u64, Vec<Session>>>>,
+    shards: Vec<RwLock<HashMap<UserId, Vec<Session>>>>,
     /// Bumped by every change, under the changed shard's lock.
     version: AtomicU64,
 }
@@ -74,8 +76,8 @@ impl Default for MemoryDirectory {
 }
 
 impl MemoryDirectory {
-    fn shard(&self, uid: u64) -> &RwLock<HashMap<u64, Vec<Session>>> {
-        &self.shards[(uid as usize) % SHARDS]
+    fn shard(&self, uid: &UserId) -> &RwLock<HashMap<UserId, Vec<Session>>> {
+        &self.shards[shard_of(uid, SHARDS)]
     }
 }
 
@@ -83,10 +85,10 @@ impl MemoryDirectory {
 impl SessionDirectory for MemoryDirectory {
     async fn register(&self, session: Session) -> Result<Option<Session>, DirectoryError> {
         let mut map = self
-            .shard(session.uid)
+            .shard(&session.uid)
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        let devices = map.entry(session.uid).or_default();
+        let devices = map.entry(session.uid.clone()).or_default();
         let replaced = match devices.iter().position(|s| s.device == session.device) {
             Some(i) => Some(std::mem::replace(&mut devices[i], session)),
             None => {
@@ -100,7 +102,7 @@ impl SessionDirectory for MemoryDirectory {
 
     async fn unregister(&self, session: &Session) -> Result<(), DirectoryError> {
         let mut map = self
-            .shard(session.uid)
+            .shard(&session.uid)
             .write()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(devices) = map.get_mut(&session.uid) {
@@ -115,16 +117,16 @@ impl SessionDirectory for MemoryDirectory {
         Ok(())
     }
 
-    async fn lookup(&self, uid: u64) -> Result<Vec<Session>, DirectoryError> {
+    async fn lookup(&self, uid: &UserId) -> Result<Vec<Session>, DirectoryError> {
         let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
-        Ok(map.get(&uid).cloned().unwrap_or_default())
+        Ok(map.get(uid).cloned().unwrap_or_default())
     }
 
-    async fn lookup_many(&self, uids: &[u64]) -> Result<Vec<Session>, DirectoryError> {
+    async fn lookup_many(&self, uids: &[UserId]) -> Result<Vec<Session>, DirectoryError> {
         let mut out = Vec::new();
-        for &uid in uids {
+        for uid in uids {
             let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
-            if let Some(sessions) = map.get(&uid) {
+            if let Some(sessions) = map.get(uid) {
                 out.extend(sessions.iter().cloned());
             }
         }
@@ -135,13 +137,13 @@ impl SessionDirectory for MemoryDirectory {
         Some(self.version.load(Ordering::Acquire))
     }
 
-    async fn routes_of(&self, uids: &[u64]) -> Result<Vec<Route>, DirectoryError> {
+    async fn routes_of(&self, uids: &[UserId]) -> Result<Vec<Route>, DirectoryError> {
         let mut out = Vec::with_capacity(uids.len());
-        for &uid in uids {
+        for uid in uids {
             let map = self.shard(uid).read().unwrap_or_else(|e| e.into_inner());
-            if let Some(sessions) = map.get(&uid) {
+            if let Some(sessions) = map.get(uid) {
                 out.extend(sessions.iter().map(|s| Route {
-                    uid,
+                    uid: uid.clone(),
                     node: s.node.clone(),
                     conn: s.conn,
                 }));
@@ -155,9 +157,13 @@ impl SessionDirectory for MemoryDirectory {
 mod tests {
     use super::*;
 
+    fn u(n: u64) -> UserId {
+        UserId::parse(&format!("u{n}")).expect("user id")
+    }
+
     fn s(uid: u64, device: &str, conn: u64) -> Session {
         Session {
-            uid,
+            uid: u(uid),
             device: device.into(),
             node: Arc::from("n1"),
             conn,
@@ -169,7 +175,7 @@ mod tests {
         let dir = MemoryDirectory::default();
         assert_eq!(dir.register(s(1, "phone", 1)).await.expect("ok"), None);
         assert_eq!(dir.register(s(1, "laptop", 2)).await.expect("ok"), None);
-        assert_eq!(dir.lookup(1).await.expect("ok").len(), 2);
+        assert_eq!(dir.lookup(&u(1)).await.expect("ok").len(), 2);
         // The same device again replaces the older connection.
         assert_eq!(
             dir.register(s(1, "phone", 3)).await.expect("ok"),
@@ -188,7 +194,7 @@ mod tests {
         assert_eq!(conns, vec![2, 3]);
         dir.unregister(&s(1, "phone", 3)).await.expect("ok");
         dir.unregister(&s(1, "laptop", 2)).await.expect("ok");
-        assert!(dir.lookup(1).await.expect("ok").is_empty());
-        assert!(dir.lookup(2).await.expect("ok").is_empty());
+        assert!(dir.lookup(&u(1)).await.expect("ok").is_empty());
+        assert!(dir.lookup(&u(2)).await.expect("ok").is_empty());
     }
 }

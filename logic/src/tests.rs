@@ -71,7 +71,7 @@ async fn logic_with(
     ));
     let logic = Arc::new(Logic::new(
         LogicParts {
-            tokens: Tokens::new(SECRET.to_vec()),
+            auth: Arc::new(Auth::new(Tokens::new(SECRET.to_vec()), None, &registry)),
             fanout,
             store: store.clone(),
             committer,
@@ -86,11 +86,19 @@ async fn logic_with(
     (logic, gateway, store)
 }
 
+/// The test's user number `n`: the user id `u{n}`.
+fn u(n: u64) -> UserId {
+    UserId::parse(&format!("u{n}")).expect("user id")
+}
+
 async fn connect(logic: &Logic, uid: u64, device: &str, conn: u64) -> Session {
     let token = Tokens::new(SECRET.to_vec())
-        .mint(uid, device, 60)
+        .mint(&u(uid), device, 60)
         .expect("token");
-    let connected = logic.connect(&token, "n1", conn).await.expect("connect");
+    let connected = logic
+        .connect(&token, "", "n1", conn)
+        .await
+        .expect("connect");
     Session {
         uid: connected.identity.uid,
         device: connected.identity.device,
@@ -102,7 +110,7 @@ async fn connect(logic: &Logic, uid: u64, device: &str, conn: u64) -> Session {
 fn text(client_seq: u64, receiver: u64, text: &str) -> SendMessage {
     SendMessage {
         client_seq,
-        receiver,
+        receiver: u(receiver).to_string(),
         body: Some(MessageBody::text(text)),
         group: 0,
     }
@@ -122,7 +130,7 @@ async fn send_acks_then_pushes_to_every_other_device() {
         .expect("sent");
     assert!(!reply.repeat);
     assert_eq!((reply.conv_seq, reply.user_seq), (1, 1));
-    assert_eq!(reply.conversation, "p:1:2");
+    assert_eq!(reply.conversation, "p:u1:u2");
 
     let pushed = gateway.pushed.lock().expect("lock").clone();
     let mut conns: Vec<u64> = pushed.iter().map(|d| d.conn).collect();
@@ -145,7 +153,7 @@ async fn a_resend_gets_the_same_mid() {
     assert!(again.repeat);
     assert_eq!(again.mid, first.mid);
     assert_eq!(
-        store.sync(2, 0, 10.into()).await.expect("sync").items.len(),
+        store.sync(&u(2), 0, 10.into()).await.expect("sync").items.len(),
         1
     );
     assert!(
@@ -158,25 +166,30 @@ async fn a_resend_gets_the_same_mid() {
 async fn invalid_envelopes_are_rejected_with_a_reason() {
     let (logic, _, store) = logic().await;
     let alice = connect(&logic, 1, "phone", 10).await;
+    let to = |receiver: &str| SendMessage {
+        receiver: receiver.into(),
+        ..text(1, 2, "x")
+    };
     for bad in [
-        text(1, 0, "x"),
+        to(""),
+        to("a:b"),
+        to(".."),
+        to(&"x".repeat(65)),
+        to("ü"),
         text(0, 2, "x"),
         text(1, 2, ""),
-        // Ids are stored as signed 64-bit integers.
-        text(1, u64::MAX, "x"),
+        // Client seqs are stored as signed 64-bit integers.
         text(u64::MAX, 2, "x"),
         SendMessage {
-            client_seq: 1,
-            receiver: 2,
             body: None,
-            group: 0,
+            ..text(1, 2, "x")
         },
     ] {
         let err = logic.send(&alice, bad).await.expect_err("rejected");
         assert_eq!(err.code, ErrorCode::InvalidMessage);
     }
     assert!(store
-        .sync(2, 0, 10.into())
+        .sync(&u(2), 0, 10.into())
         .await
         .expect("sync")
         .items
@@ -187,16 +200,16 @@ async fn invalid_envelopes_are_rejected_with_a_reason() {
 async fn bad_tokens_and_device_replacement() {
     let (logic, gateway, _) = logic().await;
     let err = logic
-        .connect("nonsense", "n1", 1)
+        .connect("nonsense", "", "n1", 1)
         .await
         .expect_err("bad token");
     assert_eq!(err.code, ErrorCode::AuthFailed);
     let expired = Tokens::new(SECRET.to_vec())
-        .mint_at(1, "phone", 0, 1)
+        .mint_at(&u(1), "phone", 0, 1)
         .expect("token");
     assert_eq!(
         logic
-            .connect(&expired, "n1", 1)
+            .connect(&expired, "", "n1", 1)
             .await
             .expect_err("expired")
             .code,
@@ -218,7 +231,7 @@ async fn from_stored_cursor(logic: &Logic) -> natter_proto::msg::SyncReply {
         limit: 0,
         group: 0,
     };
-    logic.sync(2, "phone", request).await.expect("sync")
+    logic.sync(&u(2), "phone", request).await.expect("sync")
 }
 
 #[tokio::test]
@@ -234,7 +247,7 @@ async fn sync_follows_the_device_cursor() {
     assert!(!all.has_more);
     // An ack past a gap does not move the cursor; closing the gap does.
     logic
-        .push_acked(2, "phone", &[Acked { group: 0, seq: 2 }])
+        .push_acked(&u(2), "phone", &[Acked { group: 0, seq: 2 }])
         .await;
     logic
         .send(&alice, text(10, 3, "flush"))
@@ -243,7 +256,7 @@ async fn sync_follows_the_device_cursor() {
     let gap = from_stored_cursor(&logic).await;
     assert_eq!(gap.messages.len(), 3, "the cursor waits for 1");
     logic
-        .push_acked(2, "phone", &[Acked { group: 0, seq: 1 }])
+        .push_acked(&u(2), "phone", &[Acked { group: 0, seq: 1 }])
         .await;
     // Acks are committed asynchronously; a write through the same queue orders after it.
     logic.send(&alice, text(4, 3, "flush")).await.expect("sent");
@@ -254,7 +267,7 @@ async fn sync_follows_the_device_cursor() {
     );
     let page = logic
         .sync(
-            2,
+            &u(2),
             "phone",
             SyncRequest {
                 after: Some(0),
@@ -273,7 +286,7 @@ async fn sync_follows_the_device_cursor() {
     };
     assert_eq!(
         logic
-            .sync(2, "phone", too_far)
+            .sync(&u(2), "phone", too_far)
             .await
             .expect_err("rejected")
             .code,
@@ -314,19 +327,19 @@ async fn a_sync_reply_stops_at_the_page_byte_budget_and_says_more_follow() {
             .collect::<Vec<_>>()
     };
     // Two messages of about 1 KB fit in 3000 bytes, a third does not.
-    let first = logic.sync(2, "phone", after(0)).await.expect("sync");
+    let first = logic.sync(&u(2), "phone", after(0)).await.expect("sync");
     assert_eq!(seqs(&first), vec![1, 2]);
     assert!(first.has_more);
     assert_eq!(first.cursor, 2);
     let second = logic
-        .sync(2, "phone", after(first.cursor))
+        .sync(&u(2), "phone", after(first.cursor))
         .await
         .expect("sync");
     assert_eq!(seqs(&second), vec![3, 4]);
     assert!(second.has_more);
     // The large one comes alone; then the stream is done.
     let third = logic
-        .sync(2, "phone", after(second.cursor))
+        .sync(&u(2), "phone", after(second.cursor))
         .await
         .expect("sync");
     assert_eq!(seqs(&third), vec![5]);
@@ -353,7 +366,7 @@ async fn a_user_over_the_rate_is_refused_until_the_bucket_refills() {
     // A burst of 5 at 1/s: the rest of 10 quick sends is refused (one may refill).
     assert!((4..=5).contains(&refused), "{refused} refused");
     let stored = store
-        .sync(2, 0, 100.into())
+        .sync(&u(2), 0, 100.into())
         .await
         .expect("sync")
         .items
@@ -376,7 +389,7 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
     let g = logic
         .groups
         .create(
-            1,
+            &u(1),
             CreateGroup {
                 name: "g".into(),
                 join_type: JoinType::Open,
@@ -389,7 +402,7 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
     for i in 1..=3 {
         let message = SendMessage {
             client_seq: i,
-            receiver: 0,
+            receiver: String::new(),
             group: g,
             body: Some(MessageBody::text("before carol")),
         };
@@ -398,7 +411,7 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
     // created = 1, messages 2..=4, carol's joined event = 5 = her join point.
     logic
         .groups
-        .join(3, g, String::new())
+        .join(&u(3), g, String::new())
         .await
         .expect("joined");
     let stream = |group| SyncRequest {
@@ -406,7 +419,7 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
         limit: 0,
         group,
     };
-    let reply = logic.sync(3, "phone", stream(0)).await.expect("sync");
+    let reply = logic.sync(&u(3), "phone", stream(0)).await.expect("sync");
     let listed = GroupCursor {
         group: g,
         last_seq: 5,
@@ -429,20 +442,20 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
     assert_eq!((seqs, synced.cursor), (vec![5], 5));
     // The acknowledged event advances the stored cursor past the join point.
     logic
-        .push_acked(3, "phone", &[Acked { group: g, seq: 5 }])
+        .push_acked(&u(3), "phone", &[Acked { group: g, seq: 5 }])
         .await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while store.cursor(3, "phone", g).await.expect("cursor") != 5 {
+    while store.cursor(&u(3), "phone", g).await.expect("cursor") != 5 {
         assert!(
             std::time::Instant::now() < deadline,
             "cursor never reached 5"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let reply = logic.sync(3, "phone", stream(0)).await.expect("sync");
+    let reply = logic.sync(&u(3), "phone", stream(0)).await.expect("sync");
     assert!(reply.groups.is_empty(), "{:?}", reply.groups);
     // Outsiders cannot sync the group.
-    let refused = logic.sync(4, "phone", stream(g)).await;
+    let refused = logic.sync(&u(4), "phone", stream(g)).await;
     assert_eq!(
         refused.map_err(|r| r.code).err(),
         Some(ErrorCode::NotMember)

@@ -19,7 +19,7 @@ use natter_group::{GroupStore, Groups};
 use natter_logic::redis_sessions::RedisDirectory;
 use natter_logic::SessionDirectory;
 use natter_logic::{
-    Fanout, GroupPublisher, Logic, LogicParts, LogicService, MemoryDirectory, Tokens,
+    Auth, Fanout, GroupPublisher, Logic, LogicParts, LogicService, MemoryDirectory, Tokens,
 };
 use natter_node::discovery::{self, Etcd, Registration};
 use natter_node::ids::MidGenerator;
@@ -176,7 +176,10 @@ async fn start_logic(
         dependencies.push(Arc::new(RedisCheck(redis.clone())));
         redis
     };
-    let tokens = Tokens::new(secret.clone());
+    let verify = natter_logic::VerifyUrl::from_config(&config.auth, registry)
+        .map_err(|e| anyhow::anyhow!("auth.verify_url: {e}"))?
+        .map(Arc::new);
+    let auth = Arc::new(Auth::new(Tokens::new(secret.clone()), verify, registry));
     let ids = Arc::new(MidGenerator::new(worker).map_err(anyhow::Error::msg)?);
     let fanout = Arc::new(Fanout::new(
         directory,
@@ -198,7 +201,7 @@ async fn start_logic(
     });
     let logic = Arc::new(Logic::new(
         LogicParts {
-            tokens: tokens.clone(),
+            auth: auth.clone(),
             fanout,
             store: store.clone(),
             committer,
@@ -221,7 +224,7 @@ async fn start_logic(
         logic,
         store,
         groups,
-        tokens,
+        auth,
         auth_secret: secret,
         committer_task,
         retention,
@@ -332,7 +335,8 @@ struct LogicHalf {
     logic: Arc<Logic>,
     store: Arc<dyn MessageStore>,
     groups: Arc<Groups>,
-    tokens: Tokens,
+    /// Who tokens name: natter's own, then the account service.
+    auth: Arc<Auth>,
     /// Logic's session grants are signed with a key derived from it.
     auth_secret: Vec<u8>,
     committer_task: JoinHandle<()>,
@@ -553,9 +557,9 @@ impl Server {
         }
         if let Some(half) = &logic_half {
             // One request limit per user across every route of the API.
-            let auth: Arc<dyn natter_record::http::Authenticate> =
+            let auth: Arc<dyn natter_roles::Authenticate> =
                 Arc::new(natter_record::http::RateLimitedAuth::new(
-                    half.tokens.clone(),
+                    half.auth.clone(),
                     config.limits.http_requests_per_sec,
                     config.limits.http_request_burst,
                 ));

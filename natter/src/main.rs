@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use natter::{Role, Server};
-use natter_logic::Tokens;
+use natter_roles::Tokens;
 use natter_node::Config;
 
 #[derive(Parser)]
@@ -69,15 +69,20 @@ struct RoleArgs {
 struct TokenArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// The user id (a positive integer).
-    #[arg(long)]
-    uid: u64,
+    /// The user id: the account id of your app's user, 1-64 bytes of
+    /// A-Z a-z 0-9 _ - . @ (compared byte for byte).
+    #[arg(long, value_parser = parse_uid)]
+    uid: natter_proto::UserId,
     /// The device id (1-64 printable characters, no spaces).
     #[arg(long)]
     device: String,
     /// Lifetime in seconds [default: auth.token_ttl_secs, 7 days].
     #[arg(long, value_name = "SECS")]
     ttl: Option<u64>,
+}
+
+fn parse_uid(s: &str) -> Result<natter_proto::UserId, String> {
+    natter_proto::UserId::parse(s).map_err(|e| e.to_string())
 }
 
 fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -125,7 +130,7 @@ fn main() -> anyhow::Result<()> {
             let secret = config.secret().context("loading the token secret")?;
             let ttl = args.ttl.unwrap_or(config.auth.token_ttl_secs);
             let token = Tokens::new(secret)
-                .mint(args.uid, &args.device, ttl)
+                .mint(&args.uid, &args.device, ttl)
                 .map_err(anyhow::Error::msg)?;
             println!("{token}");
             Ok(())

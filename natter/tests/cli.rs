@@ -141,7 +141,7 @@ async fn tokens_from_the_cli_work_and_kill_9_loses_nothing_acked() {
     for i in 0..200 {
         acked.push(
             alice
-                .send(2, MessageBody::text(format!("durable {i}")))
+                .send(&u(2), MessageBody::text(format!("durable {i}")))
                 .await
                 .expect("acked")
                 .mid,
@@ -184,7 +184,7 @@ async fn kill_9_loses_no_acked_group_message_nor_the_group() {
     let group = alice
         .create_group(&natter_client::CreateGroup {
             name: "durable".into(),
-            members: vec![2, 3],
+            members: vec![u(2), u(3)],
             ..Default::default()
         })
         .await

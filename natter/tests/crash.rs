@@ -345,8 +345,8 @@ async fn a_logic_node_killed_20_times_under_traffic_keeps_every_promise() {
 /// Waits until a client can authenticate through the gateway (which needs
 /// a logic node).
 async fn wait_for_logic(gateway: &str) {
-    let token = natter_logic::Tokens::new(SECRET.as_bytes().to_vec())
-        .mint(1, "probe", 60)
+    let token = natter_roles::Tokens::new(SECRET.as_bytes().to_vec())
+        .mint(&u(1), "probe", 60)
         .expect("token");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use natter_client::{Client, ClientConfig, Event, Events};
-use natter_logic::Tokens;
+use natter_roles::Tokens;
 use natter_node::discovery::testing::EtcdServer;
 use natter_proto::msg::MessageBody;
 use natter_record::mysql::testing::{drop_database, fresh_database};
@@ -147,7 +147,7 @@ async fn kill_9_of_a_logic_node_and_of_a_gateway_loses_nothing_acked() {
         let acked = acked.clone();
         tokio::spawn(async move {
             for i in 0..300u32 {
-                if let Ok(reply) = alice.send(2, MessageBody::text(format!("m{i}"))).await {
+                if let Ok(reply) = alice.send(&u(2), MessageBody::text(format!("m{i}"))).await {
                     acked.lock().expect("lock").push(reply.mid);
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -377,7 +377,7 @@ fn contents() -> Vec<Content> {
 fn view(body: Option<Content>) -> MessageView {
     MessageView {
         mid: BIG.to_string(),
-        conversation: "p:1:2".into(),
+        conversation: "p:u1:u2".into(),
         conv_seq: BIG,
         user_seq: Some(BIG),
         sender: BIG,

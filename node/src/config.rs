@@ -135,6 +135,20 @@ pub struct AuthConfig {
     pub secret: String,
     /// Life of tokens minted by `natter token`, in seconds.
     pub token_ttl_secs: u64,
+    /// The operator's account service, asked about each token with
+    /// `GET` and `Authorization: Bearer <token>`. Empty: off.
+    pub verify_url: String,
+    /// Time allowed for one verification, waiting for a free call included.
+    pub verify_timeout_ms: u64,
+    /// Calls to the account service in flight at most.
+    pub verify_max_concurrent: usize,
+    /// How long an accepted token is taken without asking again (never past
+    /// the `expires_at` the service gave).
+    pub verify_cache_accepted_secs: u64,
+    /// How long a refused token is refused without asking again.
+    pub verify_cache_refused_secs: u64,
+    /// Cached answers at most.
+    pub verify_cache_entries: usize,
 }
 
 impl Default for AuthConfig {
@@ -142,6 +156,12 @@ impl Default for AuthConfig {
         AuthConfig {
             secret: String::new(),
             token_ttl_secs: 7 * 24 * 3600,
+            verify_url: String::new(),
+            verify_timeout_ms: 2000,
+            verify_max_concurrent: 64,
+            verify_cache_accepted_secs: 60,
+            verify_cache_refused_secs: 10,
+            verify_cache_entries: 100_000,
         }
     }
 }
@@ -159,8 +179,43 @@ impl std::fmt::Debug for AuthConfig {
                 },
             )
             .field("token_ttl_secs", &self.token_ttl_secs)
+            .field("verify_url", &redact_url(&self.verify_url))
+            .field("verify_timeout_ms", &self.verify_timeout_ms)
+            .field("verify_max_concurrent", &self.verify_max_concurrent)
+            .field(
+                "verify_cache_accepted_secs",
+                &self.verify_cache_accepted_secs,
+            )
+            .field("verify_cache_refused_secs", &self.verify_cache_refused_secs)
+            .field("verify_cache_entries", &self.verify_cache_entries)
             .finish()
     }
+}
+
+/// `url` without what may hold a credential: the user and password before
+/// the host, and the query.
+fn redact_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return "<not a URL>".into();
+    };
+    let user = !parsed.username().is_empty() || parsed.password().is_some();
+    let query = parsed.query().is_some();
+    // Both fail only for URLs without a host, which keep no credentials.
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    parsed.set_query(None);
+    parsed.set_fragment(None);
+    let mut shown = parsed.to_string();
+    if user {
+        shown = shown.replacen("://", "://<user>@", 1);
+    }
+    if query {
+        shown.push_str("?<query>");
+    }
+    shown
 }
 
 /// The WebSocket gateway.
@@ -638,6 +693,22 @@ impl Config {
                 "auth.secret must be at least 32 bytes (not counting white space around it)",
             );
         }
+        let a = &self.auth;
+        let url = &a.verify_url;
+        if !(url.is_empty()
+            || (url.starts_with("http://") || url.starts_with("https://"))
+                && reqwest::Url::parse(url).is_ok_and(|u| u.has_host()))
+        {
+            return bad("auth.verify_url must be empty or an http:// or https:// URL");
+        }
+        if a.verify_timeout_ms == 0
+            || a.verify_max_concurrent == 0
+            || a.verify_cache_accepted_secs == 0
+            || a.verify_cache_refused_secs == 0
+            || a.verify_cache_entries == 0
+        {
+            return bad("auth.verify_timeout_ms, verify_max_concurrent, verify_cache_accepted_secs, verify_cache_refused_secs and verify_cache_entries must be positive");
+        }
         Ok(())
     }
 
@@ -863,6 +934,99 @@ mod tests {
             !format!("{config:?}").contains("short"),
             "secret must not be printed"
         );
+    }
+
+    #[test]
+    fn the_account_service_settings_load_from_the_environment_and_are_checked() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("NATTER_AUTH__VERIFY_URL", "https://accounts.example/verify"),
+                ("NATTER_AUTH__VERIFY_TIMEOUT_MS", "500"),
+                ("NATTER_AUTH__VERIFY_MAX_CONCURRENT", "8"),
+                ("NATTER_AUTH__VERIFY_CACHE_ACCEPTED_SECS", "30"),
+                ("NATTER_AUTH__VERIFY_CACHE_REFUSED_SECS", "5"),
+                ("NATTER_AUTH__VERIFY_CACHE_ENTRIES", "1000"),
+            ]),
+        )
+        .expect("loads");
+        config.validate().expect("valid");
+        let a = &config.auth;
+        assert_eq!(a.verify_url, "https://accounts.example/verify");
+        assert_eq!(
+            (
+                a.verify_timeout_ms,
+                a.verify_max_concurrent,
+                a.verify_cache_accepted_secs,
+                a.verify_cache_refused_secs,
+                a.verify_cache_entries
+            ),
+            (500, 8, 30, 5, 1000)
+        );
+        let defaults = Config::default().auth;
+        assert_eq!(defaults.verify_url, "", "off by default");
+        assert_eq!(
+            (
+                defaults.verify_timeout_ms,
+                defaults.verify_max_concurrent,
+                defaults.verify_cache_accepted_secs,
+                defaults.verify_cache_refused_secs,
+                defaults.verify_cache_entries
+            ),
+            (2000, 64, 60, 10, 100_000)
+        );
+        for url in [
+            "accounts.example/verify",
+            "ftp://accounts.example/verify",
+            "redis://accounts.example",
+            "http://",
+            "https:// spaced.example/",
+        ] {
+            let mut config = Config::default();
+            config.auth.verify_url = url.into();
+            let refused = config.validate().expect_err(url).to_string();
+            assert!(refused.contains("auth.verify_url"), "{url}: {refused}");
+        }
+        for url in ["http://127.0.0.1:8080/verify", "https://accounts.example"] {
+            let mut config = Config::default();
+            config.auth.verify_url = url.into();
+            config.validate().unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        for (name, set) in [
+            (
+                "verify_timeout_ms",
+                (|a: &mut AuthConfig| a.verify_timeout_ms = 0) as fn(&mut AuthConfig),
+            ),
+            ("verify_max_concurrent", |a| a.verify_max_concurrent = 0),
+            ("verify_cache_accepted_secs", |a| {
+                a.verify_cache_accepted_secs = 0
+            }),
+            ("verify_cache_refused_secs", |a| {
+                a.verify_cache_refused_secs = 0
+            }),
+            ("verify_cache_entries", |a| a.verify_cache_entries = 0),
+        ] {
+            let mut config = Config::default();
+            set(&mut config.auth);
+            let refused = config.validate().expect_err(name).to_string();
+            assert!(refused.contains(name), "{name}: {refused}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_the_verify_url_are_never_printed() {
+        let mut config = Config::default();
+        config.auth.verify_url = "https://natter:hunter2@accounts.example:8443/v?key=s3cret".into();
+        config.validate().expect("valid");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("https://<user>@accounts.example:8443/v?<query>"),
+            "{printed}"
+        );
+        config.auth.verify_url = "http://accounts.example/verify".into();
+        assert!(format!("{config:?}").contains("\"http://accounts.example/verify\""));
     }
 
     #[test]

@@ -114,8 +114,9 @@ pub struct RunArgs {
     /// Wait after sending before the final sync [default: 2s].
     #[arg(long, value_parser = parse_duration)]
     drain: Option<std::time::Duration>,
-    /// First user id [default: random, so each run has fresh users].
-    #[arg(long)]
+    /// Number of the first user: the users are u-N, u-(N+1), … [default:
+    /// random, so each run has fresh users].
+    #[arg(long, visible_alias = "first-user", value_name = "N")]
     uid_base: Option<u64>,
     /// Worker processes [default: one per 15,000 connections].
     #[arg(long)]

@@ -7,6 +7,7 @@
 //! - [`run`]: the orchestration: worker processes, live progress, machine and
 //!   server sampling, merging.
 //! - [`reconcile`]: acked against received — lost, duplicated, reordered, unexpected.
+//! - [`user`]: simulated users, number `n` being the user id `u-{n}`.
 //! - [`stats`], [`report`], [`payload`]: histograms and timeline, the report
 //!   in text/JSON/HTML, the message payload. Machine and process readings
 //!   come from `natter_node::process`.
@@ -22,4 +23,5 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod stats;
+pub mod user;
 pub mod worker;

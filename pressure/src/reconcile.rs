@@ -10,13 +10,16 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::user::SimUser;
+
 /// The outcome of one message send.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendRecord {
-    pub sender: u64,
+    pub sender: SimUser,
     pub device: u16,
     pub client_seq: u64,
-    /// The receiving user, or with `group` the group.
+    /// The receiving user's number (user `u-{receiver}`), or with `group`
+    /// the group id.
     pub receiver: u64,
     /// The message went to the group `receiver`.
     #[serde(default)]
@@ -30,7 +33,7 @@ pub struct SendRecord {
 /// One message handed to the application on one device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
-    pub uid: u64,
+    pub uid: SimUser,
     pub device: u16,
     pub mid: u64,
     /// From the payload; `None` if the message was not a pressure message.
@@ -41,7 +44,7 @@ pub struct DeliveryRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Origin {
     pub run: u64,
-    pub sender: u64,
+    pub sender: SimUser,
     pub device: u16,
     pub client_seq: u64,
 }
@@ -65,9 +68,9 @@ impl Ledger {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Missing {
     pub mid: u64,
-    pub sender: u64,
+    pub sender: SimUser,
     pub client_seq: u64,
-    pub uid: u64,
+    pub uid: SimUser,
     pub device: u16,
     #[serde(default)]
     pub conversation: String,
@@ -82,7 +85,7 @@ pub struct Missing {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unexpected {
     /// The device that got it.
-    pub uid: u64,
+    pub uid: SimUser,
     pub device: u16,
     pub mid: u64,
     /// Who sent it, from its payload (`None`: not a pressure message).
@@ -104,11 +107,7 @@ impl SendRecord {
         if self.group {
             format!("g:{}", self.receiver)
         } else {
-            let (a, b) = (
-                self.sender.min(self.receiver),
-                self.sender.max(self.receiver),
-            );
-            format!("p:{a}:{b}")
+            self.sender.conversation_with(SimUser(self.receiver))
         }
     }
 }
@@ -168,10 +167,10 @@ impl Reconciliation {
 }
 
 /// The devices that took part, by user: only they are expected to receive.
-pub type Topology = HashMap<u64, Vec<u16>>;
+pub type Topology = HashMap<SimUser, Vec<u16>>;
 
 /// The members of each group of the run, by group id.
-pub type Groups = HashMap<u64, Vec<u64>>;
+pub type Groups = HashMap<u64, Vec<SimUser>>;
 
 /// Reconciles `ledger` for run `run` over the connected devices in
 /// `topology`; a group message is expected on every device of every member
@@ -187,14 +186,14 @@ pub fn reconcile(
         ..Default::default()
     };
     // How often each (uid, device, mid) was delivered.
-    let mut counts: HashMap<(u64, u16, u64), u64> = HashMap::new();
+    let mut counts: HashMap<(SimUser, u16, u64), u64> = HashMap::new();
     for d in &ledger.deliveries {
         *counts.entry((d.uid, d.device, d.mid)).or_default() += 1;
     }
     r.delivered = ledger.deliveries.len() as u64;
-    let mut acked_by_origin: HashMap<(u64, u16, u64), u64> = HashMap::new();
-    let mut failed_origins: HashMap<(u64, u16, u64), ()> = HashMap::new();
-    let mut expected_keys: HashMap<(u64, u16, u64), ()> = HashMap::new();
+    let mut acked_by_origin: HashMap<(SimUser, u16, u64), u64> = HashMap::new();
+    let mut failed_origins: HashMap<(SimUser, u16, u64), ()> = HashMap::new();
+    let mut expected_keys: HashMap<(SimUser, u16, u64), ()> = HashMap::new();
     for send in &ledger.sends {
         let Some(mid) = send.mid else {
             *r.unacked
@@ -206,21 +205,22 @@ pub fn reconcile(
         r.acked += 1;
         acked_by_origin.insert((send.sender, send.device, send.client_seq), mid);
         let none = Vec::new();
-        let devices = |uid: u64| {
+        let devices = |uid: SimUser| {
             topology
                 .get(&uid)
                 .unwrap_or(&none)
                 .iter()
                 .map(move |d| (uid, *d))
         };
-        let receivers: Vec<u64> = if send.group {
+        let receiver = SimUser(send.receiver);
+        let receivers: Vec<SimUser> = if send.group {
             groups.get(&send.receiver).cloned().unwrap_or_default()
-        } else if send.receiver == send.sender {
+        } else if receiver == send.sender {
             vec![send.sender]
         } else {
-            vec![send.receiver, send.sender]
+            vec![receiver, send.sender]
         };
-        let targets: Vec<(u64, u16)> = receivers
+        let targets: Vec<(SimUser, u16)> = receivers
             .into_iter()
             .flat_map(devices)
             .filter(|&(uid, d)| !(uid == send.sender && d == send.device))
@@ -248,12 +248,12 @@ pub fn reconcile(
         }
     }
     // Deliveries nobody expected, and order per (device, sender device).
-    let mut highest: HashMap<(u64, u16, u64, u16), u64> = HashMap::new();
+    let mut highest: HashMap<(SimUser, u16, SimUser, u16), u64> = HashMap::new();
     // Deliveries of sends that failed but were stored anyway, by device and
     // origin: the mid each device first got for that origin.
-    let mut unacked_seen: HashMap<(u64, u16, Origin), u64> = HashMap::new();
+    let mut unacked_seen: HashMap<(SimUser, u16, Origin), u64> = HashMap::new();
     // The send of a delivery's origin, for its conversation.
-    let by_origin: HashMap<(u64, u16, u64), &SendRecord> = ledger
+    let by_origin: HashMap<(SimUser, u16, u64), &SendRecord> = ledger
         .sends
         .iter()
         .map(|s| ((s.sender, s.device, s.client_seq), s))
@@ -309,12 +309,14 @@ mod tests {
 
     /// Users 1..=5, each with devices 0..devices.
     fn topo(devices: u16) -> Topology {
-        (1..=5).map(|uid| (uid, (0..devices).collect())).collect()
+        (1..=5)
+            .map(|uid| (SimUser(uid), (0..devices).collect()))
+            .collect()
     }
 
     fn send(sender: u64, seq: u64, receiver: u64, mid: u64) -> SendRecord {
         SendRecord {
-            sender,
+            sender: SimUser(sender),
             device: 0,
             client_seq: seq,
             receiver,
@@ -326,12 +328,12 @@ mod tests {
 
     fn got(uid: u64, device: u16, mid: u64, sender: u64, seq: u64) -> DeliveryRecord {
         DeliveryRecord {
-            uid,
+            uid: SimUser(uid),
             device,
             mid,
             origin: Some(Origin {
                 run: RUN,
-                sender,
+                sender: SimUser(sender),
                 device: 0,
                 client_seq: seq,
             }),
@@ -371,11 +373,11 @@ mod tests {
             r.lost_examples,
             vec![Missing {
                 mid: 101,
-                sender: 1,
+                sender: SimUser(1),
                 client_seq: 2,
-                uid: 2,
+                uid: SimUser(2),
                 device: 0,
-                conversation: "p:1:2".into(),
+                conversation: "p:u-1:u-2".into(),
                 in_store: None,
             }]
         );
@@ -420,12 +422,13 @@ mod tests {
         let r = reconcile(&missing_copy, RUN, &topo(2), &Groups::new());
         assert_eq!(r.lost, 1);
         assert_eq!(
-            r.lost_examples[0].uid, 1,
+            r.lost_examples[0].uid,
+            SimUser(1),
             "the sender's second device missed its copy"
         );
         // A device that never connected is not expected to receive.
         let mut partial = topo(2);
-        partial.insert(1, vec![0]);
+        partial.insert(SimUser(1), vec![0]);
         assert_eq!(
             reconcile(&missing_copy, RUN, &partial, &Groups::new()).lost,
             0
@@ -434,7 +437,9 @@ mod tests {
 
     #[test]
     fn group_messages_are_expected_on_every_member_device_but_the_sending_one() {
-        let groups: Groups = [(70, vec![1, 2, 3])].into_iter().collect();
+        let groups: Groups = [(70, vec![SimUser(1), SimUser(2), SimUser(3)])]
+            .into_iter()
+            .collect();
         let mut ledger = Ledger::default();
         ledger.sends.push(SendRecord {
             group: true,
@@ -447,7 +452,10 @@ mod tests {
         let r = reconcile(&ledger, RUN, &topo(2), &groups);
         assert_eq!((r.expected, r.delivered), (5, 4));
         assert_eq!(r.lost, 1);
-        assert_eq!((r.lost_examples[0].uid, r.lost_examples[0].device), (3, 1));
+        assert_eq!(
+            (r.lost_examples[0].uid, r.lost_examples[0].device),
+            (SimUser(3), 1)
+        );
         ledger.deliveries.push(got(3, 1, 500, 1, 1));
         ledger.deliveries.push(got(4, 0, 500, 1, 1));
         let r = reconcile(&ledger, RUN, &topo(2), &groups);
@@ -458,7 +466,7 @@ mod tests {
     fn unacked_unexpected_and_stale_are_told_apart() {
         let mut ledger = perfect();
         ledger.sends.push(SendRecord {
-            sender: 1,
+            sender: SimUser(1),
             device: 0,
             client_seq: 4,
             receiver: 2,
@@ -472,13 +480,13 @@ mod tests {
         let mut stale = got(2, 0, 9, 1, 1);
         stale.origin = Some(Origin {
             run: RUN + 1,
-            sender: 1,
+            sender: SimUser(1),
             device: 0,
             client_seq: 1,
         });
         ledger.deliveries.push(stale);
         ledger.deliveries.push(DeliveryRecord {
-            uid: 2,
+            uid: SimUser(2),
             device: 0,
             mid: 777,
             origin: None,
@@ -509,7 +517,7 @@ mod tests {
         let origin = |seq| {
             Some(Origin {
                 run: RUN,
-                sender: 1,
+                sender: SimUser(1),
                 device: 0,
                 client_seq: seq,
             })
@@ -518,15 +526,15 @@ mod tests {
             r.unexpected_examples,
             vec![
                 Unexpected {
-                    uid: 1,
+                    uid: SimUser(1),
                     device: 0,
                     mid: 101,
                     origin: origin(2),
-                    conversation: "p:1:2".into(),
+                    conversation: "p:u-1:u-2".into(),
                     in_store: None,
                 },
                 Unexpected {
-                    uid: 3,
+                    uid: SimUser(3),
                     device: 0,
                     mid: 555,
                     origin: origin(77),
@@ -542,5 +550,24 @@ mod tests {
         let r = reconcile(&ledger, RUN, &topo(1), &Groups::new());
         assert_eq!(r.unexpected, 102);
         assert_eq!(r.unexpected_examples.len(), EXAMPLES);
+    }
+
+    #[test]
+    fn conversations_of_examples_order_string_ids_byte_wise() {
+        // u-10 sorts before u-9 as a string: the server's conversation id
+        // is "p:u-10:u-9", not the numeric order.
+        let mut ledger = Ledger::default();
+        ledger.sends.push(send(9, 1, 10, 600));
+        let topology: Topology = [(SimUser(9), vec![0]), (SimUser(10), vec![0])]
+            .into_iter()
+            .collect();
+        let r = reconcile(&ledger, RUN, &topology, &Groups::new());
+        assert_eq!(r.lost, 1);
+        assert_eq!(r.lost_examples[0].conversation, "p:u-10:u-9");
+        let json = serde_json::to_string(&r.lost_examples[0]).expect("serializes");
+        assert!(
+            json.contains(r#""sender":"u-9""#) && json.contains(r#""uid":"u-10""#),
+            "{json}"
+        );
     }
 }

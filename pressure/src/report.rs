@@ -116,7 +116,11 @@ pub struct Report {
     pub started_unix_ms: i64,
     pub server: String,
     pub scenario: Scenario,
+    /// The number of the first simulated user.
     pub uid_base: u64,
+    /// The first simulated user's id, `u-{uid_base}`.
+    #[serde(default)]
+    pub first_user: String,
     pub connections: Connections,
     pub throughput: Throughput,
     pub latency: Latency,
@@ -538,7 +542,7 @@ mod tests {
         timeline.at(1500).e2e.record_us(2500);
         let origin = crate::reconcile::Origin {
             run: 0xab,
-            sender: 1,
+            sender: crate::user::SimUser(1),
             device: 0,
             client_seq: 2,
         };
@@ -552,20 +556,20 @@ mod tests {
                 lost: 1,
                 lost_examples: vec![crate::reconcile::Missing {
                     mid: 100,
-                    sender: 1,
+                    sender: crate::user::SimUser(1),
                     client_seq: 1,
-                    uid: 2,
+                    uid: crate::user::SimUser(2),
                     device: 1,
-                    conversation: "p:1:2".into(),
+                    conversation: "p:u-1:u-2".into(),
                     in_store: Some(false),
                 }],
                 unexpected: 1,
                 unexpected_examples: vec![crate::reconcile::Unexpected {
-                    uid: 1,
+                    uid: crate::user::SimUser(1),
                     device: 0,
                     mid: 101,
                     origin: Some(origin),
-                    conversation: "p:1:2".into(),
+                    conversation: "p:u-1:u-2".into(),
                     in_store: Some(true),
                 }],
                 ..Default::default()
@@ -575,16 +579,16 @@ mod tests {
         let text = report.text();
         assert!(text.contains("FAILED: 1 lost <x>"));
         assert!(
-            text.contains("lost: mid 100 from 1 (seq 1) to 2/p1 in p:1:2; in store: no"),
+            text.contains("lost: mid 100 from u-1 (seq 1) to u-2/p1 in p:u-1:u-2; in store: no"),
             "{text}"
         );
         assert!(
             text.contains(
-                "unexpected: mid 101 to 1/p0 from 1/p0 (seq 2, run 00000000000000ab) in p:1:2; in store: yes"
+                "unexpected: mid 101 to u-1/p0 from u-1/p0 (seq 2, run 00000000000000ab) in p:u-1:u-2; in store: yes"
             ),
             "{text}"
         );
-        assert!(report.html().contains("unexpected: mid 101 to 1/p0"));
+        assert!(report.html().contains("unexpected: mid 101 to u-1/p0"));
         let html = report.html();
         assert!(html.contains("<svg") && html.contains("polyline"));
         assert!(html.contains("1 lost &lt;x&gt;"), "escaped");
@@ -595,6 +599,11 @@ mod tests {
                 .expect("json");
         assert_eq!(back.timeline.len(), 2);
         assert_eq!(back.reconciliation, report.reconciliation);
+        let json = std::fs::read_to_string(dir.path().join("report.json")).expect("read");
+        assert!(
+            json.contains(r#""uid": "u-2""#) || json.contains(r#""uid":"u-2""#),
+            "{json}"
+        );
         assert!(
             (2.49..2.51).contains(&back.timeline[1].p50_ms),
             "{}",

@@ -13,6 +13,7 @@ use tokio::io::AsyncBufReadExt;
 use crate::reconcile::{reconcile, Topology};
 use crate::report::*;
 use crate::scenario::Scenario;
+use crate::user::SimUser;
 use crate::worker::{self, Plan, Progress, WorkerResult};
 use natter_node::process as system;
 
@@ -334,6 +335,7 @@ pub async fn execute(scenario: Scenario, target: Target, mode: Mode) -> anyhow::
         server: target.server.clone(),
         scenario: scenario.clone(),
         uid_base,
+        first_user: SimUser(uid_base).to_string(),
         connections: Connections {
             target: connections,
             connected,
@@ -395,11 +397,11 @@ async fn look_up_examples(r: &mut crate::reconcile::Reconciliation, target: &Tar
     if r.lost_examples.is_empty() && r.unexpected_examples.is_empty() {
         return;
     }
-    let tokens = natter_logic::Tokens::new(target.secret.clone());
+    let tokens = natter_roles::Tokens::new(target.secret.clone());
     let http = reqwest::Client::new();
     let api = target.api.as_deref().unwrap_or(&target.server);
-    let look_up = |uid: u64, conversation: String, mid: u64| {
-        let token = tokens.mint(uid, "pressure-check", 600);
+    let look_up = |uid: SimUser, conversation: String, mid: u64| {
+        let token = tokens.mint(&uid.id(), "pressure-check", 600);
         let http = http.clone();
         async move {
             if conversation.is_empty() {
@@ -447,19 +449,19 @@ async fn create_groups(
     if ranges.is_empty() {
         return Ok((Vec::new(), Default::default()));
     }
-    let tokens = natter_logic::Tokens::new(target.secret.clone());
+    let tokens = natter_roles::Tokens::new(target.secret.clone());
     let http = reqwest::Client::new();
     let mut ids = Vec::with_capacity(ranges.len());
     let mut members = crate::reconcile::Groups::new();
     for range in ranges {
-        let uids: Vec<u64> = range.map(|u| uid_base + u).collect();
+        let uids: Vec<SimUser> = range.map(|u| SimUser(uid_base + u)).collect();
         let owner = uids[0];
         let token = tokens
-            .mint(owner, "pressure-setup", 3600)
+            .mint(&owner.id(), "pressure-setup", 3600)
             .map_err(|e| anyhow::anyhow!("minting a token: {e}"))?;
         let request = natter_proto::api::CreateGroup {
             name: format!("pressure {owner}"),
-            members: uids[1..].to_vec(),
+            members: uids[1..].iter().map(|u| u.id()).collect(),
             ..Default::default()
         };
         let response = http

@@ -107,7 +107,8 @@ pub struct Scenario {
     pub duration_ms: u64,
     /// Time after sending stops for deliveries to arrive, before the final sync.
     pub drain_ms: u64,
-    /// First user id; absent: a random base, so every run has fresh users.
+    /// Number of the first user (users are `u-{uid_base}`, `u-{uid_base + 1}`,
+    /// …); absent: a random base, so every run has fresh users.
     pub uid_base: Option<u64>,
     /// Worker processes (0: one per 15,000 connections).
     pub workers: u32,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use natter_client::{Client, ClientConfig, Event, Events};
-use natter_logic::Tokens;
+use natter_roles::Tokens;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -18,6 +18,7 @@ use crate::payload::Payload;
 use crate::reconcile::{DeliveryRecord, Ledger, Origin, SendRecord};
 use crate::scenario::{splitmix, Scenario};
 use crate::stats::{Hist, Timeline};
+use crate::user::SimUser;
 
 /// Connections being set up at once by one worker.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -52,8 +53,9 @@ impl Plan {
         (u64::from(self.index)..self.scenario.users).step_by(self.workers.max(1) as usize)
     }
 
-    pub fn uid(&self, user: u64) -> u64 {
-        self.uid_base + user
+    /// The simulated user of index `user`: `u-{uid_base + user}`.
+    pub fn uid(&self, user: u64) -> SimUser {
+        SimUser(self.uid_base + user)
     }
 }
 
@@ -83,7 +85,7 @@ pub struct WorkerResult {
     pub scheduled_sends: u64,
     pub timeline: Timeline,
     /// Connected devices by uid.
-    pub devices: BTreeMap<u64, Vec<u16>>,
+    pub devices: BTreeMap<SimUser, Vec<u16>>,
     pub connect_errors: BTreeMap<String, u64>,
     pub disconnects: BTreeMap<String, u64>,
     pub final_sync_errors: u64,
@@ -290,7 +292,7 @@ async fn connect_all(shared: &Arc<Shared>, secret: &[u8]) -> Vec<(u64, u16, Clie
     for user in plan.users() {
         for device in 0..scenario.devices as u16 {
             let uid = plan.uid(user);
-            let token = match tokens.mint(uid, &format!("p{device}"), ttl) {
+            let token = match tokens.mint(&uid.id(), &format!("p{device}"), ttl) {
                 Ok(token) => token,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot mint token");
@@ -348,7 +350,7 @@ async fn connect_all(shared: &Arc<Shared>, secret: &[u8]) -> Vec<(u64, u16, Clie
     clients
 }
 
-async fn receive_loop(shared: Arc<Shared>, uid: u64, device: u16, mut events: Events) {
+async fn receive_loop(shared: Arc<Shared>, uid: SimUser, device: u16, mut events: Events) {
     let run = shared.plan.run;
     while let Some(event) = events.next().await {
         match event {
@@ -429,13 +431,17 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
         }
         tokio::time::sleep_until(shared.instant_at(intended_ns)).await;
         let lag = Duration::from_nanos(unix_ns().saturating_sub(intended_ns));
+        // A user's number, or the group id.
         let receiver = match group {
             Some(gid) => gid,
-            None => plan.uid(
-                scenario
-                    .pattern
-                    .receiver(user, k, scenario.users, plan.seed),
-            ),
+            None => {
+                plan.uid(
+                    scenario
+                        .pattern
+                        .receiver(user, k, scenario.users, plan.seed),
+                )
+                .0
+            }
         };
         let client_seq = client.next_client_seq();
         let payload = Payload {
@@ -458,7 +464,11 @@ async fn send_loop(shared: Arc<Shared>, user: u64, client: Client) {
         let body = payload.body(scenario.message_size);
         let outcome = match group {
             Some(gid) => client.send_group_with_seq(client_seq, gid, body).await,
-            None => client.send_with_seq(client_seq, receiver, body).await,
+            None => {
+                client
+                    .send_with_seq(client_seq, &SimUser(receiver).id(), body)
+                    .await
+            }
         };
         // Latency from the intended send time: a stalled server shows up here.
         let acked_at = unix_ns();

@@ -81,6 +81,17 @@ impl UserId {
     }
 }
 
+/// A stable shard number in `0..shards` for a key such as a user id
+/// (FNV-1a over its bytes), for maps sharded by user.
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % shards.max(1) as u64) as usize
+}
+
 impl TryFrom<&str> for UserId {
     type Error = UserIdError;
     fn try_from(s: &str) -> Result<UserId, UserIdError> {

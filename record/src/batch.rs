@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use natter_proto::UserId;
+
 use crate::store::*;
 
 /// The columns of a message, as every store selects them (table alias `m`).
@@ -72,15 +74,18 @@ const MAX_ABOVE: usize = 1024;
 
 /// A device's cursor of one stream: (owner, device, group), group 0 being
 /// the owner's own stream.
-pub(crate) type CursorKey = (u64, String, u64);
+pub(crate) type CursorKey = (UserId, String, u64);
 
 /// The cursor a write moves, if any.
 pub(crate) fn cursor_key(write: &Write) -> Option<CursorKey> {
     match write {
-        Write::Message(m) => Some((m.sender, m.sender_device.clone(), 0)),
-        // System messages (group events) come from no device.
-        Write::GroupMessage(m) if m.sender_device.is_empty() => None,
-        Write::GroupMessage(m) => Some((m.sender, m.sender_device.clone(), m.receiver)),
+        // System messages (group events, notices) come from no device.
+        Write::Message(m) if m.sender_device.is_empty() => None,
+        Write::Message(m) => Some((
+            m.sender.clone(),
+            m.sender_device.clone(),
+            m.to.group().unwrap_or(0),
+        )),
         Write::Received {
             owner,
             device,
@@ -92,19 +97,22 @@ pub(crate) fn cursor_key(write: &Write) -> Option<CursorKey> {
             device,
             group,
             ..
-        } => Some((*owner, device.clone(), *group)),
+        } => Some((owner.clone(), device.clone(), *group)),
     }
 }
 
 /// A dedupe key: (sender, sender device, client seq).
-pub(crate) type Key<'a> = (u64, &'a str, u64);
+pub(crate) type Key<'a> = (&'a UserId, &'a str, u64);
+
+/// A stored message's dedupe key, owned.
+pub(crate) type DedupeKey = (UserId, String, u64);
 
 /// A relation row: a message in one owner's stream.
 pub(crate) struct RelationRow {
-    pub(crate) owner: u64,
+    pub(crate) owner: UserId,
     pub(crate) user_seq: u64,
     pub(crate) mid: u64,
-    pub(crate) other: u64,
+    pub(crate) other: UserId,
     /// 1 outbox, 2 inbox.
     pub(crate) direction: i64,
     pub(crate) time_ms: i64,
@@ -114,10 +122,10 @@ pub(crate) struct RelationRow {
 /// users' streams, and device cursors.
 pub(crate) struct Touched {
     pub(crate) convs: Vec<String>,
-    pub(crate) users: Vec<u64>,
+    pub(crate) users: Vec<UserId>,
     pub(crate) devices: Vec<CursorKey>,
     /// The dedupe keys of the batch's messages.
-    pub(crate) keys: Vec<(u64, String, u64)>,
+    pub(crate) keys: Vec<DedupeKey>,
 }
 
 pub(crate) fn touched(writes: &[Write]) -> Touched {
@@ -128,13 +136,14 @@ pub(crate) fn touched(writes: &[Write]) -> Touched {
     for w in writes {
         match w {
             Write::Message(m) => {
-                convs.push(p2p_conversation(m.sender, m.receiver));
-                users.extend([m.sender, m.receiver]);
-                keys.push((m.sender, m.sender_device.clone(), m.client_seq));
-            }
-            Write::GroupMessage(m) => {
-                convs.push(group_conversation(m.receiver));
-                keys.push((m.sender, m.sender_device.clone(), m.client_seq));
+                match &m.to {
+                    Peer::User(receiver) => {
+                        convs.push(p2p_conversation(&m.sender, receiver));
+                        users.extend([m.sender.clone(), receiver.clone()]);
+                    }
+                    Peer::Group(group) => convs.push(group_conversation(*group)),
+                }
+                keys.push((m.sender.clone(), m.sender_device.clone(), m.client_seq));
             }
             Write::Received { .. } | Write::SetCursor { .. } => {}
         }
@@ -161,7 +170,7 @@ pub(crate) fn touched(writes: &[Write]) -> Touched {
 fn repeat(
     outcomes: &[Outcome],
     in_batch: &HashMap<Key<'_>, usize>,
-    existing: &HashMap<(u64, String, u64), Stored>,
+    existing: &HashMap<DedupeKey, Stored>,
     key: &Key<'_>,
     conversation: &str,
 ) -> Option<Outcome> {
@@ -173,7 +182,9 @@ fn repeat(
             },
             _ => unreachable!("index of a stored message"),
         },
-        None => existing.get(&(key.0, key.1.to_string(), key.2))?.clone(),
+        None => existing
+            .get(&(key.0.clone(), key.1.to_string(), key.2))?
+            .clone(),
     };
     Some(if earlier.message.conversation == conversation {
         Outcome::Stored(earlier)
@@ -188,9 +199,9 @@ pub(crate) struct Walk {
     pub(crate) messages: Vec<StoredMessage>,
     pub(crate) relations: Vec<RelationRow>,
     /// (owner, user_seq) positions acknowledged in owners' streams.
-    pub(crate) received: Vec<(u64, u64)>,
+    pub(crate) received: Vec<(UserId, u64)>,
     pub(crate) touched_convs: Vec<String>,
-    pub(crate) touched_users: Vec<u64>,
+    pub(crate) touched_users: Vec<UserId>,
 }
 
 /// Walks a batch in order with the last sequence numbers of every
@@ -199,60 +210,67 @@ pub(crate) struct Walk {
 /// `existing` holds the messages already stored under the batch's dedupe keys.
 pub(crate) fn walk(
     writes: &[Write],
-    existing: &HashMap<(u64, String, u64), Stored>,
+    existing: &HashMap<DedupeKey, Stored>,
     conv: &mut HashMap<String, u64>,
-    user: &mut HashMap<u64, u64>,
+    user: &mut HashMap<UserId, u64>,
     devices: &mut HashMap<CursorKey, DeviceCursor>,
 ) -> Walk {
     let mut outcomes = Vec::with_capacity(writes.len());
     let mut in_batch: HashMap<Key<'_>, usize> = HashMap::new();
     let mut messages: Vec<StoredMessage> = Vec::new();
     let mut relations: Vec<RelationRow> = Vec::new();
-    let mut received: Vec<(u64, u64)> = Vec::new();
+    let mut received: Vec<(UserId, u64)> = Vec::new();
     let mut touched_convs: Vec<String> = Vec::new();
-    let mut touched_users: Vec<u64> = Vec::new();
+    let mut touched_users: Vec<UserId> = Vec::new();
     for write in writes {
         match write {
-            Write::Message(m) => {
-                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
-                let conversation = p2p_conversation(m.sender, m.receiver);
+            Write::Message(
+                m @ NewMessage {
+                    to: Peer::User(receiver),
+                    ..
+                },
+            ) => {
+                let key = (&m.sender, m.sender_device.as_str(), m.client_seq);
+                let conversation = p2p_conversation(&m.sender, receiver);
                 if let Some(outcome) = repeat(&outcomes, &in_batch, existing, &key, &conversation) {
                     outcomes.push(outcome);
                     continue;
                 }
                 let conv_seq = conv.get(&conversation).copied().unwrap_or(0) + 1;
                 conv.insert(conversation.clone(), conv_seq);
-                let mut next_user = |owner: u64| {
-                    let seq = user.get(&owner).copied().unwrap_or(0) + 1;
-                    user.insert(owner, seq);
+                let mut next_user = |owner: &UserId| {
+                    let seq = user.get(owner).copied().unwrap_or(0) + 1;
+                    user.insert(owner.clone(), seq);
                     seq
                 };
-                let sender_seq = next_user(m.sender);
-                let receiver_seq = if m.receiver == m.sender {
+                let sender_seq = next_user(&m.sender);
+                let receiver_seq = if *receiver == m.sender {
                     sender_seq
                 } else {
-                    next_user(m.receiver)
+                    next_user(receiver)
                 };
                 let stored = m.stored(conversation.clone(), conv_seq);
-                let row = |owner, user_seq, other, direction| RelationRow {
-                    owner,
+                let row = |owner: &UserId, user_seq, other: &UserId, direction| RelationRow {
+                    owner: owner.clone(),
                     user_seq,
                     mid: m.mid,
-                    other,
+                    other: other.clone(),
                     direction,
                     time_ms: m.time_ms,
                 };
-                relations.push(row(m.sender, sender_seq, m.receiver, 1));
-                if m.receiver != m.sender {
-                    relations.push(row(m.receiver, receiver_seq, m.sender, 2));
+                relations.push(row(&m.sender, sender_seq, receiver, 1));
+                if *receiver != m.sender {
+                    relations.push(row(receiver, receiver_seq, &m.sender, 2));
                 }
                 // The sending device holds its own message once it has the ack.
-                devices
-                    .entry((m.sender, m.sender_device.clone(), 0))
-                    .or_default()
-                    .mark(sender_seq);
+                if !m.sender_device.is_empty() {
+                    devices
+                        .entry((m.sender.clone(), m.sender_device.clone(), 0))
+                        .or_default()
+                        .mark(sender_seq);
+                }
                 touched_convs.push(conversation);
-                touched_users.extend([m.sender, m.receiver]);
+                touched_users.extend([m.sender.clone(), receiver.clone()]);
                 in_batch.insert(key, outcomes.len());
                 messages.push(stored.clone());
                 outcomes.push(Outcome::Stored(Stored {
@@ -262,9 +280,14 @@ pub(crate) fn walk(
                     repeat: false,
                 }));
             }
-            Write::GroupMessage(m) => {
-                let key = (m.sender, m.sender_device.as_str(), m.client_seq);
-                let conversation = group_conversation(m.receiver);
+            Write::Message(
+                m @ NewMessage {
+                    to: Peer::Group(group),
+                    ..
+                },
+            ) => {
+                let key = (&m.sender, m.sender_device.as_str(), m.client_seq);
+                let conversation = group_conversation(*group);
                 if let Some(outcome) = repeat(&outcomes, &in_batch, existing, &key, &conversation) {
                     outcomes.push(outcome);
                     continue;
@@ -274,7 +297,7 @@ pub(crate) fn walk(
                 let stored = m.stored(conversation.clone(), conv_seq);
                 if !m.sender_device.is_empty() {
                     devices
-                        .entry((m.sender, m.sender_device.clone(), m.receiver))
+                        .entry((m.sender.clone(), m.sender_device.clone(), *group))
                         .or_default()
                         .mark(conv_seq);
                 }
@@ -296,9 +319,11 @@ pub(crate) fn walk(
                 floor,
             } => {
                 if *group == 0 {
-                    received.push((*owner, *seq));
+                    received.push((owner.clone(), *seq));
                 }
-                let cursor = devices.entry((*owner, device.clone(), *group)).or_default();
+                let cursor = devices
+                    .entry((owner.clone(), device.clone(), *group))
+                    .or_default();
                 cursor.raise_to(*floor);
                 cursor.mark(*seq);
                 outcomes.push(Outcome::Done);
@@ -310,7 +335,7 @@ pub(crate) fn walk(
                 cursor,
             } => {
                 devices
-                    .entry((*owner, device.clone(), *group))
+                    .entry((owner.clone(), device.clone(), *group))
                     .or_default()
                     .set(*cursor);
                 outcomes.push(Outcome::Done);

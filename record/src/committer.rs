@@ -30,7 +30,9 @@ impl From<CommitError> for natter_roles::Refusal {
         use natter_proto::ErrorCode;
         use natter_roles::Refusal;
         match e {
-            CommitError::Closed => Refusal::new(ErrorCode::ServerShutdown, "server is shutting down"),
+            CommitError::Closed => {
+                Refusal::new(ErrorCode::ServerShutdown, "server is shutting down")
+            }
             CommitError::Failed(_) => Refusal::new(ErrorCode::Internal, "storage failed; retry"),
             CommitError::Full => Refusal::new(ErrorCode::RateLimited, "the server is busy; retry"),
         }
@@ -245,7 +247,7 @@ async fn run(
 mod tests {
     use super::*;
     use crate::sqlite::SqliteStore;
-    use crate::suite::text;
+    use crate::suite::{text, u};
 
     #[tokio::test]
     async fn concurrent_writers_share_batches_and_all_commit() {
@@ -266,7 +268,7 @@ mod tests {
         }
         assert_eq!(
             store
-                .sync(2, 0, 500.into())
+                .sync(&u(2), 0, 500.into())
                 .await
                 .expect("sync")
                 .items
@@ -278,7 +280,7 @@ mod tests {
 
         committer
             .enqueue(Write::SetCursor {
-                owner: 2,
+                owner: u(2),
                 device: "d".into(),
                 group: 0,
                 cursor: 5,
@@ -288,7 +290,7 @@ mod tests {
         shutdown.cancel();
         task.await.expect("committer stops");
         // What was queued before shutdown committed; new writes are refused.
-        assert_eq!(store.cursor(2, "d", 0).await.expect("cursor"), 5);
+        assert_eq!(store.cursor(&u(2), "d", 0).await.expect("cursor"), 5);
         assert_eq!(
             committer.write(Write::Message(text(1, 2, 999))).await,
             Err(CommitError::Closed)

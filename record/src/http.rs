@@ -151,12 +151,13 @@ pub async fn caller(headers: &HeaderMap, auth: &dyn Authenticate) -> Result<Iden
                 "Authorization must be Bearer <token>",
             )
         })?;
-    let device = match headers.get(DEVICE_HEADER) {
-        None => None,
-        Some(value) => Some(value.to_str().map_err(|_| {
-            ApiError::new(ErrorCode::BadRequest, "X-Natter-Device must be ASCII")
-        })?),
-    };
+    let device =
+        match headers.get(DEVICE_HEADER) {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                ApiError::new(ErrorCode::BadRequest, "X-Natter-Device must be ASCII")
+            })?),
+        };
     // The token exactly as sent, as over the WebSocket: no trimming.
     Ok(auth.authenticate(token, device).await?)
 }

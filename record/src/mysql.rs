@@ -18,32 +18,68 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
 
 use crate::batch::{
-    expiry_mid_bound, touched, walk, CursorKey, DeviceCursor, Walk, MESSAGE_COLUMNS,
+    expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Walk, MESSAGE_COLUMNS,
 };
 use crate::store::*;
+use natter_proto::UserId;
+
+/// The store's migrations, in order: (version, description, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "messages",
+        include_str!("../migrations/mysql/0001_messages.sql"),
+    ),
+    (
+        2,
+        "device ids case-sensitive",
+        include_str!("../migrations/mysql/0002_device_ids_case_sensitive.sql"),
+    ),
+    (
+        3,
+        "cursor device ids case-sensitive",
+        include_str!("../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"),
+    ),
+    (
+        4,
+        "message user ids",
+        include_str!("../migrations/mysql/0004_message_user_ids.sql"),
+    ),
+    (
+        5,
+        "message conversation order",
+        include_str!("../migrations/mysql/0005_message_conversation_order.sql"),
+    ),
+    (
+        6,
+        "relation user ids",
+        include_str!("../migrations/mysql/0006_relation_user_ids.sql"),
+    ),
+    (
+        7,
+        "conversation ids",
+        include_str!("../migrations/mysql/0007_conversation_ids.sql"),
+    ),
+    (
+        8,
+        "conversation order",
+        include_str!("../migrations/mysql/0008_conversation_order.sql"),
+    ),
+    (
+        9,
+        "user sequence ids",
+        include_str!("../migrations/mysql/0009_user_sequence_ids.sql"),
+    ),
+    (
+        10,
+        "cursor user ids",
+        include_str!("../migrations/mysql/0010_cursor_user_ids.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
-    crate::migrations::migrator(
-        &[
-            (
-                1,
-                "messages",
-                include_str!("../migrations/mysql/0001_messages.sql"),
-            ),
-            (
-                2,
-                "device ids case-sensitive",
-                include_str!("../migrations/mysql/0002_device_ids_case_sensitive.sql"),
-            ),
-            (
-                3,
-                "cursor device ids case-sensitive",
-                include_str!("../migrations/mysql/0003_cursor_device_ids_case_sensitive.sql"),
-            ),
-        ],
-        // The group store's migrations (1001 on) live in the same database.
-        true,
-    )
+    // The group store's migrations (1001 on) live in the same database.
+    crate::migrations::migrator(MIGRATIONS, true)
 }
 
 /// Options for [`MySqlStore::connect`].
@@ -81,15 +117,21 @@ fn device_id(bytes: Vec<u8>) -> Result<String, sqlx::Error> {
     String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
+/// A user id column (`ascii_bin`, read as bytes like device ids).
+fn uid(bytes: Vec<u8>) -> Result<UserId, sqlx::Error> {
+    user_id(device_id(bytes)?)
+}
+
 fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
+    let conversation = device_id(row.try_get("conv_id")?)?;
     Ok(StoredMessage {
         mid: row.try_get::<i64, _>("mid")? as u64,
-        conversation: row.try_get("conv_id")?,
         conv_seq: row.try_get::<i64, _>("conv_seq")? as u64,
-        sender: row.try_get::<i64, _>("sender")? as u64,
+        sender: uid(row.try_get("sender")?)?,
         sender_device: device_id(row.try_get("sender_device")?)?,
         client_seq: row.try_get::<i64, _>("client_seq")? as u64,
-        receiver: row.try_get::<i64, _>("receiver")? as u64,
+        to: peer(&conversation, device_id(row.try_get("receiver")?)?)?,
+        conversation,
         msg_type: row.try_get::<i32, _>("msg_type")? as u32,
         content: row.try_get("content")?,
         time_ms: row.try_get("created_at")?,
@@ -183,8 +225,8 @@ impl MySqlStore {
 /// parties' stream positions.
 async fn find_existing(
     conn: &mut MySqlConnection,
-    keys: &[(u64, String, u64)],
-) -> Result<HashMap<(u64, String, u64), Stored>, sqlx::Error> {
+    keys: &[DedupeKey],
+) -> Result<HashMap<DedupeKey, Stored>, sqlx::Error> {
     let mut found = HashMap::new();
     if keys.is_empty() {
         return Ok(found);
@@ -193,7 +235,7 @@ async fn find_existing(
         "SELECT {MESSAGE_COLUMNS} FROM message m WHERE (m.sender, m.sender_device, m.client_seq) IN "
     ));
     q.push_tuples(keys, |mut b, (sender, device, seq)| {
-        b.push_bind(i(*sender))
+        b.push_bind(sender.as_str())
             .push_bind(device.as_str())
             .push_bind(i(*seq));
     });
@@ -201,29 +243,29 @@ async fn find_existing(
     for row in &rows {
         let message = message_from_row(row)?;
         let (mut sender_seq, mut receiver_seq) = (0, 0);
-        if message.group().is_none() {
-            let seqs: Vec<(i64, i64)> = sqlx::query_as(
+        if let Some(receiver) = message.to.user() {
+            let seqs: Vec<(Vec<u8>, i64)> = sqlx::query_as(
                 "SELECT owner, user_seq FROM relation WHERE (owner = ? AND other = ? AND mid = ?) OR (owner = ? AND other = ? AND mid = ?)",
             )
-            .bind(i(message.sender))
-            .bind(i(message.receiver))
+            .bind(message.sender.as_str())
+            .bind(receiver.as_str())
             .bind(i(message.mid))
-            .bind(i(message.receiver))
-            .bind(i(message.sender))
+            .bind(receiver.as_str())
+            .bind(message.sender.as_str())
             .bind(i(message.mid))
             .fetch_all(&mut *conn)
             .await?;
             for (owner, seq) in seqs {
-                if owner as u64 == message.sender {
+                if owner == message.sender.as_bytes() {
                     sender_seq = seq as u64;
                 }
-                if owner as u64 == message.receiver {
+                if owner == receiver.as_bytes() {
                     receiver_seq = seq as u64;
                 }
             }
         }
         let key = (
-            message.sender,
+            message.sender.clone(),
             message.sender_device.clone(),
             message.client_seq,
         );
@@ -244,8 +286,8 @@ async fn find_existing(
 async fn lock_counters(
     conn: &mut MySqlConnection,
     convs: &[String],
-    users: &[u64],
-) -> Result<(HashMap<String, u64>, HashMap<u64, u64>), sqlx::Error> {
+    users: &[UserId],
+) -> Result<(HashMap<String, u64>, HashMap<UserId, u64>), sqlx::Error> {
     let mut conv = HashMap::new();
     let mut user = HashMap::new();
     if !convs.is_empty() {
@@ -265,24 +307,28 @@ async fn lock_counters(
             b.push_bind(c.as_str());
         });
         q.push(" ORDER BY conv_id FOR UPDATE");
-        let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
-        conv.extend(rows.into_iter().map(|(c, s)| (c, s as u64)));
+        let rows: Vec<(Vec<u8>, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        for (c, s) in rows {
+            conv.insert(device_id(c)?, s as u64);
+        }
     }
     if !users.is_empty() {
         let mut q = QueryBuilder::<MySql>::new("INSERT INTO user_sequence (owner, last_seq) ");
         q.push_values(users, |mut b, u| {
-            b.push_bind(i(*u)).push_bind(0i64);
+            b.push_bind(u.as_str()).push_bind(0i64);
         });
         q.push(" ON DUPLICATE KEY UPDATE last_seq = last_seq");
         q.build().execute(&mut *conn).await?;
         let mut q =
             QueryBuilder::<MySql>::new("SELECT owner, last_seq FROM user_sequence WHERE owner IN ");
         q.push_tuples(users, |mut b, u| {
-            b.push_bind(i(*u));
+            b.push_bind(u.as_str());
         });
         q.push(" ORDER BY owner FOR UPDATE");
-        let rows: Vec<(i64, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
-        user.extend(rows.into_iter().map(|(o, s)| (o as u64, s as u64)));
+        let rows: Vec<(Vec<u8>, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        for (o, s) in rows {
+            user.insert(uid(o)?, s as u64);
+        }
     }
     Ok((conv, user))
 }
@@ -301,7 +347,7 @@ async fn lock_cursors(
     );
     let now = natter_node::ids::now_ms();
     q.push_values(keys, |mut b, (owner, device, gid)| {
-        b.push_bind(i(*owner))
+        b.push_bind(owner.as_str())
             .push_bind(device.as_str())
             .push_bind(i(*gid))
             .push_bind(0i64)
@@ -314,16 +360,16 @@ async fn lock_cursors(
         "SELECT owner, device, gid, cursor_seq, above FROM device_cursor WHERE (owner, device, gid) IN ",
     );
     q.push_tuples(keys, |mut b, (owner, device, gid)| {
-        b.push_bind(i(*owner))
+        b.push_bind(owner.as_str())
             .push_bind(device.as_str())
             .push_bind(i(*gid));
     });
     q.push(" ORDER BY owner, device, gid FOR UPDATE");
-    let rows: Vec<(i64, Vec<u8>, i64, i64, String)> =
+    let rows: Vec<(Vec<u8>, Vec<u8>, i64, i64, String)> =
         q.build_query_as().fetch_all(&mut *conn).await?;
     for (owner, device, gid, cursor, above) in rows {
         cursors.insert(
-            (owner as u64, device_id(device)?, gid as u64),
+            (uid(owner)?, device_id(device)?, gid as u64),
             DeviceCursor {
                 contiguous: cursor as u64,
                 above: parse_above(&above),
@@ -356,10 +402,10 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
             b.push_bind(i(m.mid))
                 .push_bind(m.conversation.as_str())
                 .push_bind(i(m.conv_seq))
-                .push_bind(i(m.sender))
+                .push_bind(m.sender.as_str())
                 .push_bind(m.sender_device.as_str())
                 .push_bind(i(m.client_seq))
-                .push_bind(i(m.receiver))
+                .push_bind(m.to.user().map_or("", |u| u.as_str()))
                 .push_bind(m.msg_type as i32)
                 .push_bind(m.content.as_slice())
                 .push_bind(m.time_ms);
@@ -371,10 +417,10 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
             "INSERT INTO relation (owner, user_seq, mid, other, direction, received, created_at) ",
         );
         q.push_values(&relations, |mut b, r| {
-            b.push_bind(i(r.owner))
+            b.push_bind(r.owner.as_str())
                 .push_bind(i(r.user_seq))
                 .push_bind(i(r.mid))
-                .push_bind(i(r.other))
+                .push_bind(r.other.as_str())
                 .push_bind(r.direction)
                 .push_bind(0i64)
                 .push_bind(r.time_ms);
@@ -386,7 +432,7 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
             "UPDATE relation SET received = 1 WHERE (owner, user_seq) IN ",
         );
         q.push_tuples(&received, |mut b, (owner, seq)| {
-            b.push_bind(i(*owner)).push_bind(i(*seq));
+            b.push_bind(owner.as_str()).push_bind(i(*seq));
         });
         q.build().execute(&mut *conn).await?;
     }
@@ -402,7 +448,7 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
     if !touched_users.is_empty() {
         let mut q = QueryBuilder::<MySql>::new("INSERT INTO user_sequence (owner, last_seq) ");
         q.push_values(&touched_users, |mut b, u| {
-            b.push_bind(i(*u))
+            b.push_bind(u.as_str())
                 .push_bind(i(user.get(u).copied().unwrap_or(0)));
         });
         q.push(" ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)");
@@ -415,7 +461,7 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
         );
         q.push_values(&touched.devices, |mut b, key| {
             let cursor = devices.get(key).cloned().unwrap_or_default();
-            b.push_bind(i(key.0))
+            b.push_bind(key.0.as_str())
                 .push_bind(key.1.as_str())
                 .push_bind(i(key.2))
                 .push_bind(i(cursor.contiguous))
@@ -461,9 +507,9 @@ impl MessageStore for MySqlStore {
         let mut b = QueryBuilder::<MySql>::new(format!(
             "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid WHERE r.owner = "
         ));
-        b.push_bind(i(q.owner))
+        b.push_bind(q.owner.as_str())
             .push(" AND r.other = ")
-            .push_bind(i(q.other))
+            .push_bind(q.other.as_str())
             .push(" AND r.mid < ")
             .push_bind(q.before.map(i).unwrap_or(i64::MAX));
         if !q.types.is_empty() {
@@ -480,7 +526,7 @@ impl MessageStore for MySqlStore {
 
     async fn sync(
         &self,
-        owner: u64,
+        owner: &UserId,
         after: u64,
         limit: PageLimit,
     ) -> Result<Page<SyncItem>, StoreError> {
@@ -490,7 +536,7 @@ impl MessageStore for MySqlStore {
              WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
         );
         let rows = sqlx::query(&sql)
-            .bind(i(owner))
+            .bind(owner.as_str())
             .bind(i(after))
             .bind(i64::from(limit.count))
             .fetch(&self.pool);
@@ -565,20 +611,23 @@ impl MessageStore for MySqlStore {
         b.push_tuples(&convs, |mut t, c| {
             t.push_bind(c.as_str());
         });
-        let rows: Vec<(String, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
-        let known: HashMap<String, u64> = rows.into_iter().map(|(c, s)| (c, s as u64)).collect();
+        let rows: Vec<(Vec<u8>, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
+        let mut known: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+        for (c, s) in rows {
+            known.insert(device_id(c)?, s as u64);
+        }
         Ok(convs
             .iter()
             .map(|c| known.get(c).copied().unwrap_or(0))
             .collect())
     }
 
-    async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError> {
+    async fn cursor(&self, owner: &UserId, device: &str, group: u64) -> Result<u64, StoreError> {
         self.closed()?;
         let cursor: Option<i64> = sqlx::query_scalar(
             "SELECT cursor_seq FROM device_cursor WHERE owner = ? AND device = ? AND gid = ?",
         )
-        .bind(i(owner))
+        .bind(owner.as_str())
         .bind(device)
         .bind(i(group))
         .fetch_optional(&self.pool)
@@ -588,7 +637,7 @@ impl MessageStore for MySqlStore {
 
     async fn group_cursors(
         &self,
-        owner: u64,
+        owner: &UserId,
         device: &str,
         groups: &[u64],
     ) -> Result<Vec<u64>, StoreError> {
@@ -598,7 +647,7 @@ impl MessageStore for MySqlStore {
         }
         let mut b =
             QueryBuilder::<MySql>::new("SELECT gid, cursor_seq FROM device_cursor WHERE owner = ");
-        b.push_bind(i(owner))
+        b.push_bind(owner.as_str())
             .push(" AND device = ")
             .push_bind(device)
             .push(" AND gid IN ");
@@ -619,7 +668,7 @@ impl MessageStore for MySqlStore {
     async fn expire(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         self.closed()?;
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
             "SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ? FOR UPDATE",
         )
         .bind(expiry_mid_bound(before_ms))
@@ -719,6 +768,7 @@ pub mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
+    use crate::suite::u;
     use std::sync::{Arc, Mutex};
 
     #[tokio::test]
@@ -792,8 +842,8 @@ mod tests {
         }
         let page = a
             .history(&HistoryQuery {
-                owner: 1,
-                other: 2,
+                owner: u(1),
+                other: u(2),
                 before: None,
                 limit: 100.into(),
                 types: vec![],
@@ -805,7 +855,7 @@ mod tests {
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
         let stream: Vec<u64> = b
-            .sync(2, 0, 500.into())
+            .sync(&u(2), 0, 500.into())
             .await
             .expect("sync")
             .items

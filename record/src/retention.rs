@@ -56,6 +56,7 @@ mod tests {
     use super::*;
     use crate::sqlite::SqliteStore;
     use crate::store::Write;
+    use crate::suite::u;
 
     #[tokio::test]
     async fn old_messages_go_and_new_ones_stay() {
@@ -79,14 +80,21 @@ mod tests {
             shutdown.clone(),
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while store.sync(2, 0, 10.into()).await.expect("sync").items.len() != 1 {
+        while store
+            .sync(&u(2), 0, 10.into())
+            .await
+            .expect("sync")
+            .items
+            .len()
+            != 1
+        {
             assert!(
                 std::time::Instant::now() < deadline,
                 "retention did not run"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left = store.sync(2, 0, 10.into()).await.expect("sync").items;
+        let left = store.sync(&u(2), 0, 10.into()).await.expect("sync").items;
         assert_eq!(left[0].message.client_seq, 3, "the day-old message stays");
         shutdown.cancel();
         job.await.expect("the job stops on shutdown");

@@ -20,32 +20,38 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
 use crate::batch::{
-    cursor_key, expiry_mid_bound, touched, walk, CursorKey, DeviceCursor, Key, Walk,
+    cursor_key, expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Key, Walk,
     MESSAGE_COLUMNS,
 };
 use crate::store::*;
+use natter_proto::UserId;
+
+/// The store's migrations, in order: (version, description, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "messages",
+        include_str!("../migrations/sqlite/0001_messages.sql"),
+    ),
+    (
+        2,
+        "groups",
+        include_str!("../migrations/sqlite/0002_groups.sql"),
+    ),
+    (
+        3,
+        "health",
+        include_str!("../migrations/sqlite/0003_health.sql"),
+    ),
+    (
+        4,
+        "string user ids",
+        include_str!("../migrations/sqlite/0004_string_user_ids.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
-    crate::migrations::migrator(
-        &[
-            (
-                1,
-                "messages",
-                include_str!("../migrations/sqlite/0001_messages.sql"),
-            ),
-            (
-                2,
-                "groups",
-                include_str!("../migrations/sqlite/0002_groups.sql"),
-            ),
-            (
-                3,
-                "health",
-                include_str!("../migrations/sqlite/0003_health.sql"),
-            ),
-        ],
-        false,
-    )
+    crate::migrations::migrator(MIGRATIONS, false)
 }
 
 /// Options for [`SqliteStore::open`].
@@ -82,7 +88,7 @@ const DIRTY_LIMIT: usize = 50_000;
 /// State cached by the single writer.
 struct Counters {
     conv: HashMap<String, u64>,
-    user: HashMap<u64, u64>,
+    user: HashMap<UserId, u64>,
     devices: HashMap<CursorKey, DeviceCursor>,
     /// Cursors changed in memory and not yet written.
     dirty: HashSet<CursorKey>,
@@ -345,17 +351,18 @@ impl Drop for WriteTx {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
+    let conversation: String = row.try_get("conv_id")?;
     Ok(StoredMessage {
         mid: row.try_get::<i64, _>("mid")? as u64,
-        conversation: row.try_get("conv_id")?,
         conv_seq: row.try_get::<i64, _>("conv_seq")? as u64,
-        sender: row.try_get::<i64, _>("sender")? as u64,
+        sender: user_id(row.try_get("sender")?)?,
         sender_device: row.try_get("sender_device")?,
         client_seq: row.try_get::<i64, _>("client_seq")? as u64,
-        receiver: row.try_get::<i64, _>("receiver")? as u64,
+        to: peer(&conversation, row.try_get("receiver")?)?,
         msg_type: row.try_get::<i64, _>("msg_type")? as u32,
         content: row.try_get("content")?,
         time_ms: row.try_get("created_at")?,
+        conversation,
     })
 }
 
@@ -432,7 +439,7 @@ fn hex(bytes: &[u8]) -> String {
 async fn find_existing(
     conn: &mut SqliteConnection,
     keys: &[Key<'_>],
-) -> Result<HashMap<(u64, String, u64), Stored>, sqlx::Error> {
+) -> Result<HashMap<DedupeKey, Stored>, sqlx::Error> {
     let rows = sqlx::query(DEDUPE_SQL)
         .bind(json(keys))
         .fetch_all(&mut *conn)
@@ -441,26 +448,27 @@ async fn find_existing(
     for row in &rows {
         let message = message_from_row(row)?;
         // Group messages have no relation rows: their position is conv_seq.
-        let seqs: Vec<(i64, i64)> = if message.group().is_some() {
-            Vec::new()
-        } else {
-            sqlx::query_as(RELATION_SEQS_SQL)
-                .bind(message.sender as i64)
-                .bind(message.receiver as i64)
-                .bind(message.mid as i64)
-                .fetch_all(&mut *conn)
-                .await?
+        let seqs: Vec<(String, i64)> = match message.to.user() {
+            None => Vec::new(),
+            Some(receiver) => {
+                sqlx::query_as(RELATION_SEQS_SQL)
+                    .bind(message.sender.as_str())
+                    .bind(receiver.as_str())
+                    .bind(message.mid as i64)
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
         };
-        let seq_of = |owner: u64| {
+        let seq_of = |owner: Option<&UserId>| {
             seqs.iter()
-                .find(|(o, _)| *o as u64 == owner)
+                .find(|(o, _)| Some(o.as_str()) == owner.map(|u| u.as_str()))
                 .map(|(_, s)| *s as u64)
                 .unwrap_or(0)
         };
-        let (sender_seq, receiver_seq) = (seq_of(message.sender), seq_of(message.receiver));
+        let (sender_seq, receiver_seq) = (seq_of(Some(&message.sender)), seq_of(message.to.user()));
         found.insert(
             (
-                message.sender,
+                message.sender.clone(),
                 message.sender_device.clone(),
                 message.client_seq,
             ),
@@ -480,7 +488,7 @@ async fn load_counters(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
     convs: &[String],
-    users: &[u64],
+    users: &[UserId],
 ) -> Result<(), sqlx::Error> {
     let convs: Vec<&String> = convs
         .iter()
@@ -499,24 +507,19 @@ async fn load_counters(
                 .insert(conv.clone(), known.remove(conv).unwrap_or(0));
         }
     }
-    let users: Vec<u64> = users
+    let users: Vec<&UserId> = users
         .iter()
-        .copied()
-        .filter(|u| !counters.user.contains_key(u))
+        .filter(|u| !counters.user.contains_key(*u))
         .collect();
     if !users.is_empty() {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(USERS_SQL)
+        let rows: Vec<(String, i64)> = sqlx::query_as(USERS_SQL)
             .bind(json(&users))
             .fetch_all(&mut *conn)
             .await?;
-        let known: HashMap<u64, u64> = rows
-            .into_iter()
-            .map(|(o, s)| (o as u64, s as u64))
-            .collect();
+        let known: HashMap<String, u64> = rows.into_iter().map(|(o, s)| (o, s as u64)).collect();
         for owner in users {
-            counters
-                .user
-                .insert(owner, known.get(&owner).copied().unwrap_or(0));
+            let last = known.get(owner.as_str()).copied().unwrap_or(0);
+            counters.user.insert(owner.clone(), last);
         }
     }
     Ok(())
@@ -537,7 +540,7 @@ async fn load_cursors(
     }
     let (streams, groups): (Vec<&CursorKey>, Vec<&CursorKey>) =
         missing.iter().partition(|key| key.2 == 0);
-    let mut rows: Vec<(i64, String, i64, i64)> = Vec::new();
+    let mut rows: Vec<(String, String, i64, i64)> = Vec::new();
     if !streams.is_empty() {
         rows.extend(
             sqlx::query_as(CURSORS_SQL)
@@ -554,10 +557,10 @@ async fn load_cursors(
                 .await?,
         );
     }
-    let mut stored: HashMap<CursorKey, u64> = rows
-        .into_iter()
-        .map(|(owner, device, group, cursor)| ((owner as u64, device, group as u64), cursor as u64))
-        .collect();
+    let mut stored: HashMap<CursorKey, u64> = HashMap::with_capacity(rows.len());
+    for (owner, device, group, cursor) in rows {
+        stored.insert((user_id(owner)?, device, group as u64), cursor as u64);
+    }
     for key in missing {
         let contiguous = stored.remove(key).unwrap_or(0);
         counters.devices.insert(
@@ -584,7 +587,7 @@ async fn apply(
     let keys: Vec<Key<'_>> = touched
         .keys
         .iter()
-        .map(|(sender, device, seq)| (*sender, device.as_str(), *seq))
+        .map(|(sender, device, seq)| (sender, device.as_str(), *seq))
         .collect();
     let existing = if keys.is_empty() {
         HashMap::new()
@@ -618,10 +621,10 @@ async fn apply(
                     m.mid,
                     &m.conversation,
                     m.conv_seq,
-                    m.sender,
+                    &m.sender,
                     &m.sender_device,
                     m.client_seq,
-                    m.receiver,
+                    m.to.user().map_or("", |u| u.as_str()),
                     m.msg_type,
                     hex(&m.content),
                     m.time_ms,
@@ -633,7 +636,16 @@ async fn apply(
     if !relations.is_empty() {
         let rows: Vec<_> = relations
             .iter()
-            .map(|r| (r.owner, r.user_seq, r.mid, r.other, r.direction, r.time_ms))
+            .map(|r| {
+                (
+                    &r.owner,
+                    r.user_seq,
+                    r.mid,
+                    &r.other,
+                    r.direction,
+                    r.time_ms,
+                )
+            })
             .collect();
         write_rows(conn, INSERT_RELATIONS_SQL, rows).await?;
     }
@@ -657,7 +669,7 @@ async fn apply(
     if !touched_users.is_empty() {
         let rows: Vec<_> = touched_users
             .iter()
-            .map(|u| (*u, counters.user.get(u).copied().unwrap_or(0)))
+            .map(|u| (u, counters.user.get(u).copied().unwrap_or(0)))
             .collect();
         write_rows(conn, UPSERT_USERS_SQL, rows).await?;
     }
@@ -674,9 +686,9 @@ async fn flush_cursors(
     for key in &counters.dirty {
         if let Some(c) = counters.devices.get(key) {
             if key.2 == 0 {
-                cursor_rows.push((key.0, &key.1, c.contiguous));
+                cursor_rows.push((&key.0, &key.1, c.contiguous));
             } else {
-                group_cursor_rows.push((key.0, &key.1, key.2, c.contiguous));
+                group_cursor_rows.push((&key.0, &key.1, key.2, c.contiguous));
             }
         }
     }
@@ -701,7 +713,7 @@ async fn flush_cursors(
 }
 
 /// `writes` as group push-acks, or none if any of them is something else.
-fn group_acks(writes: &[Write]) -> Vec<(u64, &str, GroupAck)> {
+fn group_acks(writes: &[Write]) -> Vec<(&UserId, &str, GroupAck)> {
     let mut acks = Vec::with_capacity(writes.len());
     for write in writes {
         match write {
@@ -712,7 +724,7 @@ fn group_acks(writes: &[Write]) -> Vec<(u64, &str, GroupAck)> {
                 seq,
                 floor,
             } if *group != 0 => acks.push((
-                *owner,
+                owner,
                 device.as_str(),
                 GroupAck {
                     group: *group,
@@ -731,7 +743,7 @@ impl SqliteStore {
     /// when it can: every cursor is cached and no write-out is due. (Most
     /// batches under fan-out are only acks.) `false` when they need a
     /// transaction; then nothing was applied.
-    fn in_memory(&self, counters: &mut Counters, acks: &[(u64, &str, GroupAck)]) -> bool {
+    fn in_memory(&self, counters: &mut Counters, acks: &[(&UserId, &str, GroupAck)]) -> bool {
         if acks.is_empty() || counters.flush_due() {
             return false;
         }
@@ -743,12 +755,12 @@ impl SqliteStore {
                 return false;
             }
             if let Some((key, range)) = runs.last_mut() {
-                if key.0 == *owner && key.2 == ack.group && key.1 == *device {
+                if key.0 == **owner && key.2 == ack.group && key.1 == *device {
                     range.end = i + 1;
                     continue;
                 }
             }
-            let key = (*owner, device.to_string(), ack.group);
+            let key = ((*owner).clone(), device.to_string(), ack.group);
             if !counters.devices.contains_key(&key) {
                 return false;
             }
@@ -833,7 +845,7 @@ impl SqliteStore {
 
 #[async_trait]
 impl MessageStore for SqliteStore {
-    fn received_now(&self, owner: u64, device: &str, acks: &[GroupAck]) -> bool {
+    fn received_now(&self, owner: &UserId, device: &str, acks: &[GroupAck]) -> bool {
         if self.closed().is_err() {
             return false;
         }
@@ -842,7 +854,7 @@ impl MessageStore for SqliteStore {
         let Ok(mut counters) = self.writer.try_lock() else {
             return false;
         };
-        let acks: Vec<(u64, &str, GroupAck)> =
+        let acks: Vec<(&UserId, &str, GroupAck)> =
             acks.iter().map(|ack| (owner, device, *ack)).collect();
         self.in_memory(&mut counters, &acks)
     }
@@ -865,8 +877,8 @@ impl MessageStore for SqliteStore {
         }
         sql.push_str(" ORDER BY r.mid DESC LIMIT ?");
         let mut query = sqlx::query(&sql)
-            .bind(q.owner as i64)
-            .bind(q.other as i64)
+            .bind(q.owner.as_str())
+            .bind(q.other.as_str())
             .bind(
                 q.before
                     .map(|b| b.min(i64::MAX as u64) as i64)
@@ -881,7 +893,7 @@ impl MessageStore for SqliteStore {
 
     async fn sync(
         &self,
-        owner: u64,
+        owner: &UserId,
         after: u64,
         limit: PageLimit,
     ) -> Result<Page<SyncItem>, StoreError> {
@@ -891,7 +903,7 @@ impl MessageStore for SqliteStore {
              WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
         );
         let rows = sqlx::query(&sql)
-            .bind(owner as i64)
+            .bind(owner.as_str())
             .bind(after.min(i64::MAX as u64) as i64)
             .bind(i64::from(limit.count))
             .fetch(&self.pool);
@@ -973,18 +985,18 @@ impl MessageStore for SqliteStore {
             .collect())
     }
 
-    async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError> {
+    async fn cursor(&self, owner: &UserId, device: &str, group: u64) -> Result<u64, StoreError> {
         self.closed()?;
         if let Some(cursor) = self
             .unflushed()
-            .get(&(owner, device.to_string(), group))
+            .get(&(owner.clone(), device.to_string(), group))
             .copied()
         {
             return Ok(cursor);
         }
         let cursor = if group == 0 {
             sqlx::query_scalar::<_, i64>("SELECT cursor FROM device WHERE owner = ? AND device = ?")
-                .bind(owner as i64)
+                .bind(owner.as_str())
                 .bind(device)
                 .fetch_optional(&self.pool)
                 .await?
@@ -992,7 +1004,7 @@ impl MessageStore for SqliteStore {
             sqlx::query_scalar::<_, i64>(
                 "SELECT cursor FROM group_cursor WHERE owner = ? AND device = ? AND gid = ?",
             )
-            .bind(owner as i64)
+            .bind(owner.as_str())
             .bind(device)
             .bind(group.min(i64::MAX as u64) as i64)
             .fetch_optional(&self.pool)
@@ -1003,7 +1015,7 @@ impl MessageStore for SqliteStore {
 
     async fn group_cursors(
         &self,
-        owner: u64,
+        owner: &UserId,
         device: &str,
         groups: &[u64],
     ) -> Result<Vec<u64>, StoreError> {
@@ -1011,8 +1023,8 @@ impl MessageStore for SqliteStore {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<(u64, &str, u64)> = groups.iter().map(|g| (owner, device, *g)).collect();
-        let rows: Vec<(i64, String, i64, i64)> = sqlx::query_as(GROUP_CURSORS_SQL)
+        let keys: Vec<(&UserId, &str, u64)> = groups.iter().map(|g| (owner, device, *g)).collect();
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(GROUP_CURSORS_SQL)
             .bind(json(&keys))
             .fetch_all(&self.pool)
             .await?;
@@ -1025,7 +1037,7 @@ impl MessageStore for SqliteStore {
             .iter()
             .map(|g| {
                 unflushed
-                    .get(&(owner, device.to_string(), *g))
+                    .get(&(owner.clone(), device.to_string(), *g))
                     .or_else(|| stored.get(g))
                     .copied()
                     .unwrap_or(0)
@@ -1040,7 +1052,7 @@ impl MessageStore for SqliteStore {
         // however large the tables are.
         let _writer = self.writer.lock().await;
         let mut tx = WriteTx::begin(&self.pool).await?;
-        let rows: Vec<(i64, i64, i64)> =
+        let rows: Vec<(i64, String, String)> =
             sqlx::query_as("SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ?")
                 .bind(expiry_mid_bound(before_ms))
                 .bind(before_ms)
@@ -1110,6 +1122,7 @@ impl MessageStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::suite::u;
 
     /// A pool of one connection to a fresh database file.
     async fn one_connection(dir: &tempfile::TempDir) -> SqlitePool {
@@ -1123,6 +1136,101 @@ mod tests {
             .connect_with(connect)
             .await
             .expect("pool")
+    }
+
+    /// A database written with integer user ids (protocol version 1) is
+    /// migrated in place: ids become their decimal strings, one-to-one
+    /// conversation ids take the new byte-wise order, group messages lose
+    /// their numeric receiver, and the store reads and extends all of it.
+    #[tokio::test]
+    async fn integer_user_ids_of_version_1_become_strings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v1.db");
+        {
+            let connect = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(connect).await.expect("pool");
+            crate::migrations::migrator(&MIGRATIONS[..3], false)
+                .run(&pool)
+                .await
+                .expect("version 1 schema");
+            for sql in [
+                // 2 -> 10 (p:2:10 numerically; p:10:2 byte-wise), and a group message.
+                "INSERT INTO message VALUES (100, 'p:2:10', 1, 2, 'phone', 1, 10, 1, x'0a040a026869', 1700000000000)",
+                "INSERT INTO message VALUES (101, 'g:7', 1, 2, 'phone', 2, 7, 1, x'0a040a026869', 1700000000001)",
+                "INSERT INTO relation VALUES (2, 1, 100, 10, 1, 0, 1700000000000)",
+                "INSERT INTO relation VALUES (10, 1, 100, 2, 2, 1, 1700000000000)",
+                "INSERT INTO conversation VALUES ('p:2:10', 1), ('g:7', 1)",
+                "INSERT INTO user_sequence VALUES (2, 1), (10, 1)",
+                "INSERT INTO device VALUES (10, 'phone', 1, 0)",
+                "INSERT INTO group_cursor VALUES (2, 'phone', 7, 1, 0)",
+            ] {
+                sqlx::query(sql).execute(&pool).await.expect(sql);
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path, &SqliteOptions::default())
+            .await
+            .expect("migrated");
+        let (two, ten) = (u_id("2"), u_id("10"));
+        let synced = store.sync(&ten, 0, 10.into()).await.expect("sync").items;
+        assert_eq!(synced.len(), 1);
+        assert_eq!(synced[0].message.conversation, "p:10:2");
+        assert_eq!(synced[0].message.sender, two);
+        assert_eq!(synced[0].message.to, Peer::User(ten.clone()));
+        assert_eq!(store.cursor(&ten, "phone", 0).await.expect("cursor"), 1);
+        assert_eq!(store.cursor(&two, "phone", 7).await.expect("cursor"), 1);
+        let group = store.group_sync(7, 0, 10.into()).await.expect("group");
+        assert_eq!(group.items[0].to, Peer::Group(7));
+        assert_eq!(group.items[0].sender, two);
+        // The conversation goes on where it was, in both streams.
+        let next = store
+            .write_batch(&[Write::Message(NewMessage {
+                mid: 200,
+                time_ms: 1_700_000_000_100,
+                sender: ten.clone(),
+                sender_device: "phone".into(),
+                client_seq: 1,
+                to: Peer::User(two.clone()),
+                msg_type: 1,
+                content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
+            })])
+            .await
+            .expect("write");
+        let Outcome::Stored(next) = &next[0] else {
+            panic!("stored")
+        };
+        assert!(!next.repeat, "(10, phone, 1) is a new key: 2 sent seq 1");
+        assert_eq!(next.message.conversation, "p:10:2");
+        assert_eq!(next.message.conv_seq, 2);
+        assert_eq!((next.sender_seq, next.receiver_seq), (2, 2));
+        let seqs = store.group_seqs(&[7]).await.expect("seqs");
+        assert_eq!(seqs, vec![1]);
+        // A resend of the version 1 message is still recognised.
+        let again = store
+            .write_batch(&[Write::Message(NewMessage {
+                mid: 201,
+                time_ms: 1_700_000_000_200,
+                sender: two.clone(),
+                sender_device: "phone".into(),
+                client_seq: 1,
+                to: Peer::User(ten.clone()),
+                msg_type: 1,
+                content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
+            })])
+            .await
+            .expect("write");
+        let Outcome::Stored(again) = &again[0] else {
+            panic!("stored")
+        };
+        assert!(again.repeat);
+        assert_eq!(again.message.mid, 100);
+        assert_eq!((again.sender_seq, again.receiver_seq), (1, 1));
+    }
+
+    fn u_id(s: &str) -> UserId {
+        UserId::parse(s).expect("user id")
     }
 
     /// Whatever state a failed transaction left its connection in (still
@@ -1293,7 +1401,7 @@ mod tests {
         let acks: Vec<Write> = (1..=3)
             .map(|seq| Write::Received {
                 floor: 0,
-                owner: 2,
+                owner: u(2),
                 device: "phone".into(),
                 group: 9,
                 seq,
@@ -1301,7 +1409,7 @@ mod tests {
             .collect();
         store.write_batch(&acks).await.expect("acks");
         // Served from memory at once; not in the table yet.
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 3);
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM group_cursor WHERE owner = 2")
             .fetch_one(&store.pool)
             .await
@@ -1311,8 +1419,8 @@ mod tests {
         let store = SqliteStore::open(&path, &SqliteOptions::default())
             .await
             .expect("reopen");
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 3);
-        assert_eq!(store.cursor(1, "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 3);
+        assert_eq!(store.cursor(&u(1), "phone", 9).await.expect("cursor"), 3);
         store.close().await;
     }
 
@@ -1322,7 +1430,7 @@ mod tests {
         let (path, store) = group_of_three(&dir).await;
         let ack = |seq| Write::Received {
             floor: 0,
-            owner: 2,
+            owner: u(2),
             device: "phone".into(),
             group: 9,
             seq,
@@ -1337,34 +1445,34 @@ mod tests {
                 .collect()
         };
         // Not cached yet: the store declines, and the batch path loads it.
-        assert!(!store.received_now(2, "phone", &acks(9, &[1])));
+        assert!(!store.received_now(&u(2), "phone", &acks(9, &[1])));
         store.write_batch(&[ack(1)]).await.expect("ack");
-        assert!(store.received_now(2, "phone", &acks(9, &[2])));
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
+        assert!(store.received_now(&u(2), "phone", &acks(9, &[2])));
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 2);
         // One-to-one acks always take the batch path.
-        assert!(!store.received_now(2, "phone", &acks(0, &[1])));
+        assert!(!store.received_now(&u(2), "phone", &acks(0, &[1])));
         // All or nothing: one ack the store cannot take here declines them all.
         let mut mixed = acks(9, &[3]);
         mixed.extend(acks(10, &[1]));
-        assert!(!store.received_now(2, "phone", &mixed));
-        assert!(!store.received_now(3, "phone", &acks(9, &[3])));
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 2);
+        assert!(!store.received_now(&u(2), "phone", &mixed));
+        assert!(!store.received_now(&u(3), "phone", &acks(9, &[3])));
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 2);
         // Not while the writer is busy.
         let busy = store.writer.lock().await;
-        assert!(!store.received_now(2, "phone", &acks(9, &[3])));
+        assert!(!store.received_now(&u(2), "phone", &acks(9, &[3])));
         drop(busy);
-        assert!(store.received_now(2, "phone", &acks(9, &[3])));
+        assert!(store.received_now(&u(2), "phone", &acks(9, &[3])));
         // A run of acks for one cursor, recorded together.
         crate::suite::store_group_one(&store, 1, 9, 4).await;
         crate::suite::store_group_one(&store, 1, 9, 5).await;
-        assert!(store.received_now(2, "phone", &acks(9, &[5, 4])));
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 5);
+        assert!(store.received_now(&u(2), "phone", &acks(9, &[5, 4])));
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 5);
         // Written out on close like any other cursor.
         store.close().await;
         let store = SqliteStore::open(&path, &SqliteOptions::default())
             .await
             .expect("reopen");
-        assert_eq!(store.cursor(2, "phone", 9).await.expect("cursor"), 5);
+        assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 5);
         store.close().await;
     }
 

@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use futures_util::{Stream, TryStreamExt};
 use natter_proto::msg::{Message, MessageBody};
+use natter_proto::UserId;
 use prost::Message as _;
 
 /// A storage failure. The caller answers the client with `internal` and the
@@ -25,18 +26,34 @@ pub enum StoreError {
 /// integers are signed 64-bit); anything above it is refused on input.
 pub const MAX_ID: u64 = i64::MAX as u64;
 
-/// The id of a one-to-one conversation: `p:{smaller uid}:{larger uid}`.
-pub fn p2p_conversation(a: u64, b: u64) -> String {
-    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    format!("p:{lo}:{hi}")
+/// The id of a one-to-one conversation: `p:{a}:{b}`, the byte-wise
+/// smaller user id first.
+pub fn p2p_conversation(a: &UserId, b: &UserId) -> String {
+    a.conversation_with(b)
 }
 
-/// The two members of a one-to-one conversation id, if it is one.
-pub fn parse_p2p_conversation(id: &str) -> Option<(u64, u64)> {
+/// The two members of a one-to-one conversation id, if it is one (in its
+/// one canonical order).
+pub fn parse_p2p_conversation(id: &str) -> Option<(UserId, UserId)> {
     let rest = id.strip_prefix("p:")?;
     let (a, b) = rest.split_once(':')?;
-    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
-    (a <= b && p2p_conversation(a, b) == id).then_some((a, b))
+    let (a, b) = (UserId::parse(a).ok()?, UserId::parse(b).ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// A user id read back from a store (a decode error if it is not one: the
+/// stores only ever write valid ids).
+pub(crate) fn user_id(stored: String) -> Result<UserId, sqlx::Error> {
+    UserId::try_from(stored).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// A stored message's receiver: the group of a group conversation (whose
+/// `receiver` column is empty), else the receiving user.
+pub(crate) fn peer(conversation: &str, receiver: String) -> Result<Peer, sqlx::Error> {
+    match parse_group_conversation(conversation) {
+        Some(group) => Ok(Peer::Group(group)),
+        None => Ok(Peer::User(user_id(receiver)?)),
+    }
 }
 
 /// The id of a group's conversation: `g:{group}`.
@@ -50,16 +67,41 @@ pub fn parse_group_conversation(id: &str) -> Option<u64> {
     (group_conversation(group) == id).then_some(group)
 }
 
+/// Where a message goes: a user's stream, or a group.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    User(UserId),
+    Group(u64),
+}
+
+impl Peer {
+    /// The receiving user of a one-to-one message.
+    pub fn user(&self) -> Option<&UserId> {
+        match self {
+            Peer::User(uid) => Some(uid),
+            Peer::Group(_) => None,
+        }
+    }
+
+    /// The group of a group message.
+    pub fn group(&self) -> Option<u64> {
+        match self {
+            Peer::User(_) => None,
+            Peer::Group(group) => Some(*group),
+        }
+    }
+}
+
 /// A message to store; its `mid` was assigned by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewMessage {
     pub mid: u64,
     pub time_ms: i64,
-    pub sender: u64,
+    pub sender: UserId,
     pub sender_device: String,
     pub client_seq: u64,
-    /// The receiving user, or for [`Write::GroupMessage`] the group.
-    pub receiver: u64,
+    /// The receiving user or group.
+    pub to: Peer,
     pub msg_type: u32,
     /// The encoded `MessageBody`.
     pub content: Vec<u8>,
@@ -72,10 +114,10 @@ impl NewMessage {
             mid: self.mid,
             conversation,
             conv_seq,
-            sender: self.sender,
+            sender: self.sender.clone(),
             sender_device: self.sender_device.clone(),
             client_seq: self.client_seq,
-            receiver: self.receiver,
+            to: self.to.clone(),
             msg_type: self.msg_type,
             content: self.content.clone(),
             time_ms: self.time_ms,
@@ -89,11 +131,11 @@ pub struct StoredMessage {
     pub mid: u64,
     pub conversation: String,
     pub conv_seq: u64,
-    pub sender: u64,
+    pub sender: UserId,
     pub sender_device: String,
     pub client_seq: u64,
-    /// The receiving user, or for a group message the group.
-    pub receiver: u64,
+    /// The receiving user, or the group of a group message.
+    pub to: Peer,
     pub msg_type: u32,
     pub content: Vec<u8>,
     pub time_ms: i64,
@@ -109,7 +151,12 @@ impl StoredMessage {
     /// overhead, about the size of its protobuf encoding. (Its JSON form is
     /// larger by a constant factor: base64 content, escaped strings.)
     pub fn page_bytes(&self) -> usize {
-        self.content.len() + self.conversation.len() + self.sender_device.len() + MESSAGE_OVERHEAD
+        self.content.len()
+            + self.conversation.len()
+            + self.sender.len()
+            + self.to.user().map_or(0, |u| u.len())
+            + self.sender_device.len()
+            + MESSAGE_OVERHEAD
     }
 
     /// The decoded body; `None` if the stored bytes do not decode (they were
@@ -126,22 +173,21 @@ impl StoredMessage {
 
     /// The group, for a group message.
     pub fn group(&self) -> Option<u64> {
-        parse_group_conversation(&self.conversation)
+        self.to.group()
     }
 
     /// The wire form, as seen by the user whose stream position is
     /// `user_seq` (0 for group messages).
     pub fn to_proto(&self, user_seq: u64) -> Message {
-        let group = self.group().unwrap_or(0);
         Message {
-            group,
+            group: self.to.group().unwrap_or(0),
             mid: self.mid,
             conversation: self.conversation.clone(),
             conv_seq: self.conv_seq,
             user_seq,
-            sender: self.sender,
+            sender: self.sender.to_string(),
             sender_device: self.sender_device.clone(),
-            receiver: if group == 0 { self.receiver } else { 0 },
+            receiver: self.to.user().map(|u| u.to_string()).unwrap_or_default(),
             client_seq: self.client_seq,
             time_ms: self.time_ms,
             body: self.body(),
@@ -152,17 +198,17 @@ impl StoredMessage {
 /// One write in a group-committed batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// Store a one-to-one message, unless (sender, device, client seq) is stored already.
+    /// Store a message, unless (sender, device, client seq) is stored
+    /// already: to a user, numbered in the pair's conversation and in both
+    /// users' streams (relation rows); to a group, once, numbered in the
+    /// group's conversation, with no per-member rows.
     Message(NewMessage),
-    /// Store a message to the group `receiver` once, numbered in the group's
-    /// conversation; no per-member rows. Deduplicated as above.
-    GroupMessage(NewMessage),
     /// A device acknowledged the message at position `seq` of a stream: its
     /// owner's (`group` 0, `seq` a `user_seq`) or a group's (`seq` a
     /// `conv_seq`). The device's stored cursor advances only over positions
     /// without a gap, so it never passes a message the device has not had.
     Received {
-        owner: u64,
+        owner: UserId,
         device: String,
         group: u64,
         seq: u64,
@@ -173,7 +219,7 @@ pub enum Write {
     /// A device holds everything of a stream up to `cursor` and vouches for
     /// nothing after it: the device's cursor is set to exactly this.
     SetCursor {
-        owner: u64,
+        owner: UserId,
         device: String,
         group: u64,
         cursor: u64,
@@ -289,8 +335,8 @@ impl<T> Page<T> {
 /// A page of one user's conversation history, newest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryQuery {
-    pub owner: u64,
-    pub other: u64,
+    pub owner: UserId,
+    pub other: UserId,
     /// Only messages with a smaller mid; `None` for the newest.
     pub before: Option<u64>,
     pub limit: PageLimit,
@@ -341,7 +387,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// with these `owner` and `device` would record. `false`: nothing was
     /// done, and the acks go through [`MessageStore::write_batch`]. Never
     /// waits.
-    fn received_now(&self, _owner: u64, _device: &str, _acks: &[GroupAck]) -> bool {
+    fn received_now(&self, _owner: &UserId, _device: &str, _acks: &[GroupAck]) -> bool {
         false
     }
 
@@ -351,7 +397,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// A page (up to `limit`) of `owner`'s stream with `user_seq > after`, in order.
     async fn sync(
         &self,
-        owner: u64,
+        owner: &UserId,
         after: u64,
         limit: PageLimit,
     ) -> Result<Page<SyncItem>, StoreError>;
@@ -375,12 +421,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// The device's stored cursor for a stream: its owner's (`group` 0) or a
     /// group's (0 for a device never seen).
-    async fn cursor(&self, owner: u64, device: &str, group: u64) -> Result<u64, StoreError>;
+    async fn cursor(&self, owner: &UserId, device: &str, group: u64) -> Result<u64, StoreError>;
 
     /// The device's stored cursors for each of `groups`, in order (0 for none).
     async fn group_cursors(
         &self,
-        owner: u64,
+        owner: &UserId,
         device: &str,
         groups: &[u64],
     ) -> Result<Vec<u64>, StoreError>;

@@ -6,21 +6,29 @@ use std::future::Future;
 use natter_proto::msg::{MessageBody, MessageType};
 use prost::Message as _;
 
+use natter_proto::UserId;
+
 use crate::store::*;
 
 static NEXT_MID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
 
+/// The suite's user number `n`: the user id `u{n}`. (Cases about the ids
+/// themselves use [`UserId`]s of their own.)
+pub fn u(n: u64) -> UserId {
+    UserId::parse(&format!("u{n}")).expect("a valid user id")
+}
+
 /// A text message from `sender` ("phone") to `receiver` with `client_seq`.
 pub fn text(sender: u64, receiver: u64, client_seq: u64) -> NewMessage {
     typed(
-        sender,
-        receiver,
+        u(sender),
+        Peer::User(u(receiver)),
         client_seq,
         MessageBody::text(format!("{sender}->{receiver} #{client_seq}")),
     )
 }
 
-fn typed(sender: u64, receiver: u64, client_seq: u64, body: MessageBody) -> NewMessage {
+fn typed(sender: UserId, to: Peer, client_seq: u64, body: MessageBody) -> NewMessage {
     let mid = NEXT_MID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     NewMessage {
         mid,
@@ -28,7 +36,7 @@ fn typed(sender: u64, receiver: u64, client_seq: u64, body: MessageBody) -> NewM
         sender,
         sender_device: "phone".into(),
         client_seq,
-        receiver,
+        to,
         msg_type: body.message_type().map(|t| t as u32).unwrap_or(0),
         content: body.encode_to_vec(),
     }
@@ -70,22 +78,106 @@ where
     group_cursors_are_per_device_and_group(&make().await).await;
     device_ids_are_case_sensitive(&make().await).await;
     pages_stop_at_their_byte_budget(&make().await).await;
+    user_ids_are_compared_byte_for_byte(&make().await).await;
+}
+
+/// Ids that differ only in case are two users with streams of their own;
+/// a 64-byte id is stored whole; conversation ids put the byte-wise smaller
+/// id first (`B` is 0x42, `a` is 0x61).
+async fn user_ids_are_compared_byte_for_byte(store: &dyn MessageStore) {
+    let id = |s: &str| UserId::parse(s).expect("a valid user id");
+    let (upper, lower, long) = (id("Bob"), id("bob"), id(&"Z9.-_@".repeat(11)[..64]));
+    let send = |from: &UserId, to: &UserId, seq: u64| {
+        Write::Message(typed(
+            from.clone(),
+            Peer::User(to.clone()),
+            seq,
+            MessageBody::text("hi"),
+        ))
+    };
+    let outcomes = store
+        .write_batch(&[
+            send(&upper, &lower, 1),
+            send(&lower, &upper, 1),
+            send(&long, &lower, 1),
+            send(&upper, &lower, 1),
+        ])
+        .await
+        .expect("write");
+    let stored: Vec<&Stored> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Stored(s) => s,
+            other => panic!("expected a stored message, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(stored[0].message.conversation, "p:Bob:bob");
+    assert_eq!(stored[1].message.conversation, "p:Bob:bob");
+    assert_eq!(
+        stored[2].message.conversation,
+        format!("p:{long}:bob"),
+        "'Z' (0x5a) sorts before 'b'"
+    );
+    // (Bob, phone, 1) and (bob, phone, 1) are two senders' first messages.
+    assert!(!stored[1].repeat, "another sender's client seq 1");
+    assert!(stored[3].repeat, "Bob's resend");
+    assert_eq!(
+        (stored[0].sender_seq, stored[0].receiver_seq),
+        (1, 1),
+        "Bob's and bob's streams are their own"
+    );
+    assert_eq!((stored[1].sender_seq, stored[1].receiver_seq), (2, 2));
+    assert_eq!(stored[2].receiver_seq, 3);
+    let bobs = store.sync(&lower, 0, 10.into()).await.expect("sync").items;
+    assert_eq!(bobs.len(), 3);
+    assert_eq!(
+        bobs[2].message.sender, long,
+        "a 64-byte id comes back whole"
+    );
+    let uppers = store.sync(&upper, 0, 10.into()).await.expect("sync").items;
+    assert_eq!(uppers.len(), 2);
+    let history = store
+        .history(&HistoryQuery {
+            owner: long.clone(),
+            other: lower.clone(),
+            before: None,
+            limit: 10.into(),
+            types: Vec::new(),
+        })
+        .await
+        .expect("history");
+    assert_eq!(history.items.len(), 1);
+    assert_eq!(history.items[0].to.user(), Some(&lower));
+    let none = store
+        .history(&HistoryQuery {
+            owner: id("BOB"),
+            other: lower.clone(),
+            before: None,
+            limit: 10.into(),
+            types: Vec::new(),
+        })
+        .await
+        .expect("history");
+    assert!(none.items.is_empty(), "BOB is nobody here");
 }
 
 /// Stores a message of `size` bytes of custom data (to a group with `group`).
 async fn store_large(store: &dyn MessageStore, to: u64, client_seq: u64, size: usize, group: bool) {
+    let to = if group {
+        Peer::Group(to)
+    } else {
+        Peer::User(u(to))
+    };
     let message = typed(
-        1,
+        u(1),
         to,
         client_seq,
         MessageBody::custom("blob", vec![7; size]),
     );
-    let write = if group {
-        Write::GroupMessage(message)
-    } else {
-        Write::Message(message)
-    };
-    store.write_batch(&[write]).await.expect("write");
+    store
+        .write_batch(&[Write::Message(message)])
+        .await
+        .expect("write");
 }
 
 async fn pages_stop_at_their_byte_budget(store: &dyn MessageStore) {
@@ -93,7 +185,7 @@ async fn pages_stop_at_their_byte_budget(store: &dyn MessageStore) {
         store_large(store, 2, i, 1000, false).await;
         store_large(store, 9, 100 + i, 1000, true).await;
     }
-    let all = store.sync(2, 0, 100.into()).await.expect("sync");
+    let all = store.sync(&u(2), 0, 100.into()).await.expect("sync");
     assert_eq!((all.items.len(), all.more), (5, false));
     let one = all.items[0].message.page_bytes();
     assert!(one > 1000, "{one}");
@@ -101,30 +193,30 @@ async fn pages_stop_at_their_byte_budget(store: &dyn MessageStore) {
 
     // Two and a half messages' worth: two, and more follow.
     let page = store
-        .sync(2, 0, PageLimit::new(100, 2 * one + one / 2))
+        .sync(&u(2), 0, PageLimit::new(100, 2 * one + one / 2))
         .await
         .expect("sync");
     assert_eq!((seqs(&page), page.more), (vec![1, 2], true));
     // Exactly two fit.
     let page = store
-        .sync(2, 2, PageLimit::new(100, 2 * one))
+        .sync(&u(2), 2, PageLimit::new(100, 2 * one))
         .await
         .expect("sync");
     assert_eq!((seqs(&page), page.more), (vec![3, 4], true));
     // A message larger than the budget comes alone, so paging progresses.
     let page = store
-        .sync(2, 0, PageLimit::new(100, one / 2))
+        .sync(&u(2), 0, PageLimit::new(100, one / 2))
         .await
         .expect("sync");
     assert_eq!((seqs(&page), page.more), (vec![1], true));
     // The rest fits: the last page says so.
     let page = store
-        .sync(2, 3, PageLimit::new(100, 10 * one))
+        .sync(&u(2), 3, PageLimit::new(100, 10 * one))
         .await
         .expect("sync");
     assert_eq!((seqs(&page), page.more), (vec![4, 5], false));
     // A page full by count may have more.
-    let page = store.sync(2, 0, 5.into()).await.expect("sync");
+    let page = store.sync(&u(2), 0, 5.into()).await.expect("sync");
     assert!(page.more);
 
     let group = store
@@ -136,8 +228,8 @@ async fn pages_stop_at_their_byte_budget(store: &dyn MessageStore) {
     assert_eq!((conv_seqs(&group), group.more), (vec![1, 2], true));
     let history = store
         .history(&HistoryQuery {
-            owner: 2,
-            other: 1,
+            owner: u(2),
+            other: u(1),
             before: None,
             limit: PageLimit::new(100, 2 * one + one / 2),
             types: vec![],
@@ -173,8 +265,8 @@ async fn pages_stop_at_their_byte_budget(store: &dyn MessageStore) {
 /// A text message from `sender` ("phone") to `group` with `client_seq`.
 pub fn group_text(sender: u64, group: u64, client_seq: u64) -> NewMessage {
     typed(
-        sender,
-        group,
+        u(sender),
+        Peer::Group(group),
         client_seq,
         MessageBody::text(format!("{sender}->g{group} #{client_seq}")),
     )
@@ -188,7 +280,7 @@ pub async fn store_group_one(
     client_seq: u64,
 ) -> Stored {
     let outcomes = store
-        .write_batch(&[Write::GroupMessage(group_text(sender, group, client_seq))])
+        .write_batch(&[Write::Message(group_text(sender, group, client_seq))])
         .await
         .expect("write");
     match outcomes.into_iter().next() {
@@ -208,13 +300,13 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     assert_eq!((a.sender_seq, a.receiver_seq), (0, 0));
     // A group message is in no user's stream.
     assert!(store
-        .sync(1, 0, 10.into())
+        .sync(&u(1), 0, 10.into())
         .await
         .expect("sync")
         .items
         .is_empty());
     assert!(store
-        .sync(7, 0, 10.into())
+        .sync(&u(7), 0, 10.into())
         .await
         .expect("sync")
         .items
@@ -226,8 +318,8 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     assert_eq!(again.message.mid, a.message.mid);
     let twice = store
         .write_batch(&[
-            Write::GroupMessage(group_text(3, 7, 1)),
-            Write::GroupMessage(group_text(3, 7, 1)),
+            Write::Message(group_text(3, 7, 1)),
+            Write::Message(group_text(3, 7, 1)),
         ])
         .await
         .expect("batch");
@@ -244,7 +336,7 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     let reused = store
         .write_batch(&[
             Write::Message(text(1, 7, 1)),
-            Write::GroupMessage(group_text(1, 8, 1)),
+            Write::Message(group_text(1, 8, 1)),
         ])
         .await
         .expect("batch");
@@ -253,7 +345,7 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
     let numbers: Vec<u64> = synced.iter().map(|m| m.conv_seq).collect();
     assert_eq!(numbers, vec![1, 2, 3]);
     assert_eq!(synced[0].to_proto(0).group, 7);
-    assert_eq!(synced[0].to_proto(0).receiver, 0);
+    assert_eq!(synced[0].to_proto(0).receiver, "");
     let after = store.group_sync(7, 2, 10.into()).await.expect("sync").items;
     assert_eq!(after.len(), 1);
     assert_eq!(
@@ -322,42 +414,42 @@ async fn group_cursors_are_per_device_and_group(store: &dyn MessageStore) {
         store_group_one(store, 1, 4, i).await;
     }
     // The sending device holds what it sent; nobody else does.
-    assert_eq!(store.cursor(1, "phone", 4).await.expect("cursor"), 3);
-    assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 0);
-    assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(1), "phone", 4).await.expect("cursor"), 3);
+    assert_eq!(store.cursor(&u(1), "phone", 0).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(2), "phone", 4).await.expect("cursor"), 0);
     let ack = |seq| Write::Received {
         floor: 0,
-        owner: 2,
+        owner: u(2),
         device: "phone".into(),
         group: 4,
         seq,
     };
     store.write_batch(&[ack(1), ack(3)]).await.expect("acks");
-    assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 1);
+    assert_eq!(store.cursor(&u(2), "phone", 4).await.expect("cursor"), 1);
     store.write_batch(&[ack(2)]).await.expect("acks");
-    assert_eq!(store.cursor(2, "phone", 4).await.expect("cursor"), 3);
-    assert_eq!(store.cursor(2, "laptop", 4).await.expect("cursor"), 0);
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(2), "phone", 4).await.expect("cursor"), 3);
+    assert_eq!(store.cursor(&u(2), "laptop", 4).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 0);
     store
         .write_batch(&[Write::SetCursor {
-            owner: 2,
+            owner: u(2),
             device: "laptop".into(),
             group: 4,
             cursor: 2,
         }])
         .await
         .expect("set");
-    assert_eq!(store.cursor(2, "laptop", 4).await.expect("cursor"), 2);
+    assert_eq!(store.cursor(&u(2), "laptop", 4).await.expect("cursor"), 2);
     assert_eq!(
         store
-            .group_cursors(2, "laptop", &[4, 5])
+            .group_cursors(&u(2), "laptop", &[4, 5])
             .await
             .expect("cursors"),
         vec![2, 0]
     );
     assert_eq!(
         store
-            .group_cursors(2, "phone", &[9, 4])
+            .group_cursors(&u(2), "phone", &[9, 4])
             .await
             .expect("cursors"),
         vec![0, 3]
@@ -368,7 +460,7 @@ async fn sequences_are_contiguous(store: &dyn MessageStore) {
     let a = store_one(store, 1, 2, 1).await;
     let b = store_one(store, 2, 1, 1).await;
     let c = store_one(store, 1, 3, 2).await;
-    assert_eq!(a.message.conversation, "p:1:2");
+    assert_eq!(a.message.conversation, "p:u1:u2");
     assert_eq!(
         (a.message.conv_seq, b.message.conv_seq, c.message.conv_seq),
         (1, 2, 1)
@@ -409,7 +501,7 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
     assert!(!stored[0].repeat && stored[1].repeat && !stored[2].repeat);
     assert_eq!(stored[0].message.mid, stored[1].message.mid);
     assert_eq!(stored[2].message.conv_seq, 3);
-    let all = store.sync(2, 0, 100.into()).await.expect("sync").items;
+    let all = store.sync(&u(2), 0, 100.into()).await.expect("sync").items;
     assert_eq!(all.len(), 3, "one row per distinct message");
 }
 
@@ -437,11 +529,11 @@ async fn device_ids_are_case_sensitive(store: &dyn MessageStore) {
     assert_eq!(stored[1].message.sender_device, "Phone");
     // ... and each device has its own cursor: each holds its own message,
     // and "Phone" has not had "phone"'s, which comes first.
-    assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 1);
-    assert_eq!(store.cursor(1, "Phone", 0).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(1), "phone", 0).await.expect("cursor"), 1);
+    assert_eq!(store.cursor(&u(1), "Phone", 0).await.expect("cursor"), 0);
     let ack = |device: &str, seq| Write::Received {
         floor: 0,
-        owner: 2,
+        owner: u(2),
         device: device.into(),
         group: 0,
         seq,
@@ -450,8 +542,8 @@ async fn device_ids_are_case_sensitive(store: &dyn MessageStore) {
         .write_batch(&[ack("tablet", 1), ack("tablet", 2), ack("Tablet", 1)])
         .await
         .expect("acks");
-    assert_eq!(store.cursor(2, "tablet", 0).await.expect("cursor"), 2);
-    assert_eq!(store.cursor(2, "Tablet", 0).await.expect("cursor"), 1);
+    assert_eq!(store.cursor(&u(2), "tablet", 0).await.expect("cursor"), 2);
+    assert_eq!(store.cursor(&u(2), "Tablet", 0).await.expect("cursor"), 1);
 }
 
 async fn history_pages_before_a_mid(store: &dyn MessageStore) {
@@ -469,7 +561,7 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
         )),
     };
     let Outcome::Stored(img) = store
-        .write_batch(&[Write::Message(typed(2, 1, 1, image))])
+        .write_batch(&[Write::Message(typed(u(2), Peer::User(u(1)), 1, image))])
         .await
         .expect("image")[0]
         .clone()
@@ -477,8 +569,8 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
         panic!("not stored")
     };
     let query = |before, limit: u32, types: Vec<u32>| HistoryQuery {
-        owner: 1,
-        other: 2,
+        owner: u(1),
+        other: u(2),
         before,
         limit: limit.into(),
         types,
@@ -513,8 +605,8 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
     );
     // The receiver sees the same conversation from the other side.
     let theirs = HistoryQuery {
-        owner: 2,
-        other: 1,
+        owner: u(2),
+        other: u(1),
         before: None,
         limit: 100.into(),
         types: vec![],
@@ -524,8 +616,8 @@ async fn history_pages_before_a_mid(store: &dyn MessageStore) {
         6
     );
     let nobody = HistoryQuery {
-        owner: 3,
-        other: 2,
+        owner: u(3),
+        other: u(2),
         before: None,
         limit: 100.into(),
         types: vec![],
@@ -543,82 +635,87 @@ async fn sync_returns_the_stream_in_order(store: &dyn MessageStore) {
         store_one(store, 1, 2, i).await;
         store_one(store, 3, 2, i).await;
     }
-    let all = store.sync(2, 0, 100.into()).await.expect("sync").items;
+    let all = store.sync(&u(2), 0, 100.into()).await.expect("sync").items;
     assert_eq!(
         all.iter().map(|i| i.user_seq).collect::<Vec<_>>(),
         (1..=8).collect::<Vec<_>>()
     );
-    let page = store.sync(2, 5, 2.into()).await.expect("sync").items;
+    let page = store.sync(&u(2), 5, 2.into()).await.expect("sync").items;
     assert_eq!(
         page.iter().map(|i| i.user_seq).collect::<Vec<_>>(),
         vec![6, 7]
     );
     // The sender's own stream holds its outbox.
-    let outbox = store.sync(1, 0, 100.into()).await.expect("sync").items;
+    let outbox = store.sync(&u(1), 0, 100.into()).await.expect("sync").items;
     assert_eq!(outbox.len(), 4);
-    assert!(outbox.iter().all(|i| i.message.sender == 1));
+    assert!(outbox.iter().all(|i| i.message.sender == u(1)));
     let proto = all[0].message.to_proto(all[0].user_seq);
     assert_eq!(proto.user_seq, 1);
     assert!(proto.body.is_some());
 }
 
 async fn cursors_follow_acks(store: &dyn MessageStore) {
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 0);
     for i in 1..=5 {
         store_one(store, 1, 2, i).await;
     }
     // Sending moves the sending device's cursor, not another device's.
-    assert_eq!(store.cursor(1, "phone", 0).await.expect("cursor"), 5);
-    assert_eq!(store.cursor(1, "laptop", 0).await.expect("cursor"), 0);
+    assert_eq!(store.cursor(&u(1), "phone", 0).await.expect("cursor"), 5);
+    assert_eq!(store.cursor(&u(1), "laptop", 0).await.expect("cursor"), 0);
     let ack = |seq| Write::Received {
         floor: 0,
-        owner: 2,
+        owner: u(2),
         device: "phone".into(),
         group: 0,
         seq,
     };
     store.write_batch(&[ack(1), ack(3)]).await.expect("acks");
     // 2 is missing: the cursor waits at 1 rather than pass it.
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 1);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 1);
     store.write_batch(&[ack(2), ack(5)]).await.expect("acks");
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 3);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 3);
     store.write_batch(&[ack(4)]).await.expect("acks");
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 5);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 5);
     // An explicit cursor from the device wins, both ways.
     store
         .write_batch(&[Write::SetCursor {
-            owner: 2,
+            owner: u(2),
             device: "phone".into(),
             group: 0,
             cursor: 2,
         }])
         .await
         .expect("set");
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 2);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 2);
     store.write_batch(&[ack(4)]).await.expect("acks");
     assert_eq!(
-        store.cursor(2, "phone", 0).await.expect("cursor"),
+        store.cursor(&u(2), "phone", 0).await.expect("cursor"),
         2,
         "3 is not vouched for"
     );
     store
         .write_batch(&[Write::SetCursor {
-            owner: 2,
+            owner: u(2),
             device: "phone".into(),
             group: 0,
             cursor: 5,
         }])
         .await
         .expect("set");
-    assert_eq!(store.cursor(2, "phone", 0).await.expect("cursor"), 5);
+    assert_eq!(store.cursor(&u(2), "phone", 0).await.expect("cursor"), 5);
 }
 
 async fn message_to_oneself(store: &dyn MessageStore) {
     let note = store_one(store, 5, 5, 1).await;
-    assert_eq!(note.message.conversation, "p:5:5");
+    assert_eq!(note.message.conversation, "p:u5:u5");
     assert_eq!(note.sender_seq, note.receiver_seq);
     assert_eq!(
-        store.sync(5, 0, 10.into()).await.expect("sync").items.len(),
+        store
+            .sync(&u(5), 0, 10.into())
+            .await
+            .expect("sync")
+            .items
+            .len(),
         1
     );
     let again = store_one(store, 5, 5, 1).await;
@@ -643,12 +740,12 @@ async fn expiry_deletes_old_messages_only(store: &dyn MessageStore) {
     assert_eq!(store.expire(t0 + 500, 2).await.expect("expire"), 2);
     assert_eq!(store.expire(t0 + 500, 100).await.expect("expire"), 3);
     assert_eq!(store.expire(t0 + 500, 100).await.expect("expire"), 0);
-    let left = store.sync(2, 0, 100.into()).await.expect("sync").items;
+    let left = store.sync(&u(2), 0, 100.into()).await.expect("sync").items;
     assert_eq!(left.len(), 1, "the newer message stays");
     assert_eq!(left[0].message.client_seq, 9);
     assert_eq!(
         store
-            .sync(1, 0, 100.into())
+            .sync(&u(1), 0, 100.into())
             .await
             .expect("sync")
             .items
@@ -657,8 +754,8 @@ async fn expiry_deletes_old_messages_only(store: &dyn MessageStore) {
         "both sides' relation rows went"
     );
     let history = HistoryQuery {
-        owner: 1,
-        other: 2,
+        owner: u(1),
+        other: u(2),
         before: None,
         limit: 100.into(),
         types: vec![],

@@ -41,6 +41,13 @@ pub trait Authenticate: Send + Sync + 'static {
     async fn authenticate(&self, token: &str, device: Option<&str>) -> Result<Identity, Refusal>;
 }
 
+#[async_trait]
+impl<A: Authenticate + ?Sized> Authenticate for std::sync::Arc<A> {
+    async fn authenticate(&self, token: &str, device: Option<&str>) -> Result<Identity, Refusal> {
+        (**self).authenticate(token, device).await
+    }
+}
+
 /// Whether `device` is an acceptable device id: 1–64 printable ASCII
 /// characters without spaces.
 pub fn valid_device(device: &str) -> bool {
@@ -246,7 +253,9 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let tokens = Tokens::new(b"0123456789abcdef".to_vec());
-        let token = tokens.mint_at(&uid("Alice"), "phone", 1_000, 60).expect("mint");
+        let token = tokens
+            .mint_at(&uid("Alice"), "phone", 1_000, 60)
+            .expect("mint");
         let claims = tokens.verify_at(&token, 1_030).expect("valid");
         assert_eq!(claims.uid, uid("Alice"));
         assert_ne!(claims.uid, uid("alice"), "ids compare byte for byte");
@@ -289,7 +298,9 @@ mod tests {
     fn tampered_or_foreign_tokens_fail() {
         let tokens = Tokens::new(b"0123456789abcdef".to_vec());
         let other = Tokens::new(b"fedcba9876543210".to_vec());
-        let token = tokens.mint_at(&uid("u-42"), "phone", 1_000, 60).expect("mint");
+        let token = tokens
+            .mint_at(&uid("u-42"), "phone", 1_000, 60)
+            .expect("mint");
         assert_eq!(other.verify_at(&token, 1_000), Err(ErrorCode::AuthFailed));
         let forged_payload =
             URL_SAFE_NO_PAD.encode(r#"{"uid":"u-1","dev":"phone","iat":0,"exp":99999999999}"#);

@@ -72,4 +72,3 @@ pub trait Gateway: Send + Sync + 'static {
     /// Closes one connection with a reason.
     fn kick(&self, conn: u64, code: ErrorCode, reason: &str);
 }
-

@@ -75,4 +75,3 @@ pub trait LogicService: Send + Sync + 'static {
         request: SyncRequest,
     ) -> Result<SyncReply, Refusal>;
 }
-

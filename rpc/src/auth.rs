@@ -11,9 +11,9 @@
 //!   secret; it neither hides nor binds the request's body (the plane is a
 //!   private network; see ARCHITECTURE.md).
 //! - **The session** ([`SessionKey`]): `Authenticate` answers with a
-//!   [`pb::Grant`], the session (uid, device, node, conn) signed by logic
-//!   with a key derived from `auth.secret`, which only logic nodes (and the
-//!   account system) hold — gateways do not. Every later per-session call
+//!   [`pb::Grant`], the session (uid, device, node, conn) in its protobuf
+//!   encoding, signed by logic with a key derived from `auth.secret`, which
+//!   only logic nodes (and the account system) hold — gateways do not. Every later per-session call
 //!   (send, sync, push-ack, disconnect, heartbeat) presents it, and logic
 //!   acts for the uid and device written in the grant, never for what the
 //!   caller says: a gateway cannot act for a user who has not connected to
@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use natter_logic::Session;
+use natter_roles::Session;
 use prost::Message as _;
 use sha2::Sha256;
 use tonic::body::Body;
@@ -218,19 +218,28 @@ impl std::fmt::Debug for SessionKey {
 impl SessionKey {
     pub fn new(auth_secret: &[u8]) -> SessionKey {
         SessionKey {
-            key: derive(auth_secret, "natter session grant v1"),
+            // v2: sessions name string user ids. A v1 grant (numeric uid)
+            // signed before an upgrade does not verify under this key.
+            key: derive(auth_secret, "natter session grant v2"),
         }
     }
 
-    /// The grant of `session`.
+    /// The grant of `session`: its protobuf encoding and the MAC of exactly
+    /// those bytes. The encoding frames every field with its tag and every
+    /// string with its length, so the signed bytes name one session only: a
+    /// boundary cannot move between the uid and the device.
     pub fn grant(&self, session: &Session) -> pb::Grant {
         let bytes = crate::to_pb(session).encode_to_vec();
-        let mut m = mac(&self.key);
-        m.update(&bytes);
         pb::Grant {
+            tag: self.tag(&bytes),
             session: bytes,
-            tag: m.finalize().into_bytes().to_vec(),
         }
+    }
+
+    fn tag(&self, session: &[u8]) -> Vec<u8> {
+        let mut m = mac(&self.key);
+        m.update(session);
+        m.finalize().into_bytes().to_vec()
     }
 
     /// The session a grant names, if logic signed it.
@@ -244,16 +253,19 @@ impl SessionKey {
         if m.verify_slice(&grant.tag).is_err() {
             return refused("session grant does not verify");
         }
-        match pb::Session::decode(grant.session.as_slice()) {
-            Ok(session) => Ok(crate::from_pb(session)),
-            Err(_) => refused("session grant does not decode"),
-        }
+        let Ok(session) = pb::Session::decode(grant.session.as_slice()) else {
+            return refused("session grant does not decode");
+        };
+        // Logic signs only sessions of valid users; one that is not is
+        // refused all the same, never trusted.
+        crate::from_pb(session).map_err(Status::unauthenticated)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natter_proto::UserId;
     use std::sync::Arc;
 
     const SECRET: &[u8] = b"a cluster secret of at least 32 bytes";
@@ -289,39 +301,108 @@ mod tests {
         refuse(Some(truncated), path, 1_000_000);
     }
 
-    fn session(uid: u64, conn: u64) -> Session {
+    fn uid(s: &str) -> UserId {
+        UserId::parse(s).expect("valid uid")
+    }
+
+    fn session_of(uid_: &str, device: &str, conn: u64) -> Session {
         Session {
-            uid,
-            device: "phone".into(),
+            uid: uid(uid_),
+            device: device.into(),
             node: Arc::from("comet-1"),
             conn,
         }
     }
 
+    fn session(uid_: &str, conn: u64) -> Session {
+        session_of(uid_, "phone", conn)
+    }
+
+    fn refused(logic: &SessionKey, g: Option<&pb::Grant>) {
+        assert_eq!(
+            logic.verify(g).expect_err("refused").code(),
+            tonic::Code::Unauthenticated
+        )
+    }
+
     #[test]
     fn a_grant_names_its_session_and_any_change_to_it_is_refused() {
         let logic = SessionKey::new(SECRET);
-        let grant = logic.grant(&session(7, 3));
-        assert_eq!(logic.verify(Some(&grant)).expect("signed"), session(7, 3));
-        let refused = |g: Option<&pb::Grant>| {
-            assert_eq!(
-                logic.verify(g).expect_err("refused").code(),
-                tonic::Code::Unauthenticated
-            )
-        };
-        refused(None);
-        // Another uid or conn with the first one's tag.
-        for other in [session(8, 3), session(7, 4)] {
+        let grant = logic.grant(&session("u-7", 3));
+        assert_eq!(
+            logic.verify(Some(&grant)).expect("signed"),
+            session("u-7", 3)
+        );
+        refused(&logic, None);
+        // Another uid (one differing only in case, too) or conn with the
+        // first one's tag.
+        for other in [session("u-8", 3), session("U-7", 3), session("u-7", 4)] {
             let mut forged = grant.clone();
             forged.session = crate::to_pb(&other).encode_to_vec();
-            refused(Some(&forged));
+            refused(&logic, Some(&forged));
         }
-        refused(Some(&pb::Grant {
-            session: grant.session.clone(),
-            tag: Vec::new(),
-        }));
+        refused(
+            &logic,
+            Some(&pb::Grant {
+                session: grant.session.clone(),
+                tag: Vec::new(),
+            }),
+        );
         // Signed with another key (the plane's, or another cluster's).
         let foreign = SessionKey::new(b"another secret of at least 32 bytes!!");
-        refused(Some(&foreign.grant(&session(7, 3))));
+        refused(&logic, Some(&foreign.grant(&session("u-7", 3))));
+    }
+
+    #[test]
+    fn signed_bytes_name_one_session_only() {
+        let logic = SessionKey::new(SECRET);
+        // The same characters split differently between uid and device.
+        let ab_c = session_of("ab", "c", 1);
+        let a_bc = session_of("a", "bc", 1);
+        let one = logic.grant(&ab_c);
+        let two = logic.grant(&a_bc);
+        assert_ne!(one.session, two.session);
+        assert_ne!(one.tag, two.tag);
+        assert_eq!(logic.verify(Some(&one)).expect("signed"), ab_c);
+        assert_eq!(logic.verify(Some(&two)).expect("signed"), a_bc);
+        refused(
+            &logic,
+            Some(&pb::Grant {
+                session: two.session.clone(),
+                tag: one.tag.clone(),
+            }),
+        );
+        // The longest id and its case variants survive the round trip.
+        for id in ["x".repeat(64), "Alice".into(), "alice".into()] {
+            let s = session(&id, 9);
+            assert_eq!(logic.verify(Some(&logic.grant(&s))).expect("signed"), s);
+        }
+    }
+
+    #[test]
+    fn a_signed_session_naming_an_invalid_user_is_refused() {
+        let logic = SessionKey::new(SECRET);
+        let too_long = "x".repeat(65);
+        for bad in ["", "a:b", "a b", "..", too_long.as_str()] {
+            let session = pb::Session {
+                uid: bad.into(),
+                device: "phone".into(),
+                node: "comet-1".into(),
+                conn: 1,
+            }
+            .encode_to_vec();
+            let grant = pb::Grant {
+                tag: logic.tag(&session),
+                session,
+            };
+            refused(&logic, Some(&grant));
+        }
+        // Not even a session, but signed.
+        let junk = vec![0xff; 8];
+        let grant = pb::Grant {
+            tag: logic.tag(&junk),
+            session: junk,
+        };
+        refused(&logic, Some(&grant));
     }
 }

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use natter_logic::{
-    Acked, Connected, Gateway, LogicService, Push, PushBatch, Rejection, Session, Target,
-};
 use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
-use natter_proto::{ErrorCode, Op};
-use natter_record::http::Identity;
+use natter_proto::{ErrorCode, Op, UserId};
+use natter_roles::{
+    Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Session, Target,
+};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
@@ -50,43 +49,50 @@ pub mod pb {
 
 fn to_pb(s: &Session) -> pb::Session {
     pb::Session {
-        uid: s.uid,
+        uid: s.uid.to_string(),
         device: s.device.clone(),
         node: s.node.to_string(),
         conn: s.conn,
     }
 }
 
-fn from_pb(s: pb::Session) -> Session {
-    Session {
-        uid: s.uid,
+/// A user id from the wire: parsed, never trusted (`what` names the field
+/// in the error).
+fn user_id(uid: &str, what: &str) -> Result<UserId, String> {
+    UserId::parse(uid).map_err(|e| format!("{what}: {e}"))
+}
+
+fn from_pb(s: pb::Session) -> Result<Session, String> {
+    Ok(Session {
+        uid: user_id(&s.uid, "session uid")?,
         device: s.device,
         node: Arc::from(s.node.as_str()),
         conn: s.conn,
-    }
+    })
 }
 
-fn rejection_to_pb(r: Rejection) -> pb::Rejection {
-    pb::Rejection {
+fn refusal_to_pb(r: Refusal) -> pb::Refusal {
+    pb::Refusal {
         code: r.code as u32,
         message: r.message,
         until_ms: r.until_ms,
     }
 }
 
-fn rejection_from_pb(r: pb::Rejection) -> Rejection {
-    Rejection {
+fn refusal_from_pb(r: pb::Refusal) -> Refusal {
+    Refusal {
+        // A code this node does not know (a newer node's) is still a refusal.
         code: ErrorCode::from_u32(r.code).unwrap_or(ErrorCode::Internal),
         message: r.message,
         until_ms: r.until_ms,
     }
 }
 
-fn answer(result: Result<Vec<u8>, Rejection>) -> pb::Answer {
+fn answer(result: Result<Vec<u8>, Refusal>) -> pb::Answer {
     pb::Answer {
         result: Some(match result {
             Ok(reply) => pb::answer::Result::Reply(reply),
-            Err(r) => pb::answer::Result::Rejected(rejection_to_pb(r)),
+            Err(r) => pb::answer::Result::Refused(refusal_to_pb(r)),
         }),
     }
 }
@@ -123,24 +129,28 @@ impl pb::logic_server::Logic for LogicServer {
         request: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::ConnectResult>, Status> {
         let r = request.into_inner();
-        let result = match self.logic.connect(&r.token, &r.node, r.conn).await {
+        let connected = self
+            .logic
+            .connect(&r.token, &r.device, &r.node, r.conn)
+            .await;
+        let result = match connected {
             Ok(c) => {
                 // The session exactly as registered: the token's user and
                 // device on the connection the gateway named.
                 let session = Session {
-                    uid: c.identity.uid,
+                    uid: c.identity.uid.clone(),
                     device: c.identity.device.clone(),
                     node: Arc::from(r.node.as_str()),
                     conn: r.conn,
                 };
                 pb::connect_result::Result::Connected(pb::Connected {
-                    uid: c.identity.uid,
+                    uid: c.identity.uid.to_string(),
                     device: c.identity.device,
                     cursor: c.cursor,
                     grant: Some(self.sessions.grant(&session)),
                 })
             }
-            Err(e) => pb::connect_result::Result::Rejected(rejection_to_pb(e)),
+            Err(e) => pb::connect_result::Result::Refused(refusal_to_pb(e)),
         };
         Ok(Response::new(pb::ConnectResult {
             result: Some(result),
@@ -197,7 +207,7 @@ impl pb::logic_server::Logic for LogicServer {
                 seq: a.seq,
             })
             .collect();
-        self.logic.push_acked(from.uid, &from.device, &acked).await;
+        self.logic.push_acked(&from.uid, &from.device, &acked).await;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -208,7 +218,7 @@ impl pb::logic_server::Logic for LogicServer {
             SyncRequest::decode(r.request.as_slice()).map_err(|e| bad_request("request", e))?;
         let result = self
             .logic
-            .sync(from.uid, &from.device, sync)
+            .sync(&from.uid, &from.device, sync)
             .await
             .map(|reply| reply.encode_to_vec());
         Ok(Response::new(answer(result)))
@@ -259,11 +269,11 @@ struct Grants {
     /// The connections of each (uid, device), latest last: sync and
     /// push-acks name a device, not a connection, and any grant of the
     /// device vouches for it.
-    by_device: HashMap<(u64, String), Vec<u64>>,
+    by_device: HashMap<(UserId, String), Vec<u64>>,
 }
 
 impl Grants {
-    fn insert(&mut self, uid: u64, device: &str, conn: u64, grant: pb::Grant) {
+    fn insert(&mut self, uid: UserId, device: &str, conn: u64, grant: pb::Grant) {
         self.by_conn.insert(conn, grant);
         let conns = self.by_device.entry((uid, device.to_string())).or_default();
         conns.retain(|c| *c != conn);
@@ -271,7 +281,7 @@ impl Grants {
     }
 
     fn remove(&mut self, session: &Session) -> Option<pb::Grant> {
-        let key = (session.uid, session.device.clone());
+        let key = (session.uid.clone(), session.device.clone());
         if let Some(conns) = self.by_device.get_mut(&key) {
             conns.retain(|c| *c != session.conn);
             if conns.is_empty() {
@@ -281,8 +291,11 @@ impl Grants {
         self.by_conn.remove(&session.conn)
     }
 
-    fn of_device(&self, uid: u64, device: &str) -> Option<pb::Grant> {
-        let conn = self.by_device.get(&(uid, device.to_string()))?.last()?;
+    fn of_device(&self, uid: &UserId, device: &str) -> Option<pb::Grant> {
+        let conn = self
+            .by_device
+            .get(&(uid.clone(), device.to_string()))?
+            .last()?;
         self.by_conn.get(conn).cloned()
     }
 }
@@ -339,8 +352,8 @@ impl RemoteLogic {
         self.grants.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn no_grant() -> Rejection {
-        Rejection::new(
+    fn no_grant() -> Refusal {
+        Refusal::new(
             ErrorCode::Internal,
             "this connection holds no session grant from logic",
         )
@@ -370,14 +383,14 @@ impl RemoteLogic {
     }
 
     /// Runs `call` on the live nodes in turn until one answers.
-    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Rejection>
+    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Refusal>
     where
         F: Fn(LogicClient) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let nodes = self.rotation();
         if nodes.is_empty() {
-            return Err(Rejection::new(
+            return Err(Refusal::new(
                 ErrorCode::Internal,
                 "no logic node is available",
             ));
@@ -392,34 +405,41 @@ impl RemoteLogic {
                 }
                 Err(status) => {
                     tracing::error!(%addr, call = what, error = %status, "logic call refused");
-                    return Err(Rejection::new(ErrorCode::Internal, status.message()));
+                    return Err(Refusal::new(ErrorCode::Internal, status.message()));
                 }
             }
         }
         let reason = last.map(|s| s.to_string()).unwrap_or_default();
-        Err(Rejection::new(
+        Err(Refusal::new(
             ErrorCode::Internal,
             format!("no logic node answered: {reason}"),
         ))
     }
 }
 
-fn unanswer<T: prost::Message + Default>(answer: pb::Answer) -> Result<T, Rejection> {
+fn unanswer<T: prost::Message + Default>(answer: pb::Answer) -> Result<T, Refusal> {
     match answer.result {
         Some(pb::answer::Result::Reply(bytes)) => T::decode(bytes.as_slice())
-            .map_err(|e| Rejection::new(ErrorCode::Internal, format!("bad reply: {e}"))),
-        Some(pb::answer::Result::Rejected(r)) => Err(rejection_from_pb(r)),
-        None => Err(Rejection::new(ErrorCode::Internal, "empty answer")),
+            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("bad reply: {e}"))),
+        Some(pb::answer::Result::Refused(r)) => Err(refusal_from_pb(r)),
+        None => Err(Refusal::new(ErrorCode::Internal, "empty answer")),
     }
 }
 
 #[async_trait]
 impl LogicService for RemoteLogic {
-    async fn connect(&self, token: &str, node: &str, conn: u64) -> Result<Connected, Rejection> {
+    async fn connect(
+        &self,
+        token: &str,
+        device: &str,
+        node: &str,
+        conn: u64,
+    ) -> Result<Connected, Refusal> {
         let request = pb::ConnectRequest {
             token: token.to_string(),
             node: node.to_string(),
             conn,
+            device: device.to_string(),
         };
         let result = self
             .call("authenticate", |mut c| {
@@ -431,18 +451,24 @@ impl LogicService for RemoteLogic {
             Some(pb::connect_result::Result::Connected(c)) => {
                 let grant = c
                     .grant
-                    .ok_or_else(|| Rejection::new(ErrorCode::Internal, "no session grant"))?;
-                self.grants().insert(c.uid, &c.device, conn, grant);
+                    .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no session grant"))?;
+                // Logic registered the session, but one whose user this node
+                // cannot name is refused: it is never renewed and expires.
+                let uid = user_id(&c.uid, "connected uid").map_err(|e| {
+                    tracing::error!(error = %e, "logic answered an invalid user id");
+                    Refusal::new(ErrorCode::Internal, e)
+                })?;
+                self.grants().insert(uid.clone(), &c.device, conn, grant);
                 Ok(Connected {
                     identity: Identity {
-                        uid: c.uid,
+                        uid,
                         device: c.device,
                     },
                     cursor: c.cursor,
                 })
             }
-            Some(pb::connect_result::Result::Rejected(r)) => Err(rejection_from_pb(r)),
-            None => Err(Rejection::new(ErrorCode::Internal, "empty answer")),
+            Some(pb::connect_result::Result::Refused(r)) => Err(refusal_from_pb(r)),
+            None => Err(Refusal::new(ErrorCode::Internal, "empty answer")),
         }
     }
 
@@ -486,7 +512,7 @@ impl LogicService for RemoteLogic {
         }
     }
 
-    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Rejection> {
+    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Refusal> {
         let request = pb::SendRequest {
             from: Some(
                 self.grants()
@@ -506,9 +532,9 @@ impl LogicService for RemoteLogic {
         unanswer(answer)
     }
 
-    async fn push_acked(&self, uid: u64, device: &str, acked: &[Acked]) {
+    async fn push_acked(&self, uid: &UserId, device: &str, acked: &[Acked]) {
         let Some(grant) = self.grants().of_device(uid, device) else {
-            tracing::debug!(uid, "push ack of a device without a grant");
+            tracing::debug!(%uid, "push ack of a device without a grant");
             return;
         };
         let ack = pb::PushAck {
@@ -534,10 +560,10 @@ impl LogicService for RemoteLogic {
 
     async fn sync(
         &self,
-        uid: u64,
+        uid: &UserId,
         device: &str,
         request: SyncRequest,
-    ) -> Result<SyncReply, Rejection> {
+    ) -> Result<SyncReply, Refusal> {
         let call = pb::SyncCall {
             from: Some(
                 self.grants()
@@ -775,6 +801,28 @@ mod tests {
             vec![(10, vec![1, 2]), (11, vec![2]), (10, vec![3])]
         );
         assert_eq!(got.pushes[2].body.as_ref(), &[3, 3, 3]);
+    }
+
+    #[test]
+    fn a_refusal_crosses_with_its_mute_end_or_without_one() {
+        let cross = |r: Refusal| {
+            let bytes = refusal_to_pb(r).encode_to_vec();
+            refusal_from_pb(pb::Refusal::decode(bytes.as_slice()).expect("decodes"))
+        };
+        let plain = Refusal::new(ErrorCode::AuthUnavailable, "account service down");
+        assert_eq!(cross(plain.clone()), plain);
+        assert_eq!(cross(plain.clone()).until_ms, None);
+        for until in [0, 1_700_000_000_000, -1] {
+            let muted = Refusal::muted(until, "muted");
+            assert_eq!(cross(muted.clone()), muted, "{until}");
+        }
+        // A code this node does not know is still a refusal.
+        let unknown = pb::Refusal {
+            code: 9_999,
+            message: "from a newer node".into(),
+            until_ms: None,
+        };
+        assert_eq!(refusal_from_pb(unknown).code, ErrorCode::Internal);
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use natter_logic::{Acked, Connected, Gateway, LogicService, PushBatch, Rejection, Session};
-use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
-use natter_proto::ErrorCode;
-use natter_record::http::Identity;
+use natter_proto::msg::{Message, MessageReply, SendMessage, SyncReply, SyncRequest};
+use natter_proto::{ErrorCode, UserId};
+use natter_roles::{
+    Acked, Connected, Gateway, Identity, LogicService, PushBatch, Refusal, Session,
+};
 use natter_rpc::{pb, GatewayServer, LogicServer, PlaneKey, RemoteLogic, SessionKey, Signer};
 use prost::Message as _;
 use tonic::service::interceptor::InterceptedService;
@@ -23,54 +24,88 @@ fn plane(secret: &[u8]) -> PlaneKey {
 }
 
 /// What reached the stand-in logic: (call, uid, device).
-type Seen = Arc<Mutex<Vec<(&'static str, u64, String)>>>;
+type Seen = Arc<Mutex<Vec<(&'static str, String, String)>>>;
 
-/// Logic that takes tokens of the form `UID:DEVICE` and records each call.
+fn uid(s: &str) -> UserId {
+    UserId::parse(s).expect("valid uid")
+}
+
+/// One call as the stand-in logic records it.
+fn call(call: &'static str, uid: &str, device: &str) -> (&'static str, String, String) {
+    (call, uid.to_string(), device.to_string())
+}
+
+/// Logic that takes tokens of the form `UID:DEVICE` (or `UID:` for a token
+/// that names no device: the auth frame's is used) and records each call.
 struct Recorder(Seen);
 
 impl Recorder {
-    fn saw(&self, call: &'static str, uid: u64, device: &str) {
+    fn saw(&self, name: &'static str, uid: &UserId, device: &str) {
         self.0
             .lock()
             .expect("lock")
-            .push((call, uid, device.to_string()));
+            .push(call(name, uid.as_str(), device));
     }
 }
 
 #[async_trait]
 impl LogicService for Recorder {
-    async fn connect(&self, token: &str, _node: &str, _conn: u64) -> Result<Connected, Rejection> {
-        let (uid, device) = token
-            .split_once(':')
-            .and_then(|(u, d)| Some((u.parse().ok()?, d.to_string())))
-            .ok_or_else(|| Rejection::new(ErrorCode::AuthFailed, "invalid token"))?;
-        self.saw("connect", uid, &device);
+    async fn connect(
+        &self,
+        token: &str,
+        device: &str,
+        _node: &str,
+        _conn: u64,
+    ) -> Result<Connected, Refusal> {
+        let invalid = || Refusal::new(ErrorCode::AuthFailed, "invalid token");
+        let (uid, named) = token.split_once(':').ok_or_else(invalid)?;
+        let uid = UserId::parse(uid).map_err(|_| invalid())?;
+        let device = if named.is_empty() { device } else { named }.to_string();
+        self.saw("connect", &uid, &device);
         Ok(Connected {
             identity: Identity { uid, device },
             cursor: 0,
         })
     }
     async fn disconnect(&self, session: &Session) {
-        self.saw("disconnect", session.uid, &session.device);
+        self.saw("disconnect", &session.uid, &session.device);
     }
     async fn heartbeat(&self, sessions: &[Session]) {
         for s in sessions {
-            self.saw("heartbeat", s.uid, &s.device);
+            self.saw("heartbeat", &s.uid, &s.device);
         }
     }
-    async fn send(&self, from: &Session, _message: SendMessage) -> Result<MessageReply, Rejection> {
-        self.saw("send", from.uid, &from.device);
+    async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Refusal> {
+        self.saw("send", &from.uid, &from.device);
+        // The conversation names both users: the reply shows the receiver
+        // arrived as the gateway sent it.
+        let receiver = UserId::parse(&message.receiver)
+            .map_err(|e| Refusal::new(ErrorCode::InvalidMessage, e.to_string()))?;
         Ok(MessageReply {
             mid: 77,
+            conversation: from.uid.conversation_with(&receiver),
             ..MessageReply::default()
         })
     }
-    async fn push_acked(&self, uid: u64, device: &str, _acked: &[Acked]) {
+    async fn push_acked(&self, uid: &UserId, device: &str, _acked: &[Acked]) {
         self.saw("acked", uid, device);
     }
-    async fn sync(&self, uid: u64, device: &str, _r: SyncRequest) -> Result<SyncReply, Rejection> {
+    async fn sync(
+        &self,
+        uid: &UserId,
+        device: &str,
+        _r: SyncRequest,
+    ) -> Result<SyncReply, Refusal> {
         self.saw("sync", uid, device);
-        Ok(SyncReply::default())
+        // A note to self, so the sender and receiver both cross back.
+        Ok(SyncReply {
+            messages: vec![Message {
+                sender: uid.to_string(),
+                receiver: uid.to_string(),
+                ..Message::default()
+            }],
+            ..SyncReply::default()
+        })
     }
 }
 
@@ -126,6 +161,7 @@ fn connect_request(token: &str, conn: u64) -> pb::ConnectRequest {
         token: token.into(),
         node: "comet-1".into(),
         conn,
+        device: String::new(),
     }
 }
 
@@ -143,7 +179,7 @@ async fn logic_refuses_calls_without_the_cluster_secret() {
     let (addr, seen) = logic_node().await;
     let mut bare = pb::logic_client::LogicClient::new(channel(&addr));
     unauthenticated(
-        bare.authenticate(connect_request("1:phone", 1)).await,
+        bare.authenticate(connect_request("u-1:phone", 1)).await,
         "no credentials",
     );
     unauthenticated(
@@ -152,7 +188,7 @@ async fn logic_refuses_calls_without_the_cluster_secret() {
     );
     let mut stranger = signed_logic(&addr, b"not the cluster secret, but 32+ bytes");
     unauthenticated(
-        stranger.authenticate(connect_request("1:phone", 1)).await,
+        stranger.authenticate(connect_request("u-1:phone", 1)).await,
         "another secret",
     );
     // A credential lifted from one call does not open another method.
@@ -165,7 +201,7 @@ async fn logic_refuses_calls_without_the_cluster_secret() {
     );
     unauthenticated(bare.sync(lifted).await, "a credential of another method");
     // Nor does an old one.
-    let mut stale = tonic::Request::new(connect_request("1:phone", 1));
+    let mut stale = tonic::Request::new(connect_request("u-1:phone", 1));
     let credential = plane(CLUSTER).sign(
         "/natter.rpc.Logic/Authenticate",
         natter_node::ids::now_ms() - 60_000,
@@ -182,7 +218,7 @@ async fn logic_refuses_calls_without_the_cluster_secret() {
     // The cluster's own nodes get through.
     let mut member = signed_logic(&addr, CLUSTER);
     let answer = member
-        .authenticate(connect_request("1:phone", 1))
+        .authenticate(connect_request("u-1:phone", 1))
         .await
         .expect("signed call")
         .into_inner();
@@ -192,7 +228,7 @@ async fn logic_refuses_calls_without_the_cluster_secret() {
     ));
     assert_eq!(
         *seen.lock().expect("lock"),
-        vec![("connect", 1, "phone".to_string())]
+        vec![call("connect", "u-1", "phone")]
     );
 }
 
@@ -252,7 +288,7 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
     let (addr, seen) = logic_node().await;
     let mut client = signed_logic(&addr, CLUSTER);
     let connected = match client
-        .authenticate(connect_request("1:phone", 5))
+        .authenticate(connect_request("u-1:phone", 5))
         .await
         .expect("authenticate")
         .into_inner()
@@ -262,36 +298,40 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
         other => panic!("not connected: {other:?}"),
     };
     let grant = connected.grant.expect("a grant");
-    let session = |uid: u64, conn: u64| {
+    let session = |uid: &str, conn: u64| {
         pb::Session {
-            uid,
+            uid: uid.into(),
             device: "phone".into(),
             node: "comet-1".into(),
             conn,
         }
         .encode_to_vec()
     };
-    assert_eq!(grant.session, session(1, 5), "the grant names the session");
+    assert_eq!(
+        grant.session,
+        session("u-1", 5),
+        "the grant names the session"
+    );
     let forgeries: Vec<(&str, Option<pb::Grant>)> = vec![
         ("no grant", None),
         (
             "another uid",
             Some(pb::Grant {
-                session: session(2, 5),
+                session: session("u-2", 5),
                 tag: grant.tag.clone(),
             }),
         ),
         (
             "another connection",
             Some(pb::Grant {
-                session: session(1, 6),
+                session: session("u-1", 6),
                 tag: grant.tag.clone(),
             }),
         ),
         (
             "unsigned",
             Some(pb::Grant {
-                session: session(2, 5),
+                session: session("u-2", 5),
                 tag: Vec::new(),
             }),
         ),
@@ -299,7 +339,7 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
             // Gateways hold the cluster secret, not logic's key.
             "signed with the cluster secret",
             Some(SessionKey::new(CLUSTER).grant(&Session {
-                uid: 2,
+                uid: uid("u-2"),
                 device: "phone".into(),
                 node: Arc::from("comet-1"),
                 conn: 5,
@@ -308,7 +348,7 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
     ];
     let message = SendMessage {
         client_seq: 1,
-        receiver: 3,
+        receiver: "u-3".into(),
         ..SendMessage::default()
     }
     .encode_to_vec();
@@ -357,7 +397,7 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
     }
     assert_eq!(
         *seen.lock().expect("lock"),
-        vec![("connect", 1, "phone".to_string())],
+        vec![call("connect", "u-1", "phone")],
         "no forged call reached logic"
     );
     // The genuine grant works, for the user it names.
@@ -388,11 +428,17 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
         .lock()
         .expect("lock")
         .iter()
-        .map(|c| (c.0, c.1))
+        .map(|c| (c.0, c.1.clone()))
         .collect();
+    let u1 = || "u-1".to_string();
     assert_eq!(
         calls,
-        vec![("connect", 1), ("send", 1), ("sync", 1), ("acked", 1)]
+        vec![
+            ("connect", u1()),
+            ("send", u1()),
+            ("sync", u1()),
+            ("acked", u1())
+        ]
     );
 }
 
@@ -405,68 +451,67 @@ async fn a_gateway_presents_each_connections_grant_and_logic_acts_for_its_user()
     };
     let remote = RemoteLogic::new(targets.clone(), Duration::from_secs(2), plane(CLUSTER));
     let connected = remote
-        .connect("7:phone", "comet-1", 3)
+        .connect("u-7:phone", "", "comet-1", 3)
         .await
         .expect("connect");
-    assert_eq!(connected.identity.uid, 7);
-    let session = |uid: u64, conn: u64| Session {
-        uid,
+    assert_eq!(connected.identity.uid, uid("u-7"));
+    let session = |id: &str, conn: u64| Session {
+        uid: uid(id),
         device: "phone".into(),
         node: Arc::from("comet-1"),
         conn,
     };
     let message = SendMessage {
         client_seq: 1,
-        receiver: 3,
+        receiver: "u-3".into(),
         ..SendMessage::default()
     };
     assert_eq!(
         remote
-            .send(&session(7, 3), message.clone())
+            .send(&session("u-7", 3), message.clone())
             .await
             .expect("send")
             .mid,
         77
     );
     remote
-        .sync(7, "phone", SyncRequest::default())
+        .sync(&uid("u-7"), "phone", SyncRequest::default())
         .await
         .expect("sync");
     remote
-        .push_acked(7, "phone", &[Acked { group: 0, seq: 1 }])
+        .push_acked(&uid("u-7"), "phone", &[Acked { group: 0, seq: 1 }])
         .await;
-    remote.heartbeat(&[session(7, 3)]).await;
+    remote.heartbeat(&[session("u-7", 3)]).await;
     // A connection or device logic never authenticated has no grant.
     let refused = remote
-        .send(&session(8, 4), message.clone())
+        .send(&session("u-8", 4), message.clone())
         .await
         .expect_err("no grant");
     assert_eq!(refused.code, ErrorCode::Internal);
     assert!(remote
-        .sync(8, "phone", SyncRequest::default())
+        .sync(&uid("u-8"), "phone", SyncRequest::default())
         .await
         .is_err());
-    remote.disconnect(&session(7, 3)).await;
+    remote.disconnect(&session("u-7", 3)).await;
     assert!(
-        remote.send(&session(7, 3), message).await.is_err(),
+        remote.send(&session("u-7", 3), message).await.is_err(),
         "the grant went with the connection"
     );
-    let calls: Vec<_> = seen
-        .lock()
-        .expect("lock")
-        .iter()
-        .map(|c| (c.0, c.1))
-        .collect();
+    let calls: Vec<_> = seen.lock().expect("lock").iter().map(|c| c.0).collect();
     assert_eq!(
         calls,
         vec![
-            ("connect", 7),
-            ("send", 7),
-            ("sync", 7),
-            ("acked", 7),
-            ("heartbeat", 7),
-            ("disconnect", 7)
+            "connect",
+            "send",
+            "sync",
+            "acked",
+            "heartbeat",
+            "disconnect"
         ]
+    );
+    assert!(
+        seen.lock().expect("lock").iter().all(|c| c.1 == "u-7"),
+        "every call for u-7"
     );
     // A gateway with another cluster secret gets nowhere.
     let stranger = RemoteLogic::new(
@@ -474,6 +519,251 @@ async fn a_gateway_presents_each_connections_grant_and_logic_acts_for_its_user()
         Duration::from_secs(2),
         plane(b"not the cluster secret, but 32+ bytes"),
     );
-    assert!(stranger.connect("7:phone", "comet-1", 9).await.is_err());
+    assert!(stranger
+        .connect("u-7:phone", "", "comet-1", 9)
+        .await
+        .is_err());
     assert_eq!(seen.lock().expect("lock").len(), 6);
+}
+
+#[tokio::test]
+async fn user_ids_cross_the_plane_byte_for_byte() {
+    let (addr, seen) = logic_node().await;
+    let targets: natter_rpc::Targets = Arc::new(move || vec![addr.clone()]);
+    let remote = RemoteLogic::new(targets, Duration::from_secs(2), plane(CLUSTER));
+    let longest = "x".repeat(64);
+    // Two users whose ids differ only in case, on one device name, and the
+    // longest id; the tokens name no device, so the auth frame's is used.
+    let users = [("Alice", 1), ("alice", 2), (longest.as_str(), 3)];
+    for (id, conn) in users {
+        let connected = remote
+            .connect(&format!("{id}:"), "phone", "comet-1", conn)
+            .await
+            .expect("connect");
+        assert_eq!(connected.identity.uid.as_str(), id);
+        assert_eq!(connected.identity.device, "phone");
+    }
+    let mut conversations = Vec::new();
+    for (id, conn) in users {
+        let from = Session {
+            uid: uid(id),
+            device: "phone".into(),
+            node: Arc::from("comet-1"),
+            conn,
+        };
+        // Each writes to the user its id differs from only in case (or to
+        // "Alice", for the longest).
+        let to = if id == "Alice" { "alice" } else { "Alice" };
+        let reply = remote
+            .send(
+                &from,
+                SendMessage {
+                    client_seq: 1,
+                    receiver: to.into(),
+                    ..SendMessage::default()
+                },
+            )
+            .await
+            .expect("send");
+        conversations.push(reply.conversation);
+        let synced = remote
+            .sync(&uid(id), "phone", SyncRequest::default())
+            .await
+            .expect("sync");
+        assert_eq!(synced.messages[0].sender, id);
+        assert_eq!(synced.messages[0].receiver, id);
+        remote
+            .push_acked(&uid(id), "phone", &[Acked { group: 0, seq: 1 }])
+            .await;
+    }
+    assert_eq!(
+        conversations,
+        [
+            "p:Alice:alice",
+            "p:Alice:alice",
+            &format!("p:Alice:{longest}")
+        ]
+    );
+    let mut expected = Vec::new();
+    for (id, _) in users {
+        expected.push(call("connect", id, "phone"));
+    }
+    for (id, _) in users {
+        for name in ["send", "sync", "acked"] {
+            expected.push(call(name, id, "phone"));
+        }
+    }
+    assert_eq!(*seen.lock().expect("lock"), expected);
+}
+
+/// Logic that answers every connect with the same user id, valid or not.
+struct Naming(String);
+
+#[async_trait]
+impl pb::logic_server::Logic for Naming {
+    async fn authenticate(
+        &self,
+        _request: tonic::Request<pb::ConnectRequest>,
+    ) -> Result<tonic::Response<pb::ConnectResult>, tonic::Status> {
+        let connected = pb::Connected {
+            uid: self.0.clone(),
+            device: "phone".into(),
+            cursor: 0,
+            grant: Some(pb::Grant::default()),
+        };
+        Ok(tonic::Response::new(pb::ConnectResult {
+            result: Some(pb::connect_result::Result::Connected(connected)),
+        }))
+    }
+    async fn disconnect(
+        &self,
+        _: tonic::Request<pb::Grant>,
+    ) -> Result<tonic::Response<pb::Empty>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn heartbeat(
+        &self,
+        _: tonic::Request<pb::Grants>,
+    ) -> Result<tonic::Response<pb::Empty>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn send(
+        &self,
+        _: tonic::Request<pb::SendRequest>,
+    ) -> Result<tonic::Response<pb::Answer>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn acked(
+        &self,
+        _: tonic::Request<pb::PushAck>,
+    ) -> Result<tonic::Response<pb::Empty>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn sync(
+        &self,
+        _: tonic::Request<pb::SyncCall>,
+    ) -> Result<tonic::Response<pb::Answer>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_refuses_an_invalid_user_id_from_logic() {
+    let too_long = "x".repeat(65);
+    for bad in ["", "a:b", "a b", "..", "é", too_long.as_str()] {
+        let service = natter_rpc::Guarded::new(
+            pb::logic_server::LogicServer::new(Naming(bad.to_string())),
+            plane(CLUSTER),
+        );
+        let addr = serve(tonic::transport::Server::builder().add_service(service)).await;
+        let remote = RemoteLogic::new(
+            Arc::new(move || vec![addr.clone()]),
+            Duration::from_secs(2),
+            plane(CLUSTER),
+        );
+        let refused = remote
+            .connect("any", "phone", "comet-1", 1)
+            .await
+            .expect_err("an invalid uid is refused");
+        assert_eq!(refused.code, ErrorCode::Internal, "{bad:?}");
+        // No grant was kept for it.
+        let session = Session {
+            uid: uid("u-1"),
+            device: "phone".into(),
+            node: Arc::from("comet-1"),
+            conn: 1,
+        };
+        assert!(remote.send(&session, SendMessage::default()).await.is_err());
+    }
+}
+
+/// A grant as logic signs it (the key derivation of `SessionKey`, written
+/// out): what only a holder of the token secret can make.
+fn signed_by_logic(session: Vec<u8>) -> pb::Grant {
+    use hmac::{Hmac, Mac};
+    type HmacSha256 = Hmac<sha2::Sha256>;
+    let mut derive = HmacSha256::new_from_slice(AUTH).expect("any key length");
+    derive.update(b"natter session grant v2");
+    let key = derive.finalize().into_bytes();
+    let mut mac = HmacSha256::new_from_slice(&key).expect("any key length");
+    mac.update(&session);
+    pb::Grant {
+        tag: mac.finalize().into_bytes().to_vec(),
+        session,
+    }
+}
+
+#[tokio::test]
+async fn logic_refuses_a_signed_grant_naming_an_invalid_user_id() {
+    let (addr, seen) = logic_node().await;
+    let mut client = signed_logic(&addr, CLUSTER);
+    // The derivation written out above is logic's: a valid session signed
+    // with it is accepted.
+    let good = pb::Session {
+        uid: "u-1".into(),
+        device: "phone".into(),
+        node: "comet-1".into(),
+        conn: 1,
+    };
+    client
+        .acked(pb::PushAck {
+            from: Some(signed_by_logic(good.encode_to_vec())),
+            acked: vec![pb::Acked { group: 0, seq: 1 }],
+        })
+        .await
+        .expect("a grant logic signed");
+    let too_long = "x".repeat(65);
+    for bad in ["", "a:b", "a b", "..", too_long.as_str()] {
+        let grant = signed_by_logic(
+            pb::Session {
+                uid: bad.into(),
+                ..good.clone()
+            }
+            .encode_to_vec(),
+        );
+        unauthenticated(
+            client
+                .send(pb::SendRequest {
+                    from: Some(grant.clone()),
+                    message: SendMessage::default().encode_to_vec(),
+                })
+                .await,
+            &format!("send as {bad:?}"),
+        );
+        unauthenticated(
+            client
+                .sync(pb::SyncCall {
+                    from: Some(grant.clone()),
+                    request: SyncRequest::default().encode_to_vec(),
+                })
+                .await,
+            &format!("sync as {bad:?}"),
+        );
+        unauthenticated(
+            client
+                .acked(pb::PushAck {
+                    from: Some(grant.clone()),
+                    acked: vec![pb::Acked { group: 0, seq: 1 }],
+                })
+                .await,
+            &format!("acked as {bad:?}"),
+        );
+        unauthenticated(
+            client.disconnect(grant.clone()).await,
+            &format!("disconnect as {bad:?}"),
+        );
+        unauthenticated(
+            client
+                .heartbeat(pb::Grants {
+                    grants: vec![grant],
+                })
+                .await,
+            &format!("heartbeat as {bad:?}"),
+        );
+    }
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec![call("acked", "u-1", "phone")],
+        "only the valid session reached logic"
+    );
 }

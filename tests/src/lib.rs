@@ -8,15 +8,56 @@ use std::time::Duration;
 use natter::{Role, Server};
 use natter_client::raw::{Connection, Incoming};
 use natter_client::{Client, ClientConfig, Event, Events};
-use natter_logic::Tokens;
+use natter_roles::Tokens;
 use natter_node::Config;
 use natter_proto::msg::{AuthRequest, Message};
-use natter_proto::{Frame, Op};
+use natter_proto::{Frame, Op, UserId};
 use tempfile::TempDir;
 
 /// The cluster secret (`rpc.secret`) of every distributed role a test starts
 /// (unless its `tune` sets another).
 pub const RPC_SECRET: &str = "the cluster secret of the test nodes, 32+ bytes";
+
+/// The test user numbered `n`: the user id `u{n}`.
+pub fn u(n: u64) -> UserId {
+    UserId::parse(&format!("u{n}")).expect("a valid user id")
+}
+
+/// Whom a test acts as: a number `n` is the user `u{n}`; a string is
+/// itself (it must be a valid user id).
+pub trait AsUser {
+    fn user(&self) -> UserId;
+}
+
+impl AsUser for u64 {
+    fn user(&self) -> UserId {
+        u(*self)
+    }
+}
+
+impl AsUser for i32 {
+    fn user(&self) -> UserId {
+        u(u64::try_from(*self).expect("a non-negative user number"))
+    }
+}
+
+impl AsUser for &str {
+    fn user(&self) -> UserId {
+        UserId::parse(self).expect("a valid user id")
+    }
+}
+
+impl AsUser for UserId {
+    fn user(&self) -> UserId {
+        self.clone()
+    }
+}
+
+impl AsUser for &UserId {
+    fn user(&self) -> UserId {
+        (*self).clone()
+    }
+}
 
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -88,8 +129,10 @@ impl TestServer {
         }
     }
 
-    pub fn token(&self, uid: u64, device: &str) -> String {
-        self.tokens.mint(uid, device, 3600).expect("token")
+    pub fn token(&self, uid: impl AsUser, device: &str) -> String {
+        self.tokens
+            .mint(&uid.user(), device, 3600)
+            .expect("token")
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -105,12 +148,12 @@ impl TestServer {
         self.addr.to_string()
     }
 
-    pub fn client_config(&self, uid: u64, device: &str) -> ClientConfig {
+    pub fn client_config(&self, uid: impl AsUser, device: &str) -> ClientConfig {
         ClientConfig::new(self.server(), self.token(uid, device))
     }
 
     /// A connected SDK client.
-    pub async fn client(&self, uid: u64, device: &str) -> (Client, Events) {
+    pub async fn client(&self, uid: impl AsUser, device: &str) -> (Client, Events) {
         let (client, mut events) = Client::connect(self.client_config(uid, device))
             .await
             .expect("client connects");
@@ -121,13 +164,14 @@ impl TestServer {
     }
 
     /// A raw frame connection, authenticated as `uid`/`device`.
-    pub async fn raw(&self, uid: u64, device: &str) -> Connection {
+    pub async fn raw(&self, uid: impl AsUser, device: &str) -> Connection {
         let mut conn = Connection::connect(&self.server(), None)
             .await
             .expect("connects");
         let auth = AuthRequest {
             token: self.token(uid, device),
             client: "raw".into(),
+            device: String::new(),
         };
         conn.send(&Frame::new(Op::Auth, 1, 0, &auth))
             .await
@@ -174,7 +218,7 @@ impl TestServer {
     }
 
     /// GETs `path` as `uid`/`device`; the status and the JSON body.
-    pub async fn get_json(&self, path: &str, uid: u64, device: &str) -> (u16, serde_json::Value) {
+    pub async fn get_json(&self, path: &str, uid: impl AsUser, device: &str) -> (u16, serde_json::Value) {
         let response = reqwest::Client::new()
             .get(self.url(path))
             .bearer_auth(self.token(uid, device))

@@ -158,7 +158,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
     );
     assert_eq!(text_of(&next_message(&mut bob_events).await), "still here");
     carol
-        .send(2, MessageBody::text("unaffected"))
+        .send(&u(2), MessageBody::text("unaffected"))
         .await
         .expect("sent");
     assert_eq!(text_of(&next_message(&mut bob_events).await), "unaffected");
@@ -200,14 +200,14 @@ async fn bad_tokens_and_frames_before_auth_are_refused() {
         auth_with(&server, "not a token").await,
         code(ErrorCode::AuthFailed)
     );
-    let foreign = natter_logic::Tokens::new(b"another secret, not the server's".to_vec())
-        .mint(1, "d", 60)
+    let foreign = natter_roles::Tokens::new(b"another secret, not the server's".to_vec())
+        .mint(&u(1), "d", 60)
         .expect("token");
     assert_eq!(
         auth_with(&server, &foreign).await,
         code(ErrorCode::AuthFailed)
     );
-    let expired = server.tokens().mint_at(1, "d", 1_000, 10).expect("token");
+    let expired = server.tokens().mint_at(&u(1), "d", 1_000, 10).expect("token");
     assert_eq!(
         auth_with(&server, &expired).await,
         code(ErrorCode::TokenExpired)
@@ -247,7 +247,7 @@ async fn bad_tokens_and_frames_before_auth_are_refused() {
     // Nothing was stored by any of it, and the server still serves.
     let (alice, _events) = server.client(1, "phone").await;
     let page = alice
-        .history("p:1:2", None, 10, &[])
+        .history("p:u1:u2", None, 10, &[])
         .await
         .expect("history");
     assert!(page.messages.is_empty());
@@ -290,7 +290,7 @@ async fn an_oversized_websocket_message_closes_only_that_connection() {
         other => panic!("expected a close, got {other:?}"),
     }
     alice
-        .send(3, MessageBody::text("fine"))
+        .send(&u(3), MessageBody::text("fine"))
         .await
         .expect("server still up");
     server.stop().await;
@@ -301,7 +301,7 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     let server = TestServer::start(|_| {}).await;
     let (alice, _events) = server.client(1, "phone").await;
     alice
-        .send(2, MessageBody::text("private"))
+        .send(&u(2), MessageBody::text("private"))
         .await
         .expect("sent");
     let http = reqwest::Client::new();
@@ -320,7 +320,7 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     };
     let mallory = Some(server.token(3, "laptop"));
     check(
-        get("/v1/conversations/p:1:2/messages", mallory.clone())
+        get("/v1/conversations/p:u1:u2/messages", mallory.clone())
             .await
             .expect("response"),
         403,
@@ -328,7 +328,7 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     )
     .await;
     check(
-        get("/v1/conversations/p:1:2/messages", None)
+        get("/v1/conversations/p:u1:u2/messages", None)
             .await
             .expect("response"),
         401,
@@ -336,7 +336,7 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     )
     .await;
     check(
-        get("/v1/conversations/p:1:2/messages", Some("junk".into()))
+        get("/v1/conversations/p:u1:u2/messages", Some("junk".into()))
             .await
             .expect("response"),
         401,
@@ -345,14 +345,14 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     .await;
     let alice_token = Some(server.token(1, "phone"));
     for (path, code) in [
-        ("/v1/conversations/p:2:1/messages", "bad_request"),
+        ("/v1/conversations/p:u2:u1/messages", "bad_request"),
         ("/v1/conversations/group-9/messages", "bad_request"),
-        ("/v1/conversations/p:1:2/messages?limit=0", "bad_request"),
-        ("/v1/conversations/p:1:2/messages?limit=101", "bad_request"),
-        ("/v1/conversations/p:1:2/messages?limit=abc", "bad_request"),
-        ("/v1/conversations/p:1:2/messages?before=xyz", "bad_request"),
+        ("/v1/conversations/p:u1:u2/messages?limit=0", "bad_request"),
+        ("/v1/conversations/p:u1:u2/messages?limit=101", "bad_request"),
+        ("/v1/conversations/p:u1:u2/messages?limit=abc", "bad_request"),
+        ("/v1/conversations/p:u1:u2/messages?before=xyz", "bad_request"),
         (
-            "/v1/conversations/p:1:2/messages?types=hologram",
+            "/v1/conversations/p:u1:u2/messages?types=hologram",
             "bad_request",
         ),
         ("/v1/sync?limit=501", "bad_request"),
@@ -373,7 +373,7 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
     )
     .await;
     // Mallory's own view of a conversation with Alice is empty.
-    let response = get("/v1/conversations/p:1:3/messages", mallory)
+    let response = get("/v1/conversations/p:u1:u3/messages", mallory)
         .await
         .expect("response");
     let page: serde_json::Value = response.json().await.expect("json");
@@ -413,7 +413,7 @@ async fn a_user_sending_too_fast_is_told_to_slow_down_and_nothing_is_stored() {
         (3, ErrorCode::RateLimited)
     );
     let (status, page) = server
-        .get_json("/v1/conversations/p:1:2/messages", 1, "raw")
+        .get_json("/v1/conversations/p:u1:u2/messages", 1, "raw")
         .await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(2));
@@ -500,7 +500,7 @@ async fn a_websocket_protocol_error_closes_with_1002() {
     assert_eq!(header[0], 0x88, "a close frame");
     assert_eq!(u16::from_be_bytes([header[2], header[3]]), 1002);
     alice
-        .send(3, MessageBody::text("fine"))
+        .send(&u(3), MessageBody::text("fine"))
         .await
         .expect("server still up");
     server.stop().await;

@@ -23,7 +23,7 @@ async fn a_client_that_never_reads_cannot_make_the_server_queue_past_its_budget(
     let large = "x".repeat(60_000);
     for _ in 0..16 {
         alice
-            .send(3, MessageBody::text(large.clone()))
+            .send(&u(3), MessageBody::text(large.clone()))
             .await
             .expect("sent");
     }
@@ -81,7 +81,7 @@ async fn http_pages_stop_at_the_byte_budget_and_the_sdk_pages_on() {
         let text = format!("{i}{}", "y".repeat(1500));
         mids.push(
             alice
-                .send(2, MessageBody::text(text))
+                .send(&u(2), MessageBody::text(text))
                 .await
                 .expect("sent")
                 .mid,
@@ -115,7 +115,7 @@ async fn http_pages_stop_at_the_byte_budget_and_the_sdk_pages_on() {
     assert_eq!(page["has_more"], false);
     // History too: the page ends early and says where to go on.
     let (status, page) = server
-        .get_json("/v1/conversations/p:1:2/messages?limit=100", 2, "web")
+        .get_json("/v1/conversations/p:u1:u2/messages?limit=100", 2, "web")
         .await;
     assert_eq!(status, 200);
     let got: Vec<&str> = page["messages"]
@@ -141,7 +141,7 @@ async fn json_has_64_bit_integers_as_strings_and_bytes_as_base64() {
     let server = TestServer::start(|_| {}).await;
     let (alice, _events) = server.client(1, "phone").await;
     let ack = alice
-        .send(2, MessageBody::custom("blob", vec![0, 1, 2, 250, 255]))
+        .send(&u(2), MessageBody::custom("blob", vec![0, 1, 2, 250, 255]))
         .await
         .expect("sent");
     let (_, page) = server.get_json("/v1/sync?after=0", 2, "web").await;

@@ -15,11 +15,11 @@ async fn two_users_chat_both_ways_across_devices() {
     let (_bob_tablet, mut bob_tablet_events) = server.client(2, "tablet").await;
 
     let ack = alice_phone
-        .send(2, MessageBody::text("hi bob"))
+        .send(&u(2), MessageBody::text("hi bob"))
         .await
         .expect("sent");
     assert!(!ack.repeat);
-    assert_eq!(ack.conversation, "p:1:2");
+    assert_eq!(ack.conversation, "p:u1:u2");
     for events in [
         &mut bob_phone_events,
         &mut bob_tablet_events,
@@ -36,7 +36,7 @@ async fn two_users_chat_both_ways_across_devices() {
     no_message(&mut alice_phone_events, Duration::from_millis(200)).await;
 
     let reply = bob_phone
-        .send(1, MessageBody::text("hi alice"))
+        .send(&u(1), MessageBody::text("hi alice"))
         .await
         .expect("sent");
     assert!(reply.mid > ack.mid, "mids are time-ordered");
@@ -59,7 +59,7 @@ async fn offline_receiver_gets_everything_in_order_on_reconnect() {
     let (alice, _alice_events) = server.client(1, "phone").await;
     let (bob, mut bob_events) = server.client(2, "phone").await;
     let first = alice
-        .send(2, MessageBody::text("while online"))
+        .send(&u(2), MessageBody::text("while online"))
         .await
         .expect("sent");
     assert_eq!(next_message(&mut bob_events).await.mid, first.mid);
@@ -70,7 +70,7 @@ async fn offline_receiver_gets_everything_in_order_on_reconnect() {
     for i in 0..30 {
         mids.push(
             alice
-                .send(2, MessageBody::text(format!("offline {i}")))
+                .send(&u(2), MessageBody::text(format!("offline {i}")))
                 .await
                 .expect("sent")
                 .mid,
@@ -105,11 +105,11 @@ async fn same_client_seq_twice_is_one_message() {
     let (_bob, mut bob_events) = server.client(2, "phone").await;
     let seq = alice.next_client_seq();
     let first = alice
-        .send_with_seq(seq, 2, MessageBody::text("once"))
+        .send_with_seq(seq, &u(2), MessageBody::text("once"))
         .await
         .expect("sent");
     let again = alice
-        .send_with_seq(seq, 2, MessageBody::text("once"))
+        .send_with_seq(seq, &u(2), MessageBody::text("once"))
         .await
         .expect("sent");
     assert!(!first.repeat);
@@ -119,7 +119,7 @@ async fn same_client_seq_twice_is_one_message() {
     assert_eq!(next_message(&mut bob_events).await.mid, first.mid);
     no_message(&mut bob_events, Duration::from_millis(300)).await;
     let page = alice
-        .history("p:1:2", None, 100, &[])
+        .history("p:u1:u2", None, 100, &[])
         .await
         .expect("history");
     assert_eq!(page.messages.len(), 1, "one stored row");
@@ -139,7 +139,7 @@ async fn nothing_acked_is_lost_across_a_restart() {
     for i in 0..50 {
         acked.push(
             alice
-                .send(2, MessageBody::text(format!("m{i}")))
+                .send(&u(2), MessageBody::text(format!("m{i}")))
                 .await
                 .expect("acked")
                 .mid,
@@ -156,7 +156,7 @@ async fn nothing_acked_is_lost_across_a_restart() {
     // The sequence counters continue after the restart.
     let (alice, _events) = server.client(1, "phone").await;
     let after = alice
-        .send(2, MessageBody::text("after restart"))
+        .send(&u(2), MessageBody::text("after restart"))
         .await
         .expect("acked");
     assert_eq!(after.conv_seq, 51);
@@ -248,7 +248,7 @@ async fn a_shutdown_in_the_middle_of_traffic_loses_nothing_that_was_acked() {
             // Send until the server goes away; keep what was acked.
             for n in 0..10_000u32 {
                 match client
-                    .send(100, MessageBody::text(format!("{uid}/{n}")))
+                    .send(&u(100), MessageBody::text(format!("{uid}/{n}")))
                     .await
                 {
                     Ok(reply) => acked.push(reply.mid),

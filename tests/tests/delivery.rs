@@ -17,7 +17,7 @@ async fn an_unacked_push_is_resent_then_the_connection_closes_and_sync_recovers_
     let mut bob_raw = server.raw(2, "phone").await;
     let (alice, _events) = server.client(1, "phone").await;
     let ack = alice
-        .send(2, MessageBody::text("are you there"))
+        .send(&u(2), MessageBody::text("are you there"))
         .await
         .expect("sent");
 
@@ -66,7 +66,7 @@ async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
     let server = TestServer::start(|c| c.comet.push_rto_ms = 100).await;
     let mut bob_raw = server.raw(2, "phone").await;
     let (alice, _events) = server.client(1, "phone").await;
-    alice.send(2, MessageBody::text("one")).await.expect("sent");
+    alice.send(&u(2), MessageBody::text("one")).await.expect("sent");
     let push = next_frame(&mut bob_raw).await;
     bob_raw
         .send(&Frame::empty(Op::PushAck, 0, push.seq))
@@ -88,7 +88,7 @@ async fn one_push_ack_covers_every_push_before_it() {
     let mut bob_raw = server.raw(2, "phone").await;
     let (alice, _events) = server.client(1, "phone").await;
     for text in ["one", "two", "three"] {
-        alice.send(2, MessageBody::text(text)).await.expect("sent");
+        alice.send(&u(2), MessageBody::text(text)).await.expect("sent");
     }
     let mut seqs = Vec::new();
     for _ in 0..3 {
@@ -144,7 +144,7 @@ async fn the_sdk_acknowledges_a_burst_of_pushes_with_few_acks() {
         .await;
     for i in 0..20 {
         alice
-            .send(2, MessageBody::text(format!("m{i}")))
+            .send(&u(2), MessageBody::text(format!("m{i}")))
             .await
             .expect("sent");
     }
@@ -196,7 +196,7 @@ async fn a_client_that_stops_reading_is_dropped_and_others_keep_their_latency() 
         let big = "x".repeat(48 * 1024);
         for _ in 0..400 {
             alice
-                .send(3, MessageBody::text(big.clone()))
+                .send(&u(3), MessageBody::text(big.clone()))
                 .await
                 .expect("acked even though the receiver is stuck");
         }
@@ -204,7 +204,7 @@ async fn a_client_that_stops_reading_is_dropped_and_others_keep_their_latency() 
     let mut worst = Duration::ZERO;
     for i in 0..30 {
         let started = Instant::now();
-        bob.send(4, MessageBody::text(format!("ping {i}")))
+        bob.send(&u(4), MessageBody::text(format!("ping {i}")))
             .await
             .expect("sent");
         let m = next_message(&mut carol_events).await;
@@ -252,7 +252,7 @@ async fn history_pages_and_filters_over_http() {
     for i in 0..25 {
         mids.push(
             alice
-                .send(2, MessageBody::text(format!("t{i}")))
+                .send(&u(2), MessageBody::text(format!("t{i}")))
                 .await
                 .expect("sent")
                 .mid,
@@ -266,18 +266,18 @@ async fn history_pages_and_filters_over_http() {
             ..Default::default()
         })),
     };
-    let img = alice.send(2, image).await.expect("sent");
+    let img = alice.send(&u(2), image).await.expect("sent");
 
     let (bob, _b) = server.client(2, "phone").await;
-    let first = bob.history("p:1:2", None, 10, &[]).await.expect("page 1");
+    let first = bob.history("p:u1:u2", None, 10, &[]).await.expect("page 1");
     assert_eq!(first.messages.len(), 10);
     assert_eq!(first.messages[0].mid, img.mid.to_string(), "newest first");
     let second = bob
-        .history("p:1:2", first.next_before_mid(), 10, &[])
+        .history("p:u1:u2", first.next_before_mid(), 10, &[])
         .await
         .expect("page 2");
     let third = bob
-        .history("p:1:2", second.next_before_mid(), 10, &[])
+        .history("p:u1:u2", second.next_before_mid(), 10, &[])
         .await
         .expect("page 3");
     assert_eq!(third.messages.len(), 6);
@@ -296,7 +296,7 @@ async fn history_pages_and_filters_over_http() {
     assert_eq!(all, expected);
 
     let images = bob
-        .history("p:1:2", None, 100, &["image"])
+        .history("p:u1:u2", None, 100, &["image"])
         .await
         .expect("images");
     assert_eq!(images.messages.len(), 1);
@@ -348,7 +348,7 @@ async fn health_readiness_and_metrics() {
     let (alice, _a) = server.client(1, "phone").await;
     let (_bob, mut bob_events) = server.client(2, "phone").await;
     alice
-        .send(2, MessageBody::text("counted"))
+        .send(&u(2), MessageBody::text("counted"))
         .await
         .expect("sent");
     next_message(&mut bob_events).await;
@@ -386,7 +386,7 @@ async fn a_devices_own_send_never_moves_its_cursor_past_a_push_it_missed() {
     let (alice, _alice_events) = server.client(1, "phone").await;
     let mut bob_raw = server.raw(2, "phone").await;
     let missed = alice
-        .send(2, MessageBody::text("pushed, never acked"))
+        .send(&u(2), MessageBody::text("pushed, never acked"))
         .await
         .expect("sent");
     assert_eq!(next_frame(&mut bob_raw).await.op, Op::Push);

@@ -68,7 +68,7 @@ async fn servers_register_with_their_own_workers_leave_on_stop_and_report_an_out
     for (server, info) in [(&a, &nodes[0]), (&b, &nodes[1])] {
         let (client, _events) = server.client(1, "phone").await;
         let mid = client
-            .send(2, MessageBody::text("x"))
+            .send(&u(2), MessageBody::text("x"))
             .await
             .expect("acked")
             .mid;

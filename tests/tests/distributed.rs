@@ -84,7 +84,7 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
 
     // One-to-one across gateways: logic pushes to the gateway holding Bob.
     let ack = alice
-        .send(2, MessageBody::text("across gateways"))
+        .send(&u(2), MessageBody::text("across gateways"))
         .await
         .expect("acked");
     assert_eq!(next_message(&mut bob_events).await.mid, ack.mid);
@@ -102,7 +102,7 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
         .bearer_auth(logic_b.token(1, "phone"))
         .json(&CreateGroup {
             name: "spread".into(),
-            members: vec![2, 3],
+            members: vec![u(2), u(3)],
             ..Default::default()
         })
         .send()
@@ -125,7 +125,7 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
 
     // The history node serves what the logic nodes stored, to members only.
     let (status, page) = record
-        .get_json("/v1/conversations/p:1:2/messages", 2, "phone")
+        .get_json("/v1/conversations/p:u1:u2/messages", 2, "phone")
         .await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"][0]["mid"], ack.mid.to_string());
@@ -153,7 +153,7 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
     // A logic node leaves: the gateways carry on with the other one.
     logic_a.stop().await;
     let again = alice
-        .send(2, MessageBody::text("after logic-a left"))
+        .send(&u(2), MessageBody::text("after logic-a left"))
         .await
         .expect("acked");
     loop {
@@ -167,7 +167,7 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
     gateway_b.stop().await;
     assert_eq!(registered(&etcd, "comet").await, 1);
     let missed = alice
-        .send(2, MessageBody::text("while bob moves"))
+        .send(&u(2), MessageBody::text("while bob moves"))
         .await
         .expect("acked");
     let (_bob_again, mut bob_again_events) = connect(&gateway_a, 2, "phone").await;
@@ -276,7 +276,7 @@ async fn running_nodes_refuse_unsigned_calls_and_forged_sessions() {
 
     // The real gateway's sessions work as before, and nobody was kicked.
     let ack = alice
-        .send(2, MessageBody::text("through the gateway"))
+        .send(&u(2), MessageBody::text("through the gateway"))
         .await
         .expect("acked");
     assert_eq!(next_message(&mut bob_events).await.mid, ack.mid);

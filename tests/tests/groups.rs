@@ -396,7 +396,7 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
     let too_big = owner
         .create_group(&CreateGroup {
             name: "big".into(),
-            members: vec![2, 3, 4, 5],
+            members: vec![u(2), u(3), u(4), u(5)],
             ..Default::default()
         })
         .await;

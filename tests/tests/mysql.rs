@@ -15,7 +15,7 @@ async fn chat_groups_and_restart_on_mysql() {
     for i in 0..20 {
         acked.push(
             alice
-                .send(2, MessageBody::text(format!("offline {i}")))
+                .send(&u(2), MessageBody::text(format!("offline {i}")))
                 .await
                 .expect("acked")
                 .mid,
@@ -24,7 +24,7 @@ async fn chat_groups_and_restart_on_mysql() {
     let group = alice
         .create_group(&CreateGroup {
             name: "on mysql".into(),
-            members: vec![2],
+            members: vec![u(2)],
             ..Default::default()
         })
         .await
@@ -59,7 +59,7 @@ async fn chat_groups_and_restart_on_mysql() {
     // Numbering continues where it stopped.
     let (alice, _alice_events) = server.client(1, "phone").await;
     let next = alice
-        .send(2, MessageBody::text("after restart"))
+        .send(&u(2), MessageBody::text("after restart"))
         .await
         .expect("acked");
     assert_eq!(next.conv_seq, 21);

@@ -35,7 +35,7 @@ async fn a_send_whose_ack_was_lost_comes_back_by_sync_as_its_answer_never_as_inc
     config.cursor = Some(0);
     let (phone, mut events) = Client::connect(config).await.expect("connects");
     let answer = phone
-        .send_with_seq(4242, 2, MessageBody::text("once"))
+        .send_with_seq(4242, &u(2), MessageBody::text("once"))
         .await
         .expect("the resend is answered");
     assert_eq!(
@@ -57,7 +57,7 @@ async fn a_send_whose_ack_was_lost_comes_back_by_sync_as_its_answer_never_as_inc
     // A later resend of the same client_seq, and a second sync, change
     // nothing: the phone is never told of its own message.
     let again = phone
-        .send_with_seq(4242, 2, MessageBody::text("once"))
+        .send_with_seq(4242, &u(2), MessageBody::text("once"))
         .await
         .expect("answered again");
     assert_eq!(again.mid, stored.mid);

@@ -52,14 +52,14 @@ async fn chat_works_on_redis_sessions_and_an_outage_is_reported_then_recovered()
     let (alice, _alice_events) = server.client(1, "phone").await;
     let (bob, mut bob_events) = server.client(2, "phone").await;
     let ack = alice
-        .send(2, MessageBody::text("via redis"))
+        .send(&u(2), MessageBody::text("via redis"))
         .await
         .expect("acked");
     assert_eq!(next_message(&mut bob_events).await.mid, ack.mid);
     let group = alice
         .create_group(&CreateGroup {
             name: "g".into(),
-            members: vec![2],
+            members: vec![u(2)],
             ..Default::default()
         })
         .await
@@ -93,7 +93,7 @@ async fn chat_works_on_redis_sessions_and_an_outage_is_reported_then_recovered()
         Some("natter_dependency_up{dependency=\"redis\"} 0")
     );
     let during = alice
-        .send(2, MessageBody::text("during the outage"))
+        .send(&u(2), MessageBody::text("during the outage"))
         .await
         .expect("stored and acked");
     let errors = metric(&server, "natter_directory_errors_total")
@@ -111,7 +111,7 @@ async fn chat_works_on_redis_sessions_and_an_outage_is_reported_then_recovered()
     eventually("ready again", || async { readyz(&server).await.0 == 200 }).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = alice
-        .send(2, MessageBody::text("after"))
+        .send(&u(2), MessageBody::text("after"))
         .await
         .expect("acked");
     bob.sync_within(PATIENCE).await.expect("bob syncs");
