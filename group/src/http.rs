@@ -1,6 +1,8 @@
 //! The groups HTTP API. The caller is named by the bearer token; every
 //! refusal is an [`ApiError`] with its code (mapped to a status in one place,
-//! `record::http`).
+//! `record::http`). A `{uid}` in a path, and every user id in a query or a
+//! body, is checked against the user id rule before anything else: an
+//! invalid one is a 400 `bad_request`.
 
 use std::sync::Arc;
 
@@ -13,8 +15,9 @@ use natter_proto::api::{
     ApplicationView, CreateGroup, Decision, GroupView, JoinOutcome, JoinRequest, MarkRead,
     MemberPage, MemberView, Mute, Nickname, ReadState, SetRole, Transfer, UpdateGroup, Users,
 };
-use natter_proto::ErrorCode;
-use natter_record::http::{caller, ApiError, Authenticate};
+use natter_proto::{ErrorCode, UserId};
+use natter_record::http::{caller, ApiError};
+use natter_roles::Authenticate;
 use serde::Deserialize;
 
 use crate::Groups;
@@ -48,8 +51,8 @@ struct HttpState {
 }
 
 impl HttpState {
-    fn me(&self, headers: &HeaderMap) -> Result<u64, ApiError> {
-        Ok(caller(headers, self.auth.as_ref())?.uid)
+    async fn me(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
+        Ok(caller(headers, self.auth.as_ref()).await?.uid)
     }
 }
 
@@ -62,6 +65,20 @@ fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 fn ids<T>(path: Result<Path<T>, axum::extract::rejection::PathRejection>) -> Result<T, ApiError> {
     path.map(|Path(v)| v)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))
+}
+
+/// A group id and a user id from the path (`/{group}/…/{uid}`), with a
+/// clear error when either is not one. The refused id is not echoed: it
+/// may be long, and it is the client's own.
+fn group_and_user(path: PathResult<(u64, String)>) -> Result<(u64, UserId), ApiError> {
+    let (gid, uid) = ids(path)?;
+    let uid = UserId::parse(&uid).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("the user id in the path is not valid: {e}"),
+        )
+    })?;
+    Ok((gid, uid))
 }
 
 type PathResult<T> = Result<Path<T>, axum::extract::rejection::PathRejection>;
@@ -95,8 +112,8 @@ async fn mine(
     State(s): State<HttpState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<GroupView>>, ApiError> {
-    let me = s.me(&headers)?;
-    Ok(Json(s.groups.mine(me).await?))
+    let me = s.me(&headers).await?;
+    Ok(Json(s.groups.mine(&me).await?))
 }
 
 async fn create(
@@ -104,8 +121,8 @@ async fn create(
     headers: HeaderMap,
     req: Result<Json<CreateGroup>, JsonRejection>,
 ) -> Result<(StatusCode, Json<GroupView>), ApiError> {
-    let me = s.me(&headers)?;
-    let view = s.groups.create(me, body(req)?).await?;
+    let me = s.me(&headers).await?;
+    let view = s.groups.create(&me, body(req)?).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -114,8 +131,8 @@ async fn info(
     headers: HeaderMap,
     path: PathResult<u64>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let me = s.me(&headers)?;
-    Ok(Json(s.groups.info(me, ids(path)?).await?))
+    let me = s.me(&headers).await?;
+    Ok(Json(s.groups.info(&me, ids(path)?).await?))
 }
 
 async fn update(
@@ -124,9 +141,9 @@ async fn update(
     path: PathResult<u64>,
     req: Result<Json<UpdateGroup>, JsonRejection>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let me = s.me(&headers)?;
+    let me = s.me(&headers).await?;
     let gid = ids(path)?;
-    Ok(Json(s.groups.update(me, gid, body(req)?).await?))
+    Ok(Json(s.groups.update(&me, gid, body(req)?).await?))
 }
 
 async fn dissolve(
@@ -134,14 +151,15 @@ async fn dissolve(
     headers: HeaderMap,
     path: PathResult<u64>,
 ) -> Result<StatusCode, ApiError> {
-    let me = s.me(&headers)?;
-    s.groups.dissolve(me, ids(path)?).await?;
+    let me = s.me(&headers).await?;
+    s.groups.dissolve(&me, ids(path)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
 struct PageParams {
-    after: Option<u64>,
+    /// Members whose uid is greater, byte for byte; absent: from the first.
+    after: Option<UserId>,
     limit: Option<u32>,
 }
 
@@ -151,17 +169,12 @@ async fn members(
     path: PathResult<u64>,
     params: Result<Query<PageParams>, QueryRejection>,
 ) -> Result<Json<MemberPage>, ApiError> {
-    let me = s.me(&headers)?;
+    let me = s.me(&headers).await?;
     let gid = ids(path)?;
     let Query(params) = params?;
     let page = s
         .groups
-        .members(
-            me,
-            gid,
-            params.after.unwrap_or(0),
-            params.limit.unwrap_or(100),
-        )
+        .members(&me, gid, params.after.as_ref(), params.limit.unwrap_or(100))
         .await?;
     Ok(Json(page))
 }
@@ -172,34 +185,34 @@ async fn invite(
     path: PathResult<u64>,
     req: Result<Json<Users>, JsonRejection>,
 ) -> Result<Json<Users>, ApiError> {
-    let me = s.me(&headers)?;
+    let me = s.me(&headers).await?;
     let gid = ids(path)?;
-    let users = s.groups.invite(me, gid, body(req)?.users).await?;
+    let users = s.groups.invite(&me, gid, body(req)?.users).await?;
     Ok(Json(Users { users }))
 }
 
 async fn member(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    path: PathResult<(u64, u64)>,
+    path: PathResult<(u64, String)>,
 ) -> Result<Json<MemberView>, ApiError> {
-    let me = s.me(&headers)?;
-    let (gid, uid) = ids(path)?;
-    Ok(Json(s.groups.member(me, gid, uid).await?))
+    let me = s.me(&headers).await?;
+    let (gid, uid) = group_and_user(path)?;
+    Ok(Json(s.groups.member(&me, gid, &uid).await?))
 }
 
 /// Removes a member: oneself (leave) or another (kick).
 async fn remove(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    path: PathResult<(u64, u64)>,
+    path: PathResult<(u64, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let me = s.me(&headers)?;
-    let (gid, uid) = ids(path)?;
+    let me = s.me(&headers).await?;
+    let (gid, uid) = group_and_user(path)?;
     if uid == me {
-        s.groups.quit(me, gid).await?;
+        s.groups.quit(&me, gid).await?;
     } else {
-        s.groups.kick(me, gid, uid).await?;
+        s.groups.kick(&me, gid, &uid).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -207,38 +220,38 @@ async fn remove(
 async fn set_role(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    path: PathResult<(u64, u64)>,
+    path: PathResult<(u64, String)>,
     req: Result<Json<SetRole>, JsonRejection>,
 ) -> Result<Json<MemberView>, ApiError> {
-    let me = s.me(&headers)?;
-    let (gid, uid) = ids(path)?;
+    let me = s.me(&headers).await?;
+    let (gid, uid) = group_and_user(path)?;
     Ok(Json(
-        s.groups.set_role(me, gid, uid, body(req)?.role).await?,
+        s.groups.set_role(&me, gid, &uid, body(req)?.role).await?,
     ))
 }
 
 async fn mute(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    path: PathResult<(u64, u64)>,
+    path: PathResult<(u64, String)>,
     req: Result<Json<Mute>, JsonRejection>,
 ) -> Result<Json<MemberView>, ApiError> {
-    let me = s.me(&headers)?;
-    let (gid, uid) = ids(path)?;
+    let me = s.me(&headers).await?;
+    let (gid, uid) = group_and_user(path)?;
     let secs = body(req)?.duration_secs;
-    Ok(Json(s.groups.mute(me, gid, uid, secs).await?))
+    Ok(Json(s.groups.mute(&me, gid, &uid, secs).await?))
 }
 
 async fn nickname(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    path: PathResult<(u64, u64)>,
+    path: PathResult<(u64, String)>,
     req: Result<Json<Nickname>, JsonRejection>,
 ) -> Result<Json<MemberView>, ApiError> {
-    let me = s.me(&headers)?;
-    let (gid, uid) = ids(path)?;
+    let me = s.me(&headers).await?;
+    let (gid, uid) = group_and_user(path)?;
     let nick = body(req)?.nickname;
-    Ok(Json(s.groups.nickname(me, gid, uid, nick).await?))
+    Ok(Json(s.groups.nickname(&me, gid, &uid, nick).await?))
 }
 
 async fn muted(
@@ -246,8 +259,8 @@ async fn muted(
     headers: HeaderMap,
     path: PathResult<u64>,
 ) -> Result<Json<Vec<MemberView>>, ApiError> {
-    let me = s.me(&headers)?;
-    Ok(Json(s.groups.muted(me, ids(path)?).await?))
+    let me = s.me(&headers).await?;
+    Ok(Json(s.groups.muted(&me, ids(path)?).await?))
 }
 
 async fn transfer(
@@ -256,9 +269,9 @@ async fn transfer(
     path: PathResult<u64>,
     req: Result<Json<Transfer>, JsonRejection>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let me = s.me(&headers)?;
+    let me = s.me(&headers).await?;
     let gid = ids(path)?;
-    Ok(Json(s.groups.transfer(me, gid, body(req)?.to).await?))
+    Ok(Json(s.groups.transfer(&me, gid, &body(req)?.to).await?))
 }
 
 async fn join(
@@ -267,9 +280,9 @@ async fn join(
     path: PathResult<u64>,
     req: Result<Json<JoinRequest>, JsonRejection>,
 ) -> Result<Json<JoinOutcome>, ApiError> {
-    let me = s.me(&headers)?;
+    let me = s.me(&headers).await?;
     let gid = ids(path)?;
-    Ok(Json(s.groups.join(me, gid, body(req)?.message).await?))
+    Ok(Json(s.groups.join(&me, gid, body(req)?.message).await?))
 }
 
 async fn applications(
@@ -277,19 +290,19 @@ async fn applications(
     headers: HeaderMap,
     path: PathResult<u64>,
 ) -> Result<Json<Vec<ApplicationView>>, ApiError> {
-    let me = s.me(&headers)?;
-    Ok(Json(s.groups.applications(me, ids(path)?).await?))
+    let me = s.me(&headers).await?;
+    Ok(Json(s.groups.applications(&me, ids(path)?).await?))
 }
 
 async fn decide(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    path: PathResult<(u64, u64)>,
+    path: PathResult<(u64, String)>,
     req: Result<Json<Decision>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let me = s.me(&headers)?;
-    let (gid, uid) = ids(path)?;
-    s.groups.decide(me, gid, uid, body(req)?.approve).await?;
+    let me = s.me(&headers).await?;
+    let (gid, uid) = group_and_user(path)?;
+    s.groups.decide(&me, gid, &uid, body(req)?.approve).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -299,7 +312,243 @@ async fn mark_read(
     path: PathResult<u64>,
     req: Result<Json<MarkRead>, JsonRejection>,
 ) -> Result<Json<ReadState>, ApiError> {
-    let me = s.me(&headers)?;
+    let me = s.me(&headers).await?;
     let gid = ids(path)?;
-    Ok(Json(s.groups.mark_read(me, gid, body(req)?.seq).await?))
+    Ok(Json(s.groups.mark_read(&me, gid, body(req)?.seq).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteGroupStore;
+    use natter_proto::api::ErrorBody;
+    use natter_roles::{Identity, Refusal};
+
+    /// Takes the token for the user id itself: these tests are about ids,
+    /// not tokens.
+    struct TokenIsTheUser;
+
+    #[async_trait::async_trait]
+    impl Authenticate for TokenIsTheUser {
+        async fn authenticate(&self, token: &str, _: Option<&str>) -> Result<Identity, Refusal> {
+            let uid = UserId::parse(token)
+                .map_err(|_| Refusal::new(ErrorCode::AuthFailed, "not a user"))?;
+            Ok(Identity {
+                uid,
+                device: "test".into(),
+            })
+        }
+    }
+
+    struct Quiet;
+
+    #[async_trait::async_trait]
+    impl crate::Publisher for Quiet {
+        async fn publish(
+            &self,
+            _: u64,
+            _: natter_proto::msg::GroupEvent,
+            _: Vec<UserId>,
+        ) -> Result<(), Refusal> {
+            Ok(())
+        }
+    }
+
+    /// The groups API on a port of its own; the server stops with the
+    /// returned task.
+    async fn serve() -> (String, tokio::task::JoinHandle<()>) {
+        let store = Arc::new(SqliteGroupStore::memory().await.expect("group store"));
+        let messages = Arc::new(
+            natter_record::sqlite::SqliteStore::memory()
+                .await
+                .expect("message store"),
+        );
+        let groups = Arc::new(Groups::new(
+            store,
+            messages,
+            Arc::new(Quiet),
+            natter_node::config::GroupsConfig::default(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let app = router(groups, Arc::new(TokenIsTheUser));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (base, server)
+    }
+
+    async fn refused(response: reqwest::Response) -> (u16, ErrorBody) {
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("an error body"))
+    }
+
+    #[tokio::test]
+    async fn invalid_user_ids_are_bad_requests_wherever_they_appear() {
+        let (base, server) = serve().await;
+        let http = reqwest::Client::new();
+        let created: GroupView = http
+            .post(format!("{base}/v1/groups"))
+            .bearer_auth("owner")
+            .json(&serde_json::json!({"name": "g", "join_type": "open", "members": ["Bob"]}))
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("a group");
+        let group = format!("{base}/v1/groups/{}", created.id);
+        let too_long = "x".repeat(65);
+
+        // ("." and ".." never arrive: clients resolve them away.)
+        for path in ["a:b", too_long.as_str(), "a%20b", "a%2Fb", "%C3%A9"] {
+            for request in [
+                http.get(format!("{group}/members/{path}")),
+                http.delete(format!("{group}/members/{path}")),
+                http.put(format!("{group}/members/{path}/mute"))
+                    .json(&serde_json::json!({"duration_secs": 60})),
+                http.post(format!("{group}/applications/{path}"))
+                    .json(&serde_json::json!({"approve": true})),
+            ] {
+                let (status, body) =
+                    refused(request.bearer_auth("owner").send().await.expect("sent")).await;
+                assert_eq!((status, body.code.as_str()), (400, "bad_request"), "{path}");
+                assert!(
+                    body.message.contains("user id in the path"),
+                    "{path}: {}",
+                    body.message
+                );
+            }
+        }
+        let bodies = [
+            (
+                http.post(format!("{base}/v1/groups")),
+                serde_json::json!({"name": "h", "members": ["ok", "a:b"]}),
+            ),
+            (
+                http.post(format!("{group}/members")),
+                serde_json::json!({"users": [too_long]}),
+            ),
+            (
+                http.post(format!("{group}/members")),
+                serde_json::json!({"users": [""]}),
+            ),
+            (
+                http.post(format!("{group}/transfer")),
+                serde_json::json!({"to": "Bob "}),
+            ),
+            (
+                http.post(format!("{group}/transfer")),
+                serde_json::json!({"to": 7}),
+            ),
+        ];
+        for (request, json) in bodies {
+            let (status, body) = refused(
+                request
+                    .bearer_auth("owner")
+                    .json(&json)
+                    .send()
+                    .await
+                    .expect("sent"),
+            )
+            .await;
+            assert_eq!((status, body.code.as_str()), (400, "bad_request"), "{json}");
+        }
+        let (status, body) = refused(
+            http.get(format!("{group}/members?after=a:b"))
+                .bearer_auth("owner")
+                .send()
+                .await
+                .expect("sent"),
+        )
+        .await;
+        assert_eq!((status, body.code.as_str()), (400, "bad_request"));
+        server.abort();
+    }
+
+    /// Through the API: ids that differ only in case are two members, the
+    /// longest id works as a path segment, and pages follow byte order.
+    #[tokio::test]
+    async fn user_ids_in_paths_are_taken_byte_for_byte() {
+        let (base, server) = serve().await;
+        let http = reqwest::Client::new();
+        let long = format!("{}@x.y", "L".repeat(60));
+        let created: GroupView = http
+            .post(format!("{base}/v1/groups"))
+            .bearer_auth("owner")
+            .json(&serde_json::json!({
+                "name": "g",
+                "join_type": "open",
+                "members": ["bob", "Bob", long],
+            }))
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("a group");
+        assert_eq!(created.member_count, 4);
+        let group = format!("{base}/v1/groups/{}", created.id);
+        for uid in ["bob", "Bob", long.as_str()] {
+            let member: MemberView = http
+                .get(format!("{group}/members/{uid}"))
+                .bearer_auth("owner")
+                .send()
+                .await
+                .expect("sent")
+                .json()
+                .await
+                .expect("a member");
+            assert_eq!(member.uid.as_str(), uid);
+        }
+        let response = http
+            .delete(format!("{group}/members/Bob"))
+            .bearer_auth("owner")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        let (status, body) = refused(
+            http.get(format!("{group}/members/Bob"))
+                .bearer_auth("owner")
+                .send()
+                .await
+                .expect("sent"),
+        )
+        .await;
+        assert_eq!(
+            (status, body.code.as_str()),
+            (403, "not_member"),
+            "Bob was kicked"
+        );
+        http.get(format!("{group}/members/bob"))
+            .bearer_auth("owner")
+            .send()
+            .await
+            .expect("sent")
+            .error_for_status()
+            .expect("bob is still a member");
+        let mut seen = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page: MemberPage = http
+                .get(format!("{group}/members?limit=1{after}"))
+                .bearer_auth("bob")
+                .send()
+                .await
+                .expect("sent")
+                .json()
+                .await
+                .expect("a page");
+            seen.extend(page.members.iter().map(|m| m.uid.to_string()));
+            match page.next_after {
+                Some(next) => after = format!("&after={next}"),
+                None => break,
+            }
+        }
+        assert_eq!(seen, [long.as_str(), "bob", "owner"]);
+        server.abort();
+    }
 }

@@ -9,16 +9,38 @@ use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlConnection, MySqlPool, Row};
 
+use natter_proto::UserId;
+
 use crate::store::*;
+
+/// The migrations, in order. Applied ones are never edited: a database
+/// that ran one keeps its checksum.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1001,
+        "groups",
+        include_str!("../migrations/mysql/1001_groups.sql"),
+    ),
+    (
+        1002,
+        "member user ids",
+        include_str!("../migrations/mysql/1002_member_user_ids.sql"),
+    ),
+    (
+        1003,
+        "application user ids",
+        include_str!("../migrations/mysql/1003_application_user_ids.sql"),
+    ),
+    (
+        1004,
+        "owner user ids",
+        include_str!("../migrations/mysql/1004_owner_user_ids.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     natter_record::migrations::migrator(
-        &[(
-            1001,
-            "groups",
-            include_str!("../migrations/mysql/1001_groups.sql"),
-        )],
-        // The message store's migrations live in the same database.
+        MIGRATIONS, // The message store's migrations live in the same database.
         true,
     )
 }
@@ -32,7 +54,7 @@ fn group_from(row: &MySqlRow) -> Result<GroupRecord, GroupStoreError> {
         id: row.try_get::<i64, _>("gid")? as u64,
         name: row.try_get("name")?,
         avatar: row.try_get("avatar")?,
-        owner: row.try_get::<i64, _>("owner")? as u64,
+        owner: user_from_bytes(row.try_get("owner")?)?,
         join_type: join_type_from(row.try_get("join_type")?)?,
         mute_all: row.try_get::<i8, _>("mute_all")? != 0,
         dissolved: row.try_get::<i8, _>("dissolved")? != 0,
@@ -43,7 +65,7 @@ fn group_from(row: &MySqlRow) -> Result<GroupRecord, GroupStoreError> {
 
 fn member_from(row: &MySqlRow) -> Result<MemberRecord, GroupStoreError> {
     Ok(MemberRecord {
-        uid: row.try_get::<i64, _>("uid")? as u64,
+        uid: user_from_bytes(row.try_get("uid")?)?,
         role: role_from(row.try_get("role")?)?,
         nickname: row.try_get("nickname")?,
         joined_ms: row.try_get("joined_at")?,
@@ -92,7 +114,7 @@ async fn put_member(
          join_seq = VALUES(join_seq), muted_until = VALUES(muted_until)",
     )
     .bind(id(gid))
-    .bind(id(m.uid))
+    .bind(m.uid.as_str())
     .bind(m.role.as_str())
     .bind(&m.nickname)
     .bind(m.joined_ms)
@@ -116,7 +138,7 @@ impl GroupStore for MySqlGroupStore {
         )
         .bind(&group.name)
         .bind(&group.avatar)
-        .bind(id(group.owner))
+        .bind(group.owner.as_str())
         .bind(group.join_type.as_str())
         .bind(group.mute_all)
         .bind(group.dissolved)
@@ -154,7 +176,7 @@ impl GroupStore for MySqlGroupStore {
                 Change::RemoveMember(uid) => {
                     sqlx::query("DELETE FROM member WHERE gid = ? AND uid = ?")
                         .bind(id(gid))
-                        .bind(id(*uid))
+                        .bind(uid.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -164,7 +186,7 @@ impl GroupStore for MySqlGroupStore {
                     )
                     .bind(&g.name)
                     .bind(&g.avatar)
-                    .bind(id(g.owner))
+                    .bind(g.owner.as_str())
                     .bind(g.join_type.as_str())
                     .bind(g.mute_all)
                     .bind(g.dissolved)
@@ -178,7 +200,7 @@ impl GroupStore for MySqlGroupStore {
                          ON DUPLICATE KEY UPDATE message = VALUES(message), created_at = VALUES(created_at)",
                     )
                     .bind(id(gid))
-                    .bind(id(a.uid))
+                    .bind(a.uid.as_str())
                     .bind(&a.message)
                     .bind(a.time_ms)
                     .execute(&mut *tx)
@@ -187,7 +209,7 @@ impl GroupStore for MySqlGroupStore {
                 Change::RemoveApplication(uid) => {
                     sqlx::query("DELETE FROM application WHERE gid = ? AND uid = ?")
                         .bind(id(gid))
-                        .bind(id(*uid))
+                        .bind(uid.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -221,18 +243,18 @@ impl GroupStore for MySqlGroupStore {
         rows.iter().map(member_from).collect()
     }
 
-    async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError> {
+    async fn owned_count(&self, uid: &UserId) -> Result<u64, GroupStoreError> {
         let count: i64 = sqlx::query_scalar(OWNED_COUNT_SQL)
-            .bind(id(uid))
+            .bind(uid.as_str())
             .fetch_one(&self.pool)
             .await?;
         Ok(count as u64)
     }
 
-    async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError> {
+    async fn groups_of(&self, uid: &UserId) -> Result<Vec<(u64, u64)>, GroupStoreError> {
         let rows: Vec<(i64, i64)> =
             sqlx::query_as("SELECT gid, join_seq FROM member WHERE uid = ? ORDER BY gid")
-                .bind(id(uid))
+                .bind(uid.as_str())
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows
@@ -242,37 +264,38 @@ impl GroupStore for MySqlGroupStore {
     }
 
     async fn applications(&self, gid: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError> {
-        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        let rows: Vec<(Vec<u8>, String, i64)> = sqlx::query_as(
             "SELECT uid, message, created_at FROM application WHERE gid = ? ORDER BY created_at, uid",
         )
         .bind(id(gid))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(uid, message, time_ms)| ApplicationRecord {
-                uid: uid as u64,
-                message,
-                time_ms,
+        rows.into_iter()
+            .map(|(uid, message, time_ms)| {
+                Ok(ApplicationRecord {
+                    uid: user_from_bytes(&uid)?,
+                    message,
+                    time_ms,
+                })
             })
-            .collect())
+            .collect()
     }
 
-    async fn mark_read(&self, gid: u64, uid: u64, seq: u64) -> Result<u64, GroupStoreError> {
+    async fn mark_read(&self, gid: u64, uid: &UserId, seq: u64) -> Result<u64, GroupStoreError> {
         sqlx::query("UPDATE member SET read_seq = GREATEST(read_seq, ?) WHERE gid = ? AND uid = ?")
             .bind(id(seq))
             .bind(id(gid))
-            .bind(id(uid))
+            .bind(uid.as_str())
             .execute(&self.pool)
             .await?;
         self.read_seq(gid, uid).await
     }
 
-    async fn read_seq(&self, gid: u64, uid: u64) -> Result<u64, GroupStoreError> {
+    async fn read_seq(&self, gid: u64, uid: &UserId) -> Result<u64, GroupStoreError> {
         let read: Option<i64> =
             sqlx::query_scalar("SELECT read_seq FROM member WHERE gid = ? AND uid = ?")
                 .bind(id(gid))
-                .bind(id(uid))
+                .bind(uid.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(read.unwrap_or(0) as u64)
@@ -291,6 +314,8 @@ impl GroupStore for MySqlGroupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::suite::uid;
+    use natter_proto::api::Role;
     use natter_proto::ErrorCode;
     use natter_record::mysql::testing::{drop_database, fresh_database};
     use natter_record::mysql::{MySqlOptions, MySqlStore};
@@ -309,7 +334,7 @@ mod tests {
         let again = MySqlStore::connect(&url, &MySqlOptions::default())
             .await
             .expect("message store again");
-        crate::suite::round_trip(&store).await;
+        crate::suite::run_all(&store).await;
         store.close().await;
         natter_record::MessageStore::close(&messages).await;
         natter_record::MessageStore::close(&again).await;
@@ -324,8 +349,8 @@ mod tests {
             &self,
             _group: u64,
             _event: natter_proto::msg::GroupEvent,
-            _audience: Vec<u64>,
-        ) -> Result<(), crate::GroupError> {
+            _audience: Vec<UserId>,
+        ) -> Result<(), natter_roles::Refusal> {
             Ok(())
         }
     }
@@ -357,9 +382,10 @@ mod tests {
                 limits.clone(),
             )));
         }
+        let owner = uid("owner");
         let group = nodes[0]
             .create(
-                1,
+                &owner,
                 natter_proto::api::CreateGroup {
                     name: "race".into(),
                     join_type: natter_proto::api::JoinType::Open,
@@ -370,10 +396,11 @@ mod tests {
             .expect("group")
             .id;
         let mut joins = Vec::new();
-        for uid in 100..130u64 {
-            let node = nodes[(uid % 2) as usize].clone();
+        for n in 100..130usize {
+            let node = nodes[n % 2].clone();
+            let joiner = uid(&format!("u{n}"));
             joins.push(tokio::spawn(async move {
-                node.join(uid, group, String::new()).await
+                node.join(&joiner, group, String::new()).await
             }));
         }
         let mut joined = 0;
@@ -392,7 +419,7 @@ mod tests {
         // Never past the limit, and every success is a member. (A join that
         // kept losing races may give up with `conflict`; most fill the group.)
         let members = nodes[1]
-            .members(1, group, 0, 100)
+            .members(&owner, group, None, 100)
             .await
             .expect("members")
             .members;
@@ -401,15 +428,15 @@ mod tests {
 
         // A kick through one node stops sends through the other within a
         // second (its cached group is checked against the store's version).
-        let member = members[1].uid;
+        let member = members[1].uid.clone();
         nodes[1]
-            .check_send(member, group)
+            .check_send(&member, group)
             .await
             .expect("a member sends");
-        nodes[0].kick(1, group, member).await.expect("kicked");
+        nodes[0].kick(&owner, group, &member).await.expect("kicked");
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         loop {
-            match nodes[1].check_send(member, group).await {
+            match nodes[1].check_send(&member, group).await {
                 Err(e) if e.code == ErrorCode::NotMember => break,
                 _ => {
                     assert!(
@@ -420,6 +447,146 @@ mod tests {
                 }
             }
         }
+        drop_database(&name).await;
+    }
+
+    /// A database from before string user ids (BIGINT uid columns, beside
+    /// the message store) keeps every group, member and application through
+    /// migrations 1002-1004, each uid now the decimal string of the old
+    /// number, in columns that compare byte for byte.
+    #[tokio::test]
+    async fn integer_user_ids_migrate_to_their_decimal_strings() {
+        let (url, name) = fresh_database().await;
+        let messages = MySqlStore::connect(&url, &MySqlOptions::default())
+            .await
+            .expect("message store");
+        // Two connections: one holds the migration lock while the other migrates.
+        let pool = MySqlPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .expect("pool");
+        natter_record::mysql::migrate_exclusively(
+            &pool,
+            &natter_record::migrations::migrator(&MIGRATIONS[..1], true),
+        )
+        .await
+        .expect("the migrations before string user ids");
+        for statement in [
+            "INSERT INTO grp (gid, name, avatar, owner, join_type, created_at, version) \
+             VALUES (1, 'kept', 'a.png', 1234567890123, 'approval', 10, 7)",
+            "INSERT INTO grp (gid, name, avatar, owner, join_type, created_at) VALUES (2, 'second', '', 2, 'open', 11)",
+            "INSERT INTO member (gid, uid, role, nickname, joined_at, join_seq, muted_until, read_seq) \
+             VALUES (1, 1234567890123, 'owner', 'boss', 20, 1, 0, 4)",
+            "INSERT INTO member (gid, uid, role, nickname, joined_at, join_seq, muted_until, read_seq) \
+             VALUES (1, 2, 'member', '', 21, 3, 99, 0)",
+            "INSERT INTO member (gid, uid, role, joined_at, join_seq) VALUES (2, 2, 'owner', 22, 1)",
+            "INSERT INTO application (gid, uid, message, created_at) VALUES (1, 42, 'let me in', 30)",
+        ] {
+            sqlx::query(statement)
+                .execute(&pool)
+                .await
+                .expect(statement);
+        }
+
+        let store = MySqlGroupStore::connect(&url, 4, Duration::from_secs(5))
+            .await
+            .expect("migrated");
+        let group = store.group(1).await.expect("read").expect("kept");
+        assert_eq!(
+            (group.name.as_str(), group.owner.as_str(), group.version),
+            ("kept", "1234567890123", 7)
+        );
+        let members = store.members(1).await.expect("members");
+        assert_eq!(
+            members,
+            vec![
+                MemberRecord {
+                    uid: uid("1234567890123"),
+                    role: Role::Owner,
+                    nickname: "boss".into(),
+                    joined_ms: 20,
+                    join_seq: 1,
+                    muted_until_ms: 0,
+                },
+                MemberRecord {
+                    uid: uid("2"),
+                    role: Role::Member,
+                    nickname: String::new(),
+                    joined_ms: 21,
+                    join_seq: 3,
+                    muted_until_ms: 99,
+                },
+            ]
+        );
+        assert_eq!(
+            store
+                .read_seq(1, &uid("1234567890123"))
+                .await
+                .expect("read"),
+            4
+        );
+        assert_eq!(
+            store.groups_of(&uid("2")).await.expect("mine"),
+            vec![(1, 3), (2, 1)]
+        );
+        assert_eq!(store.owned_count(&uid("2")).await.expect("owned"), 1);
+        assert_eq!(
+            store.applications(1).await.expect("apps"),
+            vec![ApplicationRecord {
+                uid: uid("42"),
+                message: "let me in".into(),
+                time_ms: 30,
+            }]
+        );
+        // Each uid column is 64 ASCII bytes, compared byte for byte.
+        let columns: Vec<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), \
+                    CAST(COLLATION_NAME AS CHAR), CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) \
+             FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND ((TABLE_NAME IN ('member', 'application') \
+                   AND COLUMN_NAME = 'uid') OR (TABLE_NAME = 'grp' AND COLUMN_NAME = 'owner')) \
+             ORDER BY TABLE_NAME",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("columns");
+        assert_eq!(
+            columns,
+            [("application", "uid"), ("grp", "owner"), ("member", "uid")].map(|(t, c)| (
+                t.to_string(),
+                c.to_string(),
+                Some("ascii_bin".to_string()),
+                Some(64)
+            ))
+        );
+        // A bound id can use the index by user (the comparison is made in
+        // the column's collation, not the connection's).
+        let explained = sqlx::query("EXPLAIN SELECT gid, join_seq FROM member WHERE uid = ?")
+            .bind("2")
+            .fetch_all(&pool)
+            .await
+            .expect("explain");
+        let possible: Vec<Option<String>> = explained
+            .iter()
+            .map(|row| row.try_get::<Option<String>, _>("possible_keys"))
+            .collect::<Result<_, _>>()
+            .expect("possible keys");
+        assert!(
+            possible
+                .iter()
+                .flatten()
+                .any(|keys| keys.contains("member_by_user")),
+            "{possible:?}"
+        );
+        // The message store still starts on the shared database.
+        let again = MySqlStore::connect(&url, &MySqlOptions::default())
+            .await
+            .expect("message store after");
+        pool.close().await;
+        store.close().await;
+        natter_record::MessageStore::close(&messages).await;
+        natter_record::MessageStore::close(&again).await;
         drop_database(&name).await;
     }
 }

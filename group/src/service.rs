@@ -7,6 +7,7 @@
 //! and then publishes its event while still in order with the next change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -17,65 +18,29 @@ use natter_proto::api::{
     ReadState, Role, UpdateGroup,
 };
 use natter_proto::msg::{GroupEvent, MUTED_FOREVER};
-use natter_proto::ErrorCode;
-use natter_record::http::{ApiError, GroupAccess};
+use natter_proto::{ErrorCode, UserId};
+use natter_record::http::GroupAccess;
 use natter_record::MessageStore;
+use natter_roles::Refusal;
 
 use crate::store::*;
 
-/// A refused or failed group operation, with the client-visible code.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct GroupError {
-    pub code: ErrorCode,
-    pub message: String,
-    /// With [`ErrorCode::Muted`]: the end of the mute.
-    pub until_ms: Option<i64>,
+fn refuse<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::new(code, message))
 }
 
-impl GroupError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> GroupError {
-        GroupError {
-            code,
-            message: message.into(),
-            until_ms: None,
-        }
-    }
-
-    fn muted(until_ms: i64, message: &str) -> GroupError {
-        GroupError {
-            until_ms: Some(until_ms),
-            ..GroupError::new(ErrorCode::Muted, message)
-        }
-    }
-}
-
-fn refuse<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, GroupError> {
-    Err(GroupError::new(code, message))
-}
-
-impl From<GroupStoreError> for GroupError {
-    fn from(e: GroupStoreError) -> GroupError {
+impl From<GroupStoreError> for Refusal {
+    fn from(e: GroupStoreError) -> Refusal {
         tracing::error!(error = %e, "group store failed");
-        GroupError::new(ErrorCode::Internal, "group storage is unavailable; retry")
+        Refusal::new(ErrorCode::Internal, "group storage is unavailable; retry")
     }
 }
 
-impl From<natter_record::StoreError> for GroupError {
-    fn from(e: natter_record::StoreError) -> GroupError {
-        tracing::error!(error = %e, "message store failed");
-        GroupError::new(ErrorCode::Internal, "storage is unavailable; retry")
-    }
-}
-
-impl From<GroupError> for ApiError {
-    fn from(e: GroupError) -> ApiError {
-        ApiError {
-            code: e.code,
-            message: e.message,
-            until_ms: e.until_ms,
-        }
-    }
+/// A failure of the message store, as the client sees it. (A function, not
+/// a `From`: both types belong to other crates.)
+fn message_store_failed(e: natter_record::StoreError) -> Refusal {
+    tracing::error!(error = %e, "message store failed");
+    Refusal::new(ErrorCode::Internal, "storage is unavailable; retry")
 }
 
 /// Where group events go: stored as a system message in the group's history
@@ -86,28 +51,29 @@ pub trait Publisher: Send + Sync + 'static {
         &self,
         group: u64,
         event: GroupEvent,
-        audience: Vec<u64>,
-    ) -> Result<(), GroupError>;
+        audience: Vec<UserId>,
+    ) -> Result<(), Refusal>;
 }
 
 /// One group as the message path sees it.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub group: GroupRecord,
-    pub members: BTreeMap<u64, MemberRecord>,
+    /// By uid, byte for byte.
+    pub members: BTreeMap<UserId, MemberRecord>,
 }
 
 impl Snapshot {
-    fn member(&self, uid: u64) -> Result<&MemberRecord, GroupError> {
-        self.members.get(&uid).ok_or_else(|| {
-            GroupError::new(
+    fn member(&self, uid: &UserId) -> Result<&MemberRecord, Refusal> {
+        self.members.get(uid).ok_or_else(|| {
+            Refusal::new(
                 ErrorCode::NotMember,
                 format!("user {uid} is not a member of group {}", self.group.id),
             )
         })
     }
 
-    fn manager(&self, uid: u64) -> Result<&MemberRecord, GroupError> {
+    fn manager(&self, uid: &UserId) -> Result<&MemberRecord, Refusal> {
         let member = self.member(uid)?;
         if !member.role.manages() {
             return refuse(
@@ -126,8 +92,8 @@ impl Snapshot {
     }
 
     /// Everyone a message to the group goes to.
-    pub fn member_ids(&self) -> Vec<u64> {
-        self.members.keys().copied().collect()
+    pub fn member_ids(&self) -> Vec<UserId> {
+        self.members.keys().cloned().collect()
     }
 }
 
@@ -137,14 +103,14 @@ impl Snapshot {
 struct Plan {
     changes: Vec<Change>,
     events: Vec<GroupEvent>,
-    notify: Vec<u64>,
+    notify: Vec<UserId>,
 }
 
-fn event(kind: &str, actor: u64, targets: Vec<u64>, value: impl Into<String>) -> GroupEvent {
+fn event(kind: &str, actor: &UserId, targets: Vec<UserId>, value: impl Into<String>) -> GroupEvent {
     GroupEvent {
         kind: kind.into(),
-        actor,
-        targets,
+        actor: actor.to_string(),
+        targets: targets.into_iter().map(String::from).collect(),
         value: value.into(),
         until_ms: 0,
     }
@@ -165,7 +131,7 @@ fn muted_now(m: &MemberRecord, now: i64) -> Option<i64> {
 
 pub fn member_view(m: &MemberRecord, now: i64) -> MemberView {
     MemberView {
-        uid: m.uid,
+        uid: m.uid.clone(),
         role: m.role,
         nickname: m.nickname.clone(),
         joined_ms: m.joined_ms,
@@ -211,7 +177,7 @@ fn is_visible(c: char) -> bool {
 /// A name (of a group, or a member's nickname): 1 to [`MAX_NAME`]
 /// characters, at least one of them visible, no control characters and no
 /// hidden formatting characters.
-fn check_name_of(what: &str, name: &str) -> Result<(), GroupError> {
+fn check_name_of(what: &str, name: &str) -> Result<(), Refusal> {
     if !name.chars().any(is_visible) || name.chars().count() > MAX_NAME {
         return refuse(
             ErrorCode::BadRequest,
@@ -227,14 +193,14 @@ fn check_name_of(what: &str, name: &str) -> Result<(), GroupError> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), GroupError> {
+fn check_name(name: &str) -> Result<(), Refusal> {
     check_name_of("a group name", name)
 }
 
 /// Free text (an application's message, an avatar URL): at most
 /// [`MAX_TEXT`] characters; line breaks and tabs are allowed, other
 /// control characters and bidirectional controls are not.
-fn check_text(what: &str, text: &str) -> Result<(), GroupError> {
+fn check_text(what: &str, text: &str) -> Result<(), Refusal> {
     if text.chars().count() > MAX_TEXT {
         return refuse(
             ErrorCode::BadRequest,
@@ -249,13 +215,6 @@ fn check_text(what: &str, text: &str) -> Result<(), GroupError> {
             ErrorCode::BadRequest,
             format!("{what} may not hold control characters other than line breaks and tabs, or bidirectional controls"),
         );
-    }
-    Ok(())
-}
-
-fn check_user(uid: u64) -> Result<(), GroupError> {
-    if uid == 0 || uid > i64::MAX as u64 {
-        return refuse(ErrorCode::BadRequest, format!("{uid} is not a user id"));
     }
     Ok(())
 }
@@ -341,7 +300,7 @@ impl Groups {
         }
     }
 
-    async fn load(&self, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+    async fn load(&self, gid: u64) -> Result<Arc<Snapshot>, Refusal> {
         // A load that raced a change of this process must not put the older
         // state back: it is cached only if no change came meanwhile.
         let generation = self.cache().generation(gid);
@@ -353,7 +312,7 @@ impl Groups {
             .members(gid)
             .await?
             .into_iter()
-            .map(|m| (m.uid, m))
+            .map(|m| (m.uid.clone(), m))
             .collect();
         let snapshot = Arc::new(Snapshot { group, members });
         let mut cache = self.cache();
@@ -377,9 +336,9 @@ impl Groups {
 
     /// Takes `users` from the actor's hourly allowance of users added to
     /// groups.
-    fn may_add(&self, actor: u64, users: usize) -> Result<(), GroupError> {
+    fn may_add(&self, actor: &UserId, users: usize) -> Result<(), Refusal> {
         let n = u32::try_from(users).unwrap_or(u32::MAX);
-        if n > 0 && !self.invitations.allow_n(actor, n) {
+        if n > 0 && !self.invitations.allow_n(actor.as_str(), n) {
             return refuse(
                 ErrorCode::RateLimited,
                 format!(
@@ -397,7 +356,7 @@ impl Groups {
 
     /// The group as of its last change in this process, or at most
     /// [`SNAPSHOT_TTL`] old (changes made by other processes).
-    pub async fn snapshot(&self, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+    pub async fn snapshot(&self, gid: u64) -> Result<Arc<Snapshot>, Refusal> {
         if gid == 0 || gid > i64::MAX as u64 {
             return refuse(ErrorCode::NotFound, format!("no group {gid}"));
         }
@@ -433,14 +392,14 @@ impl Groups {
     }
 
     /// A member's join point, if the group is in the cache (never loads).
-    pub fn cached_join_seq(&self, gid: u64, uid: u64) -> Option<u64> {
+    pub fn cached_join_seq(&self, gid: u64, uid: &UserId) -> Option<u64> {
         let cache = self.cache();
         let (snapshot, _) = cache.entries.get(&gid)?;
-        snapshot.members.get(&uid).map(|m| m.join_seq)
+        snapshot.members.get(uid).map(|m| m.join_seq)
     }
 
     /// May `uid` send to `gid` now? Returns the group for fan-out.
-    pub async fn check_send(&self, uid: u64, gid: u64) -> Result<Arc<Snapshot>, GroupError> {
+    pub async fn check_send(&self, uid: &UserId, gid: u64) -> Result<Arc<Snapshot>, Refusal> {
         let snapshot = self.snapshot(gid).await?;
         if snapshot.group.dissolved {
             return refuse(
@@ -451,10 +410,10 @@ impl Groups {
         let member = snapshot.member(uid)?;
         let now = now_ms();
         if let Some(until) = muted_now(member, now) {
-            return Err(GroupError::muted(until, "you are muted in this group"));
+            return Err(Refusal::muted(until, "you are muted in this group"));
         }
         if snapshot.group.mute_all && member.role == Role::Member {
-            return Err(GroupError::muted(
+            return Err(Refusal::muted(
                 MUTED_FOREVER,
                 "the group is muted for everyone but the owner and admins",
             ));
@@ -463,11 +422,11 @@ impl Groups {
     }
 
     /// The groups of `uid`, each with the member's join point.
-    pub async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupError> {
+    pub async fn groups_of(&self, uid: &UserId) -> Result<Vec<(u64, u64)>, Refusal> {
         Ok(self.store.groups_of(uid).await?)
     }
 
-    async fn view(&self, snapshot: &Snapshot, actor: u64) -> Result<GroupView, GroupError> {
+    async fn view(&self, snapshot: &Snapshot, actor: &UserId) -> Result<GroupView, Refusal> {
         let g = &snapshot.group;
         let member = snapshot.member(actor)?;
         let last_seq = self.last_seq(g.id).await?;
@@ -479,7 +438,7 @@ impl Groups {
             id: g.id,
             name: g.name.clone(),
             avatar: g.avatar.clone(),
-            owner: g.owner,
+            owner: g.owner.clone(),
             join_type: g.join_type,
             mute_all: g.mute_all,
             member_count: snapshot.members.len() as u32,
@@ -489,18 +448,24 @@ impl Groups {
         })
     }
 
-    async fn last_seq(&self, gid: u64) -> Result<u64, GroupError> {
+    async fn last_seq(&self, gid: u64) -> Result<u64, Refusal> {
         Ok(self
             .messages
             .group_seqs(&[gid])
-            .await?
+            .await
+            .map_err(message_store_failed)?
             .first()
             .copied()
             .unwrap_or(0))
     }
 
     /// Marks the group read up to `seq` for the caller (on every device).
-    pub async fn mark_read(&self, actor: u64, gid: u64, seq: u64) -> Result<ReadState, GroupError> {
+    pub async fn mark_read(
+        &self,
+        actor: &UserId,
+        gid: u64,
+        seq: u64,
+    ) -> Result<ReadState, Refusal> {
         let snapshot = self.snapshot(gid).await?;
         let member = snapshot.member(actor)?;
         let last_seq = self.last_seq(gid).await?;
@@ -523,8 +488,8 @@ impl Groups {
     async fn change(
         &self,
         gid: u64,
-        mut plan: impl FnMut(&Snapshot, u64, i64) -> Result<Plan, GroupError>,
-    ) -> Result<Arc<Snapshot>, GroupError> {
+        mut plan: impl FnMut(&Snapshot, u64, i64) -> Result<Plan, Refusal>,
+    ) -> Result<Arc<Snapshot>, Refusal> {
         self.change_with(gid, false, |s, _, next_seq, now| plan(s, next_seq, now))
             .await
     }
@@ -536,8 +501,8 @@ impl Groups {
         &self,
         gid: u64,
         with_applications: bool,
-        mut plan: impl FnMut(&Snapshot, &[ApplicationRecord], u64, i64) -> Result<Plan, GroupError>,
-    ) -> Result<Arc<Snapshot>, GroupError> {
+        mut plan: impl FnMut(&Snapshot, &[ApplicationRecord], u64, i64) -> Result<Plan, Refusal>,
+    ) -> Result<Arc<Snapshot>, Refusal> {
         if gid == 0 || gid > i64::MAX as u64 {
             return refuse(ErrorCode::NotFound, format!("no group {gid}"));
         }
@@ -555,7 +520,8 @@ impl Groups {
             let next_seq = self
                 .messages
                 .group_seqs(&[gid])
-                .await?
+                .await
+                .map_err(message_store_failed)?
                 .first()
                 .copied()
                 .unwrap_or(0)
@@ -585,14 +551,14 @@ impl Groups {
         self.cache().bump(gid);
         let after = self.load(gid).await?;
         if !plan.events.is_empty() {
-            let audience: BTreeSet<u64> = before
+            let audience: BTreeSet<UserId> = before
                 .members
                 .keys()
                 .chain(after.members.keys())
                 .chain(plan.notify.iter())
-                .copied()
+                .cloned()
                 .collect();
-            let audience: Vec<u64> = audience.into_iter().collect();
+            let audience: Vec<UserId> = audience.into_iter().collect();
             for event in plan.events {
                 // The change is made; a failure here loses only the notice,
                 // and is logged and counted by the publisher.
@@ -604,7 +570,7 @@ impl Groups {
         Ok(after)
     }
 
-    fn new_member(&self, uid: u64, role: Role, join_seq: u64, now: i64) -> MemberRecord {
+    fn new_member(&self, uid: UserId, role: Role, join_seq: u64, now: i64) -> MemberRecord {
         MemberRecord {
             uid,
             role,
@@ -615,7 +581,7 @@ impl Groups {
         }
     }
 
-    fn room_for(&self, snapshot: &Snapshot, adding: usize) -> Result<(), GroupError> {
+    fn room_for(&self, snapshot: &Snapshot, adding: usize) -> Result<(), Refusal> {
         if snapshot.members.len() + adding > self.limits.max_members as usize {
             return refuse(
                 ErrorCode::MemberLimit,
@@ -625,16 +591,13 @@ impl Groups {
         Ok(())
     }
 
-    pub async fn create(&self, actor: u64, req: CreateGroup) -> Result<GroupView, GroupError> {
+    pub async fn create(&self, actor: &UserId, req: CreateGroup) -> Result<GroupView, Refusal> {
         check_name(&req.name)?;
         check_text("avatar", &req.avatar)?;
-        let mut others: Vec<u64> = req.members.clone();
+        let mut others: Vec<UserId> = req.members.clone();
         others.sort_unstable();
         others.dedup();
-        others.retain(|&u| u != actor);
-        for &uid in &others {
-            check_user(uid)?;
-        }
+        others.retain(|u| u != actor);
         if others.len() + 1 > self.limits.max_members as usize {
             return refuse(
                 ErrorCode::MemberLimit,
@@ -646,18 +609,18 @@ impl Groups {
             id: 0,
             name: req.name.trim().to_string(),
             avatar: req.avatar,
-            owner: actor,
+            owner: actor.clone(),
             join_type: req.join_type,
             mute_all: false,
             dissolved: false,
             created_ms: now,
             version: 0,
         };
-        let mut members = vec![self.new_member(actor, Role::Owner, 1, now)];
+        let mut members = vec![self.new_member(actor.clone(), Role::Owner, 1, now)];
         members.extend(
             others
                 .iter()
-                .map(|&u| self.new_member(u, Role::Member, 1, now)),
+                .map(|u| self.new_member(u.clone(), Role::Member, 1, now)),
         );
         if self.store.owned_count(actor).await? >= u64::from(self.limits.max_owned) {
             return refuse(
@@ -668,7 +631,7 @@ impl Groups {
                 ),
             );
         }
-        if !self.creations.allow(actor) {
+        if !self.creations.allow(actor.as_str()) {
             return refuse(
                 ErrorCode::RateLimited,
                 format!(
@@ -697,17 +660,17 @@ impl Groups {
         self.info(actor, gid).await
     }
 
-    pub async fn info(&self, actor: u64, gid: u64) -> Result<GroupView, GroupError> {
+    pub async fn info(&self, actor: &UserId, gid: u64) -> Result<GroupView, Refusal> {
         let snapshot = self.snapshot(gid).await?;
         self.view(&snapshot, actor).await
     }
 
-    pub async fn mine(&self, actor: u64) -> Result<Vec<GroupView>, GroupError> {
+    pub async fn mine(&self, actor: &UserId) -> Result<Vec<GroupView>, Refusal> {
         let mut views = Vec::new();
         for (gid, _) in self.store.groups_of(actor).await? {
             let snapshot = self.snapshot(gid).await?;
             // A member row removed since the list was read is skipped.
-            if snapshot.members.contains_key(&actor) {
+            if snapshot.members.contains_key(actor) {
                 views.push(self.view(&snapshot, actor).await?);
             }
         }
@@ -716,34 +679,47 @@ impl Groups {
 
     pub async fn members(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-        after: u64,
+        after: Option<&UserId>,
         limit: u32,
-    ) -> Result<MemberPage, GroupError> {
+    ) -> Result<MemberPage, Refusal> {
         if !(1..=500).contains(&limit) {
             return refuse(ErrorCode::BadRequest, "limit must be between 1 and 500");
         }
         let snapshot = self.snapshot(gid).await?;
         snapshot.member(actor)?;
         let now = now_ms();
+        // Members after `after`, byte for byte (so "B" comes before "a").
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         let members: Vec<MemberView> = snapshot
             .members
-            .range(after.saturating_add(1)..)
+            .range::<UserId, _>((from, Bound::Unbounded))
             .take(limit as usize)
             .map(|(_, m)| member_view(m, now))
             .collect();
         let next_after = (members.len() == limit as usize)
-            .then(|| members.last().map(|m| m.uid))
+            .then(|| members.last().map(|m| m.uid.clone()))
             .flatten()
-            .filter(|&last| snapshot.members.range(last + 1..).next().is_some());
+            .filter(|last| {
+                snapshot
+                    .members
+                    .range::<UserId, _>((Bound::Excluded(last), Bound::Unbounded))
+                    .next()
+                    .is_some()
+            });
         Ok(MemberPage {
             members,
             next_after,
         })
     }
 
-    pub async fn member(&self, actor: u64, gid: u64, uid: u64) -> Result<MemberView, GroupError> {
+    pub async fn member(
+        &self,
+        actor: &UserId,
+        gid: u64,
+        uid: &UserId,
+    ) -> Result<MemberView, Refusal> {
         let snapshot = self.snapshot(gid).await?;
         snapshot.member(actor)?;
         Ok(member_view(snapshot.member(uid)?, now_ms()))
@@ -753,13 +729,10 @@ impl Groups {
     /// are skipped).
     pub async fn invite(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-        users: Vec<u64>,
-    ) -> Result<Vec<u64>, GroupError> {
-        for &uid in &users {
-            check_user(uid)?;
-        }
+        users: Vec<UserId>,
+    ) -> Result<Vec<UserId>, Refusal> {
         let mut distinct = users.clone();
         distinct.sort_unstable();
         distinct.dedup();
@@ -773,10 +746,10 @@ impl Groups {
                     "in an invite-only group only the owner and admins invite",
                 );
             }
-            let mut new: Vec<u64> = users
+            let mut new: Vec<UserId> = users
                 .iter()
-                .copied()
-                .filter(|u| !s.members.contains_key(u))
+                .filter(|u| !s.members.contains_key(*u))
+                .cloned()
                 .collect();
             new.sort_unstable();
             new.dedup();
@@ -785,14 +758,14 @@ impl Groups {
             }
             self.room_for(s, new.len())?;
             let mut plan = Plan::default();
-            for &uid in &new {
+            for uid in &new {
                 plan.changes.push(Change::PutMember(self.new_member(
-                    uid,
+                    uid.clone(),
                     Role::Member,
                     next_seq,
                     now,
                 )));
-                plan.changes.push(Change::RemoveApplication(uid));
+                plan.changes.push(Change::RemoveApplication(uid.clone()));
             }
             plan.events.push(event("invited", actor, new.clone(), ""));
             added = new;
@@ -805,14 +778,14 @@ impl Groups {
     /// Joins an open group, or applies to one that needs approval.
     pub async fn join(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
         message: String,
-    ) -> Result<JoinOutcome, GroupError> {
+    ) -> Result<JoinOutcome, Refusal> {
         check_text("message", &message)?;
         let mut joined = false;
         self.change(gid, |s, next_seq, now| {
-            if s.members.contains_key(&actor) {
+            if s.members.contains_key(actor) {
                 return refuse(ErrorCode::Conflict, "already a member");
             }
             let mut plan = Plan::default();
@@ -826,17 +799,18 @@ impl Groups {
                 JoinType::Open => {
                     self.room_for(s, 1)?;
                     plan.changes.push(Change::PutMember(self.new_member(
-                        actor,
+                        actor.clone(),
                         Role::Member,
                         next_seq,
                         now,
                     )));
-                    plan.events.push(event("joined", actor, vec![actor], ""));
+                    plan.events
+                        .push(event("joined", actor, vec![actor.clone()], ""));
                     joined = true;
                 }
                 JoinType::Approval => {
                     plan.changes.push(Change::PutApplication(ApplicationRecord {
-                        uid: actor,
+                        uid: actor.clone(),
                         message: message.clone(),
                         time_ms: now,
                     }));
@@ -850,9 +824,9 @@ impl Groups {
 
     pub async fn applications(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-    ) -> Result<Vec<ApplicationView>, GroupError> {
+    ) -> Result<Vec<ApplicationView>, Refusal> {
         let snapshot = self.snapshot(gid).await?;
         snapshot.manager(actor)?;
         Ok(self
@@ -870,30 +844,31 @@ impl Groups {
 
     pub async fn decide(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-        uid: u64,
+        uid: &UserId,
         approve: bool,
-    ) -> Result<(), GroupError> {
+    ) -> Result<(), Refusal> {
         self.change_with(gid, true, |s, pending, next_seq, now| {
             s.manager(actor)?;
-            if !pending.iter().any(|a| a.uid == uid) {
+            if !pending.iter().any(|a| a.uid == *uid) {
                 return refuse(
                     ErrorCode::NotFound,
                     format!("no application from user {uid}"),
                 );
             }
             let mut plan = Plan::default();
-            plan.changes.push(Change::RemoveApplication(uid));
-            if approve && !s.members.contains_key(&uid) {
+            plan.changes.push(Change::RemoveApplication(uid.clone()));
+            if approve && !s.members.contains_key(uid) {
                 self.room_for(s, 1)?;
                 plan.changes.push(Change::PutMember(self.new_member(
-                    uid,
+                    uid.clone(),
                     Role::Member,
                     next_seq,
                     now,
                 )));
-                plan.events.push(event("joined", actor, vec![uid], ""));
+                plan.events
+                    .push(event("joined", actor, vec![uid.clone()], ""));
             }
             Ok(plan)
         })
@@ -901,7 +876,7 @@ impl Groups {
         Ok(())
     }
 
-    pub async fn quit(&self, actor: u64, gid: u64) -> Result<(), GroupError> {
+    pub async fn quit(&self, actor: &UserId, gid: u64) -> Result<(), Refusal> {
         self.change(gid, |s, _, _| {
             let me = s.member(actor)?;
             if me.role == Role::Owner {
@@ -911,8 +886,8 @@ impl Groups {
                 );
             }
             Ok(Plan {
-                changes: vec![Change::RemoveMember(actor)],
-                events: vec![event("left", actor, vec![actor], "")],
+                changes: vec![Change::RemoveMember(actor.clone())],
+                events: vec![event("left", actor, vec![actor.clone()], "")],
                 notify: vec![],
             })
         })
@@ -920,7 +895,7 @@ impl Groups {
         Ok(())
     }
 
-    pub async fn kick(&self, actor: u64, gid: u64, uid: u64) -> Result<(), GroupError> {
+    pub async fn kick(&self, actor: &UserId, gid: u64, uid: &UserId) -> Result<(), Refusal> {
         self.change(gid, |s, _, _| {
             let me = s.manager(actor)?;
             let target = s.member(uid)?;
@@ -937,16 +912,16 @@ impl Groups {
                 );
             }
             Ok(Plan {
-                changes: vec![Change::RemoveMember(uid)],
-                events: vec![event("kicked", actor, vec![uid], "")],
-                notify: vec![uid],
+                changes: vec![Change::RemoveMember(uid.clone())],
+                events: vec![event("kicked", actor, vec![uid.clone()], "")],
+                notify: vec![uid.clone()],
             })
         })
         .await?;
         Ok(())
     }
 
-    pub async fn dissolve(&self, actor: u64, gid: u64) -> Result<(), GroupError> {
+    pub async fn dissolve(&self, actor: &UserId, gid: u64) -> Result<(), Refusal> {
         self.change(gid, |s, _, _| {
             if s.member(actor)?.role != Role::Owner {
                 return refuse(ErrorCode::Forbidden, "only the owner dissolves the group");
@@ -966,10 +941,10 @@ impl Groups {
 
     pub async fn update(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
         req: UpdateGroup,
-    ) -> Result<GroupView, GroupError> {
+    ) -> Result<GroupView, Refusal> {
         if let Some(name) = &req.name {
             check_name(name)?;
         }
@@ -1025,11 +1000,11 @@ impl Groups {
     /// Makes a member an admin or an admin a member (owner only).
     pub async fn set_role(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-        uid: u64,
+        uid: &UserId,
         role: Role,
-    ) -> Result<MemberView, GroupError> {
+    ) -> Result<MemberView, Refusal> {
         if role == Role::Owner {
             return refuse(ErrorCode::BadRequest, "ownership moves with transfer");
         }
@@ -1062,7 +1037,12 @@ impl Groups {
                 }
                 Ok(Plan {
                     changes: vec![Change::PutMember(member)],
-                    events: vec![event("role_changed", actor, vec![uid], role.as_str())],
+                    events: vec![event(
+                        "role_changed",
+                        actor,
+                        vec![uid.clone()],
+                        role.as_str(),
+                    )],
                     notify: vec![],
                 })
             })
@@ -1071,7 +1051,12 @@ impl Groups {
     }
 
     /// Hands ownership to another member; the old owner becomes a member.
-    pub async fn transfer(&self, actor: u64, gid: u64, to: u64) -> Result<GroupView, GroupError> {
+    pub async fn transfer(
+        &self,
+        actor: &UserId,
+        gid: u64,
+        to: &UserId,
+    ) -> Result<GroupView, Refusal> {
         let after = self
             .change(gid, |s, _, _| {
                 let me = s.member(actor)?;
@@ -1091,11 +1076,11 @@ impl Groups {
                         Change::PutMember(heir),
                         Change::PutMember(old),
                         Change::PutGroup(GroupRecord {
-                            owner: to,
+                            owner: to.clone(),
                             ..s.group.clone()
                         }),
                     ],
-                    events: vec![event("owner_transferred", actor, vec![to], "")],
+                    events: vec![event("owner_transferred", actor, vec![to.clone()], "")],
                     notify: vec![],
                 })
             })
@@ -1106,11 +1091,11 @@ impl Groups {
     /// Mutes a member for `duration_secs` (0 unmutes, -1 until unmuted).
     pub async fn mute(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-        uid: u64,
+        uid: &UserId,
         duration_secs: i64,
-    ) -> Result<MemberView, GroupError> {
+    ) -> Result<MemberView, Refusal> {
         let max = self.limits.max_mute_secs;
         if duration_secs < -1 || duration_secs as i128 > max as i128 {
             return refuse(
@@ -1132,15 +1117,15 @@ impl Groups {
                             return Ok(Plan::default());
                         }
                         member.muted_until_ms = 0;
-                        event("unmuted", actor, vec![uid], "")
+                        event("unmuted", actor, vec![uid.clone()], "")
                     }
                     -1 => {
                         member.muted_until_ms = MUTED_FOREVER;
-                        event("muted", actor, vec![uid], "")
+                        event("muted", actor, vec![uid.clone()], "")
                     }
                     secs => {
                         member.muted_until_ms = now.saturating_add(secs.saturating_mul(1000));
-                        event("muted", actor, vec![uid], "")
+                        event("muted", actor, vec![uid.clone()], "")
                     }
                 };
                 e.until_ms = member.muted_until_ms;
@@ -1155,7 +1140,7 @@ impl Groups {
     }
 
     /// Members muted now (owner and admins only).
-    pub async fn muted(&self, actor: u64, gid: u64) -> Result<Vec<MemberView>, GroupError> {
+    pub async fn muted(&self, actor: &UserId, gid: u64) -> Result<Vec<MemberView>, Refusal> {
         let snapshot = self.snapshot(gid).await?;
         snapshot.manager(actor)?;
         let now = now_ms();
@@ -1171,11 +1156,11 @@ impl Groups {
     /// the owner and admins.
     pub async fn nickname(
         &self,
-        actor: u64,
+        actor: &UserId,
         gid: u64,
-        uid: u64,
+        uid: &UserId,
         nickname: String,
-    ) -> Result<MemberView, GroupError> {
+    ) -> Result<MemberView, Refusal> {
         // An empty nickname clears it.
         if !nickname.is_empty() {
             check_name_of("a nickname", &nickname)?;
@@ -1197,7 +1182,7 @@ impl Groups {
                     events: vec![event(
                         "nickname_changed",
                         actor,
-                        vec![uid],
+                        vec![uid.clone()],
                         nickname.clone(),
                     )],
                     notify: vec![],
@@ -1207,7 +1192,7 @@ impl Groups {
         Ok(member_view(after.member(uid)?, now_ms()))
     }
 
-    pub async fn ping(&self) -> Result<(), GroupError> {
+    pub async fn ping(&self) -> Result<(), Refusal> {
         Ok(self.store.ping().await?)
     }
 
@@ -1218,7 +1203,7 @@ impl Groups {
 
 #[async_trait]
 impl GroupAccess for Groups {
-    async fn readable_from(&self, uid: u64, group: u64) -> Result<u64, ApiError> {
+    async fn readable_from(&self, uid: &UserId, group: u64) -> Result<u64, Refusal> {
         let snapshot = self.snapshot(group).await?;
         Ok(snapshot.member(uid)?.join_seq)
     }
@@ -1243,7 +1228,7 @@ mod tests {
 
     #[async_trait]
     impl Publisher for Held {
-        async fn publish(&self, group: u64, _: GroupEvent, _: Vec<u64>) -> Result<(), GroupError> {
+        async fn publish(&self, group: u64, _: GroupEvent, _: Vec<UserId>) -> Result<(), Refusal> {
             let held = *self.hold.lock().expect("lock") == Some(group);
             if held {
                 self.entered.notify_one();
@@ -1261,12 +1246,20 @@ mod tests {
         (Arc::new(groups), held, store)
     }
 
-    fn create(name: &str, members: &[u64], join_type: JoinType) -> CreateGroup {
+    fn uid(s: &str) -> UserId {
+        UserId::parse(s).expect("a valid user id")
+    }
+
+    fn uids(ids: &[&str]) -> Vec<UserId> {
+        ids.iter().map(|s| uid(s)).collect()
+    }
+
+    fn create(name: &str, members: &[&str], join_type: JoinType) -> CreateGroup {
         CreateGroup {
             name: name.into(),
             avatar: String::new(),
             join_type,
-            members: members.to_vec(),
+            members: uids(members),
         }
     }
 
@@ -1280,28 +1273,32 @@ mod tests {
     #[tokio::test]
     async fn a_change_in_progress_holds_up_its_own_group_only() {
         let (groups, held, _) = groups(GroupsConfig::default()).await;
+        let owner = uid("owner");
         let a = groups
-            .create(1, create("a", &[2], JoinType::Open))
+            .create(&owner, create("a", &["bob"], JoinType::Open))
             .await
             .expect("a");
         let b = groups
-            .create(1, create("b", &[2], JoinType::Open))
+            .create(&owner, create("b", &["bob"], JoinType::Open))
             .await
             .expect("b");
         *held.hold.lock().expect("lock") = Some(a.id);
         let busy = {
-            let groups = groups.clone();
-            tokio::spawn(async move { groups.update(1, a.id, rename("a2")).await })
+            let (groups, owner) = (groups.clone(), owner.clone());
+            tokio::spawn(async move { groups.update(&owner, a.id, rename("a2")).await })
         };
         held.entered.notified().await;
         // Group a's change is between its write and its event.
-        tokio::time::timeout(Duration::from_secs(5), groups.update(1, b.id, rename("b2")))
-            .await
-            .expect("another group's change does not wait for it")
-            .expect("renamed");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            groups.update(&owner, b.id, rename("b2")),
+        )
+        .await
+        .expect("another group's change does not wait for it")
+        .expect("renamed");
         let waiting = {
-            let groups = groups.clone();
-            tokio::spawn(async move { groups.update(1, a.id, rename("a3")).await })
+            let (groups, owner) = (groups.clone(), owner.clone());
+            tokio::spawn(async move { groups.update(&owner, a.id, rename("a3")).await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
@@ -1323,31 +1320,32 @@ mod tests {
             ..GroupsConfig::default()
         };
         let (groups, _, _) = groups(limits).await;
+        let me = uid("me");
         let first = groups
-            .create(1, create("1", &[], JoinType::Open))
+            .create(&me, create("1", &[], JoinType::Open))
             .await
             .expect("1");
         groups
-            .create(1, create("2", &[], JoinType::Open))
+            .create(&me, create("2", &[], JoinType::Open))
             .await
             .expect("2");
-        let owned = groups.create(1, create("3", &[], JoinType::Open)).await;
+        let owned = groups.create(&me, create("3", &[], JoinType::Open)).await;
         assert_eq!(
             owned.map(|_| ()).map_err(|e| e.code),
             Err(ErrorCode::QuotaExceeded)
         );
         groups
-            .create(2, create("other", &[], JoinType::Open))
+            .create(&uid("ME"), create("other", &[], JoinType::Open))
             .await
-            .expect("others are not affected");
-        groups.dissolve(1, first.id).await.expect("dissolved");
+            .expect("others are not affected, even with the same letters in another case");
+        groups.dissolve(&me, first.id).await.expect("dissolved");
         let third = groups
-            .create(1, create("3", &[], JoinType::Open))
+            .create(&me, create("3", &[], JoinType::Open))
             .await
             .expect("room again");
         // Owning fewer again, but three creations within the hour.
-        groups.dissolve(1, third.id).await.expect("dissolved");
-        let hourly = groups.create(1, create("4", &[], JoinType::Open)).await;
+        groups.dissolve(&me, third.id).await.expect("dissolved");
+        let hourly = groups.create(&me, create("4", &[], JoinType::Open)).await;
         assert_eq!(
             hourly.map(|_| ()).map_err(|e| e.code),
             Err(ErrorCode::RateLimited)
@@ -1361,22 +1359,28 @@ mod tests {
             ..GroupsConfig::default()
         };
         let (groups, _, _) = groups(limits).await;
+        let me = uid("me");
         let g = groups
-            .create(1, create("g", &[2, 3, 3], JoinType::Open))
+            .create(&me, create("g", &["u2", "u3", "u3"], JoinType::Open))
             .await
             .expect("2 added");
-        let too_many = groups.invite(1, g.id, vec![4, 5, 6, 6, 7]).await;
+        let too_many = groups
+            .invite(&me, g.id, uids(&["u4", "u5", "u6", "u6", "u7"]))
+            .await;
         assert_eq!(too_many.map_err(|e| e.code), Err(ErrorCode::RateLimited));
         assert_eq!(
-            groups.invite(1, g.id, vec![4, 5, 6]).await.expect("3 left"),
-            vec![4, 5, 6]
+            groups
+                .invite(&me, g.id, uids(&["u6", "u4", "u5"]))
+                .await
+                .expect("3 left"),
+            uids(&["u4", "u5", "u6"])
         );
-        let none_left = groups.invite(2, g.id, vec![8]).await;
+        let none_left = groups.invite(&uid("u2"), g.id, uids(&["u8"])).await;
         assert!(
             none_left.is_ok(),
             "another member has an allowance of its own"
         );
-        let mine = groups.invite(1, g.id, vec![9]).await;
+        let mine = groups.invite(&me, g.id, uids(&["u9"])).await;
         assert_eq!(mine.map_err(|e| e.code), Err(ErrorCode::RateLimited));
     }
 
@@ -1387,31 +1391,32 @@ mod tests {
     #[tokio::test]
     async fn an_approval_reads_the_applications_with_the_group() {
         let (groups, held, store) = groups(GroupsConfig::default()).await;
+        let owner = uid("owner");
         let g = groups
-            .create(1, create("g", &[], JoinType::Approval))
+            .create(&owner, create("g", &[], JoinType::Approval))
             .await
             .expect("g");
         assert!(
             !groups
-                .join(7, g.id, "me".into())
+                .join(&uid("u7"), g.id, "me".into())
                 .await
                 .expect("applied")
                 .joined
         );
         *held.hold.lock().expect("lock") = Some(g.id);
         let busy = {
-            let groups = groups.clone();
-            tokio::spawn(async move { groups.update(1, g.id, rename("g2")).await })
+            let (groups, owner) = (groups.clone(), owner.clone());
+            tokio::spawn(async move { groups.update(&owner, g.id, rename("g2")).await })
         };
         held.entered.notified().await;
         let decide = {
-            let groups = groups.clone();
-            tokio::spawn(async move { groups.decide(1, g.id, 7, true).await })
+            let (groups, owner) = (groups.clone(), owner.clone());
+            tokio::spawn(async move { groups.decide(&owner, g.id, &uid("u7"), true).await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         let version = store.version(g.id).await.expect("read").expect("group");
         assert!(store
-            .write(g.id, version, &[Change::RemoveApplication(7)])
+            .write(g.id, version, &[Change::RemoveApplication(uid("u7"))])
             .await
             .expect("withdrawn"));
         *held.hold.lock().expect("lock") = None;
@@ -1420,7 +1425,142 @@ mod tests {
         let decided = decide.await.expect("task");
         assert_eq!(decided.map_err(|e| e.code), Err(ErrorCode::NotFound));
         let members = store.members(g.id).await.expect("members");
-        assert!(members.iter().all(|m| m.uid != 7), "nobody was admitted");
+        assert!(members.iter().all(|m| m.uid != "u7"), "nobody was admitted");
+    }
+
+    /// Ids that differ only in case are two users: both join, each is a
+    /// member in its own right, and removing one leaves the other.
+    #[tokio::test]
+    async fn ids_differing_only_in_case_are_two_members() {
+        let (groups, _, _) = groups(GroupsConfig::default()).await;
+        let owner = uid("owner");
+        let g = groups
+            .create(&owner, create("g", &["alice"], JoinType::Open))
+            .await
+            .expect("g");
+        assert!(
+            groups
+                .join(&uid("Alice"), g.id, String::new())
+                .await
+                .expect("Alice is not alice")
+                .joined
+        );
+        let page = groups
+            .members(&owner, g.id, None, 10)
+            .await
+            .expect("members");
+        let listed: Vec<&str> = page.members.iter().map(|m| m.uid.as_str()).collect();
+        assert_eq!(listed, ["Alice", "alice", "owner"]);
+        groups
+            .kick(&owner, g.id, &uid("alice"))
+            .await
+            .expect("kicked");
+        groups
+            .check_send(&uid("Alice"), g.id)
+            .await
+            .expect("Alice is still a member");
+        let gone = groups.check_send(&uid("alice"), g.id).await;
+        assert_eq!(
+            gone.map(|_| ()).map_err(|e| e.code),
+            Err(ErrorCode::NotMember)
+        );
+    }
+
+    /// Member pages follow the uids byte for byte ("B" before "a"), and each
+    /// page's `next_after` resumes exactly where it stopped.
+    #[tokio::test]
+    async fn member_pages_are_ordered_by_uid_byte_for_byte() {
+        let (groups, _, _) = groups(GroupsConfig::default()).await;
+        let owner = uid("Z");
+        let g = groups
+            .create(
+                &owner,
+                create("g", &["a", "B", "b", "A", "_", "0"], JoinType::Open),
+            )
+            .await
+            .expect("g");
+        let mut seen = Vec::new();
+        let mut after: Option<UserId> = None;
+        loop {
+            let page = groups
+                .members(&owner, g.id, after.as_ref(), 2)
+                .await
+                .expect("page");
+            assert!(page.members.len() <= 2);
+            seen.extend(page.members.iter().map(|m| m.uid.to_string()));
+            match page.next_after {
+                Some(next) => {
+                    assert_eq!(Some(&next), page.members.last().map(|m| &m.uid));
+                    after = Some(next);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["0", "A", "B", "Z", "_", "a", "b"]);
+        // A cursor that is no member's uid still pages from its place.
+        let page = groups
+            .members(&owner, g.id, Some(&uid("C")), 2)
+            .await
+            .expect("page");
+        let listed: Vec<&str> = page.members.iter().map(|m| m.uid.as_str()).collect();
+        assert_eq!(listed, ["Z", "_"]);
+        assert_eq!(page.next_after, Some(uid("_")));
+        // The last page, exactly full, says so.
+        let last = groups
+            .members(&owner, g.id, Some(&uid("_")), 2)
+            .await
+            .expect("page");
+        assert_eq!(last.members.len(), 2);
+        assert_eq!(last.next_after, None);
+    }
+
+    /// Events name users by their ids as given.
+    #[tokio::test]
+    async fn events_name_users_as_strings() {
+        #[derive(Default)]
+        struct Record(std::sync::Mutex<Vec<(GroupEvent, Vec<UserId>)>>);
+        #[async_trait]
+        impl Publisher for Record {
+            async fn publish(
+                &self,
+                _: u64,
+                event: GroupEvent,
+                audience: Vec<UserId>,
+            ) -> Result<(), Refusal> {
+                self.0.lock().expect("lock").push((event, audience));
+                Ok(())
+            }
+        }
+        let store = Arc::new(SqliteGroupStore::memory().await.expect("group store"));
+        let messages = Arc::new(SqliteStore::memory().await.expect("message store"));
+        let record = Arc::new(Record::default());
+        let groups = Groups::new(store, messages, record.clone(), GroupsConfig::default());
+        let owner = uid("first.last@example.com");
+        let g = groups
+            .create(&owner, create("g", &["Bob"], JoinType::Open))
+            .await
+            .expect("g");
+        groups
+            .kick(&owner, g.id, &uid("Bob"))
+            .await
+            .expect("kicked");
+        let events = record.0.lock().expect("lock").clone();
+        let kinds: Vec<(&str, &str, Vec<String>)> = events
+            .iter()
+            .map(|(e, _)| (e.kind.as_str(), e.actor.as_str(), e.targets.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("created", "first.last@example.com", vec!["Bob".to_string()]),
+                ("kicked", "first.last@example.com", vec!["Bob".to_string()]),
+            ]
+        );
+        assert_eq!(
+            events[1].1,
+            uids(&["Bob", "first.last@example.com"]),
+            "the kicked member hears of it too"
+        );
     }
 
     #[test]

@@ -12,36 +12,45 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
+use natter_proto::UserId;
 use natter_record::sqlite::{probe_write, HealthCheck, WriteHealth, WriteTx};
 
 use crate::store::*;
 
+/// The migrations, in order. Applied ones are never edited: a database
+/// that ran one keeps its checksum.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "groups",
+        include_str!("../migrations/sqlite/0001_groups.sql"),
+    ),
+    (
+        2,
+        "read cursors",
+        include_str!("../migrations/sqlite/0002_read.sql"),
+    ),
+    (
+        3,
+        "group versions",
+        include_str!("../migrations/sqlite/0003_version.sql"),
+    ),
+    (
+        4,
+        "health",
+        include_str!("../migrations/sqlite/0004_health.sql"),
+    ),
+    (
+        5,
+        "string user ids",
+        include_str!("../migrations/sqlite/0005_string_user_ids.sql"),
+    ),
+];
+
+/// The group store has a database file of its own (`groups.db`), so its
+/// migration numbers are its own: they never meet the message store's.
 fn migrator() -> Migrator {
-    natter_record::migrations::migrator(
-        &[
-            (
-                1,
-                "groups",
-                include_str!("../migrations/sqlite/0001_groups.sql"),
-            ),
-            (
-                2,
-                "read cursors",
-                include_str!("../migrations/sqlite/0002_read.sql"),
-            ),
-            (
-                3,
-                "group versions",
-                include_str!("../migrations/sqlite/0003_version.sql"),
-            ),
-            (
-                4,
-                "health",
-                include_str!("../migrations/sqlite/0004_health.sql"),
-            ),
-        ],
-        false,
-    )
+    natter_record::migrations::migrator(MIGRATIONS, false)
 }
 
 fn group_from(row: &SqliteRow) -> Result<GroupRecord, GroupStoreError> {
@@ -49,7 +58,7 @@ fn group_from(row: &SqliteRow) -> Result<GroupRecord, GroupStoreError> {
         id: row.try_get::<i64, _>("gid")? as u64,
         name: row.try_get("name")?,
         avatar: row.try_get("avatar")?,
-        owner: row.try_get::<i64, _>("owner")? as u64,
+        owner: user_from(row.try_get("owner")?)?,
         join_type: join_type_from(row.try_get("join_type")?)?,
         mute_all: row.try_get("mute_all")?,
         dissolved: row.try_get("dissolved")?,
@@ -60,7 +69,7 @@ fn group_from(row: &SqliteRow) -> Result<GroupRecord, GroupStoreError> {
 
 fn member_from(row: &SqliteRow) -> Result<MemberRecord, GroupStoreError> {
     Ok(MemberRecord {
-        uid: row.try_get::<i64, _>("uid")? as u64,
+        uid: user_from(row.try_get("uid")?)?,
         role: role_from(row.try_get("role")?)?,
         nickname: row.try_get("nickname")?,
         joined_ms: row.try_get("joined_at")?,
@@ -132,7 +141,7 @@ async fn put_member(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(PUT_MEMBER_SQL)
         .bind(id(gid))
-        .bind(id(m.uid))
+        .bind(m.uid.as_str())
         .bind(m.role.as_str())
         .bind(&m.nickname)
         .bind(m.joined_ms)
@@ -156,7 +165,7 @@ impl SqliteGroupStore {
         )
         .bind(&group.name)
         .bind(&group.avatar)
-        .bind(id(group.owner))
+        .bind(group.owner.as_str())
         .bind(group.join_type.as_str())
         .bind(group.mute_all)
         .bind(group.dissolved)
@@ -193,7 +202,7 @@ impl SqliteGroupStore {
                 Change::RemoveMember(uid) => {
                     sqlx::query("DELETE FROM member WHERE gid = ? AND uid = ?")
                         .bind(id(gid))
-                        .bind(id(*uid))
+                        .bind(uid.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -204,7 +213,7 @@ impl SqliteGroupStore {
                     )
                     .bind(&g.name)
                     .bind(&g.avatar)
-                    .bind(id(g.owner))
+                    .bind(g.owner.as_str())
                     .bind(g.join_type.as_str())
                     .bind(g.mute_all)
                     .bind(g.dissolved)
@@ -218,7 +227,7 @@ impl SqliteGroupStore {
                          ON CONFLICT (gid, uid) DO UPDATE SET message = excluded.message, created_at = excluded.created_at",
                     )
                     .bind(id(gid))
-                    .bind(id(a.uid))
+                    .bind(a.uid.as_str())
                     .bind(&a.message)
                     .bind(a.time_ms)
                     .execute(&mut *tx)
@@ -227,7 +236,7 @@ impl SqliteGroupStore {
                 Change::RemoveApplication(uid) => {
                     sqlx::query("DELETE FROM application WHERE gid = ? AND uid = ?")
                         .bind(id(gid))
-                        .bind(id(*uid))
+                        .bind(uid.as_str())
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -285,18 +294,18 @@ impl GroupStore for SqliteGroupStore {
         rows.iter().map(member_from).collect()
     }
 
-    async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError> {
+    async fn owned_count(&self, uid: &UserId) -> Result<u64, GroupStoreError> {
         let count: i64 = sqlx::query_scalar(OWNED_COUNT_SQL)
-            .bind(id(uid))
+            .bind(uid.as_str())
             .fetch_one(&self.pool)
             .await?;
         Ok(count as u64)
     }
 
-    async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError> {
+    async fn groups_of(&self, uid: &UserId) -> Result<Vec<(u64, u64)>, GroupStoreError> {
         let rows: Vec<(i64, i64)> =
             sqlx::query_as("SELECT gid, join_seq FROM member WHERE uid = ? ORDER BY gid")
-                .bind(id(uid))
+                .bind(uid.as_str())
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows
@@ -306,39 +315,40 @@ impl GroupStore for SqliteGroupStore {
     }
 
     async fn applications(&self, gid: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError> {
-        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT uid, message, created_at FROM application WHERE gid = ? ORDER BY created_at, uid",
         )
         .bind(id(gid))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(uid, message, time_ms)| ApplicationRecord {
-                uid: uid as u64,
-                message,
-                time_ms,
+        rows.into_iter()
+            .map(|(uid, message, time_ms)| {
+                Ok(ApplicationRecord {
+                    uid: user_from(&uid)?,
+                    message,
+                    time_ms,
+                })
             })
-            .collect())
+            .collect()
     }
 
-    async fn mark_read(&self, gid: u64, uid: u64, seq: u64) -> Result<u64, GroupStoreError> {
+    async fn mark_read(&self, gid: u64, uid: &UserId, seq: u64) -> Result<u64, GroupStoreError> {
         let read: Option<i64> = sqlx::query_scalar(
             "UPDATE member SET read_seq = MAX(read_seq, ?) WHERE gid = ? AND uid = ? RETURNING read_seq",
         )
         .bind(id(seq))
         .bind(id(gid))
-        .bind(id(uid))
+        .bind(uid.as_str())
         .fetch_optional(&self.pool)
         .await?;
         Ok(read.unwrap_or(0) as u64)
     }
 
-    async fn read_seq(&self, gid: u64, uid: u64) -> Result<u64, GroupStoreError> {
+    async fn read_seq(&self, gid: u64, uid: &UserId) -> Result<u64, GroupStoreError> {
         let read: Option<i64> =
             sqlx::query_scalar("SELECT read_seq FROM member WHERE gid = ? AND uid = ?")
                 .bind(id(gid))
-                .bind(id(uid))
+                .bind(uid.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(read.unwrap_or(0) as u64)
@@ -373,13 +383,13 @@ impl GroupStore for SqliteGroupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::member;
+    use crate::suite::{member, uid};
     use natter_proto::api::{JoinType, Role};
 
     #[tokio::test]
     async fn sqlite_passes_the_group_store_suite() {
         let store = SqliteGroupStore::memory().await.expect("store");
-        crate::suite::round_trip(&store).await;
+        crate::suite::run_all(&store).await;
     }
 
     fn record(name: String) -> GroupRecord {
@@ -387,7 +397,7 @@ mod tests {
             id: 0,
             name,
             avatar: String::new(),
-            owner: 1,
+            owner: uid("u1"),
             join_type: JoinType::Open,
             mute_all: false,
             dissolved: false,
@@ -427,7 +437,10 @@ mod tests {
         let mut full = None;
         for n in 0..100 {
             let name = format!("{n}{}", "x".repeat(2000));
-            if let Err(e) = store.create(&record(name), &[member(1, Role::Owner)]).await {
+            if let Err(e) = store
+                .create(&record(name), &[member("u1", Role::Owner)])
+                .await
+            {
                 full = Some(e);
                 break;
             }
@@ -443,7 +456,7 @@ mod tests {
             .await
             .expect("lift");
         let gid = store
-            .create(&record("after".into()), &[member(1, Role::Owner)])
+            .create(&record("after".into()), &[member("u1", Role::Owner)])
             .await
             .expect("writes resume once there is room");
         assert_eq!(
@@ -453,13 +466,153 @@ mod tests {
         store.ping().await.expect("ready again");
     }
 
+    /// A database from before string user ids (integer uid columns) keeps
+    /// every group, member and application through migration 5, each uid
+    /// now the decimal string of the old number; the autoincrement counter
+    /// and the index by user come through too.
+    #[tokio::test]
+    async fn integer_user_ids_migrate_to_their_decimal_strings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("groups.db");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("pool");
+        natter_record::migrations::migrator(&MIGRATIONS[..4], false)
+            .run(&pool)
+            .await
+            .expect("the migrations before string user ids");
+        for statement in [
+            "INSERT INTO grp (name, avatar, owner, join_type, created_at, version) \
+             VALUES ('kept', 'a.png', 1234567890123, 'approval', 10, 7)",
+            "INSERT INTO grp (name, avatar, owner, join_type, created_at) VALUES ('second', '', 2, 'open', 11)",
+            "INSERT INTO grp (name, avatar, owner, join_type, created_at) VALUES ('deleted', '', 2, 'open', 12)",
+            // The newest group's row is gone; its id must still not come back.
+            "DELETE FROM grp WHERE gid = 3",
+            "INSERT INTO member (gid, uid, role, nickname, joined_at, join_seq, muted_until, read_seq) \
+             VALUES (1, 1234567890123, 'owner', 'boss', 20, 1, 0, 4)",
+            "INSERT INTO member (gid, uid, role, nickname, joined_at, join_seq, muted_until, read_seq) \
+             VALUES (1, 2, 'member', '', 21, 3, 99, 0)",
+            "INSERT INTO member (gid, uid, role, joined_at, join_seq) VALUES (2, 2, 'owner', 22, 1)",
+            "INSERT INTO application (gid, uid, message, created_at) VALUES (1, 42, 'let me in', 30)",
+        ] {
+            sqlx::query(statement)
+                .execute(&pool)
+                .await
+                .expect(statement);
+        }
+        pool.close().await;
+
+        let store = SqliteGroupStore::open(&path, false)
+            .await
+            .expect("migrated");
+        let group = store.group(1).await.expect("read").expect("kept");
+        assert_eq!(
+            (group.name.as_str(), group.owner.as_str(), group.version),
+            ("kept", "1234567890123", 7)
+        );
+        let members = store.members(1).await.expect("members");
+        assert_eq!(
+            members,
+            vec![
+                MemberRecord {
+                    uid: uid("1234567890123"),
+                    role: Role::Owner,
+                    nickname: "boss".into(),
+                    joined_ms: 20,
+                    join_seq: 1,
+                    muted_until_ms: 0,
+                },
+                MemberRecord {
+                    uid: uid("2"),
+                    role: Role::Member,
+                    nickname: String::new(),
+                    joined_ms: 21,
+                    join_seq: 3,
+                    muted_until_ms: 99,
+                },
+            ]
+        );
+        assert_eq!(
+            store
+                .read_seq(1, &uid("1234567890123"))
+                .await
+                .expect("read"),
+            4
+        );
+        assert_eq!(
+            store.groups_of(&uid("2")).await.expect("mine"),
+            vec![(1, 3), (2, 1)]
+        );
+        assert_eq!(store.owned_count(&uid("2")).await.expect("owned"), 1);
+        assert_eq!(
+            store
+                .owned_count(&uid("1234567890123"))
+                .await
+                .expect("owned"),
+            1
+        );
+        let applications = store.applications(1).await.expect("apps");
+        assert_eq!(
+            applications,
+            vec![ApplicationRecord {
+                uid: uid("42"),
+                message: "let me in".into(),
+                time_ms: 30,
+            }]
+        );
+        // Every uid is stored as text, so a bound string finds it (and an
+        // update replaces the row rather than adding a second one).
+        let not_text: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM member WHERE typeof(uid) <> 'text') \
+                  + (SELECT COUNT(*) FROM application WHERE typeof(uid) <> 'text') \
+                  + (SELECT COUNT(*) FROM grp WHERE typeof(owner) <> 'text')",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .expect("count");
+        assert_eq!(not_text, 0);
+        let mut renamed = members[1].clone();
+        renamed.nickname = "two".into();
+        assert!(store
+            .write(1, 7, &[Change::PutMember(renamed)])
+            .await
+            .expect("write"));
+        assert_eq!(store.members(1).await.expect("members").len(), 2);
+        // "My groups" still reads the index by user.
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN SELECT gid, join_seq FROM member WHERE uid = ? ORDER BY gid",
+        )
+        .bind("2")
+        .fetch_all(&store.pool)
+        .await
+        .expect("plan");
+        assert!(
+            plan.iter()
+                .any(|(_, _, _, detail)| detail.contains("member_by_user")),
+            "{plan:?}"
+        );
+        // Group ids are still never reused.
+        let gid = store
+            .create(&record("new".into()), &[member("u1", Role::Owner)])
+            .await
+            .expect("create");
+        assert_eq!(gid, 4);
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn data_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("groups.db");
         let store = SqliteGroupStore::open(&path, true).await.expect("open");
         let gid = store
-            .create(&record("kept".into()), &[member(1, Role::Owner)])
+            .create(&record("kept".into()), &[member("u1", Role::Owner)])
             .await
             .expect("create");
         store.close().await;

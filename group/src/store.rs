@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 use natter_proto::api::{JoinType, Role};
+use natter_proto::UserId;
 
 /// A storage failure; the caller answers `internal` and the client retries.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +15,20 @@ pub enum GroupStoreError {
     Corrupt(String),
     #[error("the store cannot write (its last write failed)")]
     Unwritable,
+}
+
+/// A user id as stored: valid when it was written, so anything else is a
+/// corrupt row (never a panic).
+pub(crate) fn user_from(stored: &str) -> Result<UserId, GroupStoreError> {
+    UserId::parse(stored).map_err(|e| GroupStoreError::Corrupt(format!("user id {stored:?}: {e}")))
+}
+
+/// A user id column read as bytes: MySQL reports a column that compares
+/// byte for byte (`ascii_bin`) as `VARBINARY`.
+pub(crate) fn user_from_bytes(stored: &[u8]) -> Result<UserId, GroupStoreError> {
+    let text = std::str::from_utf8(stored)
+        .map_err(|_| GroupStoreError::Corrupt(format!("user id {stored:?} is not text")))?;
+    user_from(text)
 }
 
 /// How many groups, not dissolved, a user owns (the same SQL in both
@@ -29,7 +44,7 @@ pub struct GroupRecord {
     pub id: u64,
     pub name: String,
     pub avatar: String,
-    pub owner: u64,
+    pub owner: UserId,
     pub join_type: JoinType,
     pub mute_all: bool,
     pub dissolved: bool,
@@ -42,7 +57,7 @@ pub struct GroupRecord {
 /// A member as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberRecord {
-    pub uid: u64,
+    pub uid: UserId,
     pub role: Role,
     pub nickname: String,
     pub joined_ms: i64,
@@ -55,7 +70,7 @@ pub struct MemberRecord {
 /// A pending application.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplicationRecord {
-    pub uid: u64,
+    pub uid: UserId,
     pub message: String,
     pub time_ms: i64,
 }
@@ -65,14 +80,16 @@ pub struct ApplicationRecord {
 pub enum Change {
     /// Inserts or replaces a member row.
     PutMember(MemberRecord),
-    RemoveMember(u64),
+    RemoveMember(UserId),
     /// Replaces the group row (name, avatar, owner, join type, flags).
     PutGroup(GroupRecord),
     PutApplication(ApplicationRecord),
-    RemoveApplication(u64),
+    RemoveApplication(UserId),
 }
 
-/// Group storage. Implementation: SQLite ([`crate::sqlite::SqliteGroupStore`]).
+/// Group storage. Implementations: SQLite ([`crate::sqlite::SqliteGroupStore`])
+/// and MySQL ([`crate::mysql::MySqlGroupStore`]). User ids are stored as
+/// they are given and compared byte for byte in both.
 /// The rules (who may do what, limits) live in [`crate::Groups`], not here.
 #[async_trait]
 pub trait GroupStore: Send + Sync + 'static {
@@ -95,19 +112,19 @@ pub trait GroupStore: Send + Sync + 'static {
     async fn group(&self, id: u64) -> Result<Option<GroupRecord>, GroupStoreError>;
     /// The group's version alone (a cheap check that it is unchanged).
     async fn version(&self, id: u64) -> Result<Option<u64>, GroupStoreError>;
-    /// Every member of the group, by uid.
+    /// Every member of the group, by uid (byte for byte).
     async fn members(&self, id: u64) -> Result<Vec<MemberRecord>, GroupStoreError>;
     /// The groups `uid` is a member of, with the member's join point, by id.
-    async fn groups_of(&self, uid: u64) -> Result<Vec<(u64, u64)>, GroupStoreError>;
+    async fn groups_of(&self, uid: &UserId) -> Result<Vec<(u64, u64)>, GroupStoreError>;
     /// How many groups, not dissolved, `uid` owns.
-    async fn owned_count(&self, uid: u64) -> Result<u64, GroupStoreError>;
+    async fn owned_count(&self, uid: &UserId) -> Result<u64, GroupStoreError>;
     /// Pending applications, oldest first.
     async fn applications(&self, id: u64) -> Result<Vec<ApplicationRecord>, GroupStoreError>;
     /// Moves a member's read cursor forward to `seq` (never back); returns
     /// the cursor now (0 for a non-member).
-    async fn mark_read(&self, id: u64, uid: u64, seq: u64) -> Result<u64, GroupStoreError>;
+    async fn mark_read(&self, id: u64, uid: &UserId, seq: u64) -> Result<u64, GroupStoreError>;
     /// A member's read cursor (0 for a non-member or nothing read).
-    async fn read_seq(&self, id: u64, uid: u64) -> Result<u64, GroupStoreError>;
+    async fn read_seq(&self, id: u64, uid: &UserId) -> Result<u64, GroupStoreError>;
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), GroupStoreError>;
     async fn close(&self);

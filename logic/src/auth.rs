@@ -173,9 +173,7 @@ impl Auth {
     }
 
     fn count(&self, provider: &str, outcome: &str) {
-        self.outcomes
-            .with_label_values(&[provider, outcome])
-            .inc();
+        self.outcomes.with_label_values(&[provider, outcome]).inc();
     }
 
     /// The account service's answer for a token that is not natter's own.

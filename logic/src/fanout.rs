@@ -50,10 +50,9 @@ impl Audience {
 
     fn reaches(&self, uid: &UserId, seq: u64) -> bool {
         match self {
-            Audience::Members(snapshot) => snapshot
-                .members
-                .get(uid)
-                .is_some_and(|m| m.join_seq <= seq),
+            Audience::Members(snapshot) => {
+                snapshot.members.get(uid).is_some_and(|m| m.join_seq <= seq)
+            }
             Audience::Users(users) => users.binary_search(uid).is_ok(),
         }
     }

@@ -33,12 +33,12 @@ use prost::Message as _;
 
 pub use auth::Auth;
 pub use fanout::{Audience, Fanout};
-pub use publish::GroupPublisher;
-pub use sessions::{MemoryDirectory, SessionDirectory};
 pub use natter_roles::{
     Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Route, Session,
     Target, Tokens,
 };
+pub use publish::GroupPublisher;
+pub use sessions::{MemoryDirectory, SessionDirectory};
 pub use verify::{Verified, VerifyError, VerifyUrl};
 
 struct Metrics {

@@ -14,8 +14,8 @@ use natter_proto::msg::{
 };
 use natter_proto::{ErrorCode, Op, UserId};
 use natter_record::store::{NewMessage, Outcome, Peer, Write};
-use natter_roles::Refusal;
 use natter_record::Committer;
+use natter_roles::Refusal;
 use prometheus::{IntCounterVec, Opts, Registry};
 use prost::Message as _;
 

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use natter_proto::UserId;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
 use crate::sessions::{DirectoryError, Session, SessionDirectory};
@@ -366,8 +366,8 @@ mod tests {
         // but never over a newer connection of the same device.
         let mut raw = dir.conn.clone();
         redis::cmd("DEL")
-            .arg(dir.device_key(7, "phone"))
-            .arg(dir.devices_key(7))
+            .arg(dir.device_key(&u(7), "phone"))
+            .arg(dir.devices_key(&u(7)))
             .query_async::<i64>(&mut raw)
             .await
             .expect("del");
@@ -399,7 +399,10 @@ mod tests {
         // disconnects before the renewal reaches Redis.
         dir.unregister(&phone).await.expect("ok");
         dir.renew(std::slice::from_ref(&phone)).await.expect("ok");
-        assert!(dir.lookup(&u(7)).await.expect("ok").is_empty(), "stays offline");
+        assert!(
+            dir.lookup(&u(7)).await.expect("ok").is_empty(),
+            "stays offline"
+        );
         // The device comes back: registered as usual, replacing nothing.
         let again = s(7, "phone", "gw-b", 2);
         assert_eq!(dir.register(again.clone()).await.expect("ok"), None);

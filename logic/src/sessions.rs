@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 use async_trait::async_trait;
 use natter_proto::user::shard_of;
@@ -157,6 +157,8 @@ impl SessionDirectory for MemoryDirectory {
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
     fn u(n: u64) -> UserId {
         UserId::parse(&format!("u{n}")).expect("user id")
     }
@@ -184,7 +186,7 @@ mod tests {
         // The replaced connection's late unregister does not remove the new one.
         dir.unregister(&s(1, "phone", 1)).await.expect("ok");
         let mut conns: Vec<u64> = dir
-            .lookup(1)
+            .lookup(&u(1))
             .await
             .expect("ok")
             .iter()

@@ -153,7 +153,12 @@ async fn a_resend_gets_the_same_mid() {
     assert!(again.repeat);
     assert_eq!(again.mid, first.mid);
     assert_eq!(
-        store.sync(&u(2), 0, 10.into()).await.expect("sync").items.len(),
+        store
+            .sync(&u(2), 0, 10.into())
+            .await
+            .expect("sync")
+            .items
+            .len(),
         1
     );
     assert!(
@@ -428,7 +433,7 @@ async fn a_late_joiner_cursor_starts_at_the_join_point() {
     assert_eq!(reply.groups, vec![listed]);
     let synced = logic
         .sync(
-            3,
+            &u(3),
             "phone",
             SyncRequest {
                 after: Some(0),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use natter::{Role, Server};
-use natter_roles::Tokens;
 use natter_node::Config;
+use natter_roles::Tokens;
 
 #[derive(Parser)]
 #[command(

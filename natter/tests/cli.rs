@@ -53,7 +53,7 @@ fn token(data_dir: &std::path::Path, uid: u64, device: &str) -> String {
         .args([
             "token",
             "--uid",
-            &uid.to_string(),
+            &format!("u{uid}"),
             "--device",
             device,
             "--data-dir",
@@ -116,7 +116,7 @@ fn bad_flags_and_bad_config_fail_before_binding() {
         .args([
             "token",
             "--uid",
-            "0",
+            "a:b",
             "--device",
             "d",
             "--data-dir",
@@ -134,6 +134,48 @@ fn bad_flags_and_bad_config_fail_before_binding() {
         .expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat_timeout_ms"));
+}
+
+/// `natter token --uid` takes the operator's own string ids, and refuses
+/// every form outside the rule with the reason.
+#[test]
+fn tokens_are_minted_for_string_user_ids() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mint = |uid: &str| {
+        natter()
+            .args(["token", "--uid", uid, "--device", "phone", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("runs")
+    };
+    let long = "x".repeat(64);
+    for uid in [
+        "alice",
+        "Alice",
+        "20210419184685527C1DB08A",
+        "a.b-c_d@e",
+        long.as_str(),
+    ] {
+        let out = mint(uid);
+        assert!(out.status.success(), "{uid}: {out:?}");
+        let token = String::from_utf8(out.stdout).expect("utf-8");
+        let payload = token.trim().split('.').nth(1).expect("a JWT");
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .expect("base64url"),
+        )
+        .expect("JSON claims");
+        assert_eq!(claims["uid"], uid, "the id byte for byte");
+    }
+    let too_long = "x".repeat(65);
+    for uid in ["", "a:b", "..", "a b", "é", too_long.as_str()] {
+        let out = mint(uid);
+        assert!(!out.status.success(), "{uid:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("user id"), "{uid:?}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,4 +366,9 @@ fn pressure_runs_worker_processes_and_fails_loudly_on_a_wrong_secret() {
     assert_eq!(report["connections"]["errors"]["closed:auth_failed"], 10);
     served.child.kill().expect("kill");
     let _ = served.child.wait();
+}
+
+/// The test user numbered `n`: the user id `u{n}`.
+fn u(n: u64) -> natter_proto::UserId {
+    natter_proto::UserId::parse(&format!("u{n}")).expect("a valid user id")
 }

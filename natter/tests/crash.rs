@@ -373,3 +373,8 @@ async fn wait_for_logic(gateway: &str) {
 fn path(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// The test user numbered `n`: the user id `u{n}`.
+fn u(n: u64) -> natter_proto::UserId {
+    natter_proto::UserId::parse(&format!("u{n}")).expect("a valid user id")
+}

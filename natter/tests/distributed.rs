@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use natter_client::{Client, ClientConfig, Event, Events};
-use natter_roles::Tokens;
 use natter_node::discovery::testing::EtcdServer;
 use natter_proto::msg::MessageBody;
 use natter_record::mysql::testing::{drop_database, fresh_database};
+use natter_roles::Tokens;
 
 const SECRET: &str = "a shared secret for every logic node";
 /// The cluster secret of every comet and logic node.
@@ -90,7 +90,7 @@ impl Stack {
 
 fn token(uid: u64) -> String {
     Tokens::new(SECRET.as_bytes().to_vec())
-        .mint(uid, "phone", 3600)
+        .mint(&u(uid), "phone", 3600)
         .expect("token")
 }
 
@@ -189,4 +189,9 @@ async fn kill_9_of_a_logic_node_and_of_a_gateway_loses_nothing_acked() {
     second.abort();
     drop(bob);
     drop_database(&db).await;
+}
+
+/// The test user numbered `n`: the user id `u{n}`.
+fn u(n: u64) -> natter_proto::UserId {
+    natter_proto::UserId::parse(&format!("u{n}")).expect("a valid user id")
 }

@@ -109,6 +109,12 @@ use serde_json::Value;
 /// Above 2^53: a JSON number (a double) would not hold it exactly.
 const BIG: u64 = (1 << 53) + 1;
 const BIG_SIGNED: i64 = (1 << 53) + 1;
+/// The longest user id, with every kind of character the rule allows.
+const LONG_UID: &str = "Az09_-.@Az09_-.@Az09_-.@Az09_-.@Az09_-.@Az09_-.@Az09_-.@Az09_-.@";
+
+fn uid() -> natter_proto::UserId {
+    natter_proto::UserId::parse(LONG_UID).expect("a valid user id")
+}
 
 fn schema<'a>(doc: &'a Value, name: &str) -> &'a Value {
     let s = &doc["components"]["schemas"][name];
@@ -318,7 +324,7 @@ fn contents() -> Vec<Content> {
     vec![
         Content::Text(Text {
             text: "hi".into(),
-            mentions: vec![BIG],
+            mentions: vec![LONG_UID.into()],
         }),
         Content::Image(Image {
             url: "u".into(),
@@ -356,7 +362,7 @@ fn contents() -> Vec<Content> {
         }),
         Content::Card(Card {
             kind: "user".into(),
-            id: BIG,
+            id: LONG_UID.into(),
             name: "n".into(),
             avatar_url: "a".into(),
         }),
@@ -368,7 +374,7 @@ fn contents() -> Vec<Content> {
             title: "t".into(),
             items: vec![ForwardItem {
                 mid: BIG,
-                sender: BIG,
+                sender: LONG_UID.into(),
                 time_ms: BIG_SIGNED,
                 summary: "s".into(),
             }],
@@ -379,8 +385,8 @@ fn contents() -> Vec<Content> {
         }),
         Content::GroupEvent(GroupEvent {
             kind: "muted".into(),
-            actor: BIG,
-            targets: vec![BIG],
+            actor: LONG_UID.into(),
+            targets: vec![LONG_UID.into()],
             value: String::new(),
             until_ms: MUTED_FOREVER,
         }),
@@ -393,9 +399,9 @@ fn view(body: Option<Content>) -> MessageView {
         conversation: "p:u1:u2".into(),
         conv_seq: BIG,
         user_seq: Some(BIG),
-        sender: BIG,
+        sender: uid(),
         sender_device: "phone".into(),
-        receiver: BIG,
+        receiver: Some(uid()),
         group: Some(BIG),
         client_seq: BIG,
         time_ms: BIG_SIGNED,
@@ -406,7 +412,7 @@ fn view(body: Option<Content>) -> MessageView {
 
 fn member(muted: Option<i64>) -> MemberView {
     MemberView {
-        uid: BIG,
+        uid: uid(),
         role: Role::Admin,
         nickname: "n".into(),
         joined_ms: BIG_SIGNED,
@@ -491,7 +497,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         id: BIG,
         name: "n".into(),
         avatar: "a".into(),
-        owner: BIG,
+        owner: uid(),
         join_type: JoinType::Open,
         mute_all: false,
         member_count: 3,
@@ -516,7 +522,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         "MemberPage",
         json(MemberPage {
             members: vec![member(None)],
-            next_after: Some(BIG),
+            next_after: Some(uid()),
         }),
         json(MemberPage {
             members: vec![],
@@ -524,7 +530,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         }),
     );
     let application = json(ApplicationView {
-        uid: BIG,
+        uid: uid(),
         message: "m".into(),
         time_ms: BIG_SIGNED,
     });
@@ -552,7 +558,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
             name: "n".into(),
             avatar: "a".into(),
             join_type: JoinType::InviteOnly,
-            members: vec![BIG],
+            members: vec![uid()],
         }
     );
     request!(
@@ -567,7 +573,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
             mute_all: Some(true),
         }
     );
-    request!(&doc, checked, "Users", Users, Users { users: vec![BIG] });
+    request!(&doc, checked, "Users", Users, Users { users: vec![uid()] });
     request!(
         &doc,
         checked,
@@ -591,7 +597,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         SetRole,
         SetRole { role: Role::Admin }
     );
-    request!(&doc, checked, "Transfer", Transfer, Transfer { to: BIG });
+    request!(&doc, checked, "Transfer", Transfer, Transfer { to: uid() });
     request!(&doc, checked, "Mute", Mute, Mute { duration_secs: -1 });
     request!(
         &doc,

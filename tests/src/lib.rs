@@ -8,10 +8,10 @@ use std::time::Duration;
 use natter::{Role, Server};
 use natter_client::raw::{Connection, Incoming};
 use natter_client::{Client, ClientConfig, Event, Events};
-use natter_roles::Tokens;
 use natter_node::Config;
 use natter_proto::msg::{AuthRequest, Message};
 use natter_proto::{Frame, Op, UserId};
+use natter_roles::Tokens;
 use tempfile::TempDir;
 
 /// The cluster secret (`rpc.secret`) of every distributed role a test starts
@@ -21,6 +21,11 @@ pub const RPC_SECRET: &str = "the cluster secret of the test nodes, 32+ bytes";
 /// The test user numbered `n`: the user id `u{n}`.
 pub fn u(n: u64) -> UserId {
     UserId::parse(&format!("u{n}")).expect("a valid user id")
+}
+
+/// The wire form (a string) of the test users numbered `numbers`.
+pub fn ids(numbers: &[u64]) -> Vec<String> {
+    numbers.iter().map(|&n| u(n).to_string()).collect()
 }
 
 /// Whom a test acts as: a number `n` is the user `u{n}`; a string is
@@ -135,9 +140,7 @@ impl TestServer {
     }
 
     pub fn token(&self, uid: impl AsUser, device: &str) -> String {
-        self.tokens
-            .mint(&uid.user(), device, 3600)
-            .expect("token")
+        self.tokens.mint(&uid.user(), device, 3600).expect("token")
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -249,7 +252,12 @@ impl TestServer {
     }
 
     /// GETs `path` as `uid`/`device`; the status and the JSON body.
-    pub async fn get_json(&self, path: &str, uid: impl AsUser, device: &str) -> (u16, serde_json::Value) {
+    pub async fn get_json(
+        &self,
+        path: &str,
+        uid: impl AsUser,
+        device: &str,
+    ) -> (u16, serde_json::Value) {
         let response = reqwest::Client::new()
             .get(self.url(path))
             .bearer_auth(self.token(uid, device))

@@ -170,13 +170,28 @@ async fn refusals_failures_and_time_outs_are_told_apart_and_cached_as_configured
     let (url, accounts) = account_service().await;
     let server = server_with(&url).await;
     assert_eq!(refused(&server, "tok-refused").await, ErrorCode::AuthFailed);
-    assert_eq!(refused(&server, "tok-forbidden").await, ErrorCode::AuthFailed);
-    assert_eq!(refused(&server, "tok-broken").await, ErrorCode::AuthUnavailable);
-    assert_eq!(refused(&server, "tok-slow").await, ErrorCode::AuthUnavailable);
-    assert_eq!(refused(&server, "tok-bad-id").await, ErrorCode::AuthUnavailable);
+    assert_eq!(
+        refused(&server, "tok-forbidden").await,
+        ErrorCode::AuthFailed
+    );
+    assert_eq!(
+        refused(&server, "tok-broken").await,
+        ErrorCode::AuthUnavailable
+    );
+    assert_eq!(
+        refused(&server, "tok-slow").await,
+        ErrorCode::AuthUnavailable
+    );
+    assert_eq!(
+        refused(&server, "tok-bad-id").await,
+        ErrorCode::AuthUnavailable
+    );
     // Refusals are cached; failures and time-outs are asked again.
     assert_eq!(refused(&server, "tok-refused").await, ErrorCode::AuthFailed);
-    assert_eq!(refused(&server, "tok-broken").await, ErrorCode::AuthUnavailable);
+    assert_eq!(
+        refused(&server, "tok-broken").await,
+        ErrorCode::AuthUnavailable
+    );
     assert_eq!(accounts.calls("tok-refused"), 1);
     assert_eq!(accounts.calls("tok-broken"), 2);
     // A token that names no device needs one from the client.

@@ -117,7 +117,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
     // An invalid envelope is refused with a reason; nothing is stored.
     let empty = SendMessage {
         client_seq: 1,
-        receiver: 2,
+        receiver: u(2).to_string(),
         body: Some(MessageBody::text("")),
         group: 0,
     };
@@ -130,7 +130,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
     );
     let no_receiver = SendMessage {
         client_seq: 2,
-        receiver: 0,
+        receiver: String::new(),
         body: Some(MessageBody::text("x")),
         group: 0,
     };
@@ -145,7 +145,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_survives() {
     // A valid message on the same connection goes through.
     let ok = SendMessage {
         client_seq: 3,
-        receiver: 2,
+        receiver: u(2).to_string(),
         body: Some(MessageBody::text("still here")),
         group: 0,
     };
@@ -185,6 +185,7 @@ async fn auth_with(server: &TestServer, token: &str) -> (Option<u32>, u16) {
     let auth = AuthRequest {
         token: token.into(),
         client: "t".into(),
+        device: String::new(),
     };
     conn.send(&Frame::new(Op::Auth, 1, 0, &auth))
         .await
@@ -207,7 +208,10 @@ async fn bad_tokens_and_frames_before_auth_are_refused() {
         auth_with(&server, &foreign).await,
         code(ErrorCode::AuthFailed)
     );
-    let expired = server.tokens().mint_at(&u(1), "d", 1_000, 10).expect("token");
+    let expired = server
+        .tokens()
+        .mint_at(&u(1), "d", 1_000, 10)
+        .expect("token");
     assert_eq!(
         auth_with(&server, &expired).await,
         code(ErrorCode::TokenExpired)
@@ -219,7 +223,7 @@ async fn bad_tokens_and_frames_before_auth_are_refused() {
         .expect("connects");
     let msg = SendMessage {
         client_seq: 1,
-        receiver: 2,
+        receiver: u(2).to_string(),
         body: Some(MessageBody::text("sneaky")),
         group: 0,
     };
@@ -348,9 +352,18 @@ async fn http_api_refuses_bad_tokens_bad_params_and_other_peoples_conversations(
         ("/v1/conversations/p:u2:u1/messages", "bad_request"),
         ("/v1/conversations/group-9/messages", "bad_request"),
         ("/v1/conversations/p:u1:u2/messages?limit=0", "bad_request"),
-        ("/v1/conversations/p:u1:u2/messages?limit=101", "bad_request"),
-        ("/v1/conversations/p:u1:u2/messages?limit=abc", "bad_request"),
-        ("/v1/conversations/p:u1:u2/messages?before=xyz", "bad_request"),
+        (
+            "/v1/conversations/p:u1:u2/messages?limit=101",
+            "bad_request",
+        ),
+        (
+            "/v1/conversations/p:u1:u2/messages?limit=abc",
+            "bad_request",
+        ),
+        (
+            "/v1/conversations/p:u1:u2/messages?before=xyz",
+            "bad_request",
+        ),
         (
             "/v1/conversations/p:u1:u2/messages?types=hologram",
             "bad_request",
@@ -392,7 +405,7 @@ async fn a_user_sending_too_fast_is_told_to_slow_down_and_nothing_is_stored() {
     for seq in 1..=3u32 {
         let m = SendMessage {
             client_seq: u64::from(seq),
-            receiver: 2,
+            receiver: u(2).to_string(),
             body: Some(MessageBody::text("quick")),
             group: 0,
         };
@@ -452,6 +465,7 @@ fn auth_frame(server: &TestServer, client: &str) -> Vec<u8> {
     let auth = AuthRequest {
         token: server.token(1, "raw"),
         client: client.into(),
+        device: String::new(),
     };
     Frame::new(Op::Auth, 1, 0, &auth).encode().to_vec()
 }

@@ -27,8 +27,8 @@ async fn two_users_chat_both_ways_across_devices() {
     ] {
         let m = next_message(events).await;
         assert_eq!(
-            (m.mid, m.sender, m.receiver, text_of(&m)),
-            (ack.mid, 1, 2, "hi bob")
+            (m.mid, m.sender.clone(), m.receiver.clone(), text_of(&m)),
+            (ack.mid, u(1).to_string(), u(2).to_string(), "hi bob")
         );
         assert_eq!(m.conv_seq, 1);
     }
@@ -201,7 +201,7 @@ async fn many_clients_send_concurrently_and_every_message_arrives_once() {
         sends.push(tokio::spawn(async move {
             for n in 0..per_user {
                 client
-                    .send(to, MessageBody::text(format!("{n}")))
+                    .send(&u(to), MessageBody::text(format!("{n}")))
                     .await
                     .expect("acked");
             }

@@ -66,7 +66,10 @@ async fn an_acked_push_is_not_resent_and_moves_the_cursor() {
     let server = TestServer::start(|c| c.comet.push_rto_ms = 100).await;
     let mut bob_raw = server.raw(2, "phone").await;
     let (alice, _events) = server.client(1, "phone").await;
-    alice.send(&u(2), MessageBody::text("one")).await.expect("sent");
+    alice
+        .send(&u(2), MessageBody::text("one"))
+        .await
+        .expect("sent");
     let push = next_frame(&mut bob_raw).await;
     bob_raw
         .send(&Frame::empty(Op::PushAck, 0, push.seq))
@@ -88,7 +91,10 @@ async fn one_push_ack_covers_every_push_before_it() {
     let mut bob_raw = server.raw(2, "phone").await;
     let (alice, _events) = server.client(1, "phone").await;
     for text in ["one", "two", "three"] {
-        alice.send(&u(2), MessageBody::text(text)).await.expect("sent");
+        alice
+            .send(&u(2), MessageBody::text(text))
+            .await
+            .expect("sent");
     }
     let mut seqs = Vec::new();
     for _ in 0..3 {
@@ -393,7 +399,7 @@ async fn a_devices_own_send_never_moves_its_cursor_past_a_push_it_missed() {
     // Bob's device sends (user_seq 2 in his stream) without acking push 1, then goes away.
     let own = natter_proto::msg::SendMessage {
         client_seq: 7,
-        receiver: 1,
+        receiver: u(1).to_string(),
         body: Some(MessageBody::text("mine")),
         group: 0,
     };

@@ -224,6 +224,7 @@ async fn running_nodes_refuse_unsigned_calls_and_forged_sessions() {
             token: logic.token(1, "phone"),
             node: "comet-p".into(),
             conn: 1,
+            device: String::new(),
         })
         .await
         .expect_err("unsigned");
@@ -245,15 +246,15 @@ async fn running_nodes_refuse_unsigned_calls_and_forged_sessions() {
     let plane = PlaneKey::new(RPC_SECRET.as_bytes(), Duration::from_secs(30));
     let mut signed =
         pb::logic_client::LogicClient::with_interceptor(channel(logic_rpc), Signer(plane));
-    let forged = SessionKey::new(RPC_SECRET.as_bytes()).grant(&natter_logic::Session {
-        uid: 1,
+    let forged = SessionKey::new(RPC_SECRET.as_bytes()).grant(&natter_roles::Session {
+        uid: u(1),
         device: "phone".into(),
         node: std::sync::Arc::from("comet-p"),
         conn: 1,
     });
     let message = natter_proto::msg::SendMessage {
         client_seq: 1,
-        receiver: 2,
+        receiver: u(2).to_string(),
         body: Some(MessageBody::text("forged")),
         ..Default::default()
     };

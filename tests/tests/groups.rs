@@ -69,7 +69,7 @@ async fn create(client: &Client, name: &str, members: &[u64], join_type: JoinTyp
             name: name.into(),
             avatar: String::new(),
             join_type,
-            members: members.to_vec(),
+            members: members.iter().map(|&n| u(n)).collect(),
         })
         .await
         .expect("group created")
@@ -122,17 +122,17 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
     let group = create(&alice, "team", &[2, 3, 2], JoinType::Approval).await;
     assert_eq!(
         (group.owner, group.member_count, group.role),
-        (1, 3, Role::Owner)
+        (u(1), 3, Role::Owner)
     );
     // The creation is an event every member sees, kept in the history.
     let (created, event) = next_event(&mut bob_events, "created").await;
     assert_eq!(
         (event.actor, event.targets.clone(), event.value.as_str()),
-        (1, vec![2, 3], "team")
+        (ids(&[1]).remove(0), ids(&[2, 3]), "team")
     );
     assert_eq!(
         (created.group, created.conv_seq, created.receiver),
-        (group.id, 1, 0)
+        (group.id, 1, String::new())
     );
 
     let first = alice
@@ -154,11 +154,14 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
     ] {
         let m = next_chat(events).await;
         assert_eq!(
-            (m.mid, m.group, m.conv_seq, m.sender, text_of(&m)),
-            (first.mid, group.id, 2, 1, "hello team")
+            (m.mid, m.group, m.conv_seq, m.sender.clone(), text_of(&m)),
+            (first.mid, group.id, 2, ids(&[1]).remove(0), "hello team")
         );
         let m = next_chat(events).await;
-        assert_eq!((m.mid, m.conv_seq, m.sender), (second.mid, 3, 2));
+        assert_eq!(
+            (m.mid, m.conv_seq, m.sender),
+            (second.mid, 3, u(2).to_string())
+        );
     }
     // Each sender's other devices get a copy; the sending connection does not.
     let m = next_chat(&mut alice_events).await;
@@ -192,7 +195,7 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
     let both = dave
         .send_message(natter_proto::msg::SendMessage {
             client_seq: 77,
-            receiver: 1,
+            receiver: u(1).to_string(),
             group: group.id,
             body: Some(MessageBody::text("x")),
         })
@@ -272,7 +275,7 @@ async fn mute_rules_and_admin_limit_are_enforced() {
     let g = create(&owner, "rules", &[2, 3, 4], JoinType::Approval)
         .await
         .id;
-    let path = |uid: u64, what: &str| format!("/v1/groups/{g}/members/{uid}/{what}");
+    let path = |uid: u64, what: &str| format!("/v1/groups/{g}/members/u{uid}/{what}");
 
     // Roles: only the owner grants them, and the admin limit holds.
     assert_eq!(
@@ -296,7 +299,7 @@ async fn mute_rules_and_admin_limit_are_enforced() {
     let until = muted.muted_until_ms.expect("muted until");
     assert!(until >= before + 600_000 && until <= natter_node::ids::now_ms() + 600_000);
     let (_, event) = next_event(&mut member_events, "muted").await;
-    assert_eq!((event.targets.clone(), event.until_ms), (vec![3], until));
+    assert_eq!((event.targets.clone(), event.until_ms), (ids(&[3]), until));
     let (code, until_ms) = rejected(send(&member, g, "can I talk").await);
     assert_eq!((code, until_ms), (ErrorCode::Muted, Some(until)));
     let one: MemberView = get(&member, path(3, "").trim_end_matches('/').to_string())
@@ -334,7 +337,10 @@ async fn mute_rules_and_admin_limit_are_enforced() {
     let list: Vec<MemberView> = get(&admin, format!("/v1/groups/{g}/muted"))
         .await
         .expect("list");
-    assert_eq!(list.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(
+        list.iter().map(|m| m.uid.clone()).collect::<Vec<_>>(),
+        vec![u(3)]
+    );
     assert_eq!(
         rejected(get::<Vec<MemberView>>(&other, format!("/v1/groups/{g}/muted")).await).0,
         ErrorCode::Forbidden
@@ -431,19 +437,19 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
     assert_eq!(apps[0]["uid"], "3");
     post::<()>(
         &owner,
-        format!("/v1/groups/{g}/applications/3"),
+        format!("/v1/groups/{g}/applications/u3"),
         json!({"approve": true}),
     )
     .await
     .expect("approved");
     let (_, joined) = next_event(&mut bob_events, "joined").await;
-    assert_eq!(joined.targets, vec![3]);
+    assert_eq!(joined.targets, ids(&[3]));
     send(&carol, g, "thanks").await.expect("member now");
     assert_eq!(
         rejected(
             post::<()>(
                 &owner,
-                format!("/v1/groups/{g}/applications/3"),
+                format!("/v1/groups/{g}/applications/u3"),
                 json!({"approve": true})
             )
             .await
@@ -456,17 +462,17 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
     let added: Users = post(
         &bob,
         format!("/v1/groups/{g}/members"),
-        json!({"users": [4]}),
+        json!({"users": ["u4"]}),
     )
     .await
     .expect("invited");
-    assert_eq!(added.users, vec![4]);
+    assert_eq!(added.users, vec![u(4)]);
     assert_eq!(
         rejected(
             post::<Users>(
                 &bob,
                 format!("/v1/groups/{g}/members"),
-                json!({"users": [5]})
+                json!({"users": ["u5"]})
             )
             .await
         )
@@ -478,7 +484,7 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
             post::<Users>(
                 &bob,
                 format!("/v1/groups/{g}/members"),
-                json!({"users": [4]})
+                json!({"users": ["u4"]})
             )
             .await
         )
@@ -489,11 +495,14 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
         .await
         .expect("page");
     assert_eq!(
-        page.members.iter().map(|m| m.uid).collect::<Vec<_>>(),
-        vec![1, 2, 3]
+        page.members
+            .iter()
+            .map(|m| m.uid.clone())
+            .collect::<Vec<_>>(),
+        vec![u(1), u(2), u(3)]
     );
-    assert_eq!(page.next_after, Some(3));
-    let rest: MemberPage = get(&dave, format!("/v1/groups/{g}/members?after=3&limit=3"))
+    assert_eq!(page.next_after, Some(u(3)));
+    let rest: MemberPage = get(&dave, format!("/v1/groups/{g}/members?after=u3&limit=3"))
         .await
         .expect("page");
     assert_eq!((rest.members.len(), rest.next_after), (1, None));
@@ -517,14 +526,17 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
 
     // Kicks: members cannot; the kicked member hears it, then nothing more.
     assert_eq!(
-        rejected(delete(&carol, format!("/v1/groups/{g}/members/2")).await).0,
+        rejected(delete(&carol, format!("/v1/groups/{g}/members/u2")).await).0,
         ErrorCode::Forbidden
     );
-    delete(&owner, format!("/v1/groups/{g}/members/2"))
+    delete(&owner, format!("/v1/groups/{g}/members/u2"))
         .await
         .expect("kicked");
     let (_, kicked) = next_event(&mut bob_events, "kicked").await;
-    assert_eq!((kicked.actor, kicked.targets.clone()), (1, vec![2]));
+    assert_eq!(
+        (kicked.actor, kicked.targets.clone()),
+        (u(1).to_string(), ids(&[2]))
+    );
     send(&carol, g, "after the kick").await.expect("sent");
     no_chat(&mut bob_events, Duration::from_millis(300)).await;
     assert_eq!(rejected(send(&bob, g, "x").await).0, ErrorCode::NotMember);
@@ -539,21 +551,30 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
 
     // The owner leaves only by handing over; then quits as a member.
     assert_eq!(
-        rejected(delete(&owner, format!("/v1/groups/{g}/members/1")).await).0,
+        rejected(delete(&owner, format!("/v1/groups/{g}/members/u1")).await).0,
         ErrorCode::Forbidden
     );
     assert_eq!(
         rejected(
-            post::<GroupView>(&carol, format!("/v1/groups/{g}/transfer"), json!({"to": 3})).await
+            post::<GroupView>(
+                &carol,
+                format!("/v1/groups/{g}/transfer"),
+                json!({"to": "u3"})
+            )
+            .await
         )
         .0,
         ErrorCode::Forbidden
     );
-    let handed: GroupView = post(&owner, format!("/v1/groups/{g}/transfer"), json!({"to": 3}))
-        .await
-        .expect("transferred");
-    assert_eq!((handed.owner, handed.role), (3, Role::Member));
-    delete(&owner, format!("/v1/groups/{g}/members/1"))
+    let handed: GroupView = post(
+        &owner,
+        format!("/v1/groups/{g}/transfer"),
+        json!({"to": "u3"}),
+    )
+    .await
+    .expect("transferred");
+    assert_eq!((handed.owner, handed.role), (u(3), Role::Member));
+    delete(&owner, format!("/v1/groups/{g}/members/u1"))
         .await
         .expect("left");
     assert_eq!(rejected(send(&owner, g, "x").await).0, ErrorCode::NotMember);
@@ -575,7 +596,7 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
             post::<Users>(
                 &carol,
                 format!("/v1/groups/{g}/members"),
-                json!({"users": [5]})
+                json!({"users": ["u5"]})
             )
             .await
         )
@@ -755,7 +776,7 @@ async fn concurrent_joins_and_grants_never_pass_the_limits() {
     let members: MemberPage = get(&owner, format!("/v1/groups/{g}/members?limit=20"))
         .await
         .expect("members");
-    let grants = members.members.iter().filter(|m| m.uid != 1).map(|m| {
+    let grants = members.members.iter().filter(|m| m.uid != u(1)).map(|m| {
         let request = http
             .put(server.url(&format!("/v1/groups/{g}/members/{}/role", m.uid)))
             .bearer_auth(server.token(1, "phone"))

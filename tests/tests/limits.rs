@@ -12,7 +12,11 @@ async fn http_requests_are_limited_per_user() {
         c.limits.http_request_burst = 3;
     })
     .await;
-    for path in ["/v1/groups", "/v1/sync", "/v1/conversations/p:u1:u2/messages"] {
+    for path in [
+        "/v1/groups",
+        "/v1/sync",
+        "/v1/conversations/p:u1:u2/messages",
+    ] {
         let (status, _) = server.get_json(path, 1, "phone").await;
         assert_eq!(status, 200, "{path} within the burst");
     }

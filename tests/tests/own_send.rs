@@ -18,7 +18,7 @@ async fn a_send_whose_ack_was_lost_comes_back_by_sync_as_its_answer_never_as_inc
     let mut raw = server.raw(1, "phone").await;
     let send = SendMessage {
         client_seq: 4242,
-        receiver: 2,
+        receiver: u(2).to_string(),
         body: Some(MessageBody::text("once")),
         group: 0,
     };

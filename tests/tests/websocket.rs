@@ -30,6 +30,7 @@ fn auth_bytes(server: &TestServer, uid: u64) -> Vec<u8> {
     let auth = AuthRequest {
         token: server.token(uid, "tungstenite"),
         client: "tungstenite".into(),
+        device: String::new(),
     };
     Frame::new(Op::Auth, 1, 0, &auth).encode().to_vec()
 }
