@@ -293,7 +293,9 @@ mod tests {
             &Registry::new(),
         )
         .with_logouts(store.clone());
-        auth.authenticate(&old, None).await.expect("before the logout");
+        auth.authenticate(&old, None)
+            .await
+            .expect("before the logout");
         let at = auth.log_out(&uid("alice")).await.expect("log out");
         assert_eq!(
             store.logged_out_at(&uid("alice")).await.expect("read"),
@@ -306,7 +308,9 @@ mod tests {
             .await
             .expect("another user (ids differ in case)");
         let new = tokens.mint(&uid("alice"), "phone", 3600).expect("mint");
-        auth.authenticate(&new, None).await.expect("a token after the logout");
+        auth.authenticate(&new, None)
+            .await
+            .expect("a token after the logout");
         // Another node sees the logout once its cached answer is stale.
         let elsewhere = Auth::new(
             Tokens::new(b"0123456789abcdef0123456789abcdef".to_vec()),

@@ -18,8 +18,7 @@ use natter_group::Groups;
 use natter_logic::admin::Sender;
 use natter_logic::{Auth, Logic};
 use natter_proto::api::{
-    AdminCreateGroup, AdminMessage, AdminSent, AdminToken, AdminTokenRequest, GroupView,
-    LoggedOut,
+    AdminCreateGroup, AdminMessage, AdminSent, AdminToken, AdminTokenRequest, GroupView, LoggedOut,
 };
 use natter_proto::msg::MessageBody;
 use natter_proto::{ErrorCode, UserId};
@@ -108,15 +107,12 @@ fn check_key(key: &AdminKey, headers: &HeaderMap) -> Result<(), ApiError> {
             "missing Authorization: Bearer <admin key>",
         )
     })?;
-    let presented = value
-        .as_bytes()
-        .strip_prefix(b"Bearer ")
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::AuthRequired,
-                "Authorization must be Bearer <admin key>",
-            )
-        })?;
+    let presented = value.as_bytes().strip_prefix(b"Bearer ").ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::AuthRequired,
+            "Authorization must be Bearer <admin key>",
+        )
+    })?;
     if key.matches(presented) {
         Ok(())
     } else {
@@ -184,10 +180,7 @@ async fn send(
     let body = MessageBody {
         content: Some(req.body),
     };
-    let reply = admin
-        .logic
-        .send_as(&from, to, body, req.client_seq)
-        .await?;
+    let reply = admin.logic.send_as(&from, to, body, req.client_seq).await?;
     Ok(Json(AdminSent {
         mid: reply.mid,
         conversation: reply.conversation,
@@ -250,10 +243,7 @@ mod tests {
         );
         assert_eq!(with("Basic abc"), Err(ErrorCode::AuthRequired));
         assert_eq!(with("Bearer nope"), Err(ErrorCode::AuthFailed));
-        assert_eq!(
-            with("Bearer secret-admin-key-of-32-bytes-or-more"),
-            Ok(())
-        );
+        assert_eq!(with("Bearer secret-admin-key-of-32-bytes-or-more"), Ok(()));
         assert_eq!(
             with("Bearer  secret-admin-key-of-32-bytes-or-more"),
             Err(ErrorCode::AuthFailed),

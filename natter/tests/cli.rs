@@ -20,7 +20,13 @@ struct Served {
 
 fn serve(data_dir: &std::path::Path) -> Served {
     let mut child = natter()
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(data_dir)
         .env("NATTER_LOG__FORMAT", "json")

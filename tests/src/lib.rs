@@ -226,7 +226,11 @@ impl TestServer {
 
     /// POSTs `body` to the admin API's `path` with the key; the status and
     /// the JSON body.
-    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    pub async fn admin_post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
         let response = reqwest::Client::new()
             .post(self.admin_url(path))
             .bearer_auth(self.admin_key())
