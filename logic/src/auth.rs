@@ -57,6 +57,12 @@ impl Logouts {
                 cache.clear();
             }
         }
+        // A logout time only moves forward: a read that raced a local
+        // logout (and saw the store before it) must not hide it.
+        let at = match (cache.get(uid), at) {
+            (Some((_, Some(known))), at) => Some(at.map_or(*known, |at| at.max(*known))),
+            (_, at) => at,
+        };
         cache.insert(uid.clone(), (now, at));
     }
 
@@ -274,6 +280,21 @@ mod tests {
         assert!(!issued_before_logout(1_000, 1_000_000));
         assert!(!issued_before_logout(1_000, 1_000_999));
         assert!(issued_before_logout(1_000, 1_001_000));
+    }
+
+    #[tokio::test]
+    async fn a_stale_read_does_not_hide_a_local_logout() {
+        let logouts = Logouts {
+            store: Arc::new(SqliteStore::memory().await.expect("memory store")),
+            cache: Mutex::new(HashMap::new()),
+        };
+        logouts.remember(&uid("alice"), Some(5_000));
+        logouts.remember(&uid("alice"), None);
+        assert_eq!(logouts.at(&uid("alice")).await.expect("read"), Some(5_000));
+        logouts.remember(&uid("alice"), Some(4_000));
+        assert_eq!(logouts.at(&uid("alice")).await.expect("read"), Some(5_000));
+        logouts.remember(&uid("alice"), Some(6_000));
+        assert_eq!(logouts.at(&uid("alice")).await.expect("read"), Some(6_000));
     }
 
     #[tokio::test]
