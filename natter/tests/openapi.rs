@@ -451,6 +451,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
     let mut minimal = view(None);
     minimal.user_seq = None;
     minimal.group = None;
+    minimal.receiver = None;
     response(&doc, &mut checked, "Message", json(&full), json(&minimal));
     response(
         &doc,
