@@ -465,6 +465,7 @@ fn every_json_body_is_documented_as_the_types_write_it() {
     minimal.user_seq = None;
     minimal.receiver = None;
     minimal.group = None;
+    minimal.receiver = None;
     response(&doc, &mut checked, "Message", json(&full), json(&minimal));
     response(
         &doc,

@@ -338,6 +338,9 @@ async fn lock_counters(
     Ok((conv, user))
 }
 
+/// A `device_cursor` row as read: owner, device, gid, cursor_seq, above.
+type CursorRow = (Vec<u8>, Vec<u8>, i64, i64, String);
+
 /// Creates the missing cursor rows, then locks and reads them all.
 async fn lock_cursors(
     conn: &mut MySqlConnection,
@@ -370,8 +373,7 @@ async fn lock_cursors(
             .push_bind(i(*gid));
     });
     q.push(" ORDER BY owner, device, gid FOR UPDATE");
-    let rows: Vec<(Vec<u8>, Vec<u8>, i64, i64, String)> =
-        q.build_query_as().fetch_all(&mut *conn).await?;
+    let rows: Vec<CursorRow> = q.build_query_as().fetch_all(&mut *conn).await?;
     for (owner, device, gid, cursor, above) in rows {
         cursors.insert(
             (uid(owner)?, device_id(device)?, gid as u64),

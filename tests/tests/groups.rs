@@ -434,7 +434,7 @@ async fn membership_join_types_kick_transfer_and_dissolve() {
     let apps: Vec<serde_json::Value> = get(&owner, format!("/v1/groups/{g}/applications"))
         .await
         .expect("apps");
-    assert_eq!(apps[0]["uid"], "3");
+    assert_eq!(apps[0]["uid"], "u3");
     post::<()>(
         &owner,
         format!("/v1/groups/{g}/applications/u3"),
