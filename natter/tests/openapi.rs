@@ -463,7 +463,6 @@ fn every_json_body_is_documented_as_the_types_write_it() {
     let full = view(contents().pop());
     let mut minimal = view(None);
     minimal.user_seq = None;
-    minimal.receiver = None;
     minimal.group = None;
     minimal.receiver = None;
     response(&doc, &mut checked, "Message", json(&full), json(&minimal));
