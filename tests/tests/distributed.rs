@@ -17,10 +17,11 @@ const SECRET: &str = "a shared secret for every logic node";
 
 /// Connects through `gateway`, retrying while the gateway does not yet see
 /// a logic node.
-async fn connect(gateway: &TestServer, uid: u64, device: &str) -> (Client, Events) {
+async fn connect(gateway: &TestServer, uid: impl AsUser, device: &str) -> (Client, Events) {
+    let uid = uid.user();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let config = ClientConfig::new(gateway.server(), gateway.token(uid, device));
+        let config = ClientConfig::new(gateway.server(), gateway.token(&uid, device));
         match Client::connect(config).await {
             Ok((client, events)) => {
                 client.sync().await.expect("initial sync");
@@ -88,6 +89,38 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
         .await
         .expect("acked");
     assert_eq!(next_message(&mut bob_events).await.mid, ack.mid);
+
+    // String ids cross the plane byte for byte: `Kim` and `kim` are two
+    // users on two gateways (one session each in Redis), and a 64-byte id
+    // reaches both.
+    let long = "L".repeat(32) + &"l".repeat(32);
+    let (upper, mut upper_events) = connect(&gateway_a, "Kim", "phone").await;
+    let (lower, mut lower_events) = connect(&gateway_b, "kim", "phone").await;
+    let (longest, mut longest_events) = connect(&gateway_b, long.as_str(), "phone").await;
+    for (from, to, events) in [
+        (&upper, lower.uid(), &mut lower_events),
+        (&lower, upper.uid(), &mut upper_events),
+        (&upper, longest.uid(), &mut longest_events),
+        (&longest, lower.uid(), &mut lower_events),
+    ] {
+        let ack = from
+            .send(to, MessageBody::text("case matters"))
+            .await
+            .expect("acked");
+        let got = next_message(events).await;
+        assert_eq!(got.mid, ack.mid);
+        assert_eq!(got.sender, from.uid().as_str());
+        assert_eq!(got.receiver, to.as_str());
+    }
+    let (status, between) = record
+        .get_json("/v1/conversations/p:Kim:kim/messages", "kim", "phone")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        between["messages"].as_array().map(Vec::len),
+        Some(2),
+        "one each way between Kim and kim: {between}"
+    );
 
     // A group across both gateways, made over a logic node's HTTP API.
     let owner = Client::connect(ClientConfig::new(
