@@ -38,6 +38,18 @@ async fn connect(gateway: &TestServer, uid: impl AsUser, device: &str) -> (Clien
     }
 }
 
+/// `from` sends to `to`, whose events show it arriving with both ids intact.
+async fn exchange(from: &Client, to: &natter_proto::UserId, events: &mut Events) {
+    let ack = from
+        .send(to, MessageBody::text("case matters"))
+        .await
+        .expect("acked");
+    let got = next_message(events).await;
+    assert_eq!(got.mid, ack.mid);
+    assert_eq!(got.sender, from.uid().as_str());
+    assert_eq!(got.receiver, to.as_str());
+}
+
 async fn registered(etcd: &Etcd, role: &str) -> usize {
     etcd.range_prefix(&format!("natter/nodes/{role}/"))
         .await
@@ -97,21 +109,10 @@ async fn users_on_different_gateways_chat_through_any_logic_node() {
     let (upper, mut upper_events) = connect(&gateway_a, "Kim", "phone").await;
     let (lower, mut lower_events) = connect(&gateway_b, "kim", "phone").await;
     let (longest, mut longest_events) = connect(&gateway_b, long.as_str(), "phone").await;
-    for (from, to, events) in [
-        (&upper, lower.uid(), &mut lower_events),
-        (&lower, upper.uid(), &mut upper_events),
-        (&upper, longest.uid(), &mut longest_events),
-        (&longest, lower.uid(), &mut lower_events),
-    ] {
-        let ack = from
-            .send(to, MessageBody::text("case matters"))
-            .await
-            .expect("acked");
-        let got = next_message(events).await;
-        assert_eq!(got.mid, ack.mid);
-        assert_eq!(got.sender, from.uid().as_str());
-        assert_eq!(got.receiver, to.as_str());
-    }
+    exchange(&upper, lower.uid(), &mut lower_events).await;
+    exchange(&lower, upper.uid(), &mut upper_events).await;
+    exchange(&upper, longest.uid(), &mut longest_events).await;
+    exchange(&longest, lower.uid(), &mut lower_events).await;
     let (status, between) = record
         .get_json("/v1/conversations/p:Kim:kim/messages", "kim", "phone")
         .await;

@@ -29,12 +29,19 @@ async fn ids_differing_only_in_case_and_the_longest_id_are_users_of_their_own() 
         .expect("acked");
     assert_eq!(ack.conversation, "p:Alice:alice");
     let got = next_message(&mut lower_events).await;
-    assert_eq!((got.sender.as_str(), got.receiver.as_str()), ("Alice", "alice"));
+    assert_eq!(
+        (got.sender.as_str(), got.receiver.as_str()),
+        ("Alice", "alice")
+    );
     let ack = longest
         .send(upper.uid(), MessageBody::text("from the longest id"))
         .await
         .expect("acked");
-    assert_eq!(ack.conversation, format!("p:{long}:Alice"), "'0' sorts first");
+    assert_eq!(
+        ack.conversation,
+        format!("p:{long}:Alice"),
+        "'0' sorts first"
+    );
     let got = next_message(&mut upper_events).await;
     assert_eq!(got.sender, long);
     lower
@@ -46,7 +53,11 @@ async fn ids_differing_only_in_case_and_the_longest_id_are_users_of_their_own() 
     for (user, expected) in [("Alice", 2), ("alice", 2), (long, 2)] {
         let (status, page) = server.get_json("/v1/sync?after=0", user, "web").await;
         assert_eq!(status, 200, "{page}");
-        assert_eq!(page["messages"].as_array().map(Vec::len), Some(expected), "{user}");
+        assert_eq!(
+            page["messages"].as_array().map(Vec::len),
+            Some(expected),
+            "{user}"
+        );
     }
     // A conversation is readable only by its two users, byte for byte.
     let path = "/v1/conversations/p:Alice:alice/messages";
@@ -68,7 +79,11 @@ async fn ids_differing_only_in_case_and_the_longest_id_are_users_of_their_own() 
     assert_eq!(created["member_count"], 3, "{created}");
     assert_eq!(created["owner"], "Alice");
     let (status, members) = server
-        .get_json(&format!("/v1/groups/{}/members", created["id"].as_str().expect("id")), "alice", "web")
+        .get_json(
+            &format!("/v1/groups/{}/members", created["id"].as_str().expect("id")),
+            "alice",
+            "web",
+        )
         .await;
     assert_eq!(status, 200);
     let uids: Vec<&str> = members["members"]
@@ -89,8 +104,12 @@ async fn every_refused_form_is_refused_on_the_websocket() {
     let mut conn = server.raw("alice", "phone").await;
     let long = too_long();
     let mut seq = 10;
-    let mut refused = |conn_seq: u32, frame: Frame| {
-        assert_eq!(frame.op, Op::Error, "expected an error frame, got {frame:?}");
+    let refused = |conn_seq: u32, frame: Frame| {
+        assert_eq!(
+            frame.op,
+            Op::Error,
+            "expected an error frame, got {frame:?}"
+        );
         let e: ErrorReply = frame.message().expect("error body");
         assert_eq!(frame.seq, conn_seq);
         (ErrorCode::from_u32(e.code), e.message)
@@ -157,7 +176,10 @@ async fn every_refused_form_is_refused_over_http() {
     let code = |response: reqwest::Response| async move {
         let status = response.status().as_u16();
         let body: serde_json::Value = response.json().await.expect("JSON error");
-        (status, body["code"].as_str().unwrap_or_default().to_string())
+        (
+            status,
+            body["code"].as_str().unwrap_or_default().to_string(),
+        )
     };
     for bad in REFUSED
         .iter()
