@@ -21,7 +21,6 @@ use tokio::sync::Mutex;
 
 use crate::batch::{
     cursor_key, expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Key, Walk,
-    MESSAGE_COLUMNS,
 };
 use crate::store::*;
 use natter_proto::UserId;
@@ -92,6 +91,9 @@ const DIRTY_LIMIT: usize = 50_000;
 
 /// State cached by the single writer.
 struct Counters {
+    /// Each user's internal id (`users.id`), as committed: a batch that
+    /// fails resets the whole cache, so no id of a rolled-back insert stays.
+    ids: HashMap<UserId, i64>,
     conv: HashMap<String, u64>,
     user: HashMap<UserId, u64>,
     devices: HashMap<CursorKey, DeviceCursor>,
@@ -103,6 +105,7 @@ struct Counters {
 impl Default for Counters {
     fn default() -> Self {
         Counters {
+            ids: HashMap::new(),
             conv: HashMap::new(),
             user: HashMap::new(),
             devices: HashMap::new(),
@@ -115,6 +118,9 @@ impl Default for Counters {
 impl Counters {
     /// Keeps memory bounded on a long-lived server with many users.
     fn trim(&mut self) {
+        if self.ids.len() > CACHE_LIMIT {
+            self.ids.clear();
+        }
         if self.conv.len() > CACHE_LIMIT {
             self.conv.clear();
         }
@@ -125,6 +131,13 @@ impl Counters {
         if self.devices.len() > CACHE_LIMIT && self.dirty.is_empty() {
             self.devices.clear();
         }
+    }
+
+    /// The internal id of a user resolved by [`resolve_ids`] in this batch.
+    fn id(&self, uid: &UserId) -> Result<i64, sqlx::Error> {
+        self.ids.get(uid).copied().ok_or_else(|| {
+            sqlx::Error::Protocol(format!("user {uid} was not resolved to its internal id"))
+        })
     }
 
     fn flush_due(&self) -> bool {
@@ -355,15 +368,24 @@ impl Drop for WriteTx {
 /// How often the background checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// A message's columns with its users' ids as strings (tables `m`, and
+/// `su`/`ru` of [`USER_JOINS`]).
+const MESSAGE_COLUMNS: &str = "m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at";
+/// Turns a message's sender and receiver ids (`m`) back into strings; a
+/// group message's receiver (0) joins no user.
+const USER_JOINS: &str =
+    "JOIN users su ON su.id = m.sender LEFT JOIN users ru ON ru.id = m.receiver";
+
 fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     let conversation: String = row.try_get("conv_id")?;
+    let receiver: Option<String> = row.try_get("receiver")?;
     Ok(StoredMessage {
         mid: row.try_get::<i64, _>("mid")? as u64,
         conv_seq: row.try_get::<i64, _>("conv_seq")? as u64,
         sender: user_id(row.try_get("sender")?)?,
         sender_device: row.try_get("sender_device")?,
         client_seq: row.try_get::<i64, _>("client_seq")? as u64,
-        to: peer(&conversation, row.try_get("receiver")?)?,
+        to: peer(&conversation, receiver.unwrap_or_default())?,
         msg_type: row.try_get::<i64, _>("msg_type")? as u32,
         content: row.try_get("content")?,
         time_ms: row.try_get("created_at")?,
@@ -375,11 +397,18 @@ fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
 // with `json_each`. The SQL text never changes with the batch size, so each
 // statement is prepared once per connection and cached; and the joins below
 // let SQLite search an index once per row instead of scanning a table (see
-// the plan test at the end of this file).
+// the plan test at the end of this file). Users are their internal ids
+// (`users.id`) in every statement of the writer.
 
-const DEDUPE_SQL: &str = "SELECT m.mid, m.conv_id, m.conv_seq, m.sender, m.sender_device, m.client_seq, m.receiver, m.msg_type, m.content, m.created_at \
+const KNOWN_IDS_SQL: &str =
+    "SELECT u.id, u.uid FROM json_each(?1) AS k JOIN users u ON u.uid = k.value";
+const NEW_IDS_SQL: &str =
+    "INSERT INTO users (uid) SELECT k.value FROM json_each(?1) AS k WHERE true RETURNING id, uid";
+const DEDUPE_SQL: &str = "SELECT m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at, \
+     m.sender AS sender_id, m.receiver AS receiver_id \
      FROM json_each(?1) AS k JOIN message m \
-     ON m.sender = k.value->>0 AND m.sender_device = k.value->>1 AND m.client_seq = k.value->>2";
+     ON m.sender = k.value->>0 AND m.sender_device = k.value->>1 AND m.client_seq = k.value->>2 \
+     JOIN users su ON su.id = m.sender LEFT JOIN users ru ON ru.id = m.receiver";
 const RELATION_SEQS_SQL: &str = "SELECT owner, user_seq FROM relation \
      WHERE (owner = ?1 AND other = ?2 AND mid = ?3) OR (owner = ?2 AND other = ?1 AND mid = ?3)";
 const CONVERSATIONS_SQL: &str =
@@ -392,6 +421,10 @@ const CURSORS_SQL: &str =
 const GROUP_CURSORS_SQL: &str =
     "SELECT d.owner, d.device, d.gid, d.cursor FROM json_each(?1) AS k JOIN group_cursor d \
      ON d.owner = k.value->>0 AND d.device = k.value->>1 AND d.gid = k.value->>2";
+/// One user's (by its string) cursors of the groups in ?3, on one device.
+const READ_GROUP_CURSORS_SQL: &str =
+    "SELECT d.gid, d.cursor FROM json_each(?3) AS k JOIN group_cursor d \
+     ON d.owner = (SELECT id FROM users WHERE uid = ?1) AND d.device = ?2 AND d.gid = k.value";
 const INSERT_MESSAGES_SQL: &str = "INSERT INTO message (mid, conv_id, conv_seq, sender, sender_device, client_seq, receiver, msg_type, content, created_at) \
      SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, k.value->>4, k.value->>5, k.value->>6, k.value->>7, unhex(k.value->>8), k.value->>9 \
      FROM json_each(?1) AS k";
@@ -440,37 +473,87 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Messages already stored under any of `keys`, with both parties' stream positions.
+/// Caches the internal ids of `uids` not cached yet: one look-up for all of
+/// them, then one insert for those seen for the first time. Runs in the
+/// caller's transaction; if that does not commit, the caller resets the
+/// cache, so no id it never committed stays cached.
+async fn resolve_ids<'a>(
+    conn: &mut SqliteConnection,
+    counters: &mut Counters,
+    uids: impl Iterator<Item = &'a UserId>,
+) -> Result<(), sqlx::Error> {
+    let mut missing: Vec<&UserId> = uids.filter(|u| !counters.ids.contains_key(*u)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.sort_unstable();
+    missing.dedup();
+    let mut wanted: HashMap<&str, &UserId> = missing.iter().map(|u| (u.as_str(), *u)).collect();
+    let known: Vec<(i64, String)> = sqlx::query_as(KNOWN_IDS_SQL)
+        .bind(json(&missing))
+        .fetch_all(&mut *conn)
+        .await?;
+    for (id, uid) in known {
+        if let Some(user) = wanted.remove(uid.as_str()) {
+            counters.ids.insert(user.clone(), id);
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let new: Vec<&str> = wanted.keys().copied().collect();
+    let inserted: Vec<(i64, String)> = sqlx::query_as(NEW_IDS_SQL)
+        .bind(json(&new))
+        .fetch_all(&mut *conn)
+        .await?;
+    for (id, uid) in inserted {
+        if let Some(user) = wanted.remove(uid.as_str()) {
+            counters.ids.insert(user.clone(), id);
+        }
+    }
+    Ok(())
+}
+
+/// Messages already stored under any of `keys`, with both parties' stream
+/// positions. Every sender's id is resolved.
 async fn find_existing(
     conn: &mut SqliteConnection,
+    counters: &Counters,
     keys: &[Key<'_>],
 ) -> Result<HashMap<DedupeKey, Stored>, sqlx::Error> {
+    let mut by_id = Vec::with_capacity(keys.len());
+    for (sender, device, seq) in keys {
+        by_id.push((counters.id(sender)?, *device, *seq));
+    }
     let rows = sqlx::query(DEDUPE_SQL)
-        .bind(json(keys))
+        .bind(json(&by_id))
         .fetch_all(&mut *conn)
         .await?;
     let mut found = HashMap::new();
     for row in &rows {
         let message = message_from_row(row)?;
+        let sender_id: i64 = row.try_get("sender_id")?;
+        let receiver_id: i64 = row.try_get("receiver_id")?;
         // Group messages have no relation rows: their position is conv_seq.
-        let seqs: Vec<(String, i64)> = match message.to.user() {
+        let seqs: Vec<(i64, i64)> = match message.to.user() {
             None => Vec::new(),
-            Some(receiver) => {
+            Some(_) => {
                 sqlx::query_as(RELATION_SEQS_SQL)
-                    .bind(message.sender.as_str())
-                    .bind(receiver.as_str())
+                    .bind(sender_id)
+                    .bind(receiver_id)
                     .bind(message.mid as i64)
                     .fetch_all(&mut *conn)
                     .await?
             }
         };
-        let seq_of = |owner: Option<&UserId>| {
+        let seq_of = |owner: Option<i64>| {
             seqs.iter()
-                .find(|(o, _)| Some(o.as_str()) == owner.map(|u| u.as_str()))
+                .find(|(o, _)| Some(*o) == owner)
                 .map(|(_, s)| *s as u64)
                 .unwrap_or(0)
         };
-        let (sender_seq, receiver_seq) = (seq_of(Some(&message.sender)), seq_of(message.to.user()));
+        let receiver = message.to.user().map(|_| receiver_id);
+        let (sender_seq, receiver_seq) = (seq_of(Some(sender_id)), seq_of(receiver));
         found.insert(
             (
                 message.sender.clone(),
@@ -488,7 +571,8 @@ async fn find_existing(
     Ok(found)
 }
 
-/// Loads the last sequence numbers of conversations and users not cached yet.
+/// Loads the last sequence numbers of conversations and users not cached
+/// yet. Every user's id is resolved.
 async fn load_counters(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
@@ -512,25 +596,27 @@ async fn load_counters(
                 .insert(conv.clone(), known.remove(conv).unwrap_or(0));
         }
     }
-    let users: Vec<&UserId> = users
-        .iter()
-        .filter(|u| !counters.user.contains_key(*u))
-        .collect();
-    if !users.is_empty() {
-        let rows: Vec<(String, i64)> = sqlx::query_as(USERS_SQL)
-            .bind(json(&users))
+    let mut users_by_id: Vec<(i64, &UserId)> = Vec::new();
+    for owner in users.iter().filter(|u| !counters.user.contains_key(*u)) {
+        users_by_id.push((counters.id(owner)?, owner));
+    }
+    if !users_by_id.is_empty() {
+        let ids: Vec<i64> = users_by_id.iter().map(|(id, _)| *id).collect();
+        let rows: Vec<(i64, i64)> = sqlx::query_as(USERS_SQL)
+            .bind(json(&ids))
             .fetch_all(&mut *conn)
             .await?;
-        let known: HashMap<String, u64> = rows.into_iter().map(|(o, s)| (o, s as u64)).collect();
-        for owner in users {
-            let last = known.get(owner.as_str()).copied().unwrap_or(0);
+        let known: HashMap<i64, u64> = rows.into_iter().map(|(o, s)| (o, s as u64)).collect();
+        for (id, owner) in users_by_id {
+            let last = known.get(&id).copied().unwrap_or(0);
             counters.user.insert(owner.clone(), last);
         }
     }
     Ok(())
 }
 
-/// Loads the stored cursors of devices not cached yet (absent: 0).
+/// Loads the stored cursors of devices not cached yet (absent: 0). Every
+/// owner's id is resolved.
 async fn load_cursors(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
@@ -543,9 +629,19 @@ async fn load_cursors(
     if missing.is_empty() {
         return Ok(());
     }
-    let (streams, groups): (Vec<&CursorKey>, Vec<&CursorKey>) =
-        missing.iter().partition(|key| key.2 == 0);
-    let mut rows: Vec<(String, String, i64, i64)> = Vec::new();
+    let mut owners: HashMap<i64, &UserId> = HashMap::new();
+    let mut streams = Vec::new();
+    let mut groups = Vec::new();
+    for key in &missing {
+        let id = counters.id(&key.0)?;
+        owners.insert(id, &key.0);
+        if key.2 == 0 {
+            streams.push((id, key.1.as_str()));
+        } else {
+            groups.push((id, key.1.as_str(), key.2));
+        }
+    }
+    let mut rows: Vec<(i64, String, i64, i64)> = Vec::new();
     if !streams.is_empty() {
         rows.extend(
             sqlx::query_as(CURSORS_SQL)
@@ -564,7 +660,9 @@ async fn load_cursors(
     }
     let mut stored: HashMap<CursorKey, u64> = HashMap::with_capacity(rows.len());
     for (owner, device, group, cursor) in rows {
-        stored.insert((user_id(owner)?, device, group as u64), cursor as u64);
+        if let Some(owner) = owners.get(&owner) {
+            stored.insert(((*owner).clone(), device, group as u64), cursor as u64);
+        }
     }
     for key in missing {
         let contiguous = stored.remove(key).unwrap_or(0);
@@ -580,8 +678,8 @@ async fn load_cursors(
 }
 
 /// Applies a batch with a handful of multi-row statements, whatever its size:
-/// one round of look-ups (duplicates, counters, cursors), then one insert per
-/// table. Statement count, not rows, is what a batch costs.
+/// one round of look-ups (user ids, duplicates, counters, cursors), then one
+/// insert per table. Statement count, not rows, is what a batch costs.
 async fn apply(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
@@ -589,6 +687,19 @@ async fn apply(
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     // Look-ups for everything the batch touches.
     let touched = touched(writes);
+    counters.trim();
+    // Every user the batch names: senders (in the dedupe keys), receivers,
+    // and cursor owners.
+    resolve_ids(
+        conn,
+        counters,
+        touched
+            .users
+            .iter()
+            .chain(touched.keys.iter().map(|k| &k.0))
+            .chain(touched.devices.iter().map(|d| &d.0)),
+    )
+    .await?;
     let keys: Vec<Key<'_>> = touched
         .keys
         .iter()
@@ -597,9 +708,8 @@ async fn apply(
     let existing = if keys.is_empty() {
         HashMap::new()
     } else {
-        find_existing(conn, &keys).await?
+        find_existing(conn, counters, &keys).await?
     };
-    counters.trim();
     load_counters(conn, counters, &touched.convs, &touched.users).await?;
     load_cursors(conn, counters, &touched.devices).await?;
     // Walk the batch in order, in memory.
@@ -619,43 +729,46 @@ async fn apply(
     );
     // Write it out: one statement per table.
     if !messages.is_empty() {
-        let rows: Vec<_> = messages
-            .iter()
-            .map(|m| {
-                (
-                    m.mid,
-                    &m.conversation,
-                    m.conv_seq,
-                    &m.sender,
-                    &m.sender_device,
-                    m.client_seq,
-                    m.to.user().map_or("", |u| u.as_str()),
-                    m.msg_type,
-                    hex(&m.content),
-                    m.time_ms,
-                )
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(messages.len());
+        for m in &messages {
+            rows.push((
+                m.mid,
+                &m.conversation,
+                m.conv_seq,
+                counters.id(&m.sender)?,
+                &m.sender_device,
+                m.client_seq,
+                match m.to.user() {
+                    Some(receiver) => counters.id(receiver)?,
+                    None => 0,
+                },
+                m.msg_type,
+                hex(&m.content),
+                m.time_ms,
+            ));
+        }
         write_rows(conn, INSERT_MESSAGES_SQL, rows).await?;
     }
     if !relations.is_empty() {
-        let rows: Vec<_> = relations
-            .iter()
-            .map(|r| {
-                (
-                    &r.owner,
-                    r.user_seq,
-                    r.mid,
-                    &r.other,
-                    r.direction,
-                    r.time_ms,
-                )
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(relations.len());
+        for r in &relations {
+            rows.push((
+                counters.id(&r.owner)?,
+                r.user_seq,
+                r.mid,
+                counters.id(&r.other)?,
+                r.direction,
+                r.time_ms,
+            ));
+        }
         write_rows(conn, INSERT_RELATIONS_SQL, rows).await?;
     }
     if !received.is_empty() {
-        write_rows(conn, MARK_RECEIVED_SQL, &received).await?;
+        let mut rows = Vec::with_capacity(received.len());
+        for (owner, seq) in &received {
+            rows.push((counters.id(owner)?, *seq));
+        }
+        write_rows(conn, MARK_RECEIVED_SQL, rows).await?;
     }
     counters.dirty.extend(touched.devices);
     // A device that set its cursor (it may have moved back) is written at
@@ -672,28 +785,33 @@ async fn apply(
         write_rows(conn, UPSERT_CONVERSATIONS_SQL, rows).await?;
     }
     if !touched_users.is_empty() {
-        let rows: Vec<_> = touched_users
-            .iter()
-            .map(|u| (u, counters.user.get(u).copied().unwrap_or(0)))
-            .collect();
+        let mut rows = Vec::with_capacity(touched_users.len());
+        for u in &touched_users {
+            rows.push((counters.id(u)?, counters.user.get(u).copied().unwrap_or(0)));
+        }
         write_rows(conn, UPSERT_USERS_SQL, rows).await?;
     }
     Ok(outcomes)
 }
 
-/// Writes every changed cursor (in the caller's transaction) and marks them clean.
+/// Writes every changed cursor (in the caller's transaction) and marks them
+/// clean. Changed cursors may be older than the id cache, so their owners'
+/// ids are resolved again.
 async fn flush_cursors(
     conn: &mut SqliteConnection,
     counters: &mut Counters,
 ) -> Result<(), sqlx::Error> {
+    let owners: Vec<UserId> = counters.dirty.iter().map(|key| key.0.clone()).collect();
+    resolve_ids(conn, counters, owners.iter()).await?;
     let mut cursor_rows = Vec::new();
     let mut group_cursor_rows = Vec::new();
     for key in &counters.dirty {
         if let Some(c) = counters.devices.get(key) {
+            let owner = counters.id(&key.0)?;
             if key.2 == 0 {
-                cursor_rows.push((&key.0, &key.1, c.contiguous));
+                cursor_rows.push((owner, &key.1, c.contiguous));
             } else {
-                group_cursor_rows.push((&key.0, &key.1, key.2, c.contiguous));
+                group_cursor_rows.push((owner, &key.1, key.2, c.contiguous));
             }
         }
     }
@@ -873,8 +991,9 @@ impl MessageStore for SqliteStore {
     async fn history(&self, q: &HistoryQuery) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
         let mut sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid
-             WHERE r.owner = ? AND r.other = ? AND r.mid < ?"
+            "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid {USER_JOINS}
+             WHERE r.owner = (SELECT id FROM users WHERE uid = ?)
+               AND r.other = (SELECT id FROM users WHERE uid = ?) AND r.mid < ?"
         );
         if !q.types.is_empty() {
             let marks = vec!["?"; q.types.len()].join(", ");
@@ -904,8 +1023,9 @@ impl MessageStore for SqliteStore {
     ) -> Result<Page<SyncItem>, StoreError> {
         self.closed()?;
         let sql = format!(
-            "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid
-             WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
+            "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid {USER_JOINS}
+             WHERE r.owner = (SELECT id FROM users WHERE uid = ?) AND r.user_seq > ?
+             ORDER BY r.user_seq LIMIT ?"
         );
         let rows = sqlx::query(&sql)
             .bind(owner.as_str())
@@ -929,7 +1049,7 @@ impl MessageStore for SqliteStore {
         // Pages walk the (conv_id, conv_seq) index; `before` is a mid, so
         // its conv_seq bounds the page.
         let mut sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM message m
+            "SELECT {MESSAGE_COLUMNS} FROM message m {USER_JOINS}
              WHERE m.conv_id = ? AND m.conv_seq >= ?
                AND m.conv_seq < COALESCE((SELECT b.conv_seq FROM message b WHERE b.mid = ? AND b.conv_id = ?), ?)"
         );
@@ -962,7 +1082,7 @@ impl MessageStore for SqliteStore {
     ) -> Result<Page<StoredMessage>, StoreError> {
         self.closed()?;
         let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM message m
+            "SELECT {MESSAGE_COLUMNS} FROM message m {USER_JOINS}
              WHERE m.conv_id = ? AND m.conv_seq > ? ORDER BY m.conv_seq LIMIT ?"
         );
         let rows = sqlx::query(&sql)
@@ -1000,14 +1120,17 @@ impl MessageStore for SqliteStore {
             return Ok(cursor);
         }
         let cursor = if group == 0 {
-            sqlx::query_scalar::<_, i64>("SELECT cursor FROM device WHERE owner = ? AND device = ?")
+            sqlx::query_scalar::<_, i64>(
+                "SELECT cursor FROM device WHERE owner = (SELECT id FROM users WHERE uid = ?) AND device = ?",
+            )
                 .bind(owner.as_str())
                 .bind(device)
                 .fetch_optional(&self.pool)
                 .await?
         } else {
             sqlx::query_scalar::<_, i64>(
-                "SELECT cursor FROM group_cursor WHERE owner = ? AND device = ? AND gid = ?",
+                "SELECT cursor FROM group_cursor \
+                 WHERE owner = (SELECT id FROM users WHERE uid = ?) AND device = ? AND gid = ?",
             )
             .bind(owner.as_str())
             .bind(device)
@@ -1028,14 +1151,15 @@ impl MessageStore for SqliteStore {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<(&UserId, &str, u64)> = groups.iter().map(|g| (owner, device, *g)).collect();
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(GROUP_CURSORS_SQL)
-            .bind(json(&keys))
+        let rows: Vec<(i64, i64)> = sqlx::query_as(READ_GROUP_CURSORS_SQL)
+            .bind(owner.as_str())
+            .bind(device)
+            .bind(json(groups))
             .fetch_all(&self.pool)
             .await?;
         let stored: HashMap<u64, u64> = rows
             .into_iter()
-            .map(|(_, _, gid, cursor)| (gid as u64, cursor as u64))
+            .map(|(gid, cursor)| (gid as u64, cursor as u64))
             .collect();
         let unflushed = self.unflushed();
         Ok(groups
@@ -1057,7 +1181,8 @@ impl MessageStore for SqliteStore {
         // however large the tables are.
         let _writer = self.writer.lock().await;
         let mut tx = WriteTx::begin(&self.pool).await?;
-        let rows: Vec<(i64, String, String)> =
+        // Group messages' receiver is 0: their relation deletes find nothing.
+        let rows: Vec<(i64, i64, i64)> =
             sqlx::query_as("SELECT mid, sender, receiver FROM message WHERE mid < ? AND created_at < ? ORDER BY mid LIMIT ?")
                 .bind(expiry_mid_bound(before_ms))
                 .bind(before_ms)
@@ -1087,12 +1212,18 @@ impl MessageStore for SqliteStore {
         // Through the writer lock: SQLite has one writer.
         let _writer = self.writer.lock().await;
         let mut tx = WriteTx::begin(&self.pool).await?;
+        // The user may be new to the store. Its id is not cached: the writer's
+        // cache reads it back from `users` when a batch first needs it.
+        sqlx::query("INSERT INTO users (uid) VALUES (?) ON CONFLICT (uid) DO NOTHING")
+            .bind(uid.as_str())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
-            "INSERT INTO user_logout (uid, at) VALUES (?, ?) \
-             ON CONFLICT (uid) DO UPDATE SET at = MAX(at, excluded.at)",
+            "INSERT INTO user_logout (owner, at) SELECT id, ? FROM users WHERE uid = ? \
+             ON CONFLICT (owner) DO UPDATE SET at = MAX(at, excluded.at)",
         )
-        .bind(uid.as_str())
         .bind(at_ms)
+        .bind(uid.as_str())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1101,12 +1232,12 @@ impl MessageStore for SqliteStore {
 
     async fn logged_out_at(&self, uid: &UserId) -> Result<Option<i64>, StoreError> {
         self.closed()?;
-        Ok(
-            sqlx::query_scalar::<_, i64>("SELECT at FROM user_logout WHERE uid = ?")
-                .bind(uid.as_str())
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT at FROM user_logout WHERE owner = (SELECT id FROM users WHERE uid = ?)",
         )
+        .bind(uid.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Down while writes fail: a failed commit (a full disk, say) makes the
@@ -1390,13 +1521,23 @@ mod tests {
             CURSORS_SQL.to_string(),
             GROUP_CURSORS_SQL.to_string(),
             MARK_RECEIVED_SQL.to_string(),
+            KNOWN_IDS_SQL.to_string(),
+            NEW_IDS_SQL.to_string(),
+            READ_GROUP_CURSORS_SQL.to_string(),
+            "SELECT cursor FROM device WHERE owner = (SELECT id FROM users WHERE uid = ?) AND device = ?".to_string(),
+            "SELECT at FROM user_logout WHERE owner = (SELECT id FROM users WHERE uid = ?)".to_string(),
             format!(
-                "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid \
-                 WHERE r.owner = ? AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
+                "SELECT r.user_seq, {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid {USER_JOINS} \
+                 WHERE r.owner = (SELECT id FROM users WHERE uid = ?) AND r.user_seq > ? ORDER BY r.user_seq LIMIT ?"
             ),
             format!(
-                "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid \
-                 WHERE r.owner = ? AND r.other = ? AND r.mid < ? ORDER BY r.mid DESC LIMIT ?"
+                "SELECT {MESSAGE_COLUMNS} FROM relation r JOIN message m ON m.mid = r.mid {USER_JOINS} \
+                 WHERE r.owner = (SELECT id FROM users WHERE uid = ?) \
+                   AND r.other = (SELECT id FROM users WHERE uid = ?) AND r.mid < ? ORDER BY r.mid DESC LIMIT ?"
+            ),
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM message m {USER_JOINS} \
+                 WHERE m.conv_id = ? AND m.conv_seq > ? ORDER BY m.conv_seq LIMIT ?"
             ),
         ];
         for sql in statements {
@@ -1442,7 +1583,9 @@ mod tests {
         store.write_batch(&acks).await.expect("acks");
         // Served from memory at once; not in the table yet.
         assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 3);
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM group_cursor WHERE owner = 2")
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM group_cursor WHERE owner = (SELECT id FROM users WHERE uid = 'u2')",
+        )
             .fetch_one(&store.pool)
             .await
             .expect("count");
@@ -1506,6 +1649,86 @@ mod tests {
             .expect("reopen");
         assert_eq!(store.cursor(&u(2), "phone", 9).await.expect("cursor"), 5);
         store.close().await;
+    }
+
+    /// The hot tables hold each user as its internal integer, once per
+    /// user in `users`; reads give the strings back.
+    #[tokio::test]
+    async fn hot_tables_keep_users_as_internal_integers() {
+        let store = SqliteStore::memory().await.expect("store");
+        let (alice, bob) = (u_id("alice@example.org"), u_id("bob"));
+        for seq in 1..=2 {
+            let mut m = crate::suite::text(1, 2, seq);
+            m.sender = alice.clone();
+            m.to = Peer::User(bob.clone());
+            store
+                .write_batch(&[Write::Message(m)])
+                .await
+                .expect("write");
+        }
+        store.log_out(&bob, 5).await.expect("log out");
+        let users: Vec<(i64, String)> = sqlx::query_as("SELECT id, uid FROM users ORDER BY id")
+            .fetch_all(&store.pool)
+            .await
+            .expect("users");
+        let uids: Vec<&str> = users.iter().map(|(_, uid)| uid.as_str()).collect();
+        assert_eq!(uids.len(), 2, "{users:?}");
+        assert!(uids.contains(&"alice@example.org") && uids.contains(&"bob"));
+        for sql in [
+            "SELECT typeof(sender) || typeof(receiver) FROM message",
+            "SELECT typeof(owner) || typeof(other) FROM relation",
+            "SELECT typeof(owner) || 'integer' FROM user_sequence",
+            "SELECT typeof(owner) || 'integer' FROM user_logout",
+        ] {
+            let types: Vec<String> = sqlx::query_scalar(sql)
+                .fetch_all(&store.pool)
+                .await
+                .expect(sql);
+            assert!(!types.is_empty(), "{sql}");
+            assert!(
+                types.iter().all(|t| t == "integerinteger"),
+                "{sql}: {types:?}"
+            );
+        }
+        let synced = store.sync(&bob, 0, 10.into()).await.expect("sync").items;
+        assert_eq!(synced.len(), 2);
+        assert_eq!(synced[0].message.sender, alice);
+        assert_eq!(synced[0].message.to, Peer::User(bob.clone()));
+        assert_eq!(store.logged_out_at(&bob).await.expect("logout"), Some(5));
+        assert_eq!(store.logged_out_at(&alice).await.expect("logout"), None);
+    }
+
+    /// Ids inserted by a batch that did not commit are not kept: the next
+    /// batch resolves the user again and finds the id that was committed.
+    #[tokio::test]
+    async fn a_rolled_back_batch_leaves_no_user_id_cached() {
+        let store = SqliteStore::memory().await.expect("store");
+        // A message row whose mid is taken makes the batch fail after the
+        // new users were inserted (in its transaction).
+        crate::suite::store_one(&store, 1, 2, 1).await;
+        let mut clash = crate::suite::text(3, 4, 1);
+        clash.mid = {
+            let mid: i64 = sqlx::query_scalar("SELECT mid FROM message")
+                .fetch_one(&store.pool)
+                .await
+                .expect("mid");
+            mid as u64
+        };
+        assert!(store.write_batch(&[Write::Message(clash)]).await.is_err());
+        let after: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+            .fetch_one(&store.pool)
+            .await
+            .expect("count");
+        assert_eq!(after, 2, "users 3 and 4 were rolled back");
+        // Another user takes the id 3 would have had; 3 and 4 then get ids
+        // of their own, and their messages read back as theirs.
+        crate::suite::store_one(&store, 5, 1, 1).await;
+        crate::suite::store_one(&store, 3, 4, 1).await;
+        let synced = store.sync(&u(4), 0, 10.into()).await.expect("sync").items;
+        assert_eq!(synced.len(), 1);
+        assert_eq!(synced[0].message.sender, u(3));
+        let synced = store.sync(&u(5), 0, 10.into()).await.expect("sync").items;
+        assert_eq!(synced[0].message.to, Peer::User(u(1)));
     }
 
     #[tokio::test]

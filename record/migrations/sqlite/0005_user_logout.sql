@@ -1,7 +1,8 @@
 -- When each user was last logged out everywhere by the operator (Unix ms):
--- natter refuses the user's tokens issued before it. One row per user who
--- was ever logged out; a later logout overwrites it.
+-- natter refuses the user's tokens issued before it. One row per user (the
+-- internal id of `users`) who was ever logged out; a later logout
+-- overwrites it.
 CREATE TABLE user_logout (
-    uid TEXT    PRIMARY KEY,
-    at  INTEGER NOT NULL
-) WITHOUT ROWID;
+    owner INTEGER PRIMARY KEY,
+    at    INTEGER NOT NULL
+);
