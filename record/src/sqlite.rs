@@ -1347,18 +1347,22 @@ mod tests {
         let group = store.group_sync(7, 0, 10.into()).await.expect("group");
         assert_eq!(group.items[0].to, Peer::Group(7));
         assert_eq!(group.items[0].sender, two);
-        // The conversation goes on where it was, in both streams.
-        let next = store
-            .write_batch(&[Write::Message(NewMessage {
-                mid: 200,
-                time_ms: 1_700_000_000_100,
-                sender: ten.clone(),
+        // "hi" from `sender`'s phone with client seq 1, stored as `mid`.
+        let hi = |mid: u64, sender: &UserId, to: &UserId| {
+            Write::Message(NewMessage {
+                mid,
+                time_ms: 1_700_000_000_000 + mid as i64,
+                sender: sender.clone(),
                 sender_device: "phone".into(),
                 client_seq: 1,
-                to: Peer::User(two.clone()),
+                to: Peer::User(to.clone()),
                 msg_type: 1,
                 content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
-            })])
+            })
+        };
+        // The conversation goes on where it was, in both streams.
+        let next = store
+            .write_batch(&[hi(200, &ten, &two)])
             .await
             .expect("write");
         let Outcome::Stored(next) = &next[0] else {
@@ -1372,16 +1376,7 @@ mod tests {
         assert_eq!(seqs, vec![1]);
         // A resend of the version 1 message is still recognised.
         let again = store
-            .write_batch(&[Write::Message(NewMessage {
-                mid: 201,
-                time_ms: 1_700_000_000_200,
-                sender: two.clone(),
-                sender_device: "phone".into(),
-                client_seq: 1,
-                to: Peer::User(ten.clone()),
-                msg_type: 1,
-                content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
-            })])
+            .write_batch(&[hi(201, &two, &ten)])
             .await
             .expect("write");
         let Outcome::Stored(again) = &again[0] else {
