@@ -783,6 +783,8 @@ mod tests {
             time_ms: 1_700_000_000_000,
             body: None,
             group: 0,
+            edited_ms: 0,
+            revoked_ms: 0,
         }
     }
 

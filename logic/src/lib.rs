@@ -323,7 +323,7 @@ impl Logic {
                     "client_seq was already used for a message to someone else",
                 ))
             }
-            Ok(Outcome::Done) => {
+            Ok(Outcome::Done | Outcome::Read(_)) => {
                 count("error");
                 Err(Refusal::new(
                     ErrorCode::Internal,
@@ -449,6 +449,19 @@ impl Logic {
 
 #[async_trait]
 impl LogicService for Logic {
+    async fn read(
+        &self,
+        _from: &Session,
+        _conversation: &str,
+        _seq: u64,
+    ) -> Result<natter_proto::msg::ReadReply, Refusal> {
+        unimplemented!("TODO-LOGIC")
+    }
+
+    async fn typing(&self, _from: &Session, _conversation: &str) -> Result<(), Refusal> {
+        unimplemented!("TODO-LOGIC")
+    }
+
     async fn connect(
         &self,
         token: &str,

@@ -114,7 +114,7 @@ impl Publisher for GroupPublisher {
         };
         let stored = match self.committer.write(Write::Message(new)).await {
             Ok(Outcome::Stored(stored)) => stored,
-            Ok(Outcome::Done | Outcome::Reused) => {
+            Ok(Outcome::Done | Outcome::Reused | Outcome::Read(_)) => {
                 self.events.with_label_values(&[kind, "error"]).inc();
                 return Err(Refusal::new(
                     ErrorCode::Internal,

@@ -107,6 +107,7 @@ pub struct Config {
     pub rpc: RpcConfig,
     pub http: HttpConfig,
     pub admin: AdminConfig,
+    pub conversations: ConversationsConfig,
 }
 
 impl Default for Config {
@@ -125,6 +126,39 @@ impl Default for Config {
             rpc: RpcConfig::default(),
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
+            conversations: ConversationsConfig::default(),
+        }
+    }
+}
+
+/// Conversations: read receipts, revoke and edit, typing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConversationsConfig {
+    /// How long after sending a message its sender may revoke it (group
+    /// owners and admins may revoke any message in this window too); 0 for
+    /// no limit.
+    pub revoke_window_secs: u64,
+    /// How long after sending a text message its sender may edit it; 0 for
+    /// no limit.
+    pub edit_window_secs: u64,
+    /// Groups up to this many members get per-member read detail and live
+    /// `read` notifies to their members; larger groups get read counts only.
+    pub receipt_detail_max_members: u32,
+    /// Typing notices a user may send per second (sustained) ...
+    pub typing_per_sec: f64,
+    /// ... and in a burst.
+    pub typing_burst: u32,
+}
+
+impl Default for ConversationsConfig {
+    fn default() -> Self {
+        ConversationsConfig {
+            revoke_window_secs: 120,
+            edit_window_secs: 900,
+            receipt_detail_max_members: 200,
+            typing_per_sec: 1.0,
+            typing_burst: 5,
         }
     }
 }
@@ -599,6 +633,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.comet;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        let conv = &self.conversations;
+        if !(conv.typing_per_sec > 0.0 && conv.typing_per_sec <= 1000.0) || conv.typing_burst == 0 {
+            return bad("conversations.typing_per_sec must be in (0, 1000] and conversations.typing_burst positive");
+        }
+        if conv.revoke_window_secs > 100 * 365 * 86_400 || conv.edit_window_secs > 100 * 365 * 86_400 {
+            return bad("conversations.revoke_window_secs and edit_window_secs must be at most 100 years (0: no limit)");
+        }
+        if conv.receipt_detail_max_members > 100_000 {
+            return bad("conversations.receipt_detail_max_members must be at most 100000");
+        }
         if c.max_body == 0 || c.max_body > 16 * 1024 * 1024 {
             return bad("comet.max_body must be between 1 and 16777216");
         }

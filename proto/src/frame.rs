@@ -84,6 +84,12 @@ ops! {
     Disconnect = 12,
     /// Server → client: `ErrorReply` for a request that failed; `seq` echoes the request.
     Error = 13,
+    /// Client → server: `ReadRequest`, the user has read a conversation up to a `conv_seq`.
+    Read = 14,
+    /// Server → client: `ReadReply`, the user's read state after a `Read`.
+    ReadReply = 15,
+    /// Client → server: `Typing`, the user is typing in a conversation; no reply.
+    Typing = 16,
 }
 
 /// A decoded frame. The body is still protobuf bytes; see [`Frame::message`].

@@ -122,6 +122,14 @@ pub struct Message {
     /// The group of a group message (then `receiver` is empty); 0 otherwise.
     #[prost(uint64, tag = "11")]
     pub group: u64,
+    /// When the message was last edited (Unix ms); 0 if never. `body` is
+    /// then the edited text.
+    #[prost(int64, tag = "12")]
+    pub edited_ms: i64,
+    /// When the message was revoked (Unix ms); 0 if it was not. A revoked
+    /// message has no `body`: its content is gone from the server.
+    #[prost(int64, tag = "13")]
+    pub revoked_ms: i64,
 }
 
 /// `PushAck` has an empty body; `ack` in the header carries the push's `seq`.
@@ -178,6 +186,67 @@ pub struct GroupCursor {
 /// The `Notify` kind of a group event; its payload is the encoded [`Message`]
 /// (a `group_event` message, also kept in the group's history).
 pub const NOTIFY_GROUP_EVENT: &str = "group_event";
+/// The `Notify` kind of a read receipt; its payload is a [`ReadReceipt`].
+pub const NOTIFY_READ: &str = "read";
+/// The `Notify` kind of a typing indicator; its payload is a [`TypingNotice`].
+pub const NOTIFY_TYPING: &str = "typing";
+
+/// `Read` body: the user has read `conversation` up to `seq` (a `conv_seq`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadRequest {
+    #[prost(string, tag = "1")]
+    pub conversation: String,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+}
+
+/// `ReadReply` body: the user's read state in a conversation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadReply {
+    #[prost(string, tag = "1")]
+    pub conversation: String,
+    /// The user's read cursor: it only moves forward, so it may be past the
+    /// `seq` asked for.
+    #[prost(uint64, tag = "2")]
+    pub read_seq: u64,
+    /// Messages from others after the cursor.
+    #[prost(uint64, tag = "3")]
+    pub unread: u64,
+}
+
+/// The payload of a `read` notify: `reader` has read `conversation` up to
+/// `seq`. Sent to the other party of a one-to-one conversation, to the
+/// reader's other devices, and to the online members of small groups.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadReceipt {
+    #[prost(string, tag = "1")]
+    pub conversation: String,
+    #[prost(string, tag = "2")]
+    pub reader: String,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(int64, tag = "4")]
+    pub time_ms: i64,
+}
+
+/// `Typing` body: the user is typing in `conversation`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Typing {
+    #[prost(string, tag = "1")]
+    pub conversation: String,
+}
+
+/// The payload of a `typing` notify: `user` is typing in `conversation`.
+/// Never stored; sent only to devices online at the time.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TypingNotice {
+    #[prost(string, tag = "1")]
+    pub conversation: String,
+    #[prost(string, tag = "2")]
+    pub user: String,
+    #[prost(int64, tag = "3")]
+    pub time_ms: i64,
+}
 
 /// `Notify` body: an event that is not a chat message.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -221,7 +290,7 @@ pub const MUTED_FOREVER: i64 = i64::MAX;
 #[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
 #[serde(default)]
 pub struct MessageBody {
-    #[prost(oneof = "Content", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "Content", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
     pub content: Option<Content>,
 }
 
@@ -252,6 +321,12 @@ pub enum Content {
     /// A change to a group, written by the server into the group's history.
     #[prost(message, tag = "11")]
     GroupEvent(GroupEvent),
+    /// Revokes an earlier message of the conversation.
+    #[prost(message, tag = "12")]
+    Revoke(Revoke),
+    /// Replaces the text of an earlier text message of the conversation.
+    #[prost(message, tag = "13")]
+    Edit(Edit),
 }
 
 /// Message types, numbered as the fields of [`MessageBody`].
@@ -270,6 +345,8 @@ pub enum MessageType {
     Forward = 9,
     Custom = 10,
     GroupEvent = 11,
+    Revoke = 12,
+    Edit = 13,
 }
 
 impl MessageType {
@@ -285,6 +362,8 @@ impl MessageType {
         MessageType::Forward,
         MessageType::Custom,
         MessageType::GroupEvent,
+        MessageType::Revoke,
+        MessageType::Edit,
     ];
 
     pub fn from_u32(value: u32) -> Option<MessageType> {
@@ -308,6 +387,8 @@ impl MessageType {
             MessageType::Forward => "forward",
             MessageType::Custom => "custom",
             MessageType::GroupEvent => "group_event",
+            MessageType::Revoke => "revoke",
+            MessageType::Edit => "edit",
         }
     }
 
@@ -333,6 +414,8 @@ impl Content {
             Content::Forward(_) => MessageType::Forward,
             Content::Custom(_) => MessageType::Custom,
             Content::GroupEvent(_) => MessageType::GroupEvent,
+            Content::Revoke(_) => MessageType::Revoke,
+            Content::Edit(_) => MessageType::Edit,
         }
     }
 }
@@ -384,6 +467,15 @@ impl MessageBody {
             }
             Content::Custom(c) => !c.kind.is_empty(),
             Content::GroupEvent(_) => false,
+            Content::Revoke(r) => r.mid != 0,
+            Content::Edit(e) => {
+                e.mid != 0
+                    && e.text.as_ref().is_some_and(|t| {
+                        !t.text.is_empty()
+                            && t.mentions.len() <= MAX_MENTIONS
+                            && t.mentions.iter().all(|m| check_user_id(m).is_ok())
+                    })
+            }
         };
         if ok {
             Ok(content.message_type())
@@ -401,6 +493,8 @@ impl MessageBody {
                 Content::Forward(_) => "forward needs items, each with a valid sender",
                 Content::Custom(_) => "custom message needs a kind",
                 Content::GroupEvent(_) => "group events are written by the server",
+                Content::Revoke(_) => "revoke needs the mid of the message",
+                Content::Edit(_) => "edit needs the mid of the message and a valid new text",
             })
         }
     }
@@ -579,6 +673,39 @@ pub struct GroupEvent {
     pub until_ms: i64,
 }
 
+/// Revokes message `mid` of the same conversation: its content is deleted
+/// from the server, and every device sees it as revoked.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
+pub struct Revoke {
+    #[serde(with = "crate::json::int64")]
+    #[prost(uint64, tag = "1")]
+    pub mid: u64,
+}
+
+/// Replaces the text of text message `mid` of the same conversation.
+#[derive(Clone, PartialEq, Serialize, Deserialize, prost::Message)]
+#[serde(default)]
+pub struct Edit {
+    #[serde(with = "crate::json::int64")]
+    #[prost(uint64, tag = "1")]
+    pub mid: u64,
+    /// The new text (and mentions).
+    #[prost(message, optional, tag = "2")]
+    pub text: Option<Text>,
+}
+
+impl MessageType {
+    /// Whether a message of this type counts as unread: group events,
+    /// revokes and edits change the conversation but are not new messages.
+    pub fn counts_as_unread(self) -> bool {
+        !matches!(
+            self,
+            MessageType::GroupEvent | MessageType::Revoke | MessageType::Edit
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,6 +820,13 @@ mod tests {
             "Custom",
             "GroupEvent",
             "GroupCursor",
+            "Revoke",
+            "Edit",
+            "ReadRequest",
+            "ReadReply",
+            "ReadReceipt",
+            "Typing",
+            "TypingNotice",
         ] {
             assert!(
                 schema.contains(&format!("message {name} {{")),

@@ -150,12 +150,33 @@ fn worked_examples_decode_with_the_real_codec() {
                         .expect("a group_event payload is a Message");
                     check_message(&m);
                 }
+                if notify.kind == "read" {
+                    let r: natter_proto::msg::ReadReceipt =
+                        prost::Message::decode(notify.payload.as_slice())
+                            .expect("a read payload is a ReadReceipt");
+                    user(&r.reader, "ReadReceipt.reader");
+                }
+                if notify.kind == "typing" {
+                    let t: natter_proto::msg::TypingNotice =
+                        prost::Message::decode(notify.payload.as_slice())
+                            .expect("a typing payload is a TypingNotice");
+                    user(&t.user, "TypingNotice.user");
+                }
             }
             Op::Disconnect => {
                 body::<Disconnect>(&frame);
             }
             Op::Error => {
                 body::<ErrorReply>(&frame);
+            }
+            Op::Read => {
+                body::<natter_proto::msg::ReadRequest>(&frame);
+            }
+            Op::ReadReply => {
+                body::<natter_proto::msg::ReadReply>(&frame);
+            }
+            Op::Typing => {
+                body::<natter_proto::msg::Typing>(&frame);
             }
         }
     }

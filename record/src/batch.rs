@@ -11,7 +11,7 @@ use crate::store::*;
 
 /// The columns of a message, as every store selects them (table alias `m`).
 pub(crate) const MESSAGE_COLUMNS: &str =
-    "m.mid, m.conv_id, m.conv_seq, m.sender, m.sender_device, m.client_seq, m.receiver, m.msg_type, m.content, m.created_at";
+    "m.mid, m.conv_id, m.conv_seq, m.sender, m.sender_device, m.client_seq, m.receiver, m.msg_type, m.content, m.created_at, m.edited_at, m.revoked_at";
 
 /// The smallest mid made at `time_ms`: every message older than that has a
 /// smaller mid, so the expiry scan walks the primary key, not the table.
@@ -98,6 +98,7 @@ pub(crate) fn cursor_key(write: &Write) -> Option<CursorKey> {
             group,
             ..
         } => Some((owner.clone(), device.clone(), *group)),
+        Write::Read { .. } | Write::Forget { .. } => None,
     }
 }
 
@@ -145,7 +146,8 @@ pub(crate) fn touched(writes: &[Write]) -> Touched {
                 }
                 keys.push((m.sender.clone(), m.sender_device.clone(), m.client_seq));
             }
-            Write::Received { .. } | Write::SetCursor { .. } => {}
+            Write::Read { conversation, .. } => convs.push(conversation.clone()),
+            Write::Received { .. } | Write::SetCursor { .. } | Write::Forget { .. } => {}
         }
     }
     convs.sort_unstable();
@@ -193,6 +195,99 @@ fn repeat(
     })
 }
 
+/// A user's row of a conversation, as a batch moves it: the read cursor
+/// (never back) and, for one-to-one conversations, the newest mid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ChatRow {
+    pub(crate) owner: UserId,
+    pub(crate) conversation: String,
+    /// The other user of a one-to-one conversation; `None` for a group.
+    pub(crate) peer: Option<UserId>,
+    pub(crate) read_seq: u64,
+    /// 0 for groups (their newest mid is the conversation's).
+    pub(crate) last_mid: u64,
+}
+
+/// What a revoke or an edit does to its target message, which must be in
+/// the same conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// The content goes (and the text of every edit of it); `at` is the
+    /// revoke's time.
+    Revoke {
+        conversation: String,
+        target: u64,
+        at: i64,
+    },
+    /// A text message's content becomes `content` (an encoded text body),
+    /// unless it was revoked.
+    Edit {
+        conversation: String,
+        target: u64,
+        content: Vec<u8>,
+        at: i64,
+    },
+}
+
+/// A position of a conversation that holds no new message, and the message
+/// it applies to (0 for none).
+pub(crate) type Marker = (String, u64, u64);
+
+/// The effect and marker of a stored message, if it has any.
+fn effect_of(m: &StoredMessage) -> (Option<Effect>, Option<Marker>) {
+    use natter_proto::msg::{Content, MessageBody, MessageType};
+    use prost::Message as _;
+    let counts = MessageType::from_u32(m.msg_type).is_none_or(MessageType::counts_as_unread);
+    if counts {
+        return (None, None);
+    }
+    let content = MessageBody::decode(m.content.as_slice())
+        .ok()
+        .and_then(|b| b.content);
+    let (effect, target) = match content {
+        Some(Content::Revoke(r)) => (
+            Some(Effect::Revoke {
+                conversation: m.conversation.clone(),
+                target: r.mid,
+                at: m.time_ms,
+            }),
+            r.mid,
+        ),
+        Some(Content::Edit(e)) => {
+            let body = MessageBody {
+                content: e.text.map(Content::Text),
+            };
+            (
+                Some(Effect::Edit {
+                    conversation: m.conversation.clone(),
+                    target: e.mid,
+                    content: body.encode_to_vec(),
+                    at: m.time_ms,
+                }),
+                e.mid,
+            )
+        }
+        _ => (None, 0),
+    };
+    (effect, Some((m.conversation.clone(), m.conv_seq, target)))
+}
+
+/// The content of an edit of a revoked message: the edit without its text.
+pub(crate) fn revoked_edit(target: u64) -> Vec<u8> {
+    use natter_proto::msg::{Content, Edit, MessageBody};
+    use prost::Message as _;
+    MessageBody {
+        content: Some(Content::Edit(Edit {
+            mid: target,
+            text: None,
+        })),
+    }
+    .encode_to_vec()
+}
+
+/// A user's read cursor of a conversation.
+pub(crate) type ReadKey = (UserId, String);
+
 /// What a walk decided: one outcome per write, and the rows to write.
 pub(crate) struct Walk {
     pub(crate) outcomes: Vec<Outcome>,
@@ -202,6 +297,47 @@ pub(crate) struct Walk {
     pub(crate) received: Vec<(UserId, u64)>,
     pub(crate) touched_convs: Vec<String>,
     pub(crate) touched_users: Vec<UserId>,
+    /// Users' conversation rows, one per (owner, conversation).
+    pub(crate) chats: Vec<ChatRow>,
+    /// The newest mid of each conversation the batch stored messages in.
+    pub(crate) last_mids: Vec<(String, u64)>,
+    pub(crate) markers: Vec<Marker>,
+    pub(crate) effects: Vec<Effect>,
+    /// Rows to delete: users who left a group.
+    pub(crate) forget: Vec<ReadKey>,
+    /// The outcomes (by index) of reads, whose `unread` the store fills in
+    /// once the batch's rows are written.
+    pub(crate) reads: Vec<(usize, ReadKey, u64)>,
+}
+
+/// Collects users' conversation rows, one per (owner, conversation).
+#[derive(Default)]
+struct Chats {
+    rows: Vec<ChatRow>,
+    index: HashMap<ReadKey, usize>,
+}
+
+impl Chats {
+    fn touch(&mut self, owner: &UserId, conversation: &str, peer: Option<&UserId>, read_seq: u64, last_mid: u64) {
+        let key = (owner.clone(), conversation.to_string());
+        match self.index.get(&key) {
+            Some(&i) => {
+                let row = &mut self.rows[i];
+                row.read_seq = row.read_seq.max(read_seq);
+                row.last_mid = row.last_mid.max(last_mid);
+            }
+            None => {
+                self.index.insert(key, self.rows.len());
+                self.rows.push(ChatRow {
+                    owner: owner.clone(),
+                    conversation: conversation.to_string(),
+                    peer: peer.cloned(),
+                    read_seq,
+                    last_mid,
+                });
+            }
+        }
+    }
 }
 
 /// Walks a batch in order with the last sequence numbers of every
@@ -214,7 +350,16 @@ pub(crate) fn walk(
     conv: &mut HashMap<String, u64>,
     user: &mut HashMap<UserId, u64>,
     devices: &mut HashMap<CursorKey, DeviceCursor>,
+    read_cursors: &HashMap<ReadKey, u64>,
 ) -> Walk {
+    let mut chats = Chats::default();
+    let mut last_mids: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut markers = Vec::new();
+    let mut effects = Vec::new();
+    let mut forget = Vec::new();
+    let mut reads = Vec::new();
+    // Read cursors as the batch moves them (loaded for every `Read`).
+    let mut read_now: HashMap<ReadKey, u64> = HashMap::new();
     let mut outcomes = Vec::with_capacity(writes.len());
     let mut in_batch: HashMap<Key<'_>, usize> = HashMap::new();
     let mut messages: Vec<StoredMessage> = Vec::new();
@@ -269,6 +414,16 @@ pub(crate) fn walk(
                         .or_default()
                         .mark(sender_seq);
                 }
+                // The sender has read up to its own message; both see it
+                // as the conversation's newest.
+                chats.touch(&m.sender, &conversation, Some(receiver), conv_seq, m.mid);
+                if *receiver != m.sender {
+                    chats.touch(receiver, &conversation, Some(&m.sender), 0, m.mid);
+                }
+                let (effect, marker) = effect_of(&stored);
+                effects.extend(effect);
+                markers.extend(marker);
+                last_mids.insert(conversation.clone(), (conv_seq, m.mid));
                 touched_convs.push(conversation);
                 touched_users.extend([m.sender.clone(), receiver.clone()]);
                 in_batch.insert(key, outcomes.len());
@@ -301,6 +456,11 @@ pub(crate) fn walk(
                         .or_default()
                         .mark(conv_seq);
                 }
+                chats.touch(&m.sender, &conversation, None, conv_seq, 0);
+                let (effect, marker) = effect_of(&stored);
+                effects.extend(effect);
+                markers.extend(marker);
+                last_mids.insert(conversation.clone(), (conv_seq, m.mid));
                 touched_convs.push(conversation);
                 in_batch.insert(key, outcomes.len());
                 messages.push(stored.clone());
@@ -340,6 +500,55 @@ pub(crate) fn walk(
                     .set(*cursor);
                 outcomes.push(Outcome::Done);
             }
+            Write::Read {
+                owner,
+                conversation,
+                seq,
+                floor,
+            } => {
+                let key = (owner.clone(), conversation.clone());
+                let last_seq = conv.get(conversation).copied().unwrap_or(0);
+                // Messages of this batch may have moved it already.
+                let chat_seq = chats
+                    .index
+                    .get(&key)
+                    .map_or(0, |&i| chats.rows[i].read_seq);
+                let before = read_now
+                    .get(&key)
+                    .or_else(|| read_cursors.get(&key))
+                    .copied()
+                    .unwrap_or(0)
+                    .max(chat_seq)
+                    .max(*floor);
+                let target = (*seq).min(last_seq);
+                let read_seq = before.max(target);
+                let moved = read_seq > before;
+                read_now.insert(key.clone(), read_seq);
+                if moved {
+                    let peer = parse_p2p_conversation(conversation).map(|(a, b)| {
+                        if a == *owner {
+                            b
+                        } else {
+                            a
+                        }
+                    });
+                    chats.touch(owner, conversation, peer.as_ref(), read_seq, 0);
+                }
+                reads.push((outcomes.len(), key, *floor));
+                outcomes.push(Outcome::Read(ReadState {
+                    last_seq,
+                    read_seq,
+                    unread: 0,
+                    moved,
+                }));
+            }
+            Write::Forget {
+                owner,
+                conversation,
+            } => {
+                forget.push((owner.clone(), conversation.clone()));
+                outcomes.push(Outcome::Done);
+            }
         }
     }
 
@@ -347,6 +556,11 @@ pub(crate) fn walk(
     touched_convs.dedup();
     touched_users.sort_unstable();
     touched_users.dedup();
+    let mut last_mids: Vec<(String, u64)> = last_mids
+        .into_iter()
+        .map(|(conv, (_, mid))| (conv, mid))
+        .collect();
+    last_mids.sort_unstable();
     Walk {
         outcomes,
         messages,
@@ -354,6 +568,12 @@ pub(crate) fn walk(
         received,
         touched_convs,
         touched_users,
+        chats: chats.rows,
+        last_mids,
+        markers,
+        effects,
+        forget,
+        reads,
     }
 }
 

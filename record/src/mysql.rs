@@ -140,6 +140,8 @@ fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
         msg_type: row.try_get::<i32, _>("msg_type")? as u32,
         content: row.try_get("content")?,
         time_ms: row.try_get("created_at")?,
+        edited_ms: row.try_get("edited_at")?,
+        revoked_ms: row.try_get("revoked_at")?,
     })
 }
 
@@ -392,6 +394,7 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
     let existing = find_existing(conn, &touched.keys).await?;
     let (mut conv, mut user) = lock_counters(conn, &touched.convs, &touched.users).await?;
     let mut devices = lock_cursors(conn, &touched.devices).await?;
+    let read_cursors = HashMap::new(); // MYSQL-TODO
     let Walk {
         outcomes,
         messages,
@@ -399,7 +402,8 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
         received,
         touched_convs,
         touched_users,
-    } = walk(writes, &existing, &mut conv, &mut user, &mut devices);
+        ..
+    } = walk(writes, &existing, &mut conv, &mut user, &mut devices, &read_cursors);
 
     if !messages.is_empty() {
         let mut q = QueryBuilder::<MySql>::new(
@@ -725,6 +729,48 @@ impl MessageStore for MySqlStore {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn message(&self, _mid: u64) -> Result<Option<StoredMessage>, StoreError> {
+        unimplemented!("MYSQL-TODO")
+    }
+
+    async fn conversations(
+        &self,
+        _q: &ConversationQuery,
+    ) -> Result<Page<ConversationEntry>, StoreError> {
+        unimplemented!("MYSQL-TODO")
+    }
+
+    async fn read_state(
+        &self,
+        _owner: &UserId,
+        _conversation: &str,
+        _floor: u64,
+    ) -> Result<ReadState, StoreError> {
+        unimplemented!("MYSQL-TODO")
+    }
+
+    async fn set_settings(
+        &self,
+        _owner: &UserId,
+        _conversation: &str,
+        _change: SettingsChange,
+    ) -> Result<Settings, StoreError> {
+        unimplemented!("MYSQL-TODO")
+    }
+
+    async fn readers(
+        &self,
+        _conversation: &str,
+        _seq: u64,
+        _limit: u32,
+    ) -> Result<Vec<Reader>, StoreError> {
+        unimplemented!("MYSQL-TODO")
+    }
+
+    async fn read_count(&self, _conversation: &str, _seq: u64) -> Result<u64, StoreError> {
+        unimplemented!("MYSQL-TODO")
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -20,7 +20,8 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
 use crate::batch::{
-    cursor_key, expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Key, Walk,
+    cursor_key, expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Effect, Key,
+    ReadKey, Walk,
 };
 use crate::store::*;
 use natter_proto::UserId;
@@ -51,6 +52,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "user logout",
         include_str!("../migrations/sqlite/0005_user_logout.sql"),
+    ),
+    (
+        6,
+        "conversations",
+        include_str!("../migrations/sqlite/0006_conversations.sql"),
     ),
 ];
 
@@ -370,7 +376,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// A message's columns with its users' ids as strings (tables `m`, and
 /// `su`/`ru` of [`USER_JOINS`]).
-const MESSAGE_COLUMNS: &str = "m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at";
+const MESSAGE_COLUMNS: &str = "m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at, m.edited_at, m.revoked_at";
 /// Turns a message's sender and receiver ids (`m`) back into strings; a
 /// group message's receiver (0) joins no user.
 const USER_JOINS: &str =
@@ -389,6 +395,8 @@ fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
         msg_type: row.try_get::<i64, _>("msg_type")? as u32,
         content: row.try_get("content")?,
         time_ms: row.try_get("created_at")?,
+        edited_ms: row.try_get("edited_at")?,
+        revoked_ms: row.try_get("revoked_at")?,
         conversation,
     })
 }
@@ -404,7 +412,7 @@ const KNOWN_IDS_SQL: &str =
     "SELECT u.id, u.uid FROM json_each(?1) AS k JOIN users u ON u.uid = k.value";
 const NEW_IDS_SQL: &str =
     "INSERT INTO users (uid) SELECT k.value FROM json_each(?1) AS k WHERE true RETURNING id, uid";
-const DEDUPE_SQL: &str = "SELECT m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at, \
+const DEDUPE_SQL: &str = "SELECT m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at, m.edited_at, m.revoked_at, \
      m.sender AS sender_id, m.receiver AS receiver_id \
      FROM json_each(?1) AS k JOIN message m \
      ON m.sender = k.value->>0 AND m.sender_device = k.value->>1 AND m.client_seq = k.value->>2 \
@@ -438,9 +446,58 @@ const UPSERT_CURSORS_SQL: &str = "INSERT INTO device (owner, device, cursor, upd
 const UPSERT_GROUP_CURSORS_SQL: &str = "INSERT INTO group_cursor (owner, device, gid, cursor, updated_at) \
      SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, ?2 FROM json_each(?1) AS k WHERE true \
      ON CONFLICT (owner, device, gid) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at";
-const UPSERT_CONVERSATIONS_SQL: &str = "INSERT INTO conversation (conv_id, last_seq) \
-     SELECT k.value->>0, k.value->>1 FROM json_each(?1) AS k WHERE true \
-     ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq";
+const UPSERT_CONVERSATIONS_SQL: &str = "INSERT INTO conversation (conv_id, last_seq, last_mid) \
+     SELECT k.value->>0, k.value->>1, k.value->>2 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq, last_mid = excluded.last_mid";
+const UPSERT_CHATS_SQL: &str = "INSERT INTO chat (owner, conv_id, peer, read_seq, last_mid) \
+     SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, k.value->>4 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (owner, conv_id) DO UPDATE SET read_seq = max(read_seq, excluded.read_seq), \
+     last_mid = max(last_mid, excluded.last_mid)";
+const READ_CURSORS_SQL: &str = "SELECT c.owner, c.conv_id, c.read_seq FROM json_each(?1) AS k \
+     JOIN chat c ON c.owner = k.value->>0 AND c.conv_id = k.value->>1";
+const INSERT_MARKERS_SQL: &str = "INSERT OR IGNORE INTO conv_marker (conv_id, conv_seq, target) \
+     SELECT k.value->>0, k.value->>1, k.value->>2 FROM json_each(?1) AS k";
+/// Markers after a read cursor, up to the conversation's newest position.
+const MARKERS_AFTER_SQL: &str =
+    "SELECT count(*) FROM conv_marker WHERE conv_id = ?1 AND conv_seq > ?2 AND conv_seq <= ?3";
+const REVOKE_SQL: &str = "UPDATE message SET content = x'', revoked_at = ?1 \
+     WHERE mid = ?2 AND conv_id = ?3 AND revoked_at = 0";
+/// The edits of a revoked message lose their text too.
+const REVOKE_EDITS_SQL: &str = "UPDATE message SET content = ?1 \
+     WHERE msg_type = 13 AND (conv_id, conv_seq) IN \
+     (SELECT conv_id, conv_seq FROM conv_marker WHERE target = ?2 AND conv_id = ?3)";
+const EDIT_SQL: &str = "UPDATE message SET content = ?1, edited_at = ?2 \
+     WHERE mid = ?3 AND conv_id = ?4 AND revoked_at = 0 AND msg_type = 1";
+const FORGET_SQL: &str = "DELETE FROM chat WHERE owner = ?1 AND conv_id = ?2";
+/// A page of a user's one-to-one conversations after a key, in list order,
+/// with the conversation's newest position, the markers after the user's
+/// cursor, and the other user's cursor.
+const LIST_P2P_SQL: &str = "SELECT h.conv_id, pu.uid AS peer_uid, h.read_seq, h.pinned, h.push, h.last_mid, \
+     coalesce(c.last_seq, 0) AS last_seq, \
+     (SELECT count(*) FROM conv_marker k WHERE k.conv_id = h.conv_id AND k.conv_seq > h.read_seq) AS markers, \
+     coalesce((SELECT o.read_seq FROM chat o WHERE o.owner = h.peer AND o.conv_id = h.conv_id), 0) AS peer_read \
+     FROM chat h JOIN users pu ON pu.id = h.peer LEFT JOIN conversation c ON c.conv_id = h.conv_id \
+     WHERE h.owner = (SELECT id FROM users WHERE uid = ?1) AND h.peer != 0 \
+       AND (h.pinned, h.last_mid, h.conv_id) < (?2, ?3, ?4) \
+     ORDER BY h.pinned DESC, h.last_mid DESC, h.conv_id DESC LIMIT ?5";
+/// The user's groups ([conversation, floor] pairs in ?2): each one's newest
+/// position and mid, the user's row, and the markers after the cursor.
+const LIST_GROUPS_SQL: &str = "SELECT k.value->>0 AS conv_id, k.value->>1 AS floor, \
+     coalesce(c.last_seq, 0) AS last_seq, coalesce(c.last_mid, 0) AS last_mid, \
+     coalesce(h.read_seq, 0) AS read_seq, coalesce(h.pinned, 0) AS pinned, coalesce(h.push, 0) AS push, \
+     (SELECT count(*) FROM conv_marker mk WHERE mk.conv_id = k.value->>0 \
+        AND mk.conv_seq > max(coalesce(h.read_seq, 0), k.value->>1)) AS markers \
+     FROM json_each(?2) AS k LEFT JOIN conversation c ON c.conv_id = k.value->>0 \
+     LEFT JOIN chat h ON h.owner = (SELECT id FROM users WHERE uid = ?1) AND h.conv_id = k.value->>0";
+const READ_STATE_SQL: &str = "SELECT coalesce((SELECT last_seq FROM conversation WHERE conv_id = ?1), 0), \
+     coalesce((SELECT read_seq FROM chat WHERE conv_id = ?1 AND owner = (SELECT id FROM users WHERE uid = ?2)), 0)";
+/// Creates the user's row if needed and changes the settings given (NULL
+/// keeps one); returns them.
+const SET_SETTINGS_SQL: &str = "INSERT INTO chat (owner, conv_id, peer, pinned, push) \
+     VALUES ((SELECT id FROM users WHERE uid = ?1), ?2, coalesce((SELECT id FROM users WHERE uid = ?3), 0), \
+             coalesce(?4, 0), coalesce(?5, 0)) \
+     ON CONFLICT (owner, conv_id) DO UPDATE SET pinned = coalesce(?4, pinned), push = coalesce(?5, push) \
+     RETURNING pinned, push";
 const UPSERT_USERS_SQL: &str = "INSERT INTO user_sequence (owner, last_seq) \
      SELECT k.value->>0, k.value->>1 FROM json_each(?1) AS k WHERE true \
      ON CONFLICT (owner) DO UPDATE SET last_seq = excluded.last_seq";
@@ -697,7 +754,11 @@ async fn apply(
             .users
             .iter()
             .chain(touched.keys.iter().map(|k| &k.0))
-            .chain(touched.devices.iter().map(|d| &d.0)),
+            .chain(touched.devices.iter().map(|d| &d.0))
+            .chain(writes.iter().filter_map(|w| match w {
+                Write::Read { owner, .. } | Write::Forget { owner, .. } => Some(owner),
+                _ => None,
+            })),
     )
     .await?;
     let keys: Vec<Key<'_>> = touched
@@ -712,20 +773,28 @@ async fn apply(
     };
     load_counters(conn, counters, &touched.convs, &touched.users).await?;
     load_cursors(conn, counters, &touched.devices).await?;
+    let read_cursors = load_read_cursors(conn, counters, writes).await?;
     // Walk the batch in order, in memory.
     let Walk {
-        outcomes,
+        mut outcomes,
         messages,
         relations,
         received,
         touched_convs,
         touched_users,
+        chats,
+        last_mids,
+        markers,
+        effects,
+        forget,
+        reads,
     } = walk(
         writes,
         &existing,
         &mut counters.conv,
         &mut counters.user,
         &mut counters.devices,
+        &read_cursors,
     );
     // Write it out: one statement per table.
     if !messages.is_empty() {
@@ -778,11 +847,60 @@ async fn apply(
         flush_cursors(conn, counters).await?;
     }
     if !touched_convs.is_empty() {
+        let last_mid: HashMap<&str, u64> =
+            last_mids.iter().map(|(c, m)| (c.as_str(), *m)).collect();
         let rows: Vec<_> = touched_convs
             .iter()
-            .map(|c| (c, counters.conv.get(c).copied().unwrap_or(0)))
+            .map(|c| {
+                (
+                    c,
+                    counters.conv.get(c).copied().unwrap_or(0),
+                    last_mid.get(c.as_str()).copied().unwrap_or(0),
+                )
+            })
             .collect();
         write_rows(conn, UPSERT_CONVERSATIONS_SQL, rows).await?;
+    }
+    if !chats.is_empty() {
+        let mut rows = Vec::with_capacity(chats.len());
+        for c in &chats {
+            let peer = match &c.peer {
+                Some(peer) => counters.id(peer)?,
+                None => 0,
+            };
+            rows.push((
+                counters.id(&c.owner)?,
+                &c.conversation,
+                peer,
+                c.read_seq,
+                c.last_mid,
+            ));
+        }
+        write_rows(conn, UPSERT_CHATS_SQL, rows).await?;
+    }
+    if !markers.is_empty() {
+        write_rows(conn, INSERT_MARKERS_SQL, &markers).await?;
+    }
+    for effect in &effects {
+        apply_effect(conn, effect).await?;
+    }
+    for (owner, conversation) in &forget {
+        sqlx::query(FORGET_SQL)
+            .bind(counters.id(owner)?)
+            .bind(conversation)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for (index, (_, conversation), _) in &reads {
+        if let Some(Outcome::Read(state)) = outcomes.get_mut(*index) {
+            let markers: i64 = sqlx::query_scalar(MARKERS_AFTER_SQL)
+                .bind(conversation)
+                .bind(state.read_seq as i64)
+                .bind(state.last_seq as i64)
+                .fetch_one(&mut *conn)
+                .await?;
+            state.unread = unread(state.last_seq, state.read_seq, markers);
+        }
     }
     if !touched_users.is_empty() {
         let mut rows = Vec::with_capacity(touched_users.len());
@@ -792,6 +910,89 @@ async fn apply(
         write_rows(conn, UPSERT_USERS_SQL, rows).await?;
     }
     Ok(outcomes)
+}
+
+/// Messages from others after a read cursor: the positions after it that
+/// are not markers.
+fn unread(last_seq: u64, read_seq: u64, markers: i64) -> u64 {
+    last_seq
+        .saturating_sub(read_seq)
+        .saturating_sub(markers.max(0) as u64)
+}
+
+/// The stored read cursors of the batch's reads (absent: none yet).
+async fn load_read_cursors(
+    conn: &mut SqliteConnection,
+    counters: &Counters,
+    writes: &[Write],
+) -> Result<HashMap<ReadKey, u64>, sqlx::Error> {
+    let mut keys = Vec::new();
+    let mut owners: HashMap<i64, &UserId> = HashMap::new();
+    for w in writes {
+        if let Write::Read {
+            owner,
+            conversation,
+            ..
+        } = w
+        {
+            let id = counters.id(owner)?;
+            owners.insert(id, owner);
+            keys.push((id, conversation));
+        }
+    }
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(READ_CURSORS_SQL)
+        .bind(json(&keys))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut cursors = HashMap::new();
+    for (owner, conversation, read_seq) in rows {
+        if let Some(uid) = owners.get(&owner) {
+            cursors.insert(((*uid).clone(), conversation), read_seq as u64);
+        }
+    }
+    Ok(cursors)
+}
+
+/// Applies a revoke or an edit to its target message.
+async fn apply_effect(conn: &mut SqliteConnection, effect: &Effect) -> Result<(), sqlx::Error> {
+    match effect {
+        Effect::Revoke {
+            conversation,
+            target,
+            at,
+        } => {
+            sqlx::query(REVOKE_SQL)
+                .bind(at)
+                .bind(*target as i64)
+                .bind(conversation)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(REVOKE_EDITS_SQL)
+                .bind(crate::batch::revoked_edit(*target))
+                .bind(*target as i64)
+                .bind(conversation)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Effect::Edit {
+            conversation,
+            target,
+            content,
+            at,
+        } => {
+            sqlx::query(EDIT_SQL)
+                .bind(content)
+                .bind(at)
+                .bind(*target as i64)
+                .bind(conversation)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes every changed cursor (in the caller's transaction) and marks them
@@ -1244,6 +1445,242 @@ impl MessageStore for SqliteStore {
     /// store not ready at once; after [`PROBE_AFTER`] each ping tries a write
     /// of its own, and the first write that succeeds (a batch or a probe)
     /// makes it ready again.
+    async fn message(&self, mid: u64) -> Result<Option<StoredMessage>, StoreError> {
+        self.closed()?;
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message m {USER_JOINS} WHERE m.mid = ?");
+        let row = sqlx::query(&sql)
+            .bind(mid.min(MAX_ID) as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(message_from_row).transpose()?)
+    }
+
+    async fn conversations(
+        &self,
+        q: &ConversationQuery,
+    ) -> Result<Page<ConversationEntry>, StoreError> {
+        self.closed()?;
+        let limit = q.limit as usize;
+        // One-to-one rows: a page of the `chat_recent` index after the key.
+        // (pinned 2 is past every row: no key means from the top.)
+        let (pinned, last_mid, conv) = match &q.after {
+            Some(k) => (i64::from(k.pinned), k.last_mid.min(MAX_ID) as i64, k.conversation.as_str()),
+            None => (2, 0, ""),
+        };
+        let rows = sqlx::query(LIST_P2P_SQL)
+            .bind(q.owner.as_str())
+            .bind(pinned)
+            .bind(last_mid)
+            .bind(conv)
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        let mut mids = Vec::new();
+        for row in &rows {
+            let conversation: String = row.try_get("conv_id")?;
+            let last_seq = row.try_get::<i64, _>("last_seq")? as u64;
+            let read_seq = row.try_get::<i64, _>("read_seq")? as u64;
+            let mid = row.try_get::<i64, _>("last_mid")? as u64;
+            mids.push(mid);
+            entries.push((
+                mid,
+                ConversationEntry {
+                    peer: Peer::User(user_id(row.try_get("peer_uid")?)?),
+                    conversation,
+                    last: None,
+                    last_seq,
+                    read_seq,
+                    unread: unread(last_seq, read_seq, row.try_get("markers")?),
+                    peer_read_seq: row.try_get::<i64, _>("peer_read")? as u64,
+                    settings: Settings {
+                        pinned: row.try_get::<i64, _>("pinned")? != 0,
+                        push: PushMode::from_i64(row.try_get("push")?),
+                    },
+                },
+            ));
+        }
+        // Groups: the caller's, each with its conversation and the user's row.
+        if !q.groups.is_empty() {
+            let groups: Vec<(String, u64)> = q
+                .groups
+                .iter()
+                .map(|(g, join)| (group_conversation(*g), join.saturating_sub(1)))
+                .collect();
+            let rows = sqlx::query(LIST_GROUPS_SQL)
+                .bind(q.owner.as_str())
+                .bind(json(&groups))
+                .fetch_all(&self.pool)
+                .await?;
+            for row in &rows {
+                let conversation: String = row.try_get("conv_id")?;
+                let Some(group) = parse_group_conversation(&conversation) else {
+                    continue;
+                };
+                let floor = row.try_get::<i64, _>("floor")? as u64;
+                let last_seq = row.try_get::<i64, _>("last_seq")? as u64;
+                let read_seq = (row.try_get::<i64, _>("read_seq")? as u64).max(floor);
+                // Nothing from before the user joined shows.
+                let mid = if last_seq > floor {
+                    row.try_get::<i64, _>("last_mid")? as u64
+                } else {
+                    0
+                };
+                let entry = ConversationEntry {
+                    peer: Peer::Group(group),
+                    conversation,
+                    last: None,
+                    last_seq,
+                    read_seq,
+                    unread: unread(last_seq, read_seq, row.try_get("markers")?),
+                    peer_read_seq: 0,
+                    settings: Settings {
+                        pinned: row.try_get::<i64, _>("pinned")? != 0,
+                        push: PushMode::from_i64(row.try_get("push")?),
+                    },
+                };
+                let key = ListKey {
+                    pinned: entry.settings.pinned,
+                    last_mid: mid,
+                    conversation: entry.conversation.clone(),
+                };
+                if q.after.as_ref().is_none_or(|after| key < *after) {
+                    mids.push(mid);
+                    entries.push((mid, entry));
+                }
+            }
+        }
+        // List order: pinned, newest activity, conversation id, descending.
+        entries.sort_by(|(ma, a), (mb, b)| {
+            (b.settings.pinned, *mb, &b.conversation).cmp(&(a.settings.pinned, *ma, &a.conversation))
+        });
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        mids.retain(|m| *m != 0);
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM json_each(?1) AS k JOIN message m ON m.mid = k.value {USER_JOINS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(json(&mids))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut last: HashMap<u64, StoredMessage> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let m = message_from_row(row)?;
+            last.insert(m.mid, m);
+        }
+        Ok(Page {
+            items: entries
+                .into_iter()
+                .map(|(mid, mut e)| {
+                    e.last = last.get(&mid).cloned();
+                    e
+                })
+                .collect(),
+            more,
+        })
+    }
+
+    async fn read_state(
+        &self,
+        owner: &UserId,
+        conversation: &str,
+        floor: u64,
+    ) -> Result<ReadState, StoreError> {
+        self.closed()?;
+        let (last_seq, read_seq): (i64, i64) = sqlx::query_as(READ_STATE_SQL)
+            .bind(conversation)
+            .bind(owner.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        let last_seq = last_seq as u64;
+        let read_seq = (read_seq as u64).max(floor).min(last_seq.max(floor));
+        let markers: i64 = sqlx::query_scalar(MARKERS_AFTER_SQL)
+            .bind(conversation)
+            .bind(read_seq as i64)
+            .bind(last_seq as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(ReadState {
+            last_seq,
+            read_seq,
+            unread: unread(last_seq, read_seq, markers),
+            moved: false,
+        })
+    }
+
+    async fn set_settings(
+        &self,
+        owner: &UserId,
+        conversation: &str,
+        change: SettingsChange,
+    ) -> Result<Settings, StoreError> {
+        self.closed()?;
+        let peer = parse_p2p_conversation(conversation)
+            .map(|(a, b)| if a == *owner { b } else { a });
+        // Through the writer lock: SQLite has one writer.
+        let _writer = self.writer.lock().await;
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        // The users may be new to the store (see `log_out`).
+        for uid in std::iter::once(owner).chain(peer.as_ref()) {
+            sqlx::query("INSERT INTO users (uid) VALUES (?) ON CONFLICT (uid) DO NOTHING")
+                .bind(uid.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let (pinned, push): (i64, i64) = sqlx::query_as(SET_SETTINGS_SQL)
+            .bind(owner.as_str())
+            .bind(conversation)
+            .bind(peer.as_ref().map(|p| p.as_str()))
+            .bind(change.pinned.map(i64::from))
+            .bind(change.push.map(PushMode::as_i64))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Settings {
+            pinned: pinned != 0,
+            push: PushMode::from_i64(push),
+        })
+    }
+
+    async fn readers(
+        &self,
+        conversation: &str,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Reader>, StoreError> {
+        self.closed()?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT u.uid, h.read_seq FROM chat h JOIN users u ON u.id = h.owner \
+             WHERE h.conv_id = ? AND h.peer = 0 AND h.read_seq >= ? ORDER BY u.uid LIMIT ?",
+        )
+        .bind(conversation)
+        .bind(seq.min(MAX_ID) as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut readers = Vec::with_capacity(rows.len());
+        for (uid, read_seq) in rows {
+            readers.push(Reader {
+                uid: user_id(uid)?,
+                read_seq: read_seq as u64,
+            });
+        }
+        Ok(readers)
+    }
+
+    async fn read_count(&self, conversation: &str, seq: u64) -> Result<u64, StoreError> {
+        self.closed()?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM chat WHERE conv_id = ? AND peer = 0 AND read_seq >= ?",
+        )
+        .bind(conversation)
+        .bind(seq.min(MAX_ID) as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count as u64)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.closed()?;
         match self.health.check() {

@@ -121,6 +121,8 @@ impl NewMessage {
             msg_type: self.msg_type,
             content: self.content.clone(),
             time_ms: self.time_ms,
+            edited_ms: 0,
+            revoked_ms: 0,
         }
     }
 }
@@ -139,6 +141,11 @@ pub struct StoredMessage {
     pub msg_type: u32,
     pub content: Vec<u8>,
     pub time_ms: i64,
+    /// When the message was last edited (Unix ms); 0 if never.
+    pub edited_ms: i64,
+    /// When the message was revoked (Unix ms); 0 if it was not. Its
+    /// `content` is then empty.
+    pub revoked_ms: i64,
 }
 
 /// What a stored message counts towards a page's byte budget besides its
@@ -159,9 +166,13 @@ impl StoredMessage {
             + MESSAGE_OVERHEAD
     }
 
-    /// The decoded body; `None` if the stored bytes do not decode (they were
-    /// validated on the way in, so this means corruption, which is logged).
+    /// The decoded body; `None` for a revoked message, or if the stored
+    /// bytes do not decode (they were validated on the way in, so this
+    /// means corruption, which is logged).
     pub fn body(&self) -> Option<MessageBody> {
+        if self.revoked_ms != 0 {
+            return None;
+        }
         match MessageBody::decode(self.content.as_slice()) {
             Ok(body) => Some(body),
             Err(e) => {
@@ -191,6 +202,8 @@ impl StoredMessage {
             client_seq: self.client_seq,
             time_ms: self.time_ms,
             body: self.body(),
+            edited_ms: self.edited_ms,
+            revoked_ms: self.revoked_ms,
         }
     }
 }
@@ -224,6 +237,20 @@ pub enum Write {
         group: u64,
         cursor: u64,
     },
+    /// The user has read `conversation` up to `seq`: the read cursor moves
+    /// to it unless it is there already (it never moves back), and never
+    /// past the conversation's newest message. `floor` counts as read
+    /// already (a group member's join point minus one). Answers
+    /// [`Outcome::Read`].
+    Read {
+        owner: UserId,
+        conversation: String,
+        seq: u64,
+        floor: u64,
+    },
+    /// The user left a group: the user's row of its conversation goes (its
+    /// read cursor no longer counts in the group's receipts).
+    Forget { owner: UserId, conversation: String },
 }
 
 /// The result of a [`Write::Message`].
@@ -255,10 +282,26 @@ impl Stored {
     }
 }
 
+/// A user's read state in one conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The conversation's newest `conv_seq`.
+    pub last_seq: u64,
+    /// The user's read cursor.
+    pub read_seq: u64,
+    /// Messages from others after the cursor (group events, revokes and
+    /// edits are not counted).
+    pub unread: u64,
+    /// The write moved the cursor.
+    pub moved: bool,
+}
+
 /// The result of one write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Stored(Stored),
+    /// The outcome of a [`Write::Read`].
+    Read(ReadState),
     Done,
     /// The (sender, device, client seq) belongs to a message to another
     /// user or group: nothing was stored.
@@ -364,6 +407,120 @@ pub struct SyncItem {
     pub message: StoredMessage,
 }
 
+/// Whether a user is notified of a conversation's messages when offline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PushMode {
+    #[default]
+    All,
+    /// Only messages that mention the user.
+    Mentions,
+    None,
+}
+
+impl PushMode {
+    pub fn as_i64(self) -> i64 {
+        match self {
+            PushMode::All => 0,
+            PushMode::Mentions => 1,
+            PushMode::None => 2,
+        }
+    }
+
+    /// The stored number back (an unknown number reads as `All`).
+    pub fn from_i64(n: i64) -> PushMode {
+        match n {
+            1 => PushMode::Mentions,
+            2 => PushMode::None,
+            _ => PushMode::All,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushMode::All => "all",
+            PushMode::Mentions => "mentions",
+            PushMode::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PushMode> {
+        [PushMode::All, PushMode::Mentions, PushMode::None]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
+/// A user's settings for one conversation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub pinned: bool,
+    pub push: PushMode,
+}
+
+/// A change to [`Settings`]: the fields that are set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SettingsChange {
+    pub pinned: Option<bool>,
+    pub push: Option<PushMode>,
+}
+
+/// A position in a user's conversation list, which is ordered pinned
+/// first, then by newest activity (the `mid` of the newest message; mids
+/// are unique and time-ordered), then by conversation id, all descending.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListKey {
+    pub pinned: bool,
+    pub last_mid: u64,
+    pub conversation: String,
+}
+
+/// A page of one user's conversation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationQuery {
+    pub owner: UserId,
+    /// The user's groups, each with the user's join point (`conv_seq`):
+    /// group membership is the group store's, so the caller names them.
+    pub groups: Vec<(u64, u64)>,
+    /// Only entries after this key (in list order); `None` from the top.
+    pub after: Option<ListKey>,
+    pub limit: u32,
+}
+
+/// One conversation in a user's list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationEntry {
+    pub conversation: String,
+    /// The other user, or the group.
+    pub peer: Peer,
+    /// The newest message the user may see, in its current state (edited
+    /// or revoked).
+    pub last: Option<StoredMessage>,
+    /// The conversation's newest `conv_seq`.
+    pub last_seq: u64,
+    pub read_seq: u64,
+    pub unread: u64,
+    /// One-to-one: the other user's read cursor (0 in groups).
+    pub peer_read_seq: u64,
+    pub settings: Settings,
+}
+
+impl ConversationEntry {
+    pub fn key(&self) -> ListKey {
+        ListKey {
+            pinned: self.settings.pinned,
+            last_mid: self.last.as_ref().map_or(0, |m| m.mid),
+            conversation: self.conversation.clone(),
+        }
+    }
+}
+
+/// A read cursor in a conversation: whose, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reader {
+    pub uid: UserId,
+    pub read_seq: u64,
+}
+
 /// Message storage. Implementations: SQLite ([`crate::sqlite::SqliteStore`]);
 /// every implementation passes the suite in [`crate::suite`].
 /// A device's push-ack of a group message: the group, the `conv_seq`, and
@@ -444,6 +601,45 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// When `uid` was last logged out everywhere (Unix ms), if ever.
     async fn logged_out_at(&self, uid: &UserId) -> Result<Option<i64>, StoreError>;
+
+    /// One message by its id, in its current state.
+    async fn message(&self, mid: u64) -> Result<Option<StoredMessage>, StoreError>;
+
+    /// A page of a user's conversations, in list order ([`ListKey`]).
+    async fn conversations(
+        &self,
+        query: &ConversationQuery,
+    ) -> Result<Page<ConversationEntry>, StoreError>;
+
+    /// The user's read state in one conversation; `floor` counts as read
+    /// (a group member's join point minus one).
+    async fn read_state(
+        &self,
+        owner: &UserId,
+        conversation: &str,
+        floor: u64,
+    ) -> Result<ReadState, StoreError>;
+
+    /// Changes a user's settings for a conversation; returns them all.
+    /// Written at once, not through the committer: settings change rarely.
+    async fn set_settings(
+        &self,
+        owner: &UserId,
+        conversation: &str,
+        change: SettingsChange,
+    ) -> Result<Settings, StoreError>;
+
+    /// The users whose read cursor in `conversation` is at `seq` or past it,
+    /// at most `limit` of them, in user id order.
+    async fn readers(
+        &self,
+        conversation: &str,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Reader>, StoreError>;
+
+    /// How many users' read cursors in `conversation` are at `seq` or past it.
+    async fn read_count(&self, conversation: &str, seq: u64) -> Result<u64, StoreError>;
 
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -365,7 +365,7 @@ async fn group_messages_are_stored_once_and_numbered(store: &dyn MessageStore) {
         .iter()
         .map(|o| match o {
             Outcome::Stored(s) => (s.message.conv_seq, s.repeat),
-            Outcome::Done | Outcome::Reused => panic!("a message"),
+            Outcome::Done | Outcome::Reused | Outcome::Read(_) => panic!("a message"),
         })
         .collect();
     assert_eq!(seqs, vec![(3, false), (3, true)]);
@@ -533,7 +533,7 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
         .iter()
         .map(|o| match o {
             Outcome::Stored(s) => s,
-            Outcome::Done | Outcome::Reused => panic!("message write answered {o:?}"),
+            Outcome::Done | Outcome::Reused | Outcome::Read(_) => panic!("message write answered {o:?}"),
         })
         .collect();
     assert!(!stored[0].repeat && stored[1].repeat && !stored[2].repeat);

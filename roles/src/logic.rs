@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
+use natter_proto::msg::{MessageReply, ReadReply, SendMessage, SyncReply, SyncRequest};
 use natter_proto::UserId;
 
 use crate::{Acked, Identity, Refusal};
@@ -74,4 +74,15 @@ pub trait LogicService: Send + Sync + 'static {
         device: &str,
         request: SyncRequest,
     ) -> Result<SyncReply, Refusal>;
+    /// The user has read `conversation` up to `seq`: the read cursor moves
+    /// forward (never back), durably, and the others concerned are told.
+    async fn read(
+        &self,
+        from: &Session,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<ReadReply, Refusal>;
+    /// The user is typing in `conversation`: a transient notice to the
+    /// other party's or the group members' online devices (rate limited).
+    async fn typing(&self, from: &Session, conversation: &str) -> Result<(), Refusal>;
 }

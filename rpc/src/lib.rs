@@ -428,6 +428,19 @@ fn unanswer<T: prost::Message + Default>(answer: pb::Answer) -> Result<T, Refusa
 
 #[async_trait]
 impl LogicService for RemoteLogic {
+    async fn read(
+        &self,
+        _from: &Session,
+        _conversation: &str,
+        _seq: u64,
+    ) -> Result<natter_proto::msg::ReadReply, Refusal> {
+        unimplemented!("TODO-RPC")
+    }
+
+    async fn typing(&self, _from: &Session, _conversation: &str) -> Result<(), Refusal> {
+        unimplemented!("TODO-RPC")
+    }
+
     async fn connect(
         &self,
         token: &str,

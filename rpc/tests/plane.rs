@@ -50,6 +50,19 @@ impl Recorder {
 
 #[async_trait]
 impl LogicService for Recorder {
+    async fn read(
+        &self,
+        _from: &Session,
+        _conversation: &str,
+        _seq: u64,
+    ) -> Result<natter_proto::msg::ReadReply, Refusal> {
+        unimplemented!("TODO-RPC")
+    }
+
+    async fn typing(&self, _from: &Session, _conversation: &str) -> Result<(), Refusal> {
+        unimplemented!("TODO-RPC")
+    }
+
     async fn connect(
         &self,
         token: &str,
