@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use natter_proto::api::{
-    ApplicationView, CreateGroup, Decision, GroupView, JoinOutcome, JoinRequest, MarkRead,
-    MemberPage, MemberView, Mute, Nickname, ReadState, SetRole, Transfer, UpdateGroup, Users,
+    ApplicationView, CreateGroup, Decision, GroupView, JoinOutcome, JoinRequest, MemberPage,
+    MemberView, Mute, Nickname, SetRole, Transfer, UpdateGroup, Users,
 };
 use natter_proto::{ErrorCode, UserId};
 use natter_record::http::{caller, ApiError};
@@ -41,7 +41,6 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/groups/{group}/join"),
     ("get", "/v1/groups/{group}/applications"),
     ("post", "/v1/groups/{group}/applications/{uid}"),
-    ("put", "/v1/groups/{group}/read"),
 ];
 
 #[derive(Clone)]
@@ -104,7 +103,6 @@ pub fn router(groups: Arc<Groups>, auth: Arc<dyn Authenticate>) -> Router {
         .route("/v1/groups/{group}/join", post(join))
         .route("/v1/groups/{group}/applications", get(applications))
         .route("/v1/groups/{group}/applications/{uid}", post(decide))
-        .route("/v1/groups/{group}/read", put(mark_read))
         .with_state(HttpState { groups, auth })
 }
 
@@ -304,17 +302,6 @@ async fn decide(
     let (gid, uid) = group_and_user(path)?;
     s.groups.decide(&me, gid, &uid, body(req)?.approve).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-async fn mark_read(
-    State(s): State<HttpState>,
-    headers: HeaderMap,
-    path: PathResult<u64>,
-    req: Result<Json<MarkRead>, JsonRejection>,
-) -> Result<Json<ReadState>, ApiError> {
-    let me = s.me(&headers).await?;
-    let gid = ids(path)?;
-    Ok(Json(s.groups.mark_read(&me, gid, body(req)?.seq).await?))
 }
 
 #[cfg(test)]

@@ -14,12 +14,13 @@ use async_trait::async_trait;
 use natter_node::config::GroupsConfig;
 use natter_node::limit::RateLimiter;
 use natter_proto::api::{
-    ApplicationView, CreateGroup, GroupView, JoinOutcome, JoinType, MemberPage, MemberView,
-    ReadState, Role, UpdateGroup,
+    ApplicationView, CreateGroup, GroupView, JoinOutcome, JoinType, MemberPage, MemberView, Role,
+    UpdateGroup,
 };
 use natter_proto::msg::{GroupEvent, MUTED_FOREVER};
 use natter_proto::{ErrorCode, UserId};
 use natter_record::http::GroupAccess;
+use natter_record::store::group_conversation;
 use natter_record::MessageStore;
 use natter_roles::Refusal;
 
@@ -117,9 +118,6 @@ fn event(kind: &str, actor: &UserId, targets: Vec<UserId>, value: impl Into<Stri
 }
 
 /// Messages after the read cursor, counting from the join point.
-fn unread(last_seq: u64, read_seq: u64, join_seq: u64) -> u64 {
-    last_seq.saturating_sub(read_seq.max(join_seq.saturating_sub(1)))
-}
 
 fn now_ms() -> i64 {
     natter_node::ids::now_ms()
@@ -429,12 +427,21 @@ impl Groups {
     async fn view(&self, snapshot: &Snapshot, actor: &UserId) -> Result<GroupView, Refusal> {
         let g = &snapshot.group;
         let member = snapshot.member(actor)?;
-        let last_seq = self.last_seq(g.id).await?;
-        let read_seq = self.store.read_seq(g.id, actor).await?;
+        // The caller's read cursor is the conversation's (the message store's).
+        let read = self
+            .messages
+            .read_state(
+                actor,
+                &group_conversation(g.id),
+                member.join_seq.saturating_sub(1),
+            )
+            .await
+            .map_err(message_store_failed)?;
+        let last_seq = read.last_seq;
         Ok(GroupView {
             role: member.role,
-            read_seq,
-            unread: unread(last_seq, read_seq, member.join_seq),
+            read_seq: read.read_seq,
+            unread: read.unread,
             id: g.id,
             name: g.name.clone(),
             avatar: g.avatar.clone(),
@@ -445,40 +452,6 @@ impl Groups {
             created_ms: g.created_ms,
             dissolved: g.dissolved,
             last_seq,
-        })
-    }
-
-    async fn last_seq(&self, gid: u64) -> Result<u64, Refusal> {
-        Ok(self
-            .messages
-            .group_seqs(&[gid])
-            .await
-            .map_err(message_store_failed)?
-            .first()
-            .copied()
-            .unwrap_or(0))
-    }
-
-    /// Marks the group read up to `seq` for the caller (on every device).
-    pub async fn mark_read(
-        &self,
-        actor: &UserId,
-        gid: u64,
-        seq: u64,
-    ) -> Result<ReadState, Refusal> {
-        let snapshot = self.snapshot(gid).await?;
-        let member = snapshot.member(actor)?;
-        let last_seq = self.last_seq(gid).await?;
-        if seq > last_seq {
-            return refuse(
-                ErrorCode::BadRequest,
-                format!("seq {seq} is past the group's newest message ({last_seq})"),
-            );
-        }
-        let read_seq = self.store.mark_read(gid, actor, seq).await?;
-        Ok(ReadState {
-            read_seq,
-            unread: unread(last_seq, read_seq, member.join_seq),
         })
     }
 

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod conversations;
 pub mod fanout;
 pub mod publish;
 pub mod redis_sessions;
@@ -20,7 +21,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use natter_group::Groups;
-use natter_node::config::LimitsConfig;
+use natter_node::config::{ConversationsConfig, LimitsConfig};
 use natter_node::ids::MidGenerator;
 use natter_node::telemetry::register;
 use natter_proto::msg::{GroupCursor, MessageReply, SendMessage, SyncReply, SyncRequest};
@@ -32,6 +33,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 
 pub use auth::Auth;
+pub use conversations::Receipts;
 pub use fanout::{Audience, Fanout};
 pub use natter_roles::{
     Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Route, Session,
@@ -56,6 +58,8 @@ pub struct LogicParts {
     pub committer: Committer,
     pub ids: Arc<MidGenerator>,
     pub groups: Arc<Groups>,
+    /// `[conversations]`: revoke and edit windows, read detail, typing limits.
+    pub conversations: ConversationsConfig,
 }
 
 /// The logic role.
@@ -67,6 +71,9 @@ pub struct Logic {
     ids: Arc<MidGenerator>,
     groups: Arc<Groups>,
     limiter: natter_node::limit::RateLimiter,
+    /// Typing notices per user.
+    typing_limiter: natter_node::limit::RateLimiter,
+    conversations: ConversationsConfig,
     /// Stored bytes per sync page at most (`limits.page_bytes`).
     page_bytes: usize,
     metrics: Metrics,
@@ -81,6 +88,7 @@ impl Logic {
             committer,
             ids,
             groups,
+            conversations,
         } = parts;
         let metrics = Metrics {
             messages: register(
@@ -119,6 +127,11 @@ impl Logic {
                 limits.messages_per_sec,
                 limits.message_burst,
             ),
+            typing_limiter: natter_node::limit::RateLimiter::new(
+                conversations.typing_per_sec,
+                conversations.typing_burst,
+            ),
+            conversations,
             page_bytes: limits.page_bytes,
             metrics,
         }
@@ -244,6 +257,13 @@ impl Logic {
             ));
         }
         if let Err(e) = self.groups.check_send(&from.uid, group).await {
+            count(e.code.as_str());
+            return Err(e);
+        }
+        if let Err(e) = self
+            .check_change(from, &Peer::Group(group), message.body.as_ref())
+            .await
+        {
             count(e.code.as_str());
             return Err(e);
         }
@@ -451,15 +471,15 @@ impl Logic {
 impl LogicService for Logic {
     async fn read(
         &self,
-        _from: &Session,
-        _conversation: &str,
-        _seq: u64,
+        from: &Session,
+        conversation: &str,
+        seq: u64,
     ) -> Result<natter_proto::msg::ReadReply, Refusal> {
-        unimplemented!("TODO-LOGIC")
+        self.mark_read(from, conversation, seq).await
     }
 
-    async fn typing(&self, _from: &Session, _conversation: &str) -> Result<(), Refusal> {
-        unimplemented!("TODO-LOGIC")
+    async fn typing(&self, from: &Session, conversation: &str) -> Result<(), Refusal> {
+        self.send_typing(from, conversation).await
     }
 
     async fn connect(
@@ -549,7 +569,12 @@ impl LogicService for Logic {
                 ));
             }
         };
-        let new = self.new_message(from, message, Peer::User(receiver), &count)?;
+        let to = Peer::User(receiver);
+        if let Err(e) = self.check_change(from, &to, message.body.as_ref()).await {
+            count(e.code.as_str());
+            return Err(e);
+        }
+        let new = self.new_message(from, message, to, &count)?;
         let stored = self.store_write(Write::Message(new), &count).await?;
         count(if stored.repeat { "repeat" } else { "ok" });
         let acked_at = Instant::now();
@@ -582,6 +607,10 @@ impl LogicService for Logic {
             floor,
         };
         for a in acked {
+            // Transient notifies (read receipts, typing) hold no position.
+            if a.seq == 0 {
+                continue;
+            }
             if a.group == 0 {
                 writes.push(received(0, a.seq, 0));
                 continue;

@@ -77,6 +77,7 @@ async fn logic_with(
             committer,
             ids,
             groups,
+            conversations: Default::default(),
         },
         limits,
         &registry,

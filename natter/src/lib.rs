@@ -4,6 +4,7 @@
 //! and by the end-to-end tests.
 
 pub mod admin;
+pub mod conversations;
 mod http;
 
 use std::net::SocketAddr;
@@ -210,6 +211,7 @@ async fn start_logic(
             committer,
             ids,
             groups: groups.clone(),
+            conversations: config.conversations.clone(),
         },
         &config.limits,
         registry,
@@ -281,6 +283,7 @@ pub fn http_routes() -> Vec<(&'static str, &'static str)> {
         natter_comet::ROUTES,
         natter_record::http::ROUTES,
         natter_group::http::ROUTES,
+        conversations::ROUTES,
         natter_node::telemetry::ROUTES,
     ]
     .concat()
@@ -603,9 +606,13 @@ impl Server {
                 half.groups.clone(),
                 config.limits.page_bytes,
             ));
-            // Group changes publish events to gateways: not from a record node.
+            // Group changes and reads publish to gateways: not from a record node.
             if role != Role::Record {
-                app = app.merge(natter_group::http::router(half.groups.clone(), auth));
+                app = app.merge(natter_group::http::router(
+                    half.groups.clone(),
+                    auth.clone(),
+                ));
+                app = app.merge(conversations::router(half.logic.clone(), auth));
             }
         }
         let http_metrics = http::Metrics::new(&registry);

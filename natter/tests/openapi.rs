@@ -407,6 +407,8 @@ fn view(body: Option<Content>) -> MessageView {
         time_ms: BIG_SIGNED,
         msg_type: body.as_ref().map(Content::message_type),
         body,
+        edited_ms: Some(BIG_SIGNED),
+        revoked_ms: Some(BIG_SIGNED),
     }
 }
 

@@ -637,7 +637,9 @@ impl Config {
         if !(conv.typing_per_sec > 0.0 && conv.typing_per_sec <= 1000.0) || conv.typing_burst == 0 {
             return bad("conversations.typing_per_sec must be in (0, 1000] and conversations.typing_burst positive");
         }
-        if conv.revoke_window_secs > 100 * 365 * 86_400 || conv.edit_window_secs > 100 * 365 * 86_400 {
+        if conv.revoke_window_secs > 100 * 365 * 86_400
+            || conv.edit_window_secs > 100 * 365 * 86_400
+        {
             return bad("conversations.revoke_window_secs and edit_window_secs must be at most 100 years (0: no limit)");
         }
         if conv.receipt_detail_max_members > 100_000 {

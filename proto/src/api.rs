@@ -43,7 +43,22 @@ pub struct MessageView {
     pub time_ms: i64,
     #[serde(rename = "type")]
     pub msg_type: Option<MessageType>,
+    /// Absent for a revoked message: its content is gone.
     pub body: Option<Content>,
+    /// When the message was last edited, Unix ms; absent if never.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub edited_ms: Option<i64>,
+    /// When the message was revoked, Unix ms; absent if it was not.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub revoked_ms: Option<i64>,
 }
 
 /// A page of conversation history, newest first.
@@ -69,6 +84,105 @@ pub struct SyncPage {
     /// The highest `user_seq` covered; pass as `after` next time.
     #[serde(with = "crate::json::int64")]
     pub cursor: u64,
+}
+
+/// Whether a user is notified of a conversation's messages when offline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushMode {
+    #[default]
+    All,
+    /// Only messages that mention the user.
+    Mentions,
+    None,
+}
+
+/// One conversation in `GET /v1/conversations`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConversationView {
+    pub conversation: String,
+    /// The other user, for a one-to-one conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<UserId>,
+    /// The group, for a group conversation.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub group: Option<u64>,
+    /// The newest message the caller may see, in its current state.
+    pub last_message: Option<MessageView>,
+    /// The conversation's newest `conv_seq`.
+    #[serde(with = "crate::json::int64")]
+    pub last_seq: u64,
+    /// The caller's read cursor (a `conv_seq`).
+    #[serde(with = "crate::json::int64")]
+    pub read_seq: u64,
+    /// Messages from others after the read cursor.
+    #[serde(with = "crate::json::int64")]
+    pub unread: u64,
+    /// One-to-one: the other user's read cursor.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::json::opt_int64"
+    )]
+    pub peer_read_seq: Option<u64>,
+    pub pinned: bool,
+    pub push: PushMode,
+}
+
+/// A page of the caller's conversations: pinned first, then newest
+/// activity first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConversationPage {
+    pub conversations: Vec<ConversationView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+/// `PUT /v1/conversations/{id}/settings`: the settings to change (absent
+/// ones stay).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushMode>,
+}
+
+/// A user's settings for one conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SettingsView {
+    pub pinned: bool,
+    pub push: PushMode,
+}
+
+/// One reader of a message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReaderView {
+    pub uid: UserId,
+    #[serde(with = "crate::json::int64")]
+    pub read_seq: u64,
+}
+
+/// `GET /v1/conversations/{id}/messages/{mid}/receipts`: who has read a message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReceiptsView {
+    pub conversation: String,
+    pub mid: String,
+    #[serde(with = "crate::json::int64")]
+    pub conv_seq: u64,
+    /// Users other than the sender who have read it.
+    #[serde(with = "crate::json::int64")]
+    pub read_count: u64,
+    /// Those users: for one-to-one conversations and groups up to
+    /// `conversations.receipt_detail_max_members` members; absent for
+    /// larger groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readers: Option<Vec<ReaderView>>,
 }
 
 /// The body of every HTTP error.
@@ -179,14 +293,16 @@ pub struct GroupView {
     pub unread: u64,
 }
 
-/// `PUT /v1/groups/{id}/read`: the caller has read up to `seq`.
+/// `POST /v1/conversations/{id}/read` (and `PUT /v1/groups/{id}/read`):
+/// the caller has read up to `seq`, a `conv_seq`. Answered with
+/// [`ReadState`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MarkRead {
     #[serde(with = "crate::json::int64")]
     pub seq: u64,
 }
 
-/// A member's read state in a group.
+/// The caller's read state in a conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReadState {
     #[serde(with = "crate::json::int64")]
@@ -450,6 +566,8 @@ mod tests {
                 text: "hi".into(),
                 mentions: vec![],
             })),
+            edited_ms: Some(7),
+            revoked_ms: None,
         };
         let json = serde_json_like(&view);
         assert!(
@@ -457,7 +575,8 @@ mod tests {
                 && json.contains("\"body\":{\"text\":{\"text\":\"hi\""),
             "{json}"
         );
-        assert!(!json.contains("user_seq"));
+        assert!(!json.contains("user_seq") && !json.contains("revoked_ms"));
+        assert!(json.contains("\"edited_ms\":\"7\""), "{json}");
         // 64-bit integers are strings; they come back exact.
         assert!(
             json.contains("\"conv_seq\":\"1\"")

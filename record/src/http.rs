@@ -177,6 +177,8 @@ pub fn view(m: &StoredMessage, user_seq: Option<u64>) -> MessageView {
         time_ms: m.time_ms,
         msg_type: MessageType::from_u32(m.msg_type),
         body: m.body().and_then(|b| b.content),
+        edited_ms: (m.edited_ms != 0).then_some(m.edited_ms),
+        revoked_ms: (m.revoked_ms != 0).then_some(m.revoked_ms),
     }
 }
 

@@ -403,7 +403,14 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
         touched_convs,
         touched_users,
         ..
-    } = walk(writes, &existing, &mut conv, &mut user, &mut devices, &read_cursors);
+    } = walk(
+        writes,
+        &existing,
+        &mut conv,
+        &mut user,
+        &mut devices,
+        &read_cursors,
+    );
 
     if !messages.is_empty() {
         let mut q = QueryBuilder::<MySql>::new(

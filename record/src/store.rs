@@ -238,8 +238,9 @@ pub enum Write {
         cursor: u64,
     },
     /// The user has read `conversation` up to `seq`: the read cursor moves
-    /// to it unless it is there already (it never moves back), and never
-    /// past the conversation's newest message. `floor` counts as read
+    /// to it unless it is there already (it never moves back). A `seq`
+    /// past the conversation's newest message moves nothing (the outcome's
+    /// `last_seq` tells the caller). `floor` counts as read
     /// already (a group member's join point minus one). Answers
     /// [`Outcome::Read`].
     Read {
@@ -407,46 +408,23 @@ pub struct SyncItem {
     pub message: StoredMessage,
 }
 
-/// Whether a user is notified of a conversation's messages when offline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum PushMode {
-    #[default]
-    All,
-    /// Only messages that mention the user.
-    Mentions,
-    None,
+pub use natter_proto::api::PushMode;
+
+/// A [`PushMode`] as stored.
+pub fn push_mode_code(mode: PushMode) -> i64 {
+    match mode {
+        PushMode::All => 0,
+        PushMode::Mentions => 1,
+        PushMode::None => 2,
+    }
 }
 
-impl PushMode {
-    pub fn as_i64(self) -> i64 {
-        match self {
-            PushMode::All => 0,
-            PushMode::Mentions => 1,
-            PushMode::None => 2,
-        }
-    }
-
-    /// The stored number back (an unknown number reads as `All`).
-    pub fn from_i64(n: i64) -> PushMode {
-        match n {
-            1 => PushMode::Mentions,
-            2 => PushMode::None,
-            _ => PushMode::All,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PushMode::All => "all",
-            PushMode::Mentions => "mentions",
-            PushMode::None => "none",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<PushMode> {
-        [PushMode::All, PushMode::Mentions, PushMode::None]
-            .into_iter()
-            .find(|m| m.as_str() == s)
+/// The stored number back (an unknown number reads as `All`).
+pub fn push_mode_from(code: i64) -> PushMode {
+    match code {
+        1 => PushMode::Mentions,
+        2 => PushMode::None,
+        _ => PushMode::All,
     }
 }
 

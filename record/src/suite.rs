@@ -533,7 +533,9 @@ async fn resend_is_deduplicated(store: &dyn MessageStore) {
         .iter()
         .map(|o| match o {
             Outcome::Stored(s) => s,
-            Outcome::Done | Outcome::Reused | Outcome::Read(_) => panic!("message write answered {o:?}"),
+            Outcome::Done | Outcome::Reused | Outcome::Read(_) => {
+                panic!("message write answered {o:?}")
+            }
         })
         .collect();
     assert!(!stored[0].repeat && stored[1].repeat && !stored[2].repeat);
