@@ -291,6 +291,30 @@ impl GroupStore for MySqlGroupStore {
         self.read_seq(gid, uid).await
     }
 
+    async fn legacy_reads(&self, limit: u32) -> Result<Vec<(u64, UserId, u64)>, GroupStoreError> {
+        let rows: Vec<(i64, Vec<u8>, i64)> =
+            sqlx::query_as("SELECT gid, uid, read_seq FROM member WHERE read_seq > 0 LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        let mut reads = Vec::with_capacity(rows.len());
+        for (gid, uid, seq) in rows {
+            reads.push((gid as u64, user_from_bytes(&uid)?, seq as u64));
+        }
+        Ok(reads)
+    }
+
+    async fn clear_legacy_reads(&self, reads: &[(u64, UserId)]) -> Result<(), GroupStoreError> {
+        for (gid, uid) in reads {
+            sqlx::query("UPDATE member SET read_seq = 0 WHERE gid = ? AND uid = ?")
+                .bind(id(*gid))
+                .bind(uid.as_str())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn read_seq(&self, gid: u64, uid: &UserId) -> Result<u64, GroupStoreError> {
         let read: Option<i64> =
             sqlx::query_scalar("SELECT read_seq FROM member WHERE gid = ? AND uid = ?")

@@ -125,6 +125,12 @@ pub trait GroupStore: Send + Sync + 'static {
     async fn mark_read(&self, id: u64, uid: &UserId, seq: u64) -> Result<u64, GroupStoreError>;
     /// A member's read cursor (0 for a non-member or nothing read).
     async fn read_seq(&self, id: u64, uid: &UserId) -> Result<u64, GroupStoreError>;
+    /// Read cursors this store kept before the message store kept every
+    /// conversation's (protocol version 2): up to `limit` of them above 0,
+    /// as (group, member, cursor), for importing there once.
+    async fn legacy_reads(&self, limit: u32) -> Result<Vec<(u64, UserId, u64)>, GroupStoreError>;
+    /// Sets these members' cursors to 0: they were imported.
+    async fn clear_legacy_reads(&self, reads: &[(u64, UserId)]) -> Result<(), GroupStoreError>;
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), GroupStoreError>;
     async fn close(&self);

@@ -473,3 +473,33 @@ impl Logic {
         })
     }
 }
+
+/// Moves the read cursors the group store kept before version 2 into the
+/// message store, where every conversation's cursor lives now: each is a
+/// `Read` (which only moves a cursor forward, so a repeat after a crash
+/// changes nothing), cleared in the group store once committed. Returns
+/// how many moved; after the first run there are none.
+pub async fn import_legacy_reads(
+    groups: &dyn natter_group::GroupStore,
+    committer: &natter_record::Committer,
+) -> Result<u64, Refusal> {
+    let mut moved = 0;
+    loop {
+        let reads = groups.legacy_reads(500).await?;
+        if reads.is_empty() {
+            return Ok(moved);
+        }
+        for (group, uid, seq) in &reads {
+            let write = Write::Read {
+                owner: uid.clone(),
+                conversation: group_conversation(*group),
+                seq: *seq,
+                floor: 0,
+            };
+            committer.write(write).await?;
+        }
+        let done: Vec<(u64, UserId)> = reads.into_iter().map(|(g, u, _)| (g, u)).collect();
+        groups.clear_legacy_reads(&done).await?;
+        moved += done.len() as u64;
+    }
+}

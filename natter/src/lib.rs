@@ -160,6 +160,13 @@ async fn start_logic(
         registry,
         stop.clone(),
     );
+    // Group read cursors of an older version move to the message store.
+    let imported = natter_logic::conversations::import_legacy_reads(&*group_store, &committer)
+        .await
+        .map_err(|e| anyhow::anyhow!("importing group read cursors: {}", e.message))?;
+    if imported > 0 {
+        tracing::info!(imported, "group read cursors moved to the message store");
+    }
     // Sessions: in memory, or in Redis when configured.
     let directory: Arc<dyn SessionDirectory> = if config.sessions.redis_url.is_empty() {
         Arc::new(MemoryDirectory::default())

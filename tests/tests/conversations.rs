@@ -118,7 +118,10 @@ async fn unread_counts_read_cursors_and_read_notifies_in_one_to_one() {
     let mut last = 0;
     for i in 0..3 {
         last = alice
-            .send(&"bob".parse().expect("uid"), MessageBody::text(format!("m{i}")))
+            .send(
+                &"bob".parse().expect("uid"),
+                MessageBody::text(format!("m{i}")),
+            )
             .await
             .expect("sent")
             .mid;
@@ -139,7 +142,11 @@ async fn unread_counts_read_cursors_and_read_notifies_in_one_to_one() {
         let notify = next_notify(events, NOTIFY_READ).await;
         let receipt = ReadReceipt::decode(notify.payload.as_slice()).expect("a receipt");
         assert_eq!(
-            (receipt.conversation.as_str(), receipt.reader.as_str(), receipt.seq),
+            (
+                receipt.conversation.as_str(),
+                receipt.reader.as_str(),
+                receipt.seq
+            ),
             (conv, "bob", 2)
         );
     }
@@ -172,7 +179,9 @@ async fn unread_counts_read_cursors_and_read_notifies_in_one_to_one() {
     .await
     .expect("receipts");
     assert_eq!(receipts.read_count, 1);
-    let readers = receipts.readers.expect("one-to-one receipts name the reader");
+    let readers = receipts
+        .readers
+        .expect("one-to-one receipts name the reader");
     assert_eq!(readers[0].uid.as_str(), "bob");
     assert_eq!(
         code(
@@ -294,7 +303,10 @@ async fn edits_and_revokes_reach_every_device_and_an_offline_one_never_sees_the_
         .send(&bob_id, MessageBody::text("see you tomorow"))
         .await
         .expect("sent");
-    assert_eq!(text_of(&next_message(&mut bob_events).await), "the secret is 42");
+    assert_eq!(
+        text_of(&next_message(&mut bob_events).await),
+        "the secret is 42"
+    );
     next_message(&mut bob_events).await;
 
     // Edit: the event reaches bob; history shows the new text, marked.
@@ -346,17 +358,38 @@ async fn edits_and_revokes_reach_every_device_and_an_offline_one_never_sees_the_
     assert!(first.body.is_none() && first.revoked_ms != 0);
 
     // Someone else's message, a revoked one, an unknown one: refused.
-    assert_eq!(refused(bob.send(&alice_id, revoke(typo.mid)).await), ErrorCode::Forbidden);
-    assert_eq!(refused(bob.send(&alice_id, edit(typo.mid, "x")).await), ErrorCode::Forbidden);
-    assert_eq!(refused(alice.send(&bob_id, edit(secret.mid, "x")).await), ErrorCode::Conflict);
-    assert_eq!(refused(alice.send(&bob_id, revoke(secret.mid)).await), ErrorCode::Conflict);
-    assert_eq!(refused(alice.send(&bob_id, revoke(12345)).await), ErrorCode::NotFound);
+    assert_eq!(
+        refused(bob.send(&alice_id, revoke(typo.mid)).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        refused(bob.send(&alice_id, edit(typo.mid, "x")).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        refused(alice.send(&bob_id, edit(secret.mid, "x")).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        refused(alice.send(&bob_id, revoke(secret.mid)).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        refused(alice.send(&bob_id, revoke(12345)).await),
+        ErrorCode::NotFound
+    );
     // A message of another conversation is not found through this one.
     let other = alice
-        .send(&"carol".parse().expect("uid"), MessageBody::text("hi carol"))
+        .send(
+            &"carol".parse().expect("uid"),
+            MessageBody::text("hi carol"),
+        )
         .await
         .expect("sent");
-    assert_eq!(refused(alice.send(&bob_id, revoke(other.mid)).await), ErrorCode::NotFound);
+    assert_eq!(
+        refused(alice.send(&bob_id, revoke(other.mid)).await),
+        ErrorCode::NotFound
+    );
     // Edits and revokes are not unread.
     assert_eq!(entry(&bob, "p:alice:bob").await.unread, 2);
     server.stop().await;
@@ -384,8 +417,14 @@ async fn the_revoke_window_closes() {
         .await
         .expect("sent");
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(refused(alice.send(&bob_id, revoke(late.mid)).await), ErrorCode::Forbidden);
-    assert_eq!(refused(alice.send(&bob_id, edit(late.mid, "x")).await), ErrorCode::Forbidden);
+    assert_eq!(
+        refused(alice.send(&bob_id, revoke(late.mid)).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        refused(alice.send(&bob_id, edit(late.mid, "x")).await),
+        ErrorCode::Forbidden
+    );
     server.stop().await;
 }
 
@@ -425,10 +464,15 @@ async fn group_receipts_typing_and_moderation() {
     for events in [&mut alice_events, &mut bob_events] {
         let notify = next_notify(events, NOTIFY_READ).await;
         let receipt = ReadReceipt::decode(notify.payload.as_slice()).expect("a receipt");
-        assert_eq!((receipt.reader.as_str(), receipt.seq), ("carol", hello.conv_seq));
+        assert_eq!(
+            (receipt.reader.as_str(), receipt.seq),
+            ("carol", hello.conv_seq)
+        );
     }
     let path = format!("/v1/conversations/{conv}/messages/{}/receipts", hello.mid);
-    let receipts: ReceiptsView = call(&alice, Method::GET, &path, None).await.expect("receipts");
+    let receipts: ReceiptsView = call(&alice, Method::GET, &path, None)
+        .await
+        .expect("receipts");
     // Carol read it, and bob read it by sending after it; alice sent it.
     assert_eq!(receipts.read_count, 2);
     let mut names: Vec<String> = receipts
@@ -466,7 +510,10 @@ async fn group_receipts_typing_and_moderation() {
     for events in [&mut alice_events, &mut bob_events] {
         let notify = next_notify(events, NOTIFY_TYPING).await;
         let notice = TypingNotice::decode(notify.payload.as_slice()).expect("a notice");
-        assert_eq!((notice.user.as_str(), notice.conversation.as_str()), ("carol", conv.as_str()));
+        assert_eq!(
+            (notice.user.as_str(), notice.conversation.as_str()),
+            ("carol", conv.as_str())
+        );
     }
     no_notify(&mut carol_events, NOTIFY_TYPING, Duration::from_millis(300)).await;
     let mut limited = false;
