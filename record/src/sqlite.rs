@@ -1464,7 +1464,11 @@ impl MessageStore for SqliteStore {
         // One-to-one rows: a page of the `chat_recent` index after the key.
         // (pinned 2 is past every row: no key means from the top.)
         let (pinned, last_mid, conv) = match &q.after {
-            Some(k) => (i64::from(k.pinned), k.last_mid.min(MAX_ID) as i64, k.conversation.as_str()),
+            Some(k) => (
+                i64::from(k.pinned),
+                k.last_mid.min(MAX_ID) as i64,
+                k.conversation.as_str(),
+            ),
             None => (2, 0, ""),
         };
         let rows = sqlx::query(LIST_P2P_SQL)
@@ -1552,7 +1556,11 @@ impl MessageStore for SqliteStore {
         }
         // List order: pinned, newest activity, conversation id, descending.
         entries.sort_by(|(ma, a), (mb, b)| {
-            (b.settings.pinned, *mb, &b.conversation).cmp(&(a.settings.pinned, *ma, &a.conversation))
+            (b.settings.pinned, *mb, &b.conversation).cmp(&(
+                a.settings.pinned,
+                *ma,
+                &a.conversation,
+            ))
         });
         let more = entries.len() > limit;
         entries.truncate(limit);
@@ -1616,8 +1624,8 @@ impl MessageStore for SqliteStore {
         change: SettingsChange,
     ) -> Result<Settings, StoreError> {
         self.closed()?;
-        let peer = parse_p2p_conversation(conversation)
-            .map(|(a, b)| if a == *owner { b } else { a });
+        let peer =
+            parse_p2p_conversation(conversation).map(|(a, b)| if a == *owner { b } else { a });
         // Through the writer lock: SQLite has one writer.
         let _writer = self.writer.lock().await;
         let mut tx = WriteTx::begin(&self.pool).await?;
