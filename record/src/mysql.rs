@@ -18,7 +18,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
 
 use crate::batch::{
-    expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Walk, MESSAGE_COLUMNS,
+    expiry_mid_bound, touched, walk, CursorKey, DedupeKey, DeviceCursor, Effect, ReadKey, Walk,
+    MESSAGE_COLUMNS,
 };
 use crate::store::*;
 use natter_proto::UserId;
@@ -79,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         11,
         "user logout",
         include_str!("../migrations/mysql/0011_user_logout.sql"),
+    ),
+    (
+        12,
+        "conversations",
+        include_str!("../migrations/mysql/0012_conversations.sql"),
     ),
 ];
 
@@ -225,6 +231,106 @@ impl MySqlStore {
         } else {
             Ok(())
         }
+    }
+}
+
+impl MySqlStore {
+    /// The list entries of the query's groups (after its key), each with its
+    /// newest mid as of the user's join point: nothing from before the user
+    /// joined shows. A member without a row counts from its join point.
+    async fn group_entries(
+        &self,
+        q: &ConversationQuery,
+    ) -> Result<Vec<(u64, ConversationEntry)>, StoreError> {
+        // (group, conversation, floor): positions up to the floor count as read.
+        let groups: Vec<(u64, String, u64)> = q
+            .groups
+            .iter()
+            .map(|(g, join)| (*g, group_conversation(*g), join.saturating_sub(1)))
+            .collect();
+        let mut b = QueryBuilder::<MySql>::new(
+            "SELECT conv_id, last_seq, last_mid FROM conversation WHERE conv_id IN ",
+        );
+        b.push_tuples(&groups, |mut t, (_, c, _)| {
+            t.push_bind(c.as_str());
+        });
+        let rows: Vec<(Vec<u8>, i64, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
+        let mut newest: HashMap<String, (u64, u64)> = HashMap::with_capacity(rows.len());
+        for (c, seq, mid) in rows {
+            newest.insert(device_id(c)?, (seq as u64, mid as u64));
+        }
+        let mut b = QueryBuilder::<MySql>::new(
+            "SELECT conv_id, read_seq, pinned, push FROM chat WHERE owner = ",
+        );
+        b.push_bind(q.owner.as_str()).push(" AND conv_id IN ");
+        b.push_tuples(&groups, |mut t, (_, c, _)| {
+            t.push_bind(c.as_str());
+        });
+        let rows: Vec<(Vec<u8>, i64, i64, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
+        let mut own: HashMap<String, (u64, Settings)> = HashMap::with_capacity(rows.len());
+        for (c, read_seq, pinned, push) in rows {
+            let settings = Settings {
+                pinned: pinned != 0,
+                push: PushMode::from_i64(push),
+            };
+            own.insert(device_id(c)?, (read_seq as u64, settings));
+        }
+        // Each group's cursor: the user's, or the join point without one.
+        let cursors: Vec<(&str, u64)> = groups
+            .iter()
+            .map(|(_, c, floor)| {
+                let read_seq = own.get(c).map_or(0, |(seq, _)| *seq);
+                (c.as_str(), read_seq.max(*floor))
+            })
+            .collect();
+        // The markers after each cursor, in one range scan per group.
+        let mut b = QueryBuilder::<MySql>::new("SELECT conv_id, COUNT(*) FROM conv_marker WHERE ");
+        for (n, (c, read_seq)) in cursors.iter().enumerate() {
+            if n > 0 {
+                b.push(" OR ");
+            }
+            b.push("(conv_id = ")
+                .push_bind(*c)
+                .push(" AND conv_seq > ")
+                .push_bind(i(*read_seq))
+                .push(")");
+        }
+        b.push(" GROUP BY conv_id");
+        let rows: Vec<(Vec<u8>, i64)> = b.build_query_as().fetch_all(&self.pool).await?;
+        let mut markers: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+        for (c, count) in rows {
+            markers.insert(device_id(c)?, count.max(0) as u64);
+        }
+        let mut entries = Vec::with_capacity(groups.len());
+        for ((group, conversation, floor), (_, read_seq)) in groups.iter().zip(&cursors) {
+            let (last_seq, last_mid) = newest.get(conversation).copied().unwrap_or((0, 0));
+            let settings = own.get(conversation).map(|(_, s)| *s).unwrap_or_default();
+            // Nothing from before the user joined shows.
+            let mid = if last_seq > *floor { last_mid } else { 0 };
+            let key = ListKey {
+                pinned: settings.pinned,
+                last_mid: mid,
+                conversation: conversation.clone(),
+            };
+            if q.after.as_ref().is_some_and(|after| key >= *after) {
+                continue;
+            }
+            let markers = markers.get(conversation).copied().unwrap_or(0);
+            entries.push((
+                mid,
+                ConversationEntry {
+                    peer: Peer::Group(*group),
+                    conversation: conversation.clone(),
+                    last: None,
+                    last_seq,
+                    read_seq: *read_seq,
+                    unread: unread(last_seq, *read_seq, markers),
+                    peer_read_seq: 0,
+                    settings,
+                },
+            ));
+        }
+        Ok(entries)
     }
 }
 
@@ -388,21 +494,143 @@ async fn lock_cursors(
     Ok(cursors)
 }
 
+/// Locks and reads the stored read cursors of the batch's reads (absent:
+/// none yet). The batch holds their conversations' counters, so no other
+/// batch moves them meanwhile; the locking read sees the newest committed
+/// rows, not the transaction's older snapshot.
+async fn lock_read_cursors(
+    conn: &mut MySqlConnection,
+    writes: &[Write],
+) -> Result<HashMap<ReadKey, u64>, sqlx::Error> {
+    let mut keys: Vec<(&UserId, &str)> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Read {
+                owner,
+                conversation,
+                ..
+            } => Some((owner, conversation.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut cursors = HashMap::new();
+    if keys.is_empty() {
+        return Ok(cursors);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut q = QueryBuilder::<MySql>::new(
+        "SELECT owner, conv_id, read_seq FROM chat WHERE (owner, conv_id) IN ",
+    );
+    q.push_tuples(&keys, |mut b, (owner, conversation)| {
+        b.push_bind(owner.as_str()).push_bind(*conversation);
+    });
+    q.push(" ORDER BY owner, conv_id FOR UPDATE");
+    let rows: Vec<(Vec<u8>, Vec<u8>, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+    for (owner, conversation, read_seq) in rows {
+        cursors.insert((uid(owner)?, device_id(conversation)?), read_seq as u64);
+    }
+    Ok(cursors)
+}
+
+/// Messages from others after a read cursor: the positions after it that
+/// are not markers.
+fn unread(last_seq: u64, read_seq: u64, markers: u64) -> u64 {
+    last_seq.saturating_sub(read_seq).saturating_sub(markers)
+}
+
+/// The markers of `conversation` in (`after`, `upto`]. A locking read: the
+/// batch's snapshot may be older than the markers of the batch that held
+/// the conversation before it.
+async fn markers_between(
+    conn: &mut MySqlConnection,
+    conversation: &str,
+    after: u64,
+    upto: u64,
+) -> Result<u64, sqlx::Error> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM conv_marker WHERE conv_id = ? AND conv_seq > ? AND conv_seq <= ? \
+         LOCK IN SHARE MODE",
+    )
+    .bind(conversation)
+    .bind(i(after))
+    .bind(i(upto))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(count.max(0) as u64)
+}
+
+/// Applies a revoke or an edit to its target message, which must be in the
+/// same conversation.
+async fn apply_effect(conn: &mut MySqlConnection, effect: &Effect) -> Result<(), sqlx::Error> {
+    match effect {
+        Effect::Revoke {
+            conversation,
+            target,
+            at,
+        } => {
+            sqlx::query(
+                "UPDATE message SET content = '', revoked_at = ? \
+                 WHERE mid = ? AND conv_id = ? AND revoked_at = 0",
+            )
+            .bind(at)
+            .bind(i(*target))
+            .bind(conversation.as_str())
+            .execute(&mut *conn)
+            .await?;
+            // The edits of a revoked message lose their text too.
+            sqlx::query(
+                "UPDATE message m JOIN conv_marker k \
+                 ON k.conv_id = m.conv_id AND k.conv_seq = m.conv_seq \
+                 SET m.content = ? WHERE k.target = ? AND k.conv_id = ? AND m.msg_type = 13",
+            )
+            .bind(crate::batch::revoked_edit(*target))
+            .bind(i(*target))
+            .bind(conversation.as_str())
+            .execute(&mut *conn)
+            .await?;
+        }
+        Effect::Edit {
+            conversation,
+            target,
+            content,
+            at,
+        } => {
+            sqlx::query(
+                "UPDATE message SET content = ?, edited_at = ? \
+                 WHERE mid = ? AND conv_id = ? AND revoked_at = 0 AND msg_type = 1",
+            )
+            .bind(content.as_slice())
+            .bind(at)
+            .bind(i(*target))
+            .bind(conversation.as_str())
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// One batch, in the caller's transaction.
 async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outcome>, sqlx::Error> {
     let touched = touched(writes);
     let existing = find_existing(conn, &touched.keys).await?;
     let (mut conv, mut user) = lock_counters(conn, &touched.convs, &touched.users).await?;
     let mut devices = lock_cursors(conn, &touched.devices).await?;
-    let read_cursors = HashMap::new(); // MYSQL-TODO
+    let read_cursors = lock_read_cursors(conn, writes).await?;
     let Walk {
-        outcomes,
+        mut outcomes,
         messages,
         relations,
         received,
         touched_convs,
         touched_users,
-        ..
+        mut chats,
+        last_mids,
+        markers,
+        effects,
+        forget,
+        reads,
     } = walk(
         writes,
         &existing,
@@ -455,13 +683,66 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
         q.build().execute(&mut *conn).await?;
     }
     if !touched_convs.is_empty() {
-        let mut q = QueryBuilder::<MySql>::new("INSERT INTO conversation (conv_id, last_seq) ");
+        let last_mid: HashMap<&str, u64> =
+            last_mids.iter().map(|(c, m)| (c.as_str(), *m)).collect();
+        let mut q =
+            QueryBuilder::<MySql>::new("INSERT INTO conversation (conv_id, last_seq, last_mid) ");
         q.push_values(&touched_convs, |mut b, c| {
             b.push_bind(c.as_str())
-                .push_bind(i(conv.get(c).copied().unwrap_or(0)));
+                .push_bind(i(conv.get(c).copied().unwrap_or(0)))
+                .push_bind(i(last_mid.get(c.as_str()).copied().unwrap_or(0)));
         });
-        q.push(" ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)");
+        q.push(" ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq), last_mid = VALUES(last_mid)");
         q.build().execute(&mut *conn).await?;
+    }
+    if !chats.is_empty() {
+        // In key order, like every other lock a batch takes. A racing writer
+        // may have moved a row on: cursors and newest mids never move back.
+        chats
+            .sort_unstable_by(|a, b| (&a.owner, &a.conversation).cmp(&(&b.owner, &b.conversation)));
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO chat (owner, conv_id, peer, read_seq, last_mid) ",
+        );
+        q.push_values(&chats, |mut b, c| {
+            b.push_bind(c.owner.as_str())
+                .push_bind(c.conversation.as_str())
+                .push_bind(c.peer.as_ref().map_or("", |p| p.as_str()))
+                .push_bind(i(c.read_seq))
+                .push_bind(i(c.last_mid));
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE read_seq = GREATEST(read_seq, VALUES(read_seq)), \
+             last_mid = GREATEST(last_mid, VALUES(last_mid))",
+        );
+        q.build().execute(&mut *conn).await?;
+    }
+    if !markers.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO conv_marker (conv_id, conv_seq, target) ",
+        );
+        q.push_values(&markers, |mut b, (c, seq, target)| {
+            b.push_bind(c.as_str())
+                .push_bind(i(*seq))
+                .push_bind(i(*target));
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    for effect in &effects {
+        apply_effect(conn, effect).await?;
+    }
+    for (owner, conversation) in &forget {
+        sqlx::query("DELETE FROM chat WHERE owner = ? AND conv_id = ?")
+            .bind(owner.as_str())
+            .bind(conversation.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for (index, (_, conversation), _) in &reads {
+        if let Some(Outcome::Read(state)) = outcomes.get_mut(*index) {
+            let markers =
+                markers_between(conn, conversation, state.read_seq, state.last_seq).await?;
+            state.unread = unread(state.last_seq, state.read_seq, markers);
+        }
     }
     if !touched_users.is_empty() {
         let mut q = QueryBuilder::<MySql>::new("INSERT INTO user_sequence (owner, last_seq) ");
@@ -738,46 +1019,232 @@ impl MessageStore for MySqlStore {
         )
     }
 
-    async fn message(&self, _mid: u64) -> Result<Option<StoredMessage>, StoreError> {
-        unimplemented!("MYSQL-TODO")
+    async fn message(&self, mid: u64) -> Result<Option<StoredMessage>, StoreError> {
+        self.closed()?;
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.mid = ?");
+        let row = sqlx::query(&sql)
+            .bind(i(mid))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(message_from_row).transpose()?)
     }
 
     async fn conversations(
         &self,
-        _q: &ConversationQuery,
+        q: &ConversationQuery,
     ) -> Result<Page<ConversationEntry>, StoreError> {
-        unimplemented!("MYSQL-TODO")
+        self.closed()?;
+        let limit = q.limit as usize;
+        // One-to-one rows: a page of the `chat_recent` index after the key,
+        // with the conversation's newest position, the markers after the
+        // user's cursor, and the other user's cursor. The key comparison is
+        // spelled out: MySQL ranges an index by a row comparison only as a
+        // chain of ORs.
+        let mut b = QueryBuilder::<MySql>::new(
+            "SELECT h.conv_id, h.peer, h.read_seq, h.pinned, h.push, h.last_mid, \
+             COALESCE(c.last_seq, 0) AS last_seq, \
+             (SELECT COUNT(*) FROM conv_marker k \
+              WHERE k.conv_id = h.conv_id AND k.conv_seq > h.read_seq) AS markers, \
+             COALESCE((SELECT o.read_seq FROM chat o \
+              WHERE o.owner = h.peer AND o.conv_id = h.conv_id), 0) AS peer_read \
+             FROM chat h LEFT JOIN conversation c ON c.conv_id = h.conv_id WHERE h.owner = ",
+        );
+        b.push_bind(q.owner.as_str()).push(" AND h.peer != ''");
+        if let Some(after) = &q.after {
+            let pinned = i64::from(after.pinned);
+            let last_mid = i(after.last_mid);
+            b.push(" AND (h.pinned < ")
+                .push_bind(pinned)
+                .push(" OR (h.pinned = ")
+                .push_bind(pinned)
+                .push(" AND (h.last_mid < ")
+                .push_bind(last_mid)
+                .push(" OR (h.last_mid = ")
+                .push_bind(last_mid)
+                .push(" AND h.conv_id < ")
+                .push_bind(after.conversation.as_str())
+                .push("))))");
+        }
+        b.push(" ORDER BY h.pinned DESC, h.last_mid DESC, h.conv_id DESC LIMIT ")
+            .push_bind(limit as i64 + 1);
+        let rows = b.build().fetch_all(&self.pool).await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let last_seq = row.try_get::<i64, _>("last_seq")? as u64;
+            let read_seq = row.try_get::<i64, _>("read_seq")? as u64;
+            let markers = row.try_get::<i64, _>("markers")?.max(0) as u64;
+            let mid = row.try_get::<i64, _>("last_mid")? as u64;
+            entries.push((
+                mid,
+                ConversationEntry {
+                    peer: Peer::User(uid(row.try_get("peer")?)?),
+                    conversation: device_id(row.try_get("conv_id")?)?,
+                    last: None,
+                    last_seq,
+                    read_seq,
+                    unread: unread(last_seq, read_seq, markers),
+                    peer_read_seq: row.try_get::<i64, _>("peer_read")? as u64,
+                    settings: Settings {
+                        pinned: row.try_get::<i64, _>("pinned")? != 0,
+                        push: PushMode::from_i64(row.try_get("push")?),
+                    },
+                },
+            ));
+        }
+        if !q.groups.is_empty() {
+            entries.extend(self.group_entries(q).await?);
+        }
+        // List order: pinned, newest activity, conversation id, descending.
+        entries.sort_by(|(ma, a), (mb, b)| {
+            (b.settings.pinned, *mb, &b.conversation).cmp(&(
+                a.settings.pinned,
+                *ma,
+                &a.conversation,
+            ))
+        });
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let mids: Vec<u64> = entries
+            .iter()
+            .map(|(mid, _)| *mid)
+            .filter(|mid| *mid != 0)
+            .collect();
+        let mut last: HashMap<u64, StoredMessage> = HashMap::with_capacity(mids.len());
+        if !mids.is_empty() {
+            let mut b = QueryBuilder::<MySql>::new(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.mid IN "
+            ));
+            b.push_tuples(&mids, |mut t, mid| {
+                t.push_bind(i(*mid));
+            });
+            for row in &b.build().fetch_all(&self.pool).await? {
+                let m = message_from_row(row)?;
+                last.insert(m.mid, m);
+            }
+        }
+        Ok(Page {
+            items: entries
+                .into_iter()
+                .map(|(mid, mut e)| {
+                    e.last = last.get(&mid).cloned();
+                    e
+                })
+                .collect(),
+            more,
+        })
     }
 
     async fn read_state(
         &self,
-        _owner: &UserId,
-        _conversation: &str,
-        _floor: u64,
+        owner: &UserId,
+        conversation: &str,
+        floor: u64,
     ) -> Result<ReadState, StoreError> {
-        unimplemented!("MYSQL-TODO")
+        self.closed()?;
+        let (last_seq, read_seq): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE((SELECT last_seq FROM conversation WHERE conv_id = ?), 0), \
+             COALESCE((SELECT read_seq FROM chat WHERE owner = ? AND conv_id = ?), 0)",
+        )
+        .bind(conversation)
+        .bind(owner.as_str())
+        .bind(conversation)
+        .fetch_one(&self.pool)
+        .await?;
+        let last_seq = last_seq as u64;
+        let read_seq = (read_seq as u64).max(floor).min(last_seq.max(floor));
+        let markers: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM conv_marker WHERE conv_id = ? AND conv_seq > ? AND conv_seq <= ?",
+        )
+        .bind(conversation)
+        .bind(i(read_seq))
+        .bind(i(last_seq))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ReadState {
+            last_seq,
+            read_seq,
+            unread: unread(last_seq, read_seq, markers.max(0) as u64),
+            moved: false,
+        })
     }
 
     async fn set_settings(
         &self,
-        _owner: &UserId,
-        _conversation: &str,
-        _change: SettingsChange,
+        owner: &UserId,
+        conversation: &str,
+        change: SettingsChange,
     ) -> Result<Settings, StoreError> {
-        unimplemented!("MYSQL-TODO")
+        self.closed()?;
+        let peer =
+            parse_p2p_conversation(conversation).map(|(a, b)| if a == *owner { b } else { a });
+        let pinned = change.pinned.map(i64::from);
+        let push = change.push.map(PushMode::as_i64);
+        let mut tx = self.pool.begin().await?;
+        // Creates the user's row if needed and changes the settings given
+        // (NULL keeps one).
+        sqlx::query(
+            "INSERT INTO chat (owner, conv_id, peer, pinned, push) \
+             VALUES (?, ?, ?, COALESCE(?, 0), COALESCE(?, 0)) \
+             ON DUPLICATE KEY UPDATE pinned = COALESCE(?, pinned), push = COALESCE(?, push)",
+        )
+        .bind(owner.as_str())
+        .bind(conversation)
+        .bind(peer.as_ref().map_or("", |p| p.as_str()))
+        .bind(pinned)
+        .bind(push)
+        .bind(pinned)
+        .bind(push)
+        .execute(&mut *tx)
+        .await?;
+        let (pinned, push): (i64, i64) =
+            sqlx::query_as("SELECT pinned, push FROM chat WHERE owner = ? AND conv_id = ?")
+                .bind(owner.as_str())
+                .bind(conversation)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(Settings {
+            pinned: pinned != 0,
+            push: PushMode::from_i64(push),
+        })
     }
 
     async fn readers(
         &self,
-        _conversation: &str,
-        _seq: u64,
-        _limit: u32,
+        conversation: &str,
+        seq: u64,
+        limit: u32,
     ) -> Result<Vec<Reader>, StoreError> {
-        unimplemented!("MYSQL-TODO")
+        self.closed()?;
+        let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT owner, read_seq FROM chat \
+             WHERE conv_id = ? AND read_seq >= ? AND peer = '' ORDER BY owner LIMIT ?",
+        )
+        .bind(conversation)
+        .bind(i(seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut readers = Vec::with_capacity(rows.len());
+        for (owner, read_seq) in rows {
+            readers.push(Reader {
+                uid: uid(owner)?,
+                read_seq: read_seq as u64,
+            });
+        }
+        Ok(readers)
     }
 
-    async fn read_count(&self, _conversation: &str, _seq: u64) -> Result<u64, StoreError> {
-        unimplemented!("MYSQL-TODO")
+    async fn read_count(&self, conversation: &str, seq: u64) -> Result<u64, StoreError> {
+        self.closed()?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM chat WHERE conv_id = ? AND read_seq >= ? AND peer = ''",
+        )
+        .bind(conversation)
+        .bind(i(seq))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count.max(0) as u64)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -875,6 +1342,107 @@ mod tests {
         for name in names {
             drop_database(&name).await;
         }
+    }
+
+    /// A database from before conversations gets them from what it holds:
+    /// each conversation's newest message, a row per one-to-one party with
+    /// what it sent read, and group events that are no unread messages.
+    #[tokio::test]
+    async fn conversations_of_a_database_before_them_are_listed() {
+        let (url, name) = fresh_database().await;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .expect("pool");
+        migrate_exclusively(&pool, &crate::migrations::migrator(&MIGRATIONS[..11], true))
+            .await
+            .expect("the migrations before conversations");
+        for sql in [
+            // a -> b twice, b -> a once; in group 7 a text, an event, a text.
+            "INSERT INTO message VALUES \
+             (100, 'p:a:b', 1, 'a', 'phone', 1, 'b', 1, x'0a040a026869', 1700000000000), \
+             (101, 'p:a:b', 2, 'a', 'phone', 2, 'b', 1, x'0a040a026869', 1700000000001), \
+             (102, 'p:a:b', 3, 'b', 'phone', 1, 'a', 1, x'0a040a026869', 1700000000002), \
+             (103, 'g:7', 1, 'a', 'phone', 3, '', 1, x'0a040a026869', 1700000000003), \
+             (104, 'g:7', 2, 'a', '', 1, '', 11, x'', 1700000000004), \
+             (105, 'g:7', 3, 'a', 'phone', 4, '', 1, x'0a040a026869', 1700000000005)",
+            "INSERT INTO relation VALUES \
+             ('a', 1, 100, 'b', 1, 0, 0), ('a', 2, 101, 'b', 1, 0, 0), ('a', 3, 102, 'b', 2, 0, 0), \
+             ('b', 1, 100, 'a', 2, 0, 0), ('b', 2, 101, 'a', 2, 0, 0), ('b', 3, 102, 'a', 1, 0, 0)",
+            "INSERT INTO conversation VALUES ('p:a:b', 3), ('g:7', 3)",
+            "INSERT INTO user_sequence VALUES ('a', 3), ('b', 3)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+        pool.close().await;
+        let store = MySqlStore::connect(&url, &MySqlOptions::default())
+            .await
+            .expect("migrated");
+        let id = |s: &str| UserId::parse(s).expect("a valid user id");
+        let list = |owner: &str, groups: Vec<(u64, u64)>| ConversationQuery {
+            owner: id(owner),
+            groups,
+            after: None,
+            limit: 10,
+        };
+        let a = store
+            .conversations(&list("a", vec![]))
+            .await
+            .expect("list")
+            .items;
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].conversation, "p:a:b");
+        assert_eq!(a[0].last.as_ref().map(|m| m.mid), Some(102));
+        assert_eq!(
+            (
+                a[0].last_seq,
+                a[0].read_seq,
+                a[0].unread,
+                a[0].peer_read_seq
+            ),
+            (3, 2, 1, 3)
+        );
+        let b = store
+            .conversations(&list("b", vec![]))
+            .await
+            .expect("list")
+            .items;
+        assert_eq!((b[0].read_seq, b[0].unread, b[0].peer_read_seq), (3, 0, 2));
+        let c = store
+            .conversations(&list("c", vec![(7, 1)]))
+            .await
+            .expect("list")
+            .items;
+        assert_eq!(c[0].last.as_ref().map(|m| m.mid), Some(105));
+        assert_eq!(
+            (c[0].last_seq, c[0].unread),
+            (3, 2),
+            "the event is no message"
+        );
+        // The conversation goes on from there.
+        store
+            .write_batch(&[Write::Message(NewMessage {
+                mid: 200,
+                time_ms: 1_700_000_000_200,
+                sender: id("b"),
+                sender_device: "phone".into(),
+                client_seq: 2,
+                to: Peer::User(id("a")),
+                msg_type: 1,
+                content: vec![0x0a, 0x04, 0x0a, 0x02, b'h', b'i'],
+            })])
+            .await
+            .expect("write");
+        let a = store
+            .conversations(&list("a", vec![]))
+            .await
+            .expect("list")
+            .items;
+        assert_eq!(a[0].last.as_ref().map(|m| m.mid), Some(200));
+        assert_eq!((a[0].last_seq, a[0].unread), (4, 2));
+        store.close().await;
+        drop_database(&name).await;
     }
 
     #[tokio::test]

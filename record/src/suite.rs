@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use natter_proto::msg::{MessageBody, MessageType};
+use natter_proto::msg::{Content, Edit, GroupEvent, Image, MessageBody, MessageType, Revoke, Text};
 use prost::Message as _;
 
 use natter_proto::UserId;
@@ -80,6 +80,13 @@ where
     pages_stop_at_their_byte_budget(&make().await).await;
     user_ids_are_compared_byte_for_byte(&make().await).await;
     logouts_are_kept_per_user_and_never_move_back(&make().await).await;
+    conversation_list_counts_what_others_sent(&make().await).await;
+    conversation_pages_never_repeat_or_skip(&make().await).await;
+    read_cursors_only_move_forward_and_stop_at_the_newest(&make().await).await;
+    markers_are_not_unread(&make().await).await;
+    revoke_and_edit_change_their_target_only(&make().await).await;
+    groups_count_from_the_join_point(&make().await).await;
+    group_readers_and_settings_and_forgetting(&make().await).await;
 }
 
 /// A user's logout time is kept byte for byte by id, a later logout
@@ -808,4 +815,726 @@ async fn expiry_deletes_old_messages_only(store: &dyn MessageStore) {
     let next = store_one(store, 1, 2, 10).await;
     assert_eq!(next.message.conv_seq, 7);
     assert_eq!(next.receiver_seq, 7);
+}
+
+/// A message of any body from `sender` to `to`.
+fn with_body(sender: u64, to: Peer, client_seq: u64, content: Content) -> NewMessage {
+    typed(
+        u(sender),
+        to,
+        client_seq,
+        MessageBody {
+            content: Some(content),
+        },
+    )
+}
+
+/// Stores one message and returns what the store says.
+async fn store_message(store: &dyn MessageStore, message: NewMessage) -> Stored {
+    match store.write_batch(&[Write::Message(message)]).await {
+        Ok(outcomes) => match outcomes.into_iter().next() {
+            Some(Outcome::Stored(stored)) => stored,
+            other => panic!("expected a stored message, got {other:?}"),
+        },
+        Err(e) => panic!("write: {e}"),
+    }
+}
+
+/// Moves `owner`'s read cursor and returns the read state the store gives.
+async fn read(
+    store: &dyn MessageStore,
+    owner: u64,
+    conversation: &str,
+    seq: u64,
+    floor: u64,
+) -> ReadState {
+    let outcomes = store
+        .write_batch(&[Write::Read {
+            owner: u(owner),
+            conversation: conversation.to_string(),
+            seq,
+            floor,
+        }])
+        .await
+        .expect("read");
+    match outcomes.into_iter().next() {
+        Some(Outcome::Read(state)) => state,
+        other => panic!("expected a read state, got {other:?}"),
+    }
+}
+
+/// A page of `owner`'s conversation list.
+async fn list(
+    store: &dyn MessageStore,
+    owner: u64,
+    groups: &[(u64, u64)],
+    after: Option<ListKey>,
+    limit: u32,
+) -> Page<ConversationEntry> {
+    store
+        .conversations(&ConversationQuery {
+            owner: u(owner),
+            groups: groups.to_vec(),
+            after,
+            limit,
+        })
+        .await
+        .expect("conversations")
+}
+
+fn p2p(a: u64, b: u64) -> String {
+    p2p_conversation(&u(a), &u(b))
+}
+
+/// The list counts as unread only what the others sent after the user's
+/// cursor: sending moves the sender's own cursor.
+async fn conversation_list_counts_what_others_sent(store: &dyn MessageStore) {
+    for seq in 1..=3 {
+        store_one(store, 1, 2, seq).await;
+    }
+    let from_2 = store_one(store, 2, 1, 1).await;
+    store_one(store, 3, 1, 1).await;
+    let newest = store_one(store, 3, 1, 2).await;
+
+    let page = list(store, 1, &[], None, 10).await;
+    assert!(!page.more);
+    let entries: Vec<_> = page
+        .items
+        .iter()
+        .map(|e| {
+            (
+                e.conversation.clone(),
+                e.peer.clone(),
+                e.last_seq,
+                e.read_seq,
+                e.unread,
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            (p2p(1, 3), Peer::User(u(3)), 2, 0, 2),
+            (p2p(1, 2), Peer::User(u(2)), 4, 3, 1),
+        ]
+    );
+    assert_eq!(
+        page.items[0].last.as_ref().map(|m| m.mid),
+        Some(newest.message.mid)
+    );
+    assert_eq!(
+        page.items[1].last.as_ref().map(|m| m.mid),
+        Some(from_2.message.mid)
+    );
+    // The other user's cursor: user 2 read everything when it sent.
+    assert_eq!(page.items[1].peer_read_seq, 4);
+    assert_eq!(page.items[0].peer_read_seq, 2);
+
+    // The other side: user 2 sent last, so nothing is unread; user 3 never
+    // saw the conversation of users 1 and 2.
+    let two = list(store, 2, &[], None, 10).await.items;
+    assert_eq!(two.len(), 1);
+    assert_eq!(
+        (two[0].read_seq, two[0].unread, two[0].peer_read_seq),
+        (4, 0, 3)
+    );
+    let three = list(store, 3, &[], None, 10).await.items;
+    assert_eq!(
+        three
+            .iter()
+            .map(|e| (e.conversation.clone(), e.unread))
+            .collect::<Vec<_>>(),
+        vec![(p2p(1, 3), 0)]
+    );
+    // A message to oneself is read as it is sent.
+    store_one(store, 4, 4, 1).await;
+    let four = list(store, 4, &[], None, 10).await.items;
+    assert_eq!(four.len(), 1);
+    assert_eq!((four[0].last_seq, four[0].unread), (1, 0));
+}
+
+/// Pages by key walk the whole list once, pinned entries first, however
+/// many conversations share a time or have no message yet.
+async fn conversation_pages_never_repeat_or_skip(store: &dyn MessageStore) {
+    // Five conversations whose messages all carry one time.
+    for other in 11..=15 {
+        let mut m = text(other, 10, 1);
+        m.time_ms = 1_700_000_000_000;
+        store_message(store, m).await;
+    }
+    // Two with settings and no message (no activity: they tie on it), one
+    // of them pinned, and an older conversation pinned.
+    for (other, pinned) in [(20, false), (21, false), (22, true)] {
+        store
+            .set_settings(
+                &u(10),
+                &p2p(10, other),
+                SettingsChange {
+                    pinned: Some(pinned),
+                    push: None,
+                },
+            )
+            .await
+            .expect("settings");
+    }
+    store
+        .set_settings(
+            &u(10),
+            &p2p(10, 11),
+            SettingsChange {
+                pinned: Some(true),
+                push: Some(PushMode::None),
+            },
+        )
+        .await
+        .expect("pin");
+    // Two groups: one with a message, one the user joined after its last.
+    let mut g = group_text(11, 5, 2);
+    g.time_ms = 1_700_000_000_000;
+    let in_group = store_message(store, g).await;
+    store_group_one(store, 11, 6, 3).await;
+    let groups = [(5, 1), (6, 2)];
+
+    let all = list(store, 10, &groups, None, 100).await;
+    assert!(!all.more);
+    let order: Vec<String> = all.items.iter().map(|e| e.conversation.clone()).collect();
+    let mut expected = vec![p2p(10, 11), p2p(10, 22), group_conversation(5)];
+    expected.extend((12..=15).rev().map(|o| p2p(10, o)));
+    expected.extend([p2p(10, 21), p2p(10, 20), group_conversation(6)]);
+    // Ties on activity go by conversation id, descending.
+    expected[7..].sort_by(|a, b| b.cmp(a));
+    assert_eq!(order, expected);
+    assert_eq!(
+        all.items[0].settings,
+        Settings {
+            pinned: true,
+            push: PushMode::None
+        }
+    );
+    assert_eq!(
+        all.items[2].last.as_ref().map(|m| m.mid),
+        Some(in_group.message.mid)
+    );
+    assert_eq!(all.items[2].peer, Peer::Group(5));
+    assert!(
+        all.items.last().is_some_and(|e| e.last.is_none()),
+        "joined after its last message"
+    );
+    for limit in [1, 2, 3, 4] {
+        let mut walked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = list(store, 10, &groups, after.clone(), limit).await;
+            assert!(page.items.len() <= limit as usize);
+            walked.extend(page.items.iter().map(|e| e.conversation.clone()));
+            after = page.items.last().map(ConversationEntry::key);
+            if !page.more {
+                break;
+            }
+            // A page that repeats entries would go on for ever.
+            assert!(
+                walked.len() <= expected.len(),
+                "pages of {limit} repeat: {walked:?}"
+            );
+        }
+        assert_eq!(walked, expected, "pages of {limit}");
+    }
+}
+
+/// A read moves the cursor forward only, never past the newest message, and
+/// says what is left unread.
+async fn read_cursors_only_move_forward_and_stop_at_the_newest(store: &dyn MessageStore) {
+    for seq in 1..=4 {
+        store_one(store, 2, 1, seq).await;
+    }
+    let conv = p2p(1, 2);
+    let state = store.read_state(&u(1), &conv, 0).await.expect("state");
+    assert_eq!((state.last_seq, state.read_seq, state.unread), (4, 0, 4));
+    assert_eq!(
+        read(store, 1, &conv, 2, 0).await,
+        ReadState {
+            last_seq: 4,
+            read_seq: 2,
+            unread: 2,
+            moved: true
+        }
+    );
+    assert_eq!(
+        read(store, 1, &conv, 1, 0).await,
+        ReadState {
+            last_seq: 4,
+            read_seq: 2,
+            unread: 2,
+            moved: false
+        },
+        "never back"
+    );
+    assert_eq!(
+        read(store, 1, &conv, 99, 0).await,
+        ReadState {
+            last_seq: 4,
+            read_seq: 4,
+            unread: 0,
+            moved: true
+        },
+        "at most the newest"
+    );
+    store_one(store, 2, 1, 5).await;
+    let state = store.read_state(&u(1), &conv, 0).await.expect("state");
+    assert_eq!((state.last_seq, state.read_seq, state.unread), (5, 4, 1));
+    let entry = &list(store, 1, &[], None, 10).await.items[0];
+    assert_eq!((entry.read_seq, entry.unread), (4, 1));
+    // Two reads in one batch: the second sees the first.
+    let outcomes = store
+        .write_batch(&[
+            Write::Read {
+                owner: u(1),
+                conversation: conv.clone(),
+                seq: 5,
+                floor: 0,
+            },
+            Write::Read {
+                owner: u(1),
+                conversation: conv.clone(),
+                seq: 5,
+                floor: 0,
+            },
+        ])
+        .await
+        .expect("reads");
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Read(ReadState {
+                last_seq: 5,
+                read_seq: 5,
+                unread: 0,
+                moved: true
+            }),
+            Outcome::Read(ReadState {
+                last_seq: 5,
+                read_seq: 5,
+                unread: 0,
+                moved: false
+            }),
+        ]
+    );
+    // A conversation with nothing in it reads as empty.
+    assert_eq!(
+        read(store, 1, &p2p(1, 9), 3, 0).await,
+        ReadState {
+            last_seq: 0,
+            read_seq: 0,
+            unread: 0,
+            moved: false
+        }
+    );
+}
+
+/// Group events, revokes and edits take positions but are no new messages.
+async fn markers_are_not_unread(store: &dyn MessageStore) {
+    let first = store_one(store, 2, 1, 1).await.message.mid;
+    store_one(store, 2, 1, 2).await;
+    let edit = Content::Edit(Edit {
+        mid: first,
+        text: Some(Text {
+            text: "fixed".into(),
+            mentions: vec![],
+        }),
+    });
+    store_message(store, with_body(2, Peer::User(u(1)), 3, edit)).await;
+    let revoke = Content::Revoke(Revoke { mid: first });
+    store_message(store, with_body(2, Peer::User(u(1)), 4, revoke)).await;
+    let conv = p2p(1, 2);
+    let state = store.read_state(&u(1), &conv, 0).await.expect("state");
+    assert_eq!((state.last_seq, state.unread), (4, 2));
+    assert_eq!(list(store, 1, &[], None, 10).await.items[0].unread, 2);
+    assert_eq!(read(store, 1, &conv, 1, 0).await.unread, 1);
+    assert_eq!(read(store, 1, &conv, 2, 0).await.unread, 0);
+
+    // A group: an event from the server between two messages.
+    store_group_one(store, 3, 8, 1).await;
+    let mut event = with_body(
+        3,
+        Peer::Group(8),
+        2,
+        Content::GroupEvent(GroupEvent {
+            kind: "joined".into(),
+            actor: "u3".into(),
+            targets: vec!["u1".into()],
+            ..Default::default()
+        }),
+    );
+    event.sender_device = String::new();
+    store_message(store, event).await;
+    store_group_one(store, 3, 8, 3).await;
+    let group = group_conversation(8);
+    let state = store.read_state(&u(1), &group, 0).await.expect("state");
+    assert_eq!((state.last_seq, state.unread), (3, 2));
+    let entry = list(store, 1, &[(8, 1)], None, 10)
+        .await
+        .items
+        .into_iter()
+        .find(|e| e.conversation == group)
+        .expect("the group");
+    assert_eq!(entry.unread, 2);
+    assert_eq!(read(store, 1, &group, 1, 0).await.unread, 1);
+}
+
+/// A revoke empties its target everywhere it is read; an edit replaces a
+/// text message's text; neither reaches another conversation.
+async fn revoke_and_edit_change_their_target_only(store: &dyn MessageStore) {
+    let conv = p2p(1, 2);
+    let kept = store_one(store, 1, 2, 1).await.message;
+    let gone = store_one(store, 1, 2, 2).await.message;
+    let revoke = store_message(
+        store,
+        with_body(
+            1,
+            Peer::User(u(2)),
+            3,
+            Content::Revoke(Revoke { mid: gone.mid }),
+        ),
+    )
+    .await
+    .message;
+    let new_text = |mid, text: &str| {
+        Content::Edit(Edit {
+            mid,
+            text: Some(Text {
+                text: text.into(),
+                mentions: vec![],
+            }),
+        })
+    };
+    let edit = store_message(
+        store,
+        with_body(1, Peer::User(u(2)), 4, new_text(kept.mid, "better")),
+    )
+    .await
+    .message;
+    // An edit after the revoke changes nothing.
+    store_message(
+        store,
+        with_body(1, Peer::User(u(2)), 5, new_text(gone.mid, "too late")),
+    )
+    .await;
+    // Another conversation's revoke and edit do not reach these messages.
+    store_message(
+        store,
+        with_body(
+            3,
+            Peer::User(u(1)),
+            1,
+            Content::Revoke(Revoke { mid: kept.mid }),
+        ),
+    )
+    .await;
+    store_message(
+        store,
+        with_body(3, Peer::User(u(1)), 2, new_text(kept.mid, "not yours")),
+    )
+    .await;
+
+    let revoked = store.message(gone.mid).await.expect("read").expect("kept");
+    assert_eq!(revoked.revoked_ms, revoke.time_ms);
+    assert!(revoked.content.is_empty());
+    assert!(revoked.body().is_none());
+    assert_eq!(revoked.edited_ms, 0);
+    let edited = store.message(kept.mid).await.expect("read").expect("kept");
+    assert_eq!(edited.body(), Some(MessageBody::text("better")));
+    assert_eq!((edited.edited_ms, edited.revoked_ms), (edit.time_ms, 0));
+    assert_eq!(edited.msg_type, MessageType::Text as u32);
+    assert!(store.message(u64::MAX).await.expect("read").is_none());
+
+    // History and sync show the same state.
+    let history = store
+        .history(&HistoryQuery {
+            owner: u(2),
+            other: u(1),
+            before: None,
+            limit: 10.into(),
+            types: vec![],
+        })
+        .await
+        .expect("history")
+        .items;
+    let find = |items: &[StoredMessage], mid| {
+        items
+            .iter()
+            .find(|m| m.mid == mid)
+            .cloned()
+            .expect("in the page")
+    };
+    assert_eq!(find(&history, gone.mid), revoked);
+    assert_eq!(find(&history, kept.mid), edited);
+    let synced: Vec<StoredMessage> = store
+        .sync(&u(2), 0, 20.into())
+        .await
+        .expect("sync")
+        .items
+        .into_iter()
+        .map(|i| i.message)
+        .collect();
+    assert_eq!(find(&synced, gone.mid), revoked);
+    assert_eq!(find(&synced, kept.mid), edited);
+
+    // A revoke after an edit takes the edit's text too.
+    store_message(
+        store,
+        with_body(
+            1,
+            Peer::User(u(2)),
+            6,
+            Content::Revoke(Revoke { mid: kept.mid }),
+        ),
+    )
+    .await;
+    let revoked_edit = store.message(edit.mid).await.expect("read").expect("kept");
+    assert_eq!(
+        revoked_edit.body(),
+        Some(MessageBody {
+            content: Some(Content::Edit(Edit {
+                mid: kept.mid,
+                text: None
+            }))
+        })
+    );
+    let now = store.message(kept.mid).await.expect("read").expect("kept");
+    assert!(now.body().is_none() && now.content.is_empty() && now.revoked_ms != 0);
+
+    // Only text messages are edited.
+    let image = Content::Image(Image {
+        url: "https://x/1.png".into(),
+        ..Default::default()
+    });
+    let picture = store_message(store, with_body(1, Peer::User(u(2)), 7, image))
+        .await
+        .message;
+    store_message(
+        store,
+        with_body(1, Peer::User(u(2)), 8, new_text(picture.mid, "text")),
+    )
+    .await;
+    let unchanged = store
+        .message(picture.mid)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(
+        (unchanged.content, unchanged.edited_ms),
+        (picture.content, 0)
+    );
+
+    // The list shows the newest message in its current state.
+    let entry = list(store, 2, &[], None, 10)
+        .await
+        .items
+        .into_iter()
+        .find(|e| e.conversation == conv)
+        .expect("listed");
+    assert_eq!(entry.last_seq, 8);
+
+    // In a group, the same.
+    let said = store_group_one(store, 4, 9, 1).await.message;
+    store_message(
+        store,
+        with_body(4, Peer::Group(9), 2, new_text(said.mid, "group edit")),
+    )
+    .await;
+    let edited = store.message(said.mid).await.expect("read").expect("kept");
+    assert_eq!(edited.body(), Some(MessageBody::text("group edit")));
+    store_message(
+        store,
+        with_body(
+            4,
+            Peer::Group(9),
+            3,
+            Content::Revoke(Revoke { mid: said.mid }),
+        ),
+    )
+    .await;
+    let page = store
+        .group_history(&GroupHistoryQuery {
+            group: 9,
+            from_seq: 0,
+            before: None,
+            limit: 10.into(),
+            types: vec![],
+        })
+        .await
+        .expect("group history")
+        .items;
+    let revoked = find(&page, said.mid);
+    assert!(revoked.body().is_none() && revoked.revoked_ms != 0);
+    let synced = store
+        .group_sync(9, 0, 10.into())
+        .await
+        .expect("group sync")
+        .items;
+    assert_eq!(find(&synced, said.mid), revoked);
+}
+
+/// A group member without a row counts from its join point: nothing from
+/// before it is unread, and its read moves from there.
+async fn groups_count_from_the_join_point(store: &dyn MessageStore) {
+    let mut last = 0;
+    for seq in 1..=5 {
+        last = store_group_one(store, 1, 7, seq).await.message.mid;
+    }
+    let group = group_conversation(7);
+    // User 2 joined at position 3.
+    let entry = &list(store, 2, &[(7, 3)], None, 10).await.items[0];
+    assert_eq!((entry.last_seq, entry.read_seq, entry.unread), (5, 2, 3));
+    assert_eq!(entry.last.as_ref().map(|m| m.mid), Some(last));
+    assert_eq!(entry.settings, Settings::default());
+    let state = store.read_state(&u(2), &group, 2).await.expect("state");
+    assert_eq!((state.read_seq, state.unread), (2, 3));
+    // The sender read what it sent.
+    let entry = &list(store, 1, &[(7, 1)], None, 10).await.items[0];
+    assert_eq!((entry.read_seq, entry.unread), (5, 0));
+    // A read below the join point counts from the join point.
+    assert_eq!(
+        read(store, 2, &group, 1, 2).await,
+        ReadState {
+            last_seq: 5,
+            read_seq: 2,
+            unread: 3,
+            moved: false
+        }
+    );
+    assert_eq!(
+        read(store, 2, &group, 4, 2).await,
+        ReadState {
+            last_seq: 5,
+            read_seq: 4,
+            unread: 1,
+            moved: true
+        }
+    );
+    let entry = &list(store, 2, &[(7, 3)], None, 10).await.items[0];
+    assert_eq!((entry.read_seq, entry.unread), (4, 1));
+    // User 3 joined after the last message: nothing shows.
+    let entry = &list(store, 3, &[(7, 6)], None, 10).await.items[0];
+    assert_eq!((entry.last_seq, entry.read_seq, entry.unread), (5, 5, 0));
+    assert!(entry.last.is_none());
+    // A group without a message yet.
+    let entry = &list(store, 3, &[(70, 1)], None, 10).await.items[0];
+    assert_eq!(
+        (entry.conversation.as_str(), entry.last_seq, entry.unread),
+        (group_conversation(70).as_str(), 0, 0)
+    );
+}
+
+/// Who read a group message, settings made and changed, and a member who
+/// left no longer counted.
+async fn group_readers_and_settings_and_forgetting(store: &dyn MessageStore) {
+    for seq in 1..=5 {
+        store_group_one(store, 1, 3, seq).await;
+    }
+    let group = group_conversation(3);
+    read(store, 3, &group, 4, 0).await;
+    read(store, 2, &group, 2, 0).await;
+    let readers = store.readers(&group, 4, 10).await.expect("readers");
+    assert_eq!(
+        readers,
+        vec![
+            Reader {
+                uid: u(1),
+                read_seq: 5
+            },
+            Reader {
+                uid: u(3),
+                read_seq: 4
+            }
+        ]
+    );
+    assert_eq!(
+        store.readers(&group, 4, 1).await.expect("readers"),
+        readers[..1]
+    );
+    assert_eq!(store.read_count(&group, 4).await.expect("count"), 2);
+    assert_eq!(store.read_count(&group, 1).await.expect("count"), 3);
+    assert_eq!(store.read_count(&group, 6).await.expect("count"), 0);
+    assert_eq!(
+        store
+            .read_count(&group_conversation(4), 1)
+            .await
+            .expect("count"),
+        0
+    );
+    // One-to-one cursors are no group's readers.
+    store_one(store, 1, 2, 6).await;
+    assert_eq!(store.read_count(&p2p(1, 2), 1).await.expect("count"), 0);
+
+    // Settings: a row made by a change, then changed field by field.
+    let set = |pinned, push| SettingsChange { pinned, push };
+    let made = store
+        .set_settings(&u(4), &group, set(None, Some(PushMode::Mentions)))
+        .await
+        .expect("set");
+    assert_eq!(
+        made,
+        Settings {
+            pinned: false,
+            push: PushMode::Mentions
+        }
+    );
+    let changed = store
+        .set_settings(&u(4), &group, set(Some(true), None))
+        .await
+        .expect("set");
+    assert_eq!(
+        changed,
+        Settings {
+            pinned: true,
+            push: PushMode::Mentions
+        }
+    );
+    let entry = &list(store, 4, &[(3, 1)], None, 10).await.items[0];
+    assert_eq!((entry.settings, entry.unread), (changed, 5));
+    // A settings row counts as a reader from its cursor: none yet.
+    assert_eq!(store.read_count(&group, 1).await.expect("count"), 3);
+    // Settings keep the read cursor.
+    store
+        .set_settings(&u(3), &group, set(Some(false), Some(PushMode::None)))
+        .await
+        .expect("set");
+    assert_eq!(store.read_count(&group, 4).await.expect("count"), 2);
+    let p2p_settings = store
+        .set_settings(&u(2), &p2p(1, 2), set(None, Some(PushMode::None)))
+        .await
+        .expect("set");
+    assert_eq!(
+        p2p_settings,
+        Settings {
+            pinned: false,
+            push: PushMode::None
+        }
+    );
+    let entry = &list(store, 2, &[], None, 10).await.items[0];
+    assert_eq!((entry.settings, entry.unread), (p2p_settings, 1));
+
+    // User 3 left the group.
+    let outcomes = store
+        .write_batch(&[Write::Forget {
+            owner: u(3),
+            conversation: group.clone(),
+        }])
+        .await
+        .expect("forget");
+    assert_eq!(outcomes, vec![Outcome::Done]);
+    assert_eq!(store.read_count(&group, 4).await.expect("count"), 1);
+    assert_eq!(
+        store
+            .readers(&group, 0, 10)
+            .await
+            .expect("readers")
+            .iter()
+            .map(|r| r.uid.clone())
+            .collect::<Vec<_>>(),
+        vec![u(1), u(2), u(4)]
+    );
+    let state = store.read_state(&u(3), &group, 0).await.expect("state");
+    assert_eq!((state.read_seq, state.unread), (0, 5));
 }
