@@ -49,7 +49,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natter_proto::api::ErrorBody;
-pub use natter_proto::api::{CreateGroup, GroupView, HistoryPage, MessageView, SyncPage};
+pub use natter_proto::api::{
+    CreateGroup, GroupView, HistoryPage, MarkRead, MessageView, ReadState, SyncPage,
+};
 use natter_proto::msg::{
     Content, Edit, ErrorReply, Message, MessageBody, MessageReply, Notify, ReadReceipt, ReadReply,
     ReadRequest, Revoke, SendMessage, Text, Typing, TypingNotice,
@@ -671,6 +673,19 @@ impl Client {
         self.get_json(
             &format!("/v1/conversations/{conversation}/messages"),
             &query,
+        )
+        .await
+    }
+
+    /// Marks `conversation` read up to `seq` over HTTP (`POST
+    /// /v1/conversations/{id}/read`), for an application without a
+    /// connection at hand; [`Client::read`] does the same over the
+    /// WebSocket.
+    pub async fn mark_read(&self, conversation: &str, seq: u64) -> Result<ReadState, ClientError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conversation}/read"),
+            Some(&MarkRead { seq }),
         )
         .await
     }
