@@ -2,14 +2,14 @@
 //! socket, the command queue and the heartbeat timer, and a reconnect loop
 //! around it.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use natter_proto::msg::{
-    AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, SyncReply, SyncRequest,
-    NOTIFY_GROUP_EVENT,
+    AuthReply, AuthRequest, Disconnect, Message, MessageReply, Notify, ReadReceipt, SyncReply,
+    SyncRequest, TypingNotice, NOTIFY_GROUP_EVENT, NOTIFY_READ, NOTIFY_TYPING,
 };
 use natter_proto::{ErrorCode, Frame, Op, UserId};
 use prost::Message as _;
@@ -25,6 +25,9 @@ const SEEN_CAPACITY: usize = 100_000;
 /// push with no send waiting for them, to answer a resend still queued.
 const OWN_CAPACITY: usize = 1024;
 const SYNC_PAGE: u32 = 200;
+/// Typing notices remembered, so that the server's refusal of one (it
+/// answers only refusals) is told from an error nobody waits for.
+const TYPING_CAPACITY: usize = 64;
 
 /// Connects and authenticates once; the user id is the reply's, parsed.
 pub(crate) async fn open(
@@ -106,25 +109,40 @@ impl Cursor {
     }
 }
 
+/// The mids seen, each with the state it was seen in: the time of its
+/// latest change (edit or revoke), 0 for none.
 #[derive(Default)]
 struct Seen {
-    set: HashSet<u64>,
+    changed: HashMap<u64, i64>,
     order: VecDeque<u64>,
 }
 
+/// When `message` last changed (an edit or its revoke), 0 if never.
+fn changed_ms(message: &Message) -> i64 {
+    message.edited_ms.max(message.revoked_ms)
+}
+
 impl Seen {
-    /// True if `mid` is new.
-    fn insert(&mut self, mid: u64) -> bool {
-        if !self.set.insert(mid) {
-            return false;
-        }
-        self.order.push_back(mid);
-        if self.order.len() > SEEN_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
+    /// True if `mid` is new, or comes in a newer state (`changed`, the
+    /// time of its latest change) than it was seen in.
+    fn insert(&mut self, mid: u64, changed: i64) -> bool {
+        match self.changed.get_mut(&mid) {
+            Some(seen) if *seen >= changed => false,
+            Some(seen) => {
+                *seen = changed;
+                true
+            }
+            None => {
+                self.changed.insert(mid, changed);
+                self.order.push_back(mid);
+                if self.order.len() > SEEN_CAPACITY {
+                    if let Some(old) = self.order.pop_front() {
+                        self.changed.remove(&old);
+                    }
+                }
+                true
             }
         }
-        true
     }
 }
 
@@ -220,6 +238,8 @@ pub(crate) struct Driver {
     waiting: Vec<Report>,
     seen: Seen,
     own: Own,
+    /// The seqs of the latest typing notices sent on this connection.
+    typing: VecDeque<u32>,
     /// Pushes handed to the application but not yet acknowledged: the last
     /// one's seq (the ack covers it and all before it), how many, and when
     /// the ack is due.
@@ -252,6 +272,7 @@ impl Driver {
             waiting: Vec::new(),
             seen: Seen::default(),
             own: Own::default(),
+            typing: VecDeque::new(),
             unacked: None,
         }
     }
@@ -391,8 +412,10 @@ impl Driver {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let silence = heartbeat * 3;
         let mut last_heard = Instant::now();
-        // Acks of the previous connection's pushes mean nothing on this one.
+        // Acks of the previous connection's pushes mean nothing on this
+        // one, nor do its typing notices.
         self.unacked = None;
+        self.typing.clear();
         let ack_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(ack_timer);
         loop {
@@ -441,6 +464,8 @@ impl Driver {
                         }
                         let sent = if op == Op::Sync {
                             self.send_sync(conn, Some(reply)).await
+                        } else if op == Op::Typing {
+                            self.send_typing(conn, body, reply).await
                         } else {
                             let seq = self.seq();
                             let waiter = match send {
@@ -465,6 +490,48 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends a typing notice, which the server answers only if it refuses
+    /// it: the request is done once the notice is written.
+    async fn send_typing(
+        &mut self,
+        conn: &mut Connection,
+        body: bytes::Bytes,
+        reply: Report,
+    ) -> Result<(), ClientError> {
+        let seq = self.seq();
+        conn.send(&Frame::raw(Op::Typing, seq, 0, body)).await?;
+        self.typing.push_back(seq);
+        if self.typing.len() > TYPING_CAPACITY {
+            self.typing.pop_front();
+        }
+        let _ = reply.send(Ok(Frame::empty(Op::Typing, seq, 0)));
+        Ok(())
+    }
+
+    /// Whether `seq` numbered a typing notice (forgotten once answered).
+    fn was_typing(&mut self, seq: u32) -> bool {
+        match self.typing.iter().position(|s| *s == seq) {
+            Some(at) => {
+                self.typing.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A read receipt or typing notice for the application; one whose
+    /// payload does not decode is reported and skipped (neither is part of
+    /// any history, so nothing is missing for it).
+    fn transient<M: prost::Message + Default>(
+        notify: &Notify,
+        event: impl FnOnce(M) -> Event,
+    ) -> Event {
+        match M::decode(notify.payload.as_slice()) {
+            Ok(payload) => event(payload),
+            Err(e) => Event::ProtocolError(format!("{} notify: {e}", notify.kind)),
         }
     }
 
@@ -510,7 +577,7 @@ impl Driver {
             self.own_message(&message);
             return Ok(());
         }
-        if !self.seen.insert(message.mid) {
+        if !self.seen.insert(message.mid, changed_ms(&message)) {
             self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -534,7 +601,7 @@ impl Driver {
     /// the application, which sent it, is not told of it again.
     fn own_message(&mut self, message: &Message) {
         self.shared.stats.own_copies.fetch_add(1, Ordering::Relaxed);
-        let fresh = self.seen.insert(message.mid);
+        let fresh = self.seen.insert(message.mid, changed_ms(message));
         let key = SendKey {
             client_seq: message.client_seq,
             receiver: message.receiver.clone(),
@@ -587,10 +654,12 @@ impl Driver {
                     self.shared.stats.pushes.fetch_add(1, Ordering::Relaxed);
                     self.deliver(message).await?;
                 } else {
-                    self.events
-                        .send(Event::Notify(notify))
-                        .await
-                        .map_err(|_| End::Shut)?;
+                    let event = match notify.kind.as_str() {
+                        NOTIFY_READ => Self::transient::<ReadReceipt>(&notify, Event::Read),
+                        NOTIFY_TYPING => Self::transient::<TypingNotice>(&notify, Event::Typing),
+                        _ => Event::Notify(notify),
+                    };
+                    self.events.send(event).await.map_err(|_| End::Shut)?;
                 }
                 // Notifies are numbered and acknowledged like pushes.
                 self.handled(conn, frame.seq).await.map_err(End::Closed)
@@ -673,7 +742,15 @@ impl Driver {
                     Waiter::GroupSync { .. } => Ok(()),
                 }
             }
-            Op::MessageReply | Op::HeartbeatReply | Op::Error => {
+            Op::Error if self.was_typing(frame.seq) => {
+                // Typing is best-effort: its refusal (rate limited, say)
+                // has no one waiting and is no protocol error.
+                if let Ok(error) = frame.message::<natter_proto::msg::ErrorReply>() {
+                    tracing::debug!(code = error.code, message = %error.message, "typing notice refused");
+                }
+                Ok(())
+            }
+            Op::MessageReply | Op::HeartbeatReply | Op::ReadReply | Op::Error => {
                 if frame.op == Op::MessageReply {
                     if let Ok(reply) = frame.message::<MessageReply>() {
                         // The sender's own message is part of its stream (or its group).
@@ -687,7 +764,7 @@ impl Driver {
                             }
                             None => self.cursor.mark(reply.user_seq),
                         }
-                        self.seen.insert(reply.mid);
+                        self.seen.insert(reply.mid, 0);
                     }
                 }
                 match self.pending.remove(&frame.seq) {
@@ -910,6 +987,164 @@ mod tests {
         assert!(matches!(events.try_recv(), Ok(Event::Message(m)) if m.mid == 902));
     }
 
+    /// A WebSocket connection to a peer that takes what it is sent and
+    /// hands it over: the client's end, and the frames that reach the peer.
+    async fn wired() -> (Connection, mpsc::Receiver<Frame>) {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (frames, frames_rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else {
+                return;
+            };
+            while let Some(Ok(WsMessage::Binary(bytes))) = ws.next().await {
+                let frame =
+                    Frame::decode(&bytes, natter_proto::frame::DEFAULT_MAX_BODY).expect("a frame");
+                if frames.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let conn = Connection::connect(&addr, None).await.expect("connects");
+        (conn, frames_rx)
+    }
+
+    fn notify(kind: &str, payload: Vec<u8>) -> Notify {
+        Notify {
+            kind: kind.into(),
+            payload,
+            ..Notify::default()
+        }
+    }
+
+    fn error(code: ErrorCode, message: &str) -> natter_proto::msg::ErrorReply {
+        natter_proto::msg::ErrorReply {
+            code: code as u32,
+            message: message.into(),
+            until_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn read_and_typing_notifies_are_typed_events_and_acknowledged() {
+        let (mut d, mut events) = driver();
+        let (mut conn, _frames) = wired().await;
+        let receipt = ReadReceipt {
+            conversation: "p:Ann:bob".into(),
+            reader: "bob".into(),
+            seq: 12,
+            time_ms: 1_700_000_000_000,
+        };
+        let typing = TypingNotice {
+            conversation: "g:5".into(),
+            user: "cy".into(),
+            time_ms: 1_700_000_000_001,
+        };
+        let notifies = [
+            notify(NOTIFY_READ, receipt.encode_to_vec()),
+            notify(NOTIFY_TYPING, typing.encode_to_vec()),
+            // A payload that does not decode (a field tag of 0).
+            notify(NOTIFY_READ, vec![0x00, 0x01]),
+            notify("custom_kind", vec![1, 2, 3]),
+        ];
+        for (seq, n) in (1u32..).zip(&notifies) {
+            let frame = Frame::new(Op::Notify, seq, 0, n);
+            assert!(d.frame(&mut conn, frame).await.is_ok(), "{}", n.kind);
+        }
+        assert_eq!(events.try_recv().ok(), Some(Event::Read(receipt)));
+        assert_eq!(events.try_recv().ok(), Some(Event::Typing(typing)));
+        assert!(matches!(
+            events.try_recv(),
+            Ok(Event::ProtocolError(e)) if e.starts_with("read notify")
+        ));
+        assert_eq!(
+            events.try_recv().ok(),
+            Some(Event::Notify(notifies[3].clone()))
+        );
+        // None of them is a message, and all four are acknowledged.
+        assert_eq!(d.shared.stats.pushes.load(Ordering::Relaxed), 0);
+        assert_eq!(d.cursor.contiguous, 0);
+        let unacked = d.unacked.as_ref().expect("an ack due");
+        assert_eq!((unacked.last, unacked.count), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn a_refused_typing_notice_is_no_protocol_error_and_a_read_reply_answers_its_request() {
+        let (mut d, mut events) = driver();
+        let (mut conn, mut frames) = wired().await;
+        let (reply, mut answer) = oneshot::channel();
+        let body = natter_proto::msg::Typing {
+            conversation: "p:Ann:bob".into(),
+        }
+        .encode_to_vec();
+        d.send_typing(&mut conn, body.into(), reply)
+            .await
+            .expect("sent");
+        // Answered once written; nothing waits for the server.
+        let written = answer.try_recv().expect("answered").expect("written");
+        let sent = frames.recv().await.expect("the notice reached the peer");
+        assert_eq!((sent.op, sent.seq), (Op::Typing, written.seq));
+        assert!(d.pending.is_empty());
+        let refused = Frame::new(
+            Op::Error,
+            sent.seq,
+            0,
+            &error(ErrorCode::RateLimited, "slow down"),
+        );
+        assert!(d.frame(&mut conn, refused.clone()).await.is_ok());
+        assert!(events.try_recv().is_err(), "a typing refusal is no event");
+        // Once: the same error again answers nothing and is reported.
+        assert!(d.frame(&mut conn, refused).await.is_ok());
+        assert!(matches!(events.try_recv(), Ok(Event::ProtocolError(e)) if e == "slow down"));
+        // A read's reply goes to the request waiting on its seq.
+        let (reply, answer) = oneshot::channel();
+        d.pending.insert(40, Waiter::App(reply));
+        let read = natter_proto::msg::ReadReply {
+            conversation: "p:Ann:bob".into(),
+            read_seq: 7,
+            unread: 2,
+        };
+        let frame = Frame::new(Op::ReadReply, 40, 0, &read);
+        assert!(d.frame(&mut conn, frame).await.is_ok());
+        let got = answer.await.expect("answered").expect("a reply");
+        assert_eq!(got.op, Op::ReadReply);
+        assert_eq!(
+            got.message::<natter_proto::msg::ReadReply>().expect("body"),
+            read
+        );
+        assert!(events.try_recv().is_err(), "and no event");
+    }
+
+    #[tokio::test]
+    async fn a_message_seen_before_comes_again_only_in_a_newer_state() {
+        let (mut d, mut events) = driver();
+        let original = from_user("bob", "laptop", 920, 7);
+        let mut edited = original.clone();
+        edited.edited_ms = 1_700_000_000_500;
+        edited.body = Some(natter_proto::msg::MessageBody::text("fixed"));
+        let mut revoked = edited.clone();
+        revoked.revoked_ms = 1_700_000_000_600;
+        revoked.body = None;
+        // The original, its copy, the edited version (say by a sync after
+        // the edit), its copy, an older state come late, the revoked one.
+        for m in [&original, &original, &edited, &edited, &original, &revoked] {
+            assert!(d.deliver(m.clone()).await.is_ok());
+        }
+        for m in [original, edited, revoked] {
+            assert_eq!(events.try_recv().ok(), Some(Event::Message(m)));
+        }
+        assert!(events.try_recv().is_err(), "nothing else");
+        assert_eq!(d.shared.stats.duplicates.load(Ordering::Relaxed), 3);
+    }
+
     #[test]
     fn own_replies_are_bounded() {
         let mut own = Own::default();
@@ -940,12 +1175,12 @@ mod tests {
     #[test]
     fn seen_forgets_the_oldest() {
         let mut s = Seen::default();
-        assert!(s.insert(1));
-        assert!(!s.insert(1));
+        assert!(s.insert(1, 0));
+        assert!(!s.insert(1, 0));
         for mid in 2..(SEEN_CAPACITY as u64 + 2) {
-            s.insert(mid);
+            s.insert(mid, 0);
         }
-        assert!(s.insert(1), "evicted and so new again");
+        assert!(s.insert(1, 0), "evicted and so new again");
     }
 
     #[test]

@@ -22,12 +22,17 @@
 //! - sends resend the same `client_seq` after a time-out or reconnect, so a
 //!   lost ack never duplicates a message;
 //! - pushes are acknowledged once handed to your event stream, and messages
-//!   are de-duplicated by `mid` (the wire is at-least-once);
+//!   are de-duplicated by `mid` (the wire is at-least-once): a message comes
+//!   again only in a newer state (edited, or revoked) than it came before;
 //! - a message this device sent never comes back as an event: when its copy
 //!   arrives by sync or push before the ack (which a crash may have lost),
 //!   it answers the waiting send instead;
 //! - on every (re)connect it syncs what it missed from its cursor (the highest
 //!   contiguous `user_seq` it has seen), so nothing acked goes missing;
+//! - read receipts and typing notices of others arrive as [`Event::Read`]
+//!   and [`Event::Typing`]; edits and revokes are messages of the
+//!   conversation (see [`Client::edit`], [`Client::revoke`]), and a message
+//!   synced after one carries its state (`edited_ms`, `revoked_ms`);
 //! - heartbeats, and reconnects with back-off unless the server said the
 //!   session is over (bad or expired token, logged out, replaced by the same
 //!   device; see [`ClientError::session_over`]). An account service that
@@ -44,8 +49,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natter_proto::api::ErrorBody;
-pub use natter_proto::api::{CreateGroup, GroupView, HistoryPage, MessageView, SyncPage};
-use natter_proto::msg::{ErrorReply, Message, MessageBody, MessageReply, Notify, SendMessage};
+pub use natter_proto::api::{
+    CreateGroup, GroupView, HistoryPage, MarkRead, MessageView, ReadState, SyncPage,
+};
+use natter_proto::msg::{
+    Content, Edit, ErrorReply, Message, MessageBody, MessageReply, Notify, ReadReceipt, ReadReply,
+    ReadRequest, Revoke, SendMessage, Text, Typing, TypingNotice,
+};
 use natter_proto::{ErrorCode, Frame, Op, UserId};
 use prost::Message as _;
 pub use reqwest::Method;
@@ -225,21 +235,25 @@ impl ClientConfig {
 /// What the client tells the application.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A message for this device (pushed or synced), once per `mid`. Never
+    /// A message for this device (pushed or synced), once per `mid` and
+    /// state: again when it comes edited or revoked (`edited_ms`,
+    /// `revoked_ms`) after it came in an older state. Never
     /// one this device sent: that one answers its send (with `repeat` set
     /// when its copy came back before the server's reply).
     Message(Message),
+    /// A user read a conversation up to a `conv_seq`: the other party of a
+    /// one-to-one conversation, another device of this user, or a member
+    /// of a small group.
+    Read(ReadReceipt),
+    /// A user is typing in a conversation (never stored: only devices
+    /// online at the time hear of it).
+    Typing(TypingNotice),
+    /// Any other notify, as it came.
     Notify(Notify),
     /// Authenticated (first connect and every reconnect).
-    Connected {
-        uid: UserId,
-        device: String,
-    },
+    Connected { uid: UserId, device: String },
     /// The connection ended; the client reconnects unless `fatal`.
-    Disconnected {
-        error: ClientError,
-        fatal: bool,
-    },
+    Disconnected { error: ClientError, fatal: bool },
     /// A frame the server sent that the client could not use.
     ProtocolError(String),
 }
@@ -302,6 +316,25 @@ struct SendKey {
     /// The receiving user as on the wire; empty for a group send.
     receiver: String,
     group: u64,
+}
+
+/// Where a message goes: a user, or a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    User(UserId),
+    Group(u64),
+}
+
+impl From<UserId> for Peer {
+    fn from(uid: UserId) -> Peer {
+        Peer::User(uid)
+    }
+}
+
+impl From<&UserId> for Peer {
+    fn from(uid: &UserId) -> Peer {
+        Peer::User(uid.clone())
+    }
 }
 
 /// A connected client. Clones share one connection.
@@ -429,17 +462,100 @@ impl Client {
             group: message.group,
         };
         let body = Bytes::from(message.encode_to_vec());
+        let frame = self.request_retrying(Op::Message, body, Some(key)).await?;
+        decode_reply(&frame)
+    }
+
+    /// Revokes message `mid` of the conversation with `to`: a message whose
+    /// body is a [`Revoke`], sent (and resent) like any other; the server's
+    /// ack says it is stored.
+    pub async fn revoke(&self, to: impl Into<Peer>, mid: u64) -> Result<MessageReply, ClientError> {
+        let body = MessageBody {
+            content: Some(Content::Revoke(Revoke { mid })),
+        };
+        self.send_to(to.into(), body).await
+    }
+
+    /// Replaces the text of text message `mid` of the conversation with
+    /// `to`: a message whose body is an [`Edit`], sent like any other.
+    pub async fn edit(
+        &self,
+        to: impl Into<Peer>,
+        mid: u64,
+        text: impl Into<String>,
+    ) -> Result<MessageReply, ClientError> {
+        let body = MessageBody {
+            content: Some(Content::Edit(Edit {
+                mid,
+                text: Some(Text {
+                    text: text.into(),
+                    mentions: Vec::new(),
+                }),
+            })),
+        };
+        self.send_to(to.into(), body).await
+    }
+
+    async fn send_to(&self, to: Peer, body: MessageBody) -> Result<MessageReply, ClientError> {
+        match to {
+            Peer::User(uid) => self.send(&uid, body).await,
+            Peer::Group(group) => self.send_group(group, body).await,
+        }
+    }
+
+    /// Marks `conversation` read up to `seq` (a `conv_seq`); the answer is
+    /// the read state after it, whose cursor may be past `seq` (it never
+    /// moves back). Retried on time-outs like a send: a read is idempotent.
+    pub async fn read(&self, conversation: &str, seq: u64) -> Result<ReadReply, ClientError> {
+        let request = ReadRequest {
+            conversation: conversation.to_string(),
+            seq,
+        };
+        let body = Bytes::from(request.encode_to_vec());
+        let frame = self.request_retrying(Op::Read, body, None).await?;
+        if frame.op != Op::ReadReply {
+            return Err(ClientError::Protocol(format!(
+                "expected ReadReply, got {}",
+                frame.op.name()
+            )));
+        }
+        frame
+            .message()
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Tells the others in `conversation` that this user is typing. The
+    /// server does not answer one that it takes, so this returns once the
+    /// notice is written to the socket; a refusal (rate limited, not a
+    /// member) comes later and is dropped, as is a notice not written
+    /// within the ack time-out: typing is best-effort and never resent.
+    pub async fn typing(&self, conversation: &str) -> Result<(), ClientError> {
+        let typing = Typing {
+            conversation: conversation.to_string(),
+        };
+        self.request(Op::Typing, Bytes::from(typing.encode_to_vec()))
+            .await
+            .map(|_| ())
+    }
+
+    /// A request sent again after a time-out or disconnect, and after a
+    /// refusal worth another try, up to `send_attempts` times; for requests
+    /// the server takes once however often they come (a send, by its
+    /// `client_seq`; a read).
+    async fn request_retrying(
+        &self,
+        op: Op,
+        body: Bytes,
+        send: Option<SendKey>,
+    ) -> Result<Frame, ClientError> {
         let mut backoff = Duration::from_millis(50);
         let mut last = ClientError::Timeout;
         for attempt in 0..self.config.send_attempts.max(1) {
             if attempt > 0 {
                 self.shared.stats.resends.fetch_add(1, Ordering::Relaxed);
             }
-            match self
-                .request_send(Op::Message, body.clone(), Some(key.clone()))
-                .await
-            {
-                Ok(frame) => return decode_reply(&frame),
+            match self.request_send(op, body.clone(), send.clone()).await {
+                Ok(frame) => return Ok(frame),
                 Err(e) if e.retryable() => {
                     if e != ClientError::Timeout {
                         tokio::time::sleep(backoff).await;
@@ -557,6 +673,19 @@ impl Client {
         self.get_json(
             &format!("/v1/conversations/{conversation}/messages"),
             &query,
+        )
+        .await
+    }
+
+    /// Marks `conversation` read up to `seq` over HTTP (`POST
+    /// /v1/conversations/{id}/read`), for an application without a
+    /// connection at hand; [`Client::read`] does the same over the
+    /// WebSocket.
+    pub async fn mark_read(&self, conversation: &str, seq: u64) -> Result<ReadState, ClientError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conversation}/read"),
+            Some(&MarkRead { seq }),
         )
         .await
     }

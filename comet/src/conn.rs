@@ -2,8 +2,8 @@
 //!
 //! Two tasks serve a connection. The control task (this module's `run`)
 //! reads the socket and writes what the socket could not take at once
-//! (see [`Wire`]); the request task runs messages and syncs through logic
-//! one at a time, in the order the client sent them, so a slow store never
+//! (see [`Wire`]); the request task runs messages, syncs, reads and typing
+//! notices through logic one at a time, in the order the client sent them, so a slow store never
 //! stalls heartbeats or pushes. Pushes do not pass through a task: whoever
 //! pushes numbers the frame and writes it under the connection's [`Pushes`]
 //! lock, which the control task shares for acks and the node's resend round
@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use natter_proto::msg::{
-    AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, SendMessage, SyncRequest,
+    AuthReply, AuthRequest, Disconnect, ErrorReply, HeartbeatReply, ReadRequest, SendMessage,
+    SyncRequest, Typing,
 };
-use natter_proto::{ErrorCode, Frame, Op};
+use natter_proto::{BodyError, ErrorCode, Frame, Op};
 use natter_roles::{Acked, LogicService, Push, Refusal, Session};
 use tokio::io::{AsyncRead, AsyncReadExt as _, ReadHalf};
 use tokio::sync::mpsc;
@@ -28,7 +29,8 @@ use crate::wire::SendError;
 use crate::ws::{self, Incoming, ReadError, Reader};
 use crate::{Comet, ConnHandle, Socket, Wire};
 
-/// Requests (messages, syncs) a client may have in flight on one connection.
+/// Requests (messages, syncs, reads, typing notices) a client may have in
+/// flight on one connection.
 const MAX_PENDING_REQUESTS: usize = 128;
 /// Time a goodbye gets to be written before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -73,9 +75,37 @@ pub(crate) struct Inflight {
     deadline: Instant,
 }
 
+/// A request for logic, run in order on the connection's request task.
 enum Job {
     Send { seq: u32, message: SendMessage },
     Sync { seq: u32, request: SyncRequest },
+    Read { seq: u32, request: ReadRequest },
+    Typing { seq: u32, typing: Typing },
+}
+
+impl Job {
+    /// The job a request for logic asks for (`Message`, `Sync`, `Read`,
+    /// `Typing`), or its body's decoding error; `None` for any other frame.
+    fn of(frame: &Frame) -> Option<Result<Job, BodyError>> {
+        let seq = frame.seq;
+        Some(match frame.op {
+            Op::Message => frame.message().map(|message| Job::Send { seq, message }),
+            Op::Sync => frame.message().map(|request| Job::Sync { seq, request }),
+            Op::Read => frame.message().map(|request| Job::Read { seq, request }),
+            Op::Typing => frame.message().map(|typing| Job::Typing { seq, typing }),
+            _ => return None,
+        })
+    }
+
+    /// The request frame's number, which its answer echoes.
+    fn seq(&self) -> u32 {
+        match self {
+            Job::Send { seq, .. }
+            | Job::Sync { seq, .. }
+            | Job::Read { seq, .. }
+            | Job::Typing { seq, .. } => *seq,
+        }
+    }
 }
 
 /// A connection's pushes: numbered per connection, kept until acknowledged.
@@ -677,6 +707,12 @@ impl Conn {
             Err(e) => return self.error(e.seq(), e.code(), e.to_string()),
         };
         self.comet.inner.metrics.frame_in(frame.op);
+        if let Some(job) = Job::of(&frame) {
+            return match job {
+                Ok(job) => self.request(job),
+                Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
+            };
+        }
         match frame.op {
             Op::Heartbeat => {
                 let reply = HeartbeatReply {
@@ -684,20 +720,6 @@ impl Conn {
                 };
                 self.send_out(Frame::new(Op::HeartbeatReply, frame.seq, 0, &reply))
             }
-            Op::Message => match frame.message() {
-                Ok(message) => self.request(Job::Send {
-                    seq: frame.seq,
-                    message,
-                }),
-                Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
-            },
-            Op::Sync => match frame.message() {
-                Ok(request) => self.request(Job::Sync {
-                    seq: frame.seq,
-                    request,
-                }),
-                Err(e) => self.error(frame.seq, ErrorCode::BadBody, e.to_string()),
-            },
             Op::PushAck => {
                 // An ack for pushes no longer in flight (a duplicate ack of
                 // a resent push, say) acknowledges nothing.
@@ -732,9 +754,7 @@ impl Conn {
     }
 
     fn request(&mut self, job: Job) -> Result<(), Exit> {
-        let seq = match &job {
-            Job::Send { seq, .. } | Job::Sync { seq, .. } => *seq,
-        };
+        let seq = job.seq();
         match self.jobs.try_send(job) {
             Ok(()) => Ok(()),
             Err(_) => self.error(
@@ -753,35 +773,59 @@ async fn request_loop(
     handle: ConnHandle,
     closing: CancellationToken,
 ) {
-    let refused = |seq, r: Refusal| {
-        let reply = ErrorReply {
-            code: r.code as u32,
-            message: r.message,
-            // The frame's 0 stands for "no end": only a mute has one.
-            until_ms: r.until_ms.unwrap_or(0),
-        };
-        Frame::new(Op::Error, seq, 0, &reply)
-    };
     while let Some(job) = jobs.recv().await {
         if closing.is_cancelled() {
             break;
         }
-        let frame = match job {
-            Job::Send { seq, message } => match logic.send(&session, message).await {
-                Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),
-                Err(r) => refused(seq, r),
-            },
-            Job::Sync { seq, request } => {
-                match logic.sync(&session.uid, &session.device, request).await {
-                    Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
-                    Err(r) => refused(seq, r),
-                }
-            }
+        let Some(frame) = run_job(logic.as_ref(), &session, job).await else {
+            continue;
         };
         if handle.wire.send_frame(&frame) == Err(SendError::Full) {
             handle.kick(ErrorCode::SlowConsumer, "send queue full");
         }
     }
+}
+
+/// The `Error` frame answering request `seq` that logic refused.
+fn refused(seq: u32, r: Refusal) -> Frame {
+    let reply = ErrorReply {
+        code: r.code as u32,
+        message: r.message,
+        // The frame's 0 stands for "no end": only a mute has one.
+        until_ms: r.until_ms.unwrap_or(0),
+    };
+    Frame::new(Op::Error, seq, 0, &reply)
+}
+
+/// Runs one request through logic: the frame that answers it, if any (a
+/// typing notice is answered only when refused).
+async fn run_job(logic: &dyn LogicService, session: &Session, job: Job) -> Option<Frame> {
+    let frame = match job {
+        Job::Send { seq, message } => match logic.send(session, message).await {
+            Ok(reply) => Frame::new(Op::MessageReply, seq, 0, &reply),
+            Err(r) => refused(seq, r),
+        },
+        Job::Sync { seq, request } => {
+            match logic.sync(&session.uid, &session.device, request).await {
+                Ok(reply) => Frame::new(Op::SyncReply, seq, 0, &reply),
+                Err(r) => refused(seq, r),
+            }
+        }
+        Job::Read { seq, request } => {
+            match logic
+                .read(session, &request.conversation, request.seq)
+                .await
+            {
+                Ok(reply) => Frame::new(Op::ReadReply, seq, 0, &reply),
+                Err(r) => refused(seq, r),
+            }
+        }
+        Job::Typing { seq, typing } => match logic.typing(session, &typing.conversation).await {
+            Ok(()) => return None,
+            Err(r) => refused(seq, r),
+        },
+    };
+    Some(frame)
 }
 
 #[cfg(test)]
@@ -854,6 +898,161 @@ mod tests {
         // An ack read after the resend round raised it takes it out.
         acked(&mut p, 1);
         assert_eq!(p.timed_out(now + Duration::from_millis(10), 3), None);
+    }
+
+    /// Logic that reads every conversation up to the seq asked for and
+    /// refuses the conversation "p:x:y", for reads and typing alike.
+    struct Reading;
+
+    #[async_trait::async_trait]
+    impl LogicService for Reading {
+        async fn connect(
+            &self,
+            _token: &str,
+            _device: &str,
+            _node: &str,
+            _conn: u64,
+        ) -> Result<natter_roles::Connected, Refusal> {
+            Err(Refusal::new(ErrorCode::Internal, "not in this test"))
+        }
+        async fn disconnect(&self, _session: &Session) {}
+        async fn heartbeat(&self, _sessions: &[Session]) {}
+        async fn send(
+            &self,
+            _from: &Session,
+            _message: SendMessage,
+        ) -> Result<natter_proto::msg::MessageReply, Refusal> {
+            Err(Refusal::new(ErrorCode::Internal, "not in this test"))
+        }
+        async fn push_acked(&self, _uid: &natter_proto::UserId, _device: &str, _acked: &[Acked]) {}
+        async fn sync(
+            &self,
+            _uid: &natter_proto::UserId,
+            _device: &str,
+            _request: SyncRequest,
+        ) -> Result<natter_proto::msg::SyncReply, Refusal> {
+            Err(Refusal::new(ErrorCode::Internal, "not in this test"))
+        }
+        async fn read(
+            &self,
+            _from: &Session,
+            conversation: &str,
+            seq: u64,
+        ) -> Result<natter_proto::msg::ReadReply, Refusal> {
+            if conversation == "p:x:y" {
+                return Err(Refusal::new(ErrorCode::NotMember, "not yours"));
+            }
+            Ok(natter_proto::msg::ReadReply {
+                conversation: conversation.to_string(),
+                read_seq: seq,
+                unread: 1,
+            })
+        }
+        async fn typing(&self, _from: &Session, conversation: &str) -> Result<(), Refusal> {
+            if conversation == "p:x:y" {
+                return Err(Refusal::new(ErrorCode::RateLimited, "slow down"));
+            }
+            Ok(())
+        }
+    }
+
+    fn session() -> Session {
+        Session {
+            uid: natter_proto::UserId::parse("ann").expect("valid"),
+            device: "phone".into(),
+            node: Arc::from("comet-1"),
+            conn: 1,
+        }
+    }
+
+    fn read_frame(seq: u32, conversation: &str, at: u64) -> Frame {
+        let request = ReadRequest {
+            conversation: conversation.into(),
+            seq: at,
+        };
+        Frame::new(Op::Read, seq, 0, &request)
+    }
+
+    fn typing_frame(seq: u32, conversation: &str) -> Frame {
+        let typing = Typing {
+            conversation: conversation.into(),
+        };
+        Frame::new(Op::Typing, seq, 0, &typing)
+    }
+
+    /// The job of `frame`, run through [`Reading`].
+    async fn answer(frame: Frame) -> Option<Frame> {
+        let job = Job::of(&frame)
+            .expect("a request for logic")
+            .expect("a good body");
+        run_job(&Reading, &session(), job).await
+    }
+
+    fn error_of(frame: &Frame) -> (ErrorCode, String) {
+        let error: ErrorReply = frame.message().expect("an ErrorReply");
+        let code = ErrorCode::from_u32(error.code).expect("a known code");
+        (code, error.message)
+    }
+
+    #[test]
+    fn reads_and_typing_are_requests_for_logic_and_a_bad_body_is_told_apart() {
+        match Job::of(&read_frame(7, "p:ann:bob", 12)) {
+            Some(Ok(Job::Read { seq: 7, request })) => {
+                assert_eq!(
+                    (request.conversation.as_str(), request.seq),
+                    ("p:ann:bob", 12)
+                );
+            }
+            _ => panic!("a read job"),
+        }
+        match Job::of(&typing_frame(8, "g:5")) {
+            Some(Ok(Job::Typing { seq: 8, typing })) => assert_eq!(typing.conversation, "g:5"),
+            _ => panic!("a typing job"),
+        }
+        // A body that does not decode (a field tag of 0) is a bad body,
+        // for the connection to answer with its seq.
+        for op in [Op::Read, Op::Typing] {
+            let bad = Frame::raw(op, 9, 0, Bytes::from_static(&[0x00, 0x01]));
+            assert!(matches!(Job::of(&bad), Some(Err(_))), "{}", op.name());
+        }
+        // Frames the connection answers itself are not jobs.
+        for op in [Op::Heartbeat, Op::PushAck, Op::Auth, Op::ReadReply] {
+            assert!(Job::of(&Frame::empty(op, 1, 0)).is_none(), "{}", op.name());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_is_answered_with_its_reply_and_a_refusal_with_an_error() {
+        let reply = answer(read_frame(7, "p:ann:bob", 12))
+            .await
+            .expect("an answer");
+        assert_eq!((reply.op, reply.seq), (Op::ReadReply, 7));
+        let read: natter_proto::msg::ReadReply = reply.message().expect("a ReadReply");
+        assert_eq!(
+            read,
+            natter_proto::msg::ReadReply {
+                conversation: "p:ann:bob".into(),
+                read_seq: 12,
+                unread: 1,
+            }
+        );
+        let refused = answer(read_frame(8, "p:x:y", 1)).await.expect("an answer");
+        assert_eq!((refused.op, refused.seq), (Op::Error, 8));
+        assert_eq!(
+            error_of(&refused),
+            (ErrorCode::NotMember, "not yours".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn typing_is_answered_only_when_refused() {
+        assert!(answer(typing_frame(3, "p:ann:bob")).await.is_none());
+        let refused = answer(typing_frame(4, "p:x:y")).await.expect("an answer");
+        assert_eq!((refused.op, refused.seq), (Op::Error, 4));
+        assert_eq!(
+            error_of(&refused),
+            (ErrorCode::RateLimited, "slow down".into())
+        );
     }
 
     #[test]

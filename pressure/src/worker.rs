@@ -353,57 +353,66 @@ async fn connect_all(shared: &Arc<Shared>, secret: &[u8]) -> Vec<(u64, u16, Clie
 async fn receive_loop(shared: Arc<Shared>, uid: SimUser, device: u16, mut events: Events) {
     let run = shared.plan.run;
     while let Some(event) = events.next().await {
-        match event {
-            // Group events (created, joined, …) are the server's own messages.
-            Event::Message(m)
-                if matches!(
-                    m.body.as_ref().and_then(|b| b.content.as_ref()),
-                    Some(natter_proto::msg::Content::GroupEvent(_))
-                ) => {}
-            Event::Message(m) => {
-                let now = unix_ns();
-                let payload = Payload::parse(m.body.as_ref());
-                let origin = payload.map(|p| Origin {
-                    run: p.run,
-                    sender: p.sender,
-                    device: p.device,
-                    client_seq: p.client_seq,
-                });
-                shared.counters.received.fetch_add(1, Ordering::Relaxed);
-                let latency = payload
-                    .filter(|p| p.run == run && shared.measuring(p.intended_ns))
-                    .map(|p| Duration::from_nanos(now.saturating_sub(p.intended_ns)));
-                if let Some(latency) = latency {
-                    shared
-                        .window
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .record(latency);
-                }
-                let mut result = shared.result();
-                result.ledger.deliveries.push(DeliveryRecord {
-                    uid,
-                    device,
-                    mid: m.mid,
-                    origin,
-                });
-                let bucket = result.timeline.at(shared.since_start_ms(now));
-                bucket.received += 1;
-                if let Some(latency) = latency {
-                    bucket.e2e.record(latency);
-                    result.e2e.record(latency);
-                    result.last_delivery_ns = result.last_delivery_ns.max(now);
-                }
-            }
-            Event::Disconnected { error, .. } => {
-                *shared
-                    .result()
-                    .disconnects
-                    .entry(error.class())
-                    .or_default() += 1;
-            }
-            _ => {}
+        if let Event::Disconnected { error, .. } = &event {
+            *shared
+                .result()
+                .disconnects
+                .entry(error.class())
+                .or_default() += 1;
         }
+        let Some(m) = delivery(&event) else {
+            continue;
+        };
+        let now = unix_ns();
+        let payload = Payload::parse(m.body.as_ref());
+        let origin = payload.map(|p| Origin {
+            run: p.run,
+            sender: p.sender,
+            device: p.device,
+            client_seq: p.client_seq,
+        });
+        shared.counters.received.fetch_add(1, Ordering::Relaxed);
+        let latency = payload
+            .filter(|p| p.run == run && shared.measuring(p.intended_ns))
+            .map(|p| Duration::from_nanos(now.saturating_sub(p.intended_ns)));
+        if let Some(latency) = latency {
+            shared
+                .window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(latency);
+        }
+        let mut result = shared.result();
+        result.ledger.deliveries.push(DeliveryRecord {
+            uid,
+            device,
+            mid: m.mid,
+            origin,
+        });
+        let bucket = result.timeline.at(shared.since_start_ms(now));
+        bucket.received += 1;
+        if let Some(latency) = latency {
+            bucket.e2e.record(latency);
+            result.e2e.record(latency);
+            result.last_delivery_ns = result.last_delivery_ns.max(now);
+        }
+    }
+}
+
+/// The message `event` delivers, if it counts as a delivery: group events
+/// (the server's own messages), read receipts, typing notices and other
+/// notifies are not, whatever conversation they name.
+fn delivery(event: &Event) -> Option<&natter_proto::msg::Message> {
+    match event {
+        Event::Message(m)
+            if !matches!(
+                m.body.as_ref().and_then(|b| b.content.as_ref()),
+                Some(natter_proto::msg::Content::GroupEvent(_))
+            ) =>
+        {
+            Some(m)
+        }
+        _ => None,
     }
 }
 
@@ -535,5 +544,55 @@ async fn report_progress(
     loop {
         tick.tick().await;
         progress(snapshot(&shared, false));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use natter_client::{ClientError, Event};
+    use natter_proto::msg::{
+        Content, GroupEvent, Message, MessageBody, Notify, ReadReceipt, TypingNotice,
+    };
+
+    use super::delivery;
+
+    #[test]
+    fn only_chat_messages_count_as_deliveries() {
+        let chat = Message {
+            mid: 7,
+            body: Some(MessageBody::text("hi")),
+            ..Message::default()
+        };
+        let group_event = Message {
+            mid: 8,
+            group: 3,
+            body: Some(MessageBody {
+                content: Some(Content::GroupEvent(GroupEvent::default())),
+            }),
+            ..Message::default()
+        };
+        assert_eq!(delivery(&Event::Message(chat.clone())), Some(&chat));
+        let not_deliveries = [
+            Event::Message(group_event),
+            Event::Read(ReadReceipt {
+                conversation: "p:u1:u2".into(),
+                reader: "u2".into(),
+                seq: 7,
+                time_ms: 1,
+            }),
+            Event::Typing(TypingNotice {
+                conversation: "p:u1:u2".into(),
+                user: "u2".into(),
+                time_ms: 1,
+            }),
+            Event::Notify(Notify::default()),
+            Event::Disconnected {
+                error: ClientError::Disconnected,
+                fatal: false,
+            },
+        ];
+        for event in &not_deliveries {
+            assert_eq!(delivery(event), None, "{event:?}");
+        }
     }
 }

@@ -14,7 +14,7 @@
 //!   [`pb::Grant`], the session (uid, device, node, conn) in its protobuf
 //!   encoding, signed by logic with a key derived from `auth.secret`, which
 //!   only logic nodes (and the account system) hold — gateways do not. Every later per-session call
-//!   (send, sync, push-ack, disconnect, heartbeat) presents it, and logic
+//!   (send, sync, read, typing, push-ack, disconnect, heartbeat) presents it, and logic
 //!   acts for the uid and device written in the grant, never for what the
 //!   caller says: a gateway cannot act for a user who has not connected to
 //!   it with a valid token.

@@ -5,7 +5,9 @@
 //! - [`LogicServer`] serves any [`LogicService`] to gateways;
 //!   [`RemoteLogic`] is the [`LogicService`] a gateway uses: load-balanced
 //!   over the live logic nodes, a failed call retried on the next one (every
-//!   logic call is safe to repeat: sends are deduplicated by client seq).
+//!   logic call is safe to repeat: sends are deduplicated by client seq, a
+//!   read cursor only moves forward, and a typing notice repeated is at
+//!   worst shown twice).
 //! - [`GatewayServer`] serves any [`Gateway`] to logic nodes;
 //!   [`RemoteGateway`] is the [`Gateway`] logic uses for one gateway node:
 //!   pushes are queued and sent in batches, one call for many connections;
@@ -25,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use natter_proto::msg::{MessageReply, SendMessage, SyncReply, SyncRequest};
+use natter_proto::msg::{
+    MessageReply, ReadReply, ReadRequest, SendMessage, SyncReply, SyncRequest, Typing,
+};
 use natter_proto::{ErrorCode, Op, UserId};
 use natter_roles::{
     Acked, Connected, Gateway, Identity, LogicService, Push, PushBatch, Refusal, Session, Target,
@@ -223,6 +227,35 @@ impl pb::logic_server::Logic for LogicServer {
             .map(|reply| reply.encode_to_vec());
         Ok(Response::new(answer(result)))
     }
+
+    async fn read(&self, request: Request<pb::ReadCall>) -> Result<Response<pb::Answer>, Status> {
+        let r = request.into_inner();
+        let from = self.sessions.verify(r.from.as_ref())?;
+        let read =
+            ReadRequest::decode(r.request.as_slice()).map_err(|e| bad_request("request", e))?;
+        let result = self
+            .logic
+            .read(&from, &read.conversation, read.seq)
+            .await
+            .map(|reply| reply.encode_to_vec());
+        Ok(Response::new(answer(result)))
+    }
+
+    async fn typing(
+        &self,
+        request: Request<pb::TypingCall>,
+    ) -> Result<Response<pb::Answer>, Status> {
+        let r = request.into_inner();
+        let from = self.sessions.verify(r.from.as_ref())?;
+        let typing = Typing::decode(r.request.as_slice()).map_err(|e| bad_request("request", e))?;
+        // Success has no body: an empty reply.
+        let result = self
+            .logic
+            .typing(&from, &typing.conversation)
+            .await
+            .map(|()| Vec::new());
+        Ok(Response::new(answer(result)))
+    }
 }
 
 /// Serves a [`Gateway`] to logic nodes.
@@ -359,6 +392,15 @@ impl RemoteLogic {
         )
     }
 
+    /// The grant of `session`'s connection.
+    fn grant_of(&self, session: &Session) -> Result<pb::Grant, Refusal> {
+        self.grants()
+            .by_conn
+            .get(&session.conn)
+            .cloned()
+            .ok_or_else(Self::no_grant)
+    }
+
     /// The clients of the live nodes, starting with the next in turn.
     fn rotation(&self) -> Vec<(String, LogicClient)> {
         let addrs = (self.targets)();
@@ -428,19 +470,6 @@ fn unanswer<T: prost::Message + Default>(answer: pb::Answer) -> Result<T, Refusa
 
 #[async_trait]
 impl LogicService for RemoteLogic {
-    async fn read(
-        &self,
-        _from: &Session,
-        _conversation: &str,
-        _seq: u64,
-    ) -> Result<natter_proto::msg::ReadReply, Refusal> {
-        unimplemented!("TODO-RPC")
-    }
-
-    async fn typing(&self, _from: &Session, _conversation: &str) -> Result<(), Refusal> {
-        unimplemented!("TODO-RPC")
-    }
-
     async fn connect(
         &self,
         token: &str,
@@ -527,13 +556,7 @@ impl LogicService for RemoteLogic {
 
     async fn send(&self, from: &Session, message: SendMessage) -> Result<MessageReply, Refusal> {
         let request = pb::SendRequest {
-            from: Some(
-                self.grants()
-                    .by_conn
-                    .get(&from.conn)
-                    .cloned()
-                    .ok_or_else(Self::no_grant)?,
-            ),
+            from: Some(self.grant_of(from)?),
             message: message.encode_to_vec(),
         };
         let answer = self
@@ -542,6 +565,47 @@ impl LogicService for RemoteLogic {
                 async move { c.send(request).await }
             })
             .await?;
+        unanswer(answer)
+    }
+
+    async fn read(
+        &self,
+        from: &Session,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<ReadReply, Refusal> {
+        let call = pb::ReadCall {
+            from: Some(self.grant_of(from)?),
+            request: ReadRequest {
+                conversation: conversation.to_string(),
+                seq,
+            }
+            .encode_to_vec(),
+        };
+        let answer = self
+            .call("read", |mut c| {
+                let call = call.clone();
+                async move { c.read(call).await }
+            })
+            .await?;
+        unanswer(answer)
+    }
+
+    async fn typing(&self, from: &Session, conversation: &str) -> Result<(), Refusal> {
+        let call = pb::TypingCall {
+            from: Some(self.grant_of(from)?),
+            request: Typing {
+                conversation: conversation.to_string(),
+            }
+            .encode_to_vec(),
+        };
+        let answer = self
+            .call("typing", |mut c| {
+                let call = call.clone();
+                async move { c.typing(call).await }
+            })
+            .await?;
+        // Success is an empty reply, which decodes as `()`.
         unanswer(answer)
     }
 

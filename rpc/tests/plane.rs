@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use natter_proto::msg::{Message, MessageReply, SendMessage, SyncReply, SyncRequest};
+use natter_proto::msg::{
+    Message, MessageReply, ReadReply, ReadRequest, SendMessage, SyncReply, SyncRequest, Typing,
+};
 use natter_proto::{ErrorCode, UserId};
 use natter_roles::{
     Acked, Connected, Gateway, Identity, LogicService, PushBatch, Refusal, Session,
@@ -50,19 +52,6 @@ impl Recorder {
 
 #[async_trait]
 impl LogicService for Recorder {
-    async fn read(
-        &self,
-        _from: &Session,
-        _conversation: &str,
-        _seq: u64,
-    ) -> Result<natter_proto::msg::ReadReply, Refusal> {
-        unimplemented!("TODO-RPC")
-    }
-
-    async fn typing(&self, _from: &Session, _conversation: &str) -> Result<(), Refusal> {
-        unimplemented!("TODO-RPC")
-    }
-
     async fn connect(
         &self,
         token: &str,
@@ -120,6 +109,29 @@ impl LogicService for Recorder {
             ..SyncReply::default()
         })
     }
+    async fn read(
+        &self,
+        from: &Session,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<ReadReply, Refusal> {
+        self.saw("read", &from.uid, &from.device);
+        // The cursor as asked and the unread count of the stand-in's
+        // conversation of ten, so every field crosses back.
+        Ok(ReadReply {
+            conversation: conversation.to_string(),
+            read_seq: seq,
+            unread: 10u64.saturating_sub(seq),
+        })
+    }
+    async fn typing(&self, from: &Session, conversation: &str) -> Result<(), Refusal> {
+        self.saw("typing", &from.uid, &from.device);
+        // A conversation of others: refused as logic refuses it.
+        if !conversation.contains(from.uid.as_str()) {
+            return Err(Refusal::new(ErrorCode::NotMember, "not your conversation"));
+        }
+        Ok(())
+    }
 }
 
 /// A gateway that counts what reaches it.
@@ -176,6 +188,21 @@ fn connect_request(token: &str, conn: u64) -> pb::ConnectRequest {
         conn,
         device: String::new(),
     }
+}
+
+fn read_request(conversation: &str, seq: u64) -> Vec<u8> {
+    ReadRequest {
+        conversation: conversation.into(),
+        seq,
+    }
+    .encode_to_vec()
+}
+
+fn typing_request(conversation: &str) -> Vec<u8> {
+    Typing {
+        conversation: conversation.into(),
+    }
+    .encode_to_vec()
 }
 
 fn unauthenticated<T: std::fmt::Debug>(result: Result<T, tonic::Status>, what: &str) {
@@ -297,7 +324,7 @@ async fn a_gateway_refuses_pushes_and_kicks_without_the_cluster_secret() {
 }
 
 #[tokio::test]
-async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
+async fn a_forged_or_tampered_session_is_refused_on_every_session_call() {
     let (addr, seen) = logic_node().await;
     let mut client = signed_logic(&addr, CLUSTER);
     let connected = match client
@@ -393,6 +420,24 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
                 .await,
             &format!("acked, {what}"),
         );
+        unauthenticated(
+            client
+                .read(pb::ReadCall {
+                    from: forged.clone(),
+                    request: read_request("p:u-1:u-2", 9),
+                })
+                .await,
+            &format!("read, {what}"),
+        );
+        unauthenticated(
+            client
+                .typing(pb::TypingCall {
+                    from: forged.clone(),
+                    request: typing_request("p:u-1:u-2"),
+                })
+                .await,
+            &format!("typing, {what}"),
+        );
         if let Some(forged) = forged {
             unauthenticated(
                 client.disconnect(forged.clone()).await,
@@ -432,11 +477,33 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
         .expect("sync");
     client
         .acked(pb::PushAck {
-            from: Some(grant),
+            from: Some(grant.clone()),
             acked: vec![pb::Acked { group: 0, seq: 1 }],
         })
         .await
         .expect("acked");
+    let read = client
+        .read(pb::ReadCall {
+            from: Some(grant.clone()),
+            request: read_request("p:u-1:u-2", 4),
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    assert!(matches!(read.result, Some(pb::answer::Result::Reply(_))));
+    let typing = client
+        .typing(pb::TypingCall {
+            from: Some(grant),
+            request: typing_request("p:u-1:u-2"),
+        })
+        .await
+        .expect("typing")
+        .into_inner();
+    assert_eq!(
+        typing.result,
+        Some(pb::answer::Result::Reply(Vec::new())),
+        "typing answers an empty reply"
+    );
     let calls: Vec<_> = seen
         .lock()
         .expect("lock")
@@ -450,7 +517,9 @@ async fn a_forged_or_tampered_session_is_refused_on_send_sync_and_acked() {
             ("connect", u1()),
             ("send", u1()),
             ("sync", u1()),
-            ("acked", u1())
+            ("acked", u1()),
+            ("read", u1()),
+            ("typing", u1())
         ]
     );
 }
@@ -494,6 +563,31 @@ async fn a_gateway_presents_each_connections_grant_and_logic_acts_for_its_user()
     remote
         .push_acked(&uid("u-7"), "phone", &[Acked { group: 0, seq: 1 }])
         .await;
+    let read = remote
+        .read(&session("u-7", 3), "p:u-3:u-7", 4)
+        .await
+        .expect("read");
+    assert_eq!(
+        read,
+        ReadReply {
+            conversation: "p:u-3:u-7".into(),
+            read_seq: 4,
+            unread: 6,
+        }
+    );
+    remote
+        .typing(&session("u-7", 3), "p:u-3:u-7")
+        .await
+        .expect("typing");
+    // Logic's refusal crosses as it was made.
+    let refused = remote
+        .typing(&session("u-7", 3), "p:u-3:u-4")
+        .await
+        .expect_err("refused by logic");
+    assert_eq!(
+        refused,
+        Refusal::new(ErrorCode::NotMember, "not your conversation")
+    );
     remote.heartbeat(&[session("u-7", 3)]).await;
     // A connection or device logic never authenticated has no grant.
     let refused = remote
@@ -505,9 +599,25 @@ async fn a_gateway_presents_each_connections_grant_and_logic_acts_for_its_user()
         .sync(&uid("u-8"), "phone", SyncRequest::default())
         .await
         .is_err());
+    for refused in [
+        remote
+            .read(&session("u-8", 4), "p:u-3:u-8", 1)
+            .await
+            .map(|_| ()),
+        remote.typing(&session("u-8", 4), "p:u-3:u-8").await,
+    ] {
+        assert_eq!(refused.expect_err("no grant").code, ErrorCode::Internal);
+    }
     remote.disconnect(&session("u-7", 3)).await;
     assert!(
         remote.send(&session("u-7", 3), message).await.is_err(),
+        "the grant went with the connection"
+    );
+    assert!(
+        remote
+            .read(&session("u-7", 3), "p:u-3:u-7", 5)
+            .await
+            .is_err(),
         "the grant went with the connection"
     );
     let calls: Vec<_> = seen.lock().expect("lock").iter().map(|c| c.0).collect();
@@ -518,6 +628,9 @@ async fn a_gateway_presents_each_connections_grant_and_logic_acts_for_its_user()
             "send",
             "sync",
             "acked",
+            "read",
+            "typing",
+            "typing",
             "heartbeat",
             "disconnect"
         ]
@@ -536,7 +649,7 @@ async fn a_gateway_presents_each_connections_grant_and_logic_acts_for_its_user()
         .connect("u-7:phone", "", "comet-1", 9)
         .await
         .is_err());
-    assert_eq!(seen.lock().expect("lock").len(), 6);
+    assert_eq!(seen.lock().expect("lock").len(), 9);
 }
 
 #[tokio::test]
@@ -658,6 +771,18 @@ impl pb::logic_server::Logic for Naming {
     ) -> Result<tonic::Response<pb::Answer>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    async fn read(
+        &self,
+        _: tonic::Request<pb::ReadCall>,
+    ) -> Result<tonic::Response<pb::Answer>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn typing(
+        &self,
+        _: tonic::Request<pb::TypingCall>,
+    ) -> Result<tonic::Response<pb::Answer>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 #[tokio::test]
@@ -760,6 +885,24 @@ async fn logic_refuses_a_signed_grant_naming_an_invalid_user_id() {
                 })
                 .await,
             &format!("acked as {bad:?}"),
+        );
+        unauthenticated(
+            client
+                .read(pb::ReadCall {
+                    from: Some(grant.clone()),
+                    request: read_request("p:u-1:u-2", 1),
+                })
+                .await,
+            &format!("read as {bad:?}"),
+        );
+        unauthenticated(
+            client
+                .typing(pb::TypingCall {
+                    from: Some(grant.clone()),
+                    request: typing_request("p:u-1:u-2"),
+                })
+                .await,
+            &format!("typing as {bad:?}"),
         );
         unauthenticated(
             client.disconnect(grant.clone()).await,
