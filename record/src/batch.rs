@@ -318,7 +318,14 @@ struct Chats {
 }
 
 impl Chats {
-    fn touch(&mut self, owner: &UserId, conversation: &str, peer: Option<&UserId>, read_seq: u64, last_mid: u64) {
+    fn touch(
+        &mut self,
+        owner: &UserId,
+        conversation: &str,
+        peer: Option<&UserId>,
+        read_seq: u64,
+        last_mid: u64,
+    ) {
         let key = (owner.clone(), conversation.to_string());
         match self.index.get(&key) {
             Some(&i) => {
@@ -509,10 +516,7 @@ pub(crate) fn walk(
                 let key = (owner.clone(), conversation.clone());
                 let last_seq = conv.get(conversation).copied().unwrap_or(0);
                 // Messages of this batch may have moved it already.
-                let chat_seq = chats
-                    .index
-                    .get(&key)
-                    .map_or(0, |&i| chats.rows[i].read_seq);
+                let chat_seq = chats.index.get(&key).map_or(0, |&i| chats.rows[i].read_seq);
                 let before = read_now
                     .get(&key)
                     .or_else(|| read_cursors.get(&key))
@@ -525,13 +529,16 @@ pub(crate) fn walk(
                 let moved = read_seq > before;
                 read_now.insert(key.clone(), read_seq);
                 if moved {
-                    let peer = parse_p2p_conversation(conversation).map(|(a, b)| {
-                        if a == *owner {
-                            b
-                        } else {
-                            a
-                        }
-                    });
+                    let peer =
+                        parse_p2p_conversation(conversation).map(
+                            |(a, b)| {
+                                if a == *owner {
+                                    b
+                                } else {
+                                    a
+                                }
+                            },
+                        );
                     chats.touch(owner, conversation, peer.as_ref(), read_seq, 0);
                 }
                 reads.push((outcomes.len(), key, *floor));

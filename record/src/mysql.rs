@@ -80,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "user logout",
         include_str!("../migrations/mysql/0011_user_logout.sql"),
     ),
+    (
+        13,
+        "search",
+        include_str!("../migrations/mysql/0013_search.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -127,7 +132,7 @@ fn uid(bytes: Vec<u8>) -> Result<UserId, sqlx::Error> {
     user_id(device_id(bytes)?)
 }
 
-fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
+pub(crate) fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
     let conversation = device_id(row.try_get("conv_id")?)?;
     Ok(StoredMessage {
         mid: row.try_get::<i64, _>("mid")? as u64,
@@ -402,8 +407,16 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
         received,
         touched_convs,
         touched_users,
+        effects,
         ..
-    } = walk(writes, &existing, &mut conv, &mut user, &mut devices, &read_cursors);
+    } = walk(
+        writes,
+        &existing,
+        &mut conv,
+        &mut user,
+        &mut devices,
+        &read_cursors,
+    );
 
     if !messages.is_empty() {
         let mut q = QueryBuilder::<MySql>::new(
@@ -422,7 +435,9 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
                 .push_bind(m.time_ms);
         });
         q.build().execute(&mut *conn).await?;
+        crate::search::mysql::index(conn, &messages).await?;
     }
+    crate::search::mysql::apply_effects(conn, &effects).await?;
     if !relations.is_empty() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO relation (owner, user_seq, mid, other, direction, received, created_at) ",
@@ -703,6 +718,7 @@ impl MessageStore for MySqlStore {
                 .bind(mid)
                 .execute(&mut *tx)
                 .await?;
+            crate::search::mysql::expired(&mut tx, *mid).await?;
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
@@ -771,6 +787,11 @@ impl MessageStore for MySqlStore {
 
     async fn read_count(&self, _conversation: &str, _seq: u64) -> Result<u64, StoreError> {
         unimplemented!("MYSQL-TODO")
+    }
+
+    async fn search(&self, q: &SearchQuery) -> Result<Page<StoredMessage>, StoreError> {
+        self.closed()?;
+        Ok(crate::search::mysql::search(&self.pool, q).await?)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -854,6 +875,27 @@ mod tests {
         let made: Arc<Mutex<Vec<String>>> = Arc::default();
         let record = made.clone();
         crate::suite::run_all(move || {
+            let record = record.clone();
+            async move {
+                let (url, name) = fresh_database().await;
+                record.lock().expect("lock").push(name);
+                MySqlStore::connect(&url, &MySqlOptions::default())
+                    .await
+                    .expect("store")
+            }
+        })
+        .await;
+        let names = made.lock().expect("lock").clone();
+        for name in names {
+            drop_database(&name).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn mysql_passes_the_search_suite() {
+        let made: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = made.clone();
+        crate::suite::run_search(move || {
             let record = record.clone();
             async move {
                 let (url, name) = fresh_database().await;
