@@ -151,6 +151,7 @@ pub(crate) mod sqlite {
     /// Queues the batch's new messages for the indexer.
     pub(crate) const QUEUE_SQL: &str =
         "INSERT OR IGNORE INTO search_queue (mid) SELECT k.value FROM json_each(?1) AS k";
+    const ANY_QUEUED_SQL: &str = "SELECT EXISTS (SELECT 1 FROM search_queue)";
     /// The oldest queued mids with their message (gone: expired).
     const QUEUED_SQL: &str = "SELECT q.mid, m.conv_id, m.conv_seq, m.created_at, m.content \
          FROM (SELECT mid FROM search_queue ORDER BY mid LIMIT ?1) AS q \
@@ -246,6 +247,11 @@ pub(crate) mod sqlite {
     /// under the store's writer lock (SQLite has one writer); returns how
     /// many queue entries it took.
     async fn index_some<T>(pool: &SqlitePool, writer: &Mutex<T>) -> Result<usize, sqlx::Error> {
+        // A read first: an idle store's indexer never takes the writer lock.
+        let queued: bool = sqlx::query_scalar(ANY_QUEUED_SQL).fetch_one(pool).await?;
+        if !queued {
+            return Ok(0);
+        }
         let _writer = writer.lock().await;
         if pool.is_closed() {
             return Ok(0);
@@ -305,7 +311,8 @@ pub(crate) mod sqlite {
         writer: Arc<Mutex<T>>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(INDEX_EVERY);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + INDEX_EVERY, INDEX_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
