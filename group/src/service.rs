@@ -1180,6 +1180,10 @@ impl GroupAccess for Groups {
         let snapshot = self.snapshot(group).await?;
         Ok(snapshot.member(uid)?.join_seq)
     }
+
+    async fn groups_of(&self, uid: &UserId) -> Result<Vec<(u64, u64)>, Refusal> {
+        Groups::groups_of(self, uid).await
+    }
 }
 
 #[cfg(test)]

@@ -19,13 +19,14 @@ use serde::Deserialize;
 
 use crate::store::{
     parse_group_conversation, parse_p2p_conversation, GroupHistoryQuery, HistoryQuery,
-    MessageStore, Page, PageLimit, StoredMessage, MAX_ID,
+    MessageStore, Page, PageLimit, SearchQuery, StoredMessage, MAX_ID,
 };
 
 /// Routes served by this module, as written in the OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/conversations/{conversation}/messages"),
     ("get", "/v1/sync"),
+    ("get", "/v1/search"),
 ];
 
 /// The HTTP API's per-user request limit: a token bucket per user in front
@@ -65,6 +66,10 @@ pub trait GroupAccess: Send + Sync + 'static {
     /// The first `conv_seq` of `group` that `uid` may read (their join
     /// point), or why they may not read it at all.
     async fn readable_from(&self, uid: &UserId, group: u64) -> Result<u64, Refusal>;
+
+    /// The groups `uid` is a member of now, each with their join point
+    /// (the first `conv_seq` they may read).
+    async fn groups_of(&self, uid: &UserId) -> Result<Vec<(u64, u64)>, Refusal>;
 }
 
 /// An error answer of the HTTP API: a [`Refusal`] as JSON `{"code",
@@ -202,6 +207,7 @@ pub fn router(
     Router::new()
         .route("/v1/conversations/{conversation}/messages", get(history))
         .route("/v1/sync", get(sync))
+        .route("/v1/search", get(search))
         .with_state(HttpState {
             store,
             auth,
@@ -365,4 +371,117 @@ async fn sync(
             .collect(),
         cursor,
     }))
+}
+
+#[derive(Deserialize)]
+struct SearchParams {
+    q: Option<String>,
+    conversation: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+/// An optional number parameter: absent or empty is `None`; anything else
+/// must be a number in `valid`.
+fn number<T: std::str::FromStr + PartialOrd>(
+    value: Option<&str>,
+    name: &str,
+    valid: std::ops::RangeInclusive<T>,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(s) => match s.parse::<T>() {
+            Ok(n) if valid.contains(&n) => Ok(Some(n)),
+            _ => Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("{name} must be {what}"),
+            )),
+        },
+    }
+}
+
+/// `GET /v1/search`: the caller's messages holding `q`, newest first, in
+/// the caller's one-to-one conversations and groups (from each join
+/// point), or in one `conversation` the caller may read (as history).
+async fn search(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    params: Result<Query<SearchParams>, QueryRejection>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let me = caller(&headers, state.auth.as_ref()).await?;
+    let Query(params) = params?;
+    let text = params.q.unwrap_or_default();
+    crate::search::check_query(&text).map_err(|m| ApiError::new(ErrorCode::BadRequest, m))?;
+    let limit = number(
+        params.limit.as_deref(),
+        "limit",
+        1..=100,
+        "between 1 and 100",
+    )?
+    .unwrap_or(20);
+    let before = number(
+        params.before.as_deref(),
+        "before",
+        0..=MAX_ID,
+        "a message id",
+    )?;
+    let from_ms = number(
+        params.from.as_deref(),
+        "from",
+        i64::MIN..=i64::MAX,
+        "a time in Unix ms",
+    )?;
+    let to_ms = number(
+        params.to.as_deref(),
+        "to",
+        i64::MIN..=i64::MAX,
+        "a time in Unix ms",
+    )?;
+    if let (Some(from), Some(to)) = (from_ms, to_ms) {
+        if from > to {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "from must not be after to",
+            ));
+        }
+    }
+    // The same checks as history: a conversation that is not the caller's
+    // is refused, a group only while a member and from the join point.
+    let conversation = params.conversation.filter(|c| !c.is_empty());
+    let groups = match &conversation {
+        None => state.groups.groups_of(&me.uid).await?,
+        Some(c) => match parse_group_conversation(c) {
+            Some(group) => vec![(group, state.groups.readable_from(&me.uid, group).await?)],
+            None => {
+                let (a, b) = parse_p2p_conversation(c).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::BadRequest,
+                        format!("{c:?} is not a conversation id"),
+                    )
+                })?;
+                if me.uid != a && me.uid != b {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        "not a member of this conversation",
+                    ));
+                }
+                Vec::new()
+            }
+        },
+    };
+    let query = SearchQuery {
+        owner: me.uid.clone(),
+        text,
+        conversation,
+        groups,
+        from_ms,
+        to_ms,
+        before,
+        limit: PageLimit::new(limit, state.page_bytes),
+    };
+    let rows = state.store.search(&query).await?;
+    Ok(Json(page(rows)))
 }

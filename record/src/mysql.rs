@@ -86,6 +86,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "conversations",
         include_str!("../migrations/mysql/0012_conversations.sql"),
     ),
+    (
+        13,
+        "search",
+        include_str!("../migrations/mysql/0013_search.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -133,7 +138,7 @@ fn uid(bytes: Vec<u8>) -> Result<UserId, sqlx::Error> {
     user_id(device_id(bytes)?)
 }
 
-fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
+pub(crate) fn message_from_row(row: &MySqlRow) -> Result<StoredMessage, sqlx::Error> {
     let conversation = device_id(row.try_get("conv_id")?)?;
     Ok(StoredMessage {
         mid: row.try_get::<i64, _>("mid")? as u64,
@@ -657,7 +662,9 @@ async fn apply(conn: &mut MySqlConnection, writes: &[Write]) -> Result<Vec<Outco
                 .push_bind(m.time_ms);
         });
         q.build().execute(&mut *conn).await?;
+        crate::search::mysql::index(conn, &messages).await?;
     }
+    crate::search::mysql::apply_effects(conn, &effects).await?;
     if !relations.is_empty() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO relation (owner, user_seq, mid, other, direction, received, created_at) ",
@@ -991,6 +998,7 @@ impl MessageStore for MySqlStore {
                 .bind(mid)
                 .execute(&mut *tx)
                 .await?;
+            crate::search::mysql::expired(&mut tx, *mid).await?;
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
@@ -1247,6 +1255,11 @@ impl MessageStore for MySqlStore {
         Ok(count.max(0) as u64)
     }
 
+    async fn search(&self, q: &SearchQuery) -> Result<Page<StoredMessage>, StoreError> {
+        self.closed()?;
+        Ok(crate::search::mysql::search(&self.pool, q).await?)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.closed()?;
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -1443,6 +1456,27 @@ mod tests {
         assert_eq!((a[0].last_seq, a[0].unread), (4, 2));
         store.close().await;
         drop_database(&name).await;
+    }
+
+    #[tokio::test]
+    async fn mysql_passes_the_search_suite() {
+        let made: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = made.clone();
+        crate::suite::run_search(move || {
+            let record = record.clone();
+            async move {
+                let (url, name) = fresh_database().await;
+                record.lock().expect("lock").push(name);
+                MySqlStore::connect(&url, &MySqlOptions::default())
+                    .await
+                    .expect("store")
+            }
+        })
+        .await;
+        let names = made.lock().expect("lock").clone();
+        for name in names {
+            drop_database(&name).await;
+        }
     }
 
     #[tokio::test]

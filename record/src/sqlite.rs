@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "conversations",
         include_str!("../migrations/sqlite/0006_conversations.sql"),
+    ),
+    (
+        7,
+        "search",
+        include_str!("../migrations/sqlite/0007_search.sql"),
     ),
 ];
 
@@ -156,7 +162,10 @@ impl Counters {
 
 pub struct SqliteStore {
     pool: SqlitePool,
-    writer: Mutex<Counters>,
+    /// Shared with the search indexer, which writes under it too.
+    writer: Arc<Mutex<Counters>>,
+    /// The search indexer ([`crate::search::sqlite`]), stopped on close.
+    indexer: tokio::task::JoinHandle<()>,
     /// Committed cursor values not yet in the tables, for [`MessageStore::cursor`].
     unflushed: std::sync::Mutex<HashMap<CursorKey, u64>>,
     /// Whether writes fail (see [`MessageStore::ping`]).
@@ -261,9 +270,12 @@ impl SqliteStore {
     async fn with_pool(pool: SqlitePool) -> Result<SqliteStore, StoreError> {
         migrator().run(&pool).await?;
         tokio::spawn(checkpoint_loop(pool.clone()));
+        let writer = Arc::new(Mutex::new(Counters::default()));
+        let indexer = crate::search::sqlite::spawn_indexer(pool.clone(), writer.clone());
         Ok(SqliteStore {
             pool,
-            writer: Mutex::new(Counters::default()),
+            writer,
+            indexer,
             unflushed: std::sync::Mutex::new(HashMap::new()),
             health: WriteHealth::default(),
         })
@@ -286,6 +298,19 @@ impl SqliteStore {
         } else {
             Ok(())
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // A store dropped without `close` stops its indexer all the same
+        // (what it had not indexed stays queued).
+        self.indexer.abort();
     }
 }
 
@@ -376,13 +401,13 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// A message's columns with its users' ids as strings (tables `m`, and
 /// `su`/`ru` of [`USER_JOINS`]).
-const MESSAGE_COLUMNS: &str = "m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at, m.edited_at, m.revoked_at";
+pub(crate) const MESSAGE_COLUMNS: &str = "m.mid, m.conv_id, m.conv_seq, su.uid AS sender, m.sender_device, m.client_seq, ru.uid AS receiver, m.msg_type, m.content, m.created_at, m.edited_at, m.revoked_at";
 /// Turns a message's sender and receiver ids (`m`) back into strings; a
 /// group message's receiver (0) joins no user.
-const USER_JOINS: &str =
+pub(crate) const USER_JOINS: &str =
     "JOIN users su ON su.id = m.sender LEFT JOIN users ru ON ru.id = m.receiver";
 
-fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
+pub(crate) fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     let conversation: String = row.try_get("conv_id")?;
     let receiver: Option<String> = row.try_get("receiver")?;
     Ok(StoredMessage {
@@ -502,7 +527,7 @@ const UPSERT_USERS_SQL: &str = "INSERT INTO user_sequence (owner, last_seq) \
      SELECT k.value->>0, k.value->>1 FROM json_each(?1) AS k WHERE true \
      ON CONFLICT (owner) DO UPDATE SET last_seq = excluded.last_seq";
 
-fn json(rows: impl serde::Serialize) -> String {
+pub(crate) fn json(rows: impl serde::Serialize) -> String {
     serde_json::to_string(&rows)
         .unwrap_or_else(|_| unreachable!("numbers and strings always serialize"))
 }
@@ -817,6 +842,7 @@ async fn apply(
             ));
         }
         write_rows(conn, INSERT_MESSAGES_SQL, rows).await?;
+        crate::search::sqlite::queue(conn, &messages).await?;
     }
     if !relations.is_empty() {
         let mut rows = Vec::with_capacity(relations.len());
@@ -976,6 +1002,7 @@ async fn apply_effect(conn: &mut SqliteConnection, effect: &Effect) -> Result<()
                 .bind(conversation)
                 .execute(&mut *conn)
                 .await?;
+            crate::search::sqlite::revoked(conn, conversation, *target).await?;
         }
         Effect::Edit {
             conversation,
@@ -983,13 +1010,16 @@ async fn apply_effect(conn: &mut SqliteConnection, effect: &Effect) -> Result<()
             content,
             at,
         } => {
-            sqlx::query(EDIT_SQL)
+            let edit = sqlx::query(EDIT_SQL)
                 .bind(content)
                 .bind(at)
                 .bind(*target as i64)
                 .bind(conversation)
                 .execute(&mut *conn)
                 .await?;
+            if edit.rows_affected() > 0 {
+                crate::search::sqlite::edited(conn, conversation, *target, content).await?;
+            }
         }
     }
     Ok(())
@@ -1403,6 +1433,7 @@ impl MessageStore for SqliteStore {
                 .bind(mid)
                 .execute(&mut *tx)
                 .await?;
+            crate::search::sqlite::expired(&mut tx, *mid).await?;
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
@@ -1689,6 +1720,16 @@ impl MessageStore for SqliteStore {
         Ok(count as u64)
     }
 
+    async fn search(&self, q: &SearchQuery) -> Result<Page<StoredMessage>, StoreError> {
+        self.closed()?;
+        Ok(crate::search::sqlite::search(&self.pool, q).await?)
+    }
+
+    async fn flush_search(&self) -> Result<(), StoreError> {
+        self.closed()?;
+        Ok(crate::search::sqlite::index_all(&self.pool, &self.writer).await?)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.closed()?;
         match self.health.check() {
@@ -1712,6 +1753,9 @@ impl MessageStore for SqliteStore {
         // Wait for an in-flight batch, write out changed cursors, then close
         // every connection (which checkpoints the WAL when the last one goes).
         let mut counters = self.writer.lock().await;
+        // The indexer waits for the lock between its transactions: stopped
+        // here, it leaves the queue for the next start.
+        self.indexer.abort();
         if !counters.dirty.is_empty() && !self.pool.is_closed() {
             let flushed = async {
                 let mut tx = WriteTx::begin(&self.pool).await?;
@@ -1949,6 +1993,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sqlite_passes_the_search_suite() {
+        crate::suite::run_search(|| async { SqliteStore::memory().await.expect("memory store") })
+            .await;
+    }
+
+    /// Without a flush, the background indexer makes a message findable
+    /// within about a second; after `close` it is stopped.
+    #[tokio::test]
+    async fn the_indexer_finds_messages_behind_the_commit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("s.db"), &SqliteOptions::default())
+            .await
+            .expect("open");
+        let stored = crate::suite::store_one(&store, 1, 2, 1).await;
+        let query = SearchQuery {
+            owner: u(2),
+            text: "1->2".into(),
+            conversation: None,
+            groups: Vec::new(),
+            from_ms: None,
+            to_ms: None,
+            before: None,
+            limit: PageLimit::from(10),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let page = store.search(&query).await.expect("search");
+            if page.items.iter().any(|m| m.mid == stored.message.mid) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "not indexed in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        store.close().await;
+        assert!(
+            store.indexer.is_finished() || {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                store.indexer.is_finished()
+            }
+        );
+    }
+
+    #[tokio::test]
     async fn batch_statements_search_indexes_instead_of_scanning_tables() {
         let store = SqliteStore::memory().await.expect("store");
         let statements = [
@@ -2059,6 +2146,9 @@ mod tests {
                 })
                 .collect()
         };
+        // With nothing queued for search the indexer leaves the writer lock
+        // alone, so only the cases below decide.
+        store.flush_search().await.expect("index");
         // Not cached yet: the store declines, and the batch path loads it.
         assert!(!store.received_now(&u(2), "phone", &acks(9, &[1])));
         store.write_batch(&[ack(1)]).await.expect("ack");

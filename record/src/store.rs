@@ -401,6 +401,32 @@ pub struct GroupHistoryQuery {
     pub types: Vec<u32>,
 }
 
+/// A page of message search over one user's conversations, newest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SearchQuery {
+    pub owner: UserId,
+    /// What to find: a substring of a message's searchable text
+    /// ([`crate::search::searchable_text`]), compared case-insensitively.
+    /// Never empty (the HTTP API refuses an empty query).
+    pub text: String,
+    /// Only this conversation; `None` for all of `owner`'s one-to-one
+    /// conversations and `groups`. A one-to-one conversation must be one
+    /// `owner` is a party of, and a group one of `groups` (else the page is
+    /// empty): the caller checked that the owner may read it.
+    pub conversation: Option<String>,
+    /// The owner's groups, each with the owner's join point (`conv_seq`):
+    /// nothing before it is found. Group membership is the group store's,
+    /// so the caller names them.
+    pub groups: Vec<(u64, u64)>,
+    /// Only messages sent at or after this time (Unix ms).
+    pub from_ms: Option<i64>,
+    /// Only messages sent at or before this time (Unix ms).
+    pub to_ms: Option<i64>,
+    /// Only messages with a smaller mid; `None` for the newest.
+    pub before: Option<u64>,
+    pub limit: PageLimit,
+}
+
 /// One message of a user's stream, for sync.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncItem {
@@ -618,6 +644,19 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// How many users' read cursors in `conversation` are at `seq` or past it.
     async fn read_count(&self, conversation: &str, seq: u64) -> Result<u64, StoreError>;
+
+    /// A page of the messages `query.owner` may read whose text holds
+    /// `query.text`, newest first, in their current state. Stores that
+    /// index behind the commit find a message within about a second of
+    /// its commit (see [`MessageStore::flush_search`]).
+    async fn search(&self, query: &SearchQuery) -> Result<Page<StoredMessage>, StoreError>;
+
+    /// Indexes for search everything committed before the call, before
+    /// returning. Stores that index inside the write transaction have
+    /// nothing to do.
+    async fn flush_search(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Whether the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

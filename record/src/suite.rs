@@ -1538,3 +1538,347 @@ async fn group_readers_and_settings_and_forgetting(store: &dyn MessageStore) {
     let state = store.read_state(&u(3), &group, 0).await.expect("state");
     assert_eq!((state.read_seq, state.unread), (0, 5));
 }
+/// The search cases every store must pass, each against a fresh store
+/// from `make`.
+pub async fn run_search<S, F, Fut>(make: F)
+where
+    S: MessageStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    search_finds_words_in_any_script_in_the_owners_conversations_only(&make().await).await;
+    search_pages_newest_first_within_a_time_range(&make().await).await;
+    search_in_a_group_starts_at_the_join_point(&make().await).await;
+    search_follows_revokes_and_edits(&make().await).await;
+}
+
+/// Stores `body` from `sender` to `to` at `time_ms` and returns its mid.
+async fn store_body(
+    store: &dyn MessageStore,
+    sender: u64,
+    to: Peer,
+    client_seq: u64,
+    time_ms: i64,
+    body: MessageBody,
+) -> u64 {
+    let mut m = typed(u(sender), to, client_seq, body);
+    m.time_ms = time_ms;
+    let outcomes = store
+        .write_batch(&[Write::Message(m)])
+        .await
+        .expect("write");
+    match outcomes.into_iter().next() {
+        Some(Outcome::Stored(stored)) => stored.message.mid,
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+/// A query of `owner` for `text` over all the owner's conversations.
+fn search_for(owner: u64, text: &str) -> SearchQuery {
+    SearchQuery {
+        owner: u(owner),
+        text: text.into(),
+        conversation: None,
+        groups: Vec::new(),
+        from_ms: None,
+        to_ms: None,
+        before: None,
+        limit: PageLimit::from(20),
+    }
+}
+
+/// The mids of a search's page, in its order.
+async fn found(store: &dyn MessageStore, q: &SearchQuery) -> Vec<u64> {
+    store
+        .search(q)
+        .await
+        .expect("search")
+        .items
+        .iter()
+        .map(|m| m.mid)
+        .collect()
+}
+
+async fn search_finds_words_in_any_script_in_the_owners_conversations_only(
+    store: &dyn MessageStore,
+) {
+    let at = 1_700_000_000_000;
+    let weather = store_body(
+        store,
+        1,
+        Peer::User(u(2)),
+        1,
+        at,
+        MessageBody::text("今天天气很好"),
+    )
+    .await;
+    let hello = store_body(
+        store,
+        2,
+        Peer::User(u(1)),
+        1,
+        at + 1,
+        MessageBody::text("Hello World from Natter"),
+    )
+    .await;
+    let mixed = store_body(
+        store,
+        1,
+        Peer::User(u(2)),
+        2,
+        at + 2,
+        MessageBody::text("明天 Meeting at 10点"),
+    )
+    .await;
+    let japanese = store_body(
+        store,
+        2,
+        Peer::User(u(1)),
+        2,
+        at + 3,
+        MessageBody::text("東京の天気予報"),
+    )
+    .await;
+    // Another pair's conversation, with the same words.
+    let theirs = store_body(
+        store,
+        3,
+        Peer::User(u(4)),
+        1,
+        at + 4,
+        MessageBody::text("天气不错 hello world"),
+    )
+    .await;
+    // Media has no text to find.
+    store_body(
+        store,
+        1,
+        Peer::User(u(2)),
+        3,
+        at + 5,
+        MessageBody {
+            content: Some(natter_proto::msg::Content::Image(
+                natter_proto::msg::Image {
+                    url: "https://img/hello.png".into(),
+                    ..Default::default()
+                },
+            )),
+        },
+    )
+    .await;
+    store.flush_search().await.expect("flush");
+
+    for (text, want) in [
+        ("天气", vec![weather]),
+        ("今天天气", vec![weather]),
+        ("天", vec![japanese, mixed, weather]),
+        ("天気", vec![japanese]),
+        ("hello", vec![hello]),
+        ("WORLD", vec![hello]),
+        ("o w", vec![hello]),
+        ("meeting at 10点", vec![mixed]),
+        ("10点", vec![mixed]),
+        ("goodbye", vec![]),
+        ("png", vec![]),
+    ] {
+        assert_eq!(
+            found(store, &search_for(1, text)).await,
+            want,
+            "{text:?} for u1"
+        );
+        assert_eq!(
+            found(store, &search_for(2, text)).await,
+            want,
+            "{text:?} for u2"
+        );
+    }
+    assert_eq!(found(store, &search_for(3, "天气")).await, vec![theirs]);
+    assert_eq!(
+        found(store, &search_for(5, "天气")).await,
+        Vec::<u64>::new(),
+        "no conversations"
+    );
+    // One conversation by name: another pair's is never searched.
+    let named = |owner: u64, conversation: String| SearchQuery {
+        conversation: Some(conversation),
+        ..search_for(owner, "hello")
+    };
+    assert_eq!(
+        found(store, &named(1, p2p_conversation(&u(1), &u(2)))).await,
+        vec![hello]
+    );
+    assert_eq!(
+        found(store, &named(1, p2p_conversation(&u(3), &u(4)))).await,
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        found(store, &named(1, p2p_conversation(&u(1), &u(3)))).await,
+        Vec::<u64>::new()
+    );
+    // A group the user is not in (named, or among no groups) is not searched.
+    assert_eq!(
+        found(store, &named(1, group_conversation(9))).await,
+        Vec::<u64>::new()
+    );
+}
+
+async fn search_pages_newest_first_within_a_time_range(store: &dyn MessageStore) {
+    let at = 1_700_000_000_000;
+    let mut mids = Vec::new();
+    for n in 0..6u64 {
+        let body = MessageBody::text(format!("weekly report {n}"));
+        mids.push(
+            store_body(
+                store,
+                1,
+                Peer::User(u(2)),
+                n + 1,
+                at + n as i64 * 1000,
+                body,
+            )
+            .await,
+        );
+    }
+    store.flush_search().await.expect("flush");
+    let mut q = SearchQuery {
+        limit: PageLimit::from(4),
+        ..search_for(2, "report")
+    };
+    let first = store.search(&q).await.expect("search");
+    let first_mids: Vec<u64> = first.items.iter().map(|m| m.mid).collect();
+    assert_eq!(first_mids, vec![mids[5], mids[4], mids[3], mids[2]]);
+    assert!(first.more);
+    q.before = Some(mids[2]);
+    let second = store.search(&q).await.expect("search");
+    let second_mids: Vec<u64> = second.items.iter().map(|m| m.mid).collect();
+    assert_eq!(second_mids, vec![mids[1], mids[0]]);
+    assert!(!second.more);
+    // Both ends of the range are included.
+    let ranged = SearchQuery {
+        from_ms: Some(at + 1000),
+        to_ms: Some(at + 3000),
+        ..search_for(1, "report")
+    };
+    assert_eq!(found(store, &ranged).await, vec![mids[3], mids[2], mids[1]]);
+    let later = SearchQuery {
+        from_ms: Some(at + 4500),
+        ..search_for(1, "re")
+    };
+    assert_eq!(found(store, &later).await, vec![mids[5]]);
+    // The message found is the stored one, whole.
+    let page = store
+        .search(&search_for(1, "report 3"))
+        .await
+        .expect("search");
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(
+        page.items[0].body(),
+        Some(MessageBody::text("weekly report 3"))
+    );
+    assert_eq!(page.items[0].conversation, p2p_conversation(&u(1), &u(2)));
+}
+
+async fn search_in_a_group_starts_at_the_join_point(store: &dyn MessageStore) {
+    let at = 1_700_000_000_000;
+    let mut mids = Vec::new();
+    for n in 1..=4u64 {
+        let body = MessageBody::text(format!("群消息 number {n}"));
+        mids.push(store_body(store, 1, Peer::Group(9), n, at + n as i64, body).await);
+    }
+    store.flush_search().await.expect("flush");
+    // User 2 joined at conv_seq 3: the first two are not theirs to find.
+    let member = SearchQuery {
+        groups: vec![(9, 3)],
+        ..search_for(2, "群消息")
+    };
+    assert_eq!(found(store, &member).await, vec![mids[3], mids[2]]);
+    let named = SearchQuery {
+        conversation: Some(group_conversation(9)),
+        ..member.clone()
+    };
+    assert_eq!(found(store, &named).await, vec![mids[3], mids[2]]);
+    let short = SearchQuery {
+        text: "群".into(),
+        ..member.clone()
+    };
+    assert_eq!(found(store, &short).await, vec![mids[3], mids[2]]);
+    // The founder finds all four; a non-member none.
+    let founder = SearchQuery {
+        groups: vec![(9, 1)],
+        ..search_for(1, "NUMBER")
+    };
+    assert_eq!(
+        found(store, &founder).await,
+        vec![mids[3], mids[2], mids[1], mids[0]]
+    );
+    assert_eq!(
+        found(store, &search_for(3, "群消息")).await,
+        Vec::<u64>::new()
+    );
+}
+
+async fn search_follows_revokes_and_edits(store: &dyn MessageStore) {
+    use natter_proto::msg::{Content, Edit, Revoke, Text};
+    let at = 1_700_000_000_000;
+    let revoked = store_body(
+        store,
+        1,
+        Peer::User(u(2)),
+        1,
+        at,
+        MessageBody::text("secret plan alpha"),
+    )
+    .await;
+    let edited = store_body(
+        store,
+        1,
+        Peer::User(u(2)),
+        2,
+        at + 1,
+        MessageBody::text("draft wording"),
+    )
+    .await;
+    store.flush_search().await.expect("flush");
+    // Revoked before a flush (a store that indexes behind the commit may
+    // not have indexed it yet): it never becomes findable either.
+    let early = store_body(
+        store,
+        1,
+        Peer::User(u(2)),
+        3,
+        at + 2,
+        MessageBody::text("secret plan beta"),
+    )
+    .await;
+    for (seq, target) in [(4, revoked), (5, early)] {
+        let revoke = MessageBody {
+            content: Some(Content::Revoke(Revoke { mid: target })),
+        };
+        store_body(store, 1, Peer::User(u(2)), seq, at + 10, revoke).await;
+    }
+    let edit = MessageBody {
+        content: Some(Content::Edit(Edit {
+            mid: edited,
+            text: Some(Text {
+                text: "final wording".into(),
+                mentions: vec![],
+            }),
+        })),
+    };
+    store_body(store, 1, Peer::User(u(2)), 6, at + 11, edit).await;
+    store.flush_search().await.expect("flush");
+    assert_eq!(
+        found(store, &search_for(2, "secret")).await,
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        found(store, &search_for(2, "plan")).await,
+        Vec::<u64>::new()
+    );
+    assert_eq!(found(store, &search_for(2, "final")).await, vec![edited]);
+    assert_eq!(found(store, &search_for(2, "wording")).await, vec![edited]);
+    assert_eq!(
+        found(store, &search_for(2, "draft")).await,
+        Vec::<u64>::new()
+    );
+}
