@@ -276,7 +276,7 @@ impl MySqlStore {
         for (c, read_seq, pinned, push) in rows {
             let settings = Settings {
                 pinned: pinned != 0,
-                push: PushMode::from_i64(push),
+                push: push_mode_from(push),
             };
             own.insert(device_id(c)?, (read_seq as u64, settings));
         }
@@ -1094,7 +1094,7 @@ impl MessageStore for MySqlStore {
                     peer_read_seq: row.try_get::<i64, _>("peer_read")? as u64,
                     settings: Settings {
                         pinned: row.try_get::<i64, _>("pinned")? != 0,
-                        push: PushMode::from_i64(row.try_get("push")?),
+                        push: push_mode_from(row.try_get("push")?),
                     },
                 },
             ));
@@ -1186,7 +1186,7 @@ impl MessageStore for MySqlStore {
         let peer =
             parse_p2p_conversation(conversation).map(|(a, b)| if a == *owner { b } else { a });
         let pinned = change.pinned.map(i64::from);
-        let push = change.push.map(PushMode::as_i64);
+        let push = change.push.map(push_mode_code);
         let mut tx = self.pool.begin().await?;
         // Creates the user's row if needed and changes the settings given
         // (NULL keeps one).
@@ -1213,7 +1213,7 @@ impl MessageStore for MySqlStore {
         tx.commit().await?;
         Ok(Settings {
             pinned: pinned != 0,
-            push: PushMode::from_i64(push),
+            push: push_mode_from(push),
         })
     }
 

@@ -29,8 +29,8 @@ async fn call<T: serde::de::DeserializeOwned>(
 
 fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
     match result {
-        Err(e) => e.code().unwrap_or_else(|| panic!("no error code in {e:?}")),
-        Ok(v) => panic!("expected a refusal, got {v:?}"),
+        Err(ClientError::Rejected { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
