@@ -1073,12 +1073,13 @@ async fn read_cursors_only_move_forward_and_stop_at_the_newest(store: &dyn Messa
         read(store, 1, &conv, 99, 0).await,
         ReadState {
             last_seq: 4,
-            read_seq: 4,
-            unread: 0,
-            moved: true
+            read_seq: 2,
+            unread: 2,
+            moved: false
         },
-        "at most the newest"
+        "past the newest moves nothing (the caller refuses it)"
     );
+    read(store, 1, &conv, 4, 0).await;
     store_one(store, 2, 1, 5).await;
     let state = store.read_state(&u(1), &conv, 0).await.expect("state");
     assert_eq!((state.last_seq, state.read_seq, state.unread), (5, 4, 1));
