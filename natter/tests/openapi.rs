@@ -383,6 +383,14 @@ fn contents() -> Vec<Content> {
             kind: "k".into(),
             data: vec![0, 1, 2, 250, 255],
         }),
+        Content::Revoke(Revoke { mid: BIG }),
+        Content::Edit(Edit {
+            mid: BIG,
+            text: Some(Text {
+                text: "fixed".into(),
+                mentions: vec![LONG_UID.into()],
+            }),
+        }),
         Content::GroupEvent(GroupEvent {
             kind: "muted".into(),
             actor: LONG_UID.into(),
@@ -441,6 +449,8 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         ("forward", "Forward"),
         ("custom", "Custom"),
         ("group_event", "GroupEvent"),
+        ("revoke", "Revoke"),
+        ("edit", "Edit"),
     ]
     .into();
     for content in contents() {
@@ -551,6 +561,94 @@ fn every_json_body_is_documented_as_the_types_write_it() {
         unread: BIG,
     });
     response(&doc, &mut checked, "ReadState", state.clone(), state);
+    let conversation = |last: Option<MessageView>, peer: bool| ConversationView {
+        conversation: "p:u1:u2".into(),
+        peer: peer.then(uid),
+        group: (!peer).then_some(BIG),
+        last_message: last,
+        last_seq: BIG,
+        read_seq: BIG,
+        unread: BIG,
+        peer_read_seq: peer.then_some(BIG),
+        pinned: true,
+        push: PushMode::Mentions,
+    };
+    let mut full_entry = json(conversation(Some(full.clone()), true));
+    // Both of peer and group are documented; an entry has one of them.
+    full_entry["group"] = serde_json::json!(BIG.to_string());
+    response(
+        &doc,
+        &mut checked,
+        "ConversationView",
+        full_entry,
+        json(conversation(None, false))
+            .as_object()
+            .map(|o| {
+                let mut o = o.clone();
+                o.remove("group");
+                Value::Object(o)
+            })
+            .expect("an object"),
+    );
+    response(
+        &doc,
+        &mut checked,
+        "ConversationPage",
+        json(ConversationPage {
+            conversations: vec![conversation(Some(full.clone()), true)],
+            next: Some("0.1.p:u1:u2".into()),
+        }),
+        json(ConversationPage {
+            conversations: vec![],
+            next: None,
+        }),
+    );
+    let settings = json(SettingsView {
+        pinned: false,
+        push: PushMode::None,
+    });
+    response(
+        &doc,
+        &mut checked,
+        "SettingsView",
+        settings.clone(),
+        settings,
+    );
+    let reader = ReaderView {
+        uid: uid(),
+        read_seq: BIG,
+    };
+    response(
+        &doc,
+        &mut checked,
+        "ReaderView",
+        json(&reader),
+        json(&reader),
+    );
+    let receipts = |readers: Option<Vec<ReaderView>>| ReceiptsView {
+        conversation: "g:1".into(),
+        mid: BIG.to_string(),
+        conv_seq: BIG,
+        read_count: BIG,
+        readers,
+    };
+    response(
+        &doc,
+        &mut checked,
+        "ReceiptsView",
+        json(receipts(Some(vec![reader.clone()]))),
+        json(receipts(None)),
+    );
+    request!(
+        &doc,
+        checked,
+        "SettingsUpdate",
+        SettingsUpdate,
+        SettingsUpdate {
+            pinned: Some(true),
+            push: Some(PushMode::All),
+        }
+    );
 
     request!(
         &doc,
