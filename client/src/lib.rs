@@ -50,7 +50,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use natter_proto::api::ErrorBody;
 pub use natter_proto::api::{
-    CreateGroup, GroupView, HistoryPage, MarkRead, MessageView, ReadState, SyncPage,
+    ConversationPage, ConversationView, CreateGroup, GroupView, HistoryPage, MarkRead, MessageView,
+    PushMode, ReadState, ReceiptsView, SettingsUpdate, SettingsView, SyncPage,
 };
 use natter_proto::msg::{
     Content, Edit, ErrorReply, Message, MessageBody, MessageReply, Notify, ReadReceipt, ReadReply,
@@ -686,6 +687,51 @@ impl Client {
             reqwest::Method::POST,
             &format!("/v1/conversations/{conversation}/read"),
             Some(&MarkRead { seq }),
+        )
+        .await
+    }
+
+    /// A page of the user's conversations (`GET /v1/conversations`): pinned
+    /// first, then newest activity first, with unread counts. Pass the
+    /// page's `next` as `after` for the one after it.
+    pub async fn conversations(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<ConversationPage, ClientError> {
+        let mut url = format!("/v1/conversations?limit={limit}");
+        if let Some(after) = after {
+            url.push_str("&after=");
+            url.push_str(after);
+        }
+        self.call(reqwest::Method::GET, &url, None::<&()>).await
+    }
+
+    /// Changes the user's settings for a conversation (`PUT
+    /// /v1/conversations/{id}/settings`); returns them all.
+    pub async fn set_settings(
+        &self,
+        conversation: &str,
+        update: &SettingsUpdate,
+    ) -> Result<SettingsView, ClientError> {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/conversations/{conversation}/settings"),
+            Some(update),
+        )
+        .await
+    }
+
+    /// Who has read message `mid` of `conversation`.
+    pub async fn receipts(
+        &self,
+        conversation: &str,
+        mid: u64,
+    ) -> Result<ReceiptsView, ClientError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{conversation}/messages/{mid}/receipts"),
+            None::<&()>,
         )
         .await
     }

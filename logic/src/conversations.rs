@@ -146,7 +146,10 @@ impl Logic {
                 "group events, revokes and edits cannot be revoked or edited",
             ));
         }
-        if message.revoked_ms != 0 {
+        // Revoking again changes nothing and is accepted: a client resending
+        // a revoke it sent before must get the same answer (the store finds
+        // it by its client_seq). An edit of a revoked message is refused.
+        if edit && message.revoked_ms != 0 {
             return Err(Refusal::new(
                 ErrorCode::Conflict,
                 format!("message {target} was revoked"),

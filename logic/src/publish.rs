@@ -126,6 +126,21 @@ impl Publisher for GroupPublisher {
                 return Err(Refusal::new(ErrorCode::Internal, e.to_string()));
             }
         };
+        // Users who left no longer count in the group's read receipts.
+        if matches!(event.kind.as_str(), "left" | "kicked") {
+            for target in &event.targets {
+                let Ok(owner) = UserId::parse(target) else {
+                    continue;
+                };
+                let forget = Write::Forget {
+                    owner,
+                    conversation: natter_record::store::group_conversation(group),
+                };
+                if let Err(e) = self.committer.write(forget).await {
+                    tracing::warn!(error = %e, group, "read cursor of a member who left not removed");
+                }
+            }
+        }
         let message = &stored.message;
         let notify = Notify {
             kind: NOTIFY_GROUP_EVENT.into(),

@@ -135,9 +135,9 @@ impl Default for Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConversationsConfig {
-    /// How long after sending a message its sender may revoke it (group
-    /// owners and admins may revoke any message in this window too); 0 for
-    /// no limit.
+    /// How long after sending a message its sender may revoke it; 0 for no
+    /// limit. Group owners and admins revoke any message of their group at
+    /// any time: they moderate.
     pub revoke_window_secs: u64,
     /// How long after sending a text message its sender may edit it; 0 for
     /// no limit.
