@@ -477,6 +477,8 @@ fn every_json_body_is_documented_as_the_types_write_it() {
     minimal.user_seq = None;
     minimal.group = None;
     minimal.receiver = None;
+    minimal.edited_ms = None;
+    minimal.revoked_ms = None;
     response(&doc, &mut checked, "Message", json(&full), json(&minimal));
     response(
         &doc,
