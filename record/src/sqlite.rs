@@ -474,10 +474,12 @@ const UPSERT_GROUP_CURSORS_SQL: &str = "INSERT INTO group_cursor (owner, device,
 const UPSERT_CONVERSATIONS_SQL: &str = "INSERT INTO conversation (conv_id, last_seq, last_mid) \
      SELECT k.value->>0, k.value->>1, k.value->>2 FROM json_each(?1) AS k WHERE true \
      ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq, last_mid = excluded.last_mid";
-const UPSERT_CHATS_SQL: &str = "INSERT INTO chat (owner, conv_id, peer, read_seq, last_mid) \
-     SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3, k.value->>4 FROM json_each(?1) AS k WHERE true \
-     ON CONFLICT (owner, conv_id) DO UPDATE SET read_seq = max(read_seq, excluded.read_seq), \
-     last_mid = max(last_mid, excluded.last_mid)";
+/// A user's row moves only when its read cursor does: a receiver's row,
+/// once there, is not written again by a message.
+const UPSERT_CHATS_SQL: &str = "INSERT INTO chat (owner, conv_id, peer, read_seq) \
+     SELECT k.value->>0, k.value->>1, k.value->>2, k.value->>3 FROM json_each(?1) AS k WHERE true \
+     ON CONFLICT (owner, conv_id) DO UPDATE SET read_seq = excluded.read_seq \
+     WHERE excluded.read_seq > chat.read_seq";
 const READ_CURSORS_SQL: &str = "SELECT c.owner, c.conv_id, c.read_seq FROM json_each(?1) AS k \
      JOIN chat c ON c.owner = k.value->>0 AND c.conv_id = k.value->>1";
 const INSERT_MARKERS_SQL: &str = "INSERT OR IGNORE INTO conv_marker (conv_id, conv_seq, target) \
@@ -497,14 +499,15 @@ const FORGET_SQL: &str = "DELETE FROM chat WHERE owner = ?1 AND conv_id = ?2";
 /// A page of a user's one-to-one conversations after a key, in list order,
 /// with the conversation's newest position, the markers after the user's
 /// cursor, and the other user's cursor.
-const LIST_P2P_SQL: &str = "SELECT h.conv_id, pu.uid AS peer_uid, h.read_seq, h.pinned, h.push, h.last_mid, \
+const LIST_P2P_SQL: &str = "SELECT h.conv_id, pu.uid AS peer_uid, h.read_seq, h.pinned, h.push, \
+     coalesce(c.last_mid, 0) AS last_mid, \
      coalesce(c.last_seq, 0) AS last_seq, \
      (SELECT count(*) FROM conv_marker k WHERE k.conv_id = h.conv_id AND k.conv_seq > h.read_seq) AS markers, \
      coalesce((SELECT o.read_seq FROM chat o WHERE o.owner = h.peer AND o.conv_id = h.conv_id), 0) AS peer_read \
      FROM chat h JOIN users pu ON pu.id = h.peer LEFT JOIN conversation c ON c.conv_id = h.conv_id \
      WHERE h.owner = (SELECT id FROM users WHERE uid = ?1) AND h.peer != 0 \
-       AND (h.pinned, h.last_mid, h.conv_id) < (?2, ?3, ?4) \
-     ORDER BY h.pinned DESC, h.last_mid DESC, h.conv_id DESC LIMIT ?5";
+       AND (h.pinned, coalesce(c.last_mid, 0), h.conv_id) < (?2, ?3, ?4) \
+     ORDER BY h.pinned DESC, coalesce(c.last_mid, 0) DESC, h.conv_id DESC LIMIT ?5";
 /// The user's groups ([conversation, floor] pairs in ?2): each one's newest
 /// position and mid, the user's row, and the markers after the cursor.
 const LIST_GROUPS_SQL: &str = "SELECT k.value->>0 AS conv_id, k.value->>1 AS floor, \
@@ -894,13 +897,7 @@ async fn apply(
                 Some(peer) => counters.id(peer)?,
                 None => 0,
             };
-            rows.push((
-                counters.id(&c.owner)?,
-                &c.conversation,
-                peer,
-                c.read_seq,
-                c.last_mid,
-            ));
+            rows.push((counters.id(&c.owner)?, &c.conversation, peer, c.read_seq));
         }
         write_rows(conn, UPSERT_CHATS_SQL, rows).await?;
     }
@@ -1492,7 +1489,7 @@ impl MessageStore for SqliteStore {
     ) -> Result<Page<ConversationEntry>, StoreError> {
         self.closed()?;
         let limit = q.limit as usize;
-        // One-to-one rows: a page of the `chat_recent` index after the key.
+        // One-to-one rows: the user's rows (the primary key's prefix) with their conversations, ordered, after the key.
         // (pinned 2 is past every row: no key means from the top.)
         let (pinned, last_mid, conv) = match &q.after {
             Some(k) => (

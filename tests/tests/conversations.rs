@@ -10,12 +10,10 @@ use natter_proto::api::{
     SettingsView,
 };
 use natter_proto::msg::{
-    Content, Edit, Message, MessageBody, Notify, ReadReceipt, Revoke, Text, TypingNotice,
-    NOTIFY_READ, NOTIFY_TYPING,
+    Content, Edit, Message, MessageBody, ReadReceipt, Revoke, Text, TypingNotice,
 };
 use natter_proto::{ErrorCode, Frame, Op};
 use natter_tests::*;
-use prost::Message as _;
 use serde_json::json;
 
 async fn call<T: serde::de::DeserializeOwned>(
@@ -61,24 +59,35 @@ async fn read(client: &Client, conversation: &str, seq: u64) -> Result<ReadState
     .await
 }
 
-/// The next notify of `kind`, skipping everything else.
-async fn next_notify(events: &mut Events, kind: &str) -> Notify {
+/// The next read receipt, skipping everything else.
+async fn next_read(events: &mut Events) -> ReadReceipt {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
-            Ok(Some(Event::Notify(n))) if n.kind == kind => return n,
+            Ok(Some(Event::Read(r))) => return r,
             Ok(Some(_)) => continue,
-            other => panic!("no {kind} notify: {other:?}"),
+            other => panic!("no read receipt: {other:?}"),
         }
     }
 }
 
-/// No notify of `kind` within `wait`.
-async fn no_notify(events: &mut Events, kind: &str, wait: Duration) {
+/// The next typing notice, skipping everything else.
+async fn next_typing(events: &mut Events) -> TypingNotice {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+            Ok(Some(Event::Typing(t))) => return t,
+            Ok(Some(_)) => continue,
+            other => panic!("no typing notice: {other:?}"),
+        }
+    }
+}
+
+/// No event that `unwanted` matches within `wait`.
+async fn none_of(events: &mut Events, wait: Duration, unwanted: fn(&Event) -> bool) {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, events.next()).await {
             Err(_) | Ok(None) => return,
-            Ok(Some(Event::Notify(n))) if n.kind == kind => panic!("unexpected {kind} notify"),
+            Ok(Some(e)) if unwanted(&e) => panic!("unexpected {e:?}"),
             Ok(Some(_)) => continue,
         }
     }
@@ -139,8 +148,7 @@ async fn unread_counts_read_cursors_and_read_notifies_in_one_to_one() {
     let state = read(&bob, conv, 2).await.expect("read");
     assert_eq!((state.read_seq, state.unread), (2, 1));
     for events in [&mut alice_events, &mut bob_laptop_events] {
-        let notify = next_notify(events, NOTIFY_READ).await;
-        let receipt = ReadReceipt::decode(notify.payload.as_slice()).expect("a receipt");
+        let receipt = next_read(events).await;
         assert_eq!(
             (
                 receipt.conversation.as_str(),
@@ -154,7 +162,10 @@ async fn unread_counts_read_cursors_and_read_notifies_in_one_to_one() {
     // The cursor never moves back, and a repeat tells no one.
     let state = read(&bob, conv, 1).await.expect("read");
     assert_eq!((state.read_seq, state.unread), (2, 1));
-    no_notify(&mut alice_events, NOTIFY_READ, Duration::from_millis(300)).await;
+    none_of(&mut alice_events, Duration::from_millis(300), |e| {
+        matches!(e, Event::Read(_))
+    })
+    .await;
     // Past the newest message, or someone else's conversation: refused.
     assert_eq!(code(read(&bob, conv, 4).await), ErrorCode::BadRequest);
     assert_eq!(code(read(&carol, conv, 1).await), ErrorCode::Forbidden);
@@ -296,7 +307,7 @@ async fn edits_and_revokes_reach_every_device_and_an_offline_one_never_sees_the_
     drop(tablet_events);
 
     let secret = alice
-        .send(&bob_id, MessageBody::text("the secret is 42"))
+        .send(&bob_id, MessageBody::text("the secret is swordfish"))
         .await
         .expect("sent");
     let typo = alice
@@ -305,7 +316,7 @@ async fn edits_and_revokes_reach_every_device_and_an_offline_one_never_sees_the_
         .expect("sent");
     assert_eq!(
         text_of(&next_message(&mut bob_events).await),
-        "the secret is 42"
+        "the secret is swordfish"
     );
     next_message(&mut bob_events).await;
 
@@ -343,7 +354,10 @@ async fn edits_and_revokes_reach_every_device_and_an_offline_one_never_sees_the_
     assert!(fixed.edited_ms.is_some());
     assert!(matches!(&fixed.body, Some(Content::Text(t)) if t.text == "see you tomorrow"));
     let json = serde_json::to_string(&page).expect("serializes");
-    assert!(!json.contains("42") && !json.contains("tomorow"), "{json}");
+    assert!(
+        !json.contains("swordfish") && !json.contains("tomorow"),
+        "{json}"
+    );
 
     // The offline tablet syncs: the changed states, never the originals.
     let (_tablet, mut tablet_events) = server.client("bob", "tablet").await;
@@ -353,7 +367,10 @@ async fn edits_and_revokes_reach_every_device_and_an_offline_one_never_sees_the_
     }
     for m in &synced {
         let text = format!("{:?}", m.body);
-        assert!(!text.contains("42") && !text.contains("tomorow"), "{m:?}");
+        assert!(
+            !text.contains("swordfish") && !text.contains("tomorow"),
+            "{m:?}"
+        );
     }
     let first = synced.iter().find(|m| m.mid == secret.mid).expect("synced");
     assert!(first.body.is_none() && first.revoked_ms != 0);
@@ -465,8 +482,7 @@ async fn group_receipts_typing_and_moderation() {
     // Carol reads alice's message: a small group's members are told.
     read(&carol, &conv, hello.conv_seq).await.expect("read");
     for events in [&mut alice_events, &mut bob_events] {
-        let notify = next_notify(events, NOTIFY_READ).await;
-        let receipt = ReadReceipt::decode(notify.payload.as_slice()).expect("a receipt");
+        let receipt = next_read(events).await;
         assert_eq!(
             (receipt.reader.as_str(), receipt.seq),
             ("carol", hello.conv_seq)
@@ -511,14 +527,16 @@ async fn group_receipts_typing_and_moderation() {
         .await
         .expect("typing sent");
     for events in [&mut alice_events, &mut bob_events] {
-        let notify = next_notify(events, NOTIFY_TYPING).await;
-        let notice = TypingNotice::decode(notify.payload.as_slice()).expect("a notice");
+        let notice = next_typing(events).await;
         assert_eq!(
             (notice.user.as_str(), notice.conversation.as_str()),
             ("carol", conv.as_str())
         );
     }
-    no_notify(&mut carol_events, NOTIFY_TYPING, Duration::from_millis(300)).await;
+    none_of(&mut carol_events, Duration::from_millis(300), |e| {
+        matches!(e, Event::Typing(_))
+    })
+    .await;
     let mut limited = false;
     for i in 0..20 {
         raw.send(&Frame::new(Op::Typing, 100 + i, 0, &typing))

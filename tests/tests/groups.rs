@@ -116,7 +116,7 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
     let (_alice_laptop, mut alice_laptop_events) = server.client(1, "laptop").await;
     let (bob, mut bob_events) = server.client(2, "phone").await;
     let (_bob_tablet, mut bob_tablet_events) = server.client(2, "tablet").await;
-    let (_carol, mut carol_events) = server.client(3, "phone").await;
+    let (carol, mut carol_events) = server.client(3, "phone").await;
     let (dave, _dave_events) = server.client(4, "phone").await;
 
     let group = create(&alice, "team", &[2, 3, 2], JoinType::Approval).await;
@@ -230,18 +230,20 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
         (mine[0].id, mine[0].role, mine[0].last_seq),
         (group.id, Role::Member, 4)
     );
-    assert_eq!((mine[0].read_seq, mine[0].unread), (0, 4));
+    // Bob sent the message at 3: his cursor moved there. The group event
+    // at 1 was never unread; alice's message at 4 is.
+    assert_eq!((mine[0].read_seq, mine[0].unread), (3, 1));
 
     // The read cursor is per member, moves only forward, and stays in range.
     let read = format!("/v1/groups/{}/read", group.id);
-    let state: ReadState = put(&bob, read.clone(), json!({"seq": 3}))
+    let state: ReadState = put(&bob, read.clone(), json!({"seq": 4}))
         .await
         .expect("read");
-    assert_eq!((state.read_seq, state.unread), (3, 1));
+    assert_eq!((state.read_seq, state.unread), (4, 0));
     let state: ReadState = put(&bob, read.clone(), json!({"seq": 2}))
         .await
         .expect("read");
-    assert_eq!((state.read_seq, state.unread), (3, 1));
+    assert_eq!((state.read_seq, state.unread), (4, 0));
     assert_eq!(
         rejected(put::<ReadState>(&bob, read.clone(), json!({"seq": 99})).await).0,
         ErrorCode::BadRequest
@@ -253,11 +255,15 @@ async fn group_messages_reach_every_member_device_once_numbered_in_order() {
     let info: GroupView = get(&bob, format!("/v1/groups/{}", group.id))
         .await
         .expect("info");
-    assert_eq!((info.read_seq, info.unread), (3, 1));
-    let alice_view: GroupView = get(&alice, format!("/v1/groups/{}", group.id))
+    assert_eq!((info.read_seq, info.unread), (4, 0));
+    let carol_view: GroupView = get(&carol, format!("/v1/groups/{}", group.id))
         .await
         .expect("info");
-    assert_eq!(alice_view.read_seq, 0, "each member has their own");
+    assert_eq!(
+        (carol_view.read_seq, carol_view.unread),
+        (0, 3),
+        "each member has their own"
+    );
     server.stop().await;
 }
 

@@ -10,21 +10,23 @@ ALTER TABLE message ADD COLUMN revoked_at INTEGER NOT NULL DEFAULT 0;
 
 -- One row per user per conversation: the user's read cursor and settings.
 -- `peer` is the other user of a one-to-one conversation (its `users.id`),
--- 0 for a group. One-to-one rows also carry the conversation's newest mid,
--- moved by every message, so the list pages them through `chat_recent`
--- (groups are few per user; their newest mid is the conversation's).
+-- 0 for a group. A message writes its sender's row (the read cursor moves
+-- on send) and creates the receiver's once; the newest message of a
+-- conversation is the `conversation` row's, so a message moves no other
+-- row here. The list reads the user's rows by the primary key's prefix,
+-- joins `conversation`, and orders them there (the single writer's time
+-- is the scarce resource: an index kept in list order would cost every
+-- message two more rows and four index changes).
 -- `push`: 0 all, 1 mentions, 2 none.
 CREATE TABLE chat (
     owner    INTEGER NOT NULL,
     conv_id  TEXT    NOT NULL,
     peer     INTEGER NOT NULL,
     read_seq INTEGER NOT NULL DEFAULT 0,
-    last_mid INTEGER NOT NULL DEFAULT 0,
     pinned   INTEGER NOT NULL DEFAULT 0,
     push     INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (owner, conv_id)
 ) WITHOUT ROWID;
-CREATE INDEX chat_recent ON chat (owner, pinned, last_mid, conv_id) WHERE peer != 0;
 -- A group's read cursors, for its read counts and receipts.
 CREATE INDEX chat_readers ON chat (conv_id, read_seq) WHERE peer = 0;
 
@@ -46,8 +48,8 @@ CREATE INDEX conv_marker_target ON conv_marker (target) WHERE target != 0;
 UPDATE conversation SET last_mid = coalesce(
     (SELECT m.mid FROM message m WHERE m.conv_id = conversation.conv_id
      ORDER BY m.conv_seq DESC LIMIT 1), 0);
-INSERT OR IGNORE INTO chat (owner, conv_id, peer, read_seq, last_mid)
-SELECT r.owner, m.conv_id, r.other, 0, max(r.mid)
+INSERT OR IGNORE INTO chat (owner, conv_id, peer, read_seq)
+SELECT r.owner, m.conv_id, r.other, 0
 FROM relation r JOIN message m ON m.mid = r.mid
 GROUP BY r.owner, m.conv_id;
 -- What a user sent counts as read.
