@@ -117,8 +117,6 @@ fn event(kind: &str, actor: &UserId, targets: Vec<UserId>, value: impl Into<Stri
     }
 }
 
-/// Messages after the read cursor, counting from the join point.
-
 fn now_ms() -> i64 {
     natter_node::ids::now_ms()
 }

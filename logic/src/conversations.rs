@@ -429,7 +429,7 @@ impl Logic {
                         .read_seq
                 };
                 let readers: Vec<Reader> = (other_seq >= seq)
-                    .then(|| Reader {
+                    .then_some(Reader {
                         uid: other,
                         read_seq: other_seq,
                     })
