@@ -1996,7 +1996,7 @@ mod tests {
     }
 
     /// Without a flush, the background indexer makes a message findable
-    /// within about a second; after `close` it is stopped.
+    /// within about two seconds; after `close` it is stopped.
     #[tokio::test]
     async fn the_indexer_finds_messages_behind_the_commit() {
         let dir = tempfile::tempdir().expect("dir");
